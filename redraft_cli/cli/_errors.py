@@ -1,0 +1,37 @@
+"""One place that turns exceptions into one-line messages and exit codes (no tracebacks)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, TypeVar
+
+import torch
+import typer
+from rich.console import Console
+
+from ..errors import RedraftError
+
+F = TypeVar("F", bound=Callable[..., Any])
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", markup=True)
+    return typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Decorator for commands: typed core errors, OOM and Ctrl-C become one line + exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RedraftError as exc:
+            raise fail(str(exc).replace("[", "\\["), exc.exit_code) from None
+        except torch.OutOfMemoryError:
+            raise fail("out of memory: try a smaller beam shape, --quantize 8bit/4bit or a smaller dtype", 3) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+
+    return wrapper  # type: ignore[return-value]

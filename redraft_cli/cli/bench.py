@@ -1,0 +1,106 @@
+"""`redraft bench`: ReDrafter against plain decoding (and HF generate), one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..bench import BenchConfig, run_bench
+from ..decode import DecodeConfig, Generator
+from ..prompts import load_prompts
+from ..sampling import SamplingConfig
+from . import options as o
+from ._errors import handle_errors
+from .common import console, err, load_models
+
+D = o.DEFAULTS
+
+
+@handle_errors
+def bench(
+    model: o.Model = D["model"],
+    drafter: o.DrafterOpt = "auto",
+    prompts: o.PromptsFile = None,
+    num_prompts: o.NumPrompts = 10,
+    max_new_tokens: o.MaxNewTokens = D["max_new_tokens"],
+    temperature: o.Temperature = D["temperature"],
+    top_k: o.TopK = D["top_k"],
+    top_p: o.TopP = D["top_p"],
+    accept: o.Accept = D["accept"],
+    beam_width: o.BeamWidth = None,
+    beam_length: o.BeamLength = None,
+    epsilon: o.Epsilon = D["epsilon"],
+    delta: o.Delta = D["delta"],
+    seed: o.Seed = D["seed"],
+    dtype: o.Dtype = D["dtype"],
+    device: o.Device = D["device"],
+    quantize: o.Quantize = D["quantize"],
+    hf_baseline: bool = typer.Option(True, help="Also time Hugging Face model.generate() as a second baseline."),
+    warmup: bool = typer.Option(True, help="Run each path once before timing."),
+    no_chat_template: o.NoChatTemplate = False,
+    json_path: o.JsonOut = None,
+) -> None:
+    """Measure ReDrafter against plain decoding on the same prompts, alternating, after a warm-up."""
+    texts = load_prompts(prompts, limit=num_prompts)
+    loaded = load_models(model, drafter, dtype, device, quantize, seed)
+    target, dr = loaded.target, loaded.drafter
+    cfg = DecodeConfig(
+        max_new_tokens=max_new_tokens,
+        beam_width=beam_width or dr.config.beam_width,
+        beam_length=beam_length or dr.config.beam_length,
+        accept=accept,
+        sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+        typical_epsilon=epsilon,
+        typical_delta=delta,
+    )
+    encode = target.encode_raw if no_chat_template else target.encode_chat
+    ids = [encode(t) for t in texts]
+    for p in ids:
+        target.check_prompt(p)
+    gen = Generator(target, dr)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("bench", total=None)
+
+        def progress(done: int, total: int, label: str) -> None:
+            bar.update(task, completed=done, total=total, description=label)
+
+        result = run_bench(gen, ids, BenchConfig(cfg, warmup=warmup, hf_baseline=hf_baseline), progress)
+    result = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
+              "dtype": str(target.compute_dtype).replace("torch.", ""), **result}
+    console.print(render(result))
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_path}")
+
+
+def render(r: dict) -> Table:
+    """The bench table: one row per path, then the ReDrafter statistics."""
+    red, base = r["redraft"], r["baseline"]
+    title = (f"redraft bench: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
+             f"beams {r['beam_width']}x{r['beam_length']} | {r['num_prompts']} prompts x {r['max_new_tokens']} tokens")
+    t = Table(title=title, title_justify="left")
+    for col in ("path", "tokens", "seconds", "tokens/s", "speedup"):
+        t.add_column(col, justify="right" if col != "path" else "left")
+    t.add_row("plain (redraft)", str(base["tokens"]), f"{base['seconds']:.2f}", f"{base['tokens_per_s']:.2f}", "1.00x")
+    if "baseline_hf" in r:
+        hf = r["baseline_hf"]
+        ratio = hf["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else 0
+        t.add_row("plain (HF generate)", str(hf["tokens"]), f"{hf['seconds']:.2f}", f"{hf['tokens_per_s']:.2f}", f"{ratio:.2f}x")
+    t.add_row("[bold]ReDrafter[/]", str(red["tokens"]), f"{red['seconds']:.2f}", f"{red['tokens_per_s']:.2f}",
+              f"[bold]{r['speedup']:.2f}x[/]" if r["speedup"] is not None else "-")
+    t.caption = (
+        f"tokens/step {red['tokens_per_step']:.2f} | acceptance {red['acceptance_rate']:.1%} | "
+        f"tree nodes {red['mean_tree_nodes']:.1f} | split draft {red['draft_share']:.0%} / verify "
+        f"{red['verify_share']:.0%} / accept {red['accept_share']:.0%} | "
+        f"per step {1000 * red['draft_s'] / max(red['steps'], 1):.1f} / {1000 * red['verify_s'] / max(red['steps'], 1):.1f} / "
+        f"{1000 * red['accept_s'] / max(red['steps'], 1):.1f} ms"
+        + (f" | identical outputs {r['identical_outputs']}/{r['num_prompts']}" if r["identical_outputs"] is not None else "")
+        + (f" | vs HF {r['speedup_vs_hf']:.2f}x" if r.get("speedup_vs_hf") else "")
+    )
+    t.caption_justify = "left"
+    return t

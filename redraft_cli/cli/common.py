@@ -1,0 +1,64 @@
+"""Loading shared by the commands: quiet third-party logging, target + drafter from options."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from ..drafter import Drafter
+from ..errors import DrafterLoadError
+from ..shipped import shipped_drafter_dir
+from ..target import Target, TargetSpec, load_target
+
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def quiet_libraries() -> None:
+    """No progress bars or deprecation chatter from transformers/hub on our output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+@dataclass
+class Loaded:
+    target: Target
+    drafter: Drafter
+    drafter_name: str
+
+
+def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str, seed: int) -> Loaded:
+    """Target from the options, then the drafter: a path, 'random', or 'auto'."""
+    quiet_libraries()
+    spec = TargetSpec(model=model, dtype=dtype, device=device, quantize=quantize)
+    with err.status(f"Loading {model} ..."):
+        target = load_target(spec)
+    return Loaded(target, *resolve_drafter(target, drafter, seed))
+
+
+def resolve_drafter(target: Target, drafter: str, seed: int) -> tuple[Drafter, str]:
+    if drafter == "auto":
+        shipped = shipped_drafter_dir(target.name)
+        if shipped is None:
+            err.print(f"[yellow]note:[/] no trained drafter ships for {target.name}; using an untrained one (--drafter random)")
+            drafter = "random"
+        else:
+            drafter = str(shipped)
+    if drafter == "random":
+        return Drafter.for_target(target, seed=seed), f"random (seed {seed})"
+    loaded = Drafter.load(drafter, map_location=target.device)
+    loaded.check_target(target.hidden_size, target.vocab_size, target.name)
+    loaded = loaded.to(dtype=target.compute_dtype).attach(target.embed_weight, target.lm_head_weight)
+    if not os.path.isdir(drafter):  # pragma: no cover - Drafter.load checked this
+        raise DrafterLoadError(f"drafter not found: {drafter}")
+    return loaded, drafter

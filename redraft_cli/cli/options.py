@@ -1,0 +1,49 @@
+"""Option types shared by the commands (Annotated aliases), with defaults taken from the core."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..decode import DecodeConfig
+from ..target import DEFAULT_MODEL, TargetSpec
+
+_D = DecodeConfig()
+_T = TargetSpec()
+
+Model = Annotated[str, typer.Option("--model", "-m", help="Hub id, local directory, .gguf file, or the alias smollm2-135m.")]
+Dtype = Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")]
+Quantize = Annotated[str, typer.Option(help="none | 8bit | 4bit (bitsandbytes).")]
+DrafterOpt = Annotated[str, typer.Option("--drafter", "-d", help="Drafter directory, 'random' (untrained, seeded) or 'auto' (the one shipped for the model, else random).")]
+BeamWidth = Annotated[Optional[int], typer.Option("--beam-width", "-w", help="Beams drafted per step (default: the drafter's recommendation).")]
+BeamLength = Annotated[Optional[int], typer.Option("--beam-length", "-l", help="Tokens per beam, counting g0 (default: the drafter's recommendation).")]
+Accept = Annotated[str, typer.Option(help="greedy | rejection (lossless sampling) | typical (lossy, fast).")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")]
+TopK = Annotated[int, typer.Option(help="Top-k filter (0 = off).")]
+TopP = Annotated[float, typer.Option(help="Top-p (nucleus) filter (1.0 = off).")]
+Seed = Annotated[int, typer.Option(help="Seed for sampling and for --drafter random.")]
+MaxNewTokens = Annotated[int, typer.Option(help="Tokens to generate per prompt.")]
+Epsilon = Annotated[float, typer.Option(help="Typical acceptance: epsilon.")]
+Delta = Annotated[float, typer.Option(help="Typical acceptance: delta.")]
+PromptsFile = Annotated[Optional[Path], typer.Option("--prompts", help="JSONL (turns/prompt/text), ShareGPT JSON or text lines; default: built-in chat prompts.")]
+NumPrompts = Annotated[int, typer.Option(help="How many prompts to use.")]
+JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Write the results as one JSON object to this file.")]
+NoChatTemplate = Annotated[bool, typer.Option("--no-chat-template", help="Send prompts as raw text (models without a chat template).")]
+
+DEFAULTS = {
+    "model": DEFAULT_MODEL,
+    "dtype": _T.dtype,
+    "device": _T.device,
+    "quantize": _T.quantize,
+    "accept": _D.accept,
+    "temperature": _D.sampling.temperature,
+    "top_k": _D.sampling.top_k,
+    "top_p": _D.sampling.top_p,
+    "seed": _D.sampling.seed,
+    "max_new_tokens": _D.max_new_tokens,
+    "epsilon": _D.typical_epsilon,
+    "delta": _D.typical_delta,
+}

@@ -1,0 +1,320 @@
+"""The recurrent draft head (DESIGN section 2), read top to bottom.
+
+Notation: H = target hidden size, V = vocabulary size, E = the target's own
+(frozen, shared, never saved here) input embedding table, h = the target's
+last-layer hidden state after its final norm.
+
+    s_0 = 0
+    s_k = SiLU(rnn_w(E(x_{k-1})) + rnn_u(s_{k-1}))        rnn_u carries the bias
+    z_k = concat(h, s_k)                                     (..., 2H)
+    z  <- z + SiLU(lm_head[i].linear(z))   for i < N          residual blocks
+    logits = lm_head[N](z)                                   head "own":  2H -> V
+           = target_lm_head(lm_head[N](z))                   head "tied": 2H -> H -> V
+
+Step k sees h (position t), g0 = x_0 (the target's token t+1) and drafted
+tokens, and predicts token t+1+k; it never predicts t+1.
+
+Checkpoints are `config.json` + `model.safetensors` in the layout of the
+reference implementation and TensorRT-LLM's converter (`rnn_w.weight`,
+`rnn_u.weight`, `rnn_u.bias`, `lm_head.{i}.linear.{weight,bias}`,
+`lm_head.{N}.weight`), with redraft's own fields beside them.
+
+A reduced draft vocabulary (`draft_vocab`, int64 (V_d,)) restricts scoring to
+V_d token ids; beam search then works in that index space and maps back with
+`draft_vocab[idx]`. Losslessness does not depend on it: the target verifies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import DrafterLoadError, DrafterMismatchError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "recurrent_drafting_drafter"
+HEAD_KINDS = ("own", "tied")
+
+
+@dataclass
+class DrafterConfig:
+    """Shape and provenance of a drafter. `exit_dim` (= 2H) is derived."""
+
+    hidden_size: int
+    vocab_size: int
+    num_draft_layers: int = 2
+    head: str = "tied"
+    predict_tokens: int = 4  # drafter steps trained (= beam_length - 1)
+    target_model: str | None = None
+    beam_width: int = 4  # recommended beam shape (sweep --save-best writes these)
+    beam_length: int = 5
+    draft_vocab_size: int | None = None  # None: the full vocabulary
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.head not in HEAD_KINDS:
+            raise DrafterLoadError(f"drafter head must be one of {HEAD_KINDS}, got {self.head!r}")
+        if self.hidden_size <= 0 or self.vocab_size <= 0 or self.num_draft_layers < 0:
+            raise DrafterLoadError("drafter config has non-positive sizes")
+
+    @property
+    def exit_dim(self) -> int:
+        return 2 * self.hidden_size
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The interoperable fields first, then redraft's own."""
+        ours = asdict(self)
+        extra = ours.pop("extra")
+        return {
+            "model_type": MODEL_TYPE,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "exit_dim": self.exit_dim,
+            "num_draft_layers": self.num_draft_layers,
+            "rnn": True,
+            "redraft": {k: v for k, v in ours.items() if k not in ("vocab_size", "hidden_size", "num_draft_layers")},
+            **extra,
+        }
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> "DrafterConfig":
+        if not isinstance(data, dict) or "hidden_size" not in data or "vocab_size" not in data:
+            raise DrafterLoadError("drafter config.json lacks hidden_size/vocab_size")
+        if data.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+            raise DrafterLoadError(f"config.json is a {data.get('model_type')!r}, not a {MODEL_TYPE!r}")
+        if not data.get("rnn", True):
+            raise DrafterLoadError("only recurrent drafters (rnn: true) are supported")
+        ours = dict(data.get("redraft", {}))
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in ours.items() if k in known and k != "extra"}
+        # A checkpoint from the reference implementation has no "redraft" block: own head.
+        kwargs.setdefault("head", "own")
+        reserved = {"model_type", "vocab_size", "hidden_size", "exit_dim", "num_draft_layers", "rnn", "redraft"}
+        try:
+            return cls(
+                hidden_size=int(data["hidden_size"]),
+                vocab_size=int(data["vocab_size"]),
+                num_draft_layers=int(data.get("num_draft_layers", 2)),
+                extra={k: v for k, v in data.items() if k not in reserved},
+                **kwargs,
+            )
+        except (TypeError, ValueError) as exc:
+            raise DrafterLoadError(f"invalid drafter config: {exc}") from exc
+
+
+class ResBlock(nn.Module):
+    """z <- z + SiLU(linear(z)), width 2H."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + F.silu(self.linear(z))
+
+
+class Drafter(nn.Module):
+    """The draft head. The target's embedding and LM head are attached, not owned.
+
+    Call `attach(embed_weight, lm_head_weight)` before use; they are held by
+    reference, excluded from `state_dict`, and never saved.
+    """
+
+    def __init__(self, config: DrafterConfig) -> None:
+        super().__init__()
+        self.config = config
+        H = config.hidden_size
+        self.rnn_w = nn.Linear(H, H, bias=False)
+        self.rnn_u = nn.Linear(H, H, bias=True)
+        out = config.vocab_size if config.head == "own" else H
+        if config.head == "own" and config.draft_vocab_size:
+            out = config.draft_vocab_size
+        blocks: list[nn.Module] = [ResBlock(2 * H) for _ in range(config.num_draft_layers)]
+        blocks.append(nn.Linear(2 * H, out, bias=False))
+        self.lm_head = nn.ModuleList(blocks)
+        if config.draft_vocab_size:
+            self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size, dtype=torch.long))
+        else:
+            self.draft_vocab = None
+        self._embed: torch.Tensor | None = None
+        self._head: torch.Tensor | None = None
+
+    # -- wiring to the target -------------------------------------------------
+    def attach(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> "Drafter":
+        """Share the target's input embedding (V, H) and LM head (V, H) weights."""
+        V, H = self.config.vocab_size, self.config.hidden_size
+        if tuple(embed_weight.shape) != (V, H):
+            raise DrafterMismatchError(
+                f"drafter expects a target with vocabulary {V} and hidden size {H}, "
+                f"but the target's embedding is {tuple(embed_weight.shape)}"
+            )
+        if self.config.head == "tied" and tuple(lm_head_weight.shape) != (V, H):
+            raise DrafterMismatchError(
+                f"tied drafter expects an LM head of shape {(V, H)}, target has {tuple(lm_head_weight.shape)}"
+            )
+        self._embed = embed_weight
+        self._head = lm_head_weight
+        return self
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.config.draft_vocab_size or self.config.vocab_size
+
+    def _head_weight(self) -> torch.Tensor:
+        """(V_d, H) rows of the target's LM head that the tied head scores."""
+        assert self._head is not None, "call attach() first"
+        if self.draft_vocab is None:
+            return self._head
+        return self._head.index_select(0, self.draft_vocab)
+
+    # -- the model ------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (...,) int64 -> (..., H) in the drafter's dtype."""
+        assert self._embed is not None, "call attach() first"
+        return F.embedding(tokens, self._embed).to(self.rnn_w.weight.dtype)
+
+    def rnn_step(self, state: torch.Tensor, token_emb: torch.Tensor) -> torch.Tensor:
+        """state, token_emb: (..., H) -> next state (..., H)."""
+        return F.silu(self.rnn_w(token_emb) + self.rnn_u(state))
+
+    def logits(self, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Draft logits over the draft vocabulary.
+
+        h: (..., H) context hidden state, broadcastable to state; state: (..., H).
+        Returns (..., V_d) in the drafter's dtype.
+        """
+        h = h.to(state.dtype).expand_as(state)
+        z = torch.cat([h, state], dim=-1)  # (..., 2H)
+        for block in self.lm_head[:-1]:
+            z = block(z)
+        out = self.lm_head[-1](z)
+        if self.config.head == "tied":
+            out = F.linear(out, self._head_weight().to(out.dtype))
+        return out
+
+    def forward(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits for training.
+
+        h: (B, T, H) hidden states; tokens: (B, T, K) with tokens[..., 0] = g0 and
+        tokens[..., k] the k-th drafted token. Returns (B, T, K, V_d): step k+1's
+        logits (predicting token t+2+k) from inputs tokens[..., :k+1].
+        """
+        emb = self.embed(tokens)  # (B, T, K, H)
+        state = torch.zeros_like(emb[..., 0, :])
+        states = []
+        for k in range(tokens.shape[-1]):
+            state = self.rnn_step(state, emb[..., k, :])
+            states.append(state)
+        stacked = torch.stack(states, dim=-2)  # (B, T, K, H)
+        return self.logits(h.unsqueeze(-2), stacked)
+
+    # -- construction, save and load -----------------------------------------
+    def reset_parameters(self, seed: int = 0) -> "Drafter":
+        """Seeded init: small random weights (an untrained drafter)."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("bias"):
+                    p.zero_()
+                else:
+                    std = 1.0 / math.sqrt(p.shape[1])
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    @classmethod
+    def for_target(cls, target: Any, seed: int = 0, **config_kwargs: Any) -> "Drafter":
+        """A freshly initialised drafter shaped for `target` (a `redraft_cli.target.Target`)."""
+        cfg = DrafterConfig(
+            hidden_size=target.hidden_size,
+            vocab_size=target.vocab_size,
+            target_model=target.name,
+            **config_kwargs,
+        )
+        drafter = cls(cfg).reset_parameters(seed)
+        return drafter.to(device=target.device, dtype=target.compute_dtype).attach(
+            target.embed_weight, target.lm_head_weight
+        )
+
+    random_for = for_target
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write config.json + model.safetensors atomically into directory `path`."""
+        from safetensors.torch import save_file
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            save_file(self.state_to_save(), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+            with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+                json.dump(self.config.to_json_dict(), f, indent=2)
+            os.replace(os.path.join(tmp, WEIGHTS_NAME), out / WEIGHTS_NAME)
+            os.replace(os.path.join(tmp, CONFIG_NAME), out / CONFIG_NAME)
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Drafter":
+        """Load a checkpoint directory; errors are `DrafterLoadError` with one-line messages."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        src = Path(path)
+        if not src.is_dir():
+            raise DrafterLoadError(f"drafter not found: {src} is not a directory")
+        cfg_path, weights_path = src / CONFIG_NAME, src / WEIGHTS_NAME
+        for p in (cfg_path, weights_path):
+            if not p.is_file():
+                raise DrafterLoadError(f"drafter checkpoint {src} lacks {p.name}")
+        try:
+            config = DrafterConfig.from_json_dict(json.loads(cfg_path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise DrafterLoadError(f"drafter config {cfg_path} is not valid JSON: {exc}") from exc
+        try:
+            state = load_file(str(weights_path), device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise DrafterLoadError(f"drafter weights {weights_path} are corrupt: {exc}") from exc
+        if config.head == "own" and "draft_vocab" not in state:
+            # The reference layout: the vocabulary projection's rows are the vocabulary.
+            rows = state.get(f"lm_head.{config.num_draft_layers}.weight")
+            if rows is not None and rows.shape[0] != config.vocab_size:
+                raise DrafterLoadError(
+                    f"own head has {rows.shape[0]} rows but vocab_size is {config.vocab_size}"
+                )
+        drafter = cls(config)
+        expected = drafter.state_dict()
+        if set(state) != set(expected):
+            missing = sorted(set(expected) - set(state))
+            unexpected = sorted(set(state) - set(expected))
+            raise DrafterLoadError(
+                f"drafter weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(expected[k].shape):
+                raise DrafterLoadError(f"tensor {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
+        drafter.load_state_dict(state)
+        dtype = state["rnn_w.weight"].dtype
+        return drafter.to(device=map_location, dtype=dtype)
+
+    def check_target(self, hidden_size: int, vocab_size: int, target_name: str = "the target") -> None:
+        """Raise DrafterMismatchError unless this drafter was shaped for such a target."""
+        c = self.config
+        if c.hidden_size != hidden_size or c.vocab_size != vocab_size:
+            raise DrafterMismatchError(
+                f"drafter (hidden size {c.hidden_size}, vocabulary {c.vocab_size}) does not match "
+                f"{target_name} (hidden size {hidden_size}, vocabulary {vocab_size})"
+            )
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,45 @@
+"""KV cache operations for tree decoding on a Hugging Face `DynamicCache`.
+
+After a verify pass the cache holds `prefix_len` committed tokens followed by
+the n packed tree nodes. `commit_path` keeps only the accepted path (g0 and
+the accepted drafts), moved to consecutive positions, and drops the rest.
+
+Worked example, prefix_len = 4, n = 6 nodes, accepted path = nodes [0, 4, 5]:
+
+    before: [c0 c1 c2 c3 | n0 n1 n2 n3 n4 n5]      length 10
+    after:  [c0 c1 c2 c3 | n0 n4 n5]               length 7
+
+Only the tail is touched: one gather of (path length) entries per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def cache_length(cache: Any) -> int:
+    return int(cache.get_seq_length())
+
+
+def commit_path(cache: Any, prefix_len: int, path: torch.Tensor) -> None:
+    """Keep cache[:prefix_len] + the tree nodes `path` (m,) (packed indices), in that order.
+
+    Works for caches whose layers expose `keys`/`values` of shape
+    (B, kv_heads, S, head_dim) with batch 1 (the DynamicCache layers).
+    """
+    m = int(path.numel())
+    src = path.to(torch.long) + prefix_len  # (m,)
+    contiguous = bool(torch.equal(path.cpu(), torch.arange(m)))
+    for layer in cache.layers:
+        keys, values = layer.keys, layer.values
+        if keys is None or keys.numel() == 0:
+            continue
+        if not contiguous:
+            keys[:, :, prefix_len : prefix_len + m] = keys.index_select(2, src)
+            values[:, :, prefix_len : prefix_len + m] = values.index_select(2, src)
+        layer.keys = keys[:, :, : prefix_len + m]
+        layer.values = values[:, :, : prefix_len + m]
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = prefix_len + m

@@ -1,0 +1,72 @@
+"""One sampling configuration shared by plain decoding and ReDrafter.
+
+`logits_to_probs` is the single place where temperature, top-k and top-p are
+applied, so the plain sampler and the lossless rejection rule see exactly the
+same target distribution p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BadInputError
+
+
+@dataclass
+class SamplingConfig:
+    """temperature 0 means greedy (argmax); top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise BadInputError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise BadInputError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise BadInputError(f"top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def logits_to_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Target distribution after temperature, top-k and top-p.
+
+    logits: (..., V), any float dtype. Returns float32 probabilities (..., V)
+    that sum to 1 over the last dimension. Must not be called when cfg.greedy.
+    """
+    logits = logits.float() / cfg.temperature
+    vocab = logits.shape[-1]
+    if 0 < cfg.top_k < vocab:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass strictly before it already reaches top_p
+        # (the first token is always kept).
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        drop_sorted = mass_before >= cfg.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row. probs: (..., V) -> (...,) int64."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def choose_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Argmax when greedy, else one sample from `logits_to_probs`. (..., V) -> (...,)."""
+    if cfg.greedy:
+        return logits.argmax(dim=-1)
+    return sample(logits_to_probs(logits, cfg), generator)

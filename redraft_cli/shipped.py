@@ -1,0 +1,15 @@
+"""Drafters that ship inside the package, found by target alias."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from .drafter import CONFIG_NAME
+
+
+def shipped_drafter_dir(model: str) -> Path | None:
+    """The packaged drafter for `model` (an alias such as smollm2-135m), if there is one."""
+    ref = resources.files("redraft_cli") / "data" / "drafters" / model
+    path = Path(str(ref))
+    return path if (path / CONFIG_NAME).is_file() else None

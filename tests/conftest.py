@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny seeded random models for mechanics, the embedded default for end to end."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from redraft_cli.target import Target
+
+
+def tiny_llama(vocab_size: int = 64, hidden_size: int = 32, layers: int = 2, seed: int = 0,
+               logit_scale: float = 4.0, max_positions: int = 256, eos_token_id: int | None = None) -> Target:
+    """A random Llama small enough for exhaustive tests.
+
+    logit_scale sharpens the LM head so argmax ties (which make fp32 tree and
+    sequential passes disagree for reasons unrelated to correctness) are rare.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_scale)
+    model.generation_config.eos_token_id = eos_token_id
+    return Target(model, tokenizer=None, name=f"tiny-llama-v{vocab_size}")
+
+
+@pytest.fixture(scope="session")
+def tiny_target() -> Target:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Target:
+    from redraft_cli.target import load_target
+
+    return load_target("smollm2-135m", device="cpu")
+
+
+def random_prompts(n: int, vocab_size: int, seed: int = 0, min_len: int = 3, max_len: int = 12) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
+        out.append(torch.randint(0, vocab_size, (length,), generator=gen).tolist())
+    return out
