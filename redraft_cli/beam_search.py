@@ -7,10 +7,11 @@ of the W*V_d flattened scores, and gather states/histories by parent.
 
 Worked example, W=2, L=3, g0=7, draft vocabulary {0..9}:
 
-    step 1: running = [0, -inf]  -> only beam 0 expands; top-2 of beam 0: tokens 3 (-0.1), 5 (-2.4)
-            beams = [[7, 3], [7, 5]]
-    step 2: scores[i, v] = running[i] + logp_i(v); top-2 over 2*10 entries:
-            index 13 -> parent 1, token 3;  index 4 -> parent 0, token 4
+    step 1: running = [0, -inf]  -> only beam 0 expands; its top-2: token 3 (-0.9), token 5 (-1.2)
+            beams = [[7, 3], [7, 5]], running = [-0.9, -1.2]
+    step 2: scores[i, v] = running[i] + logp_i(v), flattened to 2*10 entries; say
+            beam 1's best child (token 3, -0.1) scores -1.3 and beam 0's best (token 4, -0.6) -1.5:
+            top-2 indices 13 -> parent 1, token 3;  4 -> parent 0, token 4
             beams = [[7, 5, 3], [7, 3, 4]]   (histories gathered by parent)
 """
 

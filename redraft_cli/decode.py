@@ -106,6 +106,7 @@ class Generator:
             drafter.check_target(target.hidden_size, target.vocab_size, target.name)
             drafter.attach(target.embed_weight, target.lm_head_weight)
         self.proposer = proposer or (DrafterProposer(drafter) if drafter is not None else None)
+        self.cache: Any = None
 
     # -- shared pieces ----------------------------------------------------------
     def _generator(self, cfg: DecodeConfig) -> torch.Generator | None:
@@ -121,6 +122,7 @@ class Generator:
         start = time.perf_counter()
         ids = torch.tensor([prompt_ids], device=t.device)
         cache = t.new_cache()
+        self.cache = cache  # the live KV cache of the latest generation (for inspection and tests)
         pos = torch.arange(len(prompt_ids), device=t.device).unsqueeze(0)
         hidden = t.forward(ids, pos, cache)[:, -1]  # (1, H)
         g0 = choose_tokens(t.logits(hidden), cfg.sampling, gen)  # (1,)

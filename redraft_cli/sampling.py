@@ -24,11 +24,11 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        if not self.temperature >= 0 or self.temperature == float("inf"):
             raise BadInputError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise BadInputError(f"top-k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < self.top_p <= 1.0:  # also rejects NaN
             raise BadInputError(f"top-p must be in (0, 1], got {self.top_p}")
 
     @property

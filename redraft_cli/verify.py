@@ -62,14 +62,15 @@ def _longest(accept: torch.Tensor, tie_score: torch.Tensor | None = None) -> tup
     """accept: (B, W, L-1) bool, cell k says drafted token k+1 is accepted.
 
     Returns (beam (B,), length (B,)): the beam with the longest all-accepted
-    prefix, ties broken by tie_score (B, W) (higher wins) else lowest index.
+    prefix; among the longest, the highest tie_score (B, W) if given, else the
+    lowest index.
     """
     length = torch.cumprod(accept.to(torch.int64), dim=-1).sum(-1)  # (B, W)
-    key = length.to(torch.float64)
-    if tie_score is not None:
-        # Squash the tie score into (0, 1) so it never outranks one more token.
-        key = key + torch.sigmoid(tie_score.to(torch.float64)) * 0.5
-    beam = key.argmax(dim=-1)  # first max on ties
+    if tie_score is None:
+        beam = length.argmax(dim=-1)  # first max on ties
+    else:
+        longest = length == length.max(dim=-1, keepdim=True).values
+        beam = torch.where(longest, tie_score.float(), torch.full_like(tie_score.float(), float("-inf"))).argmax(-1)
     return beam, length.gather(1, beam.unsqueeze(1)).squeeze(1)
 
 

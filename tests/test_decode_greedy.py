@@ -1,0 +1,125 @@
+"""Greedy losslessness: ReDrafter output is token-for-token plain greedy decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_prompts, tiny_llama
+from redraft_cli import DecodeConfig, Drafter, Generator
+from redraft_cli.beam_search import DraftBeams
+from redraft_cli.target import Target
+
+
+def greedy_continuation(target: Target, context: list[int], n: int) -> list[int]:
+    """The target's own next n greedy tokens after `context` (full forwards, tiny model only)."""
+    ids = list(context)
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = target.model(torch.tensor([ids])).logits[0, -1]
+        tok = int(logits.argmax())
+        ids.append(tok)
+        out.append(tok)
+    return out
+
+
+class OracleProposer:
+    """Test double: some beams are the target's own greedy continuation (fully right),
+    one is right up to a random depth, the rest random. All beams distinct, start with g0."""
+
+    def __init__(self, target: Target, seed: int = 0, oracle_beam: int = -1) -> None:
+        self.target = target
+        self.gen = torch.Generator().manual_seed(seed)
+        self.oracle_beam = oracle_beam
+
+    def __call__(self, h, g0, beam_width, beam_length, context):
+        V = self.target.vocab_size
+        L = beam_length
+        truth = greedy_continuation(self.target, context, L - 1)
+        beams = []
+        attempts = 0
+        while len(beams) < beam_width and attempts < 50 * beam_width:
+            kind = attempts % 3
+            attempts += 1
+            if kind == 0:
+                cand = truth
+            elif kind == 1 and L > 1:
+                cut = int(torch.randint(0, L - 1, (1,), generator=self.gen))
+                cand = truth[:cut] + torch.randint(0, V, (L - 1 - cut,), generator=self.gen).tolist()
+            else:
+                cand = torch.randint(0, V, (L - 1,), generator=self.gen).tolist()
+            beam = [int(g0)] + cand
+            if beam not in beams:
+                beams.append(beam)
+        if len(beams) < beam_width:  # L == 1: all beams are [g0]
+            beams += [beams[0]] * (beam_width - len(beams))
+        # Put the oracle beam at the requested index to exercise beam selection.
+        beams.insert(self.oracle_beam % beam_width, beams.pop(0))
+        tokens = torch.tensor([beams])
+        return DraftBeams(tokens, torch.zeros(1, beam_width, L - 1))
+
+
+SHAPES = [(w, l) for w in (1, 2, 4) for l in (2, 3, 5)]
+
+
+@pytest.mark.parametrize("width,length", SHAPES)
+def test_random_drafter_is_lossless(tiny_target, width, length):
+    drafter = Drafter.for_target(tiny_target, seed=1)
+    gen = Generator(tiny_target, drafter)
+    cfg = DecodeConfig(max_new_tokens=24, beam_width=width, beam_length=length)
+    for prompt in random_prompts(20, tiny_target.vocab_size, seed=width * 10 + length):
+        plain = gen.generate(prompt, cfg, "plain").tokens
+        fast = gen.generate(prompt, cfg, "redraft").tokens
+        assert fast == plain, f"prompt {prompt}: {fast} != {plain}"
+
+
+@pytest.mark.parametrize("width,length", SHAPES)
+def test_oracle_drafts_are_lossless_and_accepted(tiny_target, width, length):
+    gen_plain = Generator(tiny_target)
+    cfg = DecodeConfig(max_new_tokens=20, beam_width=width, beam_length=length)
+    steps = tokens = 0
+    for i, prompt in enumerate(random_prompts(20, tiny_target.vocab_size, seed=100 + width * 10 + length)):
+        gen = Generator(tiny_target, proposer=OracleProposer(tiny_target, seed=i, oracle_beam=i))
+        plain = gen_plain.generate(prompt, cfg, "plain").tokens
+        result = gen.generate(prompt, cfg, "redraft")
+        assert result.tokens == plain, f"prompt {prompt}"
+        steps += len(result.decode_steps)
+        tokens += sum(len(s.tokens) for s in result.decode_steps)
+    per_step = tokens / steps
+    # Every step has a fully right beam: tokens per step is L except where the budget cuts it.
+    assert per_step > 1.0 + 0.5 * (length - 1), f"tokens per step {per_step:.2f} with right drafts"
+
+
+def test_context_limit_and_eos_stop_like_plain():
+    target = tiny_llama(max_positions=40, eos_token_id=5, seed=3)
+    drafter = Drafter.for_target(target, seed=0)
+    gen = Generator(target, drafter)
+    oracle = Generator(target, proposer=OracleProposer(target, seed=0))
+    cfg = DecodeConfig(max_new_tokens=64, beam_width=3, beam_length=4)
+    hit_eos = hit_ctx = 0
+    for prompt in random_prompts(20, target.vocab_size, seed=7, min_len=5, max_len=36):
+        plain = gen.generate(prompt, cfg, "plain").tokens
+        assert len(prompt) + len(plain) <= 40
+        hit_eos += 5 in plain
+        hit_ctx += len(prompt) + len(plain) == 40
+        assert gen.generate(prompt, cfg, "redraft").tokens == plain
+        assert oracle.generate(prompt, cfg, "redraft").tokens == plain
+    assert hit_eos and hit_ctx, "the prompts should exercise both stopping rules"
+
+
+def test_max_new_tokens_exact(tiny_target):
+    gen = Generator(tiny_target, proposer=OracleProposer(tiny_target))
+    for n in (1, 2, 3, 7):
+        out = gen.generate([1, 2, 3], DecodeConfig(max_new_tokens=n, beam_width=2, beam_length=5), "redraft")
+        assert len(out.tokens) == n
+
+
+def test_embedded_default_greedy_identical(smollm2):
+    drafter = Drafter.for_target(smollm2, seed=0)
+    gen = Generator(smollm2, drafter)
+    cfg = DecodeConfig(max_new_tokens=24, beam_width=4, beam_length=4)
+    for text in ("Name three colours.", "What is the capital of France?"):
+        ids = smollm2.encode_chat(text)
+        plain = gen.generate(ids, cfg, "plain").tokens
+        assert gen.generate(ids, cfg, "redraft").tokens == plain

@@ -1,0 +1,55 @@
+"""After ReDrafter steps the KV cache equals plain decoding's for the same tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import random_prompts
+from redraft_cli import DecodeConfig, Generator
+from redraft_cli.kv_cache import commit_path
+
+from test_decode_greedy import OracleProposer
+
+
+def _layers(cache):
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def test_cache_matches_plain_decoding(tiny_target):
+    cfg = DecodeConfig(max_new_tokens=17, beam_width=4, beam_length=4, stop_on_eos=False)
+    for i, prompt in enumerate(random_prompts(6, tiny_target.vocab_size, seed=11)):
+        fast = Generator(tiny_target, proposer=OracleProposer(tiny_target, seed=i, oracle_beam=i))
+        out = fast.generate(prompt, cfg, "redraft")
+        assert max(s.accepted for s in out.decode_steps) > 0, "some drafts must be accepted"
+        slow = Generator(tiny_target)
+        plain = slow.generate(prompt, cfg, "plain")
+        assert out.tokens == plain.tokens
+        # Both caches hold prompt + all tokens but the last (the last is emitted, not yet fed).
+        expected_len = len(prompt) + len(out.tokens) - 1
+        for (k1, v1), (k2, v2) in zip(_layers(fast.cache), _layers(slow.cache)):
+            assert k1.shape[2] == expected_len == k2.shape[2]
+            torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-4)
+
+
+class _Layer:
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+
+class _Cache:
+    def __init__(self, layers):
+        self.layers = layers
+
+
+def test_commit_path_worked_example():
+    # prefix 4, nodes n0..n5, keep [0, 4, 5] -> [c0 c1 c2 c3 n0 n4 n5]
+    seq = torch.arange(10.0).view(1, 1, 10, 1)
+    cache = _Cache([_Layer(seq.clone(), -seq.clone())])
+    commit_path(cache, 4, torch.tensor([0, 4, 5]))
+    assert cache.layers[0].keys.flatten().tolist() == [0, 1, 2, 3, 4, 8, 9]
+    assert cache.layers[0].values.flatten().tolist() == [0, -1, -2, -3, -4, -8, -9]
+    # A contiguous path just truncates.
+    cache = _Cache([_Layer(seq.clone(), seq.clone())])
+    commit_path(cache, 4, torch.tensor([0, 1]))
+    assert cache.layers[0].keys.flatten().tolist() == [0, 1, 2, 3, 4, 5]
