@@ -162,8 +162,9 @@ class Drafter(nn.Module):
             raise DrafterMismatchError(
                 f"tied drafter expects an LM head of shape {(V, H)}, target has {tuple(lm_head_weight.shape)}"
             )
-        self._embed = embed_weight
-        self._head = lm_head_weight
+        # Plain attributes, not nn.Module registration: never in state_dict, never moved or saved.
+        object.__setattr__(self, "_embed", embed_weight)
+        object.__setattr__(self, "_head", lm_head_weight)
         return self
 
     @property

@@ -166,6 +166,8 @@ def _load_hf(source: str, spec: TargetSpec, device: torch.device, dtype: torch.d
             )
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": str(device)}
     is_local = Path(source).exists()
+    if not is_local and (source.startswith(("/", "./", "../", "~")) or source.count("/") > 1):
+        raise ModelLoadError(f"model path not found: {source}")
     if not is_local:
         try:  # already in the local hub cache?
             return _load_hf_files(source, kwargs, gguf_file, local_only=True)

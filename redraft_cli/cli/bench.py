@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -45,17 +46,23 @@ def bench(
     json_path: o.JsonOut = None,
 ) -> None:
     """Measure ReDrafter against plain decoding on the same prompts, alternating, after a warm-up."""
-    texts = load_prompts(prompts, limit=num_prompts)
-    loaded = load_models(model, drafter, dtype, device, quantize, seed)
-    target, dr = loaded.target, loaded.drafter
+    # Validate everything cheap before loading models.
     cfg = DecodeConfig(
         max_new_tokens=max_new_tokens,
-        beam_width=beam_width or dr.config.beam_width,
-        beam_length=beam_length or dr.config.beam_length,
+        beam_width=beam_width if beam_width is not None else DecodeConfig.beam_width,
+        beam_length=beam_length if beam_length is not None else DecodeConfig.beam_length,
         accept=accept,
         sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
         typical_epsilon=epsilon,
         typical_delta=delta,
+    )
+    texts = load_prompts(prompts, limit=num_prompts)
+    loaded = load_models(model, drafter, dtype, device, quantize, seed)
+    target, dr = loaded.target, loaded.drafter
+    cfg = replace(
+        cfg,
+        beam_width=beam_width if beam_width is not None else dr.config.beam_width,
+        beam_length=beam_length if beam_length is not None else dr.config.beam_length,
     )
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]

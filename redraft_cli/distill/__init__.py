@@ -1,0 +1,1 @@
+"""Drafter distillation: self-distillation data generation (`data`)."""

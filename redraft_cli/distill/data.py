@@ -1,0 +1,516 @@
+"""Self-distillation data: the target's own answers to prompt conversations.
+
+For every conversation (a list of user turns) the target answers turn by turn
+with Hugging Face `generate` (batched, left-padded, greedy or sampled); the
+training example is the final token sequence holding all turns with the
+target's own answers, plus a mask of the positions the target generated.
+
+Token exactness: later turns are built by appending the template's glue
+(end of the assistant turn, next user turn, next generation prompt) as tokens
+after the *exact* generated tokens, so the masked tokens are precisely what
+the target produced in precisely the context it saw. If a chat template
+rewrites earlier turns (so the rendered text is not an extension of the
+previous prompt), the conversation is re-tokenised from text instead and only
+its last answer is masked (counted as `retokenized` in the manifest).
+
+On disk (`out_dir`):
+- `shard-00000.safetensors`, ...: shard i holds conversations
+  [i*shard_size, (i+1)*shard_size) minus the skipped ones, as
+  `input_ids` int32 (T,), `loss_mask` uint8 (T,) (all examples concatenated),
+  `offsets` int64 (n+1,) (example j is [offsets[j], offsets[j+1])) and
+  `conv_index` int64 (n,).
+- `manifest.json`: config, model, conversation count and fingerprint, the
+  shards done, skipped count and totals; rewritten atomically after each shard.
+Shards and manifest are written to a temporary file first, then os.replace'd,
+so an interrupted run leaves only complete shards; rerunning resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import BadInputError, ChatTemplateError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+# Config fields that may change between a run and its resumption.
+RESUMABLE_FIELDS = ("batch_size",)
+
+
+@dataclass
+class GenerationConfig:
+    """How the self-distillation data is generated (defaults are the CLI's defaults)."""
+
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    temperature: float = 0.0  # 0 = greedy; else sampling with top_p
+    top_p: float = 1.0
+    seed: int = 0
+    shard_size: int = 64  # conversations per shard file
+    system: str | None = None
+    max_prompt_tokens: int = 512  # longer prompts are skipped (counted in the manifest)
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size", "shard_size", "max_prompt_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise BadInputError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):
+            raise BadInputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise BadInputError(f"top-p must be in (0, 1], got {self.top_p}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields that must match for a resumption."""
+        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_FIELDS}
+
+
+# -- chat glue -----------------------------------------------------------------
+
+
+class _Chat:
+    """Chat-template rendering and the token-exact multi-turn glue for one tokenizer."""
+
+    def __init__(self, target: Any, system: str | None) -> None:
+        self.tok = target.tokenizer
+        self.name = target.name
+        self.system = system
+        self.eos_ids = sorted(int(e) for e in target.eos_ids)
+        if self.tok is None or not getattr(self.tok, "chat_template", None):
+            raise ChatTemplateError(f"{target.name} has no chat template; self-distillation renders conversations with it")
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """Template text ready for the assistant turn (the same text Target.encode_chat tokenises)."""
+        if self.system:
+            messages = [{"role": "system", "content": self.system}, *messages]
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def next_prompt(self, prev_text: str, prev_ids: list[int], response: list[int],
+                    messages: list[dict[str, str]]) -> tuple[str, list[int], bool]:
+        """Prompt for the next turn.
+
+        prev_text / prev_ids: the previous turn's prompt (text, tokens); response:
+        the tokens generated for it (possibly ending with an EOS); messages: the
+        whole history including that answer and the new user turn.
+        Returns (text, ids, exact): ids == prev_ids + response + glue when exact,
+        else the re-tokenised full text.
+        """
+        ends_eos = bool(response) and response[-1] in self.eos_ids
+        text = self.render(messages)
+        content = messages[-2]["content"]
+        if text.startswith(prev_text) and text[len(prev_text):].startswith(content):
+            tail = text[len(prev_text) + len(content):]
+            if ends_eos:  # the generated EOS already closes the turn if the template closes it with the same token
+                eos_text = self.tok.decode([response[-1]], skip_special_tokens=False)
+                at = tail.find(eos_text) if eos_text else -1
+                if at >= 0 and not tail[:at].strip():
+                    tail = tail[at + len(eos_text):]
+            return text, prev_ids + response + self.encode(tail), True
+        return text, self.encode(text), False
+
+    def answer_text(self, response: list[int]) -> str:
+        """The assistant message text of a response (EOS dropped, whitespace trimmed like most templates do)."""
+        if response and response[-1] in self.eos_ids:
+            response = response[:-1]
+        return self.tok.decode(response, skip_special_tokens=False).strip()
+
+
+# -- batched generation -------------------------------------------------------------
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded batch: input_ids (B, P) long and attention_mask (B, P) long."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        if p:
+            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def trim_responses(new_tokens: torch.Tensor, eos_ids: list[int]) -> list[list[int]]:
+    """Cut each generated row after its first EOS (kept) and drop the padding that follows.
+
+    new_tokens: (B, N) the tokens generate() appended. Returns B lists of ids.
+    """
+    if new_tokens.numel() == 0:
+        return [[] for _ in range(new_tokens.shape[0])]
+    is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, dtype=new_tokens.dtype, device=new_tokens.device))
+    has = is_eos.any(dim=1)
+    first = is_eos.int().argmax(dim=1)  # (B,) index of the first EOS (0 where none)
+    lengths = torch.where(has, first + 1, torch.full_like(first, new_tokens.shape[1]))
+    rows = new_tokens.cpu().tolist()
+    return [row[:n] for row, n in zip(rows, lengths.tolist())]
+
+
+def _hf_generation_config(target: Any, cfg: GenerationConfig, pad_id: int):
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, num_beams=1, repetition_penalty=1.0,
+        eos_token_id=sorted(int(e) for e in target.eos_ids), pad_token_id=pad_id,
+    )
+    if cfg.temperature > 0:
+        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False)
+    return HFGenerationConfig(**kwargs)
+
+
+@torch.no_grad()
+def generate_batch(target: Any, prompts: list[list[int]], cfg: GenerationConfig, seed: int | None = None) -> list[list[int]]:
+    """Answer a batch of token prompts with `target.model.generate`.
+
+    prompts: B token lists (left-padded to (B, P) here). Returns B responses,
+    each cut after its first EOS (the EOS kept), at most max_new_tokens long.
+    """
+    eos = sorted(int(e) for e in target.eos_ids)
+    tok = target.tokenizer
+    pad_id = getattr(tok, "pad_token_id", None) if tok is not None else None
+    if pad_id is None:
+        pad_id = eos[0] if eos else 0
+    input_ids, attention_mask = _left_pad(prompts, int(pad_id), target.device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = target.model.generate(
+        input_ids=input_ids, attention_mask=attention_mask,
+        generation_config=_hf_generation_config(target, cfg, int(pad_id)),
+    )
+    new = out[:, input_ids.shape[1]:]  # (B, N <= max_new_tokens)
+    return trim_responses(new, eos) if eos else [list(r) for r in new.cpu().tolist()]
+
+
+# -- one shard ------------------------------------------------------------------
+
+
+@dataclass
+class _Conv:
+    index: int
+    turns: list[str]
+    messages: list[dict[str, str]]
+    prompt_text: str = ""
+    prompt_ids: list[int] | None = None
+    mask: list[bool] | None = None  # over prompt_ids (+ the last response once appended)
+    seq: list[int] | None = None  # final sequence once finished
+    turns_done: int = 0
+    alive: bool = True
+
+
+def _seed_for(seed: int, shard: int, turn: int, batch: int) -> int:
+    """A deterministic per-batch seed that does not depend on how many runs the data took."""
+    return seed + shard * 1_000_003 + turn * 10_007 + batch
+
+
+def _generate_shard(target: Any, chat: _Chat, items: list[tuple[int, list[str]]], cfg: GenerationConfig,
+                    shard: int, on_batch: Callable[[int, int], None]) -> tuple[list[_Conv], dict[str, int]]:
+    """Generate every turn of the shard's conversations; returns the finished ones and counters."""
+    limit = min(cfg.max_prompt_tokens, int(getattr(target, "max_context", 1 << 30)) - cfg.max_new_tokens)
+    convs = [_Conv(i, turns, []) for i, turns in items]
+    counts = dict(skipped=0, truncated=0, retokenized=0, responses=0, eos_responses=0)
+    for turn in range(max((len(c.turns) for c in convs), default=0)):
+        active: list[_Conv] = []
+        for c in convs:
+            if not c.alive or turn >= len(c.turns):
+                continue
+            if turn == 0:
+                c.messages = [{"role": "user", "content": c.turns[0]}]
+                c.prompt_text = chat.render(c.messages)
+                c.prompt_ids = chat.encode(c.prompt_text)
+                c.mask = [False] * len(c.prompt_ids)
+            else:
+                response = c.seq[len(c.prompt_ids):]
+                c.messages = [*c.messages, {"role": "assistant", "content": chat.answer_text(response)},
+                              {"role": "user", "content": c.turns[turn]}]
+                text, ids, exact = chat.next_prompt(c.prompt_text, c.prompt_ids, response, c.messages)
+                if len(ids) > limit:  # keep the turns done so far
+                    c.alive = False
+                    counts["truncated"] += 1
+                    continue
+                if not exact:
+                    counts["retokenized"] += 1
+                    c.mask = [False] * len(ids)
+                else:
+                    c.mask = c.mask + [False] * (len(ids) - len(c.mask))
+                c.prompt_text, c.prompt_ids = text, ids
+            if len(c.prompt_ids) > limit or not c.prompt_ids:
+                c.alive = False
+                counts["skipped"] += 1
+                continue
+            active.append(c)
+        # Similar lengths share a batch; results stay keyed by the conversation object.
+        active.sort(key=lambda c: len(c.prompt_ids))
+        for b in range(0, len(active), cfg.batch_size):
+            chunk = active[b:b + cfg.batch_size]
+            seed = _seed_for(cfg.seed, shard, turn, b // cfg.batch_size)
+            responses = generate_batch(target, [c.prompt_ids for c in chunk], cfg, seed=seed)
+            finished = 0
+            for c, r in zip(chunk, responses):
+                c.seq = c.prompt_ids + r
+                c.mask = c.mask + [True] * len(r)
+                c.turns_done = turn + 1
+                counts["responses"] += 1
+                counts["eos_responses"] += int(bool(r) and r[-1] in chat.eos_ids)
+                finished += int(turn + 1 == len(c.turns))
+            on_batch(finished, sum(len(r) for r in responses))
+    # Conversations cut short by a too-long later prompt are done too.
+    return [c for c in convs if c.turns_done > 0], counts
+
+
+# -- files ----------------------------------------------------------------------
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    def write(p: str) -> None:
+        with open(p, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    _atomic_write_bytes(path, write)
+
+
+def _write_shard(path: Path, convs: list[_Conv]) -> None:
+    from safetensors.torch import save_file
+
+    lengths = torch.tensor([len(c.seq) for c in convs], dtype=torch.int64)
+    offsets = torch.zeros(len(convs) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    tensors = {
+        "input_ids": torch.tensor([t for c in convs for t in c.seq], dtype=torch.int32),
+        "loss_mask": torch.tensor([m for c in convs for m in c.mask], dtype=torch.uint8),
+        "offsets": offsets,
+        "conv_index": torch.tensor([c.index for c in convs], dtype=torch.int64),
+    }
+    _atomic_write_bytes(path, lambda p: save_file(tensors, p, metadata={"format": f"redraft-distill-{FORMAT_VERSION}"}))
+
+
+def _conversations_sha256(conversations: list[list[str]]) -> str:
+    return hashlib.sha256(json.dumps(conversations, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def read_manifest(out_dir: str | Path) -> dict | None:
+    """The manifest of a data directory, or None when there is none yet."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"cannot read {path}: {exc}") from exc
+
+
+def _totals(shards: list[dict]) -> dict[str, int]:
+    keys = ("conversations", "tokens", "generated_tokens", "responses", "eos_responses", "skipped", "truncated", "retokenized")
+    return {k: sum(int(s.get(k, 0)) for s in shards) for k in keys}
+
+
+def _check_resume(manifest: dict, fresh: dict, out_dir: Path) -> None:
+    if manifest.get("version") != FORMAT_VERSION:
+        raise BadInputError(f"{out_dir} holds distillation data of another format version; use a new --out directory")
+    if manifest.get("model") != fresh["model"]:
+        raise BadInputError(
+            f"{out_dir} holds data generated by {manifest.get('model')!r}, not {fresh['model']!r}; use a new --out directory"
+        )
+    old, new = manifest.get("config", {}), fresh["config"]
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        detail = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+        raise BadInputError(f"{out_dir} was generated with different settings ({detail}); use a new --out directory")
+    if manifest.get("num_conversations") != fresh["num_conversations"] or manifest.get("conversations_sha256") != fresh["conversations_sha256"]:
+        raise BadInputError(f"{out_dir} was generated from a different prompt set; use a new --out directory")
+
+
+# -- entry points -------------------------------------------------------------------
+
+
+def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str | Path, cfg: GenerationConfig,
+                     progress: Callable[[int, int, int], None] | None = None,
+                     stop_after_s: float | None = None) -> dict:
+    """Generate (or resume generating) self-distillation data into `out_dir`.
+
+    conversations: each a list of user turns. Shards already listed in the
+    manifest are skipped. progress(done_conversations, total_conversations,
+    generated_tokens) is called after every batch, counting shards finished by
+    earlier runs too (skipped conversations count as done). stop_after_s: stop
+    after the shard in progress once this much wall time has passed.
+    Returns the manifest (with `complete` and this run's `last_run` timing).
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp*"):  # temporaries of an interrupted run
+        stale.unlink(missing_ok=True)
+    chat = _Chat(target, cfg.system)
+    fresh = {
+        "version": FORMAT_VERSION,
+        "model": target.name,
+        "config": cfg.fingerprint(),
+        "batch_size": cfg.batch_size,
+        "eos_ids": chat.eos_ids,
+        "num_conversations": len(conversations),
+        "conversations_sha256": _conversations_sha256(conversations),
+        "num_shards": (len(conversations) + cfg.shard_size - 1) // cfg.shard_size,
+        "shards": [],
+    }
+    manifest = read_manifest(out)
+    if manifest is None:
+        manifest = fresh
+    else:
+        _check_resume(manifest, fresh, out)
+        manifest["batch_size"] = cfg.batch_size
+    done_shards = {int(s["index"]) for s in manifest["shards"]}
+    prior = _totals(manifest["shards"])
+    state = {
+        "done": sum(int(s["conversations"]) + int(s["skipped"]) for s in manifest["shards"]),
+        "tokens": prior["generated_tokens"],
+        "run_tokens": 0,
+    }
+
+    def on_batch(finished: int, new_tokens: int) -> None:
+        state["done"] += finished
+        state["tokens"] += new_tokens
+        state["run_tokens"] += new_tokens
+        if progress is not None:
+            progress(state["done"], len(conversations), state["tokens"])
+
+    for shard in range(fresh["num_shards"]):
+        if shard in done_shards:
+            continue
+        lo, hi = shard * cfg.shard_size, min(len(conversations), (shard + 1) * cfg.shard_size)
+        items = [(i, list(conversations[i])) for i in range(lo, hi)]
+        convs, counts = _generate_shard(target, chat, items, cfg, shard, on_batch)
+        name = f"shard-{shard:05d}.safetensors"
+        if convs:
+            _write_shard(out / name, convs)
+        manifest["shards"].append({
+            "index": shard,
+            "file": name if convs else None,
+            "conversations": len(convs),
+            "tokens": sum(len(c.seq) for c in convs),
+            "generated_tokens": sum(sum(c.mask) for c in convs),
+            **counts,
+        })
+        manifest["shards"].sort(key=lambda s: s["index"])
+        _finish_manifest(manifest, start, state["run_tokens"])
+        _write_json(out / MANIFEST, manifest)
+        # Skipped and truncated conversations of the shard are done as well.
+        state["done"] = sum(int(s["conversations"]) + int(s["skipped"]) for s in manifest["shards"])
+        if progress is not None:
+            progress(state["done"], len(conversations), state["tokens"])
+        if stop_after_s is not None and time.perf_counter() - start >= stop_after_s:
+            break
+    _finish_manifest(manifest, start, state["run_tokens"])
+    _write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _finish_manifest(manifest: dict, start: float, run_tokens: int) -> None:
+    manifest["totals"] = _totals(manifest["shards"])
+    manifest["skipped"] = manifest["totals"]["skipped"]
+    manifest["complete"] = len(manifest["shards"]) == manifest["num_shards"]
+    seconds = time.perf_counter() - start
+    manifest["last_run"] = {
+        "seconds": round(seconds, 3),
+        "generated_tokens": run_tokens,
+        "tokens_per_s": round(run_tokens / seconds, 2) if seconds > 0 else 0.0,
+    }
+
+
+def _shard_tensors(out: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = out / name
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise BadInputError(f"cannot read distillation shard {path}: {exc}") from exc
+
+
+def load_dataset(out_dir: str | Path) -> list[dict]:
+    """All examples of the completed shards listed in the manifest, in conversation order.
+
+    Each example: input_ids LongTensor (T,), loss_mask BoolTensor (T,) (True where
+    the target generated the token), conv_index int.
+    """
+    out = Path(out_dir)
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise BadInputError(f"{out} holds no distillation data ({MANIFEST} is missing)")
+    examples: list[dict] = []
+    for shard in manifest["shards"]:
+        if not shard.get("file"):
+            continue
+        t = _shard_tensors(out, shard["file"])
+        ids, mask, offsets = t["input_ids"].long(), t["loss_mask"].bool(), t["offsets"].tolist()
+        for j, conv in enumerate(t["conv_index"].tolist()):
+            a, b = offsets[j], offsets[j + 1]
+            examples.append({"input_ids": ids[a:b], "loss_mask": mask[a:b], "conv_index": int(conv)})
+    return examples
+
+
+def repeated_4gram_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """Bool (T,): True at t >= 3 where input_ids[t-3:t+1] already occurred ending at some s < t."""
+    n = input_ids.shape[0]
+    out = torch.zeros(n, dtype=torch.bool)
+    if n < 4:
+        return out
+    grams = input_ids.long().unfold(0, 4, 1)  # (T-3, 4): gram g ends at position g+3
+    _, inverse = torch.unique(grams, dim=0, return_inverse=True)
+    pos = torch.arange(grams.shape[0])
+    first = torch.full((int(inverse.max()) + 1,), grams.shape[0], dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, pos, reduce="amin")
+    out[3:] = first[inverse] < pos
+    return out
+
+
+def dataset_stats(out_dir: str | Path) -> dict:
+    """Summary of a data directory: conversations, tokens, generated tokens, the
+    fraction of responses that end in EOS, and the fraction of generated
+    positions whose 4-gram repeats an earlier 4-gram of the same example."""
+    out = Path(out_dir)
+    manifest = read_manifest(out)
+    examples = load_dataset(out)
+    tokens = sum(int(e["input_ids"].numel()) for e in examples)
+    generated = sum(int(e["loss_mask"].sum()) for e in examples)
+    scored = repeated = 0
+    for e in examples:
+        gen = e["loss_mask"].clone()
+        gen[:3] = False  # no full 4-gram ends there
+        scored += int(gen.sum())
+        repeated += int((repeated_4gram_positions(e["input_ids"]) & gen).sum())
+    totals = _totals(manifest["shards"])
+    return {
+        "conversations": len(examples),
+        "conversations_total": manifest["num_conversations"],
+        "skipped": totals["skipped"],
+        "complete": bool(manifest.get("complete")),
+        "tokens": tokens,
+        "generated_tokens": generated,
+        "responses": totals["responses"],
+        "eos_fraction": totals["eos_responses"] / totals["responses"] if totals["responses"] else 0.0,
+        "repeat_4gram_fraction": repeated / scored if scored else 0.0,
+    }

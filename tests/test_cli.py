@@ -1,0 +1,139 @@
+"""The CLI through Typer's CliRunner: bench end to end, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from redraft_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, *fragments: str, code: int = 2) -> None:
+    out = result.output
+    assert result.exit_code == code, out
+    assert "Traceback" not in out, out
+    assert out.strip().startswith("error:"), out
+    for f in fragments:
+        assert f in out, out
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    p.write_text('{"turns": ["Name three colours."]}\n{"prompt": "What is 2 + 2?"}\n')
+    return p
+
+
+def test_help_lists_all_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for cmd in ("distill", "chat", "bench", "sweep"):
+        assert cmd in result.output
+
+
+@pytest.mark.parametrize("cmd", ["distill", "chat", "sweep"])
+def test_unbuilt_commands_say_so(cmd):
+    assert_clean_error(invoke(cmd), "not built yet", code=1)
+
+
+def test_bench_random_drafter_json(tmp_path, prompt_file):
+    out = tmp_path / "b.json"
+    result = invoke("bench", "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 2,
+                    "--max-new-tokens", 8, "--beam-width", 2, "--beam-length", 3, "--json", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    for key in ("model", "drafter", "accept", "temperature", "beam_width", "beam_length", "num_prompts",
+                "max_new_tokens", "baseline", "redraft", "speedup", "identical_outputs", "baseline_hf", "speedup_vs_hf"):
+        assert key in data, key
+    for key in ("tokens", "seconds", "tokens_per_s", "steps", "tokens_per_step", "acceptance_rate",
+                "mean_tree_nodes", "draft_s", "verify_s", "accept_s"):
+        assert key in data["redraft"], key
+    assert data["identical_outputs"] == 2
+    assert data["baseline"]["tokens"] == data["redraft"]["tokens"] == data["baseline_hf"]["tokens"] == 16
+    assert "ReDrafter" in result.output
+
+
+def test_bench_rejection_sampling_runs(prompt_file):
+    result = invoke("bench", "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 1,
+                    "--max-new-tokens", 6, "--accept", "rejection", "--temperature", 0.7, "--top-p", 0.9,
+                    "--no-hf-baseline", "--no-warmup")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--model", "no-such-org/no-such-model-xyz"], ["no-such-org/no-such-model-xyz"]),
+    (["--model", "/no/such/dir"], ["not found"]),
+    (["--beam-width", "0"], ["beam width"]),
+    (["--beam-length", "0"], ["beam length"]),
+    (["--accept", "sometimes"], ["--accept"]),
+    (["--temperature", "-1"], ["temperature"]),
+    (["--dtype", "float8"], ["--dtype"]),
+    (["--quantize", "3bit"], ["--quantize"]),
+    (["--num-prompts", "0"], ["--num-prompts"]),
+])
+def test_bad_options(args, fragments, prompt_file):
+    assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", prompt_file, *args), *fragments)
+
+
+def test_bad_files(tmp_path, prompt_file):
+    assert_clean_error(invoke("bench", "--prompts", tmp_path / "missing.jsonl"), "not found")
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(b"GGUF" + b"\x00" * 64)
+    assert_clean_error(invoke("bench", "--model", gguf, "--prompts", prompt_file), "GGUF")
+    bad = tmp_path / "drafter"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    (bad / "model.safetensors").write_bytes(b"junk")
+    assert_clean_error(invoke("bench", "--drafter", bad, "--prompts", prompt_file), "drafter")
+    assert_clean_error(invoke("bench", "--drafter", tmp_path / "nope", "--prompts", prompt_file), "not a directory")
+
+
+def test_mismatched_drafter(tmp_path, tiny_target, prompt_file):
+    from redraft_cli.drafter import Drafter
+
+    Drafter.for_target(tiny_target).save(tmp_path / "tiny")
+    assert_clean_error(invoke("bench", "--drafter", tmp_path / "tiny", "--prompts", prompt_file),
+                       "does not match", "hidden size 32")
+
+
+def test_prompt_longer_than_context(tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text(" ".join(["word"] * 9000) + "\n")
+    assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", long), "context")
+
+
+def test_local_model_directory_and_missing_chat_template(tmp_path, prompt_file):
+    """A local HF directory loads; a tokenizer without a chat template is a clear error."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from redraft_cli.target import _convert_embedded
+
+    tok = AutoTokenizer.from_pretrained(str(_convert_embedded("smollm2-135m")))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model_dir = tmp_path / "tiny-local"
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    ok = invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file,
+                "--num-prompts", 1, "--max-new-tokens", 4, "--no-hf-baseline")
+    assert ok.exit_code == 0, ok.output
+    tok.chat_template = None
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    tok.save_pretrained(model_dir)
+    cfg_path = model_dir / "tokenizer_config.json"
+    data = json.loads(cfg_path.read_text())
+    data.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(data))
+    assert_clean_error(invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file),
+                       "no chat template", "--no-chat-template")
+    raw = invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file,
+                 "--num-prompts", 1, "--max-new-tokens", 4, "--no-hf-baseline", "--no-chat-template")
+    assert raw.exit_code == 0, raw.output

@@ -1,0 +1,135 @@
+"""Drafter: architecture, save/load round trip, interoperable layout, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from redraft_cli.drafter import Drafter, DrafterConfig
+from redraft_cli.errors import DrafterLoadError, DrafterMismatchError
+
+
+@pytest.mark.parametrize("head", ["own", "tied"])
+@pytest.mark.parametrize("layers", [0, 2])
+def test_save_load_round_trip(tiny_target, tmp_path, head, layers):
+    d = Drafter.for_target(tiny_target, seed=3, head=head, num_draft_layers=layers)
+    d.save(tmp_path / "d")
+    loaded = Drafter.load(tmp_path / "d").attach(tiny_target.embed_weight, tiny_target.lm_head_weight)
+    assert loaded.config == d.config
+    for k, v in d.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    h = torch.randn(2, tiny_target.hidden_size)
+    tokens = torch.randint(0, tiny_target.vocab_size, (2, 1, 3))
+    torch.testing.assert_close(d(h.unsqueeze(1), tokens), loaded(h.unsqueeze(1), tokens))
+
+
+def test_interoperable_layout(tiny_target, tmp_path):
+    """Config fields and tensor names of the reference implementation / TensorRT-LLM converter."""
+    from safetensors.torch import load_file
+
+    d = Drafter.for_target(tiny_target, head="own", num_draft_layers=2)
+    d.save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    H, V = tiny_target.hidden_size, tiny_target.vocab_size
+    assert cfg["model_type"] == "recurrent_drafting_drafter"
+    assert (cfg["hidden_size"], cfg["vocab_size"], cfg["exit_dim"], cfg["num_draft_layers"], cfg["rnn"]) == (H, V, 2 * H, 2, True)
+    shapes = {k: tuple(v.shape) for k, v in load_file(str(tmp_path / "model.safetensors")).items()}
+    assert shapes == {
+        "rnn_w.weight": (H, H),
+        "rnn_u.weight": (H, H),
+        "rnn_u.bias": (H,),
+        "lm_head.0.linear.weight": (2 * H, 2 * H),
+        "lm_head.0.linear.bias": (2 * H,),
+        "lm_head.1.linear.weight": (2 * H, 2 * H),
+        "lm_head.1.linear.bias": (2 * H,),
+        "lm_head.2.weight": (V, 2 * H),
+    }
+
+
+def test_reference_checkpoint_without_redraft_block_loads_as_own_head(tiny_target, tmp_path):
+    d = Drafter.for_target(tiny_target, head="own", num_draft_layers=1)
+    d.save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["redraft"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = Drafter.load(tmp_path)
+    assert loaded.config.head == "own" and loaded.config.num_draft_layers == 1
+
+
+def test_recurrence_matches_design(tiny_target):
+    """s_k = SiLU(W E(x) + U s_{k-1} + b); z = [h, s]; z += SiLU(A z + c); logits = LMhead(P z) (tied)."""
+    d = Drafter.for_target(tiny_target, seed=5, head="tied", num_draft_layers=1)
+    E, head = tiny_target.embed_weight, tiny_target.lm_head_weight
+    h = torch.randn(tiny_target.hidden_size)
+    x0, x1 = 3, 7
+    s1 = torch.nn.functional.silu(d.rnn_w.weight @ E[x0] + d.rnn_u.weight @ torch.zeros_like(h) + d.rnn_u.bias)
+    s2 = torch.nn.functional.silu(d.rnn_w.weight @ E[x1] + d.rnn_u.weight @ s1 + d.rnn_u.bias)
+    for s, k in ((s1, 0), (s2, 1)):
+        z = torch.cat([h, s])
+        z = z + torch.nn.functional.silu(d.lm_head[0].linear.weight @ z + d.lm_head[0].linear.bias)
+        expected = head @ (d.lm_head[1].weight @ z)
+        got = d(h.view(1, 1, -1), torch.tensor([[[x0, x1]]]))[0, 0, k]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mismatched_target_is_a_clear_error(tiny_target):
+    from conftest import tiny_llama
+
+    other = tiny_llama(vocab_size=80, hidden_size=48)
+    d = Drafter.for_target(other)
+    with pytest.raises(DrafterMismatchError, match="hidden size 48"):
+        d.check_target(tiny_target.hidden_size, tiny_target.vocab_size, tiny_target.name)
+    with pytest.raises(DrafterMismatchError):
+        d.attach(tiny_target.embed_weight, tiny_target.lm_head_weight)
+    from redraft_cli import Generator
+
+    with pytest.raises(DrafterMismatchError):
+        Generator(tiny_target, d)
+
+
+def test_bad_checkpoints(tiny_target, tmp_path):
+    with pytest.raises(DrafterLoadError, match="not a directory"):
+        Drafter.load(tmp_path / "missing")
+    d = Drafter.for_target(tiny_target)
+    d.save(tmp_path / "ok")
+    # Corrupt weights.
+    bad = tmp_path / "bad"
+    d.save(bad)
+    (bad / "model.safetensors").write_bytes(b"\x00" * 50)
+    with pytest.raises(DrafterLoadError, match="corrupt"):
+        Drafter.load(bad)
+    # Truncated weights file.
+    raw = (tmp_path / "ok" / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DrafterLoadError):
+        Drafter.load(bad)
+    # Corrupt config.
+    d.save(bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(DrafterLoadError, match="not valid JSON"):
+        Drafter.load(bad)
+    # Config that disagrees with the weights.
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    cfg["hidden_size"] = cfg["hidden_size"] * 2
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DrafterLoadError):
+        Drafter.load(bad)
+    # A different model type.
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DrafterLoadError, match="llama"):
+        Drafter.load(bad)
+    with pytest.raises(DrafterLoadError):
+        DrafterConfig(hidden_size=8, vocab_size=10, head="weird")
+
+
+def test_save_is_atomic_and_overwrites(tiny_target, tmp_path):
+    d1 = Drafter.for_target(tiny_target, seed=1)
+    d2 = Drafter.for_target(tiny_target, seed=2)
+    d1.save(tmp_path)
+    d2.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(Drafter.load(tmp_path).rnn_w.weight, d2.rnn_w.weight)

@@ -1,0 +1,62 @@
+"""Prompt files in every supported format, the built-in sets, and bad files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from redraft_cli.errors import PromptError
+from redraft_cli.prompts import builtin_conversations, load_conversations, load_prompts
+
+
+def test_formats(tmp_path):
+    mt = tmp_path / "mt.jsonl"
+    mt.write_text("\n".join(json.dumps(r) for r in [
+        {"question_id": 1, "turns": ["first a", "second a"]},
+        {"prompt": "p b"},
+        {"text": "t c"},
+        {"conversations": [{"from": "human", "value": "share d"}, {"from": "gpt", "value": "x"}]},
+    ]) + "\n\n")
+    assert load_prompts(mt) == ["first a", "p b", "t c", "share d"]
+    assert load_conversations(mt)[0] == ["first a", "second a"]
+    sharegpt = tmp_path / "sg.json"
+    sharegpt.write_text(json.dumps([
+        {"id": "x", "conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+                                      {"from": "human", "value": "q2"}]},
+        {"id": "y", "conversations": [{"from": "gpt", "value": "only a model turn"}]},
+        {"messages": [{"role": "user", "content": "m1"}]},
+    ]))
+    assert load_conversations(sharegpt) == [["q1", "q2"], ["m1"]]
+    text = tmp_path / "p.txt"
+    text.write_text("# comment\nline one\n\nline two\n")
+    assert load_prompts(text) == ["line one", "line two"]
+    assert load_prompts(text, limit=1) == ["line one"]
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(PromptError, match="not found"):
+        load_prompts(tmp_path / "nope.jsonl")
+    empty = tmp_path / "e.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(PromptError, match="no prompts"):
+        load_prompts(empty)
+    broken = tmp_path / "b.jsonl"
+    broken.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(PromptError, match=":2"):
+        load_prompts(broken)
+    js = tmp_path / "b.json"
+    js.write_text("[1, 2")
+    with pytest.raises(PromptError):
+        load_prompts(js)
+    with pytest.raises(PromptError):
+        load_prompts(None, limit=0)
+
+
+def test_builtin_sets_are_disjoint_and_varied():
+    bench = builtin_conversations("bench")
+    distill = builtin_conversations("distill")
+    assert len(bench) == 80 and len(distill) >= 2000
+    assert not {c[0] for c in bench} & {c[0] for c in distill}
+    assert len({c[0] for c in distill}) == len(distill)
+    assert load_prompts(limit=5) == [c[0] for c in bench[:5]]
