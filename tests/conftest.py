@@ -60,3 +60,15 @@ def random_prompts(n: int, vocab_size: int, seed: int = 0, min_len: int = 3, max
         length = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
         out.append(torch.randint(0, vocab_size, (length,), generator=gen).tolist())
     return out
+
+
+def tiny_chat_llama(hidden_size: int = 32, layers: int = 2, seed: int = 0) -> Target:
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template (vocabulary 49152)."""
+    from transformers import AutoTokenizer
+
+    from redraft_cli.target import _convert_embedded
+
+    tok = AutoTokenizer.from_pretrained(str(_convert_embedded("smollm2-135m")))
+    base = tiny_llama(vocab_size=len(tok), hidden_size=hidden_size, layers=layers, seed=seed,
+                      eos_token_id=tok.eos_token_id)
+    return Target(base.model, tok, name="tiny-chat-llama")

@@ -7,6 +7,7 @@ import typer
 from ..errors import NotBuiltError
 from ._errors import handle_errors
 from .bench import bench
+from .distill import distill
 
 app = typer.Typer(
     name="redraft",
@@ -30,8 +31,7 @@ def _not_built(name: str, issue: str):
 
 
 _extra = {"allow_extra_args": True, "ignore_unknown_options": True}
-app.command("distill", context_settings=_extra, help="Train a drafter for a target model. (not built yet)")(
-    _not_built("distill", "drafter distillation lands with the distill issue"))
+app.command(help="Train (distill) a drafter for a target model from a recipe.")(distill)
 app.command("chat", context_settings=_extra, help="Talk to a model with ReDrafter decoding. (not built yet)")(
     _not_built("chat", "interactive chat lands with the chat/sweep issue"))
 app.command("sweep", context_settings=_extra, help="Grid-search the beam shape. (not built yet)")(

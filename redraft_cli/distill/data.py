@@ -351,8 +351,9 @@ def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str |
 
     conversations: each a list of user turns. Shards already listed in the
     manifest are skipped. progress(done_conversations, total_conversations,
-    generated_tokens) is called after every batch, counting shards finished by
-    earlier runs too (skipped conversations count as done). stop_after_s: stop
+    generated_tokens) is called after every batch and every shard, counting
+    shards finished by earlier runs too (skipped conversations, and those cut
+    short by a too-long later turn, count as done). stop_after_s: stop
     after the shard in progress once this much wall time has passed.
     Returns the manifest (with `complete` and this run's `last_run` timing).
     """

@@ -1,0 +1,133 @@
+"""`redraft distill`: train a drafter for a target from a recipe, resumably."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..distill.pipeline import distill as run_distill
+from ..distill.recipe import load_recipe
+from ..errors import BadInputError
+from . import options as o
+from ._errors import fail, handle_errors
+from .common import console, err, quiet_libraries
+
+
+@handle_errors
+def distill(
+    recipe_or_model: Annotated[str, typer.Argument(help="Recipe name (recipes/NAME.yaml), a recipe YAML path, or a model id/path.")],
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: drafters/RECIPE).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Prompts: a file (bench's formats), 'builtin', or hf://owner/dataset/file.json.")] = None,
+    num_prompts: Annotated[Optional[int], typer.Option(help="Use only the first N conversations.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Length of the target's answers in the data.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop training after N optimiser steps.")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Training epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per training step.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, cosine schedule).")] = None,
+    head: Annotated[Optional[str], typer.Option(help="Vocabulary head: own | tied.")] = None,
+    num_layers: Annotated[Optional[int], typer.Option(help="Residual blocks in the drafter.")] = None,
+    predict_tokens: Annotated[Optional[int], typer.Option(help="Tokens the drafter learns to predict (beam length - 1).")] = None,
+    draft_vocab: Annotated[Optional[int], typer.Option(help="Score only the N most frequent tokens of the data.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    no_bench: Annotated[bool, typer.Option("--no-bench", help="Skip the short bench on held-out prompts at the end.")] = False,
+    device: o.Device = o.DEFAULTS["device"],
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 (default: the recipe's)."),
+    quantize: Optional[str] = typer.Option(None, help="none | 8bit | 4bit (default: the recipe's)."),
+    json_path: o.JsonOut = None,
+) -> None:
+    """Distill a drafter: the target answers prompts (self-distillation), the drafter learns to predict it."""
+    quiet_libraries()
+    recipe = load_recipe(recipe_or_model)
+    overrides = {
+        ("data", "source"): data, ("data", "num_prompts"): num_prompts, ("data", "max_new_tokens"): max_new_tokens,
+        ("train", "max_steps"): max_steps, ("train", "epochs"): epochs, ("train", "batch_size"): batch_size,
+        ("train", "lr"): lr, ("drafter", "head"): head, ("drafter", "num_layers"): num_layers,
+        ("drafter", "predict_tokens"): predict_tokens, ("drafter", "draft_vocab_size"): draft_vocab,
+        ("target", "dtype"): dtype, ("target", "quantize"): quantize,
+    }
+    for (section, name), value in overrides.items():
+        if value is not None:
+            setattr(getattr(recipe, section), name, value)
+    recipe.target.device = device
+    if recipe.drafter.head not in ("own", "tied"):
+        raise BadInputError(f"--head must be own or tied, got {recipe.drafter.head!r}")
+    if recipe.drafter.predict_tokens < 1 or recipe.drafter.num_layers < 0:
+        raise BadInputError("--predict-tokens must be >= 1 and --num-layers >= 0")
+    out = out or Path("drafters") / recipe.name
+    view = _DistillView()
+    try:
+        with view.progress:
+            result = run_distill(recipe, out, resume=resume, on_event=view.on_event, bench=not no_bench)
+    except KeyboardInterrupt:
+        raise fail(f"interrupted; progress is saved in {out}: run the same command with --resume to continue", 130) from None
+    m = result.metrics
+    console.print(_summary(m))
+    console.print(f"drafter written to {result.out} (load it with --drafter {result.out})")
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(m, indent=2) + "\n")
+
+
+class _DistillView:
+    """Rich progress for the three phases: data generation, training, bench."""
+
+    def __init__(self) -> None:
+        cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+        self.progress = Progress(*cols, console=err)
+        self.tasks: dict[str, int] = {}
+
+    def _task(self, name: str, description: str, total: int | None) -> int:
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(description, total=total, info="")
+        return self.tasks[name]
+
+    def on_event(self, e: dict) -> None:
+        kind = e["event"]
+        if kind == "load":
+            err.print(f"loading target {e['model']} ...")
+        elif kind == "data":
+            t = self._task("data", "self-distillation data", e["total"])
+            self.progress.update(t, completed=e["done"], total=e["total"], info=f"{e['tokens']:,} tokens")
+        elif kind == "data_done":
+            err.print(f"data: {e['train']} training and {e['held_out']} held-out conversations, "
+                      f"{e['train_tokens']:,} target tokens to learn")
+        elif kind == "draft_vocab":
+            err.print(f"draft vocabulary: {e['size']} tokens cover {e['coverage']:.1%} of the target's tokens")
+        elif kind == "start":
+            t = self._task("train", "training", e["total_steps"])
+            self.progress.update(t, completed=e["step"])
+        elif kind == "step":
+            t = self._task("train", "training", e["total_steps"])
+            agree = " ".join(f"{a:.2f}" for a in e["train_agreement"])
+            self.progress.update(t, completed=e["step"], info=f"loss {e['loss']:.3f} | train top-1 {agree}")
+        elif kind == "eval" and "agreement" in e:
+            agree = " ".join(f"{a:.2f}" for a in e["agreement"])
+            err.print(f"step {e['step']}: held-out loss {e['loss']:.3f}, top-1 per position {agree} "
+                      f"(mean {e['mean_agreement']:.3f}, best at step {e['best_step']})")
+        elif kind == "bench":
+            t = self._task("bench", "held-out bench", e["total"])
+            self.progress.update(t, completed=e["done"], total=e["total"])
+
+
+def _summary(m: dict) -> Table:
+    t = Table(title=f"redraft distill: {m['recipe']} on {m['model']}", title_justify="left")
+    t.add_column("step", justify="right")
+    t.add_column("train loss", justify="right")
+    t.add_column("held-out loss", justify="right")
+    t.add_column("top-1 per position", justify="left")
+    t.add_column("est. tokens/step", justify="right")
+    for row in m["history"]:
+        t.add_row(str(row["step"]), f"{row['train_loss']:.3f}", f"{row.get('loss', float('nan')):.3f}",
+                  " ".join(f"{a:.2f}" for a in row.get("agreement", [])), f"{row.get('est_tokens_per_step', 0):.2f}")
+    caption = f"best step {m['best_step']} (mean held-out top-1 {m['best_mean_agreement']:.3f}); {m['seconds']:.0f} s training"
+    if "bench" in m:
+        b = m["bench"]["redraft"]
+        caption += f" | held-out bench: {b['tokens_per_step']:.2f} tokens/step, speedup {m['bench']['speedup']:.2f}x"
+    t.caption = caption
+    t.caption_justify = "left"
+    return t

@@ -1,0 +1,200 @@
+"""The whole distillation: recipe -> data (self-distilled, resumable) -> training -> final drafter -> short bench.
+
+Output directory layout:
+
+    out/data/            shards + manifest of the target's own answers (resumable)
+    out/checkpoint/      latest training state (for --resume)
+    out/best/            best drafter so far by held-out agreement
+    out/config.json      the final drafter (= best), interoperable format,
+    out/model.safetensors
+    out/recipe.yaml      the recipe actually used (flags applied)
+    out/metrics.json     training history, evaluation, bench report
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter
+from ..errors import BadInputError, ModelLoadError
+from ..prompts import builtin_conversations, load_conversations
+from ..target import Target, TargetSpec, _hub_reachable, load_target
+from .data import GenerationConfig, generate_dataset, load_dataset, read_manifest
+from .recipe import Recipe
+from .templates import apply_chat_template_override
+from .train import train_drafter
+
+EventFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    metrics: dict[str, Any]
+
+
+def resolve_conversations(source: str, num_prompts: int | None) -> list[list[str]]:
+    """'builtin', a local prompt file, or hf://owner/dataset/path/in/repo.json (downloaded with huggingface_hub)."""
+    if source == "builtin":
+        convs = builtin_conversations("distill")
+    elif source.startswith("hf://"):
+        convs = load_conversations(_download_dataset_file(source))
+    else:
+        convs = load_conversations(source)
+    return convs[:num_prompts] if num_prompts else convs
+
+
+def _download_dataset_file(source: str) -> str:
+    parts = source[len("hf://"):].split("/", 2)
+    if len(parts) != 3:
+        raise BadInputError(f"dataset source must look like hf://owner/name/file.json, got {source!r}")
+    repo_id, filename = f"{parts[0]}/{parts[1]}", parts[2]
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id, filename, repo_type="dataset", local_files_only=True)
+    except Exception:  # noqa: BLE001 - any miss in the local cache means: try the network
+        pass
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"the data set {repo_id} ({filename}) is not in the local Hugging Face cache and the hub cannot be "
+            "reached (no network); pass --data with a local prompt file instead"
+        )
+    try:
+        return hf_hub_download(repo_id, filename, repo_type="dataset")
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; report them in one line
+        raise ModelLoadError(f"cannot download {filename} from data set {repo_id}: {str(exc).splitlines()[0]}") from exc
+
+
+def check_offline_needs(recipe: Recipe) -> None:
+    """Fail early, naming everything that needs the network, when the hub is unreachable."""
+    needs = []
+    model = recipe.target.model
+    from ..target import EMBEDDED
+
+    if model not in EMBEDDED and not Path(model).exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = isinstance(try_to_load_from_cache(model, "config.json"), str)
+        except Exception:  # noqa: BLE001 - an invalid repo id is simply "not cached"
+            cached = False
+        if not cached:
+            needs.append(f"the model {model}")
+    if recipe.data.source.startswith("hf://"):
+        needs.append(f"the data set {recipe.data.source[5:]}")
+    if needs and not _hub_reachable():
+        raise ModelLoadError(
+            f"recipe {recipe.name!r} needs {' and '.join(needs)} from the Hugging Face hub, which cannot be reached "
+            "(no network); download them where there is network (huggingface-cli download ...) or pass local paths "
+            "(--data FILE, a model directory in the recipe)"
+        )
+
+
+def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn | None = None,
+            data_dir: Path | None = None, bench: bool = True, target: Target | None = None) -> DistillResult:
+    """Run the recipe end to end (or continue it). Returns the output directory and the metrics."""
+    emit = on_event or (lambda e: None)
+    out = Path(out)
+    if (out / "checkpoint").exists() and not resume:
+        raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
+    check_offline_needs(recipe)
+    if target is None:
+        t = recipe.target
+        emit({"event": "load", "model": t.model})
+        target = load_target(TargetSpec(model=t.model, dtype=t.dtype, device=t.device, quantize=t.quantize))
+    apply_chat_template_override(target, recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+    # 1. Data: the target's own answers, held-out conversations first.
+    d = recipe.data
+    convs = resolve_conversations(d.source, d.num_prompts)
+    if len(convs) <= d.held_out:
+        raise BadInputError(f"{len(convs)} conversations but held_out is {d.held_out}: nothing left to train on")
+    gen_cfg = GenerationConfig(max_new_tokens=d.max_new_tokens, batch_size=d.gen_batch_size, temperature=d.temperature,
+                               top_p=d.top_p, seed=d.seed, shard_size=d.shard_size, system=d.system,
+                               max_prompt_tokens=d.max_prompt_tokens)
+    data_dir = Path(data_dir) if data_dir else out / "data"
+    manifest = read_manifest(data_dir)
+    if manifest is None or not manifest.get("complete"):
+        emit({"event": "data_start", "conversations": len(convs)})
+        generate_dataset(target, convs, data_dir, gen_cfg,
+                         progress=lambda done, total, tokens: emit({"event": "data", "done": done, "total": total, "tokens": tokens}))
+    examples = load_dataset(data_dir)
+    held = [e for e in examples if e["conv_index"] < d.held_out]
+    train_set = [e for e in examples if e["conv_index"] >= d.held_out]
+    emit({"event": "data_done", "train": len(train_set), "held_out": len(held),
+          "train_tokens": sum(int(e["loss_mask"].sum()) for e in train_set)})
+
+    # 2. The drafter, then training.
+    dr = recipe.drafter
+    drafter = Drafter.for_target(target, seed=recipe.train.seed, head=dr.head, num_draft_layers=dr.num_layers,
+                                 predict_tokens=dr.predict_tokens, draft_vocab_size=dr.draft_vocab_size,
+                                 beam_width=recipe.beam.width, beam_length=recipe.beam.length)
+    drafter.config.target_model = target.name
+    if dr.draft_vocab_size:
+        coverage = set_draft_vocab(drafter, train_set, dr.draft_vocab_size)
+        emit({"event": "draft_vocab", "size": dr.draft_vocab_size, "coverage": coverage})
+        drafter.config.extra["draft_vocab_coverage"] = round(coverage, 4)
+    drafter.float()
+    state = train_drafter(target, drafter, train_set, held, recipe.train, out, dr.predict_tokens, resume=resume,
+                          on_event=emit)
+
+    # 3. The final drafter = the best by held-out agreement.
+    best = out / "best"
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        tmp = out / f".{name}.tmp{os.getpid()}"
+        shutil.copyfile(best / name, tmp)
+        os.replace(tmp, out / name)
+    metrics: dict[str, Any] = {
+        "recipe": recipe.name,
+        "model": target.name,
+        "steps": state.step,
+        "seconds": round(state.seconds, 1),
+        "best_step": state.best_step,
+        "best_mean_agreement": state.best_agreement,
+        "history": state.history,
+        "data": {"train_conversations": len(train_set), "held_out_conversations": len(held),
+                 "train_generated_tokens": sum(int(e["loss_mask"].sum()) for e in train_set)},
+    }
+    if bench and held:
+        metrics["bench"] = _held_out_bench(target, out, convs[: d.held_out], recipe, emit)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    emit({"event": "finished", "out": str(out), **{k: metrics[k] for k in ("steps", "best_step", "best_mean_agreement")}})
+    return DistillResult(out, metrics)
+
+
+def set_draft_vocab(drafter: Drafter, examples: list[dict], size: int) -> float:
+    """Keep the `size` most frequent target tokens of the training data; return their share of generated tokens."""
+    import torch
+
+    counts = torch.zeros(drafter.config.vocab_size, dtype=torch.long)
+    for e in examples:
+        counts += torch.bincount(e["input_ids"][e["loss_mask"]], minlength=drafter.config.vocab_size)
+    top = torch.topk(counts, size).indices.sort().values
+    drafter.draft_vocab.copy_(top.to(drafter.draft_vocab.device))
+    return float(counts[top].sum()) / max(int(counts.sum()), 1)
+
+
+def _held_out_bench(target: Target, out: Path, held_convs: list[list[str]], recipe: Recipe, emit: EventFn) -> dict[str, Any]:
+    from ..bench import BenchConfig, run_bench
+    from ..decode import DecodeConfig, Generator
+
+    drafter = Drafter.load(out, map_location=target.device).to(dtype=target.compute_dtype)
+    gen = Generator(target, drafter)
+    prompts = [target.encode_chat(c[0], system=recipe.data.system) for c in held_convs[: recipe.eval.bench_prompts]]
+    cfg = DecodeConfig(max_new_tokens=recipe.eval.bench_max_new_tokens, beam_width=recipe.beam.width,
+                       beam_length=recipe.beam.length)
+    emit({"event": "bench_start", "prompts": len(prompts)})
+    result = run_bench(gen, prompts, BenchConfig(cfg, warmup=True, hf_baseline=False),
+                       progress=lambda done, total, label: emit({"event": "bench", "done": done, "total": total}))
+    emit({"event": "bench_done", "tokens_per_step": result["redraft"]["tokens_per_step"], "speedup": result["speedup"]})
+    return result

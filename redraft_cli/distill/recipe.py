@@ -1,0 +1,174 @@
+"""Distillation recipes: YAML files that map onto one dataclass per section.
+
+A recipe names the target, where prompts come from and how the target
+answers them (self-distillation), the drafter's shape, the optimiser and
+schedule, evaluation, and the recommended beam shape. Defaults live here
+only; the CLI's flags override fields after the YAML is read.
+
+    name: smollm2-135m
+    target: {model: smollm2-135m, dtype: float32, quantize: none}
+    data: {source: builtin, num_prompts: 2736, held_out: 48, max_new_tokens: 256, temperature: 0.0}
+    drafter: {head: tied, num_layers: 2, predict_tokens: 4}
+    train: {epochs: 2, batch_size: 8, lr: 1.0e-3, warmup_ratio: 0.1}
+    beam: {width: 4, length: 5}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import BadInputError
+
+
+@dataclass
+class TargetSection:
+    model: str = "smollm2-135m"
+    dtype: str = "auto"
+    device: str = "auto"
+    quantize: str = "none"
+    chat_template: str | None = None  # a named template ("vicuna") or Jinja text, for tokenizers without one
+
+
+@dataclass
+class DataSection:
+    """source: 'builtin', a prompt file (bench's formats), or a Hugging Face dataset name."""
+
+    source: str = "builtin"
+    num_prompts: int | None = None  # None: all
+    held_out: int = 48  # conversations kept out of training for evaluation
+    system: str | None = None
+    max_new_tokens: int = 256
+    max_prompt_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    gen_batch_size: int = 16
+    shard_size: int = 64
+    seed: int = 0
+    cache_hidden: bool = False  # cache the target's hidden states on disk (small targets)
+
+
+@dataclass
+class DrafterSection:
+    head: str = "tied"
+    num_layers: int = 2
+    predict_tokens: int = 4
+    draft_vocab_size: int | None = None
+
+
+@dataclass
+class TrainSection:
+    epochs: float = 2.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_seq_len: int = 1024
+    positions_per_sequence: int = 64  # drafter positions sampled per sequence per step
+    kl_weight: float = 0.0  # 0: cross-entropy on the target's tokens only
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate)
+    eval_every: int = 100
+    save_every: int = 100
+    seed: int = 0
+
+
+@dataclass
+class EvalSection:
+    bench_prompts: int = 8
+    bench_max_new_tokens: int = 64
+
+
+@dataclass
+class BeamSection:
+    width: int = 4
+    length: int = 5
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    description: str = ""
+    target: TargetSection = field(default_factory=TargetSection)
+    data: DataSection = field(default_factory=DataSection)
+    drafter: DrafterSection = field(default_factory=DrafterSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    beam: BeamSection = field(default_factory=BeamSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in fields(Recipe)}
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise BadInputError(f"recipe section {where!r} must be a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise BadInputError(f"recipe section {where!r} has unknown field(s) {unknown}; known: {sorted(known)}")
+    return cls(**data)
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    if not isinstance(data, dict):
+        raise BadInputError("a recipe must be a YAML mapping")
+    section_types = {
+        "target": TargetSection, "data": DataSection, "drafter": DrafterSection,
+        "train": TrainSection, "eval": EvalSection, "beam": BeamSection,
+    }
+    unknown = sorted(set(data) - set(section_types) - {"name", "description"})
+    if unknown:
+        raise BadInputError(f"recipe has unknown section(s) {unknown}")
+    kwargs = {k: _build(cls, data.get(k), k) for k, cls in section_types.items()}
+    return Recipe(name=str(data.get("name", "custom")), description=str(data.get("description", "")), **kwargs)
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Recipe name -> YAML path, from the project's recipes/ folder (repo) or the package copy."""
+    found: dict[str, Path] = {}
+    repo = Path(__file__).resolve().parents[2] / "recipes"
+    packaged = Path(str(resources.files("redraft_cli") / "data" / "recipes"))
+    for folder in (packaged, repo):
+        if folder.is_dir():
+            for p in sorted(folder.glob("*.yaml")):
+                found[p.stem] = p
+    return found
+
+
+def load_recipe(name_or_path_or_model: str) -> Recipe:
+    """A recipe name (recipes/NAME.yaml), a YAML path, or a model id/path with default settings."""
+    arg = name_or_path_or_model
+    path = Path(arg)
+    if arg.endswith((".yaml", ".yml")):
+        if not path.is_file():
+            raise BadInputError(f"recipe file not found: {path}")
+        return _read_yaml(path)
+    recipes = builtin_recipes()
+    if arg in recipes:
+        return _read_yaml(recipes[arg])
+    recipe = Recipe(name=Path(arg).name or arg)
+    recipe.target.model = arg
+    return recipe
+
+
+def _read_yaml(path: Path) -> Recipe:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise BadInputError(f"cannot read recipe {path}: {str(exc).splitlines()[0]}") from exc
+    try:
+        return recipe_from_dict(data)
+    except TypeError as exc:
+        raise BadInputError(f"invalid recipe {path}: {exc}") from exc

@@ -1,0 +1,332 @@
+"""Drafter training (DESIGN section 6): frozen target, teacher-forced recurrent drafter.
+
+For a sequence x_0..x_{T-1} with the target's post-norm hidden states h_t,
+drafter position t sees h_t and the inputs x_{t+1}..x_{t+K} (x_{t+1} is g0)
+and its step k (k = 0..K-1) predicts x_{t+2+k}. Worked example, K = 2:
+
+    t = 5: h_5, inputs [x_6, x_7] -> step 0 predicts x_7, step 1 predicts x_8
+
+A position's label at step k counts when x_{t+2+k} is a token the target
+generated (the data's loss_mask). Each step samples up to
+`positions_per_sequence` eligible positions per sequence (seeded by the
+global step, so a resumed run draws exactly the same positions), runs the
+target once over the batch (no grad) and the drafter on the sampled positions.
+
+Loss: the sum over steps k of the mean cross-entropy against the target's
+token, plus kl_weight x KL(target || drafter) at the same positions.
+
+Runs through accelerate: `accelerate launch -m redraft_cli distill ...`
+trains data-parallel with no code change (each process takes every
+num_processes-th batch of one seeded order; gradients are averaged by DDP).
+Checkpoints (drafter, optimiser, scheduler, trainer state) are written
+atomically to out/checkpoint every `save_every` steps, on Ctrl-C and at the
+end; `resume=True` continues from the exact step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..drafter import Drafter
+from ..errors import BadInputError
+from ..target import Target
+from .recipe import TrainSection
+
+CHECKPOINT = "checkpoint"
+EventFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best_step: int = -1
+    best_agreement: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# -- batches ---------------------------------------------------------------------
+
+
+def collate(examples: list[dict], max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad examples. Returns input_ids (B, T), attention (B, T) bool, loss_mask (B, T) bool."""
+    T = min(max_len, max(int(e["input_ids"].numel()) for e in examples))
+    B = len(examples)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.bool)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        n = min(T, int(e["input_ids"].numel()))
+        ids[i, :n] = e["input_ids"][:n]
+        attn[i, :n] = True
+        mask[i, :n] = e["loss_mask"][:n]
+    return ids, attn, mask
+
+
+def drafter_positions(ids: torch.Tensor, attn: torch.Tensor, loss_mask: torch.Tensor, K: int, per_seq: int | None,
+                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Choose drafter positions and build their inputs and labels.
+
+    ids, attn, loss_mask: (B, T). Returns
+      pos    (B, P) int64 positions t (P <= per_seq; `valid` marks real ones),
+      inputs (B, P, K) tokens x_{t+1..t+K} (g0 first),
+      labels (B, P, K) tokens x_{t+2..t+K+1},
+      label_mask (B, P, K) bool: label is a generated token inside the sequence.
+    """
+    B, T = ids.shape
+    pad = K + 2
+    ids_p = F.pad(ids, (0, pad))
+    lm_p = F.pad(loss_mask & attn, (0, pad))
+    # Eligible t: the first label x_{t+2} is a generated token.
+    eligible = lm_p[:, 2 : T + 2]  # (B, T)
+    P = T if per_seq is None else min(per_seq, T)
+    score = torch.rand(B, T, generator=generator) if generator is not None else torch.arange(T, 0, -1).float().expand(B, T)
+    score = torch.where(eligible, score, torch.full_like(score, -1.0))
+    top, pos = torch.topk(score, P, dim=1)  # (B, P)
+    valid = top >= 0
+    offs = torch.arange(K)
+    in_idx = pos.unsqueeze(-1) + 1 + offs  # (B, P, K)
+    lab_idx = in_idx + 1
+    inputs = ids_p.gather(1, in_idx.view(B, -1)).view(B, P, K)
+    labels = ids_p.gather(1, lab_idx.view(B, -1)).view(B, P, K)
+    label_mask = lm_p.gather(1, lab_idx.view(B, -1)).view(B, P, K) & valid.unsqueeze(-1)
+    # Stop at the first non-generated label (teacher forcing must not cross into a new user turn).
+    label_mask = torch.cumprod(label_mask.to(torch.int8), dim=-1).bool()
+    return pos, inputs, labels, label_mask
+
+
+def _vocab_index(drafter: Drafter, vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """Full vocabulary id -> draft-vocabulary index (-1 where absent), or None for the full vocabulary."""
+    if drafter.draft_vocab is None:
+        return None
+    index = torch.full((vocab_size,), -1, dtype=torch.long, device=device)
+    index[drafter.draft_vocab.to(device)] = torch.arange(drafter.draft_vocab.numel(), device=device)
+    return index
+
+
+def batch_loss(target: Target, drafter: Any, raw: Drafter, ids: torch.Tensor, attn: torch.Tensor, loss_mask: torch.Tensor,
+               K: int, per_seq: int | None, generator: torch.Generator | None, kl_weight: float = 0.0,
+               compare_target_argmax: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch: target forward (no grad), drafter on sampled positions.
+
+    Returns (loss, stats) where stats holds per-step `correct` (K,), `count` (K,)
+    and `loss_sum` (K,) for agreement and loss reporting. `drafter` may be the
+    accelerate-wrapped module; `raw` is the unwrapped Drafter.
+    """
+    device = target.device
+    pos, inputs, labels, label_mask = drafter_positions(ids, attn, loss_mask, K, per_seq, generator)
+    ids, attn = ids.to(device), attn.to(device)
+    pos, inputs, labels, label_mask = pos.to(device), inputs.to(device), labels.to(device), label_mask.to(device)
+    with torch.no_grad():
+        hidden = target.base(input_ids=ids, attention_mask=attn.long(), use_cache=False).last_hidden_state  # (B, T, H)
+        H = hidden.shape[-1]
+        h = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, H))  # (B, P, H)
+        need_target = kl_weight > 0 or compare_target_argmax
+        if need_target:
+            # The target's distribution for x_{t+2+k} comes from its hidden state at t+1+k.
+            tpos = (pos.unsqueeze(-1) + 1 + torch.arange(K, device=device)).clamp_max(hidden.shape[1] - 1)
+            th = hidden.gather(1, tpos.view(tpos.shape[0], -1, 1).expand(-1, -1, H)).view(*tpos.shape, H)
+    logits = drafter(h.to(raw.rnn_w.weight.dtype), inputs).float()  # (B, P, K, V_d)
+    vocab_index = _vocab_index(raw, target.vocab_size, device)
+    target_ids = labels if vocab_index is None else vocab_index[labels]
+    label_mask = label_mask & (target_ids >= 0)
+    if compare_target_argmax:
+        with torch.no_grad():
+            t_logits = target.logits(th)  # (B, P, K, V)
+            t_argmax = t_logits.argmax(-1)
+        ref = t_argmax if vocab_index is None else vocab_index[t_argmax]
+    else:
+        ref = target_ids
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target_ids.clamp_min(0).reshape(-1), reduction="none")
+    ce = ce.view(label_mask.shape) * label_mask
+    count = label_mask.sum(dim=(0, 1))  # (K,)
+    loss_sum = ce.sum(dim=(0, 1))  # (K,)
+    loss = (loss_sum / count.clamp_min(1)).sum()
+    if kl_weight > 0:
+        t_logp = torch.log_softmax(target.logits(th), dim=-1)
+        if vocab_index is not None:
+            t_logp = t_logp.index_select(-1, raw.draft_vocab.to(device))
+        kl = F.kl_div(torch.log_softmax(logits, -1), t_logp, log_target=True, reduction="none").sum(-1) * label_mask
+        loss = loss + kl_weight * (kl.sum(dim=(0, 1)) / count.clamp_min(1)).sum()
+    correct = ((logits.argmax(-1) == ref) & label_mask).sum(dim=(0, 1))
+    return loss, {"correct": correct.detach(), "count": count.detach(), "loss_sum": loss_sum.detach()}
+
+
+# -- evaluation ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(target: Target, drafter: Drafter, examples: list[dict], K: int, batch_size: int, max_len: int) -> dict[str, Any]:
+    """Per-step top-1 agreement with the target's argmax and loss on held-out examples (all positions)."""
+    was_training = drafter.training
+    drafter.eval()
+    correct = torch.zeros(K)
+    count = torch.zeros(K)
+    loss_sum = torch.zeros(K)
+    for i in range(0, len(examples), batch_size):
+        ids, attn, mask = collate(examples[i : i + batch_size], max_len)
+        _, s = batch_loss(target, drafter, drafter, ids, attn, mask, K, None, None, compare_target_argmax=True)
+        correct += s["correct"].cpu()
+        count += s["count"].cpu()
+        loss_sum += s["loss_sum"].cpu()
+    drafter.train(was_training)
+    agreement = (correct / count.clamp_min(1)).tolist()
+    return {
+        "agreement": [round(a, 4) for a in agreement],
+        "mean_agreement": round(sum(agreement) / K, 4),
+        "loss": round(float((loss_sum / count.clamp_min(1)).sum()), 4),
+        "positions": int(count[0]),
+        # Expected accepted drafts per step for one greedy beam: sum over k of P(steps 0..k all right),
+        # estimated with the per-step agreements as if independent (a rough guide, bench measures it).
+        "est_tokens_per_step": round(1 + sum(math.prod(agreement[: k + 1]) for k in range(K)), 3),
+    }
+
+
+# -- checkpoints ------------------------------------------------------------------------
+
+
+def save_checkpoint(out: Path, drafter: Drafter, optimizer: Any, scheduler: Any, state: TrainState) -> None:
+    """Write out/checkpoint atomically: a temp dir, then rename over the old one."""
+    final = out / CHECKPOINT
+    tmp = out / f".{CHECKPOINT}.tmp{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    drafter.save(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+    old = out / f".{CHECKPOINT}.old{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def load_checkpoint(out: Path, drafter: Drafter, optimizer: Any, scheduler: Any) -> TrainState:
+    ckpt = out / CHECKPOINT
+    try:
+        loaded = Drafter.load(ckpt, map_location="cpu")
+        drafter.load_state_dict(loaded.state_dict())
+        opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        data = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise BadInputError(f"cannot resume from {ckpt}: {str(exc).splitlines()[0]}") from exc
+    return TrainState(**data)
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_set: list[dict], cfg: TrainSection,
+                  out: Path, predict_tokens: int, resume: bool = False, on_event: EventFn | None = None,
+                  accelerator: Any = None) -> TrainState:
+    """Train `drafter` (attached to `target`) and keep the best checkpoint by held-out agreement.
+
+    Writes out/best (the best drafter, interoperable format), out/checkpoint
+    (for --resume) and returns the final TrainState (with history).
+    """
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    if not train_set:
+        raise BadInputError("no training examples: generate data first or check --data")
+    K = predict_tokens
+    acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=target.device.type == "cpu")
+    world, rank = acc.num_processes, acc.process_index
+    batches_per_epoch = max(1, math.ceil(len(train_set) / cfg.batch_size))
+    per_process = max(1, batches_per_epoch // world)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_process / cfg.grad_accum))
+    decay = [p for n, p in drafter.named_parameters() if p.dim() > 1]
+    no_decay = [p for n, p in drafter.named_parameters() if p.dim() <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    out.mkdir(parents=True, exist_ok=True)
+    state = TrainState()
+    if (out / CHECKPOINT).exists():
+        if not resume:
+            raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
+        state = load_checkpoint(out, drafter, optimizer, scheduler)
+    model, optimizer, scheduler = acc.prepare(drafter, optimizer, scheduler)
+    model.train()
+    emit = on_event or (lambda e: None)
+    emit({"event": "start", "total_steps": total, "step": state.step, "examples": len(train_set), "processes": world})
+    start = time.perf_counter() - state.seconds
+    running: list[float] = []
+    try:
+        while state.step < total:
+            step = state.step
+            optimizer.zero_grad(set_to_none=True)
+            stats_sum: dict[str, torch.Tensor] = {}
+            for micro in range(cfg.grad_accum):
+                # Global micro-batch number -> (epoch, batch in epoch) for this process.
+                g = step * cfg.grad_accum + micro
+                epoch, j = divmod(g, per_process)
+                order = epoch_order(len(train_set), epoch, cfg.seed)
+                b = j * world + rank
+                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size] or order[: cfg.batch_size]
+                ids, attn, mask = collate([train_set[i] for i in idx], cfg.max_seq_len)
+                gen = torch.Generator().manual_seed(cfg.seed * 7_919 + g * 31 + rank)
+                with acc.autocast():
+                    loss, stats = batch_loss(target, model, drafter, ids, attn, mask, K, cfg.positions_per_sequence, gen)
+                acc.backward(loss / cfg.grad_accum)
+                for k, v in stats.items():
+                    stats_sum[k] = stats_sum.get(k, 0) + v.float().cpu()
+                running.append(float(loss.detach()))
+            acc.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            state.step += 1
+            state.seconds = time.perf_counter() - start
+            train_acc = (stats_sum["correct"] / stats_sum["count"].clamp_min(1)).tolist()
+            emit({"event": "step", "step": state.step, "total_steps": total, "loss": sum(running[-20:]) / len(running[-20:]),
+                  "lr": scheduler.get_last_lr()[0], "train_agreement": train_acc, "epoch": (step * cfg.grad_accum) / per_process})
+            last = state.step == total
+            if state.step % cfg.eval_every == 0 or last:
+                _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, running, emit)
+            if acc.is_main_process and (state.step % cfg.save_every == 0 or last):
+                save_checkpoint(out, drafter, optimizer, scheduler, state)
+            acc.wait_for_everyone()
+    except KeyboardInterrupt:
+        if acc.is_main_process:
+            state.seconds = time.perf_counter() - start
+            save_checkpoint(out, drafter, optimizer, scheduler, state)
+        raise
+    emit({"event": "done", "step": state.step, "seconds": state.seconds, "best_step": state.best_step,
+          "best_agreement": state.best_agreement})
+    return state
+
+
+def _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, running, emit) -> None:
+    if not acc.is_main_process:
+        return
+    row: dict[str, Any] = {"step": state.step, "train_loss": round(sum(running[-50:]) / max(len(running[-50:]), 1), 4),
+                           "seconds": round(state.seconds, 1)}
+    if eval_set:
+        row.update(evaluate(target, drafter, eval_set, K, cfg.batch_size, cfg.max_seq_len))
+        score = row["mean_agreement"]
+    else:
+        score = -row["train_loss"]
+    state.history.append(row)
+    if score > state.best_agreement:
+        state.best_agreement, state.best_step = score, state.step
+        drafter.save(out / "best")
+    emit({"event": "eval", **row, "best_step": state.best_step})

@@ -1,0 +1,150 @@
+"""Drafter training: position sampling, loss, learning, checkpoints and exact resumption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_chat_llama, tiny_llama
+from redraft_cli.distill.recipe import Recipe, TrainSection, load_recipe, recipe_from_dict
+from redraft_cli.distill.train import collate, drafter_positions, evaluate, train_drafter
+from redraft_cli.drafter import Drafter
+from redraft_cli.errors import BadInputError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def synthetic_examples(target, n: int, seed: int = 0, length: int = 24) -> list[dict]:
+    """Sequences whose 'response' half is the target's own greedy continuation (self-distillation)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        prompt = torch.randint(0, target.vocab_size, (6,), generator=gen)
+        ids = prompt.tolist()
+        with torch.no_grad():
+            for _ in range(length - 6):
+                ids.append(int(target.model(torch.tensor([ids])).logits[0, -1].argmax()))
+        mask = torch.zeros(length, dtype=torch.bool)
+        mask[6:] = True
+        out.append({"input_ids": torch.tensor(ids), "loss_mask": mask, "conv_index": i})
+    return out
+
+
+def test_positions_worked_example():
+    # One sequence of 8 tokens, generated from position 3 on; K = 2.
+    ids = torch.tensor([[10, 11, 12, 13, 14, 15, 16, 17]])
+    attn = torch.ones(1, 8, dtype=torch.bool)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    pos, inputs, labels, lmask = drafter_positions(ids, attn, mask, 2, None, None)
+    # Eligible t: x_{t+2} generated -> t in 1..5; deterministic order is ascending t when no generator.
+    valid_t = pos[0][lmask[0, :, 0]].tolist()
+    assert sorted(valid_t) == [1, 2, 3, 4, 5]
+    row = {int(t): (inputs[0, i].tolist(), labels[0, i].tolist(), lmask[0, i].tolist()) for i, t in enumerate(pos[0])}
+    assert row[1] == ([12, 13], [13, 14], [True, True])  # h_1, g0 = x_2, predicts x_3, x_4
+    assert row[5] == ([16, 17], [17, 0], [True, False])  # x_8 is past the end
+    # A label that is not generated stops teacher forcing for later steps too.
+    mask2 = torch.tensor([[0, 0, 0, 1, 0, 1, 1, 1]], dtype=torch.bool)
+    pos, inputs, labels, lmask = drafter_positions(ids, attn, mask2, 2, None, None)
+    row = {int(t): lmask[0, i].tolist() for i, t in enumerate(pos[0])}
+    assert row[1] == [True, False]
+
+
+def test_training_learns_and_resumes_exactly(tmp_path):
+    target = tiny_llama(vocab_size=64, seed=5)
+    data = synthetic_examples(target, 24, seed=1)
+    train, held = data[4:], data[:4]
+    cfg = TrainSection(max_steps=8, batch_size=4, lr=3e-3, eval_every=100, save_every=3, positions_per_sequence=8)
+
+    def fresh():
+        return Drafter.for_target(target, seed=0, head="tied", num_draft_layers=1)
+
+    d0 = fresh()
+    before = evaluate(target, d0, held, 3, 4, 64)
+    full = train_drafter(target, d0, train, held, cfg, tmp_path / "full", 3)
+    after = full.history[-1]
+    assert after["loss"] < before["loss"], (before, after)
+    assert after["mean_agreement"] > before["mean_agreement"]
+
+    class Stop(Exception):
+        pass
+
+    def interrupt_at_5(e):
+        if e["event"] == "step" and e["step"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_drafter(target, fresh(), train, held, cfg, tmp_path / "cut", 3, on_event=interrupt_at_5)
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 5
+    with pytest.raises(BadInputError, match="--resume"):
+        train_drafter(target, fresh(), train, held, cfg, tmp_path / "cut", 3)
+    resumed = train_drafter(target, fresh(), train, held, cfg, tmp_path / "cut", 3, resume=True)
+    assert resumed.step == full.step == 8
+    a = Drafter.load(tmp_path / "full" / "best").state_dict()
+    b = Drafter.load(tmp_path / "cut" / "best").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+    assert resumed.history[-1]["agreement"] == full.history[-1]["agreement"]
+
+
+def test_collate_pads_right():
+    ex = [{"input_ids": torch.tensor([1, 2, 3]), "loss_mask": torch.tensor([0, 1, 1], dtype=torch.bool)},
+          {"input_ids": torch.tensor([4]), "loss_mask": torch.tensor([1], dtype=torch.bool)}]
+    ids, attn, mask = collate(ex, 10)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert attn.tolist() == [[True, True, True], [True, False, False]]
+    assert mask.tolist() == [[False, True, True], [True, False, False]]
+
+
+def test_recipes_load_and_validate(tmp_path):
+    for name in ("smollm2-135m", "vicuna-7b", "qwen2.5-7b-instruct"):
+        r = load_recipe(name)
+        assert r.name == name
+    assert load_recipe("vicuna-7b").target.model == "lmsys/vicuna-7b-v1.3"
+    assert load_recipe("some-org/some-model").target.model == "some-org/some-model"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {learning_rate: 1}\n")
+    with pytest.raises(BadInputError, match="learning_rate"):
+        load_recipe(str(bad))
+    bad.write_text("trian: {}\n")
+    with pytest.raises(BadInputError, match="trian"):
+        load_recipe(str(bad))
+    with pytest.raises(BadInputError):
+        load_recipe(str(tmp_path / "missing.yaml"))
+    assert isinstance(recipe_from_dict({}), Recipe)
+
+
+def test_distill_pipeline_end_to_end(tmp_path):
+    """Recipe -> generated data -> training -> final drafter that bench can load."""
+    from redraft_cli.distill.pipeline import distill
+
+    target = tiny_chat_llama(seed=2)
+    recipe = recipe_from_dict({
+        "name": "tiny",
+        "data": {"num_prompts": 10, "held_out": 2, "max_new_tokens": 8, "gen_batch_size": 4, "shard_size": 4},
+        "drafter": {"head": "tied", "num_layers": 1, "predict_tokens": 2},
+        "train": {"max_steps": 3, "batch_size": 4, "eval_every": 2, "save_every": 2, "positions_per_sequence": 4},
+        "eval": {"bench_prompts": 1, "bench_max_new_tokens": 6},
+        "beam": {"width": 2, "length": 3},
+    })
+    events = []
+    result = distill(recipe, tmp_path / "out", on_event=events.append, target=target)
+    out = result.out
+    for name in ("config.json", "model.safetensors", "recipe.yaml", "metrics.json"):
+        assert (out / name).is_file(), name
+    d = Drafter.load(out)
+    assert (d.config.beam_width, d.config.beam_length, d.config.predict_tokens) == (2, 3, 2)
+    d.check_target(target.hidden_size, target.vocab_size)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 3 and len(m["history"]) == 2 and "agreement" in m["history"][0]
+    assert m["bench"]["identical_outputs"] == 1
+    kinds = {e["event"] for e in events}
+    assert {"data", "step", "eval", "finished"} <= kinds
