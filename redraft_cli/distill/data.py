@@ -305,7 +305,7 @@ def _write_shard(path: Path, convs: list[_Conv]) -> None:
     _atomic_write_bytes(path, lambda p: save_file(tensors, p, metadata={"format": f"redraft-distill-{FORMAT_VERSION}"}))
 
 
-def _conversations_sha256(conversations: list[list[str]]) -> str:
+def conversations_sha256(conversations: list[list[str]]) -> str:
     return hashlib.sha256(json.dumps(conversations, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
@@ -346,7 +346,7 @@ def _check_resume(manifest: dict, fresh: dict, out_dir: Path) -> None:
 
 def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str | Path, cfg: GenerationConfig,
                      progress: Callable[[int, int, int], None] | None = None,
-                     stop_after_s: float | None = None) -> dict:
+                     stop_after_s: float | None = None, max_shards: int | None = None) -> dict:
     """Generate (or resume generating) self-distillation data into `out_dir`.
 
     conversations: each a list of user turns. Shards already listed in the
@@ -355,6 +355,7 @@ def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str |
     shards finished by earlier runs too (skipped conversations, and those cut
     short by a too-long later turn, count as done). stop_after_s: stop
     after the shard in progress once this much wall time has passed.
+    max_shards: generate only the first N shards (a later call can extend it).
     Returns the manifest (with `complete` and this run's `last_run` timing).
     """
     start = time.perf_counter()
@@ -372,7 +373,7 @@ def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str |
         "batch_size": cfg.batch_size,
         "eos_ids": chat.eos_ids,
         "num_conversations": len(conversations),
-        "conversations_sha256": _conversations_sha256(conversations),
+        "conversations_sha256": conversations_sha256(conversations),
         "num_shards": (len(conversations) + cfg.shard_size - 1) // cfg.shard_size,
         "shards": [],
     }
@@ -398,6 +399,8 @@ def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str |
             progress(state["done"], len(conversations), state["tokens"])
 
     for shard in range(fresh["num_shards"]):
+        if max_shards is not None and shard >= max_shards:
+            break
         if shard in done_shards:
             continue
         lo, hi = shard * cfg.shard_size, min(len(conversations), (shard + 1) * cfg.shard_size)

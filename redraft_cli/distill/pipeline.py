@@ -13,9 +13,11 @@ Output directory layout:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,8 +27,8 @@ import yaml
 from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter
 from ..errors import BadInputError, ModelLoadError
 from ..prompts import builtin_conversations, load_conversations
-from ..target import Target, TargetSpec, _hub_reachable, load_target
-from .data import GenerationConfig, generate_dataset, load_dataset, read_manifest
+from ..target import Target, TargetSpec, _hub_reachable, cache_dir, load_target
+from .data import GenerationConfig, conversations_sha256, generate_dataset, load_dataset, read_manifest
 from .recipe import Recipe
 from .templates import apply_chat_template_override
 from .train import train_drafter
@@ -122,11 +124,18 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     gen_cfg = GenerationConfig(max_new_tokens=d.max_new_tokens, batch_size=d.gen_batch_size, temperature=d.temperature,
                                top_p=d.top_p, seed=d.seed, shard_size=d.shard_size, system=d.system,
                                max_prompt_tokens=d.max_prompt_tokens)
-    data_dir = Path(data_dir) if data_dir else out / "data"
+    data_dir = Path(data_dir) if data_dir else default_data_dir(recipe, target.name, convs, gen_cfg)
+    seed_from_package(recipe.name, data_dir)
     manifest = read_manifest(data_dir)
+    t = recipe.train
+    max_shards = None
+    if t.max_steps:
+        # A short run needs only the held-out slice and max_steps batches: generate just those shards.
+        needed = d.held_out + t.max_steps * t.batch_size * t.grad_accum
+        max_shards = -(-needed // d.shard_size)
     if manifest is None or not manifest.get("complete"):
-        emit({"event": "data_start", "conversations": len(convs)})
-        generate_dataset(target, convs, data_dir, gen_cfg,
+        emit({"event": "data_start", "conversations": len(convs), "dir": str(data_dir)})
+        generate_dataset(target, convs, data_dir, gen_cfg, max_shards=max_shards,
                          progress=lambda done, total, tokens: emit({"event": "data", "done": done, "total": total, "tokens": tokens}))
     examples = load_dataset(data_dir)
     held = [e for e in examples if e["conv_index"] < d.held_out]
@@ -170,6 +179,28 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     emit({"event": "finished", "out": str(out), **{k: metrics[k] for k in ("steps", "best_step", "best_mean_agreement")}})
     return DistillResult(out, metrics)
+
+
+def default_data_dir(recipe: Recipe, model_name: str, convs: list[list[str]], gen_cfg: GenerationConfig) -> Path:
+    """Data is cached per (recipe, model, generation settings, prompts) and shared by all runs of them."""
+    key = json.dumps({"model": model_name, "gen": gen_cfg.fingerprint(), "convs": conversations_sha256(convs)}, sort_keys=True)
+    return cache_dir() / "distill-data" / f"{recipe.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def seed_from_package(name: str, data_dir: Path) -> None:
+    """Copy the data shipped in the package for recipe `name` into data_dir when it holds more shards."""
+    shipped = Path(str(resources.files("redraft_cli") / "data" / "distill" / name))
+    ours, theirs = read_manifest(data_dir), read_manifest(shipped)
+    if theirs is None:
+        return
+    if ours is not None and (len(ours["shards"]) >= len(theirs["shards"]) or ours.get("config") != theirs.get("config")
+                             or ours.get("conversations_sha256") != theirs.get("conversations_sha256")):
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for shard in theirs["shards"]:
+        if shard.get("file"):
+            shutil.copyfile(shipped / shard["file"], data_dir / shard["file"])
+    shutil.copyfile(shipped / "manifest.json", data_dir / "manifest.json")
 
 
 def set_draft_vocab(drafter: Drafter, examples: list[dict], size: int) -> float:

@@ -1,0 +1,83 @@
+"""`redraft distill` through the CLI: a tiny local target end to end, resume rules, offline errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import tiny_chat_llama
+from redraft_cli.cli.app import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    target = tiny_chat_llama(seed=4)
+    model_dir = root / "tiny-model"
+    target.model.save_pretrained(model_dir)
+    target.tokenizer.save_pretrained(model_dir)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(f"Tell me fact number {i} about the sea." for i in range(10)) + "\n")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(f"""
+name: tiny
+target: {{model: {model_dir}, dtype: float32}}
+data: {{source: {prompts}, held_out: 2, max_new_tokens: 6, gen_batch_size: 4, shard_size: 4}}
+drafter: {{head: tied, num_layers: 1, predict_tokens: 2}}
+train: {{batch_size: 4, eval_every: 2, save_every: 1, positions_per_sequence: 4}}
+eval: {{bench_prompts: 1, bench_max_new_tokens: 4}}
+beam: {{width: 2, length: 3}}
+""")
+    return root, recipe
+
+
+def test_distill_tiny_recipe_and_resume_rules(tiny_recipe, monkeypatch):
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache"))
+    out = root / "out"
+    report = root / "report.json"
+    first = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "2", "--json", str(report)])
+    assert first.exit_code == 0, first.output
+    assert "drafter written to" in first.output
+    metrics = json.loads(report.read_text())
+    assert metrics["steps"] == 2 and metrics["bench"]["identical_outputs"] == 1
+    again = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "2"])
+    assert again.exit_code == 2 and "--resume" in again.output and "Traceback" not in again.output
+    more = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "3", "--resume", "--no-bench"])
+    assert more.exit_code == 0, more.output
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    ok = runner.invoke(app, ["bench", "--model", str(root / "tiny-model"), "--drafter", str(out), "--prompts",
+                             str(root / "prompts.txt"), "--num-prompts", "1", "--max-new-tokens", "4", "--no-hf-baseline"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_distill_offline_names_what_it_needs(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = runner.invoke(app, ["distill", "vicuna-7b", "--out", str(tmp_path / "v")])
+    assert result.exit_code == 2, result.output
+    assert "lmsys/vicuna-7b-v1.3" in result.output and "ShareGPT" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["no-such-recipe.yaml"], "not found"),
+    (["smollm2-135m", "--head", "huge"], "--head"),
+    (["smollm2-135m", "--predict-tokens", "0"], "--predict-tokens"),
+])
+def test_distill_bad_input(args, fragment, tmp_path):
+    result = runner.invoke(app, ["distill", *args, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "Traceback" not in result.output
