@@ -134,10 +134,7 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
             progress(done, total, label)
 
     if cfg.warmup:
-        warm = replace(d, max_new_tokens=min(16, d.max_new_tokens))
-        for path in paths:
-            _run_path(gen, path, prompts[0], warm)
-            tick(f"warm-up {path}")
+        warm_up(gen, prompts[0], d, paths, tick)
 
     base, hf, red = PathTotals(), PathTotals(), RedraftTotals()
     identical = 0
@@ -186,6 +183,16 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
     if torch.cuda.is_available():
         result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return result
+
+
+def warm_up(gen: Generator, ids: list[int], d: DecodeConfig, paths: list[str],
+            tick: Callable[[str], None] | None = None) -> None:
+    """One short untimed run of each path (at most 16 tokens), so timings skip first-call costs."""
+    warm = replace(d, max_new_tokens=min(16, d.max_new_tokens))
+    for path in paths:
+        _run_path(gen, path, ids, warm)
+        if tick is not None:
+            tick(f"warm-up {path}")
 
 
 def _run_path(gen: Generator, path: str, ids: list[int], d: DecodeConfig) -> tuple[list[int], float, Generation | None]:

@@ -319,3 +319,43 @@ class Drafter(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int) -> Path:
+    """Set the recommended beam shape in a saved drafter's config.json, touching nothing else.
+
+    The weights are not rewritten; config.json is replaced atomically (temporary
+    file in the same directory, then `os.replace`). A reference-layout config
+    without a `redraft` block gets one that keeps its head kind ("own").
+    Returns the path of config.json.
+    """
+    from .beam_search import check_beam_shape
+
+    check_beam_shape(beam_width, beam_length)
+    cfg_path = Path(path) / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise DrafterLoadError(f"drafter checkpoint {Path(path)} lacks {CONFIG_NAME}")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DrafterLoadError(f"drafter config {cfg_path} is not valid JSON: {exc}") from exc
+    before = DrafterConfig.from_json_dict(data)
+    ours = data.setdefault("redraft", {"head": before.head})
+    ours["beam_width"], ours["beam_length"] = int(beam_width), int(beam_length)
+    after = DrafterConfig.from_json_dict(data)  # still a valid config, only the shape changed
+    assert (after.head, after.beam_width, after.beam_length) == (before.head, beam_width, beam_length)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=cfg_path.parent, prefix=".config.", suffix=".json.tmp")
+    except OSError as exc:
+        raise DrafterLoadError(f"cannot write {cfg_path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        if cfg_path.exists():
+            os.chmod(tmp, cfg_path.stat().st_mode & 0o777)
+        os.replace(tmp, cfg_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return cfg_path

@@ -62,7 +62,7 @@ def random_prompts(n: int, vocab_size: int, seed: int = 0, min_len: int = 3, max
     return out
 
 
-def tiny_chat_llama(hidden_size: int = 32, layers: int = 2, seed: int = 0) -> Target:
+def tiny_chat_llama(hidden_size: int = 32, layers: int = 2, seed: int = 0, max_positions: int = 256) -> Target:
     """A tiny random Llama with SmolLM2's real tokenizer and chat template (vocabulary 49152)."""
     from transformers import AutoTokenizer
 
@@ -70,5 +70,5 @@ def tiny_chat_llama(hidden_size: int = 32, layers: int = 2, seed: int = 0) -> Ta
 
     tok = AutoTokenizer.from_pretrained(str(_convert_embedded("smollm2-135m")))
     base = tiny_llama(vocab_size=len(tok), hidden_size=hidden_size, layers=layers, seed=seed,
-                      eos_token_id=tok.eos_token_id)
+                      eos_token_id=tok.eos_token_id, max_positions=max_positions)
     return Target(base.model, tok, name="tiny-chat-llama")

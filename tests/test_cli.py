@@ -39,7 +39,7 @@ def test_help_lists_all_commands():
         assert cmd in result.output
 
 
-@pytest.mark.parametrize("cmd", ["distill", "chat", "sweep"])
+@pytest.mark.parametrize("cmd", ["distill", "chat"])
 def test_unbuilt_commands_say_so(cmd):
     assert_clean_error(invoke(cmd), "not built yet", code=1)
 

@@ -7,7 +7,9 @@ import typer
 from ..errors import NotBuiltError
 from ._errors import handle_errors
 from .bench import bench
+from .chat import chat
 from .distill import distill
+from .sweep import sweep
 
 app = typer.Typer(
     name="redraft",
@@ -32,10 +34,8 @@ def _not_built(name: str, issue: str):
 
 _extra = {"allow_extra_args": True, "ignore_unknown_options": True}
 app.command(help="Train (distill) a drafter for a target model from a recipe.")(distill)
-app.command("chat", context_settings=_extra, help="Talk to a model with ReDrafter decoding. (not built yet)")(
-    _not_built("chat", "interactive chat lands with the chat/sweep issue"))
-app.command("sweep", context_settings=_extra, help="Grid-search the beam shape. (not built yet)")(
-    _not_built("sweep", "beam-shape sweeps land with the chat/sweep issue"))
+app.command(help="Talk to a model with ReDrafter decoding, streamed.")(chat)
+app.command(help="Grid-search the beam shape (width x length) that is fastest on this machine.")(sweep)
 
 
 @app.callback()

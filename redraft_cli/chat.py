@@ -1,0 +1,162 @@
+"""A multi-turn chat session over the generation loop, streaming text as steps are accepted.
+
+The session keeps the conversation, trims the oldest turns when the prompt
+would not leave room for an answer inside the context window, and keeps
+per-answer and session statistics. It knows nothing about terminals: the
+CLI prints the `Chunk`s it yields.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Iterator
+
+from .decode import DecodeConfig, Generator, StepStats
+from .errors import BadInputError, ContextOverflowError
+
+
+@dataclass
+class Chunk:
+    """Text produced by one target pass: `drafted` came from accepted drafts, `text` from the target itself."""
+
+    drafted: str
+    text: str
+    step: StepStats
+
+
+@dataclass
+class Totals:
+    answers: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    step_tokens: int = 0
+    accepted: int = 0
+    draftable: int = 0  # steps x (beam_length - 1)
+
+    def add(self, other: "Totals") -> None:
+        for f in ("answers", "tokens", "seconds", "steps", "step_tokens", "accepted", "draftable"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "answers": self.answers,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "tokens_per_s": round(self.tokens / self.seconds, 2) if self.seconds else 0.0,
+            "steps": self.steps,
+            "tokens_per_step": round(self.step_tokens / self.steps, 3) if self.steps else 0.0,
+            "acceptance_rate": round(self.accepted / self.draftable, 4) if self.draftable else 0.0,
+        }
+
+
+SETTABLE = {
+    "beam-width": ("beam_width", int),
+    "beam-length": ("beam_length", int),
+    "max-new-tokens": ("max_new_tokens", int),
+    "accept": ("accept", str),
+    "temperature": ("temperature", float),
+    "top-p": ("top_p", float),
+    "top-k": ("top_k", int),
+    "seed": ("seed", int),
+}
+
+
+@dataclass
+class ChatSession:
+    gen: Generator
+    cfg: DecodeConfig
+    system: str | None = None
+    draft: bool = True
+    messages: list[dict[str, str]] = field(default_factory=list)
+    totals: Totals = field(default_factory=Totals)
+    last: Totals = field(default_factory=Totals)
+    trimmed: int = 0  # turns dropped from the start of the history by the last ask()
+
+    def reset(self) -> None:
+        self.messages.clear()
+
+    def set(self, name: str, value: str) -> str:
+        """`/set NAME VALUE`: change a decoding option; raises BadInputError on bad names or values."""
+        if name == "draft":
+            if value not in ("on", "off"):
+                raise BadInputError("draft must be on or off")
+            if value == "on" and self.gen.proposer is None:
+                raise BadInputError("no drafter loaded")
+            self.draft = value == "on"
+            return f"draft {value}"
+        if name == "system":
+            self.system = value or None
+            return "system prompt set" if value else "system prompt cleared"
+        if name not in SETTABLE:
+            raise BadInputError(f"unknown setting {name!r}; one of: draft, system, {', '.join(SETTABLE)}")
+        attr, kind = SETTABLE[name]
+        try:
+            parsed = kind(value)
+        except ValueError:
+            raise BadInputError(f"{name} needs a {kind.__name__}, got {value!r}") from None
+        if attr in ("temperature", "top_p", "top_k", "seed"):
+            new = replace(self.cfg, sampling=replace(self.cfg.sampling, **{attr: parsed}))
+        else:
+            new = replace(self.cfg, **{attr: parsed})
+        if self.gen.drafter is not None:
+            from .beam_search import check_beam_shape
+
+            check_beam_shape(new.beam_width, new.beam_length, self.gen.drafter.draft_vocab_size)
+        self.cfg = new
+        return f"{name} = {parsed}"
+
+    def _prompt_ids(self) -> list[int]:
+        """Encode the conversation, dropping the oldest turns until an answer fits the context."""
+        target = self.gen.target
+        self.trimmed = 0
+        while True:
+            ids = target.encode_chat(self.messages, system=self.system)
+            room = target.max_context - len(ids)
+            if room >= min(self.cfg.max_new_tokens, 16) or len(self.messages) <= 1:
+                break
+            # Drop the oldest user turn and the assistant answer after it.
+            cut = 2 if len(self.messages) > 2 and self.messages[1]["role"] == "assistant" else 1
+            del self.messages[:cut]
+            self.trimmed += 1
+        if len(ids) >= target.max_context:
+            self.messages.pop()
+            raise ContextOverflowError(
+                f"the message is {len(ids)} tokens with the chat template; the context is {target.max_context}"
+            )
+        return ids
+
+    def ask(self, text: str) -> Iterator[Chunk]:
+        """Add a user turn and stream the answer; the answer (even a partial one) joins the history."""
+        if not text.strip():
+            raise BadInputError("empty message")
+        self.messages.append({"role": "user", "content": text})
+        ids = self._prompt_ids()
+        tok = self.gen.target.tokenizer
+        loop = self.gen.redraft if self.draft else self.gen.plain
+        answer: list[int] = []
+        shown = ""
+        stats = Totals(answers=1)
+        start = time.perf_counter()
+        try:
+            for step in loop(ids, self.cfg):
+                drafted_ids = step.tokens[: step.accepted]
+                with_drafts = tok.decode(answer + drafted_ids, skip_special_tokens=True)
+                answer.extend(step.tokens)
+                full = tok.decode(answer, skip_special_tokens=True)
+                if not step.prefill:
+                    stats.steps += 1
+                    stats.step_tokens += len(step.tokens)
+                    stats.accepted += step.accepted
+                    stats.draftable += max(self.cfg.beam_length - 1, 0) if self.draft else 0
+                yield Chunk(with_drafts[len(shown):] if with_drafts.startswith(shown) else "",
+                            full[len(with_drafts):] if full.startswith(with_drafts) else full[len(shown):], step)
+                shown = full
+        finally:
+            stats.tokens = len(answer)
+            stats.seconds = time.perf_counter() - start
+            self.messages.append({"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True)})
+            self.last = stats
+            self.totals.add(stats)
+

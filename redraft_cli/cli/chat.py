@@ -1,0 +1,167 @@
+"""`redraft chat`: interactive or one-shot chat, streamed as ReDrafter steps are accepted."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.text import Text
+
+from ..chat import ChatSession
+from ..decode import DecodeConfig, Generator
+from ..errors import RedraftError
+from ..sampling import SamplingConfig
+from . import options as o
+from ._errors import handle_errors
+from .common import console, err, load_models
+
+D = o.DEFAULTS
+HELP = """commands:
+  /reset               start a new conversation
+  /stats               session totals
+  /set NAME VALUE      change a setting: beam-width, beam-length, max-new-tokens, accept,
+                       temperature, top-p, top-k, seed, draft on|off, system TEXT
+  /help                this help
+  /quit                leave (or Ctrl-D); Ctrl-C stops the current answer"""
+
+
+@handle_errors
+def chat(
+    model: o.Model = D["model"],
+    drafter: o.DrafterOpt = "auto",
+    beam_width: o.BeamWidth = None,
+    beam_length: o.BeamLength = None,
+    temperature: o.Temperature = D["temperature"],
+    top_k: o.TopK = D["top_k"],
+    top_p: o.TopP = D["top_p"],
+    accept: o.Accept = D["accept"],
+    seed: o.Seed = D["seed"],
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    max_new_tokens: o.MaxNewTokens = 512,
+    no_draft: Annotated[bool, typer.Option("--no-draft", help="Plain decoding, for comparison.")] = False,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this once and exit (stdin works too).")] = None,
+    show_drafts: Annotated[bool, typer.Option("--show-drafts", help="Highlight tokens that came from accepted drafts.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="One-shot mode: print the answer and its statistics as JSON.")] = False,
+    dtype: o.Dtype = D["dtype"],
+    device: o.Device = D["device"],
+    quantize: o.Quantize = D["quantize"],
+) -> None:
+    """Talk to a model with ReDrafter decoding (multi-turn, streamed)."""
+    cfg = DecodeConfig(
+        max_new_tokens=max_new_tokens,
+        beam_width=beam_width if beam_width is not None else DecodeConfig.beam_width,
+        beam_length=beam_length if beam_length is not None else DecodeConfig.beam_length,
+        accept=accept,
+        sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+    )
+    one_shot = prompt is not None or not sys.stdin.isatty()
+    if prompt is None and one_shot:
+        prompt = sys.stdin.read()
+        if not prompt.strip():
+            from ..errors import BadInputError
+
+            raise BadInputError("no prompt: pass --prompt TEXT or text on stdin")
+    loaded = load_models(model, drafter, dtype, device, quantize, seed)
+    dr = loaded.drafter
+    from dataclasses import replace
+
+    cfg = replace(cfg, beam_width=beam_width or dr.config.beam_width, beam_length=beam_length or dr.config.beam_length)
+    session = ChatSession(Generator(loaded.target, dr), cfg, system=system, draft=not no_draft)
+    if one_shot:
+        _one_shot(session, prompt or "", json_out, show_drafts)
+        return
+    err.print(f"[bold]redraft chat[/] - {loaded.target.describe()}, drafter {loaded.drafter_name}, "
+              f"beams {cfg.beam_width}x{cfg.beam_length}, {cfg.accept}. /help for commands, Ctrl-D to leave.")
+    _interactive(session, show_drafts)
+
+
+def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = False) -> bool:
+    """Print an answer as it streams; returns False if interrupted by Ctrl-C."""
+    try:
+        for chunk in session.ask(text):
+            if quiet:
+                continue
+            if show_drafts and chunk.drafted:
+                console.print(Text(chunk.drafted, style="bold cyan"), end="", soft_wrap=True)
+            elif chunk.drafted:
+                console.print(Text(chunk.drafted), end="", soft_wrap=True)
+            console.print(Text(chunk.text), end="", soft_wrap=True)
+            console.file.flush()
+        if session.trimmed:
+            err.print(f"[yellow]note:[/] dropped the {session.trimmed} oldest turn(s) to fit the context window")
+        return True
+    except KeyboardInterrupt:
+        console.print()
+        err.print("[interrupted]", style="yellow", markup=False)
+        return False
+
+
+def _status(session: ChatSession) -> str:
+    s = session.last.summary()
+    mode = "ReDrafter" if session.draft else "plain"
+    return (f"[{s['tokens']} tokens, {s['tokens_per_s']:.1f} tokens/s, {s['tokens_per_step']:.2f} tokens/step, "
+            f"acceptance {s['acceptance_rate']:.0%}, {mode}]")
+
+
+def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bool) -> None:
+    _stream(session, prompt, show_drafts, quiet=json_out)
+    if json_out:
+        console.print_json(json.dumps({"prompt": prompt, "response": session.messages[-1]["content"],
+                                       "draft": session.draft, **session.last.summary()}))
+    else:
+        console.print()
+        err.print(_status(session), style="dim")
+
+
+def _interactive(session: ChatSession, show_drafts: bool) -> None:
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            err.print()
+            return
+        except KeyboardInterrupt:
+            err.print()
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if _command(session, line):
+                return
+            continue
+        try:
+            finished = _stream(session, line, show_drafts)
+        except RedraftError as exc:
+            err.print(f"[bold red]error:[/] {exc}")
+            continue
+        console.print()
+        err.print(_status(session) + ("" if finished else " (stopped)"), style="dim")
+
+
+def _command(session: ChatSession, line: str) -> bool:
+    """Run a slash command; True means leave."""
+    name, _, rest = line[1:].partition(" ")
+    if name in ("quit", "exit", "q"):
+        return True
+    if name == "reset":
+        session.reset()
+        err.print("conversation cleared")
+    elif name == "stats":
+        s = session.totals.summary()
+        err.print(f"session: {s['answers']} answers, {s['tokens']} tokens in {s['seconds']:.1f} s "
+                  f"({s['tokens_per_s']:.1f} tokens/s), {s['tokens_per_step']:.2f} tokens/step, "
+                  f"acceptance {s['acceptance_rate']:.0%}, beams {session.cfg.beam_width}x{session.cfg.beam_length}")
+    elif name == "set":
+        key, _, value = rest.strip().partition(" ")
+        try:
+            err.print(session.set(key, value.strip()))
+        except RedraftError as exc:
+            err.print(f"[bold red]error:[/] {exc}")
+    elif name == "help":
+        err.print(HELP, markup=False)
+    else:
+        err.print(f"unknown command /{name}; /help lists them")
+    return False

@@ -1,0 +1,189 @@
+"""`redraft sweep`: grid-search the beam shape (width x length) that is fastest here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..decode import DecodeConfig, Generator
+from ..drafter import CONFIG_NAME
+from ..errors import BadInputError
+from ..prompts import load_prompts
+from ..sampling import SamplingConfig
+from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, best_cell, parse_int_list, run_sweep,
+                     save_best as save_best_shape, write_csv, write_json)
+from . import options as o
+from ._errors import handle_errors
+from .common import Loaded, console, err, load_models
+
+D = o.DEFAULTS
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+BeamWidths = Annotated[str, typer.Option("--beam-widths", help="Beam widths to try, comma-separated.")]
+BeamLengths = Annotated[str, typer.Option("--beam-lengths", help="Beam lengths to try (tokens per beam, counting g0), comma-separated.")]
+CsvOut = Annotated[Optional[Path], typer.Option("--csv", help="Write one row per cell to this CSV file.")]
+PlotOut = Annotated[Optional[Path], typer.Option("--plot", help="Write speedup and tokens-per-step heatmaps to this .png (or .svg/.pdf).")]
+SaveBest = Annotated[bool, typer.Option("--save-best", help="Write the fastest shape into the drafter's config.json (the default of bench and chat).")]
+
+
+@handle_errors
+def sweep(
+    model: o.Model = D["model"],
+    drafter: o.DrafterOpt = "auto",
+    beam_widths: BeamWidths = ",".join(map(str, DEFAULT_BEAM_WIDTHS)),
+    beam_lengths: BeamLengths = ",".join(map(str, DEFAULT_BEAM_LENGTHS)),
+    prompts: o.PromptsFile = None,
+    num_prompts: o.NumPrompts = 5,
+    max_new_tokens: o.MaxNewTokens = D["max_new_tokens"],
+    temperature: o.Temperature = D["temperature"],
+    top_k: o.TopK = D["top_k"],
+    top_p: o.TopP = D["top_p"],
+    accept: o.Accept = D["accept"],
+    epsilon: o.Epsilon = D["epsilon"],
+    delta: o.Delta = D["delta"],
+    seed: o.Seed = D["seed"],
+    dtype: o.Dtype = D["dtype"],
+    device: o.Device = D["device"],
+    quantize: o.Quantize = D["quantize"],
+    warmup: bool = typer.Option(True, help="Run plain decoding and ReDrafter once before the grid."),
+    no_chat_template: o.NoChatTemplate = False,
+    json_path: o.JsonOut = None,
+    csv_path: CsvOut = None,
+    plot_path: PlotOut = None,
+    save_best: SaveBest = False,
+) -> None:
+    """Measure every beam width x beam length on the same prompts; each cell's speedup is against
+    plain decoding interleaved with it prompt by prompt."""
+    # Validate everything cheap before loading models.
+    widths = parse_int_list(beam_widths, "--beam-widths")
+    lengths = parse_int_list(beam_lengths, "--beam-lengths")
+    base = DecodeConfig(
+        max_new_tokens=max_new_tokens,
+        accept=accept,
+        sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+        typical_epsilon=epsilon,
+        typical_delta=delta,
+    )
+    cfg = SweepConfig(beam_widths=widths, beam_lengths=lengths, decode=base, warmup=warmup)
+    if plot_path is not None and plot_path.suffix.lower() not in PLOT_SUFFIXES:
+        raise BadInputError(f"--plot must end in {', '.join(PLOT_SUFFIXES)}, got {plot_path.name!r}")
+    if save_best and drafter == "random":
+        raise BadInputError("--save-best needs a saved drafter (a directory, or --drafter auto with a shipped one); "
+                             "--drafter random has no config.json to write the shape into")
+    texts = load_prompts(prompts, limit=num_prompts)
+
+    loaded = load_models(model, drafter, dtype, device, quantize, seed)
+    target, dr = loaded.target, loaded.drafter
+    drafter_dir = _drafter_dir(drafter, loaded)
+    if save_best:
+        _check_writable(drafter_dir, target.name)
+    cfg.check(dr.draft_vocab_size)
+    encode = target.encode_raw if no_chat_template else target.encode_chat
+    ids = [encode(t) for t in texts]
+    for p in ids:
+        target.check_prompt(p)
+    gen = Generator(target, dr)
+
+    head = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
+            "dtype": str(target.compute_dtype).replace("torch.", "")}
+    info = {**head, "accept": accept, "temperature": temperature, "num_prompts": len(ids),
+            "max_new_tokens": max_new_tokens}
+    cells: list[dict[str, Any]] = []
+    running: list[tuple[int, int] | None] = [None]
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn()]
+    bar = Progress(*columns, console=err)
+    task = bar.add_task("warm-up", total=None)
+
+    class View:
+        def __rich__(self) -> Group:
+            return Group(bar, render(info, cfg.shapes, list(cells), running[0]))
+
+    def progress(done: int, total: int, label: str) -> None:
+        if label.startswith("cell ") and len(cells) < len(cfg.shapes):
+            running[0] = cfg.shapes[len(cells)]
+        bar.update(task, completed=done, total=total, description=label)
+
+    with Live(View(), console=err, transient=True, refresh_per_second=4):
+        result = run_sweep(gen, ids, cfg, progress, on_cell=cells.append)
+    result = {**head, **result}
+
+    saved = None
+    if save_best and drafter_dir is not None and result["best"] is not None:
+        saved = save_best_shape(result, drafter_dir)
+    result["saved_best"] = str(saved) if saved else None
+
+    console.print(render(result, cfg.shapes, result["cells"], None, final=True))
+    if json_path is not None:
+        console.print(f"wrote {write_json(result, json_path)}")
+    if csv_path is not None:
+        console.print(f"wrote {write_csv(result, csv_path)}")
+    if plot_path is not None:
+        from ..plots import save_sweep_plot
+
+        console.print(f"wrote {save_sweep_plot(result, plot_path)}")
+    if saved is not None:
+        b = result["best"]
+        console.print(f"saved beam shape {b['beam_width']}x{b['beam_length']} to {saved} "
+                      "(the default of bench and chat with this drafter)")
+
+
+def _drafter_dir(option: str, loaded: Loaded) -> Path | None:
+    """The checkpoint directory the drafter came from; None for an untrained (random) one."""
+    if option == "random" or loaded.drafter_name.startswith("random ("):
+        return None
+    return Path(loaded.drafter_name)
+
+
+def _check_writable(drafter_dir: Path | None, model: str) -> None:
+    if drafter_dir is None:
+        raise BadInputError(f"--save-best needs a saved drafter, but no trained drafter ships for {model} "
+                            "(--drafter auto fell back to an untrained one); pass --drafter DIR")
+    cfg_path = drafter_dir / CONFIG_NAME
+    if not os.access(drafter_dir, os.W_OK) or not os.access(cfg_path, os.W_OK):
+        raise BadInputError(f"--save-best cannot write {cfg_path} (read-only)")
+
+
+def render(r: dict[str, Any], shapes: list[tuple[int, int]], cells: list[dict[str, Any]],
+           running: tuple[int, int] | None = None, final: bool = False) -> Table:
+    """The sweep table: one row per cell in run order; pending cells dim, the best one highlighted."""
+    title = (f"redraft sweep: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
+             f"{r['num_prompts']} prompts x {r['max_new_tokens']} tokens")
+    t = Table(title=title, title_justify="left", caption_justify="left")
+    for col in ("width", "length", "tokens/step", "acceptance", "tree nodes", "tokens/s", "plain tokens/s", "speedup"):
+        t.add_column(col, justify="right")
+    done = {(c["beam_width"], c["beam_length"]): c for c in cells}
+    best = best_cell(cells)
+    best_key = (best["beam_width"], best["beam_length"]) if best else None
+    for w, length in shapes:
+        c = done.get((w, length))
+        if c is None:
+            state = "running" if (w, length) == running else "..."
+            t.add_row(str(w), str(length), *[""] * 5, state, style="bold yellow" if state == "running" else "dim")
+            continue
+        speed = f"{c['speedup']:.2f}x" if c["speedup"] is not None else "-"
+        is_best = (w, length) == best_key
+        t.add_row(str(w), str(length), f"{c['tokens_per_step']:.2f}", f"{c['acceptance_rate']:.1%}",
+                  f"{c['mean_tree_nodes']:.1f}", f"{c['tokens_per_s']:.2f}", f"{c['baseline_tokens_per_s']:.2f}",
+                  ("* " if is_best else "") + speed, style="bold green" if is_best else None)
+    if final:
+        base = r["baseline"]
+        drift = f", spread {base['drift']:.0%} across cells" if base.get("drift") is not None else ""
+        parts = [f"plain baseline {base['tokens_per_s']:.2f} tokens/s over all cells{drift}"]
+        if best is not None:
+            parts.append(f"best {best['beam_width']}x{best['beam_length']}: {best['speedup']:.2f}x, "
+                         f"{best['tokens_per_step']:.2f} tokens/step")
+        identical = [c["identical_outputs"] for c in cells]
+        if identical and all(v is not None for v in identical):
+            parts.append(f"identical outputs {sum(identical)}/{len(identical) * r['num_prompts']}")
+        if r.get("saved_best"):
+            parts.append(f"saved to {r['saved_best']}")
+        t.caption = " | ".join(parts)
+    return t

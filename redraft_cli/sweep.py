@@ -1,0 +1,257 @@
+"""Beam-shape sweep: which beam width x beam length is fastest for this target,
+drafter and machine.
+
+Each cell of the grid is one `run_bench` on the same prompts without the HF
+baseline: plain decoding and ReDrafter alternate prompt by prompt, so every
+cell has its own adjacent plain baseline and its speedup is measured against
+it. Slow drift of the machine (thermal, other load) therefore moves a cell's
+baseline with it instead of biasing the grid; the pooled baseline over all
+cells and its spread (`baseline.drift`) are reported too. One warm-up of both
+paths runs before the grid (at the largest shape), none between cells.
+
+The metrics are bench's (see `redraft_cli.bench`); a cell is a flat dict with
+the fields in `CELL_FIELDS`, the same in JSON and CSV. The best cell is the
+one with the highest speedup; `save_best` writes its shape into a saved
+drafter's config.json, where `bench` and `chat` take their default shape from.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .beam_search import check_beam_shape
+from .bench import BenchConfig, PathTotals, peak_rss_mb, run_bench, warm_up
+from .decode import DecodeConfig, Generator
+from .drafter import write_beam_shape
+from .errors import BadInputError
+
+DEFAULT_BEAM_WIDTHS = (1, 2, 4, 8)
+DEFAULT_BEAM_LENGTHS = (2, 3, 4, 5)
+
+CELL_FIELDS = (
+    "beam_width", "beam_length",
+    "tokens_per_step", "acceptance_rate", "mean_tree_nodes",
+    "tokens", "seconds", "tokens_per_s", "steps",
+    "baseline_tokens", "baseline_seconds", "baseline_tokens_per_s",
+    "speedup",
+    "draft_share", "verify_share", "accept_share",
+    "identical_outputs",
+)
+_INT_FIELDS = {"beam_width", "beam_length", "tokens", "steps", "baseline_tokens", "identical_outputs"}
+
+ProgressFn = Callable[[int, int, str], None]
+CellFn = Callable[[dict[str, Any]], None]
+
+
+def parse_int_list(text: str, option: str = "list") -> list[int]:
+    """'1,2,4' -> [1, 2, 4]: positive integers, deduplicated and sorted; BadInputError otherwise."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not str(text).strip() or any(t == "" for t in items):
+        raise BadInputError(f"{option} must be comma-separated positive integers such as 1,2,4; got {text!r}")
+    values = []
+    for t in items:
+        try:
+            v = int(t)
+        except ValueError:
+            raise BadInputError(f"{option}: {t!r} is not an integer (expected e.g. 1,2,4)") from None
+        if v < 1:
+            raise BadInputError(f"{option}: {v} is not a positive integer")
+        values.append(v)
+    return sorted(set(values))
+
+
+@dataclass
+class SweepConfig:
+    """The grid and everything else a cell needs; `decode`'s own beam shape is ignored."""
+
+    beam_widths: list[int] = field(default_factory=lambda: list(DEFAULT_BEAM_WIDTHS))
+    beam_lengths: list[int] = field(default_factory=lambda: list(DEFAULT_BEAM_LENGTHS))
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        self.beam_widths = sorted(set(int(w) for w in self.beam_widths))
+        self.beam_lengths = sorted(set(int(v) for v in self.beam_lengths))
+        if not self.beam_widths or not self.beam_lengths:
+            raise BadInputError("the sweep needs at least one beam width and one beam length")
+        self.check()
+
+    def check(self, draft_vocab_size: int | None = None) -> None:
+        """Every shape of the grid must be draftable (BeamShapeError otherwise)."""
+        for w, length in self.shapes:
+            check_beam_shape(w, length, draft_vocab_size)
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """Cells in run order: widths outer, lengths inner."""
+        return [(w, length) for w in self.beam_widths for length in self.beam_lengths]
+
+
+def cell_from_bench(r: dict[str, Any]) -> dict[str, Any]:
+    """One flat cell (CELL_FIELDS) from a `run_bench` result of that shape."""
+    red, base = r["redraft"], r["baseline"]
+    cell = {
+        "beam_width": r["beam_width"],
+        "beam_length": r["beam_length"],
+        "tokens_per_step": red["tokens_per_step"],
+        "acceptance_rate": red["acceptance_rate"],
+        "mean_tree_nodes": red["mean_tree_nodes"],
+        "tokens": red["tokens"],
+        "seconds": red["seconds"],
+        "tokens_per_s": red["tokens_per_s"],
+        "steps": red["steps"],
+        "baseline_tokens": base["tokens"],
+        "baseline_seconds": base["seconds"],
+        "baseline_tokens_per_s": base["tokens_per_s"],
+        "speedup": r["speedup"],
+        "draft_share": red["draft_share"],
+        "verify_share": red["verify_share"],
+        "accept_share": red["accept_share"],
+        "identical_outputs": r["identical_outputs"],
+    }
+    assert tuple(cell) == CELL_FIELDS
+    return cell
+
+
+def best_cell(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The cell with the highest speedup (ties: higher tokens/s, then the earlier cell)."""
+    scored = [c for c in cells if c.get("speedup") is not None]
+    if not scored:
+        return None
+    return max(scored, key=lambda c: (c["speedup"], c["tokens_per_s"], -cells.index(c)))
+
+
+def pooled_baseline(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """All cells' adjacent plain baselines together, with their spread across the sweep."""
+    total = PathTotals(sum(c["baseline_tokens"] for c in cells), sum(c["baseline_seconds"] for c in cells))
+    rates = [c["baseline_tokens_per_s"] for c in cells if c["baseline_tokens_per_s"]]
+    lo, hi = (min(rates), max(rates)) if rates else (0.0, 0.0)
+    return {
+        **total.to_dict(),
+        "min_tokens_per_s": lo,
+        "max_tokens_per_s": hi,
+        "drift": round(hi / lo - 1, 4) if lo else None,  # relative spread of the cells' baselines
+    }
+
+
+def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
+              progress: ProgressFn | None = None, on_cell: CellFn | None = None) -> dict[str, Any]:
+    """Measure every cell of the grid on the same tokenised prompts; returns the JSON-ready result.
+
+    progress(done, total, label) is called after every timed (or warm-up) generation;
+    on_cell(cell) after every finished cell, in run order.
+    """
+    if not prompts:
+        raise BadInputError("the sweep needs at least one prompt")
+    d = cfg.decode
+    if gen.drafter is not None:
+        cfg.check(gen.drafter.draft_vocab_size)
+    shapes = cfg.shapes
+    per_cell = 2 * len(prompts)
+    total = len(shapes) * per_cell + (2 if cfg.warmup else 0)
+    done = 0
+    start = time.perf_counter()
+
+    def tick(label: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, label)
+
+    if cfg.warmup:
+        largest = replace(d, beam_width=max(cfg.beam_widths), beam_length=max(cfg.beam_lengths))
+        warm_up(gen, prompts[0], largest, ["plain", "redraft"], tick)
+
+    cells: list[dict[str, Any]] = []
+    for k, (w, length) in enumerate(shapes):
+        offset = done
+        name = f"cell {w}x{length} ({k + 1}/{len(shapes)})"
+
+        def cell_progress(n: int, _total: int, label: str, offset: int = offset, name: str = name) -> None:
+            nonlocal done
+            done = offset + n
+            if progress is not None:
+                progress(done, total, f"{name} {label}")
+
+        bench_cfg = BenchConfig(replace(d, beam_width=w, beam_length=length), warmup=False, hf_baseline=False)
+        cell = cell_from_bench(run_bench(gen, prompts, bench_cfg, cell_progress))
+        done = offset + per_cell
+        cells.append(cell)
+        if on_cell is not None:
+            on_cell(cell)
+
+    s = d.sampling
+    return {
+        "accept": d.accept,
+        "temperature": s.temperature,
+        "top_k": s.top_k,
+        "top_p": s.top_p,
+        "seed": s.seed,
+        "num_prompts": len(prompts),
+        "max_new_tokens": d.max_new_tokens,
+        "beam_widths": list(cfg.beam_widths),
+        "beam_lengths": list(cfg.beam_lengths),
+        "warmup": cfg.warmup,
+        "baseline": pooled_baseline(cells),
+        "cells": cells,
+        "best": best_cell(cells),
+        "wall_s": round(time.perf_counter() - start, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+
+
+# -- outputs -------------------------------------------------------------------------
+def write_json(result: dict[str, Any], path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out
+
+
+def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per cell, CELL_FIELDS in order, plus `best` (1 for the best cell, else 0)."""
+    best = result.get("best") or {}
+    key = (best.get("beam_width"), best.get("beam_length"))
+    return [{**{f: c[f] for f in CELL_FIELDS}, "best": int((c["beam_width"], c["beam_length"]) == key)}
+            for c in result["cells"]]
+
+
+def write_csv(result: dict[str, Any], path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*CELL_FIELDS, "best"])
+        writer.writeheader()
+        for row in csv_rows(result):
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return out
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of `write_csv` back with their types (ints, floats, None for empty)."""
+    rows = []
+    with Path(path).open(newline="") as f:
+        for raw in csv.DictReader(f):
+            row: dict[str, Any] = {}
+            for k, v in raw.items():
+                if v == "":
+                    row[k] = None
+                elif k in _INT_FIELDS or k == "best":
+                    row[k] = int(v)
+                else:
+                    row[k] = float(v)
+            rows.append(row)
+    return rows
+
+
+def save_best(result: dict[str, Any], drafter_dir: str | Path) -> Path:
+    """Write the best cell's shape as the drafter's recommended beam shape; returns config.json's path."""
+    best = result.get("best")
+    if best is None:
+        raise BadInputError("the sweep has no best cell to save (no cell has a speedup)")
+    return write_beam_shape(drafter_dir, best["beam_width"], best["beam_length"])

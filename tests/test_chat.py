@@ -1,0 +1,141 @@
+"""`redraft chat`: the session core, one-shot mode through pipes, and an interactive terminal via pexpect."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_chat_llama
+from redraft_cli.chat import ChatSession
+from redraft_cli.decode import DecodeConfig, Generator
+from redraft_cli.drafter import Drafter
+from redraft_cli.errors import BadInputError, ContextOverflowError
+
+REDRAFT = str(Path(sys.executable).with_name("redraft"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def target():
+    # A long context, so that an answer in the terminal test runs until Ctrl-C stops it.
+    return tiny_chat_llama(seed=6, max_positions=1 << 20)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, target):
+    d = tmp_path_factory.mktemp("chat") / "tiny-model"
+    target.model.save_pretrained(d)
+    target.tokenizer.save_pretrained(d)
+    return d
+
+
+def session(target, **kw) -> ChatSession:
+    gen = Generator(target, Drafter.for_target(target, seed=0))
+    return ChatSession(gen, DecodeConfig(max_new_tokens=12, beam_width=2, beam_length=3), **kw)
+
+
+def test_multi_turn_history_and_stats(target):
+    s = session(target)
+    first = "".join(c.drafted + c.text for c in s.ask("Hello there"))
+    assert s.messages[-1] == {"role": "assistant", "content": first}
+    list(s.ask("And then?"))
+    assert [m["role"] for m in s.messages] == ["user", "assistant", "user", "assistant"]
+    assert s.totals.answers == 2 and s.totals.tokens == 24
+    plain = session(target, draft=False)
+    assert "".join(c.drafted + c.text for c in plain.ask("Hello there")) == first  # greedy: identical text
+    s.reset()
+    assert s.messages == []
+
+
+def test_set_validates(target):
+    s = session(target)
+    assert s.set("beam-width", "3") == "beam-width = 3" and s.cfg.beam_width == 3
+    s.set("temperature", "0.7")
+    assert s.cfg.sampling.temperature == 0.7
+    s.set("draft", "off")
+    assert not s.draft
+    for name, value in (("beam-width", "0"), ("beam-width", "x"), ("colour", "1"), ("accept", "maybe"), ("draft", "2")):
+        with pytest.raises(BadInputError):
+            s.set(name, value)
+
+
+def test_history_trimmed_to_context(target):
+    s = session(target)
+    limit = target.max_context
+    target.max_context = 200  # trimming is decided against the Target's limit
+    try:
+        for i in range(12):
+            list(s.ask(f"Tell me something about number {i}, please, in detail."))
+        assert s.trimmed >= 1 or len(s.messages) < 24
+        assert len(target.encode_chat(s.messages)) <= 200
+        with pytest.raises(ContextOverflowError):
+            list(s.ask("word " * 400))
+    finally:
+        target.max_context = limit
+
+
+def run_cli(args, stdin: str = ""):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([REDRAFT, *args], input=stdin, capture_output=True, text=True, timeout=240, env=env)
+
+
+def test_one_shot_from_stdin_and_json(model_dir):
+    r = run_cli(["chat", "--model", str(model_dir), "--drafter", "random", "--max-new-tokens", "8"], "Name three colours.")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "tokens/step" in r.stderr
+    j = run_cli(["chat", "--model", str(model_dir), "--drafter", "random", "--max-new-tokens", "8", "--json",
+                 "--prompt", "Hi"])
+    assert j.returncode == 0, j.stderr
+    data = json.loads(j.stdout)
+    assert data["tokens"] == 8 and data["prompt"] == "Hi" and "tokens_per_step" in data
+    bad = run_cli(["chat", "--model", str(model_dir), "--drafter", "random", "--beam-width", "0", "--prompt", "x"])
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_interactive_terminal(model_dir):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(REDRAFT, ["chat", "--model", str(model_dir), "--drafter", "random", "--max-new-tokens", "6"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"}, encoding="utf-8", timeout=120)
+    try:
+        child.expect(">>> ")
+        child.sendline("Hello")
+        child.expect(r"tokens/step")
+        child.expect(">>> ")
+        child.sendline("/stats")
+        child.expect("session: 1 answers")
+        child.expect(">>> ")
+        child.sendline("/reset")
+        child.expect("conversation cleared")
+        child.expect(">>> ")
+        child.sendline("/set max-new-tokens 100000")
+        child.expect("max-new-tokens = 100000")
+        child.expect(">>> ")
+        child.sendline("Write a very long story.")
+        child.expect("Write a very long story.")  # the echo
+        import time
+
+        time.sleep(3)  # let it stream a while, then Ctrl-C stops the answer, not the program
+        child.sendintr()
+        child.expect(r"interrupted")
+        child.expect(">>> ")
+        child.sendline("/set beam-width 0")
+        child.expect("error")
+        child.expect(">>> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0

@@ -1,0 +1,217 @@
+"""The beam-shape sweep: the core grid on a tiny random Llama, outputs (JSON, CSV, PNG),
+saving the best shape into a drafter, and `redraft sweep` through CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from redraft_cli.cli.app import app
+from redraft_cli.decode import DecodeConfig, Generator
+from redraft_cli.drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter, write_beam_shape
+from redraft_cli.errors import BadInputError, BeamShapeError, DrafterLoadError
+from redraft_cli.sweep import (CELL_FIELDS, SweepConfig, best_cell, csv_rows, parse_int_list, read_csv, run_sweep,
+                               save_best, write_csv, write_json)
+
+from conftest import random_prompts, tiny_llama
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny models are latency-bound, and other jobs may share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    target = tiny_llama()
+    return target, Drafter.for_target(target, seed=0)
+
+
+@pytest.fixture(scope="module")
+def swept(tiny):
+    target, drafter = tiny
+    events, cells = [], []
+    cfg = SweepConfig(beam_widths=[2, 1, 2], beam_lengths=[3, 2], decode=DecodeConfig(max_new_tokens=8))
+    result = run_sweep(Generator(target, drafter), random_prompts(2, target.vocab_size), cfg,
+                       progress=lambda *a: events.append(a), on_cell=cells.append)
+    return {**result, "model": target.name, "drafter": "random (seed 0)"}, events, cells
+
+
+def test_grid_has_every_cell_with_all_fields(swept):
+    result, events, cells = swept
+    assert result["beam_widths"] == [1, 2] and result["beam_lengths"] == [2, 3]  # deduplicated, sorted
+    shapes = [(c["beam_width"], c["beam_length"]) for c in result["cells"]]
+    assert shapes == [(1, 2), (1, 3), (2, 2), (2, 3)]
+    assert cells == result["cells"]  # on_cell saw each cell as it finished, in order
+    for c in result["cells"]:
+        assert tuple(c) == CELL_FIELDS
+        assert c["tokens"] == c["baseline_tokens"] == 16  # 2 prompts x 8 tokens, no EOS in the tiny model
+        assert c["identical_outputs"] == 2  # greedy: lossless in every cell
+        assert c["tokens_per_step"] >= 1.0 and 0.0 <= c["acceptance_rate"] <= 1.0
+        assert 1.0 <= c["mean_tree_nodes"] <= c["beam_width"] * c["beam_length"]
+        assert c["tokens_per_s"] > 0 and c["baseline_tokens_per_s"] > 0
+        assert c["speedup"] == pytest.approx(c["tokens_per_s"] / c["baseline_tokens_per_s"], rel=0.02)
+    # Warm-up (2) + 4 cells x 2 prompts x 2 paths, monotone, ending at the total.
+    assert [e[0] for e in events] == list(range(1, 19)) and all(e[1] == 18 for e in events)
+    assert events[0][2] == "warm-up plain" and events[-1][2].startswith("cell 2x3 (4/4)")
+
+
+def test_best_is_the_fastest_cell_and_baseline_is_pooled(swept):
+    result, _, _ = swept
+    cells = result["cells"]
+    assert result["best"] == max(cells, key=lambda c: c["speedup"])
+    base = result["baseline"]
+    assert base["tokens"] == sum(c["baseline_tokens"] for c in cells)
+    rates = [c["baseline_tokens_per_s"] for c in cells]
+    assert base["min_tokens_per_s"] == min(rates) and base["max_tokens_per_s"] == max(rates)
+    assert best_cell([]) is None
+    tie = [{"speedup": 1.0, "tokens_per_s": 5.0, "k": 0}, {"speedup": 1.0, "tokens_per_s": 5.0, "k": 1}]
+    assert best_cell(tie)["k"] == 0
+
+
+def test_json_and_csv_round_trip(swept, tmp_path):
+    result, _, _ = swept
+    back = json.loads(write_json(result, tmp_path / "out" / "s.json").read_text())
+    assert back == json.loads(json.dumps(result))
+    for key in ("accept", "temperature", "top_p", "seed", "num_prompts", "max_new_tokens", "baseline", "cells", "best"):
+        assert key in back, key
+    rows = read_csv(write_csv(result, tmp_path / "s.csv"))
+    assert len(rows) == 4
+    assert rows == csv_rows(result)
+    assert sum(r["best"] for r in rows) == 1
+    best_row = next(r for r in rows if r["best"])
+    assert (best_row["beam_width"], best_row["beam_length"]) == (result["best"]["beam_width"], result["best"]["beam_length"])
+    for row, cell in zip(rows, result["cells"]):
+        assert {k: row[k] for k in CELL_FIELDS} == cell
+
+
+def test_save_best_rewrites_only_the_shape(swept, tiny, tmp_path):
+    result, _, _ = swept
+    _, drafter = tiny
+    path = tmp_path / "drafter"
+    drafter.save(path)
+    weights = (path / WEIGHTS_NAME).read_bytes()
+    before = json.loads((path / CONFIG_NAME).read_text())
+    best = {**result, "best": {**result["best"], "beam_width": 2, "beam_length": 3}}
+    assert save_best(best, path) == path / CONFIG_NAME
+    after = json.loads((path / CONFIG_NAME).read_text())
+    assert after["redraft"]["beam_width"] == 2 and after["redraft"]["beam_length"] == 3
+    before["redraft"].update(beam_width=2, beam_length=3)
+    assert after == before
+    assert (path / WEIGHTS_NAME).read_bytes() == weights
+    assert sorted(p.name for p in path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary left behind
+    loaded = Drafter.load(path)
+    assert (loaded.config.beam_width, loaded.config.beam_length) == (2, 3)
+    with pytest.raises(BadInputError, match="no best cell"):
+        save_best({**result, "best": None}, path)
+
+
+def test_write_beam_shape_keeps_a_reference_layout_config_own_head(tmp_path):
+    target = tiny_llama()
+    path = tmp_path / "ref"
+    Drafter.for_target(target, head="own").save(path)
+    data = json.loads((path / CONFIG_NAME).read_text())
+    data.pop("redraft")  # the reference implementation's config has no redraft block
+    (path / CONFIG_NAME).write_text(json.dumps(data))
+    write_beam_shape(path, 3, 2)
+    loaded = Drafter.load(path)
+    assert loaded.config.head == "own" and (loaded.config.beam_width, loaded.config.beam_length) == (3, 2)
+    with pytest.raises(BeamShapeError):
+        write_beam_shape(path, 0, 2)
+    with pytest.raises(DrafterLoadError):
+        write_beam_shape(tmp_path / "missing", 2, 2)
+
+
+def test_parse_int_list_and_grid_checks():
+    assert parse_int_list("4, 1,2,2") == [1, 2, 4]
+    for bad in ("", " ", "1,,2", "1,x", "0", "2,-1", "1.5"):
+        with pytest.raises(BadInputError):
+            parse_int_list(bad, "--beam-widths")
+    with pytest.raises(BeamShapeError):
+        SweepConfig(beam_widths=[1, 300], beam_lengths=[2])
+    with pytest.raises(BadInputError):
+        SweepConfig(beam_widths=[], beam_lengths=[2])
+    with pytest.raises(BeamShapeError, match="draft vocabulary"):
+        SweepConfig(beam_widths=[8], beam_lengths=[2]).check(draft_vocab_size=4)
+
+
+def test_plot_writes_a_png_with_two_titled_heatmaps(swept, tmp_path):
+    from redraft_cli.plots import save_sweep_plot, sweep_figure
+
+    result, _, _ = swept
+    fig = sweep_figure(result)
+    titled = [ax for ax in fig.axes if ax.get_title()]
+    assert len(titled) == 2
+    assert "Speedup" in titled[0].get_title() and "Tokens per step" in titled[1].get_title()
+    for ax in titled:
+        assert "beam length" in ax.get_xlabel() and "beam width" in ax.get_ylabel()
+        assert len(ax.texts) == 4  # one annotation per cell
+    assert "tiny-llama" in fig.get_suptitle() and "greedy" in fig.get_suptitle()
+    out = save_sweep_plot(result, tmp_path / "plots" / "s.png")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+# -- the command ------------------------------------------------------------------------
+def invoke(*args):
+    return runner.invoke(app, ["sweep", *map(str, args)])
+
+
+def assert_clean_error(result, *fragments, code=2):
+    out = result.output
+    assert result.exit_code == code, out
+    assert "Traceback" not in out and out.strip().startswith("error:"), out
+    assert len(out.strip().splitlines()) == 1, out
+    for f in fragments:
+        assert f in out, out
+
+
+def test_cli_sweep_embedded_default(tmp_path):
+    paths = {k: tmp_path / f"s.{k}" for k in ("json", "csv", "png")}
+    result = invoke("--drafter", "random", "--beam-widths", "1,2", "--beam-lengths", "2,3", "--num-prompts", 1,
+                    "--max-new-tokens", 8, "--json", paths["json"], "--csv", paths["csv"], "--plot", paths["png"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(paths["json"].read_text())
+    assert data["model"] == "smollm2-135m" and data["drafter"].startswith("random")
+    assert len(data["cells"]) == 4 and data["best"] in data["cells"]
+    assert all(c["identical_outputs"] == 1 for c in data["cells"])
+    assert data["saved_best"] is None
+    assert len(read_csv(paths["csv"])) == 4
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    assert "redraft sweep" in result.output and "plain baseline" in result.output
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--beam-widths", ""], ["--beam-widths"]),
+    (["--beam-widths", "1,two"], ["--beam-widths", "'two'"]),
+    (["--beam-lengths", "0"], ["--beam-lengths", "positive"]),
+    (["--beam-lengths", "2,,3"], ["--beam-lengths"]),
+    (["--beam-widths", "300"], ["too large"]),
+    (["--plot", "grid.jpg"], ["--plot"]),
+    (["--save-best"], ["--save-best", "--drafter random"]),
+])
+def test_cli_bad_grids_fail_before_loading(args, fragments):
+    assert_clean_error(invoke("--drafter", "random", "--model", "no-such-org/never-loaded", *args), *fragments)
+
+
+def test_cli_save_best_into_a_saved_drafter(tmp_path, smollm2):
+    path = tmp_path / "smol-drafter"
+    Drafter.for_target(smollm2, seed=1).save(path)
+    result = invoke("--drafter", path, "--save-best", "--beam-widths", "1,2", "--beam-lengths", "2",
+                    "--num-prompts", 1, "--max-new-tokens", 4, "--no-warmup", "--json", tmp_path / "s.json")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "s.json").read_text())
+    best = data["best"]
+    assert data["saved_best"] == str(path / CONFIG_NAME)
+    cfg = Drafter.load(path).config
+    assert (cfg.beam_width, cfg.beam_length) == (best["beam_width"], best["beam_length"])
+    assert "saved beam shape" in result.output
