@@ -159,7 +159,10 @@ def _load_hf(source: str, spec: TargetSpec, device: torch.device, dtype: torch.d
         from transformers import BitsAndBytesConfig
 
         if spec.quantize == "8bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            # llm_int8_threshold=0: plain row-wise int8. With LLM.int8's outlier decomposition the outlier
+            # columns are picked across all tokens of a pass, so a tree pass and a one-token pass round
+            # differently and greedy ReDrafter output would drift from plain decoding.
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4"

@@ -123,3 +123,16 @@ def test_embedded_default_greedy_identical(smollm2):
         ids = smollm2.encode_chat(text)
         plain = gen.generate(ids, cfg, "plain").tokens
         assert gen.generate(ids, cfg, "redraft").tokens == plain
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", ["8bit", "4bit"])
+def test_quantized_targets_stay_lossless(quantize):
+    from redraft_cli.target import load_target
+
+    target = load_target("smollm2-135m", quantize=quantize, device="cpu")
+    gen = Generator(target, Drafter.for_target(target, seed=0))
+    cfg = DecodeConfig(max_new_tokens=16, beam_width=2, beam_length=3)
+    for text in ("Name three colours.", "What is 12 times 12?"):
+        ids = target.encode_chat(text)
+        assert gen.generate(ids, cfg, "redraft").tokens == gen.generate(ids, cfg, "plain").tokens
