@@ -44,8 +44,3 @@ class PromptError(BadInputError):
 class ContextOverflowError(BadInputError):
     """The prompt does not fit in the target's context window."""
 
-
-class NotBuiltError(RedraftError):
-    """A command that exists in the interface but is not implemented yet."""
-
-    exit_code = 1

@@ -25,7 +25,7 @@ def _grid(result: dict[str, Any], key: str) -> list[list[float]]:
 
 
 def _heatmap(fig, ax, result: dict[str, Any], grid: list[list[float]], title: str, fmt: str,
-             cmap: str, norm, label: str) -> None:
+             cmap: str, norm, label: str):
     import numpy as np
 
     data = np.ma.masked_invalid(np.array(grid, dtype=float))
@@ -48,6 +48,7 @@ def _heatmap(fig, ax, result: dict[str, Any], grid: list[list[float]], title: st
                     color="white" if dark else "black")
     cbar = fig.colorbar(image, ax=ax)
     cbar.set_label(label)
+    return cbar
 
 
 def sweep_figure(result: dict[str, Any]):
@@ -64,9 +65,13 @@ def sweep_figure(result: dict[str, Any]):
     speed = _grid(result, "speedup")
     values = [v for row in speed for v in row if not math.isnan(v)] or [1.0]
     # Diverging around 1.0x: red is slower than plain decoding, green faster.
-    norm = TwoSlopeNorm(vcenter=1.0, vmin=min(min(values), 0.99), vmax=max(max(values), 1.01))
-    _heatmap(fig, ax_speed, result, speed, "Speedup vs plain decoding (tokens/s ratio)", "{:.2f}x",
-             "RdYlGn", norm, "speedup (x)")
+    lo, hi = min(min(values), 0.95), max(max(values), 1.05)
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=lo, vmax=hi)
+    cbar = _heatmap(fig, ax_speed, result, speed, "Speedup vs plain decoding (tokens/s ratio)", "{:.2f}x",
+                    "RdYlGn", norm, "speedup (x), 1.00x = plain decoding")
+    # The two halves of the bar have different scales: label their ends and the middle of each.
+    cbar.set_ticks([lo, (lo + 1) / 2, 1.0, (1 + hi) / 2, hi], labels=[
+        f"{v:.2f}x" for v in (lo, (lo + 1) / 2, 1.0, (1 + hi) / 2, hi)])
 
     tps = _grid(result, "tokens_per_step")
     values = [v for row in tps for v in row if not math.isnan(v)] or [1.0]

@@ -39,11 +39,6 @@ def test_help_lists_all_commands():
         assert cmd in result.output
 
 
-@pytest.mark.parametrize("cmd", ["distill", "chat"])
-def test_unbuilt_commands_say_so(cmd):
-    assert_clean_error(invoke(cmd), "not built yet", code=1)
-
-
 def test_bench_random_drafter_json(tmp_path, prompt_file):
     out = tmp_path / "b.json"
     result = invoke("bench", "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 2,

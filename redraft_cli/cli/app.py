@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from ..errors import NotBuiltError
-from ._errors import handle_errors
 from .bench import bench
 from .chat import chat
 from .distill import distill
@@ -21,21 +19,9 @@ app = typer.Typer(
 )
 
 app.command(help="Measure ReDrafter against plain decoding on the same prompts.")(bench)
-
-
-def _not_built(name: str, issue: str):
-    @handle_errors
-    def command(ctx: typer.Context) -> None:
-        raise NotBuiltError(f"`redraft {name}` is not built yet ({issue})")
-
-    command.__doc__ = f"(not built yet) {issue}"
-    return command
-
-
-_extra = {"allow_extra_args": True, "ignore_unknown_options": True}
-app.command(help="Train (distill) a drafter for a target model from a recipe.")(distill)
 app.command(help="Talk to a model with ReDrafter decoding, streamed.")(chat)
-app.command(help="Grid-search the beam shape (width x length) that is fastest on this machine.")(sweep)
+app.command(help="Train (distill) a drafter for a target model from a recipe.")(distill)
+app.command(help="Grid-search the beam shape: speed and tokens per step per beam width x length.")(sweep)
 
 
 @app.callback()

@@ -58,7 +58,7 @@ def chat(
     )
     one_shot = prompt is not None or not sys.stdin.isatty()
     if prompt is None and one_shot:
-        prompt = sys.stdin.read()
+        prompt = sys.stdin.read().strip()
         if not prompt.strip():
             from ..errors import BadInputError
 

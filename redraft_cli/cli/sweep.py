@@ -157,8 +157,9 @@ def render(r: dict[str, Any], shapes: list[tuple[int, int]], cells: list[dict[st
     title = (f"redraft sweep: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
              f"{r['num_prompts']} prompts x {r['max_new_tokens']} tokens")
     t = Table(title=title, title_justify="left", caption_justify="left")
-    for col in ("width", "length", "tokens/step", "acceptance", "tree nodes", "tokens/s", "plain tokens/s", "speedup"):
-        t.add_column(col, justify="right")
+    # Short headers: the table fits 80 columns (what Rich assumes when stdout is not a terminal).
+    for col in ("width", "length", "tok/step", "accept", "nodes", "tok/s", "plain tok/s", "speedup"):
+        t.add_column(col, justify="right", no_wrap=True)
     done = {(c["beam_width"], c["beam_length"]): c for c in cells}
     best = best_cell(cells)
     best_key = (best["beam_width"], best["beam_length"]) if best else None
