@@ -26,6 +26,20 @@ ProgressFn = Callable[[int, int, str], None]
 
 
 @dataclass
+class Ticker:
+    """Counts finished units of work and reports (done, total, label) to an optional callback."""
+
+    total: int
+    progress: ProgressFn | None = None
+    done: int = 0
+
+    def __call__(self, label: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total, label)
+
+
+@dataclass
 class BenchConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     warmup: bool = True
@@ -124,15 +138,7 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
     """
     d = cfg.decode
     paths = ["plain", "redraft"] + (["hf"] if cfg.hf_baseline else [])
-    total = len(prompts) * len(paths) + (len(paths) if cfg.warmup else 0)
-    done = 0
-
-    def tick(label: str) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total, label)
-
+    tick = Ticker(len(prompts) * len(paths) + (len(paths) if cfg.warmup else 0), progress)
     if cfg.warmup:
         warm_up(gen, prompts[0], d, paths, tick)
 

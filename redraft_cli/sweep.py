@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .beam_search import check_beam_shape
-from .bench import BenchConfig, PathTotals, peak_rss_mb, run_bench, warm_up
+from .bench import BenchConfig, PathTotals, Ticker, peak_rss_mb, run_bench, warm_up
 from .decode import DecodeConfig, Generator
 from .drafter import write_beam_shape
 from .errors import BadInputError
@@ -153,34 +153,24 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
         cfg.check(gen.drafter.draft_vocab_size)
     shapes = cfg.shapes
     per_cell = 2 * len(prompts)
-    total = len(shapes) * per_cell + (2 if cfg.warmup else 0)
-    done = 0
+    tick = Ticker(len(shapes) * per_cell + (2 if cfg.warmup else 0), progress)
     start = time.perf_counter()
-
-    def tick(label: str) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total, label)
-
     if cfg.warmup:
         largest = replace(d, beam_width=max(cfg.beam_widths), beam_length=max(cfg.beam_lengths))
         warm_up(gen, prompts[0], largest, ["plain", "redraft"], tick)
 
     cells: list[dict[str, Any]] = []
     for k, (w, length) in enumerate(shapes):
-        offset = done
+        offset = tick.done
         name = f"cell {w}x{length} ({k + 1}/{len(shapes)})"
 
         def cell_progress(n: int, _total: int, label: str, offset: int = offset, name: str = name) -> None:
-            nonlocal done
-            done = offset + n
-            if progress is not None:
-                progress(done, total, f"{name} {label}")
+            tick.done = offset + n - 1
+            tick(f"{name} {label}")
 
         bench_cfg = BenchConfig(replace(d, beam_width=w, beam_length=length), warmup=False, hf_baseline=False)
         cell = cell_from_bench(run_bench(gen, prompts, bench_cfg, cell_progress))
-        done = offset + per_cell
+        tick.done = offset + per_cell
         cells.append(cell)
         if on_cell is not None:
             on_cell(cell)

@@ -41,6 +41,16 @@ def tiny_llama(vocab_size: int = 64, hidden_size: int = 32, layers: int = 2, see
     return Target(model, tokenizer=None, name=f"tiny-llama-v{vocab_size}")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are all per-op overhead: with two OpenMP threads on a 2-core machine (and anything
+    else running) every op pays a thread barrier. Modules of tiny-model tests use one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_target() -> Target:
     return tiny_llama()

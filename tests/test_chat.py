@@ -20,12 +20,7 @@ from redraft_cli.errors import BadInputError, ContextOverflowError
 REDRAFT = str(Path(sys.executable).with_name("redraft"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -43,14 +43,7 @@ CONVERSATIONS = [
 SMALL = dict(max_new_tokens=8, batch_size=4, shard_size=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A hidden-32 model is all overhead: with 2+ OpenMP threads (and another process busy on the
-    2-core machine) every tiny op pays a thread barrier and the module takes ~50 s instead of a few."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from redraft_cli.drafter import Drafter
 from redraft_cli.errors import BadInputError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_examples(target, n: int, seed: int = 0, length: int = 24) -> list[dict]:

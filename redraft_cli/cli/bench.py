@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -11,12 +10,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..bench import BenchConfig, run_bench
-from ..decode import DecodeConfig, Generator
+from ..decode import Generator
 from ..prompts import load_prompts
-from ..sampling import SamplingConfig
 from . import options as o
 from ._errors import handle_errors
-from .common import console, err, load_models
+from .common import console, decode_config, err, load_models, with_drafter_shape
 
 D = o.DEFAULTS
 
@@ -47,23 +45,11 @@ def bench(
 ) -> None:
     """Measure ReDrafter against plain decoding on the same prompts, alternating, after a warm-up."""
     # Validate everything cheap before loading models.
-    cfg = DecodeConfig(
-        max_new_tokens=max_new_tokens,
-        beam_width=beam_width if beam_width is not None else DecodeConfig.beam_width,
-        beam_length=beam_length if beam_length is not None else DecodeConfig.beam_length,
-        accept=accept,
-        sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-        typical_epsilon=epsilon,
-        typical_delta=delta,
-    )
+    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta)
     texts = load_prompts(prompts, limit=num_prompts)
     loaded = load_models(model, drafter, dtype, device, quantize, seed)
     target, dr = loaded.target, loaded.drafter
-    cfg = replace(
-        cfg,
-        beam_width=beam_width if beam_width is not None else dr.config.beam_width,
-        beam_length=beam_length if beam_length is not None else dr.config.beam_length,
-    )
+    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length)
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
     for p in ids:

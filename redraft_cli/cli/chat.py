@@ -10,12 +10,11 @@ import typer
 from rich.text import Text
 
 from ..chat import ChatSession
-from ..decode import DecodeConfig, Generator
+from ..decode import Generator
 from ..errors import RedraftError
-from ..sampling import SamplingConfig
 from . import options as o
 from ._errors import handle_errors
-from .common import console, err, load_models
+from .common import console, decode_config, err, load_models, with_drafter_shape
 
 D = o.DEFAULTS
 HELP = """commands:
@@ -49,13 +48,7 @@ def chat(
     quantize: o.Quantize = D["quantize"],
 ) -> None:
     """Talk to a model with ReDrafter decoding (multi-turn, streamed)."""
-    cfg = DecodeConfig(
-        max_new_tokens=max_new_tokens,
-        beam_width=beam_width if beam_width is not None else DecodeConfig.beam_width,
-        beam_length=beam_length if beam_length is not None else DecodeConfig.beam_length,
-        accept=accept,
-        sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-    )
+    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed)
     one_shot = prompt is not None or not sys.stdin.isatty()
     if prompt is None and one_shot:
         prompt = sys.stdin.read().strip()
@@ -65,9 +58,7 @@ def chat(
             raise BadInputError("no prompt: pass --prompt TEXT or text on stdin")
     loaded = load_models(model, drafter, dtype, device, quantize, seed)
     dr = loaded.drafter
-    from dataclasses import replace
-
-    cfg = replace(cfg, beam_width=beam_width or dr.config.beam_width, beam_length=beam_length or dr.config.beam_length)
+    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length)
     session = ChatSession(Generator(loaded.target, dr), cfg, system=system, draft=not no_draft)
     if one_shot:
         _one_shot(session, prompt or "", json_out, show_drafts)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rich.console import Console
 
+from ..decode import DecodeConfig
 from ..drafter import Drafter
+from ..sampling import SamplingConfig
 from ..errors import DrafterLoadError
 from ..shipped import shipped_drafter_dir
 from ..target import Target, TargetSpec, load_target
@@ -62,3 +64,27 @@ def resolve_drafter(target: Target, drafter: str, seed: int) -> tuple[Drafter, s
     if not os.path.isdir(drafter):  # pragma: no cover - Drafter.load checked this
         raise DrafterLoadError(f"drafter not found: {drafter}")
     return loaded, drafter
+
+
+def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int | None, accept: str,
+                  temperature: float, top_k: int, top_p: float, seed: int,
+                  epsilon: float = DecodeConfig.typical_epsilon, delta: float = DecodeConfig.typical_delta) -> DecodeConfig:
+    """Validate the decoding options before any model loads (unset beam sizes take the core defaults for now)."""
+    return DecodeConfig(
+        max_new_tokens=max_new_tokens,
+        beam_width=beam_width if beam_width is not None else DecodeConfig.beam_width,
+        beam_length=beam_length if beam_length is not None else DecodeConfig.beam_length,
+        accept=accept,
+        sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+        typical_epsilon=epsilon,
+        typical_delta=delta,
+    )
+
+
+def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | None, beam_length: int | None) -> DecodeConfig:
+    """Beam sizes the user did not set come from the drafter's recommended shape."""
+    return replace(
+        cfg,
+        beam_width=beam_width if beam_width is not None else drafter.config.beam_width,
+        beam_length=beam_length if beam_length is not None else drafter.config.beam_length,
+    )

@@ -12,16 +12,15 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..decode import DecodeConfig, Generator
+from ..decode import Generator
 from ..drafter import CONFIG_NAME
 from ..errors import BadInputError
 from ..prompts import load_prompts
-from ..sampling import SamplingConfig
 from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, best_cell, parse_int_list, run_sweep,
                      save_best as save_best_shape, write_csv, write_json)
 from . import options as o
 from ._errors import handle_errors
-from .common import Loaded, console, err, load_models
+from .common import Loaded, console, decode_config, err, load_models
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -64,13 +63,7 @@ def sweep(
     # Validate everything cheap before loading models.
     widths = parse_int_list(beam_widths, "--beam-widths")
     lengths = parse_int_list(beam_lengths, "--beam-lengths")
-    base = DecodeConfig(
-        max_new_tokens=max_new_tokens,
-        accept=accept,
-        sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-        typical_epsilon=epsilon,
-        typical_delta=delta,
-    )
+    base = decode_config(max_new_tokens, None, None, accept, temperature, top_k, top_p, seed, epsilon, delta)
     cfg = SweepConfig(beam_widths=widths, beam_lengths=lengths, decode=base, warmup=warmup)
     if plot_path is not None and plot_path.suffix.lower() not in PLOT_SUFFIXES:
         raise BadInputError(f"--plot must end in {', '.join(PLOT_SUFFIXES)}, got {plot_path.name!r}")
