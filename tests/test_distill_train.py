@@ -131,7 +131,7 @@ def test_distill_pipeline_end_to_end(tmp_path):
         "beam": {"width": 2, "length": 3},
     })
     events = []
-    result = distill(recipe, tmp_path / "out", on_event=events.append, target=target)
+    result = distill(recipe, tmp_path / "out", on_event=events.append, target=target, data_dir=tmp_path / "data")
     out = result.out
     for name in ("config.json", "model.safetensors", "recipe.yaml", "metrics.json"):
         assert (out / name).is_file(), name

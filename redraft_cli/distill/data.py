@@ -398,6 +398,7 @@ def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str |
         if progress is not None:
             progress(state["done"], len(conversations), state["tokens"])
 
+    generated_any = False
     for shard in range(fresh["num_shards"]):
         if max_shards is not None and shard >= max_shards:
             break
@@ -406,6 +407,7 @@ def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str |
         lo, hi = shard * cfg.shard_size, min(len(conversations), (shard + 1) * cfg.shard_size)
         items = [(i, list(conversations[i])) for i in range(lo, hi)]
         convs, counts = _generate_shard(target, chat, items, cfg, shard, on_batch)
+        generated_any = True
         name = f"shard-{shard:05d}.safetensors"
         if convs:
             _write_shard(out / name, convs)
@@ -427,7 +429,8 @@ def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str |
         if stop_after_s is not None and time.perf_counter() - start >= stop_after_s:
             break
     _finish_manifest(manifest, start, state["run_tokens"])
-    _write_json(out / MANIFEST, manifest)
+    if generated_any or not (out / MANIFEST).exists():
+        _write_json(out / MANIFEST, manifest)
     return manifest
 
 
