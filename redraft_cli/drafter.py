@@ -223,12 +223,14 @@ class Drafter(nn.Module):
     def reset_parameters(self, seed: int = 0) -> "Drafter":
         """Seeded init: small random weights (an untrained drafter)."""
         gen = torch.Generator().manual_seed(seed)
+        last = f"lm_head.{self.config.num_draft_layers}.weight"
         for name, p in self.named_parameters():
             with torch.no_grad():
                 if name.endswith("bias"):
                     p.zero_()
                 else:
-                    std = 1.0 / math.sqrt(p.shape[1])
+                    # The vocabulary projection starts small: near-uniform drafts, initial loss ~ ln(V).
+                    std = (0.1 if name == last else 1.0) / math.sqrt(p.shape[1])
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 

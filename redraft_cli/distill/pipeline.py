@@ -154,8 +154,9 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         emit({"event": "draft_vocab", "size": dr.draft_vocab_size, "coverage": coverage})
         drafter.config.extra["draft_vocab_coverage"] = round(coverage, 4)
     drafter.float()
+    # Greedy self-distillation data holds the target's argmax tokens already; sampled data does not.
     state = train_drafter(target, drafter, train_set, held, recipe.train, out, dr.predict_tokens, resume=resume,
-                          on_event=emit)
+                          on_event=emit, compare_target_argmax=d.temperature > 0)
 
     # 3. The final drafter = the best by held-out agreement.
     best = out / "best"

@@ -166,8 +166,16 @@ def batch_loss(target: Target, drafter: Any, raw: Drafter, ids: torch.Tensor, at
 
 
 @torch.no_grad()
-def evaluate(target: Target, drafter: Drafter, examples: list[dict], K: int, batch_size: int, max_len: int) -> dict[str, Any]:
-    """Per-step top-1 agreement with the target's argmax and loss on held-out examples (all positions)."""
+def evaluate(target: Target, drafter: Drafter, examples: list[dict], K: int, batch_size: int, max_len: int,
+             positions_per_sequence: int | None = 128, compare_target_argmax: bool = False) -> dict[str, Any]:
+    """Per-step top-1 agreement and loss on held-out examples.
+
+    Agreement is against the data's tokens (the target's own greedy tokens for
+    greedy self-distillation) or, with compare_target_argmax (sampled data),
+    against the target's argmax. Positions: up to positions_per_sequence per
+    sequence, drawn with a fixed seed so every evaluation sees the same ones
+    (None: all positions).
+    """
     was_training = drafter.training
     drafter.eval()
     correct = torch.zeros(K)
@@ -175,7 +183,9 @@ def evaluate(target: Target, drafter: Drafter, examples: list[dict], K: int, bat
     loss_sum = torch.zeros(K)
     for i in range(0, len(examples), batch_size):
         ids, attn, mask = collate(examples[i : i + batch_size], max_len)
-        _, s = batch_loss(target, drafter, drafter, ids, attn, mask, K, None, None, compare_target_argmax=True)
+        gen = torch.Generator().manual_seed(12_345 + i) if positions_per_sequence else None
+        _, s = batch_loss(target, drafter, drafter, ids, attn, mask, K, positions_per_sequence, gen,
+                          compare_target_argmax=compare_target_argmax)
         correct += s["correct"].cpu()
         count += s["count"].cpu()
         loss_sum += s["loss_sum"].cpu()
@@ -236,7 +246,7 @@ def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
 
 def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_set: list[dict], cfg: TrainSection,
                   out: Path, predict_tokens: int, resume: bool = False, on_event: EventFn | None = None,
-                  accelerator: Any = None) -> TrainState:
+                  accelerator: Any = None, compare_target_argmax: bool = False) -> TrainState:
     """Train `drafter` (attached to `target`) and keep the best checkpoint by held-out agreement.
 
     Writes out/best (the best drafter, interoperable format), out/checkpoint
@@ -301,7 +311,8 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
                   "lr": scheduler.get_last_lr()[0], "train_agreement": train_acc, "epoch": (step * cfg.grad_accum) / per_process})
             last = state.step == total
             if state.step % cfg.eval_every == 0 or last:
-                _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, running, emit)
+                _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, running, emit,
+                                        compare_target_argmax)
             if acc.is_main_process and (state.step % cfg.save_every == 0 or last):
                 save_checkpoint(out, drafter, optimizer, scheduler, state)
             acc.wait_for_everyone()
@@ -315,13 +326,14 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
     return state
 
 
-def _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, running, emit) -> None:
+def _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, running, emit, compare) -> None:
     if not acc.is_main_process:
         return
     row: dict[str, Any] = {"step": state.step, "train_loss": round(sum(running[-50:]) / max(len(running[-50:]), 1), 4),
                            "seconds": round(state.seconds, 1)}
     if eval_set:
-        row.update(evaluate(target, drafter, eval_set, K, cfg.batch_size, cfg.max_seq_len))
+        row.update(evaluate(target, drafter, eval_set, K, cfg.batch_size, cfg.max_seq_len,
+                            compare_target_argmax=compare))
         score = row["mean_agreement"]
     else:
         score = -row["train_loss"]
