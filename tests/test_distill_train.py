@@ -93,7 +93,8 @@ def test_training_learns_and_resumes_exactly(tmp_path):
 def test_collate_pads_right():
     ex = [{"input_ids": torch.tensor([1, 2, 3]), "loss_mask": torch.tensor([0, 1, 1], dtype=torch.bool)},
           {"input_ids": torch.tensor([4]), "loss_mask": torch.tensor([1], dtype=torch.bool)}]
-    ids, attn, mask = collate(ex, 10)
+    ids, attn, mask, hidden = collate(ex, 10)
+    assert hidden is None
     assert ids.tolist() == [[1, 2, 3], [4, 0, 0]]
     assert attn.tolist() == [[True, True, True], [True, False, False]]
     assert mask.tolist() == [[False, True, True], [True, False, False]]
@@ -143,3 +144,38 @@ def test_distill_pipeline_end_to_end(tmp_path):
     assert m["bench"]["identical_outputs"] == 1
     kinds = {e["event"] for e in events}
     assert {"data", "step", "eval", "finished"} <= kinds
+
+
+def test_hidden_cache_round_trip_resume_and_training_without_target_forward(tmp_path):
+    from redraft_cli.distill.hidden_cache import attach_hidden, build_hidden_cache
+
+    target = tiny_llama(vocab_size=64, seed=7)
+    data = synthetic_examples(target, 10, seed=3)
+    calls = []
+    build_hidden_cache(target, data, tmp_path / "h", batch_size=3, chunk_size=4,
+                       progress=lambda done, total: calls.append(done))
+    assert calls[-1] == 10
+    manifest = json.loads((tmp_path / "h" / "manifest.json").read_text())
+    assert manifest["chunks"] == [0, 1, 2]
+    # A rerun finds every chunk done and computes nothing.
+    build_hidden_cache(target, data, tmp_path / "h", batch_size=3, chunk_size=4,
+                       progress=lambda done, total: pytest.fail("recomputed a finished chunk"))
+    attach_hidden(data, tmp_path / "h", target.name)
+    for e in data:
+        with torch.no_grad():
+            ref = target.base(input_ids=e["input_ids"][None]).last_hidden_state[0]
+        torch.testing.assert_close(e["hidden"].float(), ref, atol=0.05, rtol=0.02)
+    with pytest.raises(BadInputError):
+        attach_hidden(data[:5], tmp_path / "h", target.name)
+
+    def no_forward(*a, **k):
+        raise AssertionError("the target must not run when hidden states are cached")
+
+    base = target.base
+    target.base = no_forward
+    try:
+        cfg = TrainSection(max_steps=3, batch_size=4, eval_every=100, save_every=100, positions_per_sequence=8)
+        state = train_drafter(target, Drafter.for_target(target, seed=0), data[2:], data[:2], cfg, tmp_path / "o", 2)
+        assert state.step == 3 and "agreement" in state.history[-1]
+    finally:
+        target.base = base

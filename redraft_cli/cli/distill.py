@@ -93,6 +93,9 @@ class _DistillView:
         elif kind == "data":
             t = self._task("data", "self-distillation data", e["total"])
             self.progress.update(t, completed=e["done"], total=e["total"], info=f"{e['tokens']:,} tokens")
+        elif kind == "hidden":
+            t = self._task("hidden", "caching hidden states", e["total"])
+            self.progress.update(t, completed=e["done"], total=e["total"])
         elif kind == "data_done":
             err.print(f"data: {e['train']} training and {e['held_out']} held-out conversations, "
                       f"{e['train_tokens']:,} target tokens to learn")

@@ -28,6 +28,7 @@ from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter
 from ..errors import BadInputError, ModelLoadError
 from ..prompts import builtin_conversations, load_conversations
 from ..target import Target, TargetSpec, _hub_reachable, cache_dir, load_target
+from .hidden_cache import attach_hidden, build_hidden_cache, data_fingerprint
 from .data import GenerationConfig, conversations_sha256, generate_dataset, load_dataset, read_manifest
 from .recipe import Recipe
 from .templates import apply_chat_template_override
@@ -138,10 +139,20 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         generate_dataset(target, convs, data_dir, gen_cfg, max_shards=max_shards,
                          progress=lambda done, total, tokens: emit({"event": "data", "done": done, "total": total, "tokens": tokens}))
     examples = load_dataset(data_dir)
+    if max_shards is not None:  # a short run trains on the shards it asked for, not on all that exist
+        examples = [e for e in examples if e["conv_index"] < max_shards * d.shard_size]
     held = [e for e in examples if e["conv_index"] < d.held_out]
     train_set = [e for e in examples if e["conv_index"] >= d.held_out]
     emit({"event": "data_done", "train": len(train_set), "held_out": len(held),
           "train_tokens": sum(int(e["loss_mask"].sum()) for e in train_set)})
+
+    if d.cache_hidden:
+        # Small targets: one forward over the data, stored, instead of one per epoch.
+        hidden_dir = data_dir / f"hidden-{target.compute_dtype}-{data_fingerprint(examples)[:10]}".replace("torch.", "")
+        emit({"event": "hidden_start", "examples": len(examples), "dir": str(hidden_dir)})
+        build_hidden_cache(target, examples, hidden_dir, batch_size=recipe.train.batch_size,
+                           progress=lambda done, total: emit({"event": "hidden", "done": done, "total": total}))
+        attach_hidden(examples, hidden_dir, target.name)
 
     # 2. The drafter, then training.
     dr = recipe.drafter

@@ -58,19 +58,24 @@ class TrainState:
 # -- batches ---------------------------------------------------------------------
 
 
-def collate(examples: list[dict], max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad examples. Returns input_ids (B, T), attention (B, T) bool, loss_mask (B, T) bool."""
+def collate(examples: list[dict], max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Right-pad examples. Returns input_ids (B, T), attention (B, T) bool, loss_mask (B, T) bool,
+    and hidden (B, T, H) when every example carries cached hidden states (else None)."""
     T = min(max_len, max(int(e["input_ids"].numel()) for e in examples))
     B = len(examples)
     ids = torch.zeros(B, T, dtype=torch.long)
     attn = torch.zeros(B, T, dtype=torch.bool)
     mask = torch.zeros(B, T, dtype=torch.bool)
+    cached = all("hidden" in e for e in examples)
+    hidden = torch.zeros(B, T, examples[0]["hidden"].shape[-1], dtype=examples[0]["hidden"].dtype) if cached else None
     for i, e in enumerate(examples):
         n = min(T, int(e["input_ids"].numel()))
         ids[i, :n] = e["input_ids"][:n]
         attn[i, :n] = True
         mask[i, :n] = e["loss_mask"][:n]
-    return ids, attn, mask
+        if hidden is not None:
+            hidden[i, :n] = e["hidden"][:n]
+    return ids, attn, mask, hidden
 
 
 def drafter_positions(ids: torch.Tensor, attn: torch.Tensor, loss_mask: torch.Tensor, K: int, per_seq: int | None,
@@ -116,8 +121,10 @@ def _vocab_index(drafter: Drafter, vocab_size: int, device: torch.device) -> tor
 
 def batch_loss(target: Target, drafter: Any, raw: Drafter, ids: torch.Tensor, attn: torch.Tensor, loss_mask: torch.Tensor,
                K: int, per_seq: int | None, generator: torch.Generator | None, kl_weight: float = 0.0,
-               compare_target_argmax: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One batch: target forward (no grad), drafter on sampled positions.
+               compare_target_argmax: bool = False, hidden: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch: target forward (no grad; skipped when cached `hidden` (B, T, H) is given),
+    drafter on sampled positions.
 
     Returns (loss, stats) where stats holds per-step `correct` (K,), `count` (K,)
     and `loss_sum` (K,) for agreement and loss reporting. `drafter` may be the
@@ -128,7 +135,10 @@ def batch_loss(target: Target, drafter: Any, raw: Drafter, ids: torch.Tensor, at
     ids, attn = ids.to(device), attn.to(device)
     pos, inputs, labels, label_mask = pos.to(device), inputs.to(device), labels.to(device), label_mask.to(device)
     with torch.no_grad():
-        hidden = target.base(input_ids=ids, attention_mask=attn.long(), use_cache=False).last_hidden_state  # (B, T, H)
+        if hidden is None:
+            hidden = target.base(input_ids=ids, attention_mask=attn.long(), use_cache=False).last_hidden_state  # (B, T, H)
+        else:
+            hidden = hidden.to(device=device, dtype=target.compute_dtype)
         H = hidden.shape[-1]
         h = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, H))  # (B, P, H)
         need_target = kl_weight > 0 or compare_target_argmax
@@ -182,10 +192,10 @@ def evaluate(target: Target, drafter: Drafter, examples: list[dict], K: int, bat
     count = torch.zeros(K)
     loss_sum = torch.zeros(K)
     for i in range(0, len(examples), batch_size):
-        ids, attn, mask = collate(examples[i : i + batch_size], max_len)
+        ids, attn, mask, hidden = collate(examples[i : i + batch_size], max_len)
         gen = torch.Generator().manual_seed(12_345 + i) if positions_per_sequence else None
         _, s = batch_loss(target, drafter, drafter, ids, attn, mask, K, positions_per_sequence, gen,
-                          compare_target_argmax=compare_target_argmax)
+                          compare_target_argmax=compare_target_argmax, hidden=hidden)
         correct += s["correct"].cpu()
         count += s["count"].cpu()
         loss_sum += s["loss_sum"].cpu()
@@ -293,10 +303,11 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
                 order = epoch_order(len(train_set), epoch, cfg.seed)
                 b = j * world + rank
                 idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size] or order[: cfg.batch_size]
-                ids, attn, mask = collate([train_set[i] for i in idx], cfg.max_seq_len)
+                ids, attn, mask, hidden = collate([train_set[i] for i in idx], cfg.max_seq_len)
                 gen = torch.Generator().manual_seed(cfg.seed * 7_919 + g * 31 + rank)
                 with acc.autocast():
-                    loss, stats = batch_loss(target, model, drafter, ids, attn, mask, K, cfg.positions_per_sequence, gen)
+                    loss, stats = batch_loss(target, model, drafter, ids, attn, mask, K, cfg.positions_per_sequence, gen,
+                                             kl_weight=cfg.kl_weight, hidden=hidden)
                 acc.backward(loss / cfg.grad_accum)
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0) + v.float().cpu()
