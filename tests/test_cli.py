@@ -73,6 +73,7 @@ def test_bench_rejection_sampling_runs(prompt_file):
     (["--dtype", "float8"], ["--dtype"]),
     (["--quantize", "3bit"], ["--quantize"]),
     (["--num-prompts", "0"], ["--num-prompts"]),
+    (["--json", "/no/such/folder/out.json"], ["does not exist"]),
 ])
 def test_bad_options(args, fragments, prompt_file):
     assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", prompt_file, *args), *fragments)

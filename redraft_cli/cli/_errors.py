@@ -29,6 +29,9 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except RedraftError as exc:
             raise fail(str(exc).replace("[", "\\["), exc.exit_code) from None
+        except OSError as exc:  # files the user named: missing folders, permissions, full disks
+            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+            raise fail(f"{exc.strerror or exc}{where}", 2) from None
         except torch.OutOfMemoryError:
             raise fail("out of memory: try a smaller beam shape, --quantize 8bit/4bit or a smaller dtype", 3) from None
         except KeyboardInterrupt:

@@ -14,7 +14,7 @@ from ..decode import Generator
 from ..prompts import load_prompts
 from . import options as o
 from ._errors import handle_errors
-from .common import console, decode_config, err, load_models, with_drafter_shape
+from .common import check_output_paths, console, decode_config, err, load_models, with_drafter_shape
 
 D = o.DEFAULTS
 
@@ -46,6 +46,7 @@ def bench(
     """Measure ReDrafter against plain decoding on the same prompts, alternating, after a warm-up."""
     # Validate everything cheap before loading models.
     cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta)
+    check_output_paths(json_path)
     texts = load_prompts(prompts, limit=num_prompts)
     loaded = load_models(model, drafter, dtype, device, quantize, seed)
     target, dr = loaded.target, loaded.drafter

@@ -88,3 +88,19 @@ def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | No
         beam_width=beam_width if beam_width is not None else drafter.config.beam_width,
         beam_length=beam_length if beam_length is not None else drafter.config.beam_length,
     )
+
+
+def check_output_paths(*paths) -> None:
+    """Fail before any work when an output file cannot be written (missing folder, a directory)."""
+    from pathlib import Path
+
+    from ..errors import BadInputError
+
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p)
+        if p.is_dir():
+            raise BadInputError(f"output {p} is a directory, expected a file path")
+        if not p.parent.is_dir():
+            raise BadInputError(f"cannot write {p}: folder {p.parent} does not exist")

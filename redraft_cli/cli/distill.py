@@ -15,7 +15,7 @@ from ..distill.recipe import load_recipe
 from ..errors import BadInputError
 from . import options as o
 from ._errors import fail, handle_errors
-from .common import console, err, quiet_libraries
+from .common import check_output_paths, console, err, quiet_libraries
 
 
 @handle_errors
@@ -42,6 +42,7 @@ def distill(
 ) -> None:
     """Distill a drafter: the target answers prompts (self-distillation), the drafter learns to predict it."""
     quiet_libraries()
+    check_output_paths(json_path)
     recipe = load_recipe(recipe_or_model)
     overrides = {
         ("data", "source"): data, ("data", "num_prompts"): num_prompts, ("data", "max_new_tokens"): max_new_tokens,

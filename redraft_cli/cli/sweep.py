@@ -20,7 +20,7 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      save_best as save_best_shape, write_csv, write_json)
 from . import options as o
 from ._errors import handle_errors
-from .common import Loaded, console, decode_config, err, load_models
+from .common import check_output_paths, Loaded, console, decode_config, err, load_models
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -65,6 +65,7 @@ def sweep(
     lengths = parse_int_list(beam_lengths, "--beam-lengths")
     base = decode_config(max_new_tokens, None, None, accept, temperature, top_k, top_p, seed, epsilon, delta)
     cfg = SweepConfig(beam_widths=widths, beam_lengths=lengths, decode=base, warmup=warmup)
+    check_output_paths(json_path, csv_path, plot_path)
     if plot_path is not None and plot_path.suffix.lower() not in PLOT_SUFFIXES:
         raise BadInputError(f"--plot must end in {', '.join(PLOT_SUFFIXES)}, got {plot_path.name!r}")
     if save_best and drafter == "random":
