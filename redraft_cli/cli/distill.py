@@ -81,6 +81,14 @@ class _DistillView:
                 TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
         self.progress = Progress(*cols, console=err)
         self.tasks: dict[str, int] = {}
+        # Without a terminal (nohup, CI logs) the bars do not draw: log a line now and then instead.
+        self.log_lines = not err.is_terminal
+        self._last_logged: dict[str, int] = {}
+
+    def _log(self, kind: str, count: int, every: int, line: str) -> None:
+        if self.log_lines and count - self._last_logged.get(kind, 0) >= every:
+            self._last_logged[kind] = count
+            err.print(line)
 
     def _task(self, name: str, description: str, total: int | None) -> int:
         if name not in self.tasks:
@@ -94,6 +102,7 @@ class _DistillView:
         elif kind == "data":
             t = self._task("data", "self-distillation data", e["total"])
             self.progress.update(t, completed=e["done"], total=e["total"], info=f"{e['tokens']:,} tokens")
+            self._log("data", e["done"], 64, f"data: {e['done']}/{e['total']} conversations, {e['tokens']:,} tokens")
         elif kind == "hidden":
             t = self._task("hidden", "caching hidden states", e["total"])
             self.progress.update(t, completed=e["done"], total=e["total"])
@@ -109,6 +118,7 @@ class _DistillView:
             t = self._task("train", "training", e["total_steps"])
             agree = " ".join(f"{a:.2f}" for a in e["train_agreement"])
             self.progress.update(t, completed=e["step"], info=f"loss {e['loss']:.3f} | train top-1 {agree}")
+            self._log("step", e["step"], 10, f"step {e['step']}/{e['total_steps']}: loss {e['loss']:.3f}, train top-1 {agree}")
         elif kind == "eval" and "agreement" in e:
             agree = " ".join(f"{a:.2f}" for a in e["agreement"])
             err.print(f"step {e['step']}: held-out loss {e['loss']:.3f}, top-1 per position {agree} "
