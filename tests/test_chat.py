@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import tiny_chat_llama
 from redraft_cli.chat import ChatSession

@@ -11,7 +11,6 @@ from rich.console import Console
 from ..decode import DecodeConfig
 from ..drafter import Drafter
 from ..sampling import SamplingConfig
-from ..errors import DrafterLoadError
 from ..shipped import shipped_drafter_dir
 from ..target import Target, TargetSpec, load_target
 
@@ -61,8 +60,6 @@ def resolve_drafter(target: Target, drafter: str, seed: int) -> tuple[Drafter, s
     loaded = Drafter.load(drafter, map_location=target.device)
     loaded.check_target(target.hidden_size, target.vocab_size, target.name)
     loaded = loaded.to(dtype=target.compute_dtype).attach(target.embed_weight, target.lm_head_weight)
-    if not os.path.isdir(drafter):  # pragma: no cover - Drafter.load checked this
-        raise DrafterLoadError(f"drafter not found: {drafter}")
     return loaded, drafter
 
 
