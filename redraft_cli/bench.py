@@ -8,10 +8,15 @@ Metrics (DESIGN section 7), defined once here and printed everywhere:
                       prefill included in both, paths alternated per prompt
                       after a warm-up;
 - time split        = seconds drafting, in the verify pass, and accepting.
+
+With batch_size B > 1 each group of B prompts is decoded together on every
+path (plain and ReDrafter through the batched decoder, HF generate left-padded),
+tokens/s counts all rows, and tokens per step stays per row.
 """
 
 from __future__ import annotations
 
+import hashlib
 import resource
 import sys
 import time
@@ -20,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from .decode import DecodeConfig, Generation, Generator
+from .decode import BatchGeneration, DecodeConfig, Generator
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -45,6 +50,7 @@ class BenchConfig:
     warmup: bool = True
     hf_baseline: bool = True
     chat_template: bool = True
+    batch_size: int = 1
 
 
 @dataclass
@@ -62,7 +68,12 @@ class PathTotals:
 
 @dataclass
 class RedraftTotals(PathTotals):
+    """ReDrafter totals. steps count row-steps (one row in one target pass), so
+    tokens_per_step keeps its per-sequence meaning at any batch size; the time
+    split sums each batched pass once."""
+
     steps: int = 0
+    passes: int = 0
     step_tokens: int = 0
     accepted: int = 0
     tree_nodes: int = 0
@@ -71,20 +82,23 @@ class RedraftTotals(PathTotals):
     accept_s: float = 0.0
     prefill_s: float = 0.0
 
-    def add(self, gen: Generation) -> None:
-        self.tokens += len(gen.tokens)
+    def add(self, gen: BatchGeneration) -> None:
+        self.tokens += sum(len(t) for t in gen.tokens)
         self.seconds += gen.seconds
-        for s in gen.steps:
-            if s.prefill:
-                self.prefill_s += s.verify_s
-                continue
-            self.steps += 1
-            self.step_tokens += len(s.tokens)
-            self.accepted += s.accepted
-            self.tree_nodes += s.tree_nodes
-            self.draft_s += s.draft_s
-            self.verify_s += s.verify_s
-            self.accept_s += s.accept_s
+        for row in gen.rows:
+            for s in row.decode_steps:
+                self.steps += 1
+                self.step_tokens += len(s.tokens)
+                self.accepted += s.accepted
+                self.tree_nodes += s.tree_nodes
+        for p in gen.pass_stats:
+            if p.prefill:
+                self.prefill_s += p.verify_s
+            else:
+                self.passes += 1
+                self.draft_s += p.draft_s
+                self.verify_s += p.verify_s
+                self.accept_s += p.accept_s
 
     def to_dict(self, beam_length: int = 1) -> dict[str, Any]:
         steps = max(self.steps, 1)
@@ -92,6 +106,7 @@ class RedraftTotals(PathTotals):
         return {
             **super().to_dict(),
             "steps": self.steps,
+            "passes": self.passes,
             "tokens_per_step": round(self.step_tokens / steps, 4),
             "acceptance_rate": round(self.accepted / (steps * max(beam_length - 1, 1)), 4),
             "mean_tree_nodes": round(self.tree_nodes / steps, 3),
@@ -110,8 +125,9 @@ def peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-def hf_generate(gen: Generator, prompt_ids: list[int], cfg: DecodeConfig) -> tuple[list[int], float]:
-    """Plain decoding through Hugging Face `model.generate()` with the same settings."""
+def hf_generate(gen: Generator, prompts: list[list[int]], cfg: DecodeConfig) -> tuple[list[list[int]], float]:
+    """Plain decoding through Hugging Face `model.generate()` with the same settings, all
+    prompts in one left-padded batch. Returns each row's new tokens (cut after EOS) and seconds."""
     t = gen.target
     s = cfg.sampling
     kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "do_sample": not s.greedy}
@@ -121,49 +137,70 @@ def hf_generate(gen: Generator, prompt_ids: list[int], cfg: DecodeConfig) -> tup
     else:
         kwargs.update(temperature=None, top_k=None, top_p=None)
     eos = sorted(t.eos_ids) if cfg.stop_on_eos and t.eos_ids else None
-    ids = torch.tensor([prompt_ids], device=t.device)
+    pad = eos[0] if eos else 0
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = torch.tensor(p)
+        attn[b, P - len(p):] = 1
+    ids, attn = ids.to(t.device), attn.to(t.device)
     start = time.perf_counter()
     with torch.no_grad():
-        out = t.model.generate(
-            ids, attention_mask=torch.ones_like(ids), eos_token_id=eos, pad_token_id=eos[0] if eos else 0, **kwargs
-        )
+        out = t.model.generate(ids, attention_mask=attn, eos_token_id=eos, pad_token_id=pad, **kwargs)
     seconds = time.perf_counter() - start
-    return out[0, len(prompt_ids):].tolist(), seconds
+    rows = []
+    for row in out[:, P:].tolist():
+        for i, tok in enumerate(row):
+            if eos and tok in eos:
+                row = row[: i + 1]
+                break
+        rows.append(row)
+    return rows, seconds
+
+
+def output_digest(tokens: list[int]) -> str:
+    """A short hash of a token sequence, to compare outputs across runs (e.g. batch sizes) via --json."""
+    return hashlib.sha1(",".join(map(str, tokens)).encode()).hexdigest()[:12]
 
 
 def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Alternate plain, ReDrafter (and HF generate) on each tokenised prompt.
+    """Alternate plain, ReDrafter (and HF generate) on each group of `batch_size` tokenised prompts.
 
     Returns the JSON-ready result (see the CLI's --json); per-prompt rows under `per_prompt`.
     """
     d = cfg.decode
+    B = cfg.batch_size
     paths = ["plain", "redraft"] + (["hf"] if cfg.hf_baseline else [])
-    tick = Ticker(len(prompts) * len(paths) + (len(paths) if cfg.warmup else 0), progress)
+    groups = [prompts[i : i + B] for i in range(0, len(prompts), B)]
+    tick = Ticker(len(groups) * len(paths) + (len(paths) if cfg.warmup else 0), progress)
     if cfg.warmup:
-        warm_up(gen, prompts[0], d, paths, tick)
+        warm_up(gen, groups[0], d, paths, tick)
 
     base, hf, red = PathTotals(), PathTotals(), RedraftTotals()
     identical = 0
     rows = []
-    for i, ids in enumerate(prompts):
+    for i, group in enumerate(groups):
         order = paths if i % 2 == 0 else list(reversed(paths))
-        outputs: dict[str, list[int]] = {}
+        outputs: dict[str, list[list[int]]] = {}
         for path in order:
-            tokens, seconds, generation = _run_path(gen, path, ids, d)
+            tokens, seconds, generation = _run_path(gen, path, group, d)
             outputs[path] = tokens
             if path == "plain":
-                base.tokens += len(tokens)
+                base.tokens += sum(map(len, tokens))
                 base.seconds += seconds
             elif path == "hf":
-                hf.tokens += len(tokens)
+                hf.tokens += sum(map(len, tokens))
                 hf.seconds += seconds
             else:
                 red.add(generation)
-            tick(f"prompt {i + 1}/{len(prompts)} {path}")
-        same = outputs["plain"] == outputs["redraft"]
-        identical += same
-        rows.append({"prompt_tokens": len(ids), "plain_tokens": len(outputs["plain"]),
-                     "redraft_tokens": len(outputs["redraft"]), "identical": same})
+            label = f"prompt {i + 1}/{len(groups)}" if B == 1 else f"batch {i + 1}/{len(groups)}"
+            tick(f"{label} {path}")
+        for ids, plain, fast in zip(group, outputs["plain"], outputs["redraft"]):
+            identical += plain == fast
+            rows.append({"prompt_tokens": len(ids), "plain_tokens": len(plain), "redraft_tokens": len(fast),
+                         "identical": plain == fast, "plain_digest": output_digest(plain),
+                         "redraft_digest": output_digest(fast)})
 
     greedy = d.sampling.greedy or d.accept == "greedy"
     result: dict[str, Any] = {
@@ -174,6 +211,7 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
         "seed": d.sampling.seed,
         "beam_width": d.beam_width,
         "beam_length": d.beam_length,
+        "batch_size": B,
         "num_prompts": len(prompts),
         "max_new_tokens": d.max_new_tokens,
         "baseline": base.to_dict(),
@@ -191,19 +229,20 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
     return result
 
 
-def warm_up(gen: Generator, ids: list[int], d: DecodeConfig, paths: list[str],
+def warm_up(gen: Generator, group: list[list[int]], d: DecodeConfig, paths: list[str],
             tick: Callable[[str], None] | None = None) -> None:
     """One short untimed run of each path (at most 16 tokens), so timings skip first-call costs."""
     warm = replace(d, max_new_tokens=min(16, d.max_new_tokens))
     for path in paths:
-        _run_path(gen, path, ids, warm)
+        _run_path(gen, path, group, warm)
         if tick is not None:
             tick(f"warm-up {path}")
 
 
-def _run_path(gen: Generator, path: str, ids: list[int], d: DecodeConfig) -> tuple[list[int], float, Generation | None]:
+def _run_path(gen: Generator, path: str, group: list[list[int]], d: DecodeConfig
+              ) -> tuple[list[list[int]], float, BatchGeneration | None]:
     if path == "hf":
-        tokens, seconds = hf_generate(gen, ids, d)
+        tokens, seconds = hf_generate(gen, group, d)
         return tokens, seconds, None
-    g = gen.generate(ids, d, mode=path)
+    g = gen.generate_batch(group, d, mode=path)
     return g.tokens, g.seconds, g

@@ -1,16 +1,18 @@
 """The generation loops: plain autoregressive decoding and ReDrafter, both streaming.
 
-State between ReDrafter steps (batch 1):
+State between ReDrafter steps, per row b of a batch:
 
-    cache   : KV of the committed tokens, positions 0..P-1
-    g0      : the token at position P, already emitted, not yet in the cache
-    h       : the target's hidden state at position P-1 (the one that chose g0)
+    cache   : KV of the committed tokens, positions 0..P_b-1 (cache.lengths[b] = P_b)
+    g0      : (B,) the token at position P_b, already emitted, not yet in the cache
+    h       : (B, H) the target's hidden state at position P_b-1 (the one that chose g0)
 
 One step: draft W beams [g0, d1..d_{L-1}] from (h, g0); pack them into a
 tree; one target pass over the n nodes at positions P + depth; accept a
 drafted tokens of the best beam plus the target's bonus token; keep the KV
 of g0 and the accepted nodes (cache length P + a + 1); the bonus becomes the
-next g0 and the hidden state at the last accepted node the next h.
+next g0 and the hidden state at the last accepted node the next h. Rows
+accept different numbers of tokens: each row's cache length advances on its
+own (StaticKVCache), and a finished row leaves the batch.
 
 Both loops yield `StepStats` per target pass, so callers can stream text and
 collect statistics; the first one is the prefill, which emits one token.
@@ -27,10 +29,9 @@ import torch
 from .beam_search import DraftBeams, check_beam_shape, draft_beams
 from .drafter import Drafter
 from .errors import BadInputError
-from .kv_cache import commit_path
 from .sampling import SamplingConfig, choose_tokens
 from .target import Target
-from .tree_attention import attention_bias, pack_tree
+from .tree_attention import pack_tree
 from .verify import ACCEPT_RULES, accept_greedy, accept_rejection, accept_typical
 
 
@@ -74,18 +75,21 @@ class StepStats:
 
 
 class Proposer(Protocol):
-    """Anything that drafts beams: (h (1, H), g0 (1,), W, L, context ids) -> DraftBeams."""
+    """Anything that drafts beams for one row: (h (1, H), g0 (1,), W, L, context ids) -> DraftBeams
+    with tokens (1, W, L). A proposer with `batched = True` takes h (B, H), g0 (B,) and B contexts."""
 
-    def __call__(self, h: torch.Tensor, g0: torch.Tensor, beam_width: int, beam_length: int, context: list[int]) -> DraftBeams: ...
+    def __call__(self, h: torch.Tensor, g0: torch.Tensor, beam_width: int, beam_length: int, context: Any) -> DraftBeams: ...
 
 
 class DrafterProposer:
-    """The ReDrafter proposer: beam search over the recurrent drafter."""
+    """The ReDrafter proposer: beam search over the recurrent drafter, all rows at once."""
+
+    batched = True
 
     def __init__(self, drafter: Drafter) -> None:
         self.drafter = drafter
 
-    def __call__(self, h, g0, beam_width, beam_length, context):
+    def __call__(self, h, g0, beam_width, beam_length, contexts):
         return draft_beams(self.drafter, h, g0, beam_width, beam_length)
 
 
@@ -96,8 +100,24 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+class _Rows:
+    """Per-row bookkeeping of a batched generation. `active` lists the original
+    row ids still decoding, in the order of the cache's rows."""
+
+    def __init__(self, prompts: list[list[int]]) -> None:
+        self.context = [list(p) for p in prompts]  # prompt + emitted tokens
+        self.emitted = [0] * len(prompts)
+        self.active = list(range(len(prompts)))
+
+
 class Generator:
-    """Decodes with one target, optionally a drafter (or any Proposer)."""
+    """Decodes with one target, optionally a drafter (or any Proposer).
+
+    `plain`/`redraft` stream one prompt; `plain_batch`/`redraft_batch` decode
+    several prompts at once (rows finish independently; greedy output of each
+    row equals its batch-1 output) and yield, per target pass, the
+    (row, StepStats) pairs of the rows that took part.
+    """
 
     def __init__(self, target: Target, drafter: Drafter | None = None, proposer: Proposer | None = None) -> None:
         self.target = target
@@ -115,20 +135,36 @@ class Generator:
         dev = self.target.device
         return torch.Generator(device=dev if dev.type != "mps" else "cpu").manual_seed(cfg.sampling.seed)
 
-    def _prefill(self, prompt_ids: list[int], cfg: DecodeConfig, gen: torch.Generator | None):
-        """Run the prompt; returns (cache, h (1, H), g0 (1,), StepStats)."""
+    def _prefill(self, prompts: list[list[int]], cfg: DecodeConfig, gen: torch.Generator | None, margin: int):
+        """Run the prompts (right-padded into one batch); returns (h (B, H), g0 (B,), per-row StepStats).
+
+        The cache holds `margin` spare slots per row beyond prompt + max_new_tokens
+        for the tentative tree nodes of a step."""
         t = self.target
-        t.check_prompt(prompt_ids)
+        for p in prompts:
+            t.check_prompt(p)
         start = time.perf_counter()
-        ids = torch.tensor([prompt_ids], device=t.device)
-        cache = t.new_cache()
+        B, lengths = len(prompts), [len(p) for p in prompts]
+        P = max(lengths)
+        capacity = min(P + cfg.max_new_tokens, t.max_context) + margin
+        cache = t.new_tree_cache(B, capacity)
         self.cache = cache  # the live KV cache of the latest generation (for inspection and tests)
-        pos = torch.arange(len(prompt_ids), device=t.device).unsqueeze(0)
-        hidden = t.forward(ids, pos, cache)[:, -1]  # (1, H)
-        g0 = choose_tokens(t.logits(hidden), cfg.sampling, gen)  # (1,)
+        ids = torch.zeros(B, P, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p)
+        ids = ids.to(t.device)
+        lens = torch.tensor(lengths, device=t.device)
+        positions = torch.arange(P, device=t.device).expand(B, P)
+        causal = torch.ones(P, P, dtype=torch.bool, device=t.device).tril()
+        mask = causal & (positions < lens.unsqueeze(1)).unsqueeze(1)  # (B, P, P): pads are never seen
+        hidden = t.forward_tree(ids, positions, cache, mask)
+        cache.commit(positions, lens)
+        h = hidden[torch.arange(B, device=t.device), lens - 1]  # (B, H)
+        g0 = choose_tokens(t.logits(h), cfg.sampling, gen)  # (B,)
         _sync(t.device)
-        stats = StepStats([int(g0)], tree_nodes=len(prompt_ids), verify_s=time.perf_counter() - start, prefill=True)
-        return cache, hidden, g0, stats
+        seconds = time.perf_counter() - start
+        stats = [StepStats([int(g0[b])], tree_nodes=lengths[b], verify_s=seconds, prefill=True) for b in range(B)]
+        return h, g0, stats
 
     def _finish(self, stats: StepStats, emitted: int, seq_len: int, cfg: DecodeConfig) -> bool:
         """Truncate at EOS / token budget; return True when generation must stop."""
@@ -148,73 +184,114 @@ class Generator:
         stats.finished = done
         return done
 
+    def _record(self, rows: _Rows, stats: list[StepStats], cfg: DecodeConfig) -> tuple[list[tuple[int, StepStats]], list[int]]:
+        """Apply _finish to each active row's step; returns (row, stats) pairs and the cache indices to keep."""
+        out, keep = [], []
+        for i, (row, st) in enumerate(zip(rows.active, stats)):
+            accepted = st.accepted
+            done = self._finish(st, rows.emitted[row], len(rows.context[row]), cfg)
+            st.accepted = min(accepted, len(st.tokens))
+            rows.context[row].extend(st.tokens)
+            rows.emitted[row] += len(st.tokens)
+            out.append((row, st))
+            if not done:
+                keep.append(i)
+        return out, keep
+
+    def _drop_finished(self, rows: _Rows, keep: list[int], *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Remove finished rows from the cache and from `tensors` (indexed by cache row)."""
+        if len(keep) == len(rows.active):
+            return list(tensors)
+        rows.active = [rows.active[i] for i in keep]
+        if not keep:
+            return list(tensors)
+        idx = torch.tensor(keep, device=self.target.device)
+        self.cache.keep(idx)
+        return [x.index_select(0, idx) for x in tensors]
+
     # -- plain decoding -------------------------------------------------------------
     def plain(self, prompt_ids: list[int], cfg: DecodeConfig) -> Iterator[StepStats]:
-        """Autoregressive decoding, one target pass per token."""
+        """Autoregressive decoding of one prompt, one target pass per token."""
+        for step in self.plain_batch([prompt_ids], cfg):
+            yield step[0][1]
+
+    def plain_batch(self, prompts: list[list[int]], cfg: DecodeConfig) -> Iterator[list[tuple[int, StepStats]]]:
+        """Autoregressive decoding of several prompts at once (one pass per token for all rows)."""
         t = self.target
         gen = self._generator(cfg)
-        cache, _, tok, stats = self._prefill(prompt_ids, cfg, gen)
-        seq_len, emitted = len(prompt_ids), 0
-        done = self._finish(stats, emitted, seq_len, cfg)
-        yield stats
-        seq_len += 1
-        emitted += 1
-        while not done:
+        rows = _Rows(prompts)
+        _, tok, stats = self._prefill(prompts, cfg, gen, margin=1)
+        out, keep = self._record(rows, stats, cfg)
+        yield out
+        (tok,) = self._drop_finished(rows, keep, tok)
+        one = torch.ones(1, 1, 1, dtype=torch.bool, device=t.device)
+        while rows.active:
             start = time.perf_counter()
-            pos = torch.tensor([[seq_len - 1]], device=t.device)
-            hidden = t.forward(tok.view(1, 1), pos, cache)[:, -1]
-            tok = choose_tokens(t.logits(hidden), cfg.sampling, gen)
+            R = len(rows.active)
+            cache = self.cache
+            hidden = t.forward_tree(tok.view(R, 1), cache.lengths.view(R, 1), cache, one.expand(R, 1, 1))[:, -1]
+            cache.commit(torch.zeros(R, 1, dtype=torch.long, device=t.device), torch.ones(R, dtype=torch.long, device=t.device))
+            tok = choose_tokens(t.logits(hidden), cfg.sampling, gen)  # (R,)
             _sync(t.device)
-            stats = StepStats([int(tok)], verify_s=time.perf_counter() - start)
-            done = self._finish(stats, emitted, seq_len, cfg)
-            yield stats
-            seq_len += 1
-            emitted += 1
+            seconds = time.perf_counter() - start
+            out, keep = self._record(rows, [StepStats([int(x)], verify_s=seconds) for x in tok.tolist()], cfg)
+            yield out
+            (tok,) = self._drop_finished(rows, keep, tok)
 
     # -- ReDrafter ------------------------------------------------------------------
     def redraft(self, prompt_ids: list[int], cfg: DecodeConfig) -> Iterator[StepStats]:
-        """Speculative decoding with beam drafts and dynamic tree attention."""
+        """Speculative decoding of one prompt with beam drafts and dynamic tree attention."""
+        for step in self.redraft_batch([prompt_ids], cfg):
+            yield step[0][1]
+
+    def redraft_batch(self, prompts: list[list[int]], cfg: DecodeConfig) -> Iterator[list[tuple[int, StepStats]]]:
+        """Speculative decoding of several prompts at once: one draft and one tree pass per step for all rows."""
         if self.proposer is None:
             raise BadInputError("ReDrafter decoding needs a drafter")
         if self.drafter is not None:
             check_beam_shape(cfg.beam_width, cfg.beam_length, self.drafter.draft_vocab_size)
         t = self.target
         gen = self._generator(cfg)
-        cache, h, g0, stats = self._prefill(prompt_ids, cfg, gen)
-        context = list(prompt_ids) + stats.tokens
-        emitted = 0
-        done = self._finish(stats, emitted, len(prompt_ids), cfg)
-        yield stats
-        emitted += 1
-        while not done:
-            seq_len = len(context)  # committed tokens + g0
-            prefix_len = seq_len - 1
-            length = min(cfg.beam_length, cfg.max_new_tokens - emitted, t.max_context - seq_len)
+        rows = _Rows(prompts)
+        h, g0, stats = self._prefill(prompts, cfg, gen, margin=cfg.beam_width * cfg.beam_length + 1)
+        out, keep = self._record(rows, stats, cfg)
+        yield out
+        h, g0 = self._drop_finished(rows, keep, h, g0)
+        while rows.active:
+            R = len(rows.active)
+            cache = self.cache
+            budget = max(cfg.max_new_tokens - rows.emitted[r] for r in rows.active)
+            room = min(t.max_context - len(rows.context[r]) for r in rows.active)
+            length = max(1, min(cfg.beam_length, budget, room))
             t0 = time.perf_counter()
-            beams = self.proposer(h, g0, cfg.beam_width, length, context)  # tokens (1, W, L)
-            tree = pack_tree(beams.tokens, prefix_len)
+            beams = self._propose(h, g0, cfg.beam_width, length, [rows.context[r] for r in rows.active])
+            tree = pack_tree(beams.tokens, cache.lengths)
             _sync(t.device)
             t1 = time.perf_counter()
-            bias = attention_bias(tree.mask, prefix_len, t.compute_dtype)
-            hidden = t.forward(tree.tokens, tree.positions, cache, bias)  # (1, n, H)
-            logits = t.logits(hidden)  # (1, n, V)
+            hidden = t.forward_tree(tree.tokens, tree.positions, cache, tree.mask)  # (R, n, H)
+            logits = t.logits(hidden)  # (R, n, V)
             _sync(t.device)
             t2 = time.perf_counter()
             acc = self._accept(beams, logits, tree.unpack, cfg, gen)
-            a = int(acc.length[0])
-            path = acc.path[0, : a + 1]
-            commit_path(cache, prefix_len, path)
-            h = hidden[:, int(path[-1])]  # (1, H)
+            cache.commit(acc.path, acc.length + 1)
+            ridx = torch.arange(R, device=t.device)
+            h = hidden[ridx, acc.path[ridx, acc.length]]  # (R, H): hidden state at the last accepted node
             g0 = acc.bonus
-            tokens = acc.emitted(beams.tokens)
+            lengths = acc.length.tolist()
+            nodes = tree.num_nodes.tolist()
             _sync(t.device)
             t3 = time.perf_counter()
-            stats = StepStats(tokens, a, tree.n, t1 - t0, t2 - t1, t3 - t2)
-            done = self._finish(stats, emitted, seq_len, cfg)
-            stats.accepted = min(a, len(stats.tokens))
-            context.extend(stats.tokens)
-            emitted += len(stats.tokens)
-            yield stats
+            steps = [StepStats(acc.emitted(beams.tokens, i), lengths[i], nodes[i], t1 - t0, t2 - t1, t3 - t2)
+                     for i in range(R)]
+            out, keep = self._record(rows, steps, cfg)
+            yield out
+            h, g0 = self._drop_finished(rows, keep, h, g0)
+
+    def _propose(self, h: torch.Tensor, g0: torch.Tensor, W: int, L: int, contexts: list[list[int]]) -> DraftBeams:
+        if getattr(self.proposer, "batched", False):
+            return self.proposer(h, g0, W, L, contexts)
+        parts = [self.proposer(h[i : i + 1], g0[i : i + 1], W, L, ctx) for i, ctx in enumerate(contexts)]
+        return DraftBeams(torch.cat([p.tokens for p in parts]), torch.cat([p.logprobs for p in parts]))
 
     def _accept(self, beams: DraftBeams, logits, unpack, cfg: DecodeConfig, gen):
         if cfg.accept == "greedy" or cfg.sampling.greedy:
@@ -238,6 +315,26 @@ class Generator:
                 on_step(s)
         return Generation(steps, time.perf_counter() - start)
 
+    def generate_batch(self, prompts: list[list[int]], cfg: DecodeConfig, mode: str = "redraft") -> "BatchGeneration":
+        """Decode `prompts` together; mode 'redraft' or 'plain'. Each row's Generation.seconds is
+        the time until that row finished."""
+        if not prompts:
+            raise BadInputError("no prompts to decode")
+        loop = self.redraft_batch if mode == "redraft" else self.plain_batch
+        start = time.perf_counter()
+        steps: list[list[StepStats]] = [[] for _ in prompts]
+        done_at = [0.0] * len(prompts)
+        passes: list[StepStats] = []
+        for out in loop(prompts, cfg):
+            first = out[0][1]
+            passes.append(StepStats([], 0, 0, first.draft_s, first.verify_s, first.accept_s, first.prefill))
+            now = time.perf_counter() - start
+            for row, st in out:
+                steps[row].append(st)
+                done_at[row] = now
+        seconds = time.perf_counter() - start
+        return BatchGeneration([Generation(s, t) for s, t in zip(steps, done_at)], seconds, passes)
+
 
 @dataclass
 class Generation:
@@ -253,3 +350,22 @@ class Generation:
     @property
     def decode_steps(self) -> list[StepStats]:
         return [s for s in self.steps if not s.prefill]
+
+
+@dataclass
+class BatchGeneration:
+    """Several prompts decoded together: one Generation per row, the wall-clock
+    seconds of the whole batch, and one StepStats per target pass (its time
+    split, shared by the rows that took part; `passes` counts them)."""
+
+    rows: list[Generation]
+    seconds: float
+    pass_stats: list[StepStats]
+
+    @property
+    def passes(self) -> int:
+        return len(self.pass_stats)
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [g.tokens for g in self.rows]

@@ -171,12 +171,24 @@ class Drafter(nn.Module):
     def draft_vocab_size(self) -> int:
         return self.config.draft_vocab_size or self.config.vocab_size
 
-    def _head_weight(self) -> torch.Tensor:
-        """(V_d, H) rows of the target's LM head that the tied head scores."""
+    def _head_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """(V_d, H) rows of the target's LM head that the tied head scores, in `dtype`.
+
+        The slice (and cast) is a copy of V_d x H values: made once and reused
+        while the head, the draft vocabulary and the dtype stay the same
+        (re-slicing it per draft step cost more than the projection itself).
+        """
         assert self._head is not None, "call attach() first"
-        if self.draft_vocab is None:
+        if self.draft_vocab is None and self._head.dtype == dtype:
             return self._head
-        return self._head.index_select(0, self.draft_vocab)
+        key = (self._head.data_ptr(), self._head._version, dtype,
+               None if self.draft_vocab is None else (self.draft_vocab.data_ptr(), self.draft_vocab._version))
+        cached = self.__dict__.get("_head_cache")
+        if cached is None or cached[0] != key:
+            w = self._head if self.draft_vocab is None else self._head.index_select(0, self.draft_vocab)
+            cached = (key, w.detach().to(dtype))
+            object.__setattr__(self, "_head_cache", cached)
+        return cached[1]
 
     # -- the model ------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -200,7 +212,7 @@ class Drafter(nn.Module):
             z = block(z)
         out = self.lm_head[-1](z)
         if self.config.head == "tied":
-            out = F.linear(out, self._head_weight().to(out.dtype))
+            out = F.linear(out, self._head_weight(out.dtype))
         return out
 
     def forward(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

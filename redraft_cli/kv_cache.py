@@ -1,4 +1,7 @@
-"""KV cache operations for tree decoding on a Hugging Face `DynamicCache`.
+"""KV cache operations for tree decoding on a Hugging Face `DynamicCache` (the generic path).
+
+Llama-family targets use `static_cache.StaticKVCache` instead (batched,
+preallocated); `TreeCache` gives the generic path the same interface.
 
 After a verify pass the cache holds `prefix_len` committed tokens followed by
 the n packed tree nodes. `commit_path` keeps only the accepted path (g0 and
@@ -43,3 +46,31 @@ def commit_path(cache: Any, prefix_len: int, path: torch.Tensor) -> None:
         layer.values = values[:, :, : prefix_len + m]
         if hasattr(layer, "cumulative_length"):
             layer.cumulative_length = prefix_len + m
+
+
+class TreeCache:
+    """A Hugging Face cache for one row with StaticKVCache's decoding interface.
+
+    hf: the wrapped cache (passed to the model); lengths: (1,) committed tokens.
+    """
+
+    def __init__(self, hf_cache: Any, device: torch.device) -> None:
+        self.hf = hf_cache
+        self.lengths = torch.zeros(1, dtype=torch.long, device=device)
+
+    @property
+    def batch(self) -> int:
+        return 1
+
+    def get_seq_length(self) -> int:
+        return int(self.lengths[0])
+
+    def commit(self, path: torch.Tensor, accepted: torch.Tensor) -> None:
+        """path (1, m) packed node indices, accepted (1,): keep path[0, :accepted] after the committed prefix."""
+        prefix = int(self.lengths[0])
+        commit_path(self.hf, prefix, path[0, : int(accepted[0])])
+        self.lengths += accepted.to(self.lengths)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        if rows.numel() != 1 or int(rows[0]) != 0:
+            raise ValueError("a generic-path cache holds one row")

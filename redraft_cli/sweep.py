@@ -157,7 +157,7 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
     start = time.perf_counter()
     if cfg.warmup:
         largest = replace(d, beam_width=max(cfg.beam_widths), beam_length=max(cfg.beam_lengths))
-        warm_up(gen, prompts[0], largest, ["plain", "redraft"], tick)
+        warm_up(gen, prompts[:1], largest, ["plain", "redraft"], tick)
 
     cells: list[dict[str, Any]] = []
     for k, (w, length) in enumerate(shapes):

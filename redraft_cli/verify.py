@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .sampling import SamplingConfig, choose_tokens, logits_to_probs, sample
 from .tree_attention import unpack_nodes
@@ -131,13 +132,10 @@ def accept_typical(
     probs_grid = unpack_nodes(probs, unpack)  # (B, W, L, V)
     p_child = probs_grid[:, :, :-1].gather(-1, beams[:, :, 1:].unsqueeze(-1)).squeeze(-1)  # (B, W, L-1)
     accept = p_child > unpack_nodes(threshold, unpack)[:, :, :-1]
-    cum_logp = torch.cumsum(beam_logprobs, dim=-1)  # (B, W, L-1)
+    # A leading 0 column: beams of length 1 (no drafts) have nothing to gather.
+    cum_logp = F.pad(torch.cumsum(beam_logprobs, dim=-1), (1, 0))  # (B, W, L): cum_logp[..., a] = logp of a drafts
     length_all = torch.cumprod(accept.to(torch.int64), dim=-1).sum(-1)  # (B, W)
-    tie = torch.where(
-        length_all > 0,
-        cum_logp.gather(-1, (length_all - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1),
-        torch.zeros_like(length_all, dtype=cum_logp.dtype),
-    )
+    tie = cum_logp.gather(-1, length_all.unsqueeze(-1)).squeeze(-1)  # (B, W)
     beam, length = _longest(accept, tie)
     node_choice = sample(probs, generator)  # (B, n)
     return _finish(beam, length, unpack_nodes(node_choice, unpack), unpack)

@@ -156,7 +156,7 @@ def test_hidden_cache_round_trip_resume_and_training_without_target_forward(tmp_
                        progress=lambda done, total: calls.append(done))
     assert calls[-1] == 10
     manifest = json.loads((tmp_path / "h" / "manifest.json").read_text())
-    assert manifest["chunks"] == [0, 1, 2]
+    assert sorted(manifest["chunks"]) == ["0", "1", "2"]
     # A rerun finds every chunk done and computes nothing.
     build_hidden_cache(target, data, tmp_path / "h", batch_size=3, chunk_size=4,
                        progress=lambda done, total: pytest.fail("recomputed a finished chunk"))
@@ -167,6 +167,14 @@ def test_hidden_cache_round_trip_resume_and_training_without_target_forward(tmp_
         torch.testing.assert_close(e["hidden"].float(), ref, atol=0.05, rtol=0.02)
     with pytest.raises(BadInputError):
         attach_hidden(data[:5], tmp_path / "h", target.name)
+    # More data (more shards generated): the full chunks are kept, only the changed last one and new ones run.
+    more = data + synthetic_examples(target, 5, seed=4)
+    calls.clear()
+    build_hidden_cache(target, more, tmp_path / "h", batch_size=3, chunk_size=4,
+                       progress=lambda done, total: calls.append(done))
+    assert min(calls) > 8 and calls[-1] == 15
+    attach_hidden(more, tmp_path / "h", target.name)
+    torch.testing.assert_close(more[3]["hidden"], data[3]["hidden"])
 
     def no_forward(*a, **k):
         raise AssertionError("the target must not run when hidden states are cached")

@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import random_prompts
 from redraft_cli import DecodeConfig, Generator
 from redraft_cli.kv_cache import commit_path
+from redraft_cli.static_cache import StaticKVCache
 
 from test_decode_greedy import OracleProposer
 
 
 def _layers(cache):
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    """(keys, values) per layer, (1, kv_heads, committed length, head_dim), for either cache kind."""
+    if isinstance(cache, StaticKVCache):
+        n = int(cache.lengths[0])
+        return [(cache.keys[i, :, :, :n], cache.values[i, :, :, :n]) for i in range(cache.keys.shape[0])]
+    return [(layer.keys, layer.values) for layer in cache.hf.layers]
 
 
-def test_cache_matches_plain_decoding(tiny_target):
+@pytest.fixture(params=["lean", "generic"])
+def path_target(request, tiny_target):
+    """The tiny Llama through the lean path (StaticKVCache) and through the generic HF path."""
+    lean = tiny_target.lean
+    if request.param == "generic":
+        tiny_target.lean = None
+    yield tiny_target
+    tiny_target.lean = lean
+
+
+def test_cache_matches_plain_decoding(path_target):
+    tiny_target = path_target
     cfg = DecodeConfig(max_new_tokens=17, beam_width=4, beam_length=4, stop_on_eos=False)
     for i, prompt in enumerate(random_prompts(6, tiny_target.vocab_size, seed=11)):
         fast = Generator(tiny_target, proposer=OracleProposer(tiny_target, seed=i, oracle_beam=i))
@@ -53,3 +70,16 @@ def test_commit_path_worked_example():
     cache = _Cache([_Layer(seq.clone(), seq.clone())])
     commit_path(cache, 4, torch.tensor([0, 1]))
     assert cache.layers[0].keys.flatten().tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_static_commit_worked_example():
+    # The same example on a StaticKVCache with two rows of different lengths.
+    cache = StaticKVCache(1, 2, 1, 12, 1, torch.float32, torch.device("cpu"))
+    cache.keys[0, :, 0, :, 0] = torch.arange(12.0)
+    cache.values[0, :, 0, :, 0] = -torch.arange(12.0)
+    cache.lengths = torch.tensor([4, 2])
+    cache.commit(torch.tensor([[0, 4, 5], [0, 1, 2]]), torch.tensor([3, 2]))
+    assert cache.lengths.tolist() == [7, 4]
+    assert cache.keys[0, 0, 0, :7, 0].tolist() == [0, 1, 2, 3, 4, 8, 9]
+    assert cache.values[0, 0, 0, :7, 0].tolist() == [0, -1, -2, -3, -4, -8, -9]
+    assert cache.keys[0, 1, 0, :4, 0].tolist() == [0, 1, 2, 3]

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..bench import BenchConfig, run_bench
 from ..decode import Generator
+from ..errors import BadInputError
 from ..prompts import load_prompts
 from . import options as o
 from ._errors import handle_errors
@@ -40,6 +41,7 @@ def bench(
     quantize: o.Quantize = D["quantize"],
     hf_baseline: bool = typer.Option(True, help="Also time Hugging Face model.generate() as a second baseline."),
     warmup: bool = typer.Option(True, help="Run each path once before timing."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", help="Prompts decoded together on every path (rows finish independently)."),
     no_chat_template: o.NoChatTemplate = False,
     json_path: o.JsonOut = None,
 ) -> None:
@@ -47,6 +49,8 @@ def bench(
     # Validate everything cheap before loading models.
     cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta)
     check_output_paths(json_path)
+    if batch_size < 1:
+        raise BadInputError(f"--batch-size must be >= 1, got {batch_size}")
     texts = load_prompts(prompts, limit=num_prompts)
     loaded = load_models(model, drafter, dtype, device, quantize, seed)
     target, dr = loaded.target, loaded.drafter
@@ -63,7 +67,7 @@ def bench(
         def progress(done: int, total: int, label: str) -> None:
             bar.update(task, completed=done, total=total, description=label)
 
-        result = run_bench(gen, ids, BenchConfig(cfg, warmup=warmup, hf_baseline=hf_baseline), progress)
+        result = run_bench(gen, ids, BenchConfig(cfg, warmup=warmup, hf_baseline=hf_baseline, batch_size=batch_size), progress)
     result = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
               "dtype": str(target.compute_dtype).replace("torch.", ""), **result}
     console.print(render(result))
@@ -76,7 +80,8 @@ def render(r: dict) -> Table:
     """The bench table: one row per path, then the ReDrafter statistics."""
     red, base = r["redraft"], r["baseline"]
     title = (f"redraft bench: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
-             f"beams {r['beam_width']}x{r['beam_length']} | {r['num_prompts']} prompts x {r['max_new_tokens']} tokens")
+             f"beams {r['beam_width']}x{r['beam_length']} | {r['num_prompts']} prompts x {r['max_new_tokens']} tokens"
+             + (f" | batch {r['batch_size']}" if r.get("batch_size", 1) > 1 else ""))
     t = Table(title=title, title_justify="left")
     for col in ("path", "tokens", "seconds", "tokens/s", "speedup"):
         t.add_column(col, justify="right" if col != "path" else "left")
@@ -91,8 +96,8 @@ def render(r: dict) -> Table:
         f"tokens/step {red['tokens_per_step']:.2f} | acceptance {red['acceptance_rate']:.1%} | "
         f"tree nodes {red['mean_tree_nodes']:.1f} | split draft {red['draft_share']:.0%} / verify "
         f"{red['verify_share']:.0%} / accept {red['accept_share']:.0%} | "
-        f"per step {1000 * red['draft_s'] / max(red['steps'], 1):.1f} / {1000 * red['verify_s'] / max(red['steps'], 1):.1f} / "
-        f"{1000 * red['accept_s'] / max(red['steps'], 1):.1f} ms"
+        f"per step {1000 * red['draft_s'] / max(red['passes'], 1):.1f} / {1000 * red['verify_s'] / max(red['passes'], 1):.1f} / "
+        f"{1000 * red['accept_s'] / max(red['passes'], 1):.1f} ms"
         + (f" | identical outputs {r['identical_outputs']}/{r['num_prompts']}" if r["identical_outputs"] is not None else "")
         + (f" | vs HF {r['speedup_vs_hf']:.2f}x" if r.get("speedup_vs_hf") else "")
     )

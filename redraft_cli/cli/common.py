@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -59,8 +61,17 @@ def resolve_drafter(target: Target, drafter: str, seed: int) -> tuple[Drafter, s
         return Drafter.for_target(target, seed=seed), f"random (seed {seed})"
     loaded = Drafter.load(drafter, map_location=target.device)
     loaded.check_target(target.hidden_size, target.vocab_size, target.name)
-    loaded = loaded.to(dtype=target.compute_dtype).attach(target.embed_weight, target.lm_head_weight)
-    return loaded, drafter
+    return loaded.to(dtype=drafter_dtype(loaded, target)).attach(target.embed_weight, target.lm_head_weight), drafter
+
+
+def drafter_dtype(drafter: Drafter, target: Target) -> torch.dtype:
+    """A 16-bit drafter runs as stored (half the memory traffic per draft step; the target still
+    verifies every token, so output does not depend on it); a float32 one takes the target's
+    dtype. float16 on CPU, where its matmuls are slow, becomes the target's dtype too."""
+    stored = drafter.rnn_w.weight.dtype
+    if stored == torch.bfloat16 or (stored == torch.float16 and target.device.type != "cpu"):
+        return stored
+    return target.compute_dtype
 
 
 def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int | None, accept: str,

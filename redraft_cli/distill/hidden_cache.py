@@ -8,8 +8,9 @@ small target it pays to compute it once and store it. For SmolLM2-135M
 
 On disk (`cache_dir`): `hidden-00000.safetensors`, ... each holding
 `hidden` (tokens, H) bfloat16 for a chunk of examples concatenated, and
-`offsets` (n+1,) int64, plus `manifest.json` (model, data fingerprint,
-chunks done). Chunks are written atomically; a rerun resumes.
+`offsets` (n+1,) int64, plus `manifest.json` (model, and the fingerprint of
+each chunk done). Chunks are written atomically; a rerun resumes, and a data
+set that grew computes only its new chunks.
 """
 
 from __future__ import annotations
@@ -36,27 +37,34 @@ def data_fingerprint(examples: list[dict]) -> str:
     return h.hexdigest()
 
 
+def _chunks(examples: list[dict], chunk_size: int) -> list[tuple[int, list[dict], str]]:
+    """(index, examples, fingerprint) per chunk of `chunk_size` consecutive examples."""
+    return [(c, examples[i : i + chunk_size], data_fingerprint(examples[i : i + chunk_size]))
+            for c, i in enumerate(range(0, len(examples), chunk_size))]
+
+
 @torch.no_grad()
 def build_hidden_cache(target: Target, examples: list[dict], cache_dir: Path, batch_size: int = 8,
                        chunk_size: int = 256, dtype: torch.dtype = torch.bfloat16,
                        progress: Callable[[int, int], None] | None = None) -> None:
-    """Compute and store the hidden states of `examples` (in order), resuming finished chunks."""
+    """Compute and store the hidden states of `examples` (in order), resuming finished chunks.
+
+    Each chunk is keyed by the fingerprint of its own examples, so a data set
+    that grew (more shards generated) reuses every full chunk already stored
+    and computes only the new ones.
+    """
     from safetensors.torch import save_file
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fresh = {"model": target.name, "data": data_fingerprint(examples), "examples": len(examples),
-             "chunk_size": chunk_size, "dtype": str(dtype).replace("torch.", ""), "chunks": []}
+    fresh = {"version": 2, "model": target.name, "chunk_size": chunk_size,
+             "dtype": str(dtype).replace("torch.", ""), "chunks": {}}
     manifest = _read(cache_dir)
-    if manifest is None or any(manifest.get(k) != fresh[k] for k in ("model", "data", "examples", "chunk_size", "dtype")):
+    if manifest is None or any(manifest.get(k) != fresh[k] for k in ("version", "model", "chunk_size", "dtype")):
         manifest = fresh
-    done = set(manifest["chunks"])
-    n_chunks = -(-len(examples) // chunk_size)
-    for c in range(n_chunks):
-        if c in done:
+    for c, chunk, fp in _chunks(examples, chunk_size):
+        if manifest["chunks"].get(str(c)) == fp:
             continue
-        chunk = examples[c * chunk_size : (c + 1) * chunk_size]
-        states = []
         # Similar lengths together: less padding.
         order = sorted(range(len(chunk)), key=lambda i: int(chunk[i]["input_ids"].numel()))
         out: list[torch.Tensor | None] = [None] * len(chunk)
@@ -80,22 +88,23 @@ def build_hidden_cache(target: Target, examples: list[dict], cache_dir: Path, ba
         tmp = cache_dir / f".{name}.tmp{os.getpid()}"
         save_file({"hidden": torch.cat(states).contiguous(), "offsets": offsets}, str(tmp))
         os.replace(tmp, cache_dir / name)
-        manifest["chunks"].append(c)
+        manifest["chunks"][str(c)] = fp
         _write(cache_dir, manifest)
 
 
 def attach_hidden(examples: list[dict], cache_dir: Path, model_name: str) -> None:
-    """Add `hidden` (T, H) to every example from a complete cache; BadInputError if it does not match."""
+    """Add `hidden` (T, H) to every example from the cache; BadInputError if any chunk does not match."""
     from safetensors.torch import load_file
 
     manifest = _read(Path(cache_dir))
-    if manifest is None or manifest.get("model") != model_name or manifest.get("data") != data_fingerprint(examples):
+    if manifest is None or manifest.get("version") != 2 or manifest.get("model") != model_name:
         raise BadInputError(f"hidden-state cache {cache_dir} does not match this data; delete it to rebuild")
-    size = manifest["chunk_size"]
-    for c in range(-(-len(examples) // size)):
+    for c, chunk, fp in _chunks(examples, manifest["chunk_size"]):
+        if manifest["chunks"].get(str(c)) != fp:
+            raise BadInputError(f"hidden-state cache {cache_dir} does not match this data; delete it to rebuild")
         t = load_file(str(Path(cache_dir) / f"hidden-{c:05d}.safetensors"))
         offs = t["offsets"].tolist()
-        for j, e in enumerate(examples[c * size : (c + 1) * size]):
+        for j, e in enumerate(chunk):
             e["hidden"] = t["hidden"][offs[j] : offs[j + 1]]
 
 

@@ -28,7 +28,7 @@ from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter
 from ..errors import BadInputError, ModelLoadError
 from ..prompts import builtin_conversations, load_conversations
 from ..target import Target, TargetSpec, _hub_reachable, cache_dir, load_target
-from .hidden_cache import attach_hidden, build_hidden_cache, data_fingerprint
+from .hidden_cache import attach_hidden, build_hidden_cache
 from .data import GenerationConfig, conversations_sha256, generate_dataset, load_dataset, read_manifest
 from .recipe import Recipe
 from .templates import apply_chat_template_override
@@ -148,7 +148,8 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
 
     if d.cache_hidden:
         # Small targets: one forward over the data, stored, instead of one per epoch.
-        hidden_dir = data_dir / f"hidden-{target.compute_dtype}-{data_fingerprint(examples)[:10]}".replace("torch.", "")
+        # One cache per target dtype; chunks are keyed by their examples, so it grows with the data.
+        hidden_dir = data_dir / f"hidden-{target.compute_dtype}".replace("torch.", "")
         emit({"event": "hidden_start", "examples": len(examples), "dir": str(hidden_dir)})
         build_hidden_cache(target, examples, hidden_dir, batch_size=recipe.train.batch_size,
                            progress=lambda done, total: emit({"event": "hidden", "done": done, "total": total}))

@@ -1,0 +1,109 @@
+"""A lean target forward for the Llama family over a `StaticKVCache`.
+
+Llama, Mistral, Qwen2 and Qwen3 decoders share one layout (Qwen3 adds an
+RMSNorm on each query/key head):
+
+    x = embed(ids)                                            (B, n, H)
+    for each layer:
+        q, k, v = proj(norm(x)); q, k = rope(q, k)            (B, heads, n, d)
+        cache.write(k, v at slots lengths + i)
+        x = x + o_proj(SDPA(q, K[:span], V[:span], mask))     GQA without copying K/V
+        x = x + mlp(norm(x))
+    return norm(x)                                            post-norm hidden (B, n, H)
+
+The model's own modules do the arithmetic (projections, norms, MLP, rotary
+embedding), so bitsandbytes-quantised layers and every checkpoint of these
+families work unchanged. What this replaces is the per-step machinery of a
+generic forward that decoding does not need: mask construction per layer
+type, cache objects that concatenate, keyword plumbing. One boolean mask is
+built per step (`StaticKVCache.attention_mask`) and shared by all layers.
+
+Models with sliding-window layers, or of other architectures, keep the
+generic Hugging Face path (`lean_supported` says which).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .static_cache import StaticKVCache
+
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def lean_supported(model: Any) -> bool:
+    """True when `model` (a *ForCausalLM) has the plain Llama decoder layout this module runs."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in LEAN_MODEL_TYPES:
+        return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return False
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True) and window < getattr(cfg, "max_position_embeddings", 0):
+        return False
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None or not hasattr(base, "rotary_emb") or not hasattr(base, "norm"):
+        return False
+    attn = layers[0].self_attn
+    return all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
+
+
+class LeanLlama:
+    """forward(ids (B, n), positions (B, n), cache, tree_mask (B, n, n)) -> hidden (B, n, H)."""
+
+    def __init__(self, model: Any) -> None:
+        self.base = model.model
+        self.layers = list(self.base.layers)
+        attn = self.layers[0].self_attn
+        self.head_dim = int(attn.head_dim)
+        cfg = model.config
+        self.num_heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
+        self.scaling = float(attn.scaling)
+        self.qk_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
+        self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> StaticKVCache:
+        return StaticKVCache(len(self.layers), batch, self.kv_heads, capacity, self.head_dim, dtype, device)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
+                tree_mask: torch.Tensor) -> torch.Tensor:
+        """Run n tokens per row at `positions`; their K/V go to `cache.slots(n)`.
+
+        ids, positions: (B, n) int64; tree_mask: (B, n, n) bool (which new
+        tokens each new token sees; causal for a prompt, ancestors for a tree).
+        Returns the post-norm hidden states (B, n, H). `cache.lengths` is not
+        advanced: call `cache.commit` with what to keep.
+        """
+        B, n = ids.shape
+        cache.check_room(n)
+        slots = cache.slots(n)
+        mask, span = cache.attention_mask(tree_mask)
+        x = self.base.embed_tokens(ids)
+        cos, sin = self.base.rotary_emb(x, positions)
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, i, slots, mask, span)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.base.norm(x)
+
+    def _attention(self, attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache,
+                   layer: int, slots: torch.Tensor, mask: torch.Tensor, span: int) -> torch.Tensor:
+        B, n, _ = x.shape
+        d = self.head_dim
+        q = attn.q_proj(x).view(B, n, self.num_heads, d)
+        k = attn.k_proj(x).view(B, n, self.kv_heads, d)
+        v = attn.v_proj(x).view(B, n, self.kv_heads, d).transpose(1, 2)
+        if self.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, heads, n, d)
+        cache.write(layer, k, v, slots)
+        keys, values = cache.view(layer, span)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
+                                             enable_gqa=self.kv_heads != self.num_heads)  # (B, heads, n, d)
+        return attn.o_proj(out.transpose(1, 2).reshape(B, n, self.num_heads * d))

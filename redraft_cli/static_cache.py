@@ -1,0 +1,104 @@
+"""A preallocated KV cache with one length per row, for tree decoding in batches.
+
+Layout: `keys`, `values` of shape (layers, B, kv_heads, capacity, head_dim),
+allocated once per generation; `lengths` (B,) int64 counts the committed
+tokens of each row. Row b's committed tokens sit in slots 0..lengths[b]-1,
+so rows of different lengths need no padding inside the prefix.
+
+A forward over n new tokens per row writes them at slots lengths[b] + i
+(`slots`), attends with `attention_mask`, and leaves `lengths` alone: the
+nodes are only tentative. `commit` then moves each row's accepted path to
+consecutive slots and advances its length. Worked example, one row,
+lengths = [4], n = 6 tree nodes, accepted path = nodes [0, 4, 5]:
+
+    after the forward: [c0 c1 c2 c3 | n0 n1 n2 n3 n4 n5 ...]   lengths = [4]
+    after commit:      [c0 c1 c2 c3 | n0 n4 n5 n3 n4 n5 ...]   lengths = [7]
+
+Slots past a row's length hold stale values that the mask hides and the
+next forward overwrites; nothing is ever reallocated or concatenated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StaticKVCache:
+    """keys, values: (layers, B, kv_heads, capacity, head_dim); lengths: (B,) int64."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (num_layers, batch, kv_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.capacity = capacity
+
+    @property
+    def batch(self) -> int:
+        return self.keys.shape[1]
+
+    def get_seq_length(self) -> int:
+        """The longest row (for callers that expect a Hugging Face cache)."""
+        return int(self.lengths.max()) if self.lengths.numel() else 0
+
+    def slots(self, n: int) -> torch.Tensor:
+        """(B, n) slots where the next n tokens of each row go: lengths[b] + i."""
+        return self.lengths.unsqueeze(1) + torch.arange(n, device=self.lengths.device)
+
+    def check_room(self, n: int) -> None:
+        if self.get_seq_length() + n > self.capacity:
+            raise RuntimeError(f"KV cache full: {self.get_seq_length()} + {n} > capacity {self.capacity}")
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store k, v (B, kv_heads, n, head_dim) of `layer` at `slots` (B, n)."""
+        B, Hk, n, D = k.shape
+        idx = slots.view(B, 1, n, 1).expand(B, Hk, n, D)
+        self.keys[layer].scatter_(2, idx, k)
+        self.values[layer].scatter_(2, idx, v)
+
+    def view(self, layer: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys, values of `layer` over slots 0..span-1: (B, kv_heads, span, head_dim) views."""
+        return self.keys[layer, :, :, :span], self.values[layer, :, :, :span]
+
+    def attention_mask(self, tree_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Boolean mask for a forward of n tokens per row written at `slots(n)`.
+
+        tree_mask: (B, n, n) bool, node a may see node c (ancestor-or-self).
+        Returns (mask (B, 1, n, span) bool, span) with span = max(lengths) + n:
+        query a of row b sees every committed slot j < lengths[b] and the slots
+        lengths[b] + c of its tree ancestors c; nothing else.
+        """
+        B, n, _ = tree_mask.shape
+        span = self.get_seq_length() + n
+        rel = torch.arange(span, device=tree_mask.device).unsqueeze(0) - self.lengths.unsqueeze(1)  # (B, span)
+        committed = (rel < 0).unsqueeze(1)  # (B, 1, span)
+        in_tree = ((rel >= 0) & (rel < n)).unsqueeze(1)
+        tree_cols = tree_mask.gather(2, rel.clamp(0, n - 1).unsqueeze(1).expand(B, n, span))  # (B, n, span)
+        mask = committed | (in_tree & tree_cols)
+        return mask.unsqueeze(1), span
+
+    def commit(self, path: torch.Tensor, accepted: torch.Tensor) -> None:
+        """Keep each row's accepted path and advance its length.
+
+        path: (B, m) packed node indices, the first accepted[b] of row b are
+        kept (g0 first); accepted: (B,) int64 in 1..m. Moves slot
+        lengths[b] + path[b, i] to lengths[b] + i for all i < m in one gather
+        and one scatter over all layers (entries past accepted[b] are stale
+        and harmless), then lengths += accepted.
+        """
+        B, m = path.shape
+        src = self.lengths.unsqueeze(1) + path.to(self.lengths.device)  # (B, m)
+        if not torch.equal(path, torch.arange(m, device=path.device).expand(B, m)):
+            Lr, _, Hk, _, D = self.keys.shape
+            src_idx = src.view(1, B, 1, m, 1).expand(Lr, B, Hk, m, D)
+            dst_idx = self.slots(m).view(1, B, 1, m, 1).expand(Lr, B, Hk, m, D)
+            for buf in (self.keys, self.values):
+                buf.scatter_(3, dst_idx, buf.gather(3, src_idx))
+        self.lengths += accepted.to(self.lengths)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop finished rows: keep `rows` (R,) int64, in that order."""
+        self.keys = self.keys.index_select(1, rows)
+        self.values = self.values.index_select(1, rows)
+        self.lengths = self.lengths.index_select(0, rows)

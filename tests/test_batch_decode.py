@@ -1,0 +1,75 @@
+"""Batched decoding: several prompts at once, each row identical to its batch-1 greedy output."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import random_prompts, tiny_llama
+from redraft_cli import DecodeConfig, Drafter, Generator
+from redraft_cli.errors import BadInputError
+from redraft_cli.sampling import SamplingConfig
+
+from test_decode_greedy import OracleProposer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def eos_target():
+    # An EOS token the random model emits now and then: rows finish at different steps.
+    return tiny_llama(eos_token_id=5, seed=3, max_positions=96)
+
+
+def test_batch_rows_equal_batch_one(eos_target):
+    target = eos_target
+    prompts = random_prompts(5, target.vocab_size, seed=21, min_len=2, max_len=30)
+    cfg = DecodeConfig(max_new_tokens=40, beam_width=3, beam_length=4)
+    # Make EOS a token that some rows produce early and others never: rows finish at different steps.
+    free = Generator(target).generate_batch(prompts, DecodeConfig(max_new_tokens=40, stop_on_eos=False), "plain")
+    firsts = {tok for row in free.tokens for tok in row[5:15]}
+    eos = min(firsts, key=lambda tok: sum(tok in row for row in free.tokens))
+    target.eos_ids = frozenset({eos})
+    for gen in (Generator(target, Drafter.for_target(target, seed=1)),
+                Generator(target, proposer=OracleProposer(target, seed=2, oracle_beam=1))):
+        singles = [gen.generate(p, cfg, "plain").tokens for p in prompts]
+        plain = gen.generate_batch(prompts, cfg, "plain")
+        fast = gen.generate_batch(prompts, cfg, "redraft")
+        assert plain.tokens == singles
+        assert fast.tokens == singles
+        assert len({len(t) for t in singles}) > 1, "rows must finish at different steps"
+        # One target pass per step for all rows: far fewer passes than tokens.
+        assert plain.passes == max(len(t) for t in singles)
+        assert fast.passes <= plain.passes
+
+
+def test_batch_accepts_drafts_and_respects_context(eos_target):
+    target = eos_target
+    gen = Generator(target, proposer=OracleProposer(target, seed=0, oracle_beam=0))
+    prompts = [[i % 60 + 1 for i in range(89)], [7, 8], [9] * 40]  # the first row runs into the 96-token context
+    cfg = DecodeConfig(max_new_tokens=30, beam_width=2, beam_length=5, stop_on_eos=False)
+    out = gen.generate_batch(prompts, cfg, "redraft")
+    assert [len(t) for t in out.tokens] == [96 - 89, 30, 30]
+    assert out.tokens == [gen.generate(p, cfg, "plain").tokens for p in prompts]
+    assert sum(s.accepted for g in out.rows for s in g.decode_steps) > 0
+
+
+def test_batch_sampling_runs_each_row_to_its_budget(tiny_target):
+    gen = Generator(tiny_target, Drafter.for_target(tiny_target, seed=0))
+    prompts = random_prompts(3, tiny_target.vocab_size, seed=5)
+    for accept in ("rejection", "typical"):
+        cfg = DecodeConfig(max_new_tokens=12, accept=accept, sampling=SamplingConfig(temperature=0.8, seed=3),
+                           stop_on_eos=False)
+        out = gen.generate_batch(prompts, cfg, "redraft")
+        assert [len(t) for t in out.tokens] == [12, 12, 12]
+        assert gen.generate_batch(prompts, cfg, "redraft").tokens == out.tokens, "seeded runs reproduce"
+
+
+def test_batch_needs_the_lean_path(tiny_target):
+    lean, tiny_target.lean = tiny_target.lean, None
+    try:
+        with pytest.raises(BadInputError, match="batched decoding needs a Llama-family"):
+            Generator(tiny_target).generate_batch([[1, 2], [3]], DecodeConfig(max_new_tokens=2), "plain")
+        # One row still works on the generic path.
+        assert len(Generator(tiny_target).generate_batch([[1, 2]], DecodeConfig(max_new_tokens=3), "plain").tokens[0]) == 3
+    finally:
+        tiny_target.lean = lean

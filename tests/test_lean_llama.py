@@ -1,0 +1,116 @@
+"""The lean Llama-family forward over a StaticKVCache matches Hugging Face's own forward.
+
+For each family (Llama, Mistral, Qwen2, Qwen3) a tiny random model runs:
+a batched prefill of prompts of different lengths, a tree step over random
+beams, a commit of a non-contiguous path, and one more token; at every stage
+the hidden states equal HF's forward over the same (per-row, unpadded) text.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from redraft_cli.lean_llama import LeanLlama, lean_supported
+from redraft_cli.static_cache import StaticKVCache
+from redraft_cli.tree_attention import pack_tree
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny(model_type: str, seed: int = 0):
+    import transformers
+
+    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+    cfg_cls = getattr(transformers, f"{names[model_type]}Config")
+    model_cls = getattr(transformers, f"{names[model_type]}ForCausalLM")
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    if model_type == "qwen3":
+        kwargs["head_dim"] = 8
+    if model_type == "mistral":
+        kwargs["sliding_window"] = None
+    cfg = cfg_cls(**kwargs)
+    cfg._attn_implementation = "sdpa"
+    model = model_cls(cfg).eval()
+    if model_type == "qwen2":  # Qwen2 has q/k/v biases: make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.bias.normal_()
+    return model
+
+
+def hf_hidden(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]  # (T, H)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_prefill_tree_commit_match_hf(model_type):
+    model = tiny(model_type)
+    assert lean_supported(model)
+    lean = LeanLlama(model)
+    prompts = [[3, 9, 4, 1, 7], [5, 2], [8, 8, 1, 6, 2, 9, 11]]
+    B, P = len(prompts), max(map(len, prompts))
+    cache = lean.new_cache(B, 64, torch.float32, torch.device("cpu"))
+    ids = torch.zeros(B, P, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p)
+    causal = torch.ones(P, P, dtype=torch.bool).tril()
+    key_ok = torch.arange(P) < torch.tensor([len(p) for p in prompts]).unsqueeze(1)  # (B, P)
+    hidden = lean.forward(ids, torch.arange(P).expand(B, P), cache, causal & key_ok.unsqueeze(1))
+    for b, p in enumerate(prompts):
+        torch.testing.assert_close(hidden[b, : len(p)], hf_hidden(model, p), atol=1e-5, rtol=1e-4)
+    cache.commit(torch.arange(P).expand(B, P), torch.tensor([len(p) for p in prompts]))
+    assert cache.lengths.tolist() == [5, 2, 7]
+
+    # A tree step: W=3 beams of length 3 per row, sharing prefixes.
+    beams = torch.tensor([[[1, 2, 3], [1, 2, 4], [1, 5, 6]],
+                          [[7, 7, 7], [7, 8, 9], [7, 8, 10]],
+                          [[4, 3, 2], [4, 3, 2], [4, 1, 1]]])
+    tree = pack_tree(beams, cache.lengths)
+    hidden = lean.forward(tree.tokens, tree.positions, cache, tree.mask)
+    for b, p in enumerate(prompts):
+        for i in range(3):
+            ref = hf_hidden(model, p + beams[b, i].tolist())[len(p):]
+            got = hidden[b, tree.unpack[b, i]]
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+    # Commit beam 2 of each row up to depth 1 (g0 + one draft) -- non-contiguous for rows 0 and 1.
+    path = tree.unpack[:, 2, :]  # (B, 3)
+    cache.commit(path, torch.tensor([2, 2, 2]))
+    texts = [p + beams[b, 2, :2].tolist() for b, p in enumerate(prompts)]
+    nxt = torch.tensor([[13], [14], [15]])
+    hidden = lean.forward(nxt, cache.lengths.unsqueeze(1), cache, torch.ones(B, 1, 1, dtype=torch.bool))
+    for b, text in enumerate(texts):
+        torch.testing.assert_close(hidden[b, 0], hf_hidden(model, text + [int(nxt[b])])[-1], atol=1e-5, rtol=1e-4)
+
+    # Dropping a finished row keeps the others intact.
+    cache.commit(torch.zeros(B, 1, dtype=torch.long), torch.ones(B, dtype=torch.long))
+    cache.keep(torch.tensor([2, 0]))
+    hidden = lean.forward(torch.tensor([[1], [1]]), cache.lengths.unsqueeze(1), cache, torch.ones(2, 1, 1, dtype=torch.bool))
+    for row, b in enumerate([2, 0]):
+        ref = hf_hidden(model, texts[b] + [int(nxt[b]), 1])[-1]
+        torch.testing.assert_close(hidden[row, 0], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_mask_worked_example():
+    cache = StaticKVCache(1, 2, 1, 16, 4, torch.float32, torch.device("cpu"))
+    cache.lengths = torch.tensor([2, 0])
+    tree = torch.tensor([[[1, 0], [1, 1]], [[1, 0], [0, 1]]], dtype=torch.bool)
+    mask, span = cache.attention_mask(tree)
+    assert span == 4
+    T, F = True, False
+    expected = torch.tensor([[[T, T, T, F], [T, T, T, T]],   # row 0: 2 committed, then its nodes at slots 2, 3
+                             [[T, F, F, F], [F, T, F, F]]])  # row 1: nothing committed, nodes at slots 0, 1
+    assert torch.equal(mask[:, 0], expected)
+
+
+def test_unsupported_layouts_fall_back():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    assert not lean_supported(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)))
+    model = tiny("mistral")
+    model.config.sliding_window = 16  # a window shorter than the context: the generic path handles it
+    assert not lean_supported(model)
