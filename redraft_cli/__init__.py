@@ -10,6 +10,10 @@ loop) is importable without the command-line layer::
     gen = Generator(target, drafter)
     for step in gen.redraft(target.encode_chat("Name three colours."), DecodeConfig()):
         print(target.tokenizer.decode(step.tokens), step.accepted)
+
+    # Several prompts at once (Llama-family targets); each row equals its batch-1 output.
+    out = gen.generate_batch([target.encode_chat(q) for q in ("Hi!", "What is 2 + 2?")], DecodeConfig())
+    print([target.tokenizer.decode(t) for t in out.tokens])
 """
 
 __version__ = "0.1.0"
@@ -18,7 +22,7 @@ from .errors import RedraftError  # noqa: E402
 from .sampling import SamplingConfig  # noqa: E402
 from .drafter import Drafter, DrafterConfig  # noqa: E402
 from .target import Target, TargetSpec, load_target  # noqa: E402
-from .decode import DecodeConfig, Generator, StepStats  # noqa: E402
+from .decode import BatchGeneration, DecodeConfig, Generation, Generator, StepStats  # noqa: E402
 
 __all__ = [
     "RedraftError",
@@ -29,6 +33,8 @@ __all__ = [
     "TargetSpec",
     "load_target",
     "DecodeConfig",
+    "Generation",
+    "BatchGeneration",
     "Generator",
     "StepStats",
 ]

@@ -18,6 +18,21 @@ generic forward that decoding does not need: mask construction per layer
 type, cache objects that concatenate, keyword plumbing. One boolean mask is
 built per step (`StaticKVCache.attention_mask`) and shared by all layers.
 
+Batch invariance (bfloat16/float16 on CPU). Greedy ReDrafter is lossless
+only if a token's logits do not depend on how many other tokens share the
+pass. On CPU, 16-bit matmuls are bitwise batch-invariant for M >= 2 rows
+(oneDNN's GEMM accumulates each output the same way whatever M), but M = 1
+takes a GEMV kernel that rounds differently, and the fused SDPA kernel
+splits keys into blocks that depend on the query count. So in 16-bit on
+CPU this module (a) never runs a single-token pass: one token is run as a
+2-node "tree" with a copy of itself, whose result is dropped, and (b)
+computes attention as two plain matmuls around a float32 softmax, queries
+grouped per KV head (no K/V copies). Then a tree pass and a one-token pass
+give the same bits for the same token, and greedy output is identical to
+plain decoding by construction. float32 matmuls (MKL) are not
+batch-invariant at all; there the fused kernel is kept and identity holds
+up to rare near-ties (see the README's performance section).
+
 Models with sliding-window layers, or of other architectures, keep the
 generic Hugging Face path (`lean_supported` says which).
 """
@@ -33,11 +48,14 @@ import torch.nn.functional as F
 from .static_cache import StaticKVCache
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Passes of more tokens than this (long prompts; both decoding paths prefill the same way) use the
+# fused, memory-efficient SDPA kernel even in batch-invariant mode: grouped_attention holds a
+# float32 (heads, n, S) score matrix.
+INVARIANT_MAX_TOKENS = 512
 
 
-def lean_supported(model: Any) -> bool:
-    """True when `model` (a *ForCausalLM) has the plain Llama decoder layout this module runs."""
-    cfg = getattr(model, "config", None)
+def lean_config_supported(cfg: Any) -> bool:
+    """True when a model config (`PretrainedConfig`) describes a decoder this module runs."""
     if getattr(cfg, "model_type", None) not in LEAN_MODEL_TYPES:
         return False
     if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
@@ -45,12 +63,26 @@ def lean_supported(model: Any) -> bool:
     window = getattr(cfg, "sliding_window", None)
     if window and getattr(cfg, "use_sliding_window", True) and window < getattr(cfg, "max_position_embeddings", 0):
         return False
+    return True
+
+
+def lean_supported(model: Any) -> bool:
+    """True when `model` (a *ForCausalLM) has the plain Llama decoder layout this module runs."""
+    if not lean_config_supported(getattr(model, "config", None)):
+        return False
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
     if layers is None or not hasattr(base, "rotary_emb") or not hasattr(base, "norm"):
         return False
     attn = layers[0].self_attn
     return all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bfloat16 matmuls run natively (else they are emulated and slow)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)
 
 
 class LeanLlama:
@@ -67,6 +99,8 @@ class LeanLlama:
         self.scaling = float(attn.scaling)
         self.qk_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
         self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        weight = model.get_input_embeddings().weight
+        self.batch_invariant = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
 
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> StaticKVCache:
         return StaticKVCache(len(self.layers), batch, self.kv_heads, capacity, self.head_dim, dtype, device)
@@ -82,6 +116,10 @@ class LeanLlama:
         advanced: call `cache.commit` with what to keep.
         """
         B, n = ids.shape
+        if n == 1 and self.batch_invariant:
+            # A copy of the token as a second, self-only node: every matmul sees M >= 2 rows.
+            eye = torch.eye(2, dtype=torch.bool, device=ids.device).expand(B, 2, 2)
+            return self.forward(ids.expand(B, 2), positions.expand(B, 2), cache, eye)[:, :1]
         cache.check_room(n)
         slots = cache.slots(n)
         mask, span = cache.attention_mask(tree_mask)
@@ -104,6 +142,27 @@ class LeanLlama:
         q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, heads, n, d)
         cache.write(layer, k, v, slots)
         keys, values = cache.view(layer, span)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
-                                             enable_gqa=self.kv_heads != self.num_heads)  # (B, heads, n, d)
+        if self.batch_invariant and n <= INVARIANT_MAX_TOKENS:
+            out = grouped_attention(q, keys, values, mask, self.scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
+                                                 enable_gqa=self.kv_heads != self.num_heads)  # (B, heads, n, d)
         return attn.o_proj(out.transpose(1, 2).reshape(B, n, self.num_heads * d))
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Attention as matmul, float32 softmax, matmul; batch-invariant where the matmuls are.
+
+    q: (B, heads, n, d); keys, values: (B, kv_heads, S, d); mask: (B, 1, n, S)
+    bool. The rep = heads / kv_heads query heads that share a KV head are
+    stacked into one (rep * n, d) matrix, so K and V are never copied.
+    Returns (B, heads, n, d) in q's dtype.
+    """
+    B, Hq, n, d = q.shape
+    Hk, S = keys.shape[1], keys.shape[2]
+    rep = Hq // Hk
+    scores = torch.matmul(q.reshape(B, Hk, rep * n, d), keys.transpose(-1, -2)).float() * scale
+    scores = scores.view(B, Hk, rep, n, S).masked_fill(~mask.view(B, 1, 1, n, S), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(B, Hk, rep * n, S)
+    return torch.matmul(probs, values).view(B, Hq, n, d)

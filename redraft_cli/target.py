@@ -23,7 +23,7 @@ import torch
 
 from .errors import BadInputError, ChatTemplateError, ContextOverflowError, ModelLoadError
 from .kv_cache import TreeCache
-from .lean_llama import LEAN_MODEL_TYPES, LeanLlama, lean_supported
+from .lean_llama import LEAN_MODEL_TYPES, LeanLlama, cpu_has_native_bf16, lean_config_supported, lean_supported
 from .tree_attention import attention_bias
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -80,14 +80,31 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, config: Any = None) -> torch.dtype:
+    """--dtype auto: bfloat16 (else float16) on CUDA, float16 on MPS; on CPU bfloat16 when the CPU
+    has native bfloat16 and the model takes the lean Llama path (batch-invariant in 16-bit, so
+    greedy output stays identical; faster than float32 for one token and for trees alike), else
+    float32. `config` is the model's config when known."""
     if dtype != "auto":
         return DTYPES[dtype]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
+    if config is not None and cpu_has_native_bf16() and lean_config_supported(config):
+        return torch.bfloat16
     return torch.float32
+
+
+def _peek_config(source: str, gguf_file: str | None = None) -> Any:
+    """The model's config if it can be read locally (no download), else None."""
+    from transformers import AutoConfig
+
+    try:
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        return AutoConfig.from_pretrained(source, local_files_only=True, **kwargs)
+    except _LOAD_ERRORS:
+        return None
 
 
 def embedded_gguf(alias: str) -> tuple[Path, str]:
@@ -212,18 +229,22 @@ def load_target(spec: TargetSpec | str = DEFAULT_MODEL, **overrides: Any) -> "Ta
     if isinstance(spec, str):
         spec = TargetSpec(model=spec, **overrides)
     device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
     name = spec.model
+    auto = spec.dtype == "auto" and device.type == "cpu" and spec.quantize == "none"
     if name in EMBEDDED:
-        model, tokenizer = _load_hf(str(_convert_embedded(name)), spec, device, dtype)
+        source = str(_convert_embedded(name))
+        dtype = resolve_dtype(spec.dtype, device, _peek_config(source) if auto else None)
+        model, tokenizer = _load_hf(source, spec, device, dtype)
     elif name.endswith(".gguf"):
         path = Path(name)
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
+        dtype = resolve_dtype(spec.dtype, device, _peek_config(str(path.parent), path.name) if auto else None)
         model, tokenizer = _load_hf(str(path.parent), spec, device, dtype, gguf_file=path.name)
         if dtype != torch.float32:
             model.to(dtype)
     else:
+        dtype = resolve_dtype(spec.dtype, device, _peek_config(name) if auto else None)
         model, tokenizer = _load_hf(name, spec, device, dtype)
     model.eval()
     model.requires_grad_(False)
@@ -325,6 +346,10 @@ class Target:
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., H) -> float32 logits (..., V)."""
+        if self.lean is not None and self.lean.batch_invariant and hidden.numel() == hidden.shape[-1]:
+            # One row would take the GEMV kernel (see lean_llama): score it as two.
+            return self.logits(hidden.reshape(1, -1).expand(2, -1))[:1].view(*hidden.shape[:-1], -1)
         out = self.lm_head(hidden).float()
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap

@@ -56,6 +56,24 @@ def test_bench_random_drafter_json(tmp_path, prompt_file):
     assert "ReDrafter" in result.output
 
 
+def test_bench_batch_matches_batch_one(tmp_path, prompt_file):
+    """--batch-size 2 decodes both prompts together on every path; each row's output is the batch-1 output."""
+    outs = {}
+    for b in (1, 2):
+        out = tmp_path / f"b{b}.json"
+        result = invoke("bench", "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 2,
+                        "--max-new-tokens", 8, "--beam-width", 2, "--beam-length", 3, "--batch-size", b,
+                        "--no-warmup", "--json", out)
+        assert result.exit_code == 0, result.output
+        outs[b] = json.loads(out.read_text())
+    assert outs[2]["batch_size"] == 2 and outs[2]["identical_outputs"] == 2
+    assert [r["plain_digest"] for r in outs[1]["per_prompt"]] == [r["plain_digest"] for r in outs[2]["per_prompt"]]
+    assert [r["redraft_digest"] for r in outs[1]["per_prompt"]] == [r["redraft_digest"] for r in outs[2]["per_prompt"]]
+    assert outs[2]["baseline_hf"]["tokens"] == 16
+    assert "batch 2" in result.output
+    assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", prompt_file, "--batch-size", 0), "--batch-size")
+
+
 def test_bench_rejection_sampling_runs(prompt_file):
     result = invoke("bench", "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 1,
                     "--max-new-tokens", 6, "--accept", "rejection", "--temperature", 0.7, "--top-p", 0.9,

@@ -114,3 +114,34 @@ def test_unsupported_layouts_fall_back():
     model = tiny("mistral")
     model.config.sliding_window = 16  # a window shorter than the context: the generic path handles it
     assert not lean_supported(model)
+
+
+def test_bfloat16_on_cpu_is_batch_invariant():
+    """In 16-bit on CPU a token's hidden state and logits are bitwise the same whether it runs
+    alone, in a chain, in a tree or in a batch, so greedy ReDrafter equals plain decoding exactly."""
+    from conftest import tiny_llama
+
+    target = tiny_llama(hidden_size=64, layers=3, seed=5)
+    target.model.to(torch.bfloat16)
+    target.__init__(target.model, None, target.name)  # re-read dtype, rebuild the lean path
+    lean = target.lean
+    assert lean.batch_invariant and target.compute_dtype == torch.bfloat16
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+
+    def run(chunks):
+        cache = lean.new_cache(2, 64, torch.bfloat16, torch.device("cpu"))
+        outs, pos = [], 0
+        for n in chunks:
+            h = lean.forward(ids[:, pos : pos + n], torch.arange(pos, pos + n).expand(2, n), cache,
+                             torch.ones(2, n, n, dtype=torch.bool).tril())
+            cache.commit(torch.arange(n).expand(2, n), torch.tensor([n, n]))
+            outs.append(h)
+            pos += n
+        return torch.cat(outs, 1)
+
+    one_by_one = run([30] + [1] * 10)
+    for chunks in ([30, 10], [40], [30, 3, 7], [30, 1, 4, 5]):
+        assert torch.equal(run(chunks)[:, 30:], one_by_one[:, 30:]), chunks
+    rows = one_by_one[:, 30:]  # (2, 10, H)
+    single = torch.stack([torch.stack([target.logits(rows[b, i]) for i in range(10)]) for b in range(2)])
+    assert torch.equal(target.logits(rows), single)
