@@ -211,6 +211,7 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
         "seed": d.sampling.seed,
         "beam_width": d.beam_width,
         "beam_length": d.beam_length,
+        "lookup_beams": d.lookup_beams,
         "batch_size": B,
         "num_prompts": len(prompts),
         "max_new_tokens": d.max_new_tokens,

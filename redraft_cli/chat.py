@@ -54,6 +54,7 @@ class Totals:
 SETTABLE = {
     "beam-width": ("beam_width", int),
     "beam-length": ("beam_length", int),
+    "lookup": ("lookup_beams", int),
     "max-new-tokens": ("max_new_tokens", int),
     "accept": ("accept", str),
     "temperature": ("temperature", float),

@@ -28,6 +28,7 @@ import torch
 
 from .beam_search import DraftBeams, check_beam_shape, draft_beams
 from .drafter import Drafter
+from .lookup import with_lookup_beams
 from .errors import BadInputError
 from .sampling import SamplingConfig, choose_tokens
 from .target import Target
@@ -47,6 +48,7 @@ class DecodeConfig:
     typical_epsilon: float = 0.09
     typical_delta: float = 0.3
     stop_on_eos: bool = True
+    lookup_beams: int = 0  # extra beams copied from earlier context (lookup.py), beside the W drafted ones
 
     def __post_init__(self) -> None:
         if self.accept not in ACCEPT_RULES:
@@ -54,6 +56,8 @@ class DecodeConfig:
         if self.max_new_tokens < 1:
             raise BadInputError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         check_beam_shape(self.beam_width, self.beam_length)
+        if not 0 <= self.lookup_beams <= 16:
+            raise BadInputError(f"--lookup must be between 0 and 16, got {self.lookup_beams}")
         if not 0 < self.typical_epsilon <= 1 or self.typical_delta <= 0:
             raise BadInputError("typical acceptance needs 0 < epsilon <= 1 and delta > 0")
 
@@ -253,7 +257,7 @@ class Generator:
         t = self.target
         gen = self._generator(cfg)
         rows = _Rows(prompts)
-        h, g0, stats = self._prefill(prompts, cfg, gen, margin=cfg.beam_width * cfg.beam_length + 1)
+        h, g0, stats = self._prefill(prompts, cfg, gen, margin=(cfg.beam_width + cfg.lookup_beams) * cfg.beam_length + 1)
         out, keep = self._record(rows, stats, cfg)
         yield out
         h, g0 = self._drop_finished(rows, keep, h, g0)
@@ -264,7 +268,10 @@ class Generator:
             room = min(t.max_context - len(rows.context[r]) for r in rows.active)
             length = max(1, min(cfg.beam_length, budget, room))
             t0 = time.perf_counter()
-            beams = self._propose(h, g0, cfg.beam_width, length, [rows.context[r] for r in rows.active])
+            contexts = [rows.context[r] for r in rows.active]
+            beams = self._propose(h, g0, cfg.beam_width, length, contexts)
+            if cfg.lookup_beams:
+                beams = with_lookup_beams(beams, contexts, cfg.lookup_beams)
             tree = pack_tree(beams.tokens, cache.lengths)
             _sync(t.device)
             t1 = time.perf_counter()

@@ -58,6 +58,7 @@ class DrafterConfig:
     target_model: str | None = None
     beam_width: int = 4  # recommended beam shape (sweep --save-best writes these)
     beam_length: int = 5
+    lookup_beams: int = 0  # recommended extra context-lookup beams (lookup.py)
     draft_vocab_size: int | None = None  # None: the full vocabulary
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -24,8 +24,9 @@ pass. On CPU, 16-bit matmuls are bitwise batch-invariant for M >= 2 rows
 (oneDNN's GEMM accumulates each output the same way whatever M), but M = 1
 takes a GEMV kernel that rounds differently, and the fused SDPA kernel
 splits keys into blocks that depend on the query count. So in 16-bit on
-CPU this module (a) never runs a single-token pass: one token is run as a
-2-node "tree" with a copy of itself, whose result is dropped, and (b)
+CPU this module (a) never runs a single-row matmul: a one-token pass (one
+row, or several rows of a model without grouped KV heads) runs as a 2-node
+"tree" with a copy of each token, whose result is dropped, and (b)
 computes attention as two plain matmuls around a float32 softmax, queries
 grouped per KV head (no K/V copies). Then a tree pass and a one-token pass
 give the same bits for the same token, and greedy output is identical to
@@ -116,8 +117,9 @@ class LeanLlama:
         advanced: call `cache.commit` with what to keep.
         """
         B, n = ids.shape
-        if n == 1 and self.batch_invariant:
-            # A copy of the token as a second, self-only node: every matmul sees M >= 2 rows.
+        if n == 1 and self.batch_invariant and (B == 1 or self.num_heads == self.kv_heads):
+            # A copy of the token as a second, self-only node: every matmul sees M >= 2 rows
+            # (projections: B * n rows; attention: heads-per-KV-head * n rows per matrix).
             eye = torch.eye(2, dtype=torch.bool, device=ids.device).expand(B, 2, 2)
             return self.forward(ids.expand(B, 2), positions.expand(B, 2), cache, eye)[:, :1]
         cache.check_room(n)

@@ -32,6 +32,7 @@ def chat(
     drafter: o.DrafterOpt = "auto",
     beam_width: o.BeamWidth = None,
     beam_length: o.BeamLength = None,
+    lookup: o.Lookup = None,
     temperature: o.Temperature = D["temperature"],
     top_k: o.TopK = D["top_k"],
     top_p: o.TopP = D["top_p"],
@@ -48,7 +49,7 @@ def chat(
     quantize: o.Quantize = D["quantize"],
 ) -> None:
     """Talk to a model with ReDrafter decoding (multi-turn, streamed)."""
-    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed)
+    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, lookup=lookup)
     one_shot = prompt is not None or not sys.stdin.isatty()
     if prompt is None and one_shot:
         prompt = sys.stdin.read().strip()
@@ -58,7 +59,7 @@ def chat(
             raise BadInputError("no prompt: pass --prompt TEXT or text on stdin")
     loaded = load_models(model, drafter, dtype, device, quantize, seed)
     dr = loaded.drafter
-    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length)
+    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup)
     session = ChatSession(Generator(loaded.target, dr), cfg, system=system, draft=not no_draft)
     if one_shot:
         _one_shot(session, prompt or "", json_out, show_drafts)

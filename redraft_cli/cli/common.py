@@ -76,7 +76,8 @@ def drafter_dtype(drafter: Drafter, target: Target) -> torch.dtype:
 
 def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int | None, accept: str,
                   temperature: float, top_k: int, top_p: float, seed: int,
-                  epsilon: float = DecodeConfig.typical_epsilon, delta: float = DecodeConfig.typical_delta) -> DecodeConfig:
+                  epsilon: float = DecodeConfig.typical_epsilon, delta: float = DecodeConfig.typical_delta,
+                  lookup: int | None = None) -> DecodeConfig:
     """Validate the decoding options before any model loads (unset beam sizes take the core defaults for now)."""
     return DecodeConfig(
         max_new_tokens=max_new_tokens,
@@ -86,15 +87,18 @@ def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int 
         sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
         typical_epsilon=epsilon,
         typical_delta=delta,
+        lookup_beams=lookup or 0,
     )
 
 
-def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | None, beam_length: int | None) -> DecodeConfig:
-    """Beam sizes the user did not set come from the drafter's recommended shape."""
+def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | None, beam_length: int | None,
+                       lookup: int | None = None) -> DecodeConfig:
+    """Beam sizes (and lookup beams) the user did not set come from the drafter's recommendation."""
     return replace(
         cfg,
         beam_width=beam_width if beam_width is not None else drafter.config.beam_width,
         beam_length=beam_length if beam_length is not None else drafter.config.beam_length,
+        lookup_beams=lookup if lookup is not None else drafter.config.lookup_beams,
     )
 
 

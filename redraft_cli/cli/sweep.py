@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -45,6 +46,7 @@ def sweep(
     top_k: o.TopK = D["top_k"],
     top_p: o.TopP = D["top_p"],
     accept: o.Accept = D["accept"],
+    lookup: o.Lookup = None,
     epsilon: o.Epsilon = D["epsilon"],
     delta: o.Delta = D["delta"],
     seed: o.Seed = D["seed"],
@@ -63,7 +65,7 @@ def sweep(
     # Validate everything cheap before loading models.
     widths = parse_int_list(beam_widths, "--beam-widths")
     lengths = parse_int_list(beam_lengths, "--beam-lengths")
-    base = decode_config(max_new_tokens, None, None, accept, temperature, top_k, top_p, seed, epsilon, delta)
+    base = decode_config(max_new_tokens, None, None, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup)
     cfg = SweepConfig(beam_widths=widths, beam_lengths=lengths, decode=base, warmup=warmup)
     check_output_paths(json_path, csv_path, plot_path)
     if plot_path is not None and plot_path.suffix.lower() not in PLOT_SUFFIXES:
@@ -79,6 +81,8 @@ def sweep(
     if save_best:
         _check_writable(drafter_dir, target.name)
     cfg.check(dr.draft_vocab_size)
+    if lookup is None:  # the drafter's recommended lookup beams, the same in every cell
+        cfg.decode = replace(cfg.decode, lookup_beams=dr.config.lookup_beams)
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
     for p in ids:
@@ -88,7 +92,7 @@ def sweep(
     head = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
             "dtype": str(target.compute_dtype).replace("torch.", "")}
     info = {**head, "accept": accept, "temperature": temperature, "num_prompts": len(ids),
-            "max_new_tokens": max_new_tokens}
+            "max_new_tokens": max_new_tokens, "lookup_beams": cfg.decode.lookup_beams}
     cells: list[dict[str, Any]] = []
     running: list[tuple[int, int] | None] = [None]
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

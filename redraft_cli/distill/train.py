@@ -163,9 +163,15 @@ def batch_loss(target: Target, drafter: Any, raw: Drafter, ids: torch.Tensor, at
     loss_sum = ce.sum(dim=(0, 1))  # (K,)
     loss = (loss_sum / count.clamp_min(1)).sum()
     if kl_weight > 0:
-        t_logp = torch.log_softmax(target.logits(th), dim=-1)
-        if vocab_index is not None:
-            t_logp = t_logp.index_select(-1, raw.draft_vocab.to(device))
+        with torch.no_grad():
+            # The target's distribution over the draft vocabulary (renormalised there): its LM head
+            # rows for those tokens only, a (V_d x H) matmul instead of the full vocabulary.
+            head = target.lm_head_weight if raw.draft_vocab is None else target.lm_head_weight.index_select(
+                0, raw.draft_vocab.to(device))
+            t_logits = F.linear(th.to(head.dtype), head).float()  # (B, P, K, V_d)
+            if target.softcap:
+                t_logits = torch.tanh(t_logits / target.softcap) * target.softcap
+            t_logp = torch.log_softmax(t_logits, dim=-1)
         kl = F.kl_div(torch.log_softmax(logits, -1), t_logp, log_target=True, reduction="none").sum(-1) * label_mask
         loss = loss + kl_weight * (kl.sum(dim=(0, 1)) / count.clamp_min(1)).sum()
     correct = ((logits.argmax(-1) == ref) & label_mask).sum(dim=(0, 1))
