@@ -75,3 +75,19 @@ def test_distill_bad_input(args, fragment, tmp_path):
     result = runner.invoke(app, ["distill", *args, "--out", str(tmp_path / "o")])
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output
+
+
+def test_no_generate_trains_on_the_data_so_far(tiny_recipe, monkeypatch):
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache-partial"))
+    none = runner.invoke(app, ["distill", str(recipe), "--out", str(root / "p0"), "--no-generate"])
+    assert none.exit_code == 2 and "no distillation data" in none.output and "Traceback" not in none.output
+    # A 1-step run generates only the shards it needs: 8 of the 10 conversations.
+    first = runner.invoke(app, ["distill", str(recipe), "--out", str(root / "p1"), "--max-steps", "1", "--no-bench"])
+    assert first.exit_code == 0, first.output
+    report = root / "p2.json"
+    partial = runner.invoke(app, ["distill", str(recipe), "--out", str(root / "p2"), "--max-steps", "3", "--no-generate",
+                                  "--no-bench", "--json", str(report)])
+    assert partial.exit_code == 0, partial.output
+    assert "generated so far (8 of 10" in " ".join(partial.output.split())
+    assert json.loads(report.read_text())["data"]["train_conversations"] == 6

@@ -35,6 +35,7 @@ def distill(
     draft_vocab: Annotated[Optional[int], typer.Option(help="Score only the N most frequent tokens of the data.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
     no_bench: Annotated[bool, typer.Option("--no-bench", help="Skip the short bench on held-out prompts at the end.")] = False,
+    no_generate: Annotated[bool, typer.Option("--no-generate", help="Train on the data generated so far; generate no more (a later run without it resumes generation).")] = False,
     device: o.Device = o.DEFAULTS["device"],
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 (default: the recipe's)."),
     quantize: Optional[str] = typer.Option(None, help="none | 8bit | 4bit (default: the recipe's)."),
@@ -63,7 +64,8 @@ def distill(
     view = _DistillView()
     try:
         with view.progress:
-            result = run_distill(recipe, out, resume=resume, on_event=view.on_event, bench=not no_bench)
+            result = run_distill(recipe, out, resume=resume, on_event=view.on_event, bench=not no_bench,
+                                 generate=not no_generate)
     except KeyboardInterrupt:
         raise fail(f"interrupted; progress is saved in {out}: run the same command with --resume to continue", 130) from None
     m = result.metrics
@@ -106,6 +108,9 @@ class _DistillView:
         elif kind == "hidden":
             t = self._task("hidden", "caching hidden states", e["total"])
             self.progress.update(t, completed=e["done"], total=e["total"])
+        elif kind == "data_partial":
+            err.print(f"[yellow]note:[/] training on the data generated so far ({e['done']} of {e['total']} "
+                      f"conversations in {e['dir']}); a run without --no-generate resumes generating the rest")
         elif kind == "data_done":
             err.print(f"data: {e['train']} training and {e['held_out']} held-out conversations, "
                       f"{e['train_tokens']:,} target tokens to learn")

@@ -102,8 +102,12 @@ def check_offline_needs(recipe: Recipe) -> None:
 
 
 def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn | None = None,
-            data_dir: Path | None = None, bench: bool = True, target: Target | None = None) -> DistillResult:
-    """Run the recipe end to end (or continue it). Returns the output directory and the metrics."""
+            data_dir: Path | None = None, bench: bool = True, target: Target | None = None,
+            generate: bool = True) -> DistillResult:
+    """Run the recipe end to end (or continue it). Returns the output directory and the metrics.
+
+    generate=False trains on the data generated so far (none: an error) without generating more;
+    a later run with generate=True resumes generation where it stopped."""
     emit = on_event or (lambda e: None)
     out = Path(out)
     if (out / "checkpoint").exists() and not resume:
@@ -134,7 +138,13 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         # A short run needs only the held-out slice and max_steps batches: generate just those shards.
         needed = d.held_out + t.max_steps * t.batch_size * t.grad_accum
         max_shards = -(-needed // d.shard_size)
-    if manifest is None or not manifest.get("complete"):
+    if not generate:
+        if manifest is None or not manifest.get("shards"):
+            raise BadInputError(f"no distillation data in {data_dir} yet; run without --no-generate first")
+        if not manifest.get("complete"):
+            emit({"event": "data_partial", "dir": str(data_dir),
+                  "done": sum(s["conversations"] for s in manifest["shards"]), "total": len(convs)})
+    elif manifest is None or not manifest.get("complete"):
         emit({"event": "data_start", "conversations": len(convs), "dir": str(data_dir)})
         generate_dataset(target, convs, data_dir, gen_cfg, max_shards=max_shards,
                          progress=lambda done, total, tokens: emit({"event": "data", "done": done, "total": total, "tokens": tokens}))
