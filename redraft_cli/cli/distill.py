@@ -108,6 +108,7 @@ class _DistillView:
         elif kind == "hidden":
             t = self._task("hidden", "caching hidden states", e["total"])
             self.progress.update(t, completed=e["done"], total=e["total"])
+            self._log("hidden", e["done"], 256, f"hidden states: {e['done']}/{e['total']} conversations")
         elif kind == "data_partial":
             err.print(f"[yellow]note:[/] training on the data generated so far ({e['done']} of {e['total']} "
                       f"conversations in {e['dir']}); a run without --no-generate resumes generating the rest")

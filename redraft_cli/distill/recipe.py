@@ -89,6 +89,7 @@ class EvalSection:
 class BeamSection:
     width: int = 4
     length: int = 5
+    lookup: int = 0  # recommended context-lookup beams beside the drafted ones
 
 
 @dataclass
