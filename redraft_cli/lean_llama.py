@@ -22,15 +22,18 @@ Batch invariance (bfloat16/float16 on CPU). Greedy ReDrafter is lossless
 only if a token's logits do not depend on how many other tokens share the
 pass. On CPU, 16-bit matmuls are bitwise batch-invariant for M >= 2 rows
 (oneDNN's GEMM accumulates each output the same way whatever M), but M = 1
-takes a GEMV kernel that rounds differently, and the fused SDPA kernel
-splits keys into blocks that depend on the query count. So in 16-bit on
-CPU this module (a) never runs a single-row matmul: a one-token pass (one
-row, or several rows of a model without grouped KV heads) runs as a 2-node
-"tree" with a copy of each token, whose result is dropped, and (b)
-computes attention as two plain matmuls around a float32 softmax, queries
-grouped per KV head (no K/V copies). Then a tree pass and a one-token pass
-give the same bits for the same token, and greedy output is identical to
-plain decoding by construction. float32 matmuls (MKL) are not
+takes a GEMV kernel that rounds differently; the fused SDPA kernel splits
+keys into blocks that depend on the query count; and any reduction over
+keys (softmax sum, probs @ V with bf16 dot-product pairs) depends on the
+offsets at which the keys sit, which in a tree differ from plain decoding
+(a node's ancestors are not adjacent). So in 16-bit on CPU this module
+(a) never runs a single-row matmul: a one-token pass (one row, or several
+rows of a model without grouped KV heads) runs as a 2-node "tree" with a
+copy of each token, whose result is dropped, and (b) reduces over keys
+(softmax, probs @ V) in float64 (`grouped_attention`), where the order of
+a sum no longer shows after rounding back to 16 bits. Then a tree pass and
+a one-token pass give the same bits for the same token (up to a ~1e-10
+chance per token), and greedy output is identical to plain decoding. float32 matmuls (MKL) are not
 batch-invariant at all; there the fused kernel is kept and identity holds
 up to rare near-ties (see the README's performance section).
 
@@ -49,10 +52,9 @@ import torch.nn.functional as F
 from .static_cache import StaticKVCache
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-# Passes of more tokens than this (long prompts; both decoding paths prefill the same way) use the
-# fused, memory-efficient SDPA kernel even in batch-invariant mode: grouped_attention holds a
-# float32 (heads, n, S) score matrix.
-INVARIANT_MAX_TOKENS = 512
+# Passes of more tokens than this (prompts; both decoding paths prefill the same way) use the fused,
+# memory-efficient SDPA kernel even in batch-invariant mode: grouped_attention holds float64 scores.
+INVARIANT_MAX_TOKENS = 256
 
 
 def lean_config_supported(cfg: Any) -> bool:
@@ -154,17 +156,22 @@ class LeanLlama:
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                       scale: float) -> torch.Tensor:
-    """Attention as matmul, float32 softmax, matmul; batch-invariant where the matmuls are.
+    """Attention whose result does not depend on where the attended keys sit.
 
     q: (B, heads, n, d); keys, values: (B, kv_heads, S, d); mask: (B, 1, n, S)
-    bool. The rep = heads / kv_heads query heads that share a KV head are
-    stacked into one (rep * n, d) matrix, so K and V are never copied.
+    bool. Scores are per (query, key) dot products over d (a bf16 matmul,
+    invariant); the softmax and probs @ V, the reductions over keys, run in
+    float64, where summation order moves the result by ~1e-16 relative and
+    the final rounding to 16 bits absorbs it. (In bf16/fp32 a tree node's
+    ancestors sit at other offsets than in plain decoding and the sums round
+    differently.) The rep = heads / kv_heads query heads that share a KV
+    head are stacked into one matrix, so K and V are never repeated.
     Returns (B, heads, n, d) in q's dtype.
     """
     B, Hq, n, d = q.shape
     Hk, S = keys.shape[1], keys.shape[2]
     rep = Hq // Hk
-    scores = torch.matmul(q.reshape(B, Hk, rep * n, d), keys.transpose(-1, -2)).float() * scale
+    scores = torch.matmul(q.reshape(B, Hk, rep * n, d), keys.transpose(-1, -2)).double() * scale
     scores = scores.view(B, Hk, rep, n, S).masked_fill(~mask.view(B, 1, 1, n, S), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(B, Hk, rep * n, S)
-    return torch.matmul(probs, values).view(B, Hq, n, d)
+    probs = torch.softmax(scores, dim=-1).view(B, Hk, rep * n, S)
+    return torch.matmul(probs, values.double()).to(q.dtype).view(B, Hq, n, d)

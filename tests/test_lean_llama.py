@@ -15,7 +15,7 @@ from redraft_cli.lean_llama import LeanLlama, lean_supported
 from redraft_cli.static_cache import StaticKVCache
 from redraft_cli.tree_attention import pack_tree
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; the embedded-default test is short
 
 
 def tiny(model_type: str, seed: int = 0):
@@ -145,3 +145,51 @@ def test_bfloat16_on_cpu_is_batch_invariant():
     rows = one_by_one[:, 30:]  # (2, 10, H)
     single = torch.stack([torch.stack([target.logits(rows[b, i]) for i in range(10)]) for b in range(2)])
     assert torch.equal(target.logits(rows), single)
+
+
+def test_bfloat16_tree_nodes_equal_their_sequential_runs():
+    """A branching tree puts a node's ancestors at other offsets than plain decoding does; the
+    reductions over keys must not care (this is the case chains alone do not cover)."""
+    from conftest import tiny_llama
+
+    target = tiny_llama(hidden_size=64, layers=3, seed=6)
+    target.model.to(torch.bfloat16)
+    target.__init__(target.model, None, target.name)
+    lean = target.lean
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(6):
+        prompt = torch.randint(0, 64, (1, 25 + trial), generator=gen)
+        beams = torch.randint(0, 64, (1, 4, 5), generator=gen)
+        beams[:, :, 0] = beams[0, 0, 0]
+        beams[:, 1, :2] = beams[:, 0, :2]  # shared prefixes: a real tree
+        beams[:, 3, :3] = beams[:, 2, :3]
+        P = prompt.shape[1]
+        cache = lean.new_cache(1, 96, torch.bfloat16, torch.device("cpu"))
+        lean.forward(prompt, torch.arange(P)[None], cache, torch.ones(1, P, P, dtype=torch.bool).tril())
+        cache.commit(torch.arange(P)[None], torch.tensor([P]))
+        tree = pack_tree(beams, cache.lengths)
+        hidden = lean.forward(tree.tokens, tree.positions, cache, tree.mask)
+        for i in range(4):
+            seq = StaticKVCache(3, 1, lean.kv_heads, 96, lean.head_dim, torch.bfloat16, torch.device("cpu"))
+            lean.forward(prompt, torch.arange(P)[None], seq, torch.ones(1, P, P, dtype=torch.bool).tril())
+            seq.commit(torch.arange(P)[None], torch.tensor([P]))
+            for k in range(5):
+                h = lean.forward(beams[:, i, k : k + 1], torch.tensor([[P + k]]), seq, torch.ones(1, 1, 1, dtype=torch.bool))
+                seq.commit(torch.zeros(1, 1, dtype=torch.long), torch.tensor([1]))
+                assert torch.equal(h[0, 0], hidden[0, tree.unpack[0, i, k]]), (trial, i, k)
+
+
+def test_embedded_default_bfloat16_greedy_identity_on_a_near_tie(smollm2):
+    """Built-in bench prompt 6 reaches a 1-ulp tie between two tokens after 44 tokens; with float32
+    reductions over keys the tree pass rounded the other way and ReDrafter's output diverged."""
+    from redraft_cli import DecodeConfig, Generator
+    from redraft_cli.cli.common import resolve_drafter
+    from redraft_cli.prompts import load_prompts
+
+    if smollm2.compute_dtype != torch.bfloat16:
+        pytest.skip("this CPU has no native bfloat16")
+    drafter, _ = resolve_drafter(smollm2, "auto", 0)
+    gen = Generator(smollm2, drafter)
+    ids = smollm2.encode_chat(load_prompts(None, limit=10)[5])
+    cfg = DecodeConfig(max_new_tokens=48, beam_width=2, beam_length=3, lookup_beams=1)
+    assert gen.generate(ids, cfg, "redraft").tokens == gen.generate(ids, cfg, "plain").tokens

@@ -82,7 +82,8 @@ def render(r: dict) -> Table:
     red, base = r["redraft"], r["baseline"]
     title = (f"redraft bench: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
              f"beams {r['beam_width']}x{r['beam_length']}"
-             + (f" + {r['lookup_beams']} lookup" if r.get("lookup_beams") else "") + " | {r['num_prompts']} prompts x {r['max_new_tokens']} tokens"
+             + (f" + {r['lookup_beams']} lookup" if r.get("lookup_beams") else "")
+             + f" | {r['num_prompts']} prompts x {r['max_new_tokens']} tokens"
              + (f" | batch {r['batch_size']}" if r.get("batch_size", 1) > 1 else ""))
     t = Table(title=title, title_justify="left")
     for col in ("path", "tokens", "seconds", "tokens/s", "speedup"):
