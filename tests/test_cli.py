@@ -54,6 +54,7 @@ def test_bench_random_drafter_json(tmp_path, prompt_file):
     assert data["identical_outputs"] == 2
     assert data["baseline"]["tokens"] == data["redraft"]["tokens"] == data["baseline_hf"]["tokens"] == 16
     assert "ReDrafter" in result.output
+    assert "2 prompts x 8 tokens" in " ".join(result.output.split())
 
 
 def test_bench_batch_matches_batch_one(tmp_path, prompt_file):
