@@ -22,10 +22,6 @@ from typing import Any
 import torch
 
 
-def cache_length(cache: Any) -> int:
-    return int(cache.get_seq_length())
-
-
 def commit_path(cache: Any, prefix_len: int, path: torch.Tensor) -> None:
     """Keep cache[:prefix_len] + the tree nodes `path` (m,) (packed indices), in that order.
 
@@ -57,10 +53,6 @@ class TreeCache:
     def __init__(self, hf_cache: Any, device: torch.device) -> None:
         self.hf = hf_cache
         self.lengths = torch.zeros(1, dtype=torch.long, device=device)
-
-    @property
-    def batch(self) -> int:
-        return 1
 
     def get_seq_length(self) -> int:
         return int(self.lengths[0])

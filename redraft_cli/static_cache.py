@@ -34,10 +34,6 @@ class StaticKVCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.capacity = capacity
 
-    @property
-    def batch(self) -> int:
-        return self.keys.shape[1]
-
     def get_seq_length(self) -> int:
         """The longest row (for callers that expect a Hugging Face cache)."""
         return int(self.lengths.max()) if self.lengths.numel() else 0
