@@ -100,7 +100,7 @@ class RedraftTotals(PathTotals):
                 self.verify_s += p.verify_s
                 self.accept_s += p.accept_s
 
-    def to_dict(self, beam_length: int = 1) -> dict[str, Any]:
+    def to_dict(self, tree_depth: int = 1) -> dict[str, Any]:
         steps = max(self.steps, 1)
         split = self.draft_s + self.verify_s + self.accept_s
         return {
@@ -108,7 +108,7 @@ class RedraftTotals(PathTotals):
             "steps": self.steps,
             "passes": self.passes,
             "tokens_per_step": round(self.step_tokens / steps, 4),
-            "acceptance_rate": round(self.accepted / (steps * max(beam_length - 1, 1)), 4),
+            "acceptance_rate": round(self.accepted / (steps * max(tree_depth - 1, 1)), 4),
             "mean_tree_nodes": round(self.tree_nodes / steps, 3),
             "draft_s": round(self.draft_s, 4),
             "verify_s": round(self.verify_s, 4),
@@ -212,11 +212,12 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
         "beam_width": d.beam_width,
         "beam_length": d.beam_length,
         "lookup_beams": d.lookup_beams,
+        "lookup_length": d.lookup_length or d.beam_length,
         "batch_size": B,
         "num_prompts": len(prompts),
         "max_new_tokens": d.max_new_tokens,
         "baseline": base.to_dict(),
-        "redraft": red.to_dict(d.beam_length),
+        "redraft": red.to_dict(d.tree_depth),
         "speedup": round(red.tokens_per_s / base.tokens_per_s, 4) if base.tokens_per_s else None,
         "identical_outputs": identical if greedy else None,
         "peak_rss_mb": round(peak_rss_mb(), 1),

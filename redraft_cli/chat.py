@@ -33,7 +33,7 @@ class Totals:
     steps: int = 0
     step_tokens: int = 0
     accepted: int = 0
-    draftable: int = 0  # steps x (beam_length - 1)
+    draftable: int = 0  # steps x (tree depth - 1)
 
     def add(self, other: "Totals") -> None:
         for f in ("answers", "tokens", "seconds", "steps", "step_tokens", "accepted", "draftable"):
@@ -55,6 +55,7 @@ SETTABLE = {
     "beam-width": ("beam_width", int),
     "beam-length": ("beam_length", int),
     "lookup": ("lookup_beams", int),
+    "lookup-length": ("lookup_length", int),
     "max-new-tokens": ("max_new_tokens", int),
     "accept": ("accept", str),
     "temperature": ("temperature", float),
@@ -150,7 +151,7 @@ class ChatSession:
                     stats.steps += 1
                     stats.step_tokens += len(step.tokens)
                     stats.accepted += step.accepted
-                    stats.draftable += max(self.cfg.beam_length - 1, 0) if self.draft else 0
+                    stats.draftable += max(self.cfg.tree_depth - 1, 0) if self.draft else 0
                 yield Chunk(with_drafts[len(shown):] if with_drafts.startswith(shown) else "",
                             full[len(with_drafts):] if full.startswith(with_drafts) else full[len(shown):], step)
                 shown = full

@@ -36,6 +36,9 @@ from .tree_attention import pack_tree
 from .verify import ACCEPT_RULES, accept_greedy, accept_rejection, accept_typical
 
 
+MAX_LOOKUP_LENGTH = 32
+
+
 @dataclass
 class DecodeConfig:
     """Everything a generation needs besides the models. Defaults match the CLI's."""
@@ -49,6 +52,7 @@ class DecodeConfig:
     typical_delta: float = 0.3
     stop_on_eos: bool = True
     lookup_beams: int = 0  # extra beams copied from earlier context (lookup.py), beside the W drafted ones
+    lookup_length: int = 0  # tokens per lookup beam, counting g0 (0: beam_length); may exceed beam_length
 
     def __post_init__(self) -> None:
         if self.accept not in ACCEPT_RULES:
@@ -58,6 +62,14 @@ class DecodeConfig:
         check_beam_shape(self.beam_width, self.beam_length)
         if not 0 <= self.lookup_beams <= 16:
             raise BadInputError(f"--lookup must be between 0 and 16, got {self.lookup_beams}")
+        if self.lookup_length != 0 and not 2 <= self.lookup_length <= MAX_LOOKUP_LENGTH:
+            raise BadInputError(f"--lookup-length must be 0 (the beam length) or 2..{MAX_LOOKUP_LENGTH}, "
+                                f"got {self.lookup_length}")
+
+    @property
+    def tree_depth(self) -> int:
+        """Tokens in the longest beam of a step's tree (drafted or looked up), counting g0."""
+        return max(self.beam_length, self.lookup_length if self.lookup_beams else 0)
         if not 0 < self.typical_epsilon <= 1 or self.typical_delta <= 0:
             raise BadInputError("typical acceptance needs 0 < epsilon <= 1 and delta > 0")
 
@@ -257,7 +269,7 @@ class Generator:
         t = self.target
         gen = self._generator(cfg)
         rows = _Rows(prompts)
-        h, g0, stats = self._prefill(prompts, cfg, gen, margin=(cfg.beam_width + cfg.lookup_beams) * cfg.beam_length + 1)
+        h, g0, stats = self._prefill(prompts, cfg, gen, margin=(cfg.beam_width + cfg.lookup_beams) * cfg.tree_depth + 1)
         out, keep = self._record(rows, stats, cfg)
         yield out
         h, g0 = self._drop_finished(rows, keep, h, g0)
@@ -271,7 +283,8 @@ class Generator:
             contexts = [rows.context[r] for r in rows.active]
             beams = self._propose(h, g0, cfg.beam_width, length, contexts)
             if cfg.lookup_beams:
-                beams = with_lookup_beams(beams, contexts, cfg.lookup_beams)
+                lookup_length = max(1, min(cfg.lookup_length or cfg.beam_length, budget, room))
+                beams = with_lookup_beams(beams, contexts, cfg.lookup_beams, lookup_length)
             tree = pack_tree(beams.tokens, cache.lengths)
             _sync(t.device)
             t1 = time.perf_counter()

@@ -59,6 +59,7 @@ class DrafterConfig:
     beam_width: int = 4  # recommended beam shape (sweep --save-best writes these)
     beam_length: int = 5
     lookup_beams: int = 0  # recommended extra context-lookup beams (lookup.py)
+    lookup_length: int = 0  # their length, counting g0 (0: beam_length)
     draft_vocab_size: int | None = None  # None: the full vocabulary
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -247,6 +248,22 @@ class Drafter(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
+    @torch.no_grad()
+    def scale_token_path(self, embed_weight: torch.Tensor) -> "Drafter":
+        """Rescale rnn_w so that rnn_w(E(x)) starts with unit variance, like h's side of z.
+
+        Target embeddings are small (SmolLM2: std 0.14, h has std 1.9), so with a
+        plain 1/sqrt(H) init the recurrent state, the drafter's only view of g0
+        and its drafted tokens, starts ~10x weaker than h and AdamW spends
+        hundreds of steps growing it: on SmolLM2 held-out agreement after 200
+        steps was 0.244 without this and 0.294 with it.
+        """
+        rows = embed_weight[:: max(1, embed_weight.shape[0] // 8192)].float()  # a sample is enough
+        std = float(rows.std())
+        if std > 0:
+            self.rnn_w.weight.mul_(1.0 / (std * math.sqrt(self.config.hidden_size)) / self.rnn_w.weight.std())
+        return self
+
     @classmethod
     def for_target(cls, target: Any, seed: int = 0, **config_kwargs: Any) -> "Drafter":
         """A freshly initialised drafter shaped for `target` (a `redraft_cli.target.Target`)."""
@@ -256,7 +273,7 @@ class Drafter(nn.Module):
             target_model=target.name,
             **config_kwargs,
         )
-        drafter = cls(cfg).reset_parameters(seed)
+        drafter = cls(cfg).reset_parameters(seed).scale_token_path(target.embed_weight)
         return drafter.to(device=target.device, dtype=target.compute_dtype).attach(
             target.embed_weight, target.lm_head_weight
         )

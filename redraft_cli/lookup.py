@@ -19,6 +19,9 @@ Worked example, L = 4 (g0 + 3 drafts), ngram_max = 2:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+PAD = -1  # a beam cell holding no token (a beam shorter than the tree's depth)
 
 
 def lookup_beams(sequences: list[list[int]], num_beams: int, beam_length: int, ngram_max: int = 3,
@@ -60,22 +63,43 @@ def lookup_beams(sequences: list[list[int]], num_beams: int, beam_length: int, n
     return tokens, found
 
 
-def with_lookup_beams(beams: "DraftBeams", sequences: list[list[int]], num_beams: int) -> "DraftBeams":
-    """Append up to `num_beams` lookup beams per row to drafted beams (B, W, L) -> (B, W + num_beams, L).
+def with_lookup_beams(beams: "DraftBeams", sequences: list[list[int]], num_beams: int,
+                      length: int | None = None) -> "DraftBeams":
+    """Append up to `num_beams` lookup beams per row to drafted beams (B, W, L) -> (B, W + num_beams, L').
+
+    Lookup beams hold `length` tokens (counting g0; default L). They may be
+    longer than the drafted beams: copying is free, and when the target
+    repeats itself a long copy is accepted whole. The result is as long as
+    the longer kind, L' = max(L, length); the shorter beams are padded with
+    PAD (-1), which the tree and the acceptance rules treat as "no node".
 
     A lookup beam that was not found becomes a copy of the row's first
     drafted beam, which the tree deduplicates (no extra nodes). Lookup beams
     carry log-probability 0 (the drafter did not score them).
+
+    Worked example, W = 1 drafted beam [7, 3, 4], length 5, a lookup hit [7, 3, 9, 9, 2]:
+
+        tokens = [[7,  3,  4, -1, -1],
+                  [7,  3,  9,  9,  2]]     -> tree nodes 7, 3, 4, 9, 9, 2 (6 nodes)
     """
     from .beam_search import DraftBeams
 
     B, W, L = beams.tokens.shape
-    if num_beams < 1 or L < 2:
+    length = L if length is None else length
+    if num_beams < 1 or length < 2:
         return beams
-    extra, found = lookup_beams(sequences, num_beams, L)
+    extra, found = lookup_beams(sequences, num_beams, length)
     extra = extra.to(beams.tokens.device)
     found = found.to(beams.tokens.device)
-    fallback = beams.tokens[:, :1].expand(B, num_beams, L)
+    Lout = max(L, length)
+    drafted, logprobs = pad_beams(beams.tokens, Lout), F.pad(beams.logprobs, (0, Lout - L))
+    extra = pad_beams(extra, Lout)
+    fallback = drafted[:, :1].expand(B, num_beams, Lout)
     extra = torch.where(found.unsqueeze(-1), extra, fallback)
-    logprobs = torch.zeros(B, num_beams, L - 1, dtype=beams.logprobs.dtype, device=beams.logprobs.device)
-    return DraftBeams(torch.cat([beams.tokens, extra], 1), torch.cat([beams.logprobs, logprobs], 1))
+    extra_logprobs = torch.zeros(B, num_beams, Lout - 1, dtype=logprobs.dtype, device=logprobs.device)
+    return DraftBeams(torch.cat([drafted, extra], 1), torch.cat([logprobs, extra_logprobs], 1))
+
+
+def pad_beams(tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, W, L) -> (B, W, length), new cells PAD (-1)."""
+    return F.pad(tokens, (0, length - tokens.shape[-1]), value=PAD)

@@ -22,6 +22,9 @@ Worked example, W=3, L=3 (one row):
 
 Rows of a batch can have different node counts; they are padded to the
 largest n with `valid = False` nodes that attend only to themselves.
+
+Beams may differ in length: a cell holding a negative token (lookup.PAD) is
+no node, and every cell after it in that beam must be padding too.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def pack_tree(beams: torch.Tensor, cache_len: torch.Tensor | int) -> PackedTree:
     device = beams.device
     owner = prefix_owner(beams)  # (B, W, L)
     beam_ids = torch.arange(W, device=device).view(1, W, 1)
-    is_node = owner == beam_ids  # (B, W, L)
+    is_node = (owner == beam_ids) & (beams >= 0)  # (B, W, L); negative cells are padding (shorter beams)
     flat_is_node = is_node.view(B, W * L)
     num_nodes = flat_is_node.sum(-1)  # (B,)
     n = int(num_nodes.max())

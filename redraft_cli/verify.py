@@ -92,7 +92,7 @@ def walk_choices(beams: torch.Tensor, node_choice: torch.Tensor, unpack: torch.T
     first longest beam is as good as any.
     """
     choice_grid = unpack_nodes(node_choice, unpack)  # (B, W, L)
-    accept = beams[:, :, 1:] == choice_grid[:, :, :-1]  # (B, W, L-1)
+    accept = beams[:, :, 1:] == choice_grid[:, :, :-1]  # (B, W, L-1); padding (-1) never matches
     beam, length = _longest(accept)
     return _finish(beam, length, choice_grid, unpack)
 
@@ -130,8 +130,9 @@ def accept_typical(
     entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # (B, n)
     threshold = torch.minimum(torch.full_like(entropy, epsilon), delta * torch.exp(-entropy))
     probs_grid = unpack_nodes(probs, unpack)  # (B, W, L, V)
-    p_child = probs_grid[:, :, :-1].gather(-1, beams[:, :, 1:].unsqueeze(-1)).squeeze(-1)  # (B, W, L-1)
-    accept = p_child > unpack_nodes(threshold, unpack)[:, :, :-1]
+    child = beams[:, :, 1:]
+    p_child = probs_grid[:, :, :-1].gather(-1, child.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, W, L-1)
+    accept = (p_child > unpack_nodes(threshold, unpack)[:, :, :-1]) & (child >= 0)  # padding is never accepted
     # A leading 0 column: beams of length 1 (no drafts) have nothing to gather.
     cum_logp = F.pad(torch.cumsum(beam_logprobs, dim=-1), (1, 0))  # (B, W, L): cum_logp[..., a] = logp of a drafts
     length_all = torch.cumprod(accept.to(torch.int64), dim=-1).sum(-1)  # (B, W)

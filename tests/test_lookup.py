@@ -10,6 +10,9 @@ from redraft_cli import DecodeConfig, Drafter, Generator
 from redraft_cli.beam_search import DraftBeams
 from redraft_cli.errors import BadInputError
 from redraft_cli.lookup import lookup_beams, with_lookup_beams
+from redraft_cli.sampling import SamplingConfig
+from redraft_cli.tree_attention import pack_tree
+from redraft_cli.verify import accept_greedy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,3 +60,57 @@ def test_decoding_with_lookup_stays_identical(tiny_target):
     assert max(s.tree_nodes for g in out.rows for s in g.decode_steps) <= (2 + 2) * 4
     with pytest.raises(BadInputError, match="--lookup"):
         DecodeConfig(lookup_beams=-1)
+
+
+def test_lookup_beams_longer_than_drafted_pad_the_drafted_ones():
+    drafted = DraftBeams(torch.tensor([[[7, 3, 4]]]), torch.full((1, 1, 2), -1.0))
+    out = with_lookup_beams(drafted, [[7, 3, 9, 9, 2, 5, 7]], num_beams=1, length=5)
+    # The docstring's worked example: the lookup beam follows the 1-gram [7] at position 0.
+    assert out.tokens.tolist() == [[[7, 3, 4, -1, -1], [7, 3, 9, 9, 2]]]
+    assert out.logprobs.shape == (1, 2, 4) and out.logprobs[0, 0].tolist() == [-1.0, -1.0, 0.0, 0.0]
+    tree = pack_tree(out.tokens, 10)
+    assert tree.tokens.tolist() == [[7, 3, 4, 9, 9, 2]]
+    assert tree.depth.tolist() == [[0, 1, 2, 2, 3, 4]]
+    assert tree.mask[0, 5].tolist() == [True, True, False, True, True, True]
+    # Shorter lookup beams are padded instead, and a miss copies the (padded) first drafted beam.
+    out = with_lookup_beams(DraftBeams(torch.tensor([[[7, 3, 4, 1]]]), torch.zeros(1, 1, 3)), [[2, 7]], 1, length=2)
+    assert out.tokens.tolist() == [[[7, 3, 4, 1], [7, 3, 4, 1]]]
+    assert pack_tree(out.tokens, 0).num_nodes.tolist() == [4]
+
+
+def test_padding_is_never_accepted():
+    beams = torch.tensor([[[5, 6, -1, -1], [5, 6, 7, 8]]])
+    tree = pack_tree(beams, 0)
+    logits = torch.full((1, tree.n, 10), -5.0)
+    # The target agrees with every drafted token; padding must still stop beam 0 at one token.
+    for node, nxt in enumerate([6, 7, 8, 9]):
+        logits[0, node, nxt] = 5.0
+    acc = accept_greedy(beams, logits, tree.unpack)
+    assert (int(acc.beam[0]), int(acc.length[0]), int(acc.bonus[0])) == (1, 3, 9)
+    acc = accept_greedy(beams[:, :1], logits[:, :2], pack_tree(beams[:, :1], 0).unpack)
+    assert (int(acc.length[0]), int(acc.bonus[0])) == (1, 7)
+
+
+@pytest.mark.parametrize("accept", ["greedy", "rejection", "typical"])
+def test_long_lookup_beams_stay_identical_and_accept_past_the_drafted_length(tiny_target, accept):
+    gen = Generator(tiny_target, Drafter.for_target(tiny_target, seed=0))
+    sampling = {} if accept == "greedy" else {"sampling": SamplingConfig(temperature=0.8, seed=3)}
+    cfg = DecodeConfig(max_new_tokens=40, beam_width=2, beam_length=3, lookup_beams=2, lookup_length=8,
+                       stop_on_eos=False, accept=accept, **sampling)
+    prompts = [p * 3 for p in random_prompts(4, tiny_target.vocab_size, seed=2, min_len=2, max_len=5)]
+    out = gen.generate_batch(prompts, cfg, "redraft")
+    assert all(len(g.tokens) == 40 for g in out.rows)
+    steps = [s for g in out.rows for s in g.decode_steps]
+    assert max(s.tree_nodes for s in steps) <= 2 * 3 + 2 * 8
+    if accept == "greedy":  # identical to plain; an untrained drafter: only copies reach past the drafted length
+        assert out.tokens == [gen.generate(p, cfg, "plain").tokens for p in prompts]
+        assert max(s.accepted for s in steps) > 2
+
+
+def test_lookup_length_is_checked():
+    with pytest.raises(BadInputError, match="--lookup-length"):
+        DecodeConfig(lookup_length=1)
+    with pytest.raises(BadInputError, match="--lookup-length"):
+        DecodeConfig(lookup_length=33)
+    assert DecodeConfig(beam_length=3, lookup_beams=1, lookup_length=8).tree_depth == 8
+    assert DecodeConfig(beam_length=3, lookup_beams=0, lookup_length=8).tree_depth == 3

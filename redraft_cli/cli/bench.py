@@ -15,7 +15,7 @@ from ..errors import BadInputError
 from ..prompts import load_prompts
 from . import options as o
 from ._errors import handle_errors
-from .common import check_output_paths, console, decode_config, err, load_models, with_drafter_shape
+from .common import check_output_paths, console, decode_config, err, load_models, lookup_label, with_drafter_shape
 
 D = o.DEFAULTS
 
@@ -34,6 +34,7 @@ def bench(
     beam_width: o.BeamWidth = None,
     beam_length: o.BeamLength = None,
     lookup: o.Lookup = None,
+    lookup_length: o.LookupLength = None,
     epsilon: o.Epsilon = D["epsilon"],
     delta: o.Delta = D["delta"],
     seed: o.Seed = D["seed"],
@@ -48,14 +49,14 @@ def bench(
 ) -> None:
     """Measure ReDrafter against plain decoding on the same prompts, alternating, after a warm-up."""
     # Validate everything cheap before loading models.
-    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup)
+    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup, lookup_length)
     check_output_paths(json_path)
     if batch_size < 1:
         raise BadInputError(f"--batch-size must be >= 1, got {batch_size}")
     texts = load_prompts(prompts, limit=num_prompts)
     loaded = load_models(model, drafter, dtype, device, quantize, seed)
     target, dr = loaded.target, loaded.drafter
-    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup)
+    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length)
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
     for p in ids:
@@ -82,7 +83,7 @@ def render(r: dict) -> Table:
     red, base = r["redraft"], r["baseline"]
     title = (f"redraft bench: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
              f"beams {r['beam_width']}x{r['beam_length']}"
-             + (f" + {r['lookup_beams']} lookup" if r.get("lookup_beams") else "")
+             + lookup_label(r)
              + f" | {r['num_prompts']} prompts x {r['max_new_tokens']} tokens"
              + (f" | batch {r['batch_size']}" if r.get("batch_size", 1) > 1 else ""))
     t = Table(title=title, title_justify="left")

@@ -33,6 +33,7 @@ def chat(
     beam_width: o.BeamWidth = None,
     beam_length: o.BeamLength = None,
     lookup: o.Lookup = None,
+    lookup_length: o.LookupLength = None,
     temperature: o.Temperature = D["temperature"],
     top_k: o.TopK = D["top_k"],
     top_p: o.TopP = D["top_p"],
@@ -49,7 +50,7 @@ def chat(
     quantize: o.Quantize = D["quantize"],
 ) -> None:
     """Talk to a model with ReDrafter decoding (multi-turn, streamed)."""
-    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, lookup=lookup)
+    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, lookup=lookup, lookup_length=lookup_length)
     one_shot = prompt is not None or not sys.stdin.isatty()
     if prompt is None and one_shot:
         prompt = sys.stdin.read().strip()
@@ -59,7 +60,7 @@ def chat(
             raise BadInputError("no prompt: pass --prompt TEXT or text on stdin")
     loaded = load_models(model, drafter, dtype, device, quantize, seed)
     dr = loaded.drafter
-    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup)
+    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length)
     session = ChatSession(Generator(loaded.target, dr), cfg, system=system, draft=not no_draft)
     if one_shot:
         _one_shot(session, prompt or "", json_out, show_drafts)

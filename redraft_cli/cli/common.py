@@ -77,7 +77,7 @@ def drafter_dtype(drafter: Drafter, target: Target) -> torch.dtype:
 def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int | None, accept: str,
                   temperature: float, top_k: int, top_p: float, seed: int,
                   epsilon: float = DecodeConfig.typical_epsilon, delta: float = DecodeConfig.typical_delta,
-                  lookup: int | None = None) -> DecodeConfig:
+                  lookup: int | None = None, lookup_length: int | None = None) -> DecodeConfig:
     """Validate the decoding options before any model loads (unset beam sizes take the core defaults for now)."""
     return DecodeConfig(
         max_new_tokens=max_new_tokens,
@@ -88,17 +88,19 @@ def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int 
         typical_epsilon=epsilon,
         typical_delta=delta,
         lookup_beams=lookup or 0,
+        lookup_length=lookup_length or 0,
     )
 
 
 def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | None, beam_length: int | None,
-                       lookup: int | None = None) -> DecodeConfig:
+                       lookup: int | None = None, lookup_length: int | None = None) -> DecodeConfig:
     """Beam sizes (and lookup beams) the user did not set come from the drafter's recommendation."""
     return replace(
         cfg,
         beam_width=beam_width if beam_width is not None else drafter.config.beam_width,
         beam_length=beam_length if beam_length is not None else drafter.config.beam_length,
         lookup_beams=lookup if lookup is not None else drafter.config.lookup_beams,
+        lookup_length=lookup_length if lookup_length is not None else drafter.config.lookup_length,
     )
 
 
@@ -116,3 +118,12 @@ def check_output_paths(*paths) -> None:
             raise BadInputError(f"output {p} is a directory, expected a file path")
         if not p.parent.is_dir():
             raise BadInputError(f"cannot write {p}: folder {p.parent} does not exist")
+
+
+def lookup_label(r: dict) -> str:
+    """' + 2 lookup' (or ' + 2 lookup x 8' when lookup beams are longer than the drafted ones) for titles."""
+    n = r.get("lookup_beams") or 0
+    if not n:
+        return ""
+    length = r.get("lookup_length") or r.get("beam_length")
+    return f" + {n} lookup" + (f" x {length}" if length and length != r.get("beam_length") else "")

@@ -21,6 +21,7 @@ DrafterOpt = Annotated[str, typer.Option("--drafter", "-d", help="Drafter direct
 BeamWidth = Annotated[Optional[int], typer.Option("--beam-width", "-w", help="Beams drafted per step (default: the drafter's recommendation).")]
 BeamLength = Annotated[Optional[int], typer.Option("--beam-length", "-l", help="Tokens per beam, counting g0 (default: the drafter's recommendation).")]
 Lookup = Annotated[Optional[int], typer.Option("--lookup", help="Extra beams copied from earlier context by n-gram lookup, beside the drafted ones; 0 = off (default: the drafter's recommendation).")]
+LookupLength = Annotated[Optional[int], typer.Option("--lookup-length", help="Tokens per lookup beam, counting g0; may exceed the beam length (copies cost no drafting); 0 = the beam length (default: the drafter's recommendation).")]
 Accept = Annotated[str, typer.Option(help="greedy | rejection (lossless sampling) | typical (lossy, fast).")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")]
 TopK = Annotated[int, typer.Option(help="Top-k filter (0 = off).")]

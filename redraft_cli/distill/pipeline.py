@@ -170,7 +170,7 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     drafter = Drafter.for_target(target, seed=recipe.train.seed, head=dr.head, num_draft_layers=dr.num_layers,
                                  predict_tokens=dr.predict_tokens, draft_vocab_size=dr.draft_vocab_size,
                                  beam_width=recipe.beam.width, beam_length=recipe.beam.length,
-                                 lookup_beams=recipe.beam.lookup)
+                                 lookup_beams=recipe.beam.lookup, lookup_length=recipe.beam.lookup_length)
     drafter.config.target_model = target.name
     if dr.draft_vocab_size:
         coverage = set_draft_vocab(drafter, train_set, dr.draft_vocab_size)
@@ -247,7 +247,8 @@ def _held_out_bench(target: Target, out: Path, held_convs: list[list[str]], reci
     gen = Generator(target, drafter)
     prompts = [target.encode_chat(c[0], system=recipe.data.system) for c in held_convs[: recipe.eval.bench_prompts]]
     cfg = DecodeConfig(max_new_tokens=recipe.eval.bench_max_new_tokens, beam_width=recipe.beam.width,
-                       beam_length=recipe.beam.length, lookup_beams=recipe.beam.lookup)
+                       beam_length=recipe.beam.length, lookup_beams=recipe.beam.lookup,
+                       lookup_length=recipe.beam.lookup_length)
     emit({"event": "bench_start", "prompts": len(prompts)})
     result = run_bench(gen, prompts, BenchConfig(cfg, warmup=True, hf_baseline=False),
                        progress=lambda done, total, label: emit({"event": "bench", "done": done, "total": total}))

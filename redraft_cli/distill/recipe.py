@@ -90,6 +90,7 @@ class BeamSection:
     width: int = 4
     length: int = 5
     lookup: int = 0  # recommended context-lookup beams beside the drafted ones
+    lookup_length: int = 0  # their length, counting g0 (0: the beam length)
 
 
 @dataclass

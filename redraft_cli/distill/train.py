@@ -94,7 +94,9 @@ def drafter_positions(ids: torch.Tensor, attn: torch.Tensor, loss_mask: torch.Te
     lm_p = F.pad(loss_mask & attn, (0, pad))
     # Eligible t: the first label x_{t+2} is a generated token.
     eligible = lm_p[:, 2 : T + 2]  # (B, T)
-    P = T if per_seq is None else min(per_seq, T)
+    # Only eligible positions are worth computing: P is capped by the most any row has.
+    most = int(eligible.sum(dim=1).max()) if T else 0
+    P = max(1, min(most, T if per_seq is None else per_seq))
     score = torch.rand(B, T, generator=generator) if generator is not None else torch.arange(T, 0, -1).float().expand(B, T)
     score = torch.where(eligible, score, torch.full_like(score, -1.0))
     top, pos = torch.topk(score, P, dim=1)  # (B, P)
