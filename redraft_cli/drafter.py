@@ -353,8 +353,12 @@ class Drafter(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int) -> Path:
+def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
+                     lookup_beams: int | None = None, lookup_length: int | None = None) -> Path:
     """Set the recommended beam shape in a saved drafter's config.json, touching nothing else.
+
+    lookup_beams / lookup_length, when given, are recommended with it (the
+    settings the shape was measured with).
 
     The weights are not rewritten; config.json is replaced atomically (temporary
     file in the same directory, then `os.replace`). A reference-layout config
@@ -374,6 +378,10 @@ def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int)
     before = DrafterConfig.from_json_dict(data)
     ours = data.setdefault("redraft", {"head": before.head})
     ours["beam_width"], ours["beam_length"] = int(beam_width), int(beam_length)
+    if lookup_beams is not None:
+        ours["lookup_beams"] = int(lookup_beams)
+    if lookup_length is not None:
+        ours["lookup_length"] = int(lookup_length)
     after = DrafterConfig.from_json_dict(data)  # still a valid config, only the shape changed
     assert (after.head, after.beam_width, after.beam_length) == (before.head, beam_width, beam_length)
     try:

@@ -186,6 +186,8 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
         "max_new_tokens": d.max_new_tokens,
         "beam_widths": list(cfg.beam_widths),
         "beam_lengths": list(cfg.beam_lengths),
+        "lookup_beams": d.lookup_beams,
+        "lookup_length": d.lookup_length,
         "warmup": cfg.warmup,
         "baseline": pooled_baseline(cells),
         "cells": cells,
@@ -244,4 +246,5 @@ def save_best(result: dict[str, Any], drafter_dir: str | Path) -> Path:
     best = result.get("best")
     if best is None:
         raise BadInputError("the sweep has no best cell to save (no cell has a speedup)")
-    return write_beam_shape(drafter_dir, best["beam_width"], best["beam_length"])
+    return write_beam_shape(drafter_dir, best["beam_width"], best["beam_length"],
+                            result.get("lookup_beams"), result.get("lookup_length"))

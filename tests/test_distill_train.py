@@ -187,3 +187,16 @@ def test_hidden_cache_round_trip_resume_and_training_without_target_forward(tmp_
         assert state.step == 3 and "agreement" in state.history[-1]
     finally:
         target.base = base
+
+
+def test_agreement_counts_labels_outside_the_draft_vocabulary_as_misses():
+    target = tiny_llama(vocab_size=64, seed=5)
+    data = synthetic_examples(target, 4, seed=2)
+    full = evaluate(target, Drafter.for_target(target, seed=0), data, 2, 4, 64, positions_per_sequence=None)
+    labels = set(torch.cat([e["input_ids"][e["loss_mask"]] for e in data]).tolist())
+    unused = [t for t in range(64) if t not in labels]
+    small = Drafter.for_target(target, seed=0, draft_vocab_size=len(unused))
+    small.draft_vocab.copy_(torch.tensor(unused))  # no label can ever be drafted
+    none = evaluate(target, small, data, 2, 4, 64, positions_per_sequence=None)
+    assert none["positions"] == full["positions"] > 0
+    assert none["agreement"] == [0.0, 0.0]

@@ -94,16 +94,19 @@ def test_save_best_rewrites_only_the_shape(swept, tiny, tmp_path):
     drafter.save(path)
     weights = (path / WEIGHTS_NAME).read_bytes()
     before = json.loads((path / CONFIG_NAME).read_text())
-    best = {**result, "best": {**result["best"], "beam_width": 2, "beam_length": 3}}
+    best = {**result, "best": {**result["best"], "beam_width": 2, "beam_length": 3}, "lookup_beams": 1,
+            "lookup_length": 7}
     assert save_best(best, path) == path / CONFIG_NAME
     after = json.loads((path / CONFIG_NAME).read_text())
     assert after["redraft"]["beam_width"] == 2 and after["redraft"]["beam_length"] == 3
-    before["redraft"].update(beam_width=2, beam_length=3)
+    # The lookup settings the shape was measured with are recommended with it.
+    before["redraft"].update(beam_width=2, beam_length=3, lookup_beams=1, lookup_length=7)
     assert after == before
     assert (path / WEIGHTS_NAME).read_bytes() == weights
     assert sorted(p.name for p in path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary left behind
     loaded = Drafter.load(path)
     assert (loaded.config.beam_width, loaded.config.beam_length) == (2, 3)
+    assert (loaded.config.lookup_beams, loaded.config.lookup_length) == (1, 7)
     with pytest.raises(BadInputError, match="no best cell"):
         save_best({**result, "best": None}, path)
 

@@ -151,7 +151,8 @@ def batch_loss(target: Target, drafter: Any, raw: Drafter, ids: torch.Tensor, at
     logits = drafter(h.to(raw.rnn_w.weight.dtype), inputs).float()  # (B, P, K, V_d)
     vocab_index = _vocab_index(raw, target.vocab_size, device)
     target_ids = labels if vocab_index is None else vocab_index[labels]
-    label_mask = label_mask & (target_ids >= 0)
+    labelled = label_mask  # every position with a label: agreement counts an out-of-vocabulary label as a miss
+    label_mask = label_mask & (target_ids >= 0)  # the loss can only use labels inside the draft vocabulary
     if compare_target_argmax:
         with torch.no_grad():
             t_logits = target.logits(th)  # (B, P, K, V)
@@ -177,7 +178,8 @@ def batch_loss(target: Target, drafter: Any, raw: Drafter, ids: torch.Tensor, at
         kl = F.kl_div(torch.log_softmax(logits, -1), t_logp, log_target=True, reduction="none").sum(-1) * label_mask
         loss = loss + kl_weight * (kl.sum(dim=(0, 1)) / count.clamp_min(1)).sum()
     correct = ((logits.argmax(-1) == ref) & label_mask).sum(dim=(0, 1))
-    return loss, {"correct": correct.detach(), "count": count.detach(), "loss_sum": loss_sum.detach()}
+    return loss, {"correct": correct.detach(), "count": count.detach(), "labelled": labelled.sum(dim=(0, 1)).detach(),
+                  "loss_sum": loss_sum.detach()}
 
 
 # -- evaluation ------------------------------------------------------------------------
@@ -190,7 +192,9 @@ def evaluate(target: Target, drafter: Drafter, examples: list[dict], K: int, bat
 
     Agreement is against the data's tokens (the target's own greedy tokens for
     greedy self-distillation) or, with compare_target_argmax (sampled data),
-    against the target's argmax. Positions: up to positions_per_sequence per
+    against the target's argmax; a label outside the draft vocabulary counts
+    as a miss (the drafter cannot propose it), while the loss skips it.
+    Positions: up to positions_per_sequence per
     sequence, drawn with a fixed seed so every evaluation sees the same ones
     (None: all positions).
     """
@@ -198,6 +202,7 @@ def evaluate(target: Target, drafter: Drafter, examples: list[dict], K: int, bat
     drafter.eval()
     correct = torch.zeros(K)
     count = torch.zeros(K)
+    labelled = torch.zeros(K)
     loss_sum = torch.zeros(K)
     for i in range(0, len(examples), batch_size):
         ids, attn, mask, hidden = collate(examples[i : i + batch_size], max_len)
@@ -206,14 +211,15 @@ def evaluate(target: Target, drafter: Drafter, examples: list[dict], K: int, bat
                           compare_target_argmax=compare_target_argmax, hidden=hidden)
         correct += s["correct"].cpu()
         count += s["count"].cpu()
+        labelled += s["labelled"].cpu()
         loss_sum += s["loss_sum"].cpu()
     drafter.train(was_training)
-    agreement = (correct / count.clamp_min(1)).tolist()
+    agreement = (correct / labelled.clamp_min(1)).tolist()  # a label outside the draft vocabulary is a miss
     return {
         "agreement": [round(a, 4) for a in agreement],
         "mean_agreement": round(sum(agreement) / K, 4),
         "loss": round(float((loss_sum / count.clamp_min(1)).sum()), 4),
-        "positions": int(count[0]),
+        "positions": int(labelled[0]),
         # Expected accepted drafts per step for one greedy beam: sum over k of P(steps 0..k all right),
         # estimated with the per-step agreements as if independent (a rough guide, bench measures it).
         "est_tokens_per_step": round(1 + sum(math.prod(agreement[: k + 1]) for k in range(K)), 3),
@@ -325,7 +331,7 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
             scheduler.step()
             state.step += 1
             state.seconds = time.perf_counter() - start
-            train_acc = (stats_sum["correct"] / stats_sum["count"].clamp_min(1)).tolist()
+            train_acc = (stats_sum["correct"] / stats_sum["labelled"].clamp_min(1)).tolist()
             emit({"event": "step", "step": state.step, "total_steps": total, "loss": sum(running[-20:]) / len(running[-20:]),
                   "lr": scheduler.get_last_lr()[0], "train_agreement": train_acc, "epoch": (step * cfg.grad_accum) / per_process})
             last = state.step == total
