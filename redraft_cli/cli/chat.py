@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from typing import Annotated, Optional
 
 import typer
@@ -71,9 +73,21 @@ def chat(
 
 
 def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = False) -> bool:
-    """Print an answer as it streams; returns False if interrupted by Ctrl-C."""
+    """Print an answer as it streams; returns False if interrupted by Ctrl-C.
+
+    Ctrl-C sets a flag that is checked after every target pass, rather than
+    raising wherever the interpreter happens to be: a KeyboardInterrupt raised
+    inside a finaliser (tensors are freed all the time while decoding) is
+    swallowed by Python, and the answer would then run on.
+    """
+    stop: list[int] = []
+    main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum)) if main else None
+    answer = session.ask(text)
     try:
-        for chunk in session.ask(text):
+        for chunk in answer:
+            if stop:
+                raise KeyboardInterrupt
             if quiet:
                 continue
             if show_drafts and chunk.drafted:
@@ -84,11 +98,17 @@ def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = Fa
             console.file.flush()
         if session.trimmed:
             err.print(f"[yellow]note:[/] dropped the {session.trimmed} oldest turn(s) to fit the context window")
+        if stop:
+            raise KeyboardInterrupt
         return True
     except KeyboardInterrupt:
+        answer.close()  # the partial answer joins the history
         console.print()
         err.print("[interrupted]", style="yellow", markup=False)
         return False
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _status(session: ChatSession) -> str:
