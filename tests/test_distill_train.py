@@ -125,7 +125,8 @@ def test_distill_pipeline_end_to_end(tmp_path):
     target = tiny_chat_llama(seed=2)
     recipe = recipe_from_dict({
         "name": "tiny",
-        "data": {"num_prompts": 10, "held_out": 2, "max_new_tokens": 8, "gen_batch_size": 4, "shard_size": 4},
+        "data": {"num_prompts": 10, "held_out": 2, "max_new_tokens": 8, "gen_batch_size": 4, "shard_size": 4,
+                 "cache_hidden": True},
         "drafter": {"head": "tied", "num_layers": 1, "predict_tokens": 2},
         "train": {"max_steps": 3, "batch_size": 4, "eval_every": 2, "save_every": 2, "positions_per_sequence": 4},
         "eval": {"bench_prompts": 1, "bench_max_new_tokens": 6},
@@ -142,6 +143,9 @@ def test_distill_pipeline_end_to_end(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 3 and len(m["history"]) == 2 and "agreement" in m["history"][0]
     assert m["bench"]["identical_outputs"] == 1
+    # Greedy data with cached hidden states: tokens per step simulated on every held-out answer.
+    assert m["simulated"]["answers"] >= 2 and m["simulated"]["tokens_per_step"] >= 1.0
+    assert (m["simulated"]["beam_width"], m["simulated"]["beam_length"]) == (2, 3)
     kinds = {e["event"] for e in events}
     assert {"data", "step", "eval", "finished"} <= kinds
 

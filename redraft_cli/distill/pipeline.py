@@ -198,6 +198,8 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         "data": {"train_conversations": len(train_set), "held_out_conversations": len(held),
                  "train_generated_tokens": sum(int(e["loss_mask"].sum()) for e in train_set)},
     }
+    if held and d.temperature == 0 and all("hidden" in e for e in held):
+        metrics["simulated"] = _simulate_held_out(target, out, held, recipe)
     if bench and held:
         metrics["bench"] = _held_out_bench(target, out, convs[: d.held_out], recipe, emit)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -237,6 +239,18 @@ def set_draft_vocab(drafter: Drafter, examples: list[dict], size: int) -> float:
     top = torch.topk(counts, size).indices.sort().values
     drafter.draft_vocab.copy_(top.to(drafter.draft_vocab.device))
     return float(counts[top].sum()) / max(int(counts.sum()), 1)
+
+
+def _simulate_held_out(target: Target, out: Path, held: list[dict], recipe: Recipe) -> dict[str, Any]:
+    """Greedy tokens per step of the final drafter at the recipe's beam shape on every held-out
+    answer, from the greedy data and cached hidden states alone (simulate.py: no target pass)."""
+    from ..simulate import simulate_greedy
+
+    drafter = Drafter.load(out, map_location=target.device).attach(target.embed_weight, target.lm_head_weight)
+    b = recipe.beam
+    sim = simulate_greedy(drafter, held, b.width, b.length, b.lookup, b.lookup_length)
+    return {"beam_width": b.width, "beam_length": b.length, "lookup_beams": b.lookup,
+            "lookup_length": b.lookup_length, **sim.to_dict()}
 
 
 def _held_out_bench(target: Target, out: Path, held_convs: list[list[str]], recipe: Recipe, emit: EventFn) -> dict[str, Any]:
