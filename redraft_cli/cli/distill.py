@@ -146,7 +146,9 @@ def _summary(m: dict) -> Table:
                   " ".join(f"{a:.2f}" for a in row.get("agreement", [])), f"{row.get('est_tokens_per_step', 0):.2f}")
     caption = f"best step {m['best_step']} (mean held-out top-1 {m['best_mean_agreement']:.3f}); {m['seconds']:.0f} s training"
     if "simulated" in m:
-        caption += f" | simulated greedy: {m['simulated']['tokens_per_step']:.2f} tokens/step on {m['simulated']['answers']} held-out answers"
+        sim = m["simulated"]
+        caption += (f" | simulated greedy: {sim['tokens_per_step']:.2f} tokens/step on {sim['answers']} held-out answers"
+                    f" x {sim['max_new_tokens']} tokens")
     if "bench" in m:
         b = m["bench"]["redraft"]
         caption += f" | held-out bench: {b['tokens_per_step']:.2f} tokens/step, speedup {m['bench']['speedup']:.2f}x"

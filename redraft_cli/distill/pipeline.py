@@ -243,14 +243,16 @@ def set_draft_vocab(drafter: Drafter, examples: list[dict], size: int) -> float:
 
 def _simulate_held_out(target: Target, out: Path, held: list[dict], recipe: Recipe) -> dict[str, Any]:
     """Greedy tokens per step of the final drafter at the recipe's beam shape on every held-out
-    answer, from the greedy data and cached hidden states alone (simulate.py: no target pass)."""
+    answer, from the greedy data and cached hidden states alone (simulate.py: no target pass).
+    Answers are cut to the bench's length: repetition, which lookup beams feed on, grows with it."""
     from ..simulate import simulate_greedy
 
     drafter = Drafter.load(out, map_location=target.device).attach(target.embed_weight, target.lm_head_weight)
     b = recipe.beam
-    sim = simulate_greedy(drafter, held, b.width, b.length, b.lookup, b.lookup_length)
+    n = recipe.eval.bench_max_new_tokens
+    sim = simulate_greedy(drafter, held, b.width, b.length, b.lookup, b.lookup_length, max_new_tokens=n)
     return {"beam_width": b.width, "beam_length": b.length, "lookup_beams": b.lookup,
-            "lookup_length": b.lookup_length, **sim.to_dict()}
+            "lookup_length": b.lookup_length, "max_new_tokens": n, **sim.to_dict()}
 
 
 def _held_out_bench(target: Target, out: Path, held_convs: list[list[str]], recipe: Recipe, emit: EventFn) -> dict[str, Any]:
