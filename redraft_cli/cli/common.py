@@ -121,9 +121,9 @@ def check_output_paths(*paths) -> None:
 
 
 def lookup_label(r: dict) -> str:
-    """' + 2 lookup' (or ' + 2 lookup x 8' when lookup beams are longer than the drafted ones) for titles."""
+    """' + 2 lookup', or ' + 2 lookup x 8' when their length is set apart from the beam length, for titles."""
     n = r.get("lookup_beams") or 0
     if not n:
         return ""
-    length = r.get("lookup_length") or r.get("beam_length")
+    length = r.get("lookup_length")
     return f" + {n} lookup" + (f" x {length}" if length and length != r.get("beam_length") else "")

@@ -158,7 +158,7 @@ def render(r: dict[str, Any], shapes: list[tuple[int, int]], cells: list[dict[st
     """The sweep table: one row per cell in run order; pending cells dim, the best one highlighted."""
     title = (f"redraft sweep: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
              f"{r['num_prompts']} prompts x {r['max_new_tokens']} tokens"
-             + (lookup_label({**r, "beam_length": None}).replace(" + ", " | ", 1) + " beams" if r.get("lookup_beams") else ""))
+             + (f" | {lookup_label(r).lstrip(' +')} beams" if r.get("lookup_beams") else ""))
     t = Table(title=title, title_justify="left", caption_justify="left")
     # Short headers: the table fits 80 columns (what Rich assumes when stdout is not a terminal).
     for col in ("width", "length", "tok/step", "accept", "nodes", "tok/s", "plain tok/s", "speedup"):
