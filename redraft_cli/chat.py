@@ -138,23 +138,29 @@ class ChatSession:
         tok = self.gen.target.tokenizer
         loop = self.gen.redraft if self.draft else self.gen.plain
         answer: list[int] = []
-        shown = ""
+        # Only the answer's current line is decoded again at each step (its text can still change
+        # as tokens join it); tokens up to the last line break are shown for good: `line` is their
+        # count, `shown` the text shown since. Decoding the whole answer each step was quadratic.
+        line, shown = 0, ""
         stats = Totals(answers=1)
         start = time.perf_counter()
         try:
             for step in loop(ids, self.cfg):
                 drafted_ids = step.tokens[: step.accepted]
-                with_drafts = tok.decode(answer + drafted_ids, skip_special_tokens=True)
+                # A character whose bytes are not all there yet decodes to U+FFFD: held back until they are.
+                with_drafts = tok.decode(answer[line:] + drafted_ids, skip_special_tokens=True).rstrip("\ufffd")
                 answer.extend(step.tokens)
-                full = tok.decode(answer, skip_special_tokens=True)
+                full = tok.decode(answer[line:], skip_special_tokens=True).rstrip("\ufffd")
                 if not step.prefill:
                     stats.steps += 1
                     stats.step_tokens += len(step.tokens)
                     stats.accepted += step.accepted
                     stats.draftable += max(self.cfg.tree_depth - 1, 0) if self.draft else 0
-                yield Chunk(with_drafts[len(shown):] if with_drafts.startswith(shown) else "",
-                            full[len(with_drafts):] if full.startswith(with_drafts) else full[len(shown):], step)
+                drafted = with_drafts[len(shown):] if with_drafts.startswith(shown) and full.startswith(with_drafts) else ""
+                yield Chunk(drafted, full[len(shown) + len(drafted):], step)
                 shown = full
+                if full.endswith("\n"):
+                    line, shown = len(answer), ""
         finally:
             stats.tokens = len(answer)
             stats.seconds = time.perf_counter() - start

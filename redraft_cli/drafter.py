@@ -115,14 +115,15 @@ class DrafterConfig:
 
 
 class ResBlock(nn.Module):
-    """z <- z + SiLU(linear(z)), width 2H."""
+    """z <- z + SiLU(linear(z)), width 2H (dropout on the branch while training)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.linear = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z + F.silu(self.linear(z))
+    def forward(self, z: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        branch = F.silu(self.linear(z))
+        return z + (F.dropout(branch, dropout, training=True) if dropout else branch)
 
 
 class Drafter(nn.Module):
@@ -150,6 +151,8 @@ class Drafter(nn.Module):
             self.draft_vocab = None
         self._embed: torch.Tensor | None = None
         self._head: torch.Tensor | None = None
+        # Training only (the trainer sets it; never saved): dropout on z and on every block's branch.
+        self.dropout = 0.0
 
     # -- wiring to the target -------------------------------------------------
     def attach(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> "Drafter":
@@ -210,8 +213,11 @@ class Drafter(nn.Module):
         """
         h = h.to(state.dtype).expand_as(state)
         z = torch.cat([h, state], dim=-1)  # (..., 2H)
+        p = self.dropout if self.training else 0.0
+        if p:
+            z = F.dropout(z, p, training=True)
         for block in self.lm_head[:-1]:
-            z = block(z)
+            z = block(z, p)
         out = self.lm_head[-1](z)
         if self.config.head == "tied":
             out = F.linear(out, self._head_weight(out.dtype))

@@ -54,6 +54,30 @@ def test_multi_turn_history_and_stats(target):
     assert s.messages == []
 
 
+def test_streamed_text_equals_the_decoded_answer_across_lines_and_split_characters(target):
+    """Chunks decode only the current line again; joined they must be the whole answer's text,
+    with characters whose bytes span several tokens (and steps) and lines that end mid-step."""
+    from redraft_cli.decode import StepStats
+
+    tok = target.tokenizer
+    text = "Hi there!\nA caf\u00e9 \u2615 costs 3\u20ac.\n\n  def f(x):\n      return x  # \U0001F600 ok\nEnd"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    s = session(target)
+    # Steps of 1 to 4 tokens, the first of them "accepted drafts".
+    sizes = [1, 3, 2, 4, 1, 2, 3] * len(ids)
+    steps, i = [], 0
+    for n in sizes:
+        if i >= len(ids):
+            break
+        steps.append(StepStats(tokens=ids[i : i + n], accepted=max(0, min(n, len(ids) - i) - 1)))
+        i += n
+    s.gen.redraft = lambda prompt, cfg: iter(steps)
+    chunks = list(s.ask("Say it"))
+    assert "".join(c.drafted + c.text for c in chunks) == text
+    assert s.messages[-1]["content"] == text
+
+
 def test_set_validates(target):
     s = session(target)
     assert s.set("beam-width", "3") == "beam-width = 3" and s.cfg.beam_width == 3

@@ -70,6 +70,8 @@ def test_distill_offline_names_what_it_needs(monkeypatch, tmp_path):
     (["no-such-recipe.yaml"], "not found"),
     (["smollm2-135m", "--head", "huge"], "--head"),
     (["smollm2-135m", "--predict-tokens", "0"], "--predict-tokens"),
+    (["smollm2-135m", "--sampled-answers", "-1"], "sampled_answers"),
+    (["smollm2-135m", "--dropout", "1.5"], "dropout"),
 ])
 def test_distill_bad_input(args, fragment, tmp_path):
     result = runner.invoke(app, ["distill", *args, "--out", str(tmp_path / "o")])

@@ -93,8 +93,8 @@ def test_training_learns_and_resumes_exactly(tmp_path):
 def test_collate_pads_right():
     ex = [{"input_ids": torch.tensor([1, 2, 3]), "loss_mask": torch.tensor([0, 1, 1], dtype=torch.bool)},
           {"input_ids": torch.tensor([4]), "loss_mask": torch.tensor([1], dtype=torch.bool)}]
-    ids, attn, mask, hidden = collate(ex, 10)
-    assert hidden is None
+    ids, attn, mask, hidden, greedy = collate(ex, 10)
+    assert hidden is None and greedy is None
     assert ids.tolist() == [[1, 2, 3], [4, 0, 0]]
     assert attn.tolist() == [[True, True, True], [True, False, False]]
     assert mask.tolist() == [[False, True, True], [True, False, False]]
@@ -204,3 +204,138 @@ def test_agreement_counts_labels_outside_the_draft_vocabulary_as_misses():
     none = evaluate(target, small, data, 2, 4, 64, positions_per_sequence=None)
     assert none["positions"] == full["positions"] > 0
     assert none["agreement"] == [0.0, 0.0]
+
+
+def sampled_examples(target, n: int, seed: int = 0, length: int = 20) -> list[dict]:
+    """Sequences whose 'response' half is sampled from the target (temperature 1), not greedy."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(0, target.vocab_size, (5,), generator=gen).tolist()
+        with torch.no_grad():
+            for _ in range(length - 5):
+                probs = torch.softmax(target.model(torch.tensor([ids])).logits[0, -1], -1)
+                ids.append(int(torch.multinomial(probs, 1, generator=gen)))
+        mask = torch.zeros(length, dtype=torch.bool)
+        mask[5:] = True
+        out.append({"input_ids": torch.tensor(ids), "loss_mask": mask, "conv_index": i})
+    return out
+
+
+def test_collate_fills_greedy_labels_of_greedy_examples_with_their_own_tokens():
+    ex = [{"input_ids": torch.tensor([1, 2, 3]), "loss_mask": torch.tensor([0, 1, 1], dtype=torch.bool),
+           "greedy": torch.tensor([1, 7, 8])},
+          {"input_ids": torch.tensor([4, 5]), "loss_mask": torch.tensor([1, 1], dtype=torch.bool)}]
+    greedy = collate(ex, 10)[4]
+    assert greedy.tolist() == [[1, 7, 8], [4, 5, 0]]
+
+
+def test_positions_take_labels_from_greedy_and_inputs_from_the_sampled_tokens():
+    ids = torch.tensor([[10, 11, 12, 13, 14, 15, 16, 17]])
+    greedy = torch.tensor([[10, 21, 22, 23, 24, 25, 26, 27]])
+    attn = torch.ones(1, 8, dtype=torch.bool)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    pos, inputs, labels, lmask = drafter_positions(ids, attn, mask, 2, None, None, greedy)
+    # t = 2 (first eligible, label x_4 generated): inputs x_3, x_4; labels greedy[4], greedy[5].
+    row = pos[0].tolist().index(2)
+    assert inputs[0, row].tolist() == [13, 14]
+    assert labels[0, row].tolist() == [24, 25]
+
+
+def test_hidden_cache_stores_the_targets_greedy_token_per_position_and_training_can_compute_it_instead(tmp_path):
+    from redraft_cli.distill.hidden_cache import attach_hidden, build_hidden_cache
+    from redraft_cli.distill.train import batch_loss
+
+    target = tiny_llama(vocab_size=64, seed=11)
+    data = sampled_examples(target, 6, seed=1)
+    build_hidden_cache(target, data, tmp_path / "h", batch_size=4, chunk_size=4, greedy=True)
+    attach_hidden(data, tmp_path / "h", target.name)
+    sampled_not_greedy = 0
+    for e in data:
+        with torch.no_grad():
+            argmax = target.model(e["input_ids"][None]).logits[0].argmax(-1)
+        assert e["greedy"][0] == e["input_ids"][0]
+        assert e["greedy"][1:].tolist() == argmax[:-1].tolist()
+        sampled_not_greedy += int((e["input_ids"][1:] != e["greedy"][1:])[e["loss_mask"][1:]].sum())
+    assert sampled_not_greedy > 0  # the labels really differ from the sampled tokens
+    # A cache built without greedy labels is rebuilt, not mixed, when they are asked for.
+    build_hidden_cache(target, data, tmp_path / "h2", batch_size=4, chunk_size=4)
+    plain = [dict(e) for e in data]
+    for e in plain:
+        e.pop("greedy")
+    attach_hidden(plain, tmp_path / "h2", target.name)
+    assert all("greedy" not in e for e in plain)
+    build_hidden_cache(target, plain, tmp_path / "h2", batch_size=4, chunk_size=4, greedy=True)
+    attach_hidden(plain, tmp_path / "h2", target.name)
+    assert all("greedy" in e for e in plain)
+
+    # Without a cache the labels are marked -1 and batch_loss computes the same argmax from the target.
+    drafter = Drafter.for_target(target, seed=0)
+    ids, attn, mask, hidden, greedy = collate(data, 64)
+    unknown = [{**e, "greedy": torch.full_like(e["input_ids"], -1)} for e in data]
+    for e in unknown:
+        e.pop("hidden")
+    ids2, attn2, mask2, hidden2, greedy2 = collate(unknown, 64)
+    assert hidden2 is None and (greedy2[attn2] == -1).all()
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    _, cached = batch_loss(target, drafter, drafter, ids, attn, mask, 2, 8, gen(), hidden=hidden, greedy=greedy)
+    _, computed = batch_loss(target, drafter, drafter, ids2, attn2, mask2, 2, 8, gen(), greedy=greedy2)
+    _, as_sampled = batch_loss(target, drafter, drafter, ids, attn, mask, 2, 8, gen(), hidden=hidden)
+    assert cached["count"].tolist() == computed["count"].tolist()
+    assert cached["correct"].tolist() == computed["correct"].tolist()
+    torch.testing.assert_close(cached["loss_sum"], computed["loss_sum"], atol=0.05, rtol=0.01)
+    assert not torch.allclose(cached["loss_sum"], as_sampled["loss_sum"])
+
+
+def test_distill_pipeline_with_sampled_answers(tmp_path):
+    """data.sampled_answers: sampled answers to the training conversations join the training set,
+    labelled with the target's greedy tokens; held-out conversations never get any."""
+    from redraft_cli.distill.pipeline import distill
+
+    target = tiny_chat_llama(seed=2)
+    recipe = recipe_from_dict({
+        "name": "tiny",
+        "data": {"num_prompts": 10, "held_out": 2, "max_new_tokens": 8, "gen_batch_size": 4, "shard_size": 4,
+                 "cache_hidden": True, "sampled_answers": 1, "sampled_prompts": 5, "sampled_max_new_tokens": 6},
+        "drafter": {"head": "tied", "num_layers": 1, "predict_tokens": 2},
+        "train": {"max_steps": 3, "batch_size": 4, "eval_every": 3, "save_every": 3, "positions_per_sequence": 4},
+        "eval": {"bench_prompts": 1, "bench_max_new_tokens": 6},
+        "beam": {"width": 2, "length": 3},
+    })
+    events = []
+    distill(recipe, tmp_path / "out", on_event=events.append, target=target, data_dir=tmp_path / "data", bench=False)
+    done = next(e for e in events if e["event"] == "data_done")
+    assert (done["train"], done["sampled"], done["held_out"]) == (8, 5, 2)
+    sampled_dirs = list((tmp_path / "data").glob("sampled-*"))
+    assert len(sampled_dirs) == 1
+    manifest = json.loads((sampled_dirs[0] / "manifest.json").read_text())
+    assert manifest["config"]["temperature"] == 0.7 and manifest["config"]["max_new_tokens"] == 6
+    assert manifest["num_conversations"] == 8  # the training conversations only
+    hidden_manifest = json.loads(next(sampled_dirs[0].glob("hidden-*/manifest.json")).read_text())
+    assert hidden_manifest["greedy"] is True
+    # A second run with the same data settings finds every shard it needs: no generation at all.
+    events.clear()
+    distill(recipe, tmp_path / "out2", on_event=events.append, target=target, data_dir=tmp_path / "data", bench=False)
+    assert not [e for e in events if e["event"] in ("data_start", "data")]
+    assert next(e for e in events if e["event"] == "data_done")["sampled"] == 5
+    with pytest.raises(BadInputError, match="sampled_temperature"):
+        recipe_from_dict({"data": {"sampled_answers": 1, "sampled_temperature": 0}})
+
+
+def test_dropout_acts_only_while_training_and_is_reset_after(tmp_path):
+    target = tiny_llama(vocab_size=64, seed=5)
+    d = Drafter.for_target(target, seed=0)
+    h, tokens = torch.randn(2, 3, target.hidden_size), torch.randint(0, 64, (2, 3, 2))
+    d.dropout = 0.5
+    d.train()
+    a, b = d(h, tokens), d(h, tokens)
+    assert not torch.allclose(a, b)
+    d.eval()
+    torch.testing.assert_close(d(h, tokens), d(h, tokens))
+    data = synthetic_examples(target, 4, seed=2)
+    cfg = TrainSection(max_steps=2, batch_size=2, eval_every=100, save_every=100, dropout=0.3)
+    fresh = Drafter.for_target(target, seed=0)
+    train_drafter(target, fresh, data[1:], data[:1], cfg, tmp_path / "a", 2)
+    assert fresh.dropout == 0.0
+    with pytest.raises(BadInputError, match="dropout"):
+        TrainSection(max_steps=1, dropout=1.0)

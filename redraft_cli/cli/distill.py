@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -33,6 +34,8 @@ def distill(
     num_layers: Annotated[Optional[int], typer.Option(help="Residual blocks in the drafter.")] = None,
     predict_tokens: Annotated[Optional[int], typer.Option(help="Tokens the drafter learns to predict (beam length - 1).")] = None,
     draft_vocab: Annotated[Optional[int], typer.Option(help="Score only the N most frequent tokens of the data.")] = None,
+    sampled_answers: Annotated[Optional[int], typer.Option(help="Sampled answers per training conversation, beside the greedy one (labelled with the target's greedy tokens).")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout in the drafter while training.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
     no_bench: Annotated[bool, typer.Option("--no-bench", help="Skip the short bench on held-out prompts at the end.")] = False,
     no_generate: Annotated[bool, typer.Option("--no-generate", help="Train on the data generated so far; generate no more (a later run without it resumes generation).")] = False,
@@ -50,12 +53,14 @@ def distill(
         ("train", "max_steps"): max_steps, ("train", "epochs"): epochs, ("train", "batch_size"): batch_size,
         ("train", "lr"): lr, ("drafter", "head"): head, ("drafter", "num_layers"): num_layers,
         ("drafter", "predict_tokens"): predict_tokens, ("drafter", "draft_vocab_size"): draft_vocab,
+        ("data", "sampled_answers"): sampled_answers, ("train", "dropout"): dropout,
         ("target", "dtype"): dtype, ("target", "quantize"): quantize,
     }
     for (section, name), value in overrides.items():
         if value is not None:
             setattr(getattr(recipe, section), name, value)
     recipe.target.device = device
+    recipe.data, recipe.train = dataclasses.replace(recipe.data), dataclasses.replace(recipe.train)  # validation
     if recipe.drafter.head not in ("own", "tied"):
         raise BadInputError(f"--head must be own or tied, got {recipe.drafter.head!r}")
     if recipe.drafter.predict_tokens < 1 or recipe.drafter.num_layers < 0:
@@ -102,9 +107,11 @@ class _DistillView:
         if kind == "load":
             err.print(f"loading target {e['model']} ...")
         elif kind == "data":
-            t = self._task("data", "self-distillation data", e["total"])
+            which = e.get("set", "greedy")
+            label = "self-distillation data" if which == "greedy" else which
+            t = self._task(f"data {which}", label, e["total"])
             self.progress.update(t, completed=e["done"], total=e["total"], info=f"{e['tokens']:,} tokens")
-            self._log("data", e["done"], 64, f"data: {e['done']}/{e['total']} conversations, {e['tokens']:,} tokens")
+            self._log(f"data {which}", e["done"], 64, f"{label}: {e['done']}/{e['total']} conversations, {e['tokens']:,} tokens")
         elif kind == "hidden":
             t = self._task("hidden", "caching hidden states", e["total"])
             self.progress.update(t, completed=e["done"], total=e["total"])
@@ -113,7 +120,8 @@ class _DistillView:
             err.print(f"[yellow]note:[/] training on the data generated so far ({e['done']} of {e['total']} "
                       f"conversations in {e['dir']}); a run without --no-generate resumes generating the rest")
         elif kind == "data_done":
-            err.print(f"data: {e['train']} training and {e['held_out']} held-out conversations, "
+            sampled = f" (+{e['sampled']} sampled answers)" if e.get("sampled") else ""
+            err.print(f"data: {e['train']} training{sampled} and {e['held_out']} held-out conversations, "
                       f"{e['train_tokens']:,} target tokens to learn")
         elif kind == "draft_vocab":
             err.print(f"draft vocabulary: {e['size']} tokens cover {e['coverage']:.1%} of the target's tokens")

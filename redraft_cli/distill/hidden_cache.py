@@ -9,7 +9,11 @@ small target it pays to compute it once and store it. For SmolLM2-135M
 On disk (`cache_dir`): `hidden-00000.safetensors`, ... each holding
 `hidden` (tokens, H) bfloat16 for a chunk of examples concatenated, and
 `offsets` (n+1,) int64, plus `manifest.json` (model, and the fingerprint of
-each chunk done). Chunks are written atomically; a rerun resumes, and a data
+each chunk done). With `greedy=True` (sampled answers) a chunk also holds
+`greedy` (tokens,) int32: at position j the target's argmax given tokens
+< j, taken from the float hidden state before it is stored (position 0
+keeps its own token), so training can label sampled text with the tokens
+greedy decoding would accept. Chunks are written atomically; a rerun resumes, and a data
 set that grew computes only its new chunks.
 """
 
@@ -46,8 +50,9 @@ def _chunks(examples: list[dict], chunk_size: int) -> list[tuple[int, list[dict]
 @torch.no_grad()
 def build_hidden_cache(target: Target, examples: list[dict], cache_dir: Path, batch_size: int = 8,
                        chunk_size: int = 256, dtype: torch.dtype = torch.bfloat16,
-                       progress: Callable[[int, int], None] | None = None) -> None:
-    """Compute and store the hidden states of `examples` (in order), resuming finished chunks.
+                       progress: Callable[[int, int], None] | None = None, greedy: bool = False) -> None:
+    """Compute and store the hidden states of `examples` (in order), resuming finished chunks;
+    with greedy=True also the target's greedy token at every position (see the module docstring).
 
     Each chunk is keyed by the fingerprint of its own examples, so a data set
     that grew (more shards generated) reuses every full chunk already stored
@@ -58,9 +63,9 @@ def build_hidden_cache(target: Target, examples: list[dict], cache_dir: Path, ba
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fresh = {"version": 2, "model": target.name, "chunk_size": chunk_size,
-             "dtype": str(dtype).replace("torch.", ""), "chunks": {}}
+             "dtype": str(dtype).replace("torch.", ""), "greedy": greedy, "chunks": {}}
     manifest = _read(cache_dir)
-    if manifest is None or any(manifest.get(k) != fresh[k] for k in ("version", "model", "chunk_size", "dtype")):
+    if manifest is None or any(manifest.get(k, False) != fresh[k] for k in ("version", "model", "chunk_size", "dtype", "greedy")):
         manifest = fresh
     for c, chunk, fp in _chunks(examples, chunk_size):
         if manifest["chunks"].get(str(c)) == fp:
@@ -68,6 +73,7 @@ def build_hidden_cache(target: Target, examples: list[dict], cache_dir: Path, ba
         # Similar lengths together: less padding.
         order = sorted(range(len(chunk)), key=lambda i: int(chunk[i]["input_ids"].numel()))
         out: list[torch.Tensor | None] = [None] * len(chunk)
+        labels: list[torch.Tensor | None] = [None] * len(chunk)
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]
             lengths = [int(chunk[i]["input_ids"].numel()) for i in idx]
@@ -80,20 +86,27 @@ def build_hidden_cache(target: Target, examples: list[dict], cache_dir: Path, ba
                                  use_cache=False).last_hidden_state
             for r, i in enumerate(idx):
                 out[i] = hidden[r, : lengths[r]].to(dtype).cpu()
+                if greedy:  # one row at a time: (T, V) float logits
+                    nxt = target.logits(hidden[r, : lengths[r] - 1]).argmax(-1).cpu()
+                    labels[i] = torch.cat([chunk[i]["input_ids"][:1], nxt]).to(torch.int32)
             if progress is not None:
                 progress(c * chunk_size + b + len(idx), len(examples))
         states = [t for t in out if t is not None]
         offsets = torch.tensor([0] + [t.shape[0] for t in states]).cumsum(0)
         name = f"hidden-{c:05d}.safetensors"
         tmp = cache_dir / f".{name}.tmp{os.getpid()}"
-        save_file({"hidden": torch.cat(states).contiguous(), "offsets": offsets}, str(tmp))
+        tensors = {"hidden": torch.cat(states).contiguous(), "offsets": offsets}
+        if greedy:
+            tensors["greedy"] = torch.cat([t for t in labels if t is not None]).contiguous()
+        save_file(tensors, str(tmp))
         os.replace(tmp, cache_dir / name)
         manifest["chunks"][str(c)] = fp
         _write(cache_dir, manifest)
 
 
 def attach_hidden(examples: list[dict], cache_dir: Path, model_name: str) -> None:
-    """Add `hidden` (T, H) to every example from the cache; BadInputError if any chunk does not match."""
+    """Add `hidden` (T, H) (and `greedy` (T,) int64 when cached) to every example from the cache;
+    BadInputError if any chunk does not match."""
     from safetensors.torch import load_file
 
     manifest = _read(Path(cache_dir))
@@ -106,6 +119,8 @@ def attach_hidden(examples: list[dict], cache_dir: Path, model_name: str) -> Non
         offs = t["offsets"].tolist()
         for j, e in enumerate(chunk):
             e["hidden"] = t["hidden"][offs[j] : offs[j + 1]]
+            if "greedy" in t:
+                e["greedy"] = t["greedy"][offs[j] : offs[j + 1]].long()
 
 
 def _read(cache_dir: Path) -> dict | None:

@@ -2,7 +2,9 @@
 
 Output directory layout:
 
-    out/data/            shards + manifest of the target's own answers (resumable)
+    (data: ~/.cache/redraft/distill-data/RECIPE-KEY/, shared by all runs of the same data settings:
+     shards + manifest of the target's own answers, resumable; sampled-KEY/ the sampled answers;
+     hidden-DTYPE/ the cached hidden states)
     out/checkpoint/      latest training state (for --resume)
     out/best/            best drafter so far by held-out agreement
     out/config.json      the final drafter (= best), interoperable format,
@@ -18,10 +20,11 @@ import json
 import os
 import shutil
 from importlib import resources
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import yaml
 
 from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter
@@ -130,40 +133,21 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
                                top_p=d.top_p, seed=d.seed, shard_size=d.shard_size, system=d.system,
                                max_prompt_tokens=d.max_prompt_tokens)
     data_dir = Path(data_dir) if data_dir else default_data_dir(recipe, target.name, convs, gen_cfg)
-    seed_from_package(recipe.name, data_dir)
-    manifest = read_manifest(data_dir)
     t = recipe.train
     max_shards = None
     if t.max_steps:
         # A short run needs only the held-out slice and max_steps batches: generate just those shards.
         needed = d.held_out + t.max_steps * t.batch_size * t.grad_accum
         max_shards = -(-needed // d.shard_size)
-    if not generate:
-        if manifest is None or not manifest.get("shards"):
-            raise BadInputError(f"no distillation data in {data_dir} yet; run without --no-generate first")
-        if not manifest.get("complete"):
-            emit({"event": "data_partial", "dir": str(data_dir),
-                  "done": sum(s["conversations"] for s in manifest["shards"]), "total": len(convs)})
-    elif manifest is None or not manifest.get("complete"):
-        emit({"event": "data_start", "conversations": len(convs), "dir": str(data_dir)})
-        generate_dataset(target, convs, data_dir, gen_cfg, max_shards=max_shards,
-                         progress=lambda done, total, tokens: emit({"event": "data", "done": done, "total": total, "tokens": tokens}))
-    examples = load_dataset(data_dir)
-    if max_shards is not None:  # a short run trains on the shards it asked for, not on all that exist
-        examples = [e for e in examples if e["conv_index"] < max_shards * d.shard_size]
+    examples = _answers(target, recipe.name, convs, data_dir, gen_cfg, max_shards, generate, emit, "greedy")
     held = [e for e in examples if e["conv_index"] < d.held_out]
     train_set = [e for e in examples if e["conv_index"] >= d.held_out]
-    emit({"event": "data_done", "train": len(train_set), "held_out": len(held),
-          "train_tokens": sum(int(e["loss_mask"].sum()) for e in train_set)})
-
     if d.cache_hidden:
-        # Small targets: one forward over the data, stored, instead of one per epoch.
-        # One cache per target dtype; chunks are keyed by their examples, so it grows with the data.
-        hidden_dir = data_dir / f"hidden-{target.compute_dtype}".replace("torch.", "")
-        emit({"event": "hidden_start", "examples": len(examples), "dir": str(hidden_dir)})
-        build_hidden_cache(target, examples, hidden_dir, batch_size=recipe.train.batch_size,
-                           progress=lambda done, total: emit({"event": "hidden", "done": done, "total": total}))
-        attach_hidden(examples, hidden_dir, target.name)
+        _attach_hidden_states(target, examples, data_dir, recipe, emit, greedy=False)
+    sampled = _sampled_answers(target, recipe, convs[d.held_out:], gen_cfg, data_dir, t.max_steps, generate, emit)
+    train_set += sampled
+    emit({"event": "data_done", "train": len(train_set) - len(sampled), "sampled": len(sampled), "held_out": len(held),
+          "train_tokens": sum(int(e["loss_mask"].sum()) for e in train_set)})
 
     # 2. The drafter, then training.
     dr = recipe.drafter
@@ -207,6 +191,82 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     return DistillResult(out, metrics)
 
 
+def _answers(target: Target, package_name: str, convs: list[list[str]], data_dir: Path, gen_cfg: GenerationConfig,
+             max_shards: int | None, generate: bool, emit: EventFn, kind: str, required: bool = True) -> list[dict]:
+    """One set of answers to `convs`: seeded from the package, generated (or resumed) unless
+    generate=False, then loaded; with max_shards, only the conversations of those shards."""
+    seed_from_package(package_name, data_dir)
+    manifest = read_manifest(data_dir)
+    if not generate:
+        if manifest is None or not manifest.get("shards"):
+            if not required:
+                return []
+            raise BadInputError(f"no distillation data in {data_dir} yet; run without --no-generate first")
+        if not manifest.get("complete"):
+            emit({"event": "data_partial", "set": kind, "dir": str(data_dir),
+                  "done": sum(s["conversations"] for s in manifest["shards"]), "total": len(convs)})
+    elif not _has_shards(manifest, max_shards):
+        emit({"event": "data_start", "set": kind, "conversations": len(convs), "dir": str(data_dir)})
+        generate_dataset(target, convs, data_dir, gen_cfg, max_shards=max_shards,
+                         progress=lambda done, total, tokens: emit({"event": "data", "set": kind, "done": done,
+                                                                    "total": total, "tokens": tokens}))
+    examples = load_dataset(data_dir)
+    if max_shards is not None:  # a short run trains on the shards it asked for, not on all that exist
+        examples = [e for e in examples if e["conv_index"] < max_shards * gen_cfg.shard_size]
+    return examples
+
+
+def _has_shards(manifest: dict | None, max_shards: int | None) -> bool:
+    """Whether the data set is complete, or holds every one of its first max_shards shards."""
+    if manifest is None:
+        return False
+    if manifest.get("complete"):
+        return True
+    done = {int(s["index"]) for s in manifest["shards"]}
+    return max_shards is not None and all(i in done for i in range(min(max_shards, int(manifest["num_shards"]))))
+
+
+def _sampled_answers(target: Target, recipe: Recipe, train_convs: list[list[str]], gen_cfg: GenerationConfig,
+                     data_dir: Path, max_steps: int | None, generate: bool, emit: EventFn) -> list[dict]:
+    """The recipe's sampled answers to the training conversations (data.sampled_*), every example
+    carrying `greedy`: the target's greedy token per position (from the hidden-state cache, or
+    -1 = computed from the target during training). They live in data_dir/sampled-KEY/."""
+    d = recipe.data
+    if not d.sampled_answers:
+        return []
+    n = min(len(train_convs), d.sampled_prompts or len(train_convs))
+    shards = -(-n // d.shard_size)
+    if max_steps:  # a short run: only as many conversations as it has steps for
+        shards = min(shards, -(-max_steps * recipe.train.batch_size * recipe.train.grad_accum // d.shard_size))
+    examples: list[dict] = []
+    for s in range(1, d.sampled_answers + 1):
+        cfg = replace(gen_cfg, temperature=d.sampled_temperature, top_p=d.sampled_top_p, seed=d.seed + s,
+                      max_new_tokens=d.sampled_max_new_tokens or d.max_new_tokens)
+        key = hashlib.sha256(json.dumps(cfg.fingerprint(), sort_keys=True).encode()).hexdigest()[:10]
+        sdir = data_dir / f"sampled-{key}"
+        found = _answers(target, f"{recipe.name}-sampled-{s}", train_convs, sdir, cfg, shards, generate, emit,
+                         f"sampled answers {s}", required=False)
+        found = [e for e in found if e["conv_index"] < n]
+        if d.cache_hidden:
+            _attach_hidden_states(target, found, sdir, recipe, emit, greedy=True)
+        else:
+            for e in found:
+                e["greedy"] = torch.full_like(e["input_ids"], -1)
+        examples += found
+    return examples
+
+
+def _attach_hidden_states(target: Target, examples: list[dict], data_dir: Path, recipe: Recipe, emit: EventFn,
+                          greedy: bool) -> None:
+    """Small targets: one forward over the data, stored, instead of one per epoch. One cache per
+    target dtype; chunks are keyed by their examples, so it grows with the data."""
+    hidden_dir = data_dir / f"hidden-{target.compute_dtype}".replace("torch.", "")
+    emit({"event": "hidden_start", "examples": len(examples), "dir": str(hidden_dir)})
+    build_hidden_cache(target, examples, hidden_dir, batch_size=recipe.train.batch_size, greedy=greedy,
+                       progress=lambda done, total: emit({"event": "hidden", "done": done, "total": total}))
+    attach_hidden(examples, hidden_dir, target.name)
+
+
 def default_data_dir(recipe: Recipe, model_name: str, convs: list[list[str]], gen_cfg: GenerationConfig) -> Path:
     """Data is cached per (recipe, model, generation settings, prompts) and shared by all runs of them."""
     key = json.dumps({"model": model_name, "gen": gen_cfg.fingerprint(), "convs": conversations_sha256(convs)}, sort_keys=True)
@@ -230,12 +290,12 @@ def seed_from_package(name: str, data_dir: Path) -> None:
 
 
 def set_draft_vocab(drafter: Drafter, examples: list[dict], size: int) -> float:
-    """Keep the `size` most frequent target tokens of the training data; return their share of generated tokens."""
-    import torch
-
+    """Keep the `size` most frequent target tokens of the training labels; return their share of them
+    (labels: the generated tokens, or for sampled answers the target's greedy tokens where known)."""
     counts = torch.zeros(drafter.config.vocab_size, dtype=torch.long)
     for e in examples:
-        counts += torch.bincount(e["input_ids"][e["loss_mask"]], minlength=drafter.config.vocab_size)
+        labels = e.get("greedy", e["input_ids"])[e["loss_mask"]]
+        counts += torch.bincount(labels[labels >= 0], minlength=drafter.config.vocab_size)
     top = torch.topk(counts, size).indices.sort().values
     drafter.draft_vocab.copy_(top.to(drafter.draft_vocab.device))
     return float(counts[top].sum()) / max(int(counts.sum()), 1)

@@ -51,6 +51,19 @@ class DataSection:
     shard_size: int = 64
     seed: int = 0
     cache_hidden: bool = False  # cache the target's hidden states on disk (small targets)
+    # More answers per training conversation, sampled, each labelled with the target's greedy token at
+    # every position: new contexts near the target's own answers, cheaper than new prompts.
+    sampled_answers: int = 0  # per training conversation (0: greedy answers only)
+    sampled_prompts: int | None = None  # only the first N training conversations get them (None: all)
+    sampled_temperature: float = 0.7
+    sampled_top_p: float = 0.95
+    sampled_max_new_tokens: int | None = None  # None: max_new_tokens
+
+    def __post_init__(self) -> None:
+        if self.sampled_answers < 0 or (self.sampled_prompts is not None and self.sampled_prompts < 1):
+            raise BadInputError("data.sampled_answers must be >= 0 and data.sampled_prompts >= 1 (or null)")
+        if self.sampled_answers and not self.sampled_temperature > 0:
+            raise BadInputError("data.sampled_temperature must be > 0 (the greedy answer is there already)")
 
 
 @dataclass
@@ -73,6 +86,11 @@ class TrainSection:
     max_seq_len: int = 1024
     positions_per_sequence: int = 64  # drafter positions sampled per sequence per step
     kl_weight: float = 0.0  # 0: cross-entropy on the target's tokens only
+    dropout: float = 0.0  # on the drafter's input and block branches, while training (against overfitting)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise BadInputError(f"train.dropout must be in [0, 1), got {self.dropout}")
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate)
     eval_every: int = 100
     save_every: int = 100

@@ -13,7 +13,10 @@ global step, so a resumed run draws exactly the same positions), runs the
 target once over the batch (no grad) and the drafter on the sampled positions.
 
 Loss: the sum over steps k of the mean cross-entropy against the target's
-token, plus kl_weight x KL(target || drafter) at the same positions.
+token, plus kl_weight x KL(target || drafter) at the same positions. Sampled
+answers (recipe data.sampled_answers) are teacher-forced on their sampled
+tokens but labelled with the target's greedy token at each position (stored
+beside their hidden states): exactly what greedy verification will check.
 
 Runs through accelerate: `accelerate launch -m redraft_cli distill ...`
 trains data-parallel with no code change (each process takes every
@@ -58,9 +61,12 @@ class TrainState:
 # -- batches ---------------------------------------------------------------------
 
 
-def collate(examples: list[dict], max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def collate(examples: list[dict], max_len: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Right-pad examples. Returns input_ids (B, T), attention (B, T) bool, loss_mask (B, T) bool,
-    and hidden (B, T, H) when every example carries cached hidden states (else None)."""
+    hidden (B, T, H) when every example carries cached hidden states (else None) and
+    greedy (B, T), the target's greedy token per position, when any example carries it (sampled
+    answers; an example without it, greedy data, is its own greedy tokens), else None."""
     T = min(max_len, max(int(e["input_ids"].numel()) for e in examples))
     B = len(examples)
     ids = torch.zeros(B, T, dtype=torch.long)
@@ -68,6 +74,7 @@ def collate(examples: list[dict], max_len: int) -> tuple[torch.Tensor, torch.Ten
     mask = torch.zeros(B, T, dtype=torch.bool)
     cached = all("hidden" in e for e in examples)
     hidden = torch.zeros(B, T, examples[0]["hidden"].shape[-1], dtype=examples[0]["hidden"].dtype) if cached else None
+    greedy = torch.zeros(B, T, dtype=torch.long) if any("greedy" in e for e in examples) else None
     for i, e in enumerate(examples):
         n = min(T, int(e["input_ids"].numel()))
         ids[i, :n] = e["input_ids"][:n]
@@ -75,17 +82,23 @@ def collate(examples: list[dict], max_len: int) -> tuple[torch.Tensor, torch.Ten
         mask[i, :n] = e["loss_mask"][:n]
         if hidden is not None:
             hidden[i, :n] = e["hidden"][:n]
-    return ids, attn, mask, hidden
+        if greedy is not None:
+            greedy[i, :n] = e.get("greedy", e["input_ids"])[:n]
+    return ids, attn, mask, hidden, greedy
 
 
 def drafter_positions(ids: torch.Tensor, attn: torch.Tensor, loss_mask: torch.Tensor, K: int, per_seq: int | None,
-                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      generator: torch.Generator | None, greedy: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Choose drafter positions and build their inputs and labels.
 
-    ids, attn, loss_mask: (B, T). Returns
+    ids, attn, loss_mask: (B, T); greedy: optional (B, T), the target's greedy
+    token at each position given the tokens before it (sampled data: the
+    inputs are the sampled tokens, the labels what greedy decoding would check
+    them against). Returns
       pos    (B, P) int64 positions t (P <= per_seq; `valid` marks real ones),
       inputs (B, P, K) tokens x_{t+1..t+K} (g0 first),
-      labels (B, P, K) tokens x_{t+2..t+K+1},
+      labels (B, P, K) tokens x_{t+2..t+K+1} (greedy[t+2..t+K+1] when given),
       label_mask (B, P, K) bool: label is a generated token inside the sequence.
     """
     B, T = ids.shape
@@ -105,7 +118,8 @@ def drafter_positions(ids: torch.Tensor, attn: torch.Tensor, loss_mask: torch.Te
     in_idx = pos.unsqueeze(-1) + 1 + offs  # (B, P, K)
     lab_idx = in_idx + 1
     inputs = ids_p.gather(1, in_idx.view(B, -1)).view(B, P, K)
-    labels = ids_p.gather(1, lab_idx.view(B, -1)).view(B, P, K)
+    label_src = ids_p if greedy is None else F.pad(greedy, (0, pad))
+    labels = label_src.gather(1, lab_idx.view(B, -1)).view(B, P, K)
     label_mask = lm_p.gather(1, lab_idx.view(B, -1)).view(B, P, K) & valid.unsqueeze(-1)
     # Stop at the first non-generated label (teacher forcing must not cross into a new user turn).
     label_mask = torch.cumprod(label_mask.to(torch.int8), dim=-1).bool()
@@ -123,17 +137,17 @@ def _vocab_index(drafter: Drafter, vocab_size: int, device: torch.device) -> tor
 
 def batch_loss(target: Target, drafter: Any, raw: Drafter, ids: torch.Tensor, attn: torch.Tensor, loss_mask: torch.Tensor,
                K: int, per_seq: int | None, generator: torch.Generator | None, kl_weight: float = 0.0,
-               compare_target_argmax: bool = False, hidden: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               compare_target_argmax: bool = False, hidden: torch.Tensor | None = None,
+               greedy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One batch: target forward (no grad; skipped when cached `hidden` (B, T, H) is given),
-    drafter on sampled positions.
+    drafter on sampled positions; labels from `greedy` (B, T) when given (drafter_positions).
 
     Returns (loss, stats) where stats holds per-step `correct` (K,), `count` (K,)
     and `loss_sum` (K,) for agreement and loss reporting. `drafter` may be the
     accelerate-wrapped module; `raw` is the unwrapped Drafter.
     """
     device = target.device
-    pos, inputs, labels, label_mask = drafter_positions(ids, attn, loss_mask, K, per_seq, generator)
+    pos, inputs, labels, label_mask = drafter_positions(ids, attn, loss_mask, K, per_seq, generator, greedy)
     ids, attn = ids.to(device), attn.to(device)
     pos, inputs, labels, label_mask = pos.to(device), inputs.to(device), labels.to(device), label_mask.to(device)
     with torch.no_grad():
@@ -143,11 +157,16 @@ def batch_loss(target: Target, drafter: Any, raw: Drafter, ids: torch.Tensor, at
             hidden = hidden.to(device=device, dtype=target.compute_dtype)
         H = hidden.shape[-1]
         h = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, H))  # (B, P, H)
-        need_target = kl_weight > 0 or compare_target_argmax
+        # Sampled answers without cached greedy labels (-1) take the target's argmax there.
+        unlabelled = (labels < 0) & label_mask
+        need_target = kl_weight > 0 or compare_target_argmax or bool(unlabelled.any())
         if need_target:
             # The target's distribution for x_{t+2+k} comes from its hidden state at t+1+k.
             tpos = (pos.unsqueeze(-1) + 1 + torch.arange(K, device=device)).clamp_max(hidden.shape[1] - 1)
             th = hidden.gather(1, tpos.view(tpos.shape[0], -1, 1).expand(-1, -1, H)).view(*tpos.shape, H)
+        if unlabelled.any():
+            labels = torch.where(unlabelled, target.logits(th).argmax(-1), labels)
+        labels = labels.clamp_min(0)  # -1 left only where label_mask is False
     logits = drafter(h.to(raw.rnn_w.weight.dtype), inputs).float()  # (B, P, K, V_d)
     vocab_index = _vocab_index(raw, target.vocab_size, device)
     target_ids = labels if vocab_index is None else vocab_index[labels]
@@ -205,10 +224,10 @@ def evaluate(target: Target, drafter: Drafter, examples: list[dict], K: int, bat
     labelled = torch.zeros(K)
     loss_sum = torch.zeros(K)
     for i in range(0, len(examples), batch_size):
-        ids, attn, mask, hidden = collate(examples[i : i + batch_size], max_len)
+        ids, attn, mask, hidden, greedy = collate(examples[i : i + batch_size], max_len)
         gen = torch.Generator().manual_seed(12_345 + i) if positions_per_sequence else None
         _, s = batch_loss(target, drafter, drafter, ids, attn, mask, K, positions_per_sequence, gen,
-                          compare_target_argmax=compare_target_argmax, hidden=hidden)
+                          compare_target_argmax=compare_target_argmax, hidden=hidden, greedy=greedy)
         correct += s["correct"].cpu()
         count += s["count"].cpu()
         labelled += s["labelled"].cpu()
@@ -287,6 +306,7 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
     batches_per_epoch = max(1, math.ceil(len(train_set) / cfg.batch_size))
     per_process = max(1, batches_per_epoch // world)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_process / cfg.grad_accum))
+    drafter.dropout = cfg.dropout
     decay = [p for n, p in drafter.named_parameters() if p.dim() > 1]
     no_decay = [p for n, p in drafter.named_parameters() if p.dim() <= 1]
     optimizer = torch.optim.AdamW(
@@ -317,11 +337,11 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
                 order = epoch_order(len(train_set), epoch, cfg.seed)
                 b = j * world + rank
                 idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size] or order[: cfg.batch_size]
-                ids, attn, mask, hidden = collate([train_set[i] for i in idx], cfg.max_seq_len)
+                ids, attn, mask, hidden, greedy = collate([train_set[i] for i in idx], cfg.max_seq_len)
                 gen = torch.Generator().manual_seed(cfg.seed * 7_919 + g * 31 + rank)
                 with acc.autocast():
                     loss, stats = batch_loss(target, model, drafter, ids, attn, mask, K, cfg.positions_per_sequence, gen,
-                                             kl_weight=cfg.kl_weight, hidden=hidden)
+                                             kl_weight=cfg.kl_weight, hidden=hidden, greedy=greedy)
                 acc.backward(loss / cfg.grad_accum)
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0) + v.float().cpu()
@@ -346,6 +366,8 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
             state.seconds = time.perf_counter() - start
             save_checkpoint(out, drafter, optimizer, scheduler, state)
         raise
+    finally:
+        drafter.dropout = 0.0
     emit({"event": "done", "step": state.step, "seconds": state.seconds, "best_step": state.best_step,
           "best_agreement": state.best_agreement})
     return state
