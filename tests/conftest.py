@@ -81,3 +81,28 @@ def tiny_chat_llama(hidden_size: int = 32, layers: int = 2, seed: int = 0, max_p
     base = tiny_llama(vocab_size=len(tok), hidden_size=hidden_size, layers=layers, seed=seed,
                       eos_token_id=tok.eos_token_id, max_positions=max_positions)
     return Target(base.model, tok, name="tiny-chat-llama")
+
+
+def tiny_recipe(data: dict | None = None, max_steps: int = 3, every: int = 2):
+    """A distillation recipe sized for tiny targets: 10 built-in conversations (2 held out), short answers."""
+    from redraft_cli.distill.recipe import recipe_from_dict
+
+    return recipe_from_dict({
+        "name": "tiny",
+        "data": {"num_prompts": 10, "held_out": 2, "max_new_tokens": 8, "gen_batch_size": 4, "shard_size": 4,
+                 "cache_hidden": True, **(data or {})},
+        "drafter": {"head": "tied", "num_layers": 1, "predict_tokens": 2},
+        "train": {"max_steps": max_steps, "batch_size": 4, "eval_every": every, "save_every": every,
+                  "positions_per_sequence": 4},
+        "eval": {"bench_prompts": 1, "bench_max_new_tokens": 6},
+        "beam": {"width": 2, "length": 3},
+    })
+
+
+def distill_events(recipe, target, tmp_path, out: str = "out", **kw) -> tuple[list[dict], dict]:
+    """Run the distillation pipeline (no bench) with its data in tmp_path/data; returns (events, data_done event)."""
+    from redraft_cli.distill.pipeline import distill
+
+    events: list[dict] = []
+    distill(recipe, tmp_path / out, on_event=events.append, target=target, data_dir=tmp_path / "data", bench=False, **kw)
+    return events, next(e for e in events if e["event"] == "data_done")

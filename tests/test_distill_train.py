@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_chat_llama, tiny_llama
+from conftest import distill_events, tiny_chat_llama, tiny_llama, tiny_recipe
 from redraft_cli.distill.recipe import Recipe, TrainSection, load_recipe, recipe_from_dict
 from redraft_cli.distill.train import collate, drafter_positions, evaluate, train_drafter
 from redraft_cli.drafter import Drafter
@@ -123,15 +123,7 @@ def test_distill_pipeline_end_to_end(tmp_path):
     from redraft_cli.distill.pipeline import distill
 
     target = tiny_chat_llama(seed=2)
-    recipe = recipe_from_dict({
-        "name": "tiny",
-        "data": {"num_prompts": 10, "held_out": 2, "max_new_tokens": 8, "gen_batch_size": 4, "shard_size": 4,
-                 "cache_hidden": True},
-        "drafter": {"head": "tied", "num_layers": 1, "predict_tokens": 2},
-        "train": {"max_steps": 3, "batch_size": 4, "eval_every": 2, "save_every": 2, "positions_per_sequence": 4},
-        "eval": {"bench_prompts": 1, "bench_max_new_tokens": 6},
-        "beam": {"width": 2, "length": 3},
-    })
+    recipe = tiny_recipe()
     events = []
     result = distill(recipe, tmp_path / "out", on_event=events.append, target=target, data_dir=tmp_path / "data")
     out = result.out
@@ -290,21 +282,9 @@ def test_hidden_cache_stores_the_targets_greedy_token_per_position_and_training_
 def test_distill_pipeline_with_sampled_answers(tmp_path):
     """data.sampled_answers: sampled answers to the training conversations join the training set,
     labelled with the target's greedy tokens; held-out conversations never get any."""
-    from redraft_cli.distill.pipeline import distill
-
     target = tiny_chat_llama(seed=2)
-    recipe = recipe_from_dict({
-        "name": "tiny",
-        "data": {"num_prompts": 10, "held_out": 2, "max_new_tokens": 8, "gen_batch_size": 4, "shard_size": 4,
-                 "cache_hidden": True, "sampled_answers": 1, "sampled_prompts": 5, "sampled_max_new_tokens": 6},
-        "drafter": {"head": "tied", "num_layers": 1, "predict_tokens": 2},
-        "train": {"max_steps": 3, "batch_size": 4, "eval_every": 3, "save_every": 3, "positions_per_sequence": 4},
-        "eval": {"bench_prompts": 1, "bench_max_new_tokens": 6},
-        "beam": {"width": 2, "length": 3},
-    })
-    events = []
-    distill(recipe, tmp_path / "out", on_event=events.append, target=target, data_dir=tmp_path / "data", bench=False)
-    done = next(e for e in events if e["event"] == "data_done")
+    recipe = tiny_recipe({"sampled_answers": 1, "sampled_prompts": 5, "sampled_max_new_tokens": 6}, every=3)
+    events, done = distill_events(recipe, target, tmp_path)
     assert (done["train"], done["sampled"], done["held_out"]) == (8, 5, 2)
     sampled_dirs = list((tmp_path / "data").glob("sampled-*"))
     assert len(sampled_dirs) == 1
@@ -314,10 +294,9 @@ def test_distill_pipeline_with_sampled_answers(tmp_path):
     hidden_manifest = json.loads(next(sampled_dirs[0].glob("hidden-*/manifest.json")).read_text())
     assert hidden_manifest["greedy"] is True
     # A second run with the same data settings finds every shard it needs: no generation at all.
-    events.clear()
-    distill(recipe, tmp_path / "out2", on_event=events.append, target=target, data_dir=tmp_path / "data", bench=False)
+    events, done = distill_events(recipe, target, tmp_path, out="out2")
     assert not [e for e in events if e["event"] in ("data_start", "data")]
-    assert next(e for e in events if e["event"] == "data_done")["sampled"] == 5
+    assert done["sampled"] == 5
     with pytest.raises(BadInputError, match="sampled_temperature"):
         recipe_from_dict({"data": {"sampled_answers": 1, "sampled_temperature": 0}})
 

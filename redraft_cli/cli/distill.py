@@ -35,6 +35,7 @@ def distill(
     predict_tokens: Annotated[Optional[int], typer.Option(help="Tokens the drafter learns to predict (beam length - 1).")] = None,
     draft_vocab: Annotated[Optional[int], typer.Option(help="Score only the N most frequent tokens of the data.")] = None,
     sampled_answers: Annotated[Optional[int], typer.Option(help="Sampled answers per training conversation, beside the greedy one (labelled with the target's greedy tokens).")] = None,
+    written_prompts: Annotated[Optional[int], typer.Option(help="The target also writes N user prompts and answers them.")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout in the drafter while training.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
     no_bench: Annotated[bool, typer.Option("--no-bench", help="Skip the short bench on held-out prompts at the end.")] = False,
@@ -53,7 +54,8 @@ def distill(
         ("train", "max_steps"): max_steps, ("train", "epochs"): epochs, ("train", "batch_size"): batch_size,
         ("train", "lr"): lr, ("drafter", "head"): head, ("drafter", "num_layers"): num_layers,
         ("drafter", "predict_tokens"): predict_tokens, ("drafter", "draft_vocab_size"): draft_vocab,
-        ("data", "sampled_answers"): sampled_answers, ("train", "dropout"): dropout,
+        ("data", "sampled_answers"): sampled_answers, ("data", "written_prompts"): written_prompts,
+        ("train", "dropout"): dropout,
         ("target", "dtype"): dtype, ("target", "quantize"): quantize,
     }
     for (section, name), value in overrides.items():
@@ -112,6 +114,10 @@ class _DistillView:
             t = self._task(f"data {which}", label, e["total"])
             self.progress.update(t, completed=e["done"], total=e["total"], info=f"{e['tokens']:,} tokens")
             self._log(f"data {which}", e["done"], 64, f"{label}: {e['done']}/{e['total']} conversations, {e['tokens']:,} tokens")
+        elif kind == "writing":
+            t = self._task("writing", "prompts written by the target", e["total"])
+            self.progress.update(t, completed=e["done"], total=e["total"])
+            self._log("writing", e["done"], 64, f"prompts written by the target: {e['done']}/{e['total']}")
         elif kind == "hidden":
             t = self._task("hidden", "caching hidden states", e["total"])
             self.progress.update(t, completed=e["done"], total=e["total"])
@@ -120,7 +126,8 @@ class _DistillView:
             err.print(f"[yellow]note:[/] training on the data generated so far ({e['done']} of {e['total']} "
                       f"conversations in {e['dir']}); a run without --no-generate resumes generating the rest")
         elif kind == "data_done":
-            sampled = f" (+{e['sampled']} sampled answers)" if e.get("sampled") else ""
+            sampled = "".join(f" (+{e[k]} {what})" for k, what in (("sampled", "sampled answers"),
+                                                                  ("written", "prompts the target wrote")) if e.get(k))
             err.print(f"data: {e['train']} training{sampled} and {e['held_out']} held-out conversations, "
                       f"{e['train_tokens']:,} target tokens to learn")
         elif kind == "draft_vocab":

@@ -34,6 +34,7 @@ from ..target import Target, TargetSpec, _hub_reachable, cache_dir, load_target
 from .hidden_cache import attach_hidden, build_hidden_cache
 from .data import GenerationConfig, conversations_sha256, generate_dataset, load_dataset, read_manifest
 from .recipe import Recipe
+from .written import PROMPTS as WRITTEN_PROMPTS, STATE as WRITTEN_STATE, WritingConfig, write_prompts
 from .templates import apply_chat_template_override
 from .train import train_drafter
 
@@ -145,9 +146,10 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     if d.cache_hidden:
         _attach_hidden_states(target, examples, data_dir, recipe, emit, greedy=False)
     sampled = _sampled_answers(target, recipe, convs[d.held_out:], gen_cfg, data_dir, t.max_steps, generate, emit)
-    train_set += sampled
-    emit({"event": "data_done", "train": len(train_set) - len(sampled), "sampled": len(sampled), "held_out": len(held),
-          "train_tokens": sum(int(e["loss_mask"].sum()) for e in train_set)})
+    written = _written_prompts(target, recipe, gen_cfg, data_dir, t.max_steps, generate, emit)
+    emit({"event": "data_done", "train": len(train_set), "sampled": len(sampled), "written": len(written),
+          "held_out": len(held), "train_tokens": sum(int(e["loss_mask"].sum()) for e in train_set + sampled + written)})
+    train_set += sampled + written
 
     # 2. The drafter, then training.
     dr = recipe.drafter
@@ -253,6 +255,40 @@ def _sampled_answers(target: Target, recipe: Recipe, train_convs: list[list[str]
             for e in found:
                 e["greedy"] = torch.full_like(e["input_ids"], -1)
         examples += found
+    return examples
+
+
+def _written_prompts(target: Target, recipe: Recipe, gen_cfg: GenerationConfig, data_dir: Path,
+                     max_steps: int | None, generate: bool, emit: EventFn) -> list[dict]:
+    """data.written_prompts: prompts the target writes (written.py), answered like the recipe's own.
+    Prompts, answer shards and their hidden states live in data_dir/written-KEY/."""
+    d = recipe.data
+    if not d.written_prompts:
+        return []
+    wcfg = WritingConfig(count=d.written_prompts, temperature=d.written_temperature, batch_size=d.gen_batch_size,
+                         seed=d.seed, system=d.system)
+    key = hashlib.sha256(json.dumps([wcfg.fingerprint(), gen_cfg.fingerprint()], sort_keys=True).encode()).hexdigest()[:10]
+    wdir = data_dir / f"written-{key}"
+    shipped = Path(str(resources.files("redraft_cli") / "data" / "distill" / f"{recipe.name}-written"))
+    if (shipped / WRITTEN_PROMPTS).is_file() and not (wdir / WRITTEN_PROMPTS).is_file():
+        wdir.mkdir(parents=True, exist_ok=True)
+        for name in (WRITTEN_PROMPTS, WRITTEN_STATE):
+            shutil.copyfile(shipped / name, wdir / name)
+    shards = -(-d.written_prompts // d.shard_size)
+    if max_steps:  # a short run answers only as many as it has steps for (but the prompt set is written whole)
+        shards = min(shards, -(-max_steps * recipe.train.batch_size * recipe.train.grad_accum // d.shard_size))
+    if generate:
+        emit({"event": "writing_start", "prompts": d.written_prompts, "dir": str(wdir)})
+        prompts = write_prompts(target, wdir, wcfg,
+                                progress=lambda kept, wanted: emit({"event": "writing", "done": kept, "total": wanted}))
+    elif (wdir / WRITTEN_STATE).is_file() and json.loads((wdir / WRITTEN_STATE).read_text()).get("kept", 0) >= d.written_prompts:
+        prompts = [c[0] for c in load_conversations(wdir / WRITTEN_PROMPTS)][: d.written_prompts]
+    else:
+        return []  # --no-generate before the prompt set is whole: the answers would not match it
+    examples = _answers(target, f"{recipe.name}-written", [[p] for p in prompts], wdir, gen_cfg, shards, generate, emit,
+                        "written prompts", required=False)
+    if d.cache_hidden:
+        _attach_hidden_states(target, examples, wdir, recipe, emit, greedy=False)
     return examples
 
 

@@ -58,12 +58,17 @@ class DataSection:
     sampled_temperature: float = 0.7
     sampled_top_p: float = 0.95
     sampled_max_new_tokens: int | None = None  # None: max_new_tokens
+    # Prompts the target writes itself (written.py), answered like the others: more varied conversations.
+    written_prompts: int = 0
+    written_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.sampled_answers < 0 or (self.sampled_prompts is not None and self.sampled_prompts < 1):
             raise BadInputError("data.sampled_answers must be >= 0 and data.sampled_prompts >= 1 (or null)")
         if self.sampled_answers and not self.sampled_temperature > 0:
             raise BadInputError("data.sampled_temperature must be > 0 (the greedy answer is there already)")
+        if self.written_prompts < 0 or (self.written_prompts and not self.written_temperature > 0):
+            raise BadInputError("data.written_prompts must be >= 0 and data.written_temperature > 0")
 
 
 @dataclass
