@@ -228,6 +228,21 @@ def _has_shards(manifest: dict | None, max_shards: int | None) -> bool:
     return max_shards is not None and all(i in done for i in range(min(max_shards, int(manifest["num_shards"]))))
 
 
+def _shards_to_answer(recipe: Recipe, conversations: int, max_steps: int | None) -> int:
+    """Shards of an extra answer set to generate: all of them, or for a short run only as many
+    conversations as it has steps for."""
+    d, t = recipe.data, recipe.train
+    shards = -(-conversations // d.shard_size)
+    if max_steps:
+        shards = min(shards, -(-max_steps * t.batch_size * t.grad_accum // d.shard_size))
+    return shards
+
+
+def _settings_key(settings: Any) -> str:
+    """A short stable name for a data set's settings (JSON-able)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def _sampled_answers(target: Target, recipe: Recipe, train_convs: list[list[str]], gen_cfg: GenerationConfig,
                      data_dir: Path, max_steps: int | None, generate: bool, emit: EventFn) -> list[dict]:
     """The recipe's sampled answers to the training conversations (data.sampled_*), every example
@@ -237,15 +252,12 @@ def _sampled_answers(target: Target, recipe: Recipe, train_convs: list[list[str]
     if not d.sampled_answers:
         return []
     n = min(len(train_convs), d.sampled_prompts or len(train_convs))
-    shards = -(-n // d.shard_size)
-    if max_steps:  # a short run: only as many conversations as it has steps for
-        shards = min(shards, -(-max_steps * recipe.train.batch_size * recipe.train.grad_accum // d.shard_size))
+    shards = _shards_to_answer(recipe, n, max_steps)
     examples: list[dict] = []
     for s in range(1, d.sampled_answers + 1):
         cfg = replace(gen_cfg, temperature=d.sampled_temperature, top_p=d.sampled_top_p, seed=d.seed + s,
                       max_new_tokens=d.sampled_max_new_tokens or d.max_new_tokens)
-        key = hashlib.sha256(json.dumps(cfg.fingerprint(), sort_keys=True).encode()).hexdigest()[:10]
-        sdir = data_dir / f"sampled-{key}"
+        sdir = data_dir / f"sampled-{_settings_key(cfg.fingerprint())}"
         found = _answers(target, f"{recipe.name}-sampled-{s}", train_convs, sdir, cfg, shards, generate, emit,
                          f"sampled answers {s}", required=False)
         found = [e for e in found if e["conv_index"] < n]
@@ -267,16 +279,13 @@ def _written_prompts(target: Target, recipe: Recipe, gen_cfg: GenerationConfig, 
         return []
     wcfg = WritingConfig(count=d.written_prompts, temperature=d.written_temperature, batch_size=d.gen_batch_size,
                          seed=d.seed, system=d.system)
-    key = hashlib.sha256(json.dumps([wcfg.fingerprint(), gen_cfg.fingerprint()], sort_keys=True).encode()).hexdigest()[:10]
-    wdir = data_dir / f"written-{key}"
+    wdir = data_dir / f"written-{_settings_key([wcfg.fingerprint(), gen_cfg.fingerprint()])}"
     shipped = Path(str(resources.files("redraft_cli") / "data" / "distill" / f"{recipe.name}-written"))
     if (shipped / WRITTEN_PROMPTS).is_file() and not (wdir / WRITTEN_PROMPTS).is_file():
         wdir.mkdir(parents=True, exist_ok=True)
         for name in (WRITTEN_PROMPTS, WRITTEN_STATE):
             shutil.copyfile(shipped / name, wdir / name)
-    shards = -(-d.written_prompts // d.shard_size)
-    if max_steps:  # a short run answers only as many as it has steps for (but the prompt set is written whole)
-        shards = min(shards, -(-max_steps * recipe.train.batch_size * recipe.train.grad_accum // d.shard_size))
+    shards = _shards_to_answer(recipe, d.written_prompts, max_steps)  # (the prompt set is written whole)
     if generate:
         emit({"event": "writing_start", "prompts": d.written_prompts, "dir": str(wdir)})
         prompts = write_prompts(target, wdir, wcfg,
@@ -305,8 +314,8 @@ def _attach_hidden_states(target: Target, examples: list[dict], data_dir: Path, 
 
 def default_data_dir(recipe: Recipe, model_name: str, convs: list[list[str]], gen_cfg: GenerationConfig) -> Path:
     """Data is cached per (recipe, model, generation settings, prompts) and shared by all runs of them."""
-    key = json.dumps({"model": model_name, "gen": gen_cfg.fingerprint(), "convs": conversations_sha256(convs)}, sort_keys=True)
-    return cache_dir() / "distill-data" / f"{recipe.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    key = _settings_key({"model": model_name, "gen": gen_cfg.fingerprint(), "convs": conversations_sha256(convs)})
+    return cache_dir() / "distill-data" / f"{recipe.name}-{key}"
 
 
 def seed_from_package(name: str, data_dir: Path) -> None:

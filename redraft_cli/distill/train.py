@@ -159,12 +159,13 @@ def batch_loss(target: Target, drafter: Any, raw: Drafter, ids: torch.Tensor, at
         h = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, H))  # (B, P, H)
         # Sampled answers without cached greedy labels (-1) take the target's argmax there.
         unlabelled = (labels < 0) & label_mask
-        need_target = kl_weight > 0 or compare_target_argmax or bool(unlabelled.any())
+        relabel = bool(unlabelled.any())
+        need_target = kl_weight > 0 or compare_target_argmax or relabel
         if need_target:
             # The target's distribution for x_{t+2+k} comes from its hidden state at t+1+k.
             tpos = (pos.unsqueeze(-1) + 1 + torch.arange(K, device=device)).clamp_max(hidden.shape[1] - 1)
             th = hidden.gather(1, tpos.view(tpos.shape[0], -1, 1).expand(-1, -1, H)).view(*tpos.shape, H)
-        if unlabelled.any():
+        if relabel:
             labels = torch.where(unlabelled, target.logits(th).argmax(-1), labels)
         labels = labels.clamp_min(0)  # -1 left only where label_mask is False
     logits = drafter(h.to(raw.rnn_w.weight.dtype), inputs).float()  # (B, P, K, V_d)
