@@ -301,6 +301,21 @@ def test_distill_pipeline_with_sampled_answers(tmp_path):
         recipe_from_dict({"data": {"sampled_answers": 1, "sampled_temperature": 0}})
 
 
+def test_short_run_computes_the_extra_sets_hidden_states_while_training(tmp_path):
+    """A run shorter than one pass over the greedy set sees each sampled answer about once: no
+    cache for them (their greedy labels come from the target during training); the greedy set and
+    the held-out slice keep theirs."""
+    target = tiny_chat_llama(seed=2)
+    recipe = tiny_recipe({"sampled_answers": 1, "sampled_prompts": 5, "sampled_max_new_tokens": 6}, max_steps=1)
+    events, done = distill_events(recipe, target, tmp_path)
+    assert done["sampled"] == 4  # the shard a 1-step run needs
+    sampled_dir = next((tmp_path / "data").glob("sampled-*"))
+    assert not list(sampled_dir.glob("hidden-*"))
+    assert list((tmp_path / "data").glob("hidden-*/manifest.json"))
+    assert [e["examples"] for e in events if e["event"] == "hidden_start"] == [8]
+    assert any(e["event"] == "finished" for e in events)
+
+
 def test_dropout_acts_only_while_training_and_is_reset_after(tmp_path):
     target = tiny_llama(vocab_size=64, seed=5)
     d = Drafter.for_target(target, seed=0)

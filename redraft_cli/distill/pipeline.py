@@ -145,8 +145,12 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     train_set = [e for e in examples if e["conv_index"] >= d.held_out]
     if d.cache_hidden:
         _attach_hidden_states(target, examples, data_dir, recipe, emit, greedy=False)
-    sampled = _sampled_answers(target, recipe, convs[d.held_out:], gen_cfg, data_dir, t.max_steps, generate, emit)
-    written = _written_prompts(target, recipe, gen_cfg, data_dir, t.max_steps, generate, emit)
+    # The extra sets are sized for the run: when it is shorter than one pass over the greedy set, each
+    # extra example is seen about once, and one forward while training costs no more than caching it.
+    cache_extra = d.cache_hidden and (not t.max_steps or t.max_steps * t.batch_size * t.grad_accum > len(train_set))
+    sampled = _sampled_answers(target, recipe, convs[d.held_out:], gen_cfg, data_dir, t.max_steps, generate, emit,
+                               cache_extra)
+    written = _written_prompts(target, recipe, gen_cfg, data_dir, t.max_steps, generate, emit, cache_extra)
     emit({"event": "data_done", "train": len(train_set), "sampled": len(sampled), "written": len(written),
           "held_out": len(held), "train_tokens": sum(int(e["loss_mask"].sum()) for e in train_set + sampled + written)})
     train_set += sampled + written
@@ -244,7 +248,8 @@ def _settings_key(settings: Any) -> str:
 
 
 def _sampled_answers(target: Target, recipe: Recipe, train_convs: list[list[str]], gen_cfg: GenerationConfig,
-                     data_dir: Path, max_steps: int | None, generate: bool, emit: EventFn) -> list[dict]:
+                     data_dir: Path, max_steps: int | None, generate: bool, emit: EventFn,
+                     cache: bool) -> list[dict]:
     """The recipe's sampled answers to the training conversations (data.sampled_*), every example
     carrying `greedy`: the target's greedy token per position (from the hidden-state cache, or
     -1 = computed from the target during training). They live in data_dir/sampled-KEY/."""
@@ -261,7 +266,7 @@ def _sampled_answers(target: Target, recipe: Recipe, train_convs: list[list[str]
         found = _answers(target, f"{recipe.name}-sampled-{s}", train_convs, sdir, cfg, shards, generate, emit,
                          f"sampled answers {s}", required=False)
         found = [e for e in found if e["conv_index"] < n]
-        if d.cache_hidden:
+        if cache:
             _attach_hidden_states(target, found, sdir, recipe, emit, greedy=True)
         else:
             for e in found:
@@ -271,7 +276,7 @@ def _sampled_answers(target: Target, recipe: Recipe, train_convs: list[list[str]
 
 
 def _written_prompts(target: Target, recipe: Recipe, gen_cfg: GenerationConfig, data_dir: Path,
-                     max_steps: int | None, generate: bool, emit: EventFn) -> list[dict]:
+                     max_steps: int | None, generate: bool, emit: EventFn, cache: bool) -> list[dict]:
     """data.written_prompts: prompts the target writes (written.py), answered like the recipe's own.
     Prompts, answer shards and their hidden states live in data_dir/written-KEY/."""
     d = recipe.data
@@ -296,7 +301,7 @@ def _written_prompts(target: Target, recipe: Recipe, gen_cfg: GenerationConfig, 
         return []  # --no-generate before the prompt set is whole: the answers would not match it
     examples = _answers(target, f"{recipe.name}-written", [[p] for p in prompts], wdir, gen_cfg, shards, generate, emit,
                         "written prompts", required=False)
-    if d.cache_hidden:
+    if cache:
         _attach_hidden_states(target, examples, wdir, recipe, emit, greedy=False)
     return examples
 
