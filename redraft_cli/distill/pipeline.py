@@ -134,12 +134,11 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
                                top_p=d.top_p, seed=d.seed, shard_size=d.shard_size, system=d.system,
                                max_prompt_tokens=d.max_prompt_tokens)
     data_dir = Path(data_dir) if data_dir else default_data_dir(recipe, target.name, convs, gen_cfg)
-    t = recipe.train
+    seen = _sequences_seen(recipe)
     max_shards = None
-    if t.max_steps:
+    if seen is not None:
         # A short run needs only the held-out slice and max_steps batches: generate just those shards.
-        needed = d.held_out + t.max_steps * t.batch_size * t.grad_accum
-        max_shards = -(-needed // d.shard_size)
+        max_shards = -(-(d.held_out + seen) // d.shard_size)
     examples = _answers(target, recipe.name, convs, data_dir, gen_cfg, max_shards, generate, emit, "greedy")
     held = [e for e in examples if e["conv_index"] < d.held_out]
     train_set = [e for e in examples if e["conv_index"] >= d.held_out]
@@ -147,10 +146,9 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         _attach_hidden_states(target, examples, data_dir, recipe, emit, greedy=False)
     # The extra sets are sized for the run: when it is shorter than one pass over the greedy set, each
     # extra example is seen about once, and one forward while training costs no more than caching it.
-    cache_extra = d.cache_hidden and (not t.max_steps or t.max_steps * t.batch_size * t.grad_accum > len(train_set))
-    sampled = _sampled_answers(target, recipe, convs[d.held_out:], gen_cfg, data_dir, t.max_steps, generate, emit,
-                               cache_extra)
-    written = _written_prompts(target, recipe, gen_cfg, data_dir, t.max_steps, generate, emit, cache_extra)
+    cache_extra = d.cache_hidden and (seen is None or seen > len(train_set))
+    sampled = _sampled_answers(target, recipe, convs[d.held_out:], gen_cfg, data_dir, generate, emit, cache_extra)
+    written = _written_prompts(target, recipe, gen_cfg, data_dir, generate, emit, cache_extra)
     emit({"event": "data_done", "train": len(train_set), "sampled": len(sampled), "written": len(written),
           "held_out": len(held), "train_tokens": sum(int(e["loss_mask"].sum()) for e in train_set + sampled + written)})
     train_set += sampled + written
@@ -232,14 +230,23 @@ def _has_shards(manifest: dict | None, max_shards: int | None) -> bool:
     return max_shards is not None and all(i in done for i in range(min(max_shards, int(manifest["num_shards"]))))
 
 
-def _shards_to_answer(recipe: Recipe, conversations: int, max_steps: int | None) -> int:
+def _sequences_seen(recipe: Recipe) -> int | None:
+    """Training sequences a run with train.max_steps visits; None: the whole schedule."""
+    t = recipe.train
+    return t.max_steps * t.batch_size * t.grad_accum if t.max_steps else None
+
+
+def _shards_to_answer(recipe: Recipe, conversations: int) -> int:
     """Shards of an extra answer set to generate: all of them, or for a short run only as many
     conversations as it has steps for."""
-    d, t = recipe.data, recipe.train
-    shards = -(-conversations // d.shard_size)
-    if max_steps:
-        shards = min(shards, -(-max_steps * t.batch_size * t.grad_accum // d.shard_size))
-    return shards
+    shards = -(-conversations // recipe.data.shard_size)
+    seen = _sequences_seen(recipe)
+    return shards if seen is None else min(shards, -(-seen // recipe.data.shard_size))
+
+
+def _shipped_data(name: str) -> Path:
+    """The package's directory of distillation data `name` (it may not exist)."""
+    return Path(str(resources.files("redraft_cli") / "data" / "distill" / name))
 
 
 def _settings_key(settings: Any) -> str:
@@ -248,8 +255,7 @@ def _settings_key(settings: Any) -> str:
 
 
 def _sampled_answers(target: Target, recipe: Recipe, train_convs: list[list[str]], gen_cfg: GenerationConfig,
-                     data_dir: Path, max_steps: int | None, generate: bool, emit: EventFn,
-                     cache: bool) -> list[dict]:
+                     data_dir: Path, generate: bool, emit: EventFn, cache: bool) -> list[dict]:
     """The recipe's sampled answers to the training conversations (data.sampled_*), every example
     carrying `greedy`: the target's greedy token per position (from the hidden-state cache, or
     -1 = computed from the target during training). They live in data_dir/sampled-KEY/."""
@@ -257,7 +263,7 @@ def _sampled_answers(target: Target, recipe: Recipe, train_convs: list[list[str]
     if not d.sampled_answers:
         return []
     n = min(len(train_convs), d.sampled_prompts or len(train_convs))
-    shards = _shards_to_answer(recipe, n, max_steps)
+    shards = _shards_to_answer(recipe, n)
     examples: list[dict] = []
     for s in range(1, d.sampled_answers + 1):
         cfg = replace(gen_cfg, temperature=d.sampled_temperature, top_p=d.sampled_top_p, seed=d.seed + s,
@@ -276,7 +282,7 @@ def _sampled_answers(target: Target, recipe: Recipe, train_convs: list[list[str]
 
 
 def _written_prompts(target: Target, recipe: Recipe, gen_cfg: GenerationConfig, data_dir: Path,
-                     max_steps: int | None, generate: bool, emit: EventFn, cache: bool) -> list[dict]:
+                     generate: bool, emit: EventFn, cache: bool) -> list[dict]:
     """data.written_prompts: prompts the target writes (written.py), answered like the recipe's own.
     Prompts, answer shards and their hidden states live in data_dir/written-KEY/."""
     d = recipe.data
@@ -285,12 +291,12 @@ def _written_prompts(target: Target, recipe: Recipe, gen_cfg: GenerationConfig, 
     wcfg = WritingConfig(count=d.written_prompts, temperature=d.written_temperature, batch_size=d.gen_batch_size,
                          seed=d.seed, system=d.system)
     wdir = data_dir / f"written-{_settings_key([wcfg.fingerprint(), gen_cfg.fingerprint()])}"
-    shipped = Path(str(resources.files("redraft_cli") / "data" / "distill" / f"{recipe.name}-written"))
+    shipped = _shipped_data(f"{recipe.name}-written")
     if (shipped / WRITTEN_PROMPTS).is_file() and not (wdir / WRITTEN_PROMPTS).is_file():
         wdir.mkdir(parents=True, exist_ok=True)
         for name in (WRITTEN_PROMPTS, WRITTEN_STATE):
             shutil.copyfile(shipped / name, wdir / name)
-    shards = _shards_to_answer(recipe, d.written_prompts, max_steps)  # (the prompt set is written whole)
+    shards = _shards_to_answer(recipe, d.written_prompts)  # (the prompt set is written whole)
     if generate:
         emit({"event": "writing_start", "prompts": d.written_prompts, "dir": str(wdir)})
         prompts = write_prompts(target, wdir, wcfg,
@@ -325,7 +331,7 @@ def default_data_dir(recipe: Recipe, model_name: str, convs: list[list[str]], ge
 
 def seed_from_package(name: str, data_dir: Path) -> None:
     """Copy the data shipped in the package for recipe `name` into data_dir when it holds more shards."""
-    shipped = Path(str(resources.files("redraft_cli") / "data" / "distill" / name))
+    shipped = _shipped_data(name)
     ours, theirs = read_manifest(data_dir), read_manifest(shipped)
     if theirs is None:
         return
