@@ -213,6 +213,7 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
         "beam_length": d.beam_length,
         "lookup_beams": d.lookup_beams,
         "lookup_length": d.lookup_length or d.beam_length,
+        "datastore_beams": d.datastore_beams,
         "batch_size": B,
         "num_prompts": len(prompts),
         "max_new_tokens": d.max_new_tokens,

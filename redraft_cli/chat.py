@@ -56,6 +56,7 @@ SETTABLE = {
     "beam-length": ("beam_length", int),
     "lookup": ("lookup_beams", int),
     "lookup-length": ("lookup_length", int),
+    "datastore": ("datastore_beams", int),
     "max-new-tokens": ("max_new_tokens", int),
     "accept": ("accept", str),
     "temperature": ("temperature", float),
@@ -102,10 +103,7 @@ class ChatSession:
             new = replace(self.cfg, sampling=replace(self.cfg.sampling, **{attr: parsed}))
         else:
             new = replace(self.cfg, **{attr: parsed})
-        if self.gen.drafter is not None:
-            from .beam_search import check_beam_shape
-
-            check_beam_shape(new.beam_width, new.beam_length, self.gen.drafter.draft_vocab_size)
+        self.gen.check(new)
         self.cfg = new
         return f"{name} = {parsed}"
 

@@ -28,6 +28,7 @@ import torch
 
 from .beam_search import DraftBeams, check_beam_shape, draft_beams
 from .drafter import Drafter
+from .datastore import with_datastore_beams
 from .lookup import with_lookup_beams
 from .errors import BadInputError
 from .sampling import SamplingConfig, choose_tokens
@@ -53,6 +54,7 @@ class DecodeConfig:
     stop_on_eos: bool = True
     lookup_beams: int = 0  # extra beams copied from earlier context (lookup.py), beside the W drafted ones
     lookup_length: int = 0  # tokens per lookup beam, counting g0 (0: beam_length); may exceed beam_length
+    datastore_beams: int = 0  # extra beams from the drafter's datastore (datastore.py), lookup_length tokens long
 
     def __post_init__(self) -> None:
         if self.accept not in ACCEPT_RULES:
@@ -62,6 +64,8 @@ class DecodeConfig:
         check_beam_shape(self.beam_width, self.beam_length)
         if not 0 <= self.lookup_beams <= 16:
             raise BadInputError(f"--lookup must be between 0 and 16, got {self.lookup_beams}")
+        if not 0 <= self.datastore_beams <= 16:
+            raise BadInputError(f"--datastore must be between 0 and 16, got {self.datastore_beams}")
         if self.lookup_length != 0 and not 2 <= self.lookup_length <= MAX_LOOKUP_LENGTH:
             raise BadInputError(f"--lookup-length must be 0 (the beam length) or 2..{MAX_LOOKUP_LENGTH}, "
                                 f"got {self.lookup_length}")
@@ -70,8 +74,13 @@ class DecodeConfig:
 
     @property
     def tree_depth(self) -> int:
-        """Tokens in the longest beam of a step's tree (drafted or looked up), counting g0."""
-        return max(self.beam_length, self.lookup_length if self.lookup_beams else 0)
+        """Tokens in the longest beam of a step's tree (drafted or copied), counting g0."""
+        return max(self.beam_length, self.lookup_length if self.copied_beams else 0)
+
+    @property
+    def copied_beams(self) -> int:
+        """Beams copied rather than drafted: context lookup plus datastore."""
+        return self.lookup_beams + self.datastore_beams
 
 
 @dataclass
@@ -143,6 +152,14 @@ class Generator:
             drafter.attach(target.embed_weight, target.lm_head_weight)
         self.proposer = proposer or (DrafterProposer(drafter) if drafter is not None else None)
         self.cache: Any = None
+
+    def check(self, cfg: DecodeConfig) -> None:
+        """Raise BadInputError when ReDrafter decoding with `cfg` cannot run with this drafter."""
+        if self.drafter is not None:
+            check_beam_shape(cfg.beam_width, cfg.beam_length, self.drafter.draft_vocab_size)
+        if cfg.datastore_beams and getattr(self.drafter, "datastore", None) is None:
+            raise BadInputError("--datastore needs a drafter saved with a datastore (datastore.safetensors); "
+                                "this one has none: use --datastore 0")
 
     # -- shared pieces ----------------------------------------------------------
     def _generator(self, cfg: DecodeConfig) -> torch.Generator | None:
@@ -264,12 +281,12 @@ class Generator:
         """Speculative decoding of several prompts at once: one draft and one tree pass per step for all rows."""
         if self.proposer is None:
             raise BadInputError("ReDrafter decoding needs a drafter")
-        if self.drafter is not None:
-            check_beam_shape(cfg.beam_width, cfg.beam_length, self.drafter.draft_vocab_size)
+        self.check(cfg)
+        datastore = getattr(self.drafter, "datastore", None)
         t = self.target
         gen = self._generator(cfg)
         rows = _Rows(prompts)
-        h, g0, stats = self._prefill(prompts, cfg, gen, margin=(cfg.beam_width + cfg.lookup_beams) * cfg.tree_depth + 1)
+        h, g0, stats = self._prefill(prompts, cfg, gen, margin=(cfg.beam_width + cfg.copied_beams) * cfg.tree_depth + 1)
         out, keep = self._record(rows, stats, cfg)
         yield out
         h, g0 = self._drop_finished(rows, keep, h, g0)
@@ -282,9 +299,11 @@ class Generator:
             t0 = time.perf_counter()
             contexts = [rows.context[r] for r in rows.active]
             beams = self._propose(h, g0, cfg.beam_width, length, contexts)
+            copy_length = max(1, min(cfg.lookup_length or cfg.beam_length, budget, room))
             if cfg.lookup_beams:
-                lookup_length = max(1, min(cfg.lookup_length or cfg.beam_length, budget, room))
-                beams = with_lookup_beams(beams, contexts, cfg.lookup_beams, lookup_length)
+                beams = with_lookup_beams(beams, contexts, cfg.lookup_beams, copy_length)
+            if cfg.datastore_beams:
+                beams = with_datastore_beams(beams, contexts, datastore, cfg.datastore_beams, copy_length)
             tree = pack_tree(beams.tokens, cache.lengths)
             _sync(t.device)
             t1 = time.perf_counter()

@@ -18,6 +18,8 @@ Checkpoints are `config.json` + `model.safetensors` in the layout of the
 reference implementation and TensorRT-LLM's converter (`rnn_w.weight`,
 `rnn_u.weight`, `rnn_u.bias`, `lm_head.{i}.linear.{weight,bias}`,
 `lm_head.{N}.weight`), with redraft's own fields beside them.
+An optional `datastore.safetensors` beside them holds the target's answers
+from the training data, for datastore beams (datastore.py).
 
 A reduced draft vocabulary (`draft_vocab`, int64 (V_d,)) restricts scoring to
 V_d token ids; beam search then works in that index space and maps back with
@@ -38,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .datastore import DATASTORE_NAME, Datastore
 from .errors import DrafterLoadError, DrafterMismatchError
 
 CONFIG_NAME = "config.json"
@@ -59,7 +62,8 @@ class DrafterConfig:
     beam_width: int = 4  # recommended beam shape (sweep --save-best writes these)
     beam_length: int = 5
     lookup_beams: int = 0  # recommended extra context-lookup beams (lookup.py)
-    lookup_length: int = 0  # their length, counting g0 (0: beam_length)
+    lookup_length: int = 0  # their length, counting g0 (0: beam_length); datastore beams' too
+    datastore_beams: int = 0  # recommended extra beams from the datastore (datastore.py), when the drafter has one
     draft_vocab_size: int | None = None  # None: the full vocabulary
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -151,6 +155,8 @@ class Drafter(nn.Module):
             self.draft_vocab = None
         self._embed: torch.Tensor | None = None
         self._head: torch.Tensor | None = None
+        # The target's answers from the training data, for datastore beams (datastore.py); saved beside the weights.
+        self.datastore: Datastore | None = None
         # Training only (the trainer sets it; never saved): dropout on z and on every block's branch.
         self.dropout = 0.0
 
@@ -290,11 +296,13 @@ class Drafter(nn.Module):
         return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write config.json + model.safetensors atomically into directory `path`."""
+        """Write config.json + model.safetensors (+ datastore.safetensors) atomically into directory `path`."""
         from safetensors.torch import save_file
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
+        if self.datastore is not None:
+            self.datastore.save(out / DATASTORE_NAME)
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             save_file(self.state_to_save(), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
             with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
@@ -343,6 +351,11 @@ class Drafter(nn.Module):
             if tuple(v.shape) != tuple(expected[k].shape):
                 raise DrafterLoadError(f"tensor {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
         drafter.load_state_dict(state)
+        if (src / DATASTORE_NAME).is_file():
+            drafter.datastore = Datastore.load(src / DATASTORE_NAME)
+            if drafter.datastore.vocab_size != config.vocab_size:
+                raise DrafterLoadError(f"datastore in {src} is for a vocabulary of {drafter.datastore.vocab_size}, "
+                                       f"the drafter's is {config.vocab_size}")
         dtype = state["rnn_w.weight"].dtype
         return drafter.to(device=map_location, dtype=dtype)
 
@@ -360,11 +373,12 @@ class Drafter(nn.Module):
 
 
 def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
-                     lookup_beams: int | None = None, lookup_length: int | None = None) -> Path:
+                     lookup_beams: int | None = None, lookup_length: int | None = None,
+                     datastore_beams: int | None = None) -> Path:
     """Set the recommended beam shape in a saved drafter's config.json, touching nothing else.
 
-    lookup_beams / lookup_length, when given, are recommended with it (the
-    settings the shape was measured with).
+    lookup_beams / lookup_length / datastore_beams, when given, are recommended
+    with it (the settings the shape was measured with).
 
     The weights are not rewritten; config.json is replaced atomically (temporary
     file in the same directory, then `os.replace`). A reference-layout config
@@ -388,6 +402,8 @@ def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
         ours["lookup_beams"] = int(lookup_beams)
     if lookup_length is not None:
         ours["lookup_length"] = int(lookup_length)
+    if datastore_beams is not None:
+        ours["datastore_beams"] = int(datastore_beams)
     after = DrafterConfig.from_json_dict(data)  # still a valid config, only the shape changed
     assert (after.head, after.beam_width, after.beam_length) == (before.head, beam_width, beam_length)
     try:

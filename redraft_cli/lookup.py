@@ -82,21 +82,28 @@ def with_lookup_beams(beams: "DraftBeams", sequences: list[list[int]], num_beams
         tokens = [[7,  3,  4, -1, -1],
                   [7,  3,  9,  9,  2]]     -> tree nodes 7, 3, 4, 9, 9, 2 (6 nodes)
     """
+    length = beams.tokens.shape[-1] if length is None else length
+    if num_beams < 1 or length < 2:
+        return beams
+    return append_beams(beams, *lookup_beams(sequences, num_beams, length))
+
+
+def append_beams(beams: "DraftBeams", extra: torch.Tensor, found: torch.Tensor) -> "DraftBeams":
+    """Append copied beams to drafted ones: (B, W, L) + extra (B, n, L2) -> (B, W + n, max(L, L2)).
+
+    found (B, n) bool: a beam not found becomes a copy of the row's first
+    drafted beam (no extra tree nodes). Copied beams carry log-probability 0.
+    """
     from .beam_search import DraftBeams
 
     B, W, L = beams.tokens.shape
-    length = L if length is None else length
-    if num_beams < 1 or length < 2:
-        return beams
-    extra, found = lookup_beams(sequences, num_beams, length)
-    extra = extra.to(beams.tokens.device)
-    found = found.to(beams.tokens.device)
-    Lout = max(L, length)
+    n, Lout = extra.shape[1], max(L, extra.shape[-1])
+    extra, found = extra.to(beams.tokens.device), found.to(beams.tokens.device)
     drafted, logprobs = pad_beams(beams.tokens, Lout), F.pad(beams.logprobs, (0, Lout - L))
     extra = pad_beams(extra, Lout)
-    fallback = drafted[:, :1].expand(B, num_beams, Lout)
+    fallback = drafted[:, :1].expand(B, n, Lout)
     extra = torch.where(found.unsqueeze(-1), extra, fallback)
-    extra_logprobs = torch.zeros(B, num_beams, Lout - 1, dtype=logprobs.dtype, device=logprobs.device)
+    extra_logprobs = torch.zeros(B, n, Lout - 1, dtype=logprobs.dtype, device=logprobs.device)
     return DraftBeams(torch.cat([drafted, extra], 1), torch.cat([logprobs, extra_logprobs], 1))
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from .beam_search import draft_beams
 from .drafter import Drafter
+from .datastore import with_datastore_beams
 from .lookup import with_lookup_beams
 
 
@@ -64,7 +65,8 @@ def answer_spans(example: dict, max_new_tokens: int | None = None) -> list[tuple
 
 @torch.no_grad()
 def simulate_greedy(drafter: Drafter, examples: list[dict], beam_width: int, beam_length: int,
-                    lookup_beams: int = 0, lookup_length: int = 0, max_new_tokens: int | None = None) -> SimulationResult:
+                    lookup_beams: int = 0, lookup_length: int = 0, max_new_tokens: int | None = None,
+                    datastore_beams: int = 0) -> SimulationResult:
     """Tokens per step of greedy ReDrafter decoding (batch 1) on greedy data.
 
     examples: dicts with input_ids (T,), loss_mask (T,) bool (the target's own
@@ -73,6 +75,7 @@ def simulate_greedy(drafter: Drafter, examples: list[dict], beam_width: int, bea
     max_new_tokens) is decoded as if its prompt were everything before it.
     All answers advance together: one `draft_beams` call per round and beam
     length (rows near their end draft shorter beams, as the decoder does).
+    Datastore beams come from `drafter.datastore` (lookup_length tokens long).
     """
     device = drafter.rnn_w.weight.device
     dtype = drafter.rnn_w.weight.dtype
@@ -91,9 +94,12 @@ def simulate_greedy(drafter: Drafter, examples: list[dict], beam_width: int, bea
             h = torch.stack([examples[c[0]]["hidden"][c[1] - 1] for c in rows]).to(device=device, dtype=dtype)
             g0 = torch.stack([examples[c[0]]["input_ids"][c[1]] for c in rows]).to(device)
             beams = draft_beams(drafter, h, g0, beam_width, length)
-            if lookup_beams:
+            if lookup_beams or datastore_beams:
                 contexts = [examples[c[0]]["input_ids"][: c[1] + 1].tolist() for c in rows]
+            if lookup_beams:
                 beams = with_lookup_beams(beams, contexts, lookup_beams, look)
+            if datastore_beams:
+                beams = with_datastore_beams(beams, contexts, drafter.datastore, datastore_beams, look)
             tokens = beams.tokens.cpu()  # (R, W', D), D = max(length, look)
             D = tokens.shape[-1]
             # The data's next D-1 tokens after g0; -2 past the answer's end never matches.

@@ -188,6 +188,7 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
         "beam_lengths": list(cfg.beam_lengths),
         "lookup_beams": d.lookup_beams,
         "lookup_length": d.lookup_length,
+        "datastore_beams": d.datastore_beams,
         "warmup": cfg.warmup,
         "baseline": pooled_baseline(cells),
         "cells": cells,
@@ -247,4 +248,4 @@ def save_best(result: dict[str, Any], drafter_dir: str | Path) -> Path:
     if best is None:
         raise BadInputError("the sweep has no best cell to save (no cell has a speedup)")
     return write_beam_shape(drafter_dir, best["beam_width"], best["beam_length"],
-                            result.get("lookup_beams"), result.get("lookup_length"))
+                            result.get("lookup_beams"), result.get("lookup_length"), result.get("datastore_beams"))

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_chat_llama
 from redraft_cli.cli.app import app
+from redraft_cli.drafter import Drafter
 
 runner = CliRunner()
 
@@ -33,7 +34,7 @@ data: {{source: {prompts}, held_out: 2, max_new_tokens: 6, gen_batch_size: 4, sh
 drafter: {{head: tied, num_layers: 1, predict_tokens: 2}}
 train: {{batch_size: 4, eval_every: 2, save_every: 1, positions_per_sequence: 4}}
 eval: {{bench_prompts: 1, bench_max_new_tokens: 4}}
-beam: {{width: 2, length: 3}}
+beam: {{width: 2, length: 3, datastore: 1, lookup_length: 4}}
 """)
     return root, recipe
 
@@ -48,6 +49,10 @@ def test_distill_tiny_recipe_and_resume_rules(tiny_recipe, monkeypatch):
     assert "drafter written to" in first.output
     metrics = json.loads(report.read_text())
     assert metrics["steps"] == 2 and metrics["bench"]["identical_outputs"] == 1
+    assert metrics["bench"]["datastore_beams"] == 1
+    # The datastore holds the 8 training conversations' answers, not the 2 held out.
+    drafter = Drafter.load(out)
+    assert drafter.config.datastore_beams == 1 and drafter.datastore.answers == 8
     again = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "2"])
     assert again.exit_code == 2 and "--resume" in again.output and "Traceback" not in again.output
     more = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "3", "--resume", "--no-bench"])
@@ -56,6 +61,10 @@ def test_distill_tiny_recipe_and_resume_rules(tiny_recipe, monkeypatch):
     ok = runner.invoke(app, ["bench", "--model", str(root / "tiny-model"), "--drafter", str(out), "--prompts",
                              str(root / "prompts.txt"), "--num-prompts", "1", "--max-new-tokens", "4", "--no-hf-baseline"])
     assert ok.exit_code == 0, ok.output
+    none = runner.invoke(app, ["bench", "--model", str(root / "tiny-model"), "--drafter", "random", "--datastore", "1",
+                               "--prompts", str(root / "prompts.txt"), "--num-prompts", "1", "--max-new-tokens", "4"])
+    assert none.exit_code == 2 and "--datastore needs a drafter saved with a datastore" in none.output
+    assert "Traceback" not in none.output
 
 
 def test_distill_offline_names_what_it_needs(monkeypatch, tmp_path):

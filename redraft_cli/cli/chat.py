@@ -22,8 +22,8 @@ D = o.DEFAULTS
 HELP = """commands:
   /reset               start a new conversation
   /stats               session totals
-  /set NAME VALUE      change a setting: beam-width, beam-length, max-new-tokens, accept,
-                       temperature, top-p, top-k, seed, draft on|off, system TEXT
+  /set NAME VALUE      change a setting: beam-width, beam-length, lookup, lookup-length, datastore,
+                       max-new-tokens, accept, temperature, top-p, top-k, seed, draft on|off, system TEXT
   /help                this help
   /quit                leave (or Ctrl-D); Ctrl-C stops the current answer"""
 
@@ -36,6 +36,7 @@ def chat(
     beam_length: o.BeamLength = None,
     lookup: o.Lookup = None,
     lookup_length: o.LookupLength = None,
+    datastore: o.DatastoreBeams = None,
     temperature: o.Temperature = D["temperature"],
     top_k: o.TopK = D["top_k"],
     top_p: o.TopP = D["top_p"],
@@ -52,7 +53,7 @@ def chat(
     quantize: o.Quantize = D["quantize"],
 ) -> None:
     """Talk to a model with ReDrafter decoding (multi-turn, streamed)."""
-    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, lookup=lookup, lookup_length=lookup_length)
+    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, lookup=lookup, lookup_length=lookup_length, datastore=datastore)
     one_shot = prompt is not None or not sys.stdin.isatty()
     if prompt is None and one_shot:
         prompt = sys.stdin.read().strip()
@@ -62,7 +63,7 @@ def chat(
             raise BadInputError("no prompt: pass --prompt TEXT or text on stdin")
     loaded = load_models(model, drafter, dtype, device, quantize, seed)
     dr = loaded.drafter
-    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length)
+    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore)
     session = ChatSession(Generator(loaded.target, dr), cfg, system=system, draft=not no_draft)
     if one_shot:
         _one_shot(session, prompt or "", json_out, show_drafts)

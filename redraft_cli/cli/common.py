@@ -77,7 +77,8 @@ def drafter_dtype(drafter: Drafter, target: Target) -> torch.dtype:
 def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int | None, accept: str,
                   temperature: float, top_k: int, top_p: float, seed: int,
                   epsilon: float = DecodeConfig.typical_epsilon, delta: float = DecodeConfig.typical_delta,
-                  lookup: int | None = None, lookup_length: int | None = None) -> DecodeConfig:
+                  lookup: int | None = None, lookup_length: int | None = None,
+                  datastore: int | None = None) -> DecodeConfig:
     """Validate the decoding options before any model loads (unset beam sizes take the core defaults for now)."""
     return DecodeConfig(
         max_new_tokens=max_new_tokens,
@@ -89,18 +90,29 @@ def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int 
         typical_delta=delta,
         lookup_beams=lookup or 0,
         lookup_length=lookup_length or 0,
+        datastore_beams=datastore or 0,
     )
 
 
 def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | None, beam_length: int | None,
-                       lookup: int | None = None, lookup_length: int | None = None) -> DecodeConfig:
-    """Beam sizes (and lookup beams) the user did not set come from the drafter's recommendation."""
+                       lookup: int | None = None, lookup_length: int | None = None,
+                       datastore: int | None = None) -> DecodeConfig:
+    """Beam sizes (and copied beams) the user did not set come from the drafter's recommendation
+    (datastore beams only when the drafter has a datastore)."""
+    if datastore is None:
+        datastore = drafter.config.datastore_beams if drafter.datastore is not None else 0
+    elif datastore and drafter.datastore is None:
+        from ..errors import BadInputError
+
+        raise BadInputError("--datastore needs a drafter saved with a datastore (datastore.safetensors; "
+                            "`redraft distill` writes one); this one has none")
     return replace(
         cfg,
         beam_width=beam_width if beam_width is not None else drafter.config.beam_width,
         beam_length=beam_length if beam_length is not None else drafter.config.beam_length,
         lookup_beams=lookup if lookup is not None else drafter.config.lookup_beams,
         lookup_length=lookup_length if lookup_length is not None else drafter.config.lookup_length,
+        datastore_beams=datastore,
     )
 
 
@@ -121,9 +133,8 @@ def check_output_paths(*paths) -> None:
 
 
 def lookup_label(r: dict) -> str:
-    """' + 2 lookup', or ' + 2 lookup x 8' when their length is set apart from the beam length, for titles."""
-    n = r.get("lookup_beams") or 0
-    if not n:
-        return ""
+    """' + 2 lookup', ' + 2 lookup x 8 + 2 datastore x 8' (the length when set apart from the beam length), for titles."""
+    n, ds = r.get("lookup_beams") or 0, r.get("datastore_beams") or 0
     length = r.get("lookup_length")
-    return f" + {n} lookup" + (f" x {length}" if length and length != r.get("beam_length") else "")
+    size = f" x {length}" if length and length != r.get("beam_length") else ""
+    return (f" + {n} lookup" + size if n else "") + (f" + {ds} datastore" + size if ds else "")

@@ -130,6 +130,8 @@ class _DistillView:
                                                                   ("written", "prompts the target wrote")) if e.get(k))
             err.print(f"data: {e['train']} training{sampled} and {e['held_out']} held-out conversations, "
                       f"{e['train_tokens']:,} target tokens to learn")
+        elif kind == "datastore":
+            err.print(f"datastore: the {e['tokens']:,} answer tokens of the training data, saved to {e['path']}")
         elif kind == "draft_vocab":
             err.print(f"draft vocabulary: {e['size']} tokens cover {e['coverage']:.1%} of the target's tokens")
         elif kind == "start":

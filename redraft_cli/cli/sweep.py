@@ -21,7 +21,7 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      save_best as save_best_shape, write_csv, write_json)
 from . import options as o
 from ._errors import handle_errors
-from .common import check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label
+from .common import check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, with_drafter_shape
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -48,6 +48,7 @@ def sweep(
     accept: o.Accept = D["accept"],
     lookup: o.Lookup = None,
     lookup_length: o.LookupLength = None,
+    datastore: o.DatastoreBeams = None,
     epsilon: o.Epsilon = D["epsilon"],
     delta: o.Delta = D["delta"],
     seed: o.Seed = D["seed"],
@@ -66,7 +67,7 @@ def sweep(
     # Validate everything cheap before loading models.
     widths = parse_int_list(beam_widths, "--beam-widths")
     lengths = parse_int_list(beam_lengths, "--beam-lengths")
-    base = decode_config(max_new_tokens, None, None, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup, lookup_length)
+    base = decode_config(max_new_tokens, None, None, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup, lookup_length, datastore)
     cfg = SweepConfig(beam_widths=widths, beam_lengths=lengths, decode=base, warmup=warmup)
     check_output_paths(json_path, csv_path, plot_path)
     if plot_path is not None and plot_path.suffix.lower() not in PLOT_SUFFIXES:
@@ -82,10 +83,10 @@ def sweep(
     if save_best:
         _check_writable(drafter_dir, target.name)
     cfg.check(dr.draft_vocab_size)
-    if lookup is None:  # the drafter's recommended lookup beams, the same in every cell
-        cfg.decode = replace(cfg.decode, lookup_beams=dr.config.lookup_beams)
-    if lookup_length is None:
-        cfg.decode = replace(cfg.decode, lookup_length=dr.config.lookup_length)
+    # The drafter's recommended copied beams, the same in every cell (the beam shape is per cell).
+    shape = replace(with_drafter_shape(cfg.decode, dr, None, None, lookup, lookup_length, datastore),
+                    beam_width=cfg.decode.beam_width, beam_length=cfg.decode.beam_length)
+    cfg.decode = shape
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
     for p in ids:
@@ -96,7 +97,7 @@ def sweep(
             "dtype": str(target.compute_dtype).replace("torch.", "")}
     info = {**head, "accept": accept, "temperature": temperature, "num_prompts": len(ids),
             "max_new_tokens": max_new_tokens, "lookup_beams": cfg.decode.lookup_beams,
-            "lookup_length": cfg.decode.lookup_length}
+            "lookup_length": cfg.decode.lookup_length, "datastore_beams": cfg.decode.datastore_beams}
     cells: list[dict[str, Any]] = []
     running: list[tuple[int, int] | None] = [None]
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -158,7 +159,7 @@ def render(r: dict[str, Any], shapes: list[tuple[int, int]], cells: list[dict[st
     """The sweep table: one row per cell in run order; pending cells dim, the best one highlighted."""
     title = (f"redraft sweep: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
              f"{r['num_prompts']} prompts x {r['max_new_tokens']} tokens"
-             + (f" | {lookup_label(r).lstrip(' +')} beams" if r.get("lookup_beams") else ""))
+             + (f" | {lookup_label(r).lstrip(' +')} beams" if lookup_label(r) else ""))
     t = Table(title=title, title_justify="left", caption_justify="left")
     # Short headers: the table fits 80 columns (what Rich assumes when stdout is not a terminal).
     for col in ("width", "length", "tok/step", "accept", "nodes", "tok/s", "plain tok/s", "speedup"):

@@ -9,6 +9,7 @@ Output directory layout:
     out/best/            best drafter so far by held-out agreement
     out/config.json      the final drafter (= best), interoperable format,
     out/model.safetensors
+    out/datastore.safetensors  the target's answers in the training data, for datastore beams
     out/recipe.yaml      the recipe actually used (flags applied)
     out/metrics.json     training history, evaluation, bench report
 """
@@ -27,6 +28,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from ..datastore import DATASTORE_NAME, Datastore
 from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter
 from ..errors import BadInputError, ModelLoadError
 from ..prompts import builtin_conversations, load_conversations
@@ -158,7 +160,8 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     drafter = Drafter.for_target(target, seed=recipe.train.seed, head=dr.head, num_draft_layers=dr.num_layers,
                                  predict_tokens=dr.predict_tokens, draft_vocab_size=dr.draft_vocab_size,
                                  beam_width=recipe.beam.width, beam_length=recipe.beam.length,
-                                 lookup_beams=recipe.beam.lookup, lookup_length=recipe.beam.lookup_length)
+                                 lookup_beams=recipe.beam.lookup, lookup_length=recipe.beam.lookup_length,
+                                 datastore_beams=recipe.beam.datastore)
     drafter.config.target_model = target.name
     if dr.draft_vocab_size:
         coverage = set_draft_vocab(drafter, train_set, dr.draft_vocab_size)
@@ -175,6 +178,9 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         tmp = out / f".{name}.tmp{os.getpid()}"
         shutil.copyfile(best / name, tmp)
         os.replace(tmp, out / name)
+    # The training answers, for datastore beams (2 bytes a token with a vocabulary under 65,536).
+    datastore = Datastore.from_examples(train_set, target.vocab_size).save(out / DATASTORE_NAME)
+    emit({"event": "datastore", "path": str(datastore), "tokens": sum(int(e["loss_mask"].sum()) for e in train_set)})
     metrics: dict[str, Any] = {
         "recipe": recipe.name,
         "model": target.name,
@@ -366,9 +372,10 @@ def _simulate_held_out(target: Target, out: Path, held: list[dict], recipe: Reci
     drafter = Drafter.load(out, map_location=target.device).attach(target.embed_weight, target.lm_head_weight)
     b = recipe.beam
     n = recipe.eval.bench_max_new_tokens
-    sim = simulate_greedy(drafter, held, b.width, b.length, b.lookup, b.lookup_length, max_new_tokens=n)
+    sim = simulate_greedy(drafter, held, b.width, b.length, b.lookup, b.lookup_length, max_new_tokens=n,
+                          datastore_beams=b.datastore)
     return {"beam_width": b.width, "beam_length": b.length, "lookup_beams": b.lookup,
-            "lookup_length": b.lookup_length, "max_new_tokens": n, **sim.to_dict()}
+            "lookup_length": b.lookup_length, "datastore_beams": b.datastore, "max_new_tokens": n, **sim.to_dict()}
 
 
 def _held_out_bench(target: Target, out: Path, held_convs: list[list[str]], recipe: Recipe, emit: EventFn) -> dict[str, Any]:
@@ -380,7 +387,7 @@ def _held_out_bench(target: Target, out: Path, held_convs: list[list[str]], reci
     prompts = [target.encode_chat(c[0], system=recipe.data.system) for c in held_convs[: recipe.eval.bench_prompts]]
     cfg = DecodeConfig(max_new_tokens=recipe.eval.bench_max_new_tokens, beam_width=recipe.beam.width,
                        beam_length=recipe.beam.length, lookup_beams=recipe.beam.lookup,
-                       lookup_length=recipe.beam.lookup_length)
+                       lookup_length=recipe.beam.lookup_length, datastore_beams=recipe.beam.datastore)
     emit({"event": "bench_start", "prompts": len(prompts)})
     result = run_bench(gen, prompts, BenchConfig(cfg, warmup=True, hf_baseline=False),
                        progress=lambda done, total, label: emit({"event": "bench", "done": done, "total": total}))

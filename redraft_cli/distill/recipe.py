@@ -114,6 +114,7 @@ class BeamSection:
     length: int = 5
     lookup: int = 0  # recommended context-lookup beams beside the drafted ones
     lookup_length: int = 0  # their length, counting g0 (0: the beam length)
+    datastore: int = 0  # recommended datastore beams (lookup_length long); distill always saves the datastore
 
 
 @dataclass

@@ -1,0 +1,229 @@
+"""Datastore beams: draft by copying what the target wrote after the same n-gram in its training answers.
+
+The drafter learns the target's habits from its distillation data; the data
+can also be looked up directly (retrieval drafting, as in REST, He et al.
+2023). A datastore holds the target's own answer tokens from that data, all
+answers concatenated with SEP (-1) between them, and an index of their
+n-grams (n = 1..ngram_max). A step's query is the context's last n tokens,
+longest n first that occurs in the store; its most recent `max_rows`
+occurrences give continuation rows, which are walked as a trie: beam j
+starts with the j-th most frequent next token, then follows, token by token,
+the most frequent next token among the rows that agree so far (ties: the
+smaller token id), and stops at an answer's end. The target verifies these
+beams like the drafter's, so output is unchanged.
+
+Unlike the context lookup (lookup.py), which copies from the conversation
+itself, the datastore finds the target's stock phrases in unseen
+conversations. In a greedy simulation of the shipped SmolLM2 drafter on 80
+MT-Bench questions, two datastore beams of 8 tokens raised tokens per step
+from 2.17 to 2.37.
+
+Worked example, ngram_max = 2, answers [4, 7, 1, 2], [4, 7, 1, 3], [9, 7, 5]:
+
+    tokens  = [4, 7, 1, 2, -1, 4, 7, 1, 3, -1, 9, 7, 5, -1]
+    context [..., 4, 7], 3 tokens after g0 = 7:
+      2-gram [4, 7] occurs twice; rows [1, 2, -1], [1, 3, -1]
+      beam 0: 1 (2 rows), then 2 or 3 (1 row each: the smaller id, 2), then -1 ends it
+              -> [7, 1, 2, PAD]
+    context [..., 8, 7]: [8, 7] never occurs; 1-gram [7] occurs 3 times
+      -> rows [1, 2, -1], [1, 3, -1], [5, -1, 4]: beam 0 = [7, 1, 2, PAD], beam 1 = [7, 5, PAD, PAD]
+
+On disk (`datastore.safetensors` in a drafter directory): `tokens` (T,),
+stored as token id + 1 (0 = SEP) in uint16 when the vocabulary allows it,
+else int32; metadata `vocab_size` and `answers`. The index is rebuilt when
+first queried (about a second per million tokens).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .errors import DrafterLoadError
+from .lookup import PAD, append_beams
+
+DATASTORE_NAME = "datastore.safetensors"
+SEP = -1
+
+
+class Datastore:
+    """The target's answer tokens, (T,) int64 with SEP between answers, and their n-gram index."""
+
+    def __init__(self, tokens: torch.Tensor, vocab_size: int, answers: int = 0, ngram_max: int = 3,
+                 max_rows: int = 1024) -> None:
+        self.tokens = tokens.to(torch.long).cpu()
+        if self.tokens.numel() == 0 or int(self.tokens[-1]) != SEP:
+            self.tokens = torch.cat([self.tokens, torch.tensor([SEP])])
+        self.vocab_size = int(vocab_size)
+        self.answers = int(answers)
+        self.ngram_max = int(ngram_max)
+        self.max_rows = int(max_rows)
+        self.bits = max(1, (self.vocab_size - 1).bit_length())
+        # n-gram keys pack n token ids exactly into one int64: no hash collisions.
+        self.ngram_max = max(1, min(self.ngram_max, 62 // self.bits))
+        self._index: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return int(self.tokens.numel())
+
+    @property
+    def max_token(self) -> int:
+        return int(self.tokens.max())
+
+    # -- construction, save and load -----------------------------------------
+    @classmethod
+    def from_answers(cls, answers: Iterable[torch.Tensor | list[int]], vocab_size: int, **kwargs) -> "Datastore":
+        """One datastore from answer token lists (each the target's tokens of one answer)."""
+        parts, n = [], 0
+        for a in answers:
+            a = torch.as_tensor(a, dtype=torch.long).flatten()
+            if a.numel():
+                parts += [a, torch.tensor([SEP])]
+                n += 1
+        tokens = torch.cat(parts) if parts else torch.tensor([SEP])
+        return cls(tokens, vocab_size, answers=n, **kwargs)
+
+    @classmethod
+    def from_examples(cls, examples: Iterable[dict], vocab_size: int, **kwargs) -> "Datastore":
+        """From distillation examples (input_ids (T,), loss_mask (T,)): each run of generated tokens is an answer."""
+        answers = []
+        for e in examples:
+            ids, mask = e["input_ids"].to(torch.long), e["loss_mask"].to(torch.bool)
+            edges = torch.diff(torch.nn.functional.pad(mask.to(torch.int8), (1, 1)))
+            starts, ends = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten()
+            answers += [ids[s:t] for s, t in zip(starts.tolist(), ends.tolist())]
+        return cls.from_answers(answers, vocab_size, **kwargs)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `path` (a .safetensors file) atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        shifted = self.tokens + 1  # SEP -> 0
+        stored = shifted.to(torch.uint16) if self.vocab_size < 2**16 else shifted.to(torch.int32)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".datastore.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"tokens": stored}, tmp, metadata={"format": "pt", "vocab_size": str(self.vocab_size),
+                                                         "answers": str(self.answers)})
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **kwargs) -> "Datastore":
+        """Read a datastore file; errors are `DrafterLoadError` with one-line messages."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tokens = f.get_tensor("tokens")
+            vocab_size = int(meta["vocab_size"])
+            answers = int(meta.get("answers", 0))
+        except (SafetensorError, OSError, ValueError, KeyError) as exc:
+            raise DrafterLoadError(f"datastore {path} is corrupt: {exc}") from exc
+        if tokens.dim() != 1:
+            raise DrafterLoadError(f"datastore {path} is corrupt: tokens have shape {tuple(tokens.shape)}")
+        tokens = tokens.to(torch.long) - 1
+        if tokens.numel() and (int(tokens.min()) < SEP or int(tokens.max()) >= vocab_size):
+            raise DrafterLoadError(f"datastore {path} holds token ids outside its vocabulary of {vocab_size}")
+        return cls(tokens, vocab_size, answers=answers, **kwargs)
+
+    # -- lookup ----------------------------------------------------------------
+    def _keys(self, windows: torch.Tensor) -> torch.Tensor:
+        """(..., n) token ids >= 0 -> (...,) int64 keys, exact."""
+        n = windows.shape[-1]
+        shifts = torch.arange(n - 1, -1, -1, dtype=torch.long) * self.bits
+        return (windows << shifts).sum(-1)
+
+    def index(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """n -> (sorted keys (M,), start of each window (M,)), windows holding SEP left out.
+        Equal keys keep their positions in order (stable sort), so the last ones are the most recent."""
+        if self._index is None:
+            self._index = {}
+            for n in range(1, self.ngram_max + 1):
+                if len(self) < n:
+                    break
+                windows = self.tokens.unfold(0, n, 1)  # (T - n + 1, n)
+                starts = (windows >= 0).all(-1).nonzero().flatten()
+                keys = self._keys(windows[starts])
+                keys, order = torch.sort(keys, stable=True)
+                self._index[n] = (keys, starts[order].to(torch.int32 if len(self) < 2**31 else torch.long))
+        return self._index
+
+    def rows(self, context: list[int], length: int) -> torch.Tensor:
+        """(R, length) tokens that followed the longest suffix n-gram of `context` found (R = 0: none)."""
+        index = self.index()
+        ctx = torch.tensor(context[-self.ngram_max :], dtype=torch.long)
+        for n in range(min(self.ngram_max, len(ctx)), 0, -1):
+            tail = ctx[-n:]
+            if n not in index or int(tail.min()) < 0 or int(tail.max()) >= self.vocab_size:
+                continue
+            keys, starts = index[n]
+            q = self._keys(tail)
+            lo, hi = int(torch.searchsorted(keys, q)), int(torch.searchsorted(keys, q, right=True))
+            if hi > lo:
+                after = starts[max(lo, hi - self.max_rows) : hi].long() + n  # (R,) most recent occurrences
+                at = (after.unsqueeze(1) + torch.arange(length)).clamp_(max=len(self) - 1)
+                return self.tokens[at]
+        return torch.empty(0, length, dtype=torch.long)
+
+    def continuations(self, context: list[int], num_beams: int, length: int) -> list[list[int]]:
+        """Up to `num_beams` distinct continuations (each 1..length tokens) of `context`, most frequent first."""
+        rows = self.rows(context, length)
+        if not len(rows):
+            return []
+        firsts, counts = rows[:, 0].unique(return_counts=True)
+        counts = torch.where(firsts >= 0, counts, 0)
+        order = counts.argsort(descending=True, stable=True)
+        out = []
+        for f in firsts[order[:num_beams]].tolist():
+            if f < 0:
+                break
+            sel, path = rows[rows[:, 0] == f], [f]
+            for d in range(1, length):
+                values, c = sel[:, d].unique(return_counts=True)
+                best = int(values[c.argmax()])  # the first maximum: the smaller id on ties
+                if best < 0:
+                    break
+                path.append(best)
+                sel = sel[sel[:, d] == best]
+            out.append(path)
+        return out
+
+    def beams(self, contexts: list[list[int]], num_beams: int, beam_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Datastore beams per context, in lookup.lookup_beams' layout.
+
+        contexts: B token lists, each ending with its g0. Returns tokens (B,
+        num_beams, L) int64 (beam[0] = g0, PAD after a continuation that ends
+        early) and found (B, num_beams) bool.
+        """
+        B, L = len(contexts), beam_length
+        tokens = torch.full((B, num_beams, L), PAD, dtype=torch.long)
+        found = torch.zeros(B, num_beams, dtype=torch.bool)
+        for b, ctx in enumerate(contexts):
+            tokens[b, :, 0] = ctx[-1]
+            if L < 2:
+                continue
+            for j, cont in enumerate(self.continuations(ctx, num_beams, L - 1)):
+                tokens[b, j, 1 : 1 + len(cont)] = torch.tensor(cont)
+                found[b, j] = True
+        return tokens, found
+
+
+def with_datastore_beams(beams: "DraftBeams", contexts: list[list[int]], datastore: Datastore, num_beams: int,
+                         length: int | None = None) -> "DraftBeams":
+    """Append up to `num_beams` datastore beams per row: (B, W, L) -> (B, W + num_beams, max(L, length))."""
+    length = beams.tokens.shape[-1] if length is None else length
+    if num_beams < 1 or length < 2:
+        return beams
+    return append_beams(beams, *datastore.beams(contexts, num_beams, length))
