@@ -37,13 +37,13 @@ first queried (about a second per million tokens).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
 from .errors import DrafterLoadError
+from .files import atomic_write
 from .lookup import PAD, append_beams
 
 DATASTORE_NAME = "datastore.safetensors"
@@ -105,18 +105,8 @@ class Datastore:
         path = Path(path)
         shifted = self.tokens + 1  # SEP -> 0
         stored = shifted.to(torch.uint16) if self.vocab_size < 2**16 else shifted.to(torch.int32)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".datastore.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"tokens": stored}, tmp, metadata={"format": "pt", "vocab_size": str(self.vocab_size),
-                                                         "answers": str(self.answers)})
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        meta = {"format": "pt", "vocab_size": str(self.vocab_size), "answers": str(self.answers)}
+        return atomic_write(path, lambda tmp: save_file({"tokens": stored}, tmp, metadata=meta), mode=0o644)
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs) -> "Datastore":

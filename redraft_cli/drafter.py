@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from .datastore import DATASTORE_NAME, Datastore
 from .errors import DrafterLoadError, DrafterMismatchError
+from .files import atomic_write
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -406,18 +407,9 @@ def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
         ours["datastore_beams"] = int(datastore_beams)
     after = DrafterConfig.from_json_dict(data)  # still a valid config, only the shape changed
     assert (after.head, after.beam_width, after.beam_length) == (before.head, beam_width, beam_length)
+    mode = cfg_path.stat().st_mode & 0o777
     try:
-        fd, tmp = tempfile.mkstemp(dir=cfg_path.parent, prefix=".config.", suffix=".json.tmp")
+        atomic_write(cfg_path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)), mode=mode)
     except OSError as exc:
         raise DrafterLoadError(f"cannot write {cfg_path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        if cfg_path.exists():
-            os.chmod(tmp, cfg_path.stat().st_mode & 0o777)
-        os.replace(tmp, cfg_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return cfg_path

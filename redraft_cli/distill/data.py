@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import BadInputError, ChatTemplateError
+from ..files import atomic_write
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -271,15 +272,6 @@ def _generate_shard(target: Any, chat: _Chat, items: list[tuple[int, list[str]]]
 # -- files ----------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
 
 def _write_json(path: Path, obj: dict) -> None:
     def write(p: str) -> None:
@@ -287,7 +279,7 @@ def _write_json(path: Path, obj: dict) -> None:
             json.dump(obj, f, indent=2)
             f.write("\n")
 
-    _atomic_write_bytes(path, write)
+    atomic_write(path, write)
 
 
 def _write_shard(path: Path, convs: list[_Conv]) -> None:
@@ -302,7 +294,7 @@ def _write_shard(path: Path, convs: list[_Conv]) -> None:
         "offsets": offsets,
         "conv_index": torch.tensor([c.index for c in convs], dtype=torch.int64),
     }
-    _atomic_write_bytes(path, lambda p: save_file(tensors, p, metadata={"format": f"redraft-distill-{FORMAT_VERSION}"}))
+    atomic_write(path, lambda p: save_file(tensors, p, metadata={"format": f"redraft-distill-{FORMAT_VERSION}"}))
 
 
 def conversations_sha256(conversations: list[list[str]]) -> str:
