@@ -119,6 +119,8 @@ def test_one_shot_from_stdin_and_json(model_dir):
     assert j.returncode == 0, j.stderr
     data = json.loads(j.stdout)
     assert data["tokens"] == 8 and data["prompt"] == "Hi" and "tokens_per_step" in data
+    # The settings it ran with: the random drafter's defaults, no copied beams.
+    assert (data["beam_width"], data["beam_length"], data["lookup_beams"], data["datastore_beams"]) == (4, 5, 0, 0)
     bad = run_cli(["chat", "--model", str(model_dir), "--drafter", "random", "--beam-width", "0", "--prompt", "x"])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 

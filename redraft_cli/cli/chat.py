@@ -122,8 +122,12 @@ def _status(session: ChatSession) -> str:
 def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bool) -> None:
     _stream(session, prompt, show_drafts, quiet=json_out)
     if json_out:
+        c = session.cfg
+        settings = {"accept": c.accept, "temperature": c.sampling.temperature, "beam_width": c.beam_width,
+                    "beam_length": c.beam_length, "lookup_beams": c.lookup_beams,
+                    "lookup_length": c.lookup_length or c.beam_length, "datastore_beams": c.datastore_beams}
         console.print_json(json.dumps({"prompt": prompt, "response": session.messages[-1]["content"],
-                                       "draft": session.draft, **session.last.summary()}))
+                                       "draft": session.draft, **settings, **session.last.summary()}))
     else:
         console.print()
         err.print(_status(session), style="dim")
