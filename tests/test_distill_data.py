@@ -179,6 +179,29 @@ def test_resume_with_other_settings_is_refused(full_run, target):
     assert (out / "manifest.json").read_text() == before
 
 
+@pytest.mark.parametrize("first", [8, 6])
+def test_a_grown_prompt_list_extends_the_data(full_run, target, tmp_path, first):
+    """Data for the first conversations, then for all: the shards wholly inside the first set keep their
+    answers (files untouched), a partial last shard is answered again, and the result equals one run."""
+    out, _, _ = full_run
+    grown = tmp_path / "grown"
+    generate_dataset(target, CONVERSATIONS[:first], grown, GenerationConfig(**SMALL))
+    kept = {p.name: p.stat().st_mtime_ns for p in grown.glob("shard-*")}
+    manifest = generate_dataset(target, CONVERSATIONS, grown, GenerationConfig(**SMALL))
+    assert manifest["complete"] and manifest["num_conversations"] == len(CONVERSATIONS)
+    full = first // SMALL["shard_size"]
+    for name, mtime in kept.items():
+        assert (grown / name).stat().st_mtime_ns == mtime or int(name[6:11]) >= full
+    assert manifest["last_run"]["generated_tokens"] > 0
+    a, b = _examples(grown), _examples(out)
+    assert sorted(a) == sorted(b)
+    for i in a:
+        assert torch.equal(a[i]["input_ids"], b[i]["input_ids"])
+    # A list that does not start with the old one is another prompt set.
+    with pytest.raises(BadInputError, match="prompt set"):
+        generate_dataset(target, CONVERSATIONS[1:] + [["extra"], ["more"]], grown, GenerationConfig(**SMALL))
+
+
 def test_load_dataset_round_trip_and_stats(full_run):
     from safetensors.torch import load_file
 

@@ -94,3 +94,14 @@ def test_distill_pipeline_with_written_prompts(target, tmp_path, monkeypatch):
     events, done = distill_events(recipe, target, tmp_path, out="out2", generate=False)
     assert done["written"] == 6
     assert not any(e["event"] in ("writing", "data") for e in events)
+    # A larger count writes more prompts and answers only the new ones; a smaller one uses the first.
+    before = {p.name: p.stat().st_mtime_ns for p in wdir.glob("shard-*")}
+    more = tiny_recipe({"num_prompts": 6, "max_new_tokens": 6, "written_prompts": 10}, max_steps=3)
+    events, done = distill_events(more, target, tmp_path, out="out3")
+    assert done["written"] == 10 and json.loads((wdir / "manifest.json").read_text())["num_conversations"] == 10
+    assert max(e["done"] for e in events if e["event"] == "data" and e["set"] == "written prompts") == 10
+    assert all(p.stat().st_mtime_ns == before[p.name] for p in wdir.glob("shard-*") if p.name in before
+               and int(p.name[6:11]) < 6 // more.data.shard_size)
+    fewer = tiny_recipe({"num_prompts": 6, "max_new_tokens": 6, "written_prompts": 4}, max_steps=2)
+    events, done = distill_events(fewer, target, tmp_path, out="out4")
+    assert done["written"] == 4 and not any(e["event"] == "data" for e in events)

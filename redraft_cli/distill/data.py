@@ -329,8 +329,22 @@ def _check_resume(manifest: dict, fresh: dict, out_dir: Path) -> None:
     if diff:
         detail = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
         raise BadInputError(f"{out_dir} was generated with different settings ({detail}); use a new --out directory")
-    if manifest.get("num_conversations") != fresh["num_conversations"] or manifest.get("conversations_sha256") != fresh["conversations_sha256"]:
+
+
+def _extend_prompts(manifest: dict, fresh: dict, conversations: list[list[str]], out_dir: Path) -> None:
+    """Accept the manifest for `conversations`: the same prompt set, or a longer one that starts with
+    it (a grown prompt list: the shards wholly inside the old set keep their answers, the rest are
+    to do). Anything else is refused."""
+    count = int(manifest.get("num_conversations", -1))
+    if count == fresh["num_conversations"] and manifest.get("conversations_sha256") == fresh["conversations_sha256"]:
+        return
+    if not 0 <= count < len(conversations) or conversations_sha256(conversations[:count]) != manifest.get("conversations_sha256"):
         raise BadInputError(f"{out_dir} was generated from a different prompt set; use a new --out directory")
+    full = count // int(fresh["config"]["shard_size"])
+    manifest["shards"] = [s for s in manifest["shards"] if int(s["index"]) < full]
+    for key in ("num_conversations", "conversations_sha256", "num_shards"):
+        manifest[key] = fresh[key]
+    manifest["complete"] = False
 
 
 # -- entry points -------------------------------------------------------------------
@@ -348,6 +362,8 @@ def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str |
     short by a too-long later turn, count as done). stop_after_s: stop
     after the shard in progress once this much wall time has passed.
     max_shards: generate only the first N shards (a later call can extend it).
+    A directory generated from the first conversations of this list is extended
+    (a grown prompt list keeps the answers it has).
     Returns the manifest (with `complete` and this run's `last_run` timing).
     """
     start = time.perf_counter()
@@ -374,6 +390,7 @@ def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str |
         manifest = fresh
     else:
         _check_resume(manifest, fresh, out)
+        _extend_prompts(manifest, fresh, conversations, out)
         manifest["batch_size"] = cfg.batch_size
     done_shards = {int(s["index"]) for s in manifest["shards"]}
     prior = _totals(manifest["shards"])

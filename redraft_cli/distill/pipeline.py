@@ -215,25 +215,30 @@ def _answers(target: Target, package_name: str, convs: list[list[str]], data_dir
         if not manifest.get("complete"):
             emit({"event": "data_partial", "set": kind, "dir": str(data_dir),
                   "done": sum(s["conversations"] for s in manifest["shards"]), "total": len(convs)})
-    elif not _has_shards(manifest, max_shards):
+    elif not _has_shards(manifest, max_shards, len(convs)):
         emit({"event": "data_start", "set": kind, "conversations": len(convs), "dir": str(data_dir)})
         generate_dataset(target, convs, data_dir, gen_cfg, max_shards=max_shards,
                          progress=lambda done, total, tokens: emit({"event": "data", "set": kind, "done": done,
                                                                     "total": total, "tokens": tokens}))
-    examples = load_dataset(data_dir)
+    # A directory's set may be larger than `convs` (written prompts grow under one key): its first ones.
+    examples = [e for e in load_dataset(data_dir) if e["conv_index"] < len(convs)]
     if max_shards is not None:  # a short run trains on the shards it asked for, not on all that exist
         examples = [e for e in examples if e["conv_index"] < max_shards * gen_cfg.shard_size]
     return examples
 
 
-def _has_shards(manifest: dict | None, max_shards: int | None) -> bool:
-    """Whether the data set is complete, or holds every one of its first max_shards shards."""
+def _has_shards(manifest: dict | None, max_shards: int | None, conversations: int) -> bool:
+    """Whether the data answers all `conversations` (a complete set at least as large: sets that
+    share a directory grow by extension), or every one of its first max_shards shards."""
     if manifest is None:
         return False
-    if manifest.get("complete"):
+    count = int(manifest["num_conversations"])
+    if manifest.get("complete") and count >= conversations:
         return True
-    done = {int(s["index"]) for s in manifest["shards"]}
-    return max_shards is not None and all(i in done for i in range(min(max_shards, int(manifest["num_shards"]))))
+    size = int(manifest["config"]["shard_size"])
+    final = count // size if count < conversations else int(manifest["num_shards"])  # shards that will not change
+    done = {int(s["index"]) for s in manifest["shards"] if int(s["index"]) < final}
+    return max_shards is not None and all(i in done for i in range(min(max_shards, -(-conversations // size))))
 
 
 def _sequences_seen(recipe: Recipe) -> int | None:
