@@ -83,6 +83,13 @@ class DecodeConfig:
         return self.lookup_beams + self.datastore_beams
 
 
+def check_datastore(drafter: Drafter | None, datastore_beams: int) -> None:
+    """Raise BadInputError when datastore beams are asked of a drafter without a datastore."""
+    if datastore_beams and getattr(drafter, "datastore", None) is None:
+        raise BadInputError("--datastore needs a drafter saved with a datastore (datastore.safetensors; "
+                            "`redraft distill` writes one); this one has none")
+
+
 @dataclass
 class StepStats:
     """One target pass. tokens: what it emitted; accepted: drafted tokens kept
@@ -157,9 +164,7 @@ class Generator:
         """Raise BadInputError when ReDrafter decoding with `cfg` cannot run with this drafter."""
         if self.drafter is not None:
             check_beam_shape(cfg.beam_width, cfg.beam_length, self.drafter.draft_vocab_size)
-        if cfg.datastore_beams and getattr(self.drafter, "datastore", None) is None:
-            raise BadInputError("--datastore needs a drafter saved with a datastore (datastore.safetensors); "
-                                "this one has none: use --datastore 0")
+        check_datastore(self.drafter, cfg.datastore_beams)
 
     # -- shared pieces ----------------------------------------------------------
     def _generator(self, cfg: DecodeConfig) -> torch.Generator | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from rich.console import Console
 
-from ..decode import DecodeConfig
+from ..decode import DecodeConfig, check_datastore
 from ..drafter import Drafter
 from ..sampling import SamplingConfig
 from ..shipped import shipped_drafter_dir
@@ -101,11 +101,7 @@ def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | No
     (datastore beams only when the drafter has a datastore)."""
     if datastore is None:
         datastore = drafter.config.datastore_beams if drafter.datastore is not None else 0
-    elif datastore and drafter.datastore is None:
-        from ..errors import BadInputError
-
-        raise BadInputError("--datastore needs a drafter saved with a datastore (datastore.safetensors; "
-                            "`redraft distill` writes one); this one has none")
+    check_datastore(drafter, datastore)
     return replace(
         cfg,
         beam_width=beam_width if beam_width is not None else drafter.config.beam_width,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -84,9 +83,8 @@ def sweep(
         _check_writable(drafter_dir, target.name)
     cfg.check(dr.draft_vocab_size)
     # The drafter's recommended copied beams, the same in every cell (the beam shape is per cell).
-    shape = replace(with_drafter_shape(cfg.decode, dr, None, None, lookup, lookup_length, datastore),
-                    beam_width=cfg.decode.beam_width, beam_length=cfg.decode.beam_length)
-    cfg.decode = shape
+    cfg.decode = with_drafter_shape(cfg.decode, dr, cfg.decode.beam_width, cfg.decode.beam_length,
+                                    lookup, lookup_length, datastore)
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
     for p in ids:

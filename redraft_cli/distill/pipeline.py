@@ -151,9 +151,10 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     cache_extra = d.cache_hidden and (seen is None or seen > len(train_set))
     sampled = _sampled_answers(target, recipe, convs[d.held_out:], gen_cfg, data_dir, generate, emit, cache_extra)
     written = _written_prompts(target, recipe, gen_cfg, data_dir, generate, emit, cache_extra)
-    emit({"event": "data_done", "train": len(train_set), "sampled": len(sampled), "written": len(written),
-          "held_out": len(held), "train_tokens": sum(int(e["loss_mask"].sum()) for e in train_set + sampled + written)})
     train_set += sampled + written
+    train_tokens = sum(int(e["loss_mask"].sum()) for e in train_set)
+    emit({"event": "data_done", "train": len(train_set) - len(sampled) - len(written), "sampled": len(sampled),
+          "written": len(written), "held_out": len(held), "train_tokens": train_tokens})
 
     # 2. The drafter, then training.
     dr = recipe.drafter
@@ -180,7 +181,7 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         os.replace(tmp, out / name)
     # The training answers, for datastore beams (2 bytes a token with a vocabulary under 65,536).
     datastore = Datastore.from_examples(train_set, target.vocab_size).save(out / DATASTORE_NAME)
-    emit({"event": "datastore", "path": str(datastore), "tokens": sum(int(e["loss_mask"].sum()) for e in train_set)})
+    emit({"event": "datastore", "path": str(datastore), "tokens": train_tokens})
     metrics: dict[str, Any] = {
         "recipe": recipe.name,
         "model": target.name,
@@ -190,7 +191,7 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         "best_mean_agreement": state.best_agreement,
         "history": state.history,
         "data": {"train_conversations": len(train_set), "held_out_conversations": len(held),
-                 "train_generated_tokens": sum(int(e["loss_mask"].sum()) for e in train_set)},
+                 "train_generated_tokens": train_tokens},
     }
     if held and d.temperature == 0 and all("hidden" in e for e in held):
         metrics["simulated"] = _simulate_held_out(target, out, held, recipe)
