@@ -13,6 +13,19 @@ Worked example, W=2, L=3, g0=7, draft vocabulary {0..9}:
             beam 1's best child (token 3, -0.1) scores -1.3 and beam 0's best (token 4, -0.6) -1.5:
             top-2 indices 13 -> parent 1, token 3;  4 -> parent 0, token 4
             beams = [[7, 5, 3], [7, 3, 4]]   (histories gathered by parent)
+
+Node budget (`tree_nodes` = N > 0, EAGLE-2's dynamic tree on ReDrafter's
+beams): the target's cost grows with the tree's nodes, and the W final beams
+are not the tree's most likely nodes (a beam's deep tail can be far less
+likely than a dropped sibling near the root). So the search keeps every
+prefix it kept at any step, W * (L-1) distinct nodes, each scored by its
+running log-probability, and returns the N best, one beam per node (its path,
+PAD after it). A child never scores above its parent and the candidates are
+ordered by depth, so a stable sort keeps the set prefix-closed: a tree of
+exactly N drafted nodes (plus g0). In the example above with N = 3:
+
+    candidates  [7, 3] -0.9   [7, 5] -1.2   [7, 5, 3] -1.3   [7, 3, 4] -1.5
+    kept        [[7, 3, -1], [7, 5, -1], [7, 5, 3]]   -> nodes 7; 3, 5; 3 (under 5)
 """
 
 from __future__ import annotations
@@ -20,9 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .drafter import Drafter
 from .errors import BeamShapeError
+from .lookup import PAD
 
 
 @dataclass
@@ -39,7 +54,8 @@ class DraftBeams:
         return B, W, L
 
 
-def check_beam_shape(beam_width: int, beam_length: int, draft_vocab_size: int | None = None) -> None:
+def check_beam_shape(beam_width: int, beam_length: int, draft_vocab_size: int | None = None,
+                     tree_nodes: int = 0) -> None:
     """Raise BeamShapeError for shapes that cannot be drafted."""
     if beam_width < 1:
         raise BeamShapeError(f"beam width must be >= 1, got {beam_width}")
@@ -49,15 +65,23 @@ def check_beam_shape(beam_width: int, beam_length: int, draft_vocab_size: int | 
         raise BeamShapeError(f"beam shape {beam_width}x{beam_length} is too large (max 256 x 64)")
     if draft_vocab_size is not None and beam_width > draft_vocab_size:
         raise BeamShapeError(f"beam width {beam_width} exceeds the draft vocabulary ({draft_vocab_size} tokens)")
+    if tree_nodes and not 1 <= tree_nodes <= beam_width * (beam_length - 1):
+        raise BeamShapeError(f"--nodes {tree_nodes}: a {beam_width}x{beam_length} beam search drafts "
+                             f"{beam_width * (beam_length - 1)} distinct tokens, keep 1..{beam_width * (beam_length - 1)} "
+                             "of them (or 0: every beam)")
 
 
 @torch.no_grad()
-def draft_beams(drafter: Drafter, h: torch.Tensor, g0: torch.Tensor, beam_width: int, beam_length: int) -> DraftBeams:
+def draft_beams(drafter: Drafter, h: torch.Tensor, g0: torch.Tensor, beam_width: int, beam_length: int,
+                tree_nodes: int = 0) -> DraftBeams:
     """Draft W beams of length L for each row.
 
     h: (B, H) target hidden state after its final norm at the last accepted token.
     g0: (B,) the token the target produced after h.
-    Returns DraftBeams with tokens (B, W, L) and logprobs (B, W, L-1).
+    Returns DraftBeams with tokens (B, W, L) and logprobs (B, W, L-1); with
+    tree_nodes N > 0, the N most likely nodes of the search instead (module
+    docstring): tokens (B, N', D) and logprobs (B, N', D-1), N' = min(N, W*(L-1)),
+    D <= L the depth of the deepest kept node, PAD (-1) after each node.
     """
     B = g0.shape[0]
     W, L = beam_width, beam_length
@@ -73,6 +97,7 @@ def draft_beams(drafter: Drafter, h: torch.Tensor, g0: torch.Tensor, beam_width:
     running = torch.full((B, W), float("-inf"), device=device)
     running[:, 0] = 0.0  # step 1: all beams equal, only beam 0 may expand
     last = tokens[:, :, 0]  # (B, W)
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # every step's beams, for tree_nodes
     for _ in range(L - 1):
         state = drafter.rnn_step(state, drafter.embed(last))  # (B, W, H)
         step_logp = torch.log_softmax(drafter.logits(h, state).float(), dim=-1)  # (B, W, V_d)
@@ -87,4 +112,27 @@ def draft_beams(drafter: Drafter, h: torch.Tensor, g0: torch.Tensor, beam_width:
         logprobs = torch.cat(
             [logprobs.gather(1, parent.unsqueeze(-1).expand(B, W, logprobs.shape[-1])), chosen_logp.unsqueeze(-1)], -1
         )
+        if tree_nodes:
+            kept.append((tokens, logprobs, running))
+    if tree_nodes:
+        return _best_nodes(kept, tree_nodes)
     return DraftBeams(tokens, logprobs)
+
+
+def _best_nodes(kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n: int) -> DraftBeams:
+    """The n best of the nodes a beam search kept, one beam per node.
+
+    kept: per step k = 1..L-1, (tokens (B, W, k+1), logprobs (B, W, k), running (B, W)).
+    """
+    L = len(kept) + 1
+    tokens = torch.cat([F.pad(t, (0, L - t.shape[-1]), value=PAD) for t, _, _ in kept], 1)  # (B, W*(L-1), L)
+    logprobs = torch.cat([F.pad(lp, (0, L - 1 - lp.shape[-1])) for _, lp, _ in kept], 1)  # (B, W*(L-1), L-1)
+    scores = torch.cat([r for _, _, r in kept], 1)  # (B, W*(L-1)), depth-major: parents before children
+    B, C = scores.shape
+    n = min(n, C)
+    # Stable: on a tie (a child with log-probability 0) the parent, listed first, stays ahead of its child.
+    best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n]  # (B, n)
+    tokens = tokens.gather(1, best.unsqueeze(-1).expand(B, n, L))
+    logprobs = logprobs.gather(1, best.unsqueeze(-1).expand(B, n, L - 1))
+    depth = int((tokens != PAD).sum(-1).max())  # deepest kept node, counting g0
+    return DraftBeams(tokens[..., :depth].contiguous(), logprobs[..., : depth - 1].contiguous())

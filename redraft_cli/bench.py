@@ -214,6 +214,7 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
         "lookup_beams": d.lookup_beams,
         "lookup_length": d.lookup_length or d.beam_length,
         "datastore_beams": d.datastore_beams,
+        "tree_nodes": d.tree_nodes,
         "batch_size": B,
         "num_prompts": len(prompts),
         "max_new_tokens": d.max_new_tokens,

@@ -54,6 +54,7 @@ class Totals:
 SETTABLE = {
     "beam-width": ("beam_width", int),
     "beam-length": ("beam_length", int),
+    "nodes": ("tree_nodes", int),
     "lookup": ("lookup_beams", int),
     "lookup-length": ("lookup_length", int),
     "datastore": ("datastore_beams", int),

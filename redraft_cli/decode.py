@@ -55,13 +55,14 @@ class DecodeConfig:
     lookup_beams: int = 0  # extra beams copied from earlier context (lookup.py), beside the W drafted ones
     lookup_length: int = 0  # tokens per lookup beam, counting g0 (0: beam_length); may exceed beam_length
     datastore_beams: int = 0  # extra beams from the drafter's datastore (datastore.py), lookup_length tokens long
+    tree_nodes: int = 0  # keep the N most likely drafted tokens of the W x L search (beam_search.py); 0: every beam
 
     def __post_init__(self) -> None:
         if self.accept not in ACCEPT_RULES:
             raise BadInputError(f"--accept must be one of {', '.join(ACCEPT_RULES)}, got {self.accept!r}")
         if self.max_new_tokens < 1:
             raise BadInputError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        check_beam_shape(self.beam_width, self.beam_length)
+        check_beam_shape(self.beam_width, self.beam_length, tree_nodes=self.tree_nodes)
         if not 0 <= self.lookup_beams <= 16:
             raise BadInputError(f"--lookup must be between 0 and 16, got {self.lookup_beams}")
         if not 0 <= self.datastore_beams <= 16:
@@ -121,8 +122,8 @@ class DrafterProposer:
     def __init__(self, drafter: Drafter) -> None:
         self.drafter = drafter
 
-    def __call__(self, h, g0, beam_width, beam_length, contexts):
-        return draft_beams(self.drafter, h, g0, beam_width, beam_length)
+    def __call__(self, h, g0, beam_width, beam_length, contexts, tree_nodes=0):
+        return draft_beams(self.drafter, h, g0, beam_width, beam_length, tree_nodes)
 
 
 def _sync(device: torch.device) -> None:
@@ -163,8 +164,10 @@ class Generator:
     def check(self, cfg: DecodeConfig) -> None:
         """Raise BadInputError when ReDrafter decoding with `cfg` cannot run with this drafter."""
         if self.drafter is not None:
-            check_beam_shape(cfg.beam_width, cfg.beam_length, self.drafter.draft_vocab_size)
+            check_beam_shape(cfg.beam_width, cfg.beam_length, self.drafter.draft_vocab_size, cfg.tree_nodes)
         check_datastore(self.drafter, cfg.datastore_beams)
+        if cfg.tree_nodes and not isinstance(self.proposer, DrafterProposer):
+            raise BadInputError("--nodes prunes the drafter's beam search; this generator drafts otherwise")
 
     # -- shared pieces ----------------------------------------------------------
     def _generator(self, cfg: DecodeConfig) -> torch.Generator | None:
@@ -303,7 +306,7 @@ class Generator:
             length = max(1, min(cfg.beam_length, budget, room))
             t0 = time.perf_counter()
             contexts = [rows.context[r] for r in rows.active]
-            beams = self._propose(h, g0, cfg.beam_width, length, contexts)
+            beams = self._propose(h, g0, cfg.beam_width, length, contexts, cfg.tree_nodes)
             copy_length = max(1, min(cfg.lookup_length or cfg.beam_length, budget, room))
             if cfg.lookup_beams:
                 beams = with_lookup_beams(beams, contexts, cfg.lookup_beams, copy_length)
@@ -331,7 +334,10 @@ class Generator:
             yield out
             h, g0 = self._drop_finished(rows, keep, h, g0)
 
-    def _propose(self, h: torch.Tensor, g0: torch.Tensor, W: int, L: int, contexts: list[list[int]]) -> DraftBeams:
+    def _propose(self, h: torch.Tensor, g0: torch.Tensor, W: int, L: int, contexts: list[list[int]],
+                 tree_nodes: int = 0) -> DraftBeams:
+        if tree_nodes:  # only the drafter's proposer prunes its search to a node budget
+            return self.proposer(h, g0, W, L, contexts, tree_nodes=tree_nodes)
         if getattr(self.proposer, "batched", False):
             return self.proposer(h, g0, W, L, contexts)
         parts = [self.proposer(h[i : i + 1], g0[i : i + 1], W, L, ctx) for i, ctx in enumerate(contexts)]

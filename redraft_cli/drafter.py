@@ -65,6 +65,7 @@ class DrafterConfig:
     lookup_beams: int = 0  # recommended extra context-lookup beams (lookup.py)
     lookup_length: int = 0  # their length, counting g0 (0: beam_length); datastore beams' too
     datastore_beams: int = 0  # recommended extra beams from the datastore (datastore.py), when the drafter has one
+    tree_nodes: int = 0  # recommended node budget for the beam search (beam_search.py); 0: every beam
     draft_vocab_size: int | None = None  # None: the full vocabulary
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -375,10 +376,10 @@ class Drafter(nn.Module):
 
 def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
                      lookup_beams: int | None = None, lookup_length: int | None = None,
-                     datastore_beams: int | None = None) -> Path:
+                     datastore_beams: int | None = None, tree_nodes: int | None = None) -> Path:
     """Set the recommended beam shape in a saved drafter's config.json, touching nothing else.
 
-    lookup_beams / lookup_length / datastore_beams, when given, are recommended
+    lookup_beams / lookup_length / datastore_beams / tree_nodes, when given, are recommended
     with it (the settings the shape was measured with).
 
     The weights are not rewritten; config.json is replaced atomically (temporary
@@ -388,7 +389,7 @@ def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
     """
     from .beam_search import check_beam_shape
 
-    check_beam_shape(beam_width, beam_length)
+    check_beam_shape(beam_width, beam_length, tree_nodes=tree_nodes or 0)
     cfg_path = Path(path) / CONFIG_NAME
     if not cfg_path.is_file():
         raise DrafterLoadError(f"drafter checkpoint {Path(path)} lacks {CONFIG_NAME}")
@@ -405,6 +406,8 @@ def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
         ours["lookup_length"] = int(lookup_length)
     if datastore_beams is not None:
         ours["datastore_beams"] = int(datastore_beams)
+    if tree_nodes is not None:
+        ours["tree_nodes"] = int(tree_nodes)
     after = DrafterConfig.from_json_dict(data)  # still a valid config, only the shape changed
     assert (after.head, after.beam_width, after.beam_length) == (before.head, beam_width, beam_length)
     mode = cfg_path.stat().st_mode & 0o777

@@ -66,7 +66,7 @@ def answer_spans(example: dict, max_new_tokens: int | None = None) -> list[tuple
 @torch.no_grad()
 def simulate_greedy(drafter: Drafter, examples: list[dict], beam_width: int, beam_length: int,
                     lookup_beams: int = 0, lookup_length: int = 0, max_new_tokens: int | None = None,
-                    datastore_beams: int = 0) -> SimulationResult:
+                    datastore_beams: int = 0, tree_nodes: int = 0) -> SimulationResult:
     """Tokens per step of greedy ReDrafter decoding (batch 1) on greedy data.
 
     examples: dicts with input_ids (T,), loss_mask (T,) bool (the target's own
@@ -75,7 +75,8 @@ def simulate_greedy(drafter: Drafter, examples: list[dict], beam_width: int, bea
     max_new_tokens) is decoded as if its prompt were everything before it.
     All answers advance together: one `draft_beams` call per round and beam
     length (rows near their end draft shorter beams, as the decoder does).
-    Datastore beams come from `drafter.datastore` (lookup_length tokens long).
+    Datastore beams come from `drafter.datastore` (lookup_length tokens long);
+    tree_nodes > 0 keeps that many drafted tokens of the search (beam_search.py).
     """
     device = drafter.rnn_w.weight.device
     dtype = drafter.rnn_w.weight.dtype
@@ -93,7 +94,7 @@ def simulate_greedy(drafter: Drafter, examples: list[dict], beam_width: int, bea
         for (length, look), rows in groups.items():
             h = torch.stack([examples[c[0]]["hidden"][c[1] - 1] for c in rows]).to(device=device, dtype=dtype)
             g0 = torch.stack([examples[c[0]]["input_ids"][c[1]] for c in rows]).to(device)
-            beams = draft_beams(drafter, h, g0, beam_width, length)
+            beams = draft_beams(drafter, h, g0, beam_width, length, tree_nodes)
             if lookup_beams or datastore_beams:
                 contexts = [examples[c[0]]["input_ids"][: c[1] + 1].tolist() for c in rows]
             if lookup_beams:

@@ -34,7 +34,7 @@ DEFAULT_BEAM_WIDTHS = (1, 2, 4, 8)
 DEFAULT_BEAM_LENGTHS = (2, 3, 4, 5)
 
 CELL_FIELDS = (
-    "beam_width", "beam_length",
+    "beam_width", "beam_length", "tree_nodes",
     "tokens_per_step", "acceptance_rate", "mean_tree_nodes",
     "tokens", "seconds", "tokens_per_s", "steps",
     "baseline_tokens", "baseline_seconds", "baseline_tokens_per_s",
@@ -42,7 +42,7 @@ CELL_FIELDS = (
     "draft_share", "verify_share", "accept_share",
     "identical_outputs",
 )
-_INT_FIELDS = {"beam_width", "beam_length", "tokens", "steps", "baseline_tokens", "identical_outputs"}
+_INT_FIELDS = {"beam_width", "beam_length", "tree_nodes", "tokens", "steps", "baseline_tokens", "identical_outputs"}
 
 ProgressFn = Callable[[int, int, str], None]
 CellFn = Callable[[dict[str, Any]], None]
@@ -67,7 +67,10 @@ def parse_int_list(text: str, option: str = "list") -> list[int]:
 
 @dataclass
 class SweepConfig:
-    """The grid and everything else a cell needs; `decode`'s own beam shape is ignored."""
+    """The grid and everything else a cell needs; `decode`'s own beam shape is ignored.
+
+    decode.tree_nodes (a node budget) applies in every cell, capped at the W*(L-1)
+    tokens that cell's search drafts (`cell_nodes`)."""
 
     beam_widths: list[int] = field(default_factory=lambda: list(DEFAULT_BEAM_WIDTHS))
     beam_lengths: list[int] = field(default_factory=lambda: list(DEFAULT_BEAM_LENGTHS))
@@ -84,7 +87,11 @@ class SweepConfig:
     def check(self, draft_vocab_size: int | None = None) -> None:
         """Every shape of the grid must be draftable (BeamShapeError otherwise)."""
         for w, length in self.shapes:
-            check_beam_shape(w, length, draft_vocab_size)
+            check_beam_shape(w, length, draft_vocab_size, self.cell_nodes(w, length))
+
+    def cell_nodes(self, beam_width: int, beam_length: int) -> int:
+        """The node budget of cell W x L: decode.tree_nodes, at most the W*(L-1) tokens it drafts."""
+        return min(self.decode.tree_nodes, beam_width * (beam_length - 1))
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
@@ -98,6 +105,7 @@ def cell_from_bench(r: dict[str, Any]) -> dict[str, Any]:
     cell = {
         "beam_width": r["beam_width"],
         "beam_length": r["beam_length"],
+        "tree_nodes": r["tree_nodes"],
         "tokens_per_step": red["tokens_per_step"],
         "acceptance_rate": red["acceptance_rate"],
         "mean_tree_nodes": red["mean_tree_nodes"],
@@ -156,7 +164,8 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
     tick = Ticker(len(shapes) * per_cell + (2 if cfg.warmup else 0), progress)
     start = time.perf_counter()
     if cfg.warmup:
-        largest = replace(d, beam_width=max(cfg.beam_widths), beam_length=max(cfg.beam_lengths))
+        w, length = max(cfg.beam_widths), max(cfg.beam_lengths)
+        largest = replace(d, beam_width=w, beam_length=length, tree_nodes=cfg.cell_nodes(w, length))
         warm_up(gen, prompts[:1], largest, ["plain", "redraft"], tick)
 
     cells: list[dict[str, Any]] = []
@@ -168,7 +177,8 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
             tick.done = offset + n - 1
             tick(f"{name} {label}")
 
-        bench_cfg = BenchConfig(replace(d, beam_width=w, beam_length=length), warmup=False, hf_baseline=False)
+        cell_cfg = replace(d, beam_width=w, beam_length=length, tree_nodes=cfg.cell_nodes(w, length))
+        bench_cfg = BenchConfig(cell_cfg, warmup=False, hf_baseline=False)
         cell = cell_from_bench(run_bench(gen, prompts, bench_cfg, cell_progress))
         tick.done = offset + per_cell
         cells.append(cell)
@@ -189,6 +199,7 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
         "lookup_beams": d.lookup_beams,
         "lookup_length": d.lookup_length,
         "datastore_beams": d.datastore_beams,
+        "tree_nodes": d.tree_nodes,
         "warmup": cfg.warmup,
         "baseline": pooled_baseline(cells),
         "cells": cells,
@@ -248,4 +259,5 @@ def save_best(result: dict[str, Any], drafter_dir: str | Path) -> Path:
     if best is None:
         raise BadInputError("the sweep has no best cell to save (no cell has a speedup)")
     return write_beam_shape(drafter_dir, best["beam_width"], best["beam_length"],
-                            result.get("lookup_beams"), result.get("lookup_length"), result.get("datastore_beams"))
+                            result.get("lookup_beams"), result.get("lookup_length"), result.get("datastore_beams"),
+                            best.get("tree_nodes"))

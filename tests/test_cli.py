@@ -87,6 +87,7 @@ def test_bench_rejection_sampling_runs(prompt_file):
     (["--model", "/no/such/dir"], ["not found"]),
     (["--beam-width", "0"], ["beam width"]),
     (["--beam-length", "0"], ["beam length"]),
+    (["--beam-width", "2", "--beam-length", "3", "--nodes", "5"], ["--nodes 5", "2x3"]),
     (["--accept", "sometimes"], ["--accept"]),
     (["--temperature", "-1"], ["temperature"]),
     (["--dtype", "float8"], ["--dtype"]),

@@ -34,9 +34,10 @@ def greedy_examples(target, prompts: list[list[int]], n: int) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 0, 0, 0), (2, 3, 2, 7, 0), (1, 4, 1, 2, 0), (2, 3, 1, 6, 2)])
+@pytest.mark.parametrize("shape", [(2, 3, 0, 0, 0, 0), (2, 3, 2, 7, 0, 0), (1, 4, 1, 2, 0, 0), (2, 3, 1, 6, 2, 0),
+                                   (4, 5, 1, 7, 0, 5)])
 def test_simulation_equals_real_decoding(tiny_target, shape):
-    W, L, lookup, lookup_length, datastore = shape
+    W, L, lookup, lookup_length, datastore, nodes = shape
     prompts = [p * 3 for p in random_prompts(5, tiny_target.vocab_size, seed=4, min_len=2, max_len=5)]
     data = greedy_examples(tiny_target, prompts, 30)
     drafter = Drafter.for_target(tiny_target, seed=2)
@@ -44,10 +45,10 @@ def test_simulation_equals_real_decoding(tiny_target, shape):
         others = random_prompts(6, tiny_target.vocab_size, seed=9, min_len=2, max_len=5) + prompts[:2]
         drafter.datastore = Datastore.from_examples(greedy_examples(tiny_target, others, 30), tiny_target.vocab_size)
     cfg = DecodeConfig(max_new_tokens=30, beam_width=W, beam_length=L, lookup_beams=lookup,
-                       lookup_length=lookup_length, datastore_beams=datastore, stop_on_eos=False)
+                       lookup_length=lookup_length, datastore_beams=datastore, tree_nodes=nodes, stop_on_eos=False)
     gen = Generator(tiny_target, drafter)
     steps = [s for p in prompts for s in gen.generate(p, cfg, "redraft").decode_steps]
-    sim = simulate_greedy(drafter, data, W, L, lookup, lookup_length, datastore_beams=datastore)
+    sim = simulate_greedy(drafter, data, W, L, lookup, lookup_length, datastore_beams=datastore, tree_nodes=nodes)
     assert sim.answers == 5
     assert (sim.steps, sim.tokens) == (len(steps), sum(len(s.tokens) for s in steps))
     if lookup:

@@ -194,6 +194,7 @@ def test_cli_sweep_embedded_default(tmp_path):
     (["--beam-widths", "300"], ["too large"]),
     (["--plot", "grid.jpg"], ["--plot"]),
     (["--save-best"], ["--save-best", "--drafter random"]),
+    (["--nodes", "-1"], ["--nodes"]),
 ])
 def test_cli_bad_grids_fail_before_loading(args, fragments):
     assert_clean_error(invoke("--drafter", "random", "--model", "no-such-org/never-loaded", *args), *fragments)
@@ -202,7 +203,7 @@ def test_cli_bad_grids_fail_before_loading(args, fragments):
 def test_cli_save_best_into_a_saved_drafter(tmp_path, smollm2):
     path = tmp_path / "smol-drafter"
     Drafter.for_target(smollm2, seed=1).save(path)
-    result = invoke("--drafter", path, "--save-best", "--beam-widths", "1,2", "--beam-lengths", "2",
+    result = invoke("--drafter", path, "--save-best", "--beam-widths", "1,2", "--beam-lengths", "2", "--nodes", 1,
                     "--num-prompts", 1, "--max-new-tokens", 4, "--no-warmup", "--json", tmp_path / "s.json")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "s.json").read_text())
@@ -210,4 +211,6 @@ def test_cli_save_best_into_a_saved_drafter(tmp_path, smollm2):
     assert data["saved_best"] == str(path / CONFIG_NAME)
     cfg = Drafter.load(path).config
     assert (cfg.beam_width, cfg.beam_length) == (best["beam_width"], best["beam_length"])
+    assert cfg.tree_nodes == best["tree_nodes"] == 1  # the budget, capped at the 1 token a 1x2 cell drafts
+    assert all(c["tree_nodes"] == 1 for c in data["cells"]) and data["tree_nodes"] == 1
     assert "saved beam shape" in result.output

@@ -36,6 +36,7 @@ def bench(
     lookup: o.Lookup = None,
     lookup_length: o.LookupLength = None,
     datastore: o.DatastoreBeams = None,
+    nodes: o.TreeNodes = None,
     epsilon: o.Epsilon = D["epsilon"],
     delta: o.Delta = D["delta"],
     seed: o.Seed = D["seed"],
@@ -50,14 +51,14 @@ def bench(
 ) -> None:
     """Measure ReDrafter against plain decoding on the same prompts, alternating, after a warm-up."""
     # Validate everything cheap before loading models.
-    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup, lookup_length, datastore)
+    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup, lookup_length, datastore, nodes)
     check_output_paths(json_path)
     if batch_size < 1:
         raise BadInputError(f"--batch-size must be >= 1, got {batch_size}")
     texts = load_prompts(prompts, limit=num_prompts)
     loaded = load_models(model, drafter, dtype, device, quantize, seed)
     target, dr = loaded.target, loaded.drafter
-    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore)
+    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes)
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
     for p in ids:

@@ -16,13 +16,13 @@ from ..decode import Generator
 from ..errors import RedraftError
 from . import options as o
 from ._errors import handle_errors
-from .common import console, decode_config, err, load_models, with_drafter_shape
+from .common import console, decode_config, err, load_models, lookup_label, with_drafter_shape
 
 D = o.DEFAULTS
 HELP = """commands:
   /reset               start a new conversation
   /stats               session totals
-  /set NAME VALUE      change a setting: beam-width, beam-length, lookup, lookup-length, datastore,
+  /set NAME VALUE      change a setting: beam-width, beam-length, nodes, lookup, lookup-length, datastore,
                        max-new-tokens, accept, temperature, top-p, top-k, seed, draft on|off, system TEXT
   /help                this help
   /quit                leave (or Ctrl-D); Ctrl-C stops the current answer"""
@@ -37,6 +37,7 @@ def chat(
     lookup: o.Lookup = None,
     lookup_length: o.LookupLength = None,
     datastore: o.DatastoreBeams = None,
+    nodes: o.TreeNodes = None,
     temperature: o.Temperature = D["temperature"],
     top_k: o.TopK = D["top_k"],
     top_p: o.TopP = D["top_p"],
@@ -53,7 +54,7 @@ def chat(
     quantize: o.Quantize = D["quantize"],
 ) -> None:
     """Talk to a model with ReDrafter decoding (multi-turn, streamed)."""
-    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, lookup=lookup, lookup_length=lookup_length, datastore=datastore)
+    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, lookup=lookup, lookup_length=lookup_length, datastore=datastore, nodes=nodes)
     one_shot = prompt is not None or not sys.stdin.isatty()
     if prompt is None and one_shot:
         prompt = sys.stdin.read().strip()
@@ -63,13 +64,13 @@ def chat(
             raise BadInputError("no prompt: pass --prompt TEXT or text on stdin")
     loaded = load_models(model, drafter, dtype, device, quantize, seed)
     dr = loaded.drafter
-    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore)
+    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes)
     session = ChatSession(Generator(loaded.target, dr), cfg, system=system, draft=not no_draft)
     if one_shot:
         _one_shot(session, prompt or "", json_out, show_drafts)
         return
     err.print(f"[bold]redraft chat[/] - {loaded.target.describe()}, drafter {loaded.drafter_name}, "
-              f"beams {cfg.beam_width}x{cfg.beam_length}, {cfg.accept}. /help for commands, Ctrl-D to leave.")
+              f"beams {cfg.beam_width}x{cfg.beam_length}{lookup_label(vars(cfg))}, {cfg.accept}. /help for commands, Ctrl-D to leave.")
     _interactive(session, show_drafts)
 
 
@@ -125,7 +126,7 @@ def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bo
         c = session.cfg
         settings = {"accept": c.accept, "temperature": c.sampling.temperature, "beam_width": c.beam_width,
                     "beam_length": c.beam_length, "lookup_beams": c.lookup_beams,
-                    "lookup_length": c.lookup_length or c.beam_length, "datastore_beams": c.datastore_beams}
+                    "lookup_length": c.lookup_length or c.beam_length, "datastore_beams": c.datastore_beams, "tree_nodes": c.tree_nodes}
         console.print_json(json.dumps({"prompt": prompt, "response": session.messages[-1]["content"],
                                        "draft": session.draft, **settings, **session.last.summary()}))
     else:

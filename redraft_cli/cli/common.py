@@ -78,7 +78,7 @@ def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int 
                   temperature: float, top_k: int, top_p: float, seed: int,
                   epsilon: float = DecodeConfig.typical_epsilon, delta: float = DecodeConfig.typical_delta,
                   lookup: int | None = None, lookup_length: int | None = None,
-                  datastore: int | None = None) -> DecodeConfig:
+                  datastore: int | None = None, nodes: int | None = None) -> DecodeConfig:
     """Validate the decoding options before any model loads (unset beam sizes take the core defaults for now)."""
     return DecodeConfig(
         max_new_tokens=max_new_tokens,
@@ -91,17 +91,21 @@ def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int 
         lookup_beams=lookup or 0,
         lookup_length=lookup_length or 0,
         datastore_beams=datastore or 0,
+        tree_nodes=nodes or 0,
     )
 
 
 def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | None, beam_length: int | None,
                        lookup: int | None = None, lookup_length: int | None = None,
-                       datastore: int | None = None) -> DecodeConfig:
+                       datastore: int | None = None, nodes: int | None = None) -> DecodeConfig:
     """Beam sizes (and copied beams) the user did not set come from the drafter's recommendation
-    (datastore beams only when the drafter has a datastore)."""
+    (datastore beams only when the drafter has a datastore; its node budget only with its own
+    beam shape, which the budget was chosen for)."""
     if datastore is None:
         datastore = drafter.config.datastore_beams if drafter.datastore is not None else 0
     check_datastore(drafter, datastore)
+    if nodes is None:
+        nodes = drafter.config.tree_nodes if beam_width is None and beam_length is None else 0
     return replace(
         cfg,
         beam_width=beam_width if beam_width is not None else drafter.config.beam_width,
@@ -109,6 +113,7 @@ def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | No
         lookup_beams=lookup if lookup is not None else drafter.config.lookup_beams,
         lookup_length=lookup_length if lookup_length is not None else drafter.config.lookup_length,
         datastore_beams=datastore,
+        tree_nodes=nodes,
     )
 
 
@@ -129,8 +134,10 @@ def check_output_paths(*paths) -> None:
 
 
 def lookup_label(r: dict) -> str:
-    """' + 2 lookup', ' + 2 lookup x 8 + 2 datastore x 8' (the length when set apart from the beam length), for titles."""
-    n, ds = r.get("lookup_beams") or 0, r.get("datastore_beams") or 0
+    """' + 2 lookup', ' best 12 nodes + 2 lookup x 8 + 2 datastore x 8' (the length when set apart from the beam
+    length; the node budget when set), for titles."""
+    n, ds, nodes = r.get("lookup_beams") or 0, r.get("datastore_beams") or 0, r.get("tree_nodes") or 0
     length = r.get("lookup_length")
     size = f" x {length}" if length and length != r.get("beam_length") else ""
-    return (f" + {n} lookup" + size if n else "") + (f" + {ds} datastore" + size if ds else "")
+    return ((f" best {nodes} nodes" if nodes else "") + (f" + {n} lookup" + size if n else "")
+            + (f" + {ds} datastore" + size if ds else ""))

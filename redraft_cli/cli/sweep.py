@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -48,6 +49,7 @@ def sweep(
     lookup: o.Lookup = None,
     lookup_length: o.LookupLength = None,
     datastore: o.DatastoreBeams = None,
+    nodes: Annotated[Optional[int], typer.Option("--nodes", help="Node budget in every cell: verify the N most likely drafted tokens of each cell's search (capped at the W*(L-1) it drafts); 0 = every beam.")] = 0,
     epsilon: o.Epsilon = D["epsilon"],
     delta: o.Delta = D["delta"],
     seed: o.Seed = D["seed"],
@@ -67,6 +69,9 @@ def sweep(
     widths = parse_int_list(beam_widths, "--beam-widths")
     lengths = parse_int_list(beam_lengths, "--beam-lengths")
     base = decode_config(max_new_tokens, None, None, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup, lookup_length, datastore)
+    if nodes is None or nodes < 0:
+        raise BadInputError(f"--nodes must be >= 0, got {nodes}")
+    base = replace(base, tree_nodes=0)
     cfg = SweepConfig(beam_widths=widths, beam_lengths=lengths, decode=base, warmup=warmup)
     check_output_paths(json_path, csv_path, plot_path)
     if plot_path is not None and plot_path.suffix.lower() not in PLOT_SUFFIXES:
@@ -83,8 +88,8 @@ def sweep(
         _check_writable(drafter_dir, target.name)
     cfg.check(dr.draft_vocab_size)
     # The drafter's recommended copied beams, the same in every cell (the beam shape is per cell).
-    cfg.decode = with_drafter_shape(cfg.decode, dr, cfg.decode.beam_width, cfg.decode.beam_length,
-                                    lookup, lookup_length, datastore)
+    cfg.decode = replace(with_drafter_shape(cfg.decode, dr, cfg.decode.beam_width, cfg.decode.beam_length,
+                                            lookup, lookup_length, datastore), tree_nodes=nodes)
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
     for p in ids:
@@ -95,7 +100,8 @@ def sweep(
             "dtype": str(target.compute_dtype).replace("torch.", "")}
     info = {**head, "accept": accept, "temperature": temperature, "num_prompts": len(ids),
             "max_new_tokens": max_new_tokens, "lookup_beams": cfg.decode.lookup_beams,
-            "lookup_length": cfg.decode.lookup_length, "datastore_beams": cfg.decode.datastore_beams}
+            "lookup_length": cfg.decode.lookup_length, "datastore_beams": cfg.decode.datastore_beams,
+            "tree_nodes": nodes}
     cells: list[dict[str, Any]] = []
     running: list[tuple[int, int] | None] = [None]
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -132,7 +138,8 @@ def sweep(
         console.print(f"wrote {save_sweep_plot(result, plot_path)}")
     if saved is not None:
         b = result["best"]
-        console.print(f"saved beam shape {b['beam_width']}x{b['beam_length']} to {saved} "
+        console.print(f"saved beam shape {b['beam_width']}x{b['beam_length']}"
+                      + (f" (best {b['tree_nodes']} nodes)" if b.get("tree_nodes") else "") + f" to {saved} "
                       "(the default of bench and chat with this drafter)")
 
 

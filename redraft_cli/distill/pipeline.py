@@ -162,7 +162,7 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
                                  predict_tokens=dr.predict_tokens, draft_vocab_size=dr.draft_vocab_size,
                                  beam_width=recipe.beam.width, beam_length=recipe.beam.length,
                                  lookup_beams=recipe.beam.lookup, lookup_length=recipe.beam.lookup_length,
-                                 datastore_beams=recipe.beam.datastore)
+                                 datastore_beams=recipe.beam.datastore, tree_nodes=recipe.beam.nodes)
     drafter.config.target_model = target.name
     if dr.draft_vocab_size:
         coverage = set_draft_vocab(drafter, train_set, dr.draft_vocab_size)
@@ -379,21 +379,20 @@ def _simulate_held_out(target: Target, out: Path, held: list[dict], recipe: Reci
     b = recipe.beam
     n = recipe.eval.bench_max_new_tokens
     sim = simulate_greedy(drafter, held, b.width, b.length, b.lookup, b.lookup_length, max_new_tokens=n,
-                          datastore_beams=b.datastore)
+                          datastore_beams=b.datastore, tree_nodes=b.nodes)
     return {"beam_width": b.width, "beam_length": b.length, "lookup_beams": b.lookup,
-            "lookup_length": b.lookup_length, "datastore_beams": b.datastore, "max_new_tokens": n, **sim.to_dict()}
+            "lookup_length": b.lookup_length, "datastore_beams": b.datastore, "tree_nodes": b.nodes,
+            "max_new_tokens": n, **sim.to_dict()}
 
 
 def _held_out_bench(target: Target, out: Path, held_convs: list[list[str]], recipe: Recipe, emit: EventFn) -> dict[str, Any]:
     from ..bench import BenchConfig, run_bench
-    from ..decode import DecodeConfig, Generator
+    from ..decode import Generator
 
     drafter = Drafter.load(out, map_location=target.device).to(dtype=target.compute_dtype)
     gen = Generator(target, drafter)
     prompts = [target.encode_chat(c[0], system=recipe.data.system) for c in held_convs[: recipe.eval.bench_prompts]]
-    cfg = DecodeConfig(max_new_tokens=recipe.eval.bench_max_new_tokens, beam_width=recipe.beam.width,
-                       beam_length=recipe.beam.length, lookup_beams=recipe.beam.lookup,
-                       lookup_length=recipe.beam.lookup_length, datastore_beams=recipe.beam.datastore)
+    cfg = recipe.beam.decode_config(max_new_tokens=recipe.eval.bench_max_new_tokens)
     emit({"event": "bench_start", "prompts": len(prompts)})
     result = run_bench(gen, prompts, BenchConfig(cfg, warmup=True, hf_baseline=False),
                        progress=lambda done, total, label: emit({"event": "bench", "done": done, "total": total}))

@@ -115,6 +115,19 @@ class BeamSection:
     lookup: int = 0  # recommended context-lookup beams beside the drafted ones
     lookup_length: int = 0  # their length, counting g0 (0: the beam length)
     datastore: int = 0  # recommended datastore beams (lookup_length long); distill always saves the datastore
+    nodes: int = 0  # recommended node budget: verify the N most likely drafted tokens of the search (0: every beam)
+
+    def __post_init__(self) -> None:
+        """Fail on an impossible shape when the recipe loads, not after training."""
+        self.decode_config()
+
+    def decode_config(self, **kwargs: Any) -> "DecodeConfig":
+        """This shape as decoding settings (greedy unless kwargs say otherwise)."""
+        from ..decode import DecodeConfig
+
+        return DecodeConfig(beam_width=self.width, beam_length=self.length, lookup_beams=self.lookup,
+                            lookup_length=self.lookup_length, datastore_beams=self.datastore, tree_nodes=self.nodes,
+                            **kwargs)
 
 
 @dataclass
