@@ -65,10 +65,13 @@ def check_beam_shape(beam_width: int, beam_length: int, draft_vocab_size: int | 
         raise BeamShapeError(f"beam shape {beam_width}x{beam_length} is too large (max 256 x 64)")
     if draft_vocab_size is not None and beam_width > draft_vocab_size:
         raise BeamShapeError(f"beam width {beam_width} exceeds the draft vocabulary ({draft_vocab_size} tokens)")
-    if tree_nodes and not 1 <= tree_nodes <= beam_width * (beam_length - 1):
-        raise BeamShapeError(f"--nodes {tree_nodes}: a {beam_width}x{beam_length} beam search drafts "
-                             f"{beam_width * (beam_length - 1)} distinct tokens, keep 1..{beam_width * (beam_length - 1)} "
-                             "of them (or 0: every beam)")
+    drafted = beam_width * (beam_length - 1)  # distinct tokens a W x L search keeps over its L-1 steps
+    if tree_nodes and beam_length < 2:
+        raise BeamShapeError(f"--nodes {tree_nodes}: a beam length of {beam_length} drafts nothing to keep; "
+                             "use a beam length >= 2 or --nodes 0")
+    if tree_nodes and not 1 <= tree_nodes <= drafted:
+        raise BeamShapeError(f"--nodes {tree_nodes}: a {beam_width}x{beam_length} beam search drafts {drafted} "
+                             f"distinct tokens, keep 1..{drafted} of them (or 0: every beam)")
 
 
 @torch.no_grad()

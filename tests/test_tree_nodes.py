@@ -112,7 +112,7 @@ def test_impossible_node_budgets_are_rejected(W, L, N):
         DecodeConfig(beam_width=W, beam_length=L, tree_nodes=N)
 
 
-@pytest.mark.parametrize("accept", ["greedy", "rejection"])
+@pytest.mark.parametrize("accept", ["greedy", "rejection", "typical"])
 def test_decoding_with_a_node_budget_stays_identical(tiny_target, accept):
     drafter = Drafter.for_target(tiny_target, seed=1)
     gen = Generator(tiny_target, drafter)
