@@ -129,13 +129,21 @@ def test_decoding_with_a_node_budget_stays_identical(tiny_target, accept):
 
 
 def test_the_drafters_budget_comes_only_with_its_beam_shape(tiny_target):
-    from redraft_cli.cli.common import with_drafter_shape
+    from redraft_cli.cli.common import decode_config, with_drafter_shape
+    from redraft_cli.errors import BadInputError
 
     drafter = Drafter.for_target(tiny_target, seed=0, beam_width=8, beam_length=5, tree_nodes=10)
     assert with_drafter_shape(DecodeConfig(), drafter, None, None).tree_nodes == 10
     # A shape of the user's own: every beam (the budget was chosen for 8x5), unless --nodes says otherwise.
     assert with_drafter_shape(DecodeConfig(), drafter, 2, None).tree_nodes == 0
     assert with_drafter_shape(DecodeConfig(), drafter, 2, 4, nodes=3).tree_nodes == 3
+    # Before the drafter loads its shape is unknown: the budget is checked against the drafter's 8x5 after.
+    cfg = decode_config(64, None, None, "greedy", 0.0, 0, 1.0, 0, nodes=30)
+    assert with_drafter_shape(cfg, drafter, None, None, nodes=30).tree_nodes == 30
+    with pytest.raises(BadInputError, match="--nodes 33: a 8x5 beam search drafts 32"):
+        with_drafter_shape(cfg, drafter, None, None, nodes=33)
+    with pytest.raises(BadInputError, match="--nodes must be >= 0"):
+        decode_config(64, None, None, "greedy", 0.0, 0, 1.0, 0, nodes=-1)
 
 
 def test_sweep_caps_the_budget_per_cell_and_recipes_check_it_on_load():

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from ..decode import DecodeConfig, check_datastore
 from ..drafter import Drafter
+from ..errors import BadInputError
 from ..sampling import SamplingConfig
 from ..shipped import shipped_drafter_dir
 from ..target import Target, TargetSpec, load_target
@@ -79,7 +80,12 @@ def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int 
                   epsilon: float = DecodeConfig.typical_epsilon, delta: float = DecodeConfig.typical_delta,
                   lookup: int | None = None, lookup_length: int | None = None,
                   datastore: int | None = None, nodes: int | None = None) -> DecodeConfig:
-    """Validate the decoding options before any model loads (unset beam sizes take the core defaults for now)."""
+    """Validate the decoding options before any model loads (unset beam sizes take the core defaults for now;
+    a node budget is checked against the beam shape once that is known, see `with_drafter_shape`)."""
+    if nodes is not None and nodes < 0:
+        raise BadInputError(f"--nodes must be >= 0, got {nodes}")
+    if beam_width is None or beam_length is None:
+        nodes = None  # the shape comes (in part) from the drafter: checked in with_drafter_shape
     return DecodeConfig(
         max_new_tokens=max_new_tokens,
         beam_width=beam_width if beam_width is not None else DecodeConfig.beam_width,
