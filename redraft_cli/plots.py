@@ -11,9 +11,21 @@ from pathlib import Path
 from typing import Any
 
 
+def _best_per_shape(result: dict[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:
+    """(width, length) -> its fastest cell over the node budgets tried (the only one without budgets)."""
+    cells: dict[tuple[int, int], dict[str, Any]] = {}
+    for c in result["cells"]:
+        key = (c["beam_width"], c["beam_length"])
+        old = cells.get(key)
+        if old is None or (c.get("speedup") or 0.0) > (old.get("speedup") or 0.0):
+            cells[key] = c
+    return cells
+
+
 def _grid(result: dict[str, Any], key: str) -> list[list[float]]:
-    """rows = beam widths, columns = beam lengths; NaN where a cell is missing."""
-    cells = {(c["beam_width"], c["beam_length"]): c for c in result["cells"]}
+    """rows = beam widths, columns = beam lengths; NaN where a cell is missing. With several node
+    budgets, each square shows the fastest budget's cell (`_labels` names the budget)."""
+    cells = _best_per_shape(result)
     grid = []
     for w in result["beam_widths"]:
         row = []
@@ -22,6 +34,15 @@ def _grid(result: dict[str, Any], key: str) -> list[list[float]]:
             row.append(float(v) if v is not None else math.nan)
         grid.append(row)
     return grid
+
+
+def _labels(result: dict[str, Any]) -> list[list[str]]:
+    """Under each square's value: the node budget of the cell shown, when the sweep tried budgets."""
+    cells = _best_per_shape(result)
+    if not any(c.get("tree_nodes") for c in result["cells"]):
+        return [["" for _ in result["beam_lengths"]] for _ in result["beam_widths"]]
+    return [[(f"\nbest {n}" if (n := cells.get((w, length), {}).get("tree_nodes")) else "\nall")
+             for length in result["beam_lengths"]] for w in result["beam_widths"]]
 
 
 def _heatmap(fig, ax, result: dict[str, Any], grid: list[list[float]], title: str, fmt: str,
@@ -37,6 +58,7 @@ def _heatmap(fig, ax, result: dict[str, Any], grid: list[list[float]], title: st
     ax.set_ylabel("beam width (beams per step)")
     ax.set_title(title)
     cmap_obj = image.get_cmap()
+    labels = _labels(result)
     for i in range(len(widths)):
         for j in range(len(lengths)):
             v = grid[i][j]
@@ -44,7 +66,7 @@ def _heatmap(fig, ax, result: dict[str, Any], grid: list[list[float]], title: st
                 continue
             r, g, b, _ = cmap_obj(norm(v))
             dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=10,
+            ax.text(j, i, fmt.format(v) + labels[i][j], ha="center", va="center", fontsize=10,
                     color="white" if dark else "black")
     cbar = fig.colorbar(image, ax=ax)
     cbar.set_label(label)
@@ -88,7 +110,9 @@ def sweep_figure(result: dict[str, Any]):
         ax_speed.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.5))
 
     base = result.get("baseline") or {}
-    best_txt = (f"best {best['beam_width']}x{best['beam_length']} at {best['speedup']:.2f}x"
+    best_txt = (f"best {best['beam_width']}x{best['beam_length']}"
+                + (f" (best {best['tree_nodes']} nodes)" if best.get("tree_nodes") else "")
+                + f" at {best['speedup']:.2f}x"
                 if best is not None and best.get("speedup") is not None else "no best cell")
     fig.suptitle(
         f"redraft sweep: {result.get('model', '?')} | drafter {result.get('drafter', '?')} | "

@@ -48,8 +48,8 @@ ProgressFn = Callable[[int, int, str], None]
 CellFn = Callable[[dict[str, Any]], None]
 
 
-def parse_int_list(text: str, option: str = "list") -> list[int]:
-    """'1,2,4' -> [1, 2, 4]: positive integers, deduplicated and sorted; BadInputError otherwise."""
+def parse_int_list(text: str, option: str = "list", minimum: int = 1) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]: integers >= minimum, deduplicated and sorted; BadInputError otherwise."""
     items = [t.strip() for t in str(text).split(",")]
     if not str(text).strip() or any(t == "" for t in items):
         raise BadInputError(f"{option} must be comma-separated positive integers such as 1,2,4; got {text!r}")
@@ -59,44 +59,50 @@ def parse_int_list(text: str, option: str = "list") -> list[int]:
             v = int(t)
         except ValueError:
             raise BadInputError(f"{option}: {t!r} is not an integer (expected e.g. 1,2,4)") from None
-        if v < 1:
-            raise BadInputError(f"{option}: {v} is not a positive integer")
+        if v < minimum:
+            raise BadInputError(f"{option}: {v} is not " + ("a positive integer" if minimum == 1 else f">= {minimum}"))
         values.append(v)
     return sorted(set(values))
 
 
 @dataclass
 class SweepConfig:
-    """The grid and everything else a cell needs; `decode`'s own beam shape is ignored.
+    """The grid and everything else a cell needs; `decode`'s own beam shape and budget are ignored.
 
-    decode.tree_nodes (a node budget) applies in every cell, capped at the W*(L-1)
-    tokens that cell's search drafts (`cell_nodes`)."""
+    tree_nodes: node budgets to try in every W x L cell (0 = every beam), each
+    capped at the W*(L-1) tokens that cell's search drafts; budgets that cap
+    to the same value are run once."""
 
     beam_widths: list[int] = field(default_factory=lambda: list(DEFAULT_BEAM_WIDTHS))
     beam_lengths: list[int] = field(default_factory=lambda: list(DEFAULT_BEAM_LENGTHS))
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     warmup: bool = True
+    tree_nodes: list[int] = field(default_factory=lambda: [0])
 
     def __post_init__(self) -> None:
         self.beam_widths = sorted(set(int(w) for w in self.beam_widths))
         self.beam_lengths = sorted(set(int(v) for v in self.beam_lengths))
-        if not self.beam_widths or not self.beam_lengths:
-            raise BadInputError("the sweep needs at least one beam width and one beam length")
+        self.tree_nodes = sorted(set(int(n) for n in self.tree_nodes))
+        if not self.beam_widths or not self.beam_lengths or not self.tree_nodes:
+            raise BadInputError("the sweep needs at least one beam width, beam length and node budget")
+        if self.tree_nodes[0] < 0:
+            raise BadInputError(f"--nodes must be >= 0, got {self.tree_nodes[0]}")
         self.check()
 
     def check(self, draft_vocab_size: int | None = None) -> None:
-        """Every shape of the grid must be draftable (BeamShapeError otherwise)."""
-        for w, length in self.shapes:
-            check_beam_shape(w, length, draft_vocab_size, self.cell_nodes(w, length))
-
-    def cell_nodes(self, beam_width: int, beam_length: int) -> int:
-        """The node budget of cell W x L: decode.tree_nodes, at most the W*(L-1) tokens it drafts."""
-        return min(self.decode.tree_nodes, beam_width * (beam_length - 1))
+        """Every cell of the grid must be draftable (BeamShapeError otherwise)."""
+        for w, length, n in self.shapes:
+            check_beam_shape(w, length, draft_vocab_size, n)
 
     @property
-    def shapes(self) -> list[tuple[int, int]]:
-        """Cells in run order: widths outer, lengths inner."""
-        return [(w, length) for w in self.beam_widths for length in self.beam_lengths]
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """Cells (width, length, node budget) in run order: widths outer, then lengths, then budgets."""
+        cells = []
+        for w in self.beam_widths:
+            for length in self.beam_lengths:
+                budgets = sorted({min(n, w * (length - 1)) for n in self.tree_nodes})
+                cells += [(w, length, n) for n in budgets]
+        return cells
 
 
 def cell_from_bench(r: dict[str, Any]) -> dict[str, Any]:
@@ -164,20 +170,19 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
     tick = Ticker(len(shapes) * per_cell + (2 if cfg.warmup else 0), progress)
     start = time.perf_counter()
     if cfg.warmup:
-        w, length = max(cfg.beam_widths), max(cfg.beam_lengths)
-        largest = replace(d, beam_width=w, beam_length=length, tree_nodes=cfg.cell_nodes(w, length))
+        largest = replace(d, beam_width=max(cfg.beam_widths), beam_length=max(cfg.beam_lengths), tree_nodes=0)
         warm_up(gen, prompts[:1], largest, ["plain", "redraft"], tick)
 
     cells: list[dict[str, Any]] = []
-    for k, (w, length) in enumerate(shapes):
+    for k, (w, length, n) in enumerate(shapes):
         offset = tick.done
-        name = f"cell {w}x{length} ({k + 1}/{len(shapes)})"
+        name = f"cell {w}x{length}{f' best {n}' if n else ''} ({k + 1}/{len(shapes)})"
 
         def cell_progress(n: int, _total: int, label: str, offset: int = offset, name: str = name) -> None:
             tick.done = offset + n - 1
             tick(f"{name} {label}")
 
-        cell_cfg = replace(d, beam_width=w, beam_length=length, tree_nodes=cfg.cell_nodes(w, length))
+        cell_cfg = replace(d, beam_width=w, beam_length=length, tree_nodes=n)
         bench_cfg = BenchConfig(cell_cfg, warmup=False, hf_baseline=False)
         cell = cell_from_bench(run_bench(gen, prompts, bench_cfg, cell_progress))
         tick.done = offset + per_cell
@@ -199,7 +204,7 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
         "lookup_beams": d.lookup_beams,
         "lookup_length": d.lookup_length,
         "datastore_beams": d.datastore_beams,
-        "tree_nodes": d.tree_nodes,
+        "tree_nodes": list(cfg.tree_nodes),
         "warmup": cfg.warmup,
         "baseline": pooled_baseline(cells),
         "cells": cells,
@@ -220,9 +225,12 @@ def write_json(result: dict[str, Any], path: str | Path) -> Path:
 def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per cell, CELL_FIELDS in order, plus `best` (1 for the best cell, else 0)."""
     best = result.get("best") or {}
-    key = (best.get("beam_width"), best.get("beam_length"))
-    return [{**{f: c[f] for f in CELL_FIELDS}, "best": int((c["beam_width"], c["beam_length"]) == key)}
-            for c in result["cells"]]
+    return [{**{f: c[f] for f in CELL_FIELDS}, "best": int(cell_key(c) == cell_key(best))} for c in result["cells"]]
+
+
+def cell_key(cell: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(width, length, node budget) of a cell (budget 0 for results written before budgets)."""
+    return cell.get("beam_width"), cell.get("beam_length"), cell.get("tree_nodes") or 0
 
 
 def write_csv(result: dict[str, Any], path: str | Path) -> Path:

@@ -194,7 +194,8 @@ def test_cli_sweep_embedded_default(tmp_path):
     (["--beam-widths", "300"], ["too large"]),
     (["--plot", "grid.jpg"], ["--plot"]),
     (["--save-best"], ["--save-best", "--drafter random"]),
-    (["--nodes", "-1"], ["--nodes"]),
+    (["--nodes", "-1"], ["--nodes", ">= 0"]),
+    (["--nodes", "2,x"], ["--nodes", "'x'"]),
 ])
 def test_cli_bad_grids_fail_before_loading(args, fragments):
     assert_clean_error(invoke("--drafter", "random", "--model", "no-such-org/never-loaded", *args), *fragments)
@@ -212,5 +213,5 @@ def test_cli_save_best_into_a_saved_drafter(tmp_path, smollm2):
     cfg = Drafter.load(path).config
     assert (cfg.beam_width, cfg.beam_length) == (best["beam_width"], best["beam_length"])
     assert cfg.tree_nodes == best["tree_nodes"] == 1  # the budget, capped at the 1 token a 1x2 cell drafts
-    assert all(c["tree_nodes"] == 1 for c in data["cells"]) and data["tree_nodes"] == 1
+    assert all(c["tree_nodes"] == 1 for c in data["cells"]) and data["tree_nodes"] == [1]
     assert "saved beam shape" in result.output

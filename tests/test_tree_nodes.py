@@ -151,8 +151,12 @@ def test_sweep_caps_the_budget_per_cell_and_recipes_check_it_on_load():
     from redraft_cli.errors import BadInputError
     from redraft_cli.sweep import SweepConfig
 
-    cfg = SweepConfig(beam_widths=[1, 4], beam_lengths=[2, 5], decode=DecodeConfig(tree_nodes=6))
-    assert [cfg.cell_nodes(w, length) for w, length in cfg.shapes] == [1, 4, 4, 6]
+    cfg = SweepConfig(beam_widths=[1, 4], beam_lengths=[2, 5], tree_nodes=[6, 0, 3, 6])
+    # Budgets capped at the W*(L-1) tokens a cell drafts; those that cap alike run once.
+    assert cfg.shapes == [(1, 2, 0), (1, 2, 1), (1, 5, 0), (1, 5, 3), (1, 5, 4), (4, 2, 0), (4, 2, 3), (4, 2, 4),
+                          (4, 5, 0), (4, 5, 3), (4, 5, 6)]
+    with pytest.raises(BadInputError, match="--nodes must be >= 0"):
+        SweepConfig(tree_nodes=[-1])
     assert recipe_from_dict({"beam": {"width": 8, "length": 5, "nodes": 12}}).beam.decode_config().tree_nodes == 12
     with pytest.raises(BadInputError, match="--nodes 40"):
         recipe_from_dict({"beam": {"width": 8, "length": 5, "nodes": 40}})
@@ -168,3 +172,24 @@ def test_chat_sets_the_budget(tiny_target):
     with pytest.raises(BadInputError, match="--nodes 13"):
         session.set("nodes", "13")
     assert session.cfg.tree_nodes == 5
+
+
+def test_a_sweep_over_budgets_marks_the_best_cell_and_plots_it(tiny_target, tmp_path):
+    from redraft_cli.cli.sweep import render
+    from redraft_cli.plots import _grid, _labels, save_sweep_plot
+    from redraft_cli.sweep import SweepConfig, csv_rows, run_sweep
+
+    drafter = Drafter.for_target(tiny_target, seed=0)
+    cfg = SweepConfig(beam_widths=[2], beam_lengths=[3], tree_nodes=[0, 2], decode=DecodeConfig(max_new_tokens=6),
+                      warmup=False)
+    result = run_sweep(Generator(tiny_target, drafter), random_prompts(1, tiny_target.vocab_size), cfg)
+    assert [(c["beam_width"], c["beam_length"], c["tree_nodes"]) for c in result["cells"]] == [(2, 3, 0), (2, 3, 2)]
+    assert result["tree_nodes"] == [0, 2] and all(c["identical_outputs"] == 1 for c in result["cells"])
+    assert [r["best"] for r in csv_rows(result)].count(1) == 1
+    fastest = max(result["cells"], key=lambda c: c["speedup"])
+    assert _grid(result, "speedup") == [[fastest["speedup"]]]
+    assert _labels(result) == [[f"\nbest {fastest['tree_nodes']}" if fastest["tree_nodes"] else "\nall"]]
+    info = {**result, "model": "tiny", "drafter": "random"}
+    table = render(info, cfg.shapes, result["cells"], final=True)
+    assert [col.header for col in table.columns][:3] == ["width", "length", "best"]
+    assert save_sweep_plot(info, tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -17,7 +16,8 @@ from ..decode import Generator
 from ..drafter import CONFIG_NAME
 from ..errors import BadInputError
 from ..prompts import load_prompts
-from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, best_cell, parse_int_list, run_sweep,
+from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, best_cell, cell_key, parse_int_list,
+                     run_sweep,
                      save_best as save_best_shape, write_csv, write_json)
 from . import options as o
 from ._errors import handle_errors
@@ -49,7 +49,7 @@ def sweep(
     lookup: o.Lookup = None,
     lookup_length: o.LookupLength = None,
     datastore: o.DatastoreBeams = None,
-    nodes: Annotated[Optional[int], typer.Option("--nodes", help="Node budget in every cell: verify the N most likely drafted tokens of each cell's search (capped at the W*(L-1) it drafts); 0 = every beam.")] = 0,
+    nodes: Annotated[str, typer.Option("--nodes", help="Node budgets to try in every cell, comma-separated: verify the N most likely drafted tokens of the cell's search (capped at the W*(L-1) it drafts); 0 = every beam.")] = "0",
     epsilon: o.Epsilon = D["epsilon"],
     delta: o.Delta = D["delta"],
     seed: o.Seed = D["seed"],
@@ -69,10 +69,8 @@ def sweep(
     widths = parse_int_list(beam_widths, "--beam-widths")
     lengths = parse_int_list(beam_lengths, "--beam-lengths")
     base = decode_config(max_new_tokens, None, None, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup, lookup_length, datastore)
-    if nodes is None or nodes < 0:
-        raise BadInputError(f"--nodes must be >= 0, got {nodes}")
-    base = replace(base, tree_nodes=0)
-    cfg = SweepConfig(beam_widths=widths, beam_lengths=lengths, decode=base, warmup=warmup)
+    budgets = parse_int_list(nodes, "--nodes", minimum=0)
+    cfg = SweepConfig(beam_widths=widths, beam_lengths=lengths, decode=base, warmup=warmup, tree_nodes=budgets)
     check_output_paths(json_path, csv_path, plot_path)
     if plot_path is not None and plot_path.suffix.lower() not in PLOT_SUFFIXES:
         raise BadInputError(f"--plot must end in {', '.join(PLOT_SUFFIXES)}, got {plot_path.name!r}")
@@ -88,8 +86,8 @@ def sweep(
         _check_writable(drafter_dir, target.name)
     cfg.check(dr.draft_vocab_size)
     # The drafter's recommended copied beams, the same in every cell (the beam shape is per cell).
-    cfg.decode = replace(with_drafter_shape(cfg.decode, dr, cfg.decode.beam_width, cfg.decode.beam_length,
-                                            lookup, lookup_length, datastore), tree_nodes=nodes)
+    cfg.decode = with_drafter_shape(cfg.decode, dr, cfg.decode.beam_width, cfg.decode.beam_length,
+                                    lookup, lookup_length, datastore, nodes=0)
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
     for p in ids:
@@ -101,9 +99,9 @@ def sweep(
     info = {**head, "accept": accept, "temperature": temperature, "num_prompts": len(ids),
             "max_new_tokens": max_new_tokens, "lookup_beams": cfg.decode.lookup_beams,
             "lookup_length": cfg.decode.lookup_length, "datastore_beams": cfg.decode.datastore_beams,
-            "tree_nodes": nodes}
+            "tree_nodes": budgets}
     cells: list[dict[str, Any]] = []
-    running: list[tuple[int, int] | None] = [None]
+    running: list[tuple[int, int, int] | None] = [None]
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn()]
     bar = Progress(*columns, console=err)
@@ -159,28 +157,33 @@ def _check_writable(drafter_dir: Path | None, model: str) -> None:
         raise BadInputError(f"--save-best cannot write {cfg_path} (read-only)")
 
 
-def render(r: dict[str, Any], shapes: list[tuple[int, int]], cells: list[dict[str, Any]],
-           running: tuple[int, int] | None = None, final: bool = False) -> Table:
-    """The sweep table: one row per cell in run order; pending cells dim, the best one highlighted."""
+def render(r: dict[str, Any], shapes: list[tuple[int, int, int]], cells: list[dict[str, Any]],
+           running: tuple[int, int, int] | None = None, final: bool = False) -> Table:
+    """The sweep table: one row per cell in run order; pending cells dim, the best one highlighted.
+    A `best` column (each cell's node budget) appears when the sweep tries one."""
+    copied = lookup_label({**r, "tree_nodes": 0})
     title = (f"redraft sweep: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
              f"{r['num_prompts']} prompts x {r['max_new_tokens']} tokens"
-             + (f" | {lookup_label(r).lstrip(' +')} beams" if lookup_label(r) else ""))
+             + (f" | {copied.lstrip(' +')} beams" if copied else ""))
     t = Table(title=title, title_justify="left", caption_justify="left")
+    budgets = any(n for _, _, n in shapes)
     # Short headers: the table fits 80 columns (what Rich assumes when stdout is not a terminal).
-    for col in ("width", "length", "tok/step", "accept", "nodes", "tok/s", "plain tok/s", "speedup"):
+    cols = ["width", "length"] + (["best"] if budgets else []) + ["tok/step", "accept", "nodes", "tok/s",
+                                                                   "plain" if budgets else "plain tok/s", "speedup"]
+    for col in cols:
         t.add_column(col, justify="right", no_wrap=True)
-    done = {(c["beam_width"], c["beam_length"]): c for c in cells}
+    done = {cell_key(c): c for c in cells}
     best = best_cell(cells)
-    best_key = (best["beam_width"], best["beam_length"]) if best else None
-    for w, length in shapes:
-        c = done.get((w, length))
+    for w, length, n in shapes:
+        key = [str(w), str(length)] + ([str(n) if n else "all"] if budgets else [])
+        c = done.get((w, length, n))
         if c is None:
-            state = "running" if (w, length) == running else "..."
-            t.add_row(str(w), str(length), *[""] * 5, state, style="bold yellow" if state == "running" else "dim")
+            state = "running" if (w, length, n) == running else "..."
+            t.add_row(*key, *[""] * 5, state, style="bold yellow" if state == "running" else "dim")
             continue
         speed = f"{c['speedup']:.2f}x" if c["speedup"] is not None else "-"
-        is_best = (w, length) == best_key
-        t.add_row(str(w), str(length), f"{c['tokens_per_step']:.2f}", f"{c['acceptance_rate']:.1%}",
+        is_best = best is not None and cell_key(c) == cell_key(best)
+        t.add_row(*key, f"{c['tokens_per_step']:.2f}", f"{c['acceptance_rate']:.1%}",
                   f"{c['mean_tree_nodes']:.1f}", f"{c['tokens_per_s']:.2f}", f"{c['baseline_tokens_per_s']:.2f}",
                   ("* " if is_best else "") + speed, style="bold green" if is_best else None)
     if final:
@@ -188,7 +191,9 @@ def render(r: dict[str, Any], shapes: list[tuple[int, int]], cells: list[dict[st
         drift = f", spread {base['drift']:.0%} across cells" if base.get("drift") is not None else ""
         parts = [f"plain baseline {base['tokens_per_s']:.2f} tokens/s over all cells{drift}"]
         if best is not None:
-            parts.append(f"best {best['beam_width']}x{best['beam_length']}: {best['speedup']:.2f}x, "
+            parts.append(f"best {best['beam_width']}x{best['beam_length']}"
+                         + (f" best {best['tree_nodes']} nodes" if best.get("tree_nodes") else "")
+                         + f": {best['speedup']:.2f}x, "
                          f"{best['tokens_per_step']:.2f} tokens/step")
         identical = [c["identical_outputs"] for c in cells]
         if identical and all(v is not None for v in identical):
