@@ -15,7 +15,7 @@ from ..errors import BadInputError
 from ..prompts import load_prompts
 from . import options as o
 from ._errors import handle_errors
-from .common import check_output_paths, console, decode_config, err, load_models, lookup_label, with_drafter_shape
+from .common import check_output_paths, console, decode_config, err, load_models, beams_label, with_drafter_shape
 
 D = o.DEFAULTS
 
@@ -84,9 +84,7 @@ def render(r: dict) -> Table:
     """The bench table: one row per path, then the ReDrafter statistics."""
     red, base = r["redraft"], r["baseline"]
     title = (f"redraft bench: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
-             f"beams {r['beam_width']}x{r['beam_length']}"
-             + lookup_label(r)
-             + f" | {r['num_prompts']} prompts x {r['max_new_tokens']} tokens"
+             f"beams {beams_label(r)} | {r['num_prompts']} prompts x {r['max_new_tokens']} tokens"
              + (f" | batch {r['batch_size']}" if r.get("batch_size", 1) > 1 else ""))
     t = Table(title=title, title_justify="left")
     for col in ("path", "tokens", "seconds", "tokens/s", "speedup"):

@@ -16,7 +16,7 @@ from ..decode import Generator
 from ..errors import RedraftError
 from . import options as o
 from ._errors import handle_errors
-from .common import console, decode_config, err, load_models, lookup_label, with_drafter_shape
+from .common import console, decode_config, err, load_models, beams_label, with_drafter_shape
 
 D = o.DEFAULTS
 HELP = """commands:
@@ -70,7 +70,7 @@ def chat(
         _one_shot(session, prompt or "", json_out, show_drafts)
         return
     err.print(f"[bold]redraft chat[/] - {loaded.target.describe()}, drafter {loaded.drafter_name}, "
-              f"beams {cfg.beam_width}x{cfg.beam_length}{lookup_label(vars(cfg))}, {cfg.accept}. /help for commands, Ctrl-D to leave.")
+              f"beams {beams_label(vars(cfg))}, {cfg.accept}. /help for commands, Ctrl-D to leave.")
     _interactive(session, show_drafts)
 
 

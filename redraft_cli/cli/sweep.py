@@ -161,7 +161,7 @@ def render(r: dict[str, Any], shapes: list[tuple[int, int, int]], cells: list[di
            running: tuple[int, int, int] | None = None, final: bool = False) -> Table:
     """The sweep table: one row per cell in run order; pending cells dim, the best one highlighted.
     A `best` column (each cell's node budget) appears when the sweep tries one."""
-    copied = lookup_label({**r, "tree_nodes": 0})
+    copied = lookup_label(r)
     title = (f"redraft sweep: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
              f"{r['num_prompts']} prompts x {r['max_new_tokens']} tokens"
              + (f" | {copied.lstrip(' +')} beams" if copied else ""))
