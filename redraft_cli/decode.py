@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from .beam_search import DraftBeams, check_beam_shape, draft_beams
 from .drafter import Drafter
@@ -160,11 +161,15 @@ class Generator:
             drafter.attach(target.embed_weight, target.lm_head_weight)
         self.proposer = proposer or (DrafterProposer(drafter) if drafter is not None else None)
         self.cache: Any = None
+        self.draft_context: Any = None  # the drafter's context-attention cache of the latest generation
 
     def check(self, cfg: DecodeConfig) -> None:
         """Raise BadInputError when ReDrafter decoding with `cfg` cannot run with this drafter."""
         if self.drafter is not None:
             check_beam_shape(cfg.beam_width, cfg.beam_length, self.drafter.draft_vocab_size, cfg.tree_nodes)
+            window = self.drafter.config.context_window
+            if window and cfg.tree_depth > window:
+                raise BadInputError(f"beams of {cfg.tree_depth} tokens exceed the drafter's context window of {window}")
         check_datastore(self.drafter, cfg.datastore_beams)
         if cfg.tree_nodes and not isinstance(self.proposer, DrafterProposer):
             raise BadInputError("--nodes prunes the drafter's beam search; this generator drafts otherwise")
@@ -176,11 +181,13 @@ class Generator:
         dev = self.target.device
         return torch.Generator(device=dev if dev.type != "mps" else "cpu").manual_seed(cfg.sampling.seed)
 
-    def _prefill(self, prompts: list[list[int]], cfg: DecodeConfig, gen: torch.Generator | None, margin: int):
+    def _prefill(self, prompts: list[list[int]], cfg: DecodeConfig, gen: torch.Generator | None, margin: int,
+                 context: bool = False):
         """Run the prompts (right-padded into one batch); returns (h (B, H), g0 (B,), per-row StepStats).
 
         The cache holds `margin` spare slots per row beyond prompt + max_new_tokens
-        for the tentative tree nodes of a step."""
+        for the tentative tree nodes of a step. context=True (a drafter with context
+        attention) also starts its cache and returns its context c in place of h."""
         t = self.target
         for p in prompts:
             t.check_prompt(p)
@@ -202,10 +209,37 @@ class Generator:
         cache.commit(positions, lens)
         h = hidden[torch.arange(B, device=t.device), lens - 1]  # (B, H)
         g0 = choose_tokens(t.logits(h), cfg.sampling, gen)  # (B,)
+        self.draft_context = None
+        if context:
+            h = self._start_context(hidden, ids, g0, lens)
         _sync(t.device)
         seconds = time.perf_counter() - start
         stats = [StepStats([int(g0[b])], tree_nodes=lengths[b], verify_s=seconds, prefill=True) for b in range(B)]
         return h, g0, stats
+
+    # -- the drafter's context attention (context_attention.py) ------------------------------
+    def _start_context(self, hidden: torch.Tensor, ids: torch.Tensor, g0: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """hidden: (B, P, H) and ids: (B, P) of the right-padded prompts, g0: (B,), lens: (B,).
+        Fills a fresh context cache with each row's last W positions (the token after the last
+        one is g0); returns c (B, H) at each row's last prompt position."""
+        d = self.drafter
+        B, P, _ = hidden.shape
+        self.draft_context = d.context_cache(B)
+        nxt = F.pad(ids[:, 1:], (0, 1)).scatter(1, (lens - 1).unsqueeze(1), g0.unsqueeze(1))  # (B, P): x_{j+1}
+        start = (lens - d.config.context_window).clamp_min(0)
+        m = int((lens - start).max())
+        idx = (start.unsqueeze(1) + torch.arange(m, device=ids.device)).clamp_max(P - 1)  # (B, m)
+        h = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        return self.draft_context.extend(h, d.embed(nxt.gather(1, idx)), start, lens - start)
+
+    def _extend_context(self, hidden: torch.Tensor, tokens: torch.Tensor, acc, start: torch.Tensor) -> torch.Tensor:
+        """After a step: add g0 and the accepted nodes (their hidden states from the tree pass,
+        hidden (R, n, H); tree tokens (R, n)) at positions start.. (start: (R,), g0's position);
+        the token after the last one is the bonus. Returns c (R, H) at the last accepted node."""
+        path_tokens = tokens.gather(1, acc.path)  # (R, L): g0, d1, ...
+        nxt = F.pad(path_tokens[:, 1:], (0, 1)).scatter(1, acc.length.unsqueeze(1), acc.bonus.unsqueeze(1))
+        h = hidden.gather(1, acc.path.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (R, L, H)
+        return self.draft_context.extend(h, self.drafter.embed(nxt), start, acc.length + 1)
 
     def _finish(self, stats: StepStats, emitted: int, seq_len: int, cfg: DecodeConfig) -> bool:
         """Truncate at EOS / token budget; return True when generation must stop."""
@@ -248,6 +282,8 @@ class Generator:
             return list(tensors)
         idx = torch.tensor(keep, device=self.target.device)
         self.cache.keep(idx)
+        if self.draft_context is not None:
+            self.draft_context.select(idx)
         return [x.index_select(0, idx) for x in tensors]
 
     # -- plain decoding -------------------------------------------------------------
@@ -294,7 +330,9 @@ class Generator:
         t = self.target
         gen = self._generator(cfg)
         rows = _Rows(prompts)
-        h, g0, stats = self._prefill(prompts, cfg, gen, margin=(cfg.beam_width + cfg.copied_beams) * cfg.tree_depth + 1)
+        has_context = getattr(self.drafter, "context", None) is not None
+        h, g0, stats = self._prefill(prompts, cfg, gen, margin=(cfg.beam_width + cfg.copied_beams) * cfg.tree_depth + 1,
+                                     context=has_context)
         out, keep = self._record(rows, stats, cfg)
         yield out
         h, g0 = self._drop_finished(rows, keep, h, g0)
@@ -320,9 +358,13 @@ class Generator:
             _sync(t.device)
             t2 = time.perf_counter()
             acc = self._accept(beams, logits, tree.unpack, cfg, gen)
+            start = cache.lengths.clone()  # g0's position, before the accepted nodes are committed
             cache.commit(acc.path, acc.length + 1)
             ridx = torch.arange(R, device=t.device)
-            h = hidden[ridx, acc.path[ridx, acc.length]]  # (R, H): hidden state at the last accepted node
+            if has_context:
+                h = self._extend_context(hidden, tree.tokens, acc, start)  # (R, H): c at the last accepted node
+            else:
+                h = hidden[ridx, acc.path[ridx, acc.length]]  # (R, H): hidden state at the last accepted node
             g0 = acc.bonus
             lengths = acc.length.tolist()
             nodes = tree.num_nodes.tolist()

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .context_attention import ContextAttention, ContextCache
 from .datastore import DATASTORE_NAME, Datastore
 from .errors import DrafterLoadError, DrafterMismatchError
 from .files import atomic_write
@@ -48,6 +49,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_TYPE = "recurrent_drafting_drafter"
 HEAD_KINDS = ("own", "tied")
+WEIGHT_STORAGE = ("float", "int8")
+SCALE_SUFFIX = "_scale"  # int8 storage: NAME int8 (rows, cols) + NAME_scale float32 (rows, 1), for every weight matrix
 
 
 @dataclass
@@ -66,6 +69,9 @@ class DrafterConfig:
     lookup_length: int = 0  # their length, counting g0 (0: beam_length); datastore beams' too
     datastore_beams: int = 0  # recommended extra beams from the datastore (datastore.py), when the drafter has one
     tree_nodes: int = 0  # recommended node budget for the beam search (beam_search.py); 0: every beam
+    context_window: int = 0  # > 0: attention over the last N positions feeds the head (context_attention.py)
+    context_heads: int = 0  # its attention heads (0: head size 64 where it divides H)
+    weight_storage: str = "float"  # how model.safetensors stores weight matrices: float | int8 (a scale per row)
     draft_vocab_size: int | None = None  # None: the full vocabulary
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -74,6 +80,18 @@ class DrafterConfig:
             raise DrafterLoadError(f"drafter head must be one of {HEAD_KINDS}, got {self.head!r}")
         if self.hidden_size <= 0 or self.vocab_size <= 0 or self.num_draft_layers < 0:
             raise DrafterLoadError("drafter config has non-positive sizes")
+        if self.weight_storage not in WEIGHT_STORAGE:
+            raise DrafterLoadError(f"weight_storage must be one of {WEIGHT_STORAGE}, got {self.weight_storage!r}")
+        if self.context_window < 0:
+            raise DrafterLoadError(f"context_window must be >= 0, got {self.context_window}")
+        if self.context_window and not self.context_heads:
+            H = self.hidden_size
+            self.context_heads = next((H // d for d in (64, 32, 128, 16, 2) if H % d == 0), 0)
+        if self.context_window:
+            d = self.hidden_size // max(1, self.context_heads)
+            if self.context_heads <= 0 or self.hidden_size % self.context_heads or d % 2:
+                raise DrafterLoadError(f"context_heads {self.context_heads} must split hidden size "
+                                       f"{self.hidden_size} into heads of an even size")
 
     @property
     def exit_dim(self) -> int:
@@ -151,6 +169,8 @@ class Drafter(nn.Module):
         blocks: list[nn.Module] = [ResBlock(2 * H) for _ in range(config.num_draft_layers)]
         blocks.append(nn.Linear(2 * H, out, bias=False))
         self.lm_head = nn.ModuleList(blocks)
+        # Optional attention over recent positions, replacing h by c (context_attention.py).
+        self.context = ContextAttention(H, config.context_window, config.context_heads) if config.context_window else None
         if config.draft_vocab_size:
             self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size, dtype=torch.long))
         else:
@@ -231,13 +251,21 @@ class Drafter(nn.Module):
             out = F.linear(out, self._head_weight(out.dtype))
         return out
 
-    def forward(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, tokens: torch.Tensor, hidden: torch.Tensor | None = None,
+                next_tokens: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits for training.
 
-        h: (B, T, H) hidden states; tokens: (B, T, K) with tokens[..., 0] = g0 and
-        tokens[..., k] the k-th drafted token. Returns (B, T, K, V_d): step k+1's
-        logits (predicting token t+2+k) from inputs tokens[..., :k+1].
+        h: (B, P, H) hidden states at the drafter positions; tokens: (B, P, K) with
+        tokens[..., 0] = g0 and tokens[..., k] the k-th drafted token. Returns
+        (B, P, K, V_d): step k+1's logits (predicting token t+2+k) from inputs
+        tokens[..., :k+1]. A drafter with context attention also needs the whole
+        sequences: hidden (B, T, H), next_tokens (B, T) (x_{j+1} at every j) and
+        pos (B, P), the positions of h; it replaces h by c there.
         """
+        if self.context is not None:
+            if hidden is None or next_tokens is None or pos is None:
+                raise ValueError("a drafter with context attention trains on whole sequences (hidden, next_tokens, pos)")
+            h = self.context(hidden.to(self.rnn_w.weight.dtype), self.embed(next_tokens), pos)
         emb = self.embed(tokens)  # (B, T, K, H)
         state = torch.zeros_like(emb[..., 0, :])
         states = []
@@ -247,6 +275,27 @@ class Drafter(nn.Module):
         stacked = torch.stack(states, dim=-2)  # (B, T, K, H)
         return self.logits(h.unsqueeze(-2), stacked)
 
+    @torch.no_grad()
+    def context_states(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The drafter's context input at every position of known sequences.
+
+        hidden: (B, T, H) the target's hidden states; ids: (B, T) the tokens (the
+        token after position j is ids[j+1]; the last position has none and gets
+        a pad). Returns (B, T, H): c_t with context attention, else hidden itself.
+        """
+        if self.context is None:
+            return hidden
+        B, T, _ = hidden.shape
+        pos = torch.arange(T, device=hidden.device).expand(B, T)
+        return self.context(hidden.to(self.rnn_w.weight.dtype), self.embed(F.pad(ids[:, 1:], (0, 1))), pos)
+
+    def context_cache(self, batch: int) -> ContextCache | None:
+        """A fresh decoding cache for context attention (None for a plain drafter)."""
+        if self.context is None:
+            return None
+        w = self.rnn_w.weight
+        return ContextCache(self.context, batch, w.device, w.dtype)
+
     # -- construction, save and load -----------------------------------------
     def reset_parameters(self, seed: int = 0) -> "Drafter":
         """Seeded init: small random weights (an untrained drafter)."""
@@ -254,8 +303,10 @@ class Drafter(nn.Module):
         last = f"lm_head.{self.config.num_draft_layers}.weight"
         for name, p in self.named_parameters():
             with torch.no_grad():
-                if name.endswith("bias"):
-                    p.zero_()
+                if name.endswith("bias") or name == "context.out.weight":
+                    p.zero_()  # context attention starts as the identity: c = h
+                elif p.dim() == 1:
+                    p.fill_(1.0)  # norm scales
                 else:
                     # The vocabulary projection starts small: near-uniform drafts, initial loss ~ ln(V).
                     std = (0.1 if name == last else 1.0) / math.sqrt(p.shape[1])
@@ -295,7 +346,18 @@ class Drafter(nn.Module):
     random_for = for_target
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        """The tensors of model.safetensors. With weight_storage "int8" every weight matrix (2-D
+        `.weight`) is stored as int8 rows and a float32 scale per row (max |w| / 127), half the
+        bytes of bfloat16; loading dequantises them. Norm scales, biases and the draft
+        vocabulary stay as they are."""
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.weight_storage == "int8":
+            for k in [k for k, v in state.items() if k.endswith(".weight") and v.dim() == 2]:
+                w = state[k].float()
+                scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
+                state[k] = torch.round(w / scale).clamp(-127, 127).to(torch.int8).contiguous()
+                state[k + SCALE_SUFFIX] = scale.contiguous()
+        return state
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write config.json + model.safetensors (+ datastore.safetensors) atomically into directory `path`."""
@@ -342,6 +404,14 @@ class Drafter(nn.Module):
                     f"own head has {rows.shape[0]} rows but vocab_size is {config.vocab_size}"
                 )
         drafter = cls(config)
+        scaled = [k for k in state if k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in state]
+        floats = [v.dtype for k, v in state.items() if v.is_floating_point() and not k.endswith(SCALE_SUFFIX)]
+        for k in scaled:  # int8 rows: dequantise to the dtype of the float tensors (norms, biases)
+            name = k[: -len(SCALE_SUFFIX)]
+            q, scale = state[name], state.pop(k)
+            if q.dtype != torch.int8 or q.dim() != 2 or tuple(scale.shape) != (q.shape[0], 1):
+                raise DrafterLoadError(f"drafter weights {weights_path}: {name} has a scale but is not int8 rows")
+            state[name] = (q.float() * scale.float()).to(floats[0] if floats else torch.float32)
         expected = drafter.state_dict()
         if set(state) != set(expected):
             missing = sorted(set(expected) - set(state))

@@ -82,6 +82,9 @@ def simulate_greedy(drafter: Drafter, examples: list[dict], beam_width: int, bea
     dtype = drafter.rnn_w.weight.dtype
     # One cursor per answer: [example, position of g0, end of the answer].
     cursors = [[i, s, e] for i, ex in enumerate(examples) for s, e in answer_spans(ex, max_new_tokens)]
+    # The drafter's input at each position: h, or c with context attention (the data is what decoding commits).
+    states = [drafter.context_states(ex["hidden"][None].to(device=device, dtype=dtype), ex["input_ids"][None].to(device))[0]
+              if drafter.context is not None else ex["hidden"] for ex in examples]
     result = SimulationResult(0, 0, len(cursors))
     while True:
         cursors = [c for c in cursors if c[2] - c[1] - 1 > 0]  # tokens left to emit after g0
@@ -92,7 +95,7 @@ def simulate_greedy(drafter: Drafter, examples: list[dict], beam_width: int, bea
             budget = c[2] - c[1] - 1
             groups.setdefault((min(beam_length, budget), min(lookup_length or beam_length, budget)), []).append(c)
         for (length, look), rows in groups.items():
-            h = torch.stack([examples[c[0]]["hidden"][c[1] - 1] for c in rows]).to(device=device, dtype=dtype)
+            h = torch.stack([states[c[0]][c[1] - 1] for c in rows]).to(device=device, dtype=dtype)
             g0 = torch.stack([examples[c[0]]["input_ids"][c[1]] for c in rows]).to(device)
             beams = draft_beams(drafter, h, g0, beam_width, length, tree_nodes)
             if lookup_beams or datastore_beams:

@@ -81,6 +81,8 @@ def test_distill_offline_names_what_it_needs(monkeypatch, tmp_path):
     (["smollm2-135m", "--predict-tokens", "0"], "--predict-tokens"),
     (["smollm2-135m", "--sampled-answers", "-1"], "sampled_answers"),
     (["smollm2-135m", "--dropout", "1.5"], "dropout"),
+    (["smollm2-135m", "--context-window", "-1"], "--context-window"),
+    (["smollm2-135m", "--init-from", "/no/such/drafter"], "--init-from"),
 ])
 def test_distill_bad_input(args, fragment, tmp_path):
     result = runner.invoke(app, ["distill", *args, "--out", str(tmp_path / "o")])

@@ -116,6 +116,11 @@ def test_recipes_load_and_validate(tmp_path):
     with pytest.raises(BadInputError):
         load_recipe(str(tmp_path / "missing.yaml"))
     assert isinstance(recipe_from_dict({}), Recipe)
+    for bad_fields, fragment in (({"train": {"freeze_init": True, "weight_decay": 0.1}}, "weight_decay 0"),
+                                 ({"drafter": {"context_window": -4}}, "context_window"),
+                                 ({"drafter": {"weight_storage": "int4"}}, "weight_storage")):
+        with pytest.raises(BadInputError, match=fragment):
+            recipe_from_dict(bad_fields)
 
 
 def test_distill_pipeline_end_to_end(tmp_path):

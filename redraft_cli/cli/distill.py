@@ -34,6 +34,8 @@ def distill(
     num_layers: Annotated[Optional[int], typer.Option(help="Residual blocks in the drafter.")] = None,
     predict_tokens: Annotated[Optional[int], typer.Option(help="Tokens the drafter learns to predict (beam length - 1).")] = None,
     draft_vocab: Annotated[Optional[int], typer.Option(help="Score only the N most frequent tokens of the data.")] = None,
+    context_window: Annotated[Optional[int], typer.Option(help="Let the drafter attend over the last N positions (0: the plain ReDrafter head).")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from this drafter's weights (same head, layers and vocabulary).")] = None,
     sampled_answers: Annotated[Optional[int], typer.Option(help="Sampled answers per training conversation, beside the greedy one (labelled with the target's greedy tokens).")] = None,
     written_prompts: Annotated[Optional[int], typer.Option(help="The target also writes N user prompts and answers them.")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout in the drafter while training.")] = None,
@@ -55,7 +57,8 @@ def distill(
         ("train", "lr"): lr, ("drafter", "head"): head, ("drafter", "num_layers"): num_layers,
         ("drafter", "predict_tokens"): predict_tokens, ("drafter", "draft_vocab_size"): draft_vocab,
         ("data", "sampled_answers"): sampled_answers, ("data", "written_prompts"): written_prompts,
-        ("train", "dropout"): dropout,
+        ("train", "dropout"): dropout, ("drafter", "context_window"): context_window,
+        ("drafter", "init_from"): None if init_from is None else str(init_from),
         ("target", "dtype"): dtype, ("target", "quantize"): quantize,
     }
     for (section, name), value in overrides.items():
@@ -67,6 +70,12 @@ def distill(
         raise BadInputError(f"--head must be own or tied, got {recipe.drafter.head!r}")
     if recipe.drafter.predict_tokens < 1 or recipe.drafter.num_layers < 0:
         raise BadInputError("--predict-tokens must be >= 1 and --num-layers >= 0")
+    if recipe.drafter.context_window < 0:
+        raise BadInputError(f"--context-window must be >= 0, got {recipe.drafter.context_window}")
+    if recipe.drafter.init_from and not Path(recipe.drafter.init_from).expanduser().is_dir():
+        raise BadInputError(f"--init-from {recipe.drafter.init_from} is not a drafter directory")
+    if recipe.train.freeze_init and not recipe.drafter.init_from:
+        raise BadInputError("train.freeze_init needs a drafter to start from (--init-from or drafter.init_from)")
     out = out or Path("drafters") / recipe.name
     view = _DistillView()
     try:
@@ -134,6 +143,10 @@ class _DistillView:
             err.print(f"datastore: the {e['tokens']:,} answer tokens of the training data, saved to {e['path']}")
         elif kind == "draft_vocab":
             err.print(f"draft vocabulary: {e['size']} tokens cover {e['coverage']:.1%} of the target's tokens")
+        elif kind == "init_from":
+            err.print(f"starting from the drafter in {e['path']}")
+        elif kind == "freeze":
+            err.print(f"training only what it lacked: {e['trainable']:,} parameters")
         elif kind == "start":
             t = self._task("train", "training", e["total_steps"])
             self.progress.update(t, completed=e["step"])

@@ -162,12 +162,18 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
                                  predict_tokens=dr.predict_tokens, draft_vocab_size=dr.draft_vocab_size,
                                  beam_width=recipe.beam.width, beam_length=recipe.beam.length,
                                  lookup_beams=recipe.beam.lookup, lookup_length=recipe.beam.lookup_length,
-                                 datastore_beams=recipe.beam.datastore, tree_nodes=recipe.beam.nodes)
+                                 datastore_beams=recipe.beam.datastore, tree_nodes=recipe.beam.nodes,
+                                 context_window=dr.context_window)
     drafter.config.target_model = target.name
     if dr.draft_vocab_size:
         coverage = set_draft_vocab(drafter, train_set, dr.draft_vocab_size)
         emit({"event": "draft_vocab", "size": dr.draft_vocab_size, "coverage": coverage})
         drafter.config.extra["draft_vocab_coverage"] = round(coverage, 4)
+    if dr.init_from:
+        copied = warm_start(drafter, Path(dr.init_from).expanduser(), copy=not resume)  # resume: the checkpoint has them
+        emit({"event": "init_from", "path": dr.init_from})
+        if recipe.train.freeze_init:
+            emit({"event": "freeze", "trainable": freeze_copied(drafter, copied)})
     drafter.float()
     # Greedy self-distillation data holds the target's argmax tokens already; sampled data does not.
     state = train_drafter(target, drafter, train_set, held, recipe.train, out, dr.predict_tokens, resume=resume,
@@ -179,6 +185,10 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         tmp = out / f".{name}.tmp{os.getpid()}"
         shutil.copyfile(best / name, tmp)
         os.replace(tmp, out / name)
+    if dr.weight_storage != "float":  # only the final drafter: checkpoints keep full precision for --resume
+        final = Drafter.load(out)
+        final.config.weight_storage = dr.weight_storage
+        final.save(out)
     # The training answers, for datastore beams (2 bytes a token with a vocabulary under 65,536).
     datastore = Datastore.from_examples(train_set, target.vocab_size).save(out / DATASTORE_NAME)
     emit({"event": "datastore", "path": str(datastore), "tokens": train_tokens})
@@ -355,6 +365,64 @@ def seed_from_package(name: str, data_dir: Path) -> None:
         if shard.get("file"):
             shutil.copyfile(shipped / shard["file"], data_dir / shard["file"])
     shutil.copyfile(shipped / "manifest.json", data_dir / "manifest.json")
+
+
+def warm_start(drafter: Drafter, path: Path, copy: bool = True) -> dict[str, torch.Tensor | None]:
+    """Start `drafter` from a saved drafter's weights; returns what was copied.
+
+    Every tensor of the saved one must exist here with the same shape, except an
+    `own` head's vocabulary projection when the draft vocabularies differ: its rows
+    are matched by token id (a token new to the draft vocabulary keeps its fresh,
+    small row; `drafter.draft_vocab` is kept). Tensors only `drafter` has (a context
+    attention block added to a plain drafter) keep their initialisation (c = h).
+    The result maps each copied tensor's name to None (copied whole) or to a
+    (rows,) bool mask of its rows that are new. copy=False only computes it (resume).
+    """
+    source = Drafter.load(path)
+    mine, theirs = drafter.state_dict(), source.state_dict()
+    head = f"lm_head.{drafter.config.num_draft_layers}.weight"
+    remap = drafter.config.head == "own" and source.config.head == "own" and head in theirs and (
+        tuple(theirs[head].shape) != tuple(mine[head].shape) or "draft_vocab" not in theirs or "draft_vocab" not in mine
+        or not torch.equal(theirs["draft_vocab"], mine["draft_vocab"].to(theirs["draft_vocab"].device)))
+    skip = {head, "draft_vocab"} if remap else set()
+    wrong = [k for k, v in theirs.items() if k not in skip and (k not in mine or tuple(mine[k].shape) != tuple(v.shape))]
+    if wrong or source.config.vocab_size != drafter.config.vocab_size:
+        raise BadInputError(f"drafter.init_from {path} does not fit this recipe's drafter (e.g. "
+                            f"{wrong[0] if wrong else 'vocab_size'}); head, layers and vocabulary must match")
+    copied: dict[str, torch.Tensor | None] = {k: None for k in theirs if k not in skip}
+    with torch.no_grad():
+        if copy:
+            for k in copied:
+                mine[k].copy_(theirs[k].to(mine[k].dtype))
+        if remap:
+            V = drafter.config.vocab_size
+            full = lambda d: torch.arange(V) if d.draft_vocab is None else d.draft_vocab.cpu()
+            row_of = torch.full((V,), -1, dtype=torch.long)
+            row_of[full(source)] = torch.arange(full(source).numel())
+            src_rows = row_of[full(drafter)]  # (V_d,) the source's row for each of our tokens, -1: new
+            have = src_rows >= 0
+            if copy:
+                mine[head][have.to(mine[head].device)] = theirs[head][src_rows[have]].to(mine[head])
+            copied[head] = ~have
+    return copied
+
+
+def freeze_copied(drafter: Drafter, copied: dict[str, torch.Tensor | None]) -> int:
+    """Train only what a warm start did not copy: tensors copied whole stop learning, and a
+    tensor with new rows learns those rows only (its gradient is masked). Returns the number
+    of parameters left to train."""
+    params = dict(drafter.named_parameters())
+    trainable = 0
+    for name, p in params.items():
+        if name not in copied:
+            trainable += p.numel()
+        elif copied[name] is None:
+            p.requires_grad_(False)
+        else:
+            keep = copied[name].to(device=p.device, dtype=p.dtype).view(-1, *([1] * (p.dim() - 1)))
+            p.register_hook(lambda g, keep=keep: g * keep)
+            trainable += int(copied[name].sum()) * (p.numel() // p.shape[0])
+    return trainable
 
 
 def set_draft_vocab(drafter: Drafter, examples: list[dict], size: int) -> float:

@@ -8,7 +8,7 @@ only; the CLI's flags override fields after the YAML is read.
     name: smollm2-135m
     target: {model: smollm2-135m, dtype: float32, quantize: none}
     data: {source: builtin, num_prompts: 2736, held_out: 48, max_new_tokens: 256, temperature: 0.0}
-    drafter: {head: tied, num_layers: 2, predict_tokens: 4}
+    drafter: {head: tied, num_layers: 2, predict_tokens: 4, context_window: 0, init_from: null}
     train: {epochs: 2, batch_size: 8, lr: 1.0e-3, warmup_ratio: 0.1}
     beam: {width: 4, length: 5}
 """
@@ -77,6 +77,15 @@ class DrafterSection:
     num_layers: int = 2
     predict_tokens: int = 4
     draft_vocab_size: int | None = None
+    context_window: int = 0  # > 0: the head attends over the last N positions (context_attention.py)
+    init_from: str | None = None  # a drafter directory to start from (same shape; context attention may be new)
+    weight_storage: str = "float"  # the final drafter's weight matrices on disk: float | int8 (checkpoints stay float)
+
+    def __post_init__(self) -> None:
+        if self.weight_storage not in ("float", "int8"):
+            raise BadInputError(f"drafter.weight_storage must be float or int8, got {self.weight_storage!r}")
+        if self.context_window < 0:
+            raise BadInputError(f"drafter.context_window must be >= 0, got {self.context_window}")
 
 
 @dataclass
@@ -92,10 +101,13 @@ class TrainSection:
     positions_per_sequence: int = 64  # drafter positions sampled per sequence per step
     kl_weight: float = 0.0  # 0: cross-entropy on the target's tokens only
     dropout: float = 0.0  # on the drafter's input and block branches, while training (against overfitting)
+    freeze_init: bool = False  # with drafter.init_from: train only what it lacked (new draft-vocabulary rows, a new block)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise BadInputError(f"train.dropout must be in [0, 1), got {self.dropout}")
+        if self.freeze_init and self.weight_decay:  # AdamW would still shrink the frozen rows of a partly new tensor
+            raise BadInputError("train.freeze_init needs train.weight_decay 0")
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate)
     eval_every: int = 100
     save_every: int = 100
