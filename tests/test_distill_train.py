@@ -176,6 +176,11 @@ def test_hidden_cache_round_trip_resume_and_training_without_target_forward(tmp_
     assert min(calls) > 8 and calls[-1] == 15
     attach_hidden(more, tmp_path / "h", target.name)
     torch.testing.assert_close(more[3]["hidden"], data[3]["hidden"])
+    # The smaller set's partial last chunk is still there: a short and a full run share the cache
+    # without recomputing each other's chunks.
+    build_hidden_cache(target, data, tmp_path / "h", batch_size=3, chunk_size=4,
+                       progress=lambda done, total: pytest.fail("recomputed the smaller set's chunk"))
+    attach_hidden(data, tmp_path / "h", target.name)
 
     def no_forward(*a, **k):
         raise AssertionError("the target must not run when hidden states are cached")
@@ -338,3 +343,27 @@ def test_dropout_acts_only_while_training_and_is_reset_after(tmp_path):
     assert fresh.dropout == 0.0
     with pytest.raises(BadInputError, match="dropout"):
         TrainSection(max_steps=1, dropout=1.0)
+
+
+def test_hidden_cache_written_before_files_were_named_by_fingerprint_still_loads(tmp_path):
+    """A cache from before `files` (one file per chunk index, recorded in `chunks`) attaches as it is,
+    and growing it writes new files beside the old ones."""
+    from redraft_cli.distill.hidden_cache import attach_hidden, build_hidden_cache
+
+    target = tiny_llama(vocab_size=64, seed=7)
+    data = synthetic_examples(target, 6, seed=3)
+    build_hidden_cache(target, data, tmp_path / "h", batch_size=3, chunk_size=4)
+    mpath = tmp_path / "h" / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    for c, fp in manifest["chunks"].items():  # back to the old layout
+        (tmp_path / "h" / manifest["files"][fp]).rename(tmp_path / "h" / f"hidden-{int(c):05d}.safetensors")
+    del manifest["files"]
+    mpath.write_text(json.dumps(manifest))
+    build_hidden_cache(target, data, tmp_path / "h", batch_size=3, chunk_size=4,
+                       progress=lambda done, total: pytest.fail("recomputed an old chunk"))
+    attach_hidden(data, tmp_path / "h", target.name)
+    more = data + synthetic_examples(target, 3, seed=4)
+    build_hidden_cache(target, more, tmp_path / "h", batch_size=3, chunk_size=4)
+    attach_hidden(more, tmp_path / "h", target.name)
+    attach_hidden(data, tmp_path / "h", target.name)
+    assert (tmp_path / "h" / "hidden-00001.safetensors").is_file()  # the old partial chunk is kept

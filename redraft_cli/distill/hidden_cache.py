@@ -6,10 +6,12 @@ sequence per epoch, which dominates training for a small drafter; for a
 small target it pays to compute it once and store it. For SmolLM2-135M
 (H = 576) in bfloat16 that is 1.15 kB a token: ~0.7 GB for 600k tokens.
 
-On disk (`cache_dir`): `hidden-00000.safetensors`, ... each holding
-`hidden` (tokens, H) bfloat16 for a chunk of examples concatenated, and
-`offsets` (n+1,) int64, plus `manifest.json` (model, and the fingerprint of
-each chunk done). With `greedy=True` (sampled answers) a chunk also holds
+On disk (`cache_dir`): `hidden-00000-<fingerprint>.safetensors`, ... each
+holding `hidden` (tokens, H) bfloat16 for a chunk of examples concatenated,
+and `offsets` (n+1,) int64, plus `manifest.json` (model, and the file of
+each chunk fingerprint done: `files`). A chunk's file is named by its
+examples, so a short run's partial last chunk and a full run's whole one
+live side by side and neither recomputes the other's. With `greedy=True` (sampled answers) a chunk also holds
 `greedy` (tokens,) int32: at position j the target's argmax given tokens
 < j, taken from the float hidden state before it is stored (position 0
 keeps its own token), so training can label sampled text with the tokens
@@ -67,8 +69,9 @@ def build_hidden_cache(target: Target, examples: list[dict], cache_dir: Path, ba
     manifest = _read(cache_dir)
     if manifest is None or any(manifest.get(k, False) != fresh[k] for k in ("version", "model", "chunk_size", "dtype", "greedy")):
         manifest = fresh
+    files = _files(manifest)
     for c, chunk, fp in _chunks(examples, chunk_size):
-        if manifest["chunks"].get(str(c)) == fp:
+        if fp in files and (cache_dir / files[fp]).is_file():
             continue
         # Similar lengths together: less padding.
         order = sorted(range(len(chunk)), key=lambda i: int(chunk[i]["input_ids"].numel()))
@@ -93,7 +96,7 @@ def build_hidden_cache(target: Target, examples: list[dict], cache_dir: Path, ba
                 progress(c * chunk_size + b + len(idx), len(examples))
         states = [t for t in out if t is not None]
         offsets = torch.tensor([0] + [t.shape[0] for t in states]).cumsum(0)
-        name = f"hidden-{c:05d}.safetensors"
+        name = f"hidden-{c:05d}-{fp[:16]}.safetensors"
         tmp = cache_dir / f".{name}.tmp{os.getpid()}"
         tensors = {"hidden": torch.cat(states).contiguous(), "offsets": offsets}
         if greedy:
@@ -101,6 +104,8 @@ def build_hidden_cache(target: Target, examples: list[dict], cache_dir: Path, ba
         save_file(tensors, str(tmp))
         os.replace(tmp, cache_dir / name)
         manifest["chunks"][str(c)] = fp
+        files[fp] = name
+        manifest["files"] = files
         _write(cache_dir, manifest)
 
 
@@ -112,15 +117,24 @@ def attach_hidden(examples: list[dict], cache_dir: Path, model_name: str) -> Non
     manifest = _read(Path(cache_dir))
     if manifest is None or manifest.get("version") != 2 or manifest.get("model") != model_name:
         raise BadInputError(f"hidden-state cache {cache_dir} does not match this data; delete it to rebuild")
+    files = _files(manifest)
     for c, chunk, fp in _chunks(examples, manifest["chunk_size"]):
-        if manifest["chunks"].get(str(c)) != fp:
+        if fp not in files or not (Path(cache_dir) / files[fp]).is_file():
             raise BadInputError(f"hidden-state cache {cache_dir} does not match this data; delete it to rebuild")
-        t = load_file(str(Path(cache_dir) / f"hidden-{c:05d}.safetensors"))
+        t = load_file(str(Path(cache_dir) / files[fp]))
         offs = t["offsets"].tolist()
         for j, e in enumerate(chunk):
             e["hidden"] = t["hidden"][offs[j] : offs[j + 1]]
             if "greedy" in t:
                 e["greedy"] = t["greedy"][offs[j] : offs[j + 1]].long()
+
+
+def _files(manifest: dict) -> dict[str, str]:
+    """Chunk fingerprint -> file name. Caches written before `files` existed named their one
+    file per chunk index (`hidden-00000.safetensors`), recorded in `chunks`."""
+    if "files" in manifest:
+        return dict(manifest["files"])
+    return {fp: f"hidden-{int(c):05d}.safetensors" for c, fp in manifest.get("chunks", {}).items()}
 
 
 def _read(cache_dir: Path) -> dict | None:
