@@ -4,7 +4,9 @@ State between ReDrafter steps, per row b of a batch:
 
     cache   : KV of the committed tokens, positions 0..P_b-1 (cache.lengths[b] = P_b)
     g0      : (B,) the token at position P_b, already emitted, not yet in the cache
-    h       : (B, H) the target's hidden state at position P_b-1 (the one that chose g0)
+    h       : (B, H) the target's hidden state at position P_b-1 (the one that chose g0);
+              with a context-attention drafter, its context c there instead
+              (`draft_context` keeps that drafter's keys and values of the last W positions)
 
 One step: draft W beams [g0, d1..d_{L-1}] from (h, g0); pack them into a
 tree; one target pass over the n nodes at positions P + depth; accept a
