@@ -360,7 +360,7 @@ class Generator:
             _sync(t.device)
             t2 = time.perf_counter()
             acc = self._accept(beams, logits, tree.unpack, cfg, gen)
-            start = cache.lengths.clone()  # g0's position, before the accepted nodes are committed
+            start = cache.lengths.clone() if has_context else None  # g0's position, before the commit
             cache.commit(acc.path, acc.length + 1)
             ridx = torch.arange(R, device=t.device)
             if has_context:

@@ -252,20 +252,20 @@ class Drafter(nn.Module):
         return out
 
     def forward(self, h: torch.Tensor, tokens: torch.Tensor, hidden: torch.Tensor | None = None,
-                next_tokens: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
+                ids: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits for training.
 
         h: (B, P, H) hidden states at the drafter positions; tokens: (B, P, K) with
         tokens[..., 0] = g0 and tokens[..., k] the k-th drafted token. Returns
         (B, P, K, V_d): step k+1's logits (predicting token t+2+k) from inputs
         tokens[..., :k+1]. A drafter with context attention also needs the whole
-        sequences: hidden (B, T, H), next_tokens (B, T) (x_{j+1} at every j) and
-        pos (B, P), the positions of h; it replaces h by c there.
+        sequences: hidden (B, T, H), ids (B, T) and pos (B, P), the positions of h;
+        it replaces h by c there.
         """
         if self.context is not None:
-            if hidden is None or next_tokens is None or pos is None:
-                raise ValueError("a drafter with context attention trains on whole sequences (hidden, next_tokens, pos)")
-            h = self.context(hidden.to(self.rnn_w.weight.dtype), self.embed(next_tokens), pos)
+            if hidden is None or ids is None or pos is None:
+                raise ValueError("a drafter with context attention trains on whole sequences (hidden, ids, pos)")
+            h = self._contexts(hidden, ids, pos)
         emb = self.embed(tokens)  # (B, T, K, H)
         state = torch.zeros_like(emb[..., 0, :])
         states = []
@@ -286,8 +286,13 @@ class Drafter(nn.Module):
         if self.context is None:
             return hidden
         B, T, _ = hidden.shape
-        pos = torch.arange(T, device=hidden.device).expand(B, T)
-        return self.context(hidden.to(self.rnn_w.weight.dtype), self.embed(F.pad(ids[:, 1:], (0, 1))), pos)
+        return self._contexts(hidden, ids, torch.arange(T, device=hidden.device).expand(B, T))
+
+    def _contexts(self, hidden: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """c at positions pos (B, P) of sequences ids (B, T) with hidden states (B, T, H); the token
+        after position j is ids[j+1] (a pad after the last). Returns (B, P, H)."""
+        next_emb = self.embed(F.pad(ids[:, 1:], (0, 1)))  # (B, T, H): x_{j+1} at every j
+        return self.context(hidden.to(self.rnn_w.weight.dtype), next_emb, pos)
 
     def context_cache(self, batch: int) -> ContextCache | None:
         """A fresh decoding cache for context attention (None for a plain drafter)."""

@@ -228,7 +228,7 @@ def test_freeze_copied_trains_only_new_rows_and_blocks(tmp_path, tiny_target):
     opt = torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=0.1, weight_decay=0.0)
     ids = torch.randint(0, tiny_target.vocab_size, (2, 12))
     hidden = torch.randn(2, 12, tiny_target.hidden_size)
-    logits = d(hidden[:, :4], ids[:, :4, None].expand(-1, -1, 2), hidden=hidden, next_tokens=ids, pos=torch.arange(4).expand(2, 4))
+    logits = d(hidden[:, :4], ids[:, :4, None].expand(-1, -1, 2), hidden=hidden, ids=ids, pos=torch.arange(4).expand(2, 4))
     logits.logsumexp(-1).sum().backward()
     opt.step()
     after = d.state_dict()

@@ -170,9 +170,8 @@ def batch_loss(target: Target, drafter: Any, raw: Drafter, ids: torch.Tensor, at
         labels = labels.clamp_min(0)  # -1 left only where label_mask is False
     if raw.context is None:
         logits = drafter(h.to(raw.rnn_w.weight.dtype), inputs).float()  # (B, P, K, V_d)
-    else:  # context attention reads the whole sequences: hidden states and each position's next token
-        next_tokens = F.pad(ids[:, 1:], (0, 1))  # (B, T)
-        logits = drafter(h, inputs, hidden=hidden, next_tokens=next_tokens, pos=pos).float()
+    else:  # context attention reads the whole sequences
+        logits = drafter(h, inputs, hidden=hidden, ids=ids, pos=pos).float()
     vocab_index = _vocab_index(raw, target.vocab_size, device)
     target_ids = labels if vocab_index is None else vocab_index[labels]
     labelled = label_mask  # every position with a label: agreement counts an out-of-vocabulary label as a miss
