@@ -5,28 +5,33 @@ can also be looked up directly (retrieval drafting, as in REST, He et al.
 2023). A datastore holds the target's own answer tokens from that data, all
 answers concatenated with SEP (-1) between them, and an index of their
 n-grams (n = 1..ngram_max). A step's query is the context's last n tokens,
-longest n first that occurs in the store; its most recent `max_rows`
-occurrences give continuation rows, which are walked as a trie: beam j
-starts with the j-th most frequent next token, then follows, token by token,
-the most frequent next token among the rows that agree so far (ties: the
-smaller token id), and stops at an answer's end. The target verifies these
+longest n first that occurs in the store, down to `ngram_min` (2: a single
+token says too little); its most recent `max_rows` occurrences give
+continuation rows, which are walked as a trie: beam j starts with the j-th
+most frequent next token, then follows, token by token, the most frequent
+next token among the rows that agree so far (ties: the smaller token id).
+It stops at an answer's end, and where fewer than `min_share` (0.3) of the
+query's rows still agree: past that point the store is guessing, and every
+guessed token would cost the target a tree node. The target verifies these
 beams like the drafter's, so output is unchanged.
 
 Unlike the context lookup (lookup.py), which copies from the conversation
 itself, the datastore finds the target's stock phrases in unseen
-conversations. In a greedy simulation of the shipped SmolLM2 drafter on 80
-MT-Bench questions, two datastore beams of 8 tokens raised tokens per step
-from 2.17 to 2.37.
+conversations. In a greedy simulation of the shipped SmolLM2 drafter (48
+held-out conversations, 128 tokens, beside its adaptive lookup beam), one
+datastore beam raised tokens per step from 2.94 to 3.11 for 2.2 more tree
+nodes a step; without the share rule and with 1-grams, two beams of 8
+tokens had cost ten more nodes for a similar gain.
 
 Worked example, ngram_max = 2, answers [4, 7, 1, 2], [4, 7, 1, 3], [9, 7, 5]:
 
     tokens  = [4, 7, 1, 2, -1, 4, 7, 1, 3, -1, 9, 7, 5, -1]
     context [..., 4, 7], 3 tokens after g0 = 7:
       2-gram [4, 7] occurs twice; rows [1, 2, -1], [1, 3, -1]
-      beam 0: 1 (2 rows), then 2 or 3 (1 row each: the smaller id, 2), then -1 ends it
+      beam 0: 1 (2 rows), then 2 or 3 (1 row each, half the rows: the smaller id, 2), then -1 ends it
               -> [7, 1, 2, PAD]
-    context [..., 8, 7]: [8, 7] never occurs; 1-gram [7] occurs 3 times
-      -> rows [1, 2, -1], [1, 3, -1], [5, -1, 4]: beam 0 = [7, 1, 2, PAD], beam 1 = [7, 5, PAD, PAD]
+    context [..., 8, 7]: [8, 7] never occurs -> no beam (with ngram_min = 1, the 1-gram [7]
+      occurs 3 times: rows [1, 2, -1], [1, 3, -1], [5, -1, 4]: beam 0 = [7, 1, 2, PAD], beam 1 = [7, 5, PAD, PAD])
 
 On disk (`datastore.safetensors` in a drafter directory): `tokens` (T,),
 stored as token id + 1 (0 = SEP) in uint16 when the vocabulary allows it,
@@ -44,7 +49,7 @@ import torch
 
 from .errors import DrafterLoadError
 from .files import atomic_write
-from .lookup import PAD, append_beams
+from .lookup import PAD, append_beams, copy_length
 
 DATASTORE_NAME = "datastore.safetensors"
 SEP = -1
@@ -54,7 +59,7 @@ class Datastore:
     """The target's answer tokens, (T,) int64 with SEP between answers, and their n-gram index."""
 
     def __init__(self, tokens: torch.Tensor, vocab_size: int, answers: int = 0, ngram_max: int = 3,
-                 max_rows: int = 1024) -> None:
+                 max_rows: int = 1024, ngram_min: int = 2, min_share: float = 0.3, min_rows: int = 1) -> None:
         self.tokens = tokens.to(torch.long).cpu()
         if self.tokens.numel() == 0 or int(self.tokens[-1]) != SEP:
             self.tokens = torch.cat([self.tokens, torch.tensor([SEP])])
@@ -62,9 +67,12 @@ class Datastore:
         self.answers = int(answers)
         self.ngram_max = int(ngram_max)
         self.max_rows = int(max_rows)
+        self.min_share = float(min_share)
+        self.min_rows = int(min_rows)
         self.bits = max(1, (self.vocab_size - 1).bit_length())
         # n-gram keys pack n token ids exactly into one int64: no hash collisions.
         self.ngram_max = max(1, min(self.ngram_max, 62 // self.bits))
+        self.ngram_min = max(1, min(int(ngram_min), self.ngram_max))
         self._index: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __len__(self) -> int:
@@ -150,11 +158,12 @@ class Datastore:
                 self._index[n] = (keys, starts[order].to(torch.int32 if len(self) < 2**31 else torch.long))
         return self._index
 
-    def rows(self, context: list[int], length: int) -> torch.Tensor:
-        """(R, length) tokens that followed the longest suffix n-gram of `context` found (R = 0: none)."""
+    def match(self, context: list[int]) -> tuple[int, torch.Tensor]:
+        """The longest suffix n-gram of `context` found (n >= ngram_min; 0: none) and the store positions
+        right after its latest `max_rows` occurrences, (R,) int64."""
         index = self.index()
         ctx = torch.tensor(context[-self.ngram_max :], dtype=torch.long)
-        for n in range(min(self.ngram_max, len(ctx)), 0, -1):
+        for n in range(min(self.ngram_max, len(ctx)), self.ngram_min - 1, -1):
             tail = ctx[-n:]
             if n not in index or int(tail.min()) < 0 or int(tail.max()) >= self.vocab_size:
                 continue
@@ -162,28 +171,43 @@ class Datastore:
             q = self._keys(tail)
             lo, hi = int(torch.searchsorted(keys, q)), int(torch.searchsorted(keys, q, right=True))
             if hi > lo:
-                after = starts[max(lo, hi - self.max_rows) : hi].long() + n  # (R,) most recent occurrences
-                at = (after.unsqueeze(1) + torch.arange(length)).clamp_(max=len(self) - 1)
-                return self.tokens[at]
-        return torch.empty(0, length, dtype=torch.long)
+                return n, starts[max(lo, hi - self.max_rows) : hi].long() + n
+        return 0, torch.empty(0, dtype=torch.long)
+
+    def rows(self, context: list[int], length: int) -> torch.Tensor:
+        """(R, length) tokens that followed the longest suffix n-gram of `context` found (R = 0: none)."""
+        return self._rows(self.match(context)[1], length)
+
+    def _rows(self, after: torch.Tensor, length: int) -> torch.Tensor:
+        """(R,) store positions -> (R, length) tokens from each."""
+        at = (after.unsqueeze(1) + torch.arange(length)).clamp_(max=len(self) - 1)
+        return self.tokens[at]
 
     def continuations(self, context: list[int], num_beams: int, length: int) -> list[list[int]]:
-        """Up to `num_beams` distinct continuations (each 1..length tokens) of `context`, most frequent first."""
-        rows = self.rows(context, length)
-        if not len(rows):
+        """Up to `num_beams` distinct continuations of `context`, most frequent first.
+
+        Each holds at most `copy_length(n, length + 1) - 1` tokens for a match of n tokens (the
+        context lookup's rule, lookup.py), and goes on only while at least `min_share` of the query's
+        rows (and `min_rows`) agree with it, so it stops where the store stops being sure; a first
+        token too rare to be likely is not proposed at all.
+        """
+        n, after = self.match(context)
+        if not n or length < 1:
             return []
+        rows = self._rows(after, copy_length(n, length + 1) - 1)  # (R, D)
+        need = max(self.min_rows, self.min_share * len(rows))
         firsts, counts = rows[:, 0].unique(return_counts=True)
         counts = torch.where(firsts >= 0, counts, 0)
         order = counts.argsort(descending=True, stable=True)
         out = []
-        for f in firsts[order[:num_beams]].tolist():
-            if f < 0:
+        for f, c in zip(firsts[order[:num_beams]].tolist(), counts[order[:num_beams]].tolist()):
+            if f < 0 or c < need:
                 break
             sel, path = rows[rows[:, 0] == f], [f]
-            for d in range(1, length):
+            for d in range(1, rows.shape[1]):
                 values, c = sel[:, d].unique(return_counts=True)
                 best = int(values[c.argmax()])  # the first maximum: the smaller id on ties
-                if best < 0:
+                if best < 0 or int(c.max()) < need:
                     break
                 path.append(best)
                 sel = sel[sel[:, d] == best]

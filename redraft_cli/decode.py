@@ -56,8 +56,8 @@ class DecodeConfig:
     typical_delta: float = 0.3
     stop_on_eos: bool = True
     lookup_beams: int = 0  # extra beams copied from earlier context (lookup.py), beside the W drafted ones
-    lookup_length: int = 0  # tokens per lookup beam, counting g0 (0: beam_length); may exceed beam_length
-    datastore_beams: int = 0  # extra beams from the drafter's datastore (datastore.py), lookup_length tokens long
+    lookup_length: int = 0  # most tokens per copied beam, counting g0 (0: beam_length; lookup.copy_length); may exceed beam_length
+    datastore_beams: int = 0  # extra beams from the drafter's datastore (datastore.py), up to lookup_length tokens long
     tree_nodes: int = 0  # keep the N most likely drafted tokens of the W x L search (beam_search.py); 0: every beam
 
     def __post_init__(self) -> None:

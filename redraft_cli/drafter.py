@@ -66,7 +66,7 @@ class DrafterConfig:
     beam_width: int = 4  # recommended beam shape (sweep --save-best writes these)
     beam_length: int = 5
     lookup_beams: int = 0  # recommended extra context-lookup beams (lookup.py)
-    lookup_length: int = 0  # their length, counting g0 (0: beam_length); datastore beams' too
+    lookup_length: int = 0  # their longest copy, counting g0 (0: beam_length); datastore beams' too
     datastore_beams: int = 0  # recommended extra beams from the datastore (datastore.py), when the drafter has one
     tree_nodes: int = 0  # recommended node budget for the beam search (beam_search.py); 0: every beam
     context_window: int = 0  # > 0: attention over the last N positions feeds the head (context_attention.py)

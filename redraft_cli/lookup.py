@@ -1,19 +1,35 @@
-"""Context lookup beams: draft by copying what followed the same n-gram earlier.
+"""Context lookup beams: draft by copying what followed the same tokens earlier.
 
 Chat models repeat themselves and their prompt (names, code, lists, the
 question's wording): in SmolLM2's self-distilled answers 45% of positions
 complete a 4-gram seen earlier in the same sequence. A lookup beam costs no
-model call: find the latest earlier occurrence of the sequence's last n
-tokens (n = ngram_max down to ngram_min, longest first) and propose the
-tokens that followed it. ReDrafter's tree takes such beams beside the
-drafter's; the target verifies them like any other, so output is unchanged
-(greedy and rejection sampling alike: both rules hold for any deterministic
-tree of drafts).
+model call: find the earlier position whose preceding tokens match the
+sequence's end for the longest run (the *match*, m tokens, at most
+`MAX_MATCH`; the most recent among equals) and propose the tokens that
+followed it. ReDrafter's tree takes such beams beside the drafter's; the
+target verifies them like any other, so output is unchanged (greedy and
+rejection sampling alike: both rules hold for any deterministic tree of
+drafts).
 
-Worked example, L = 4 (g0 + 3 drafts), ngram_max = 2:
+A copy is as long as its evidence earns: `copy_length(m) = 4 + 2m` tokens
+(counting g0), at most the caller's length. A 1-token match is a guess and
+gets a short beam; a 14-token match means the text is repeating itself, and
+a long copy is then accepted whole in one pass. On the shipped SmolLM2
+drafter's 48 held-out conversations (greedy, simulated, 128 tokens) this
+gave 2.94 tokens per step against 2.82 for a fixed 8-token copy of the
+latest 3-gram match, at 11.2 against 10.8 tree nodes.
 
-    sequence = [5, 8, 2, 9, 7, 5, 8]      (ends with g0 = 8)
-    last 2-gram [5, 8] occurs at 0..1  ->  beam = [8, 2, 9, 7]
+A copy may run into the sequence's own end: the match at distance p from
+the end says the text repeats with period p, so the continuation wraps
+around that period (as an LZ77 copy does), and the latest match is usable
+however long the copy.
+
+Worked example, sequence = [5, 8, 2, 9, 7, 5, 8] (ends with g0 = 8):
+
+    positions holding 8 (the last token), before the end: 1
+    match at 1: s[1] = 8 = s[6], s[0] = 5 = s[5], then the sequence starts: m = 2
+    continuation: s[2:] = 2, 9, 7, 5, 8, then wraps with period 5: 2, 9, ...
+    copy_length(2) = 8 -> beam [8, 2, 9, 7, 5, 8, 2, 9]   (4 tokens with length 4: [8, 2, 9, 7])
 """
 
 from __future__ import annotations
@@ -22,44 +38,71 @@ import torch
 import torch.nn.functional as F
 
 PAD = -1  # a beam cell holding no token (a beam shorter than the tree's depth)
+MAX_MATCH = 64  # tokens compared backwards from the end when ranking matches
+MAX_CANDIDATES = 64  # matches ranked per row (longest first) when looking for distinct beams
 
 
-def lookup_beams(sequences: list[list[int]], num_beams: int, beam_length: int, ngram_max: int = 3,
-                 ngram_min: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to `num_beams` distinct lookup beams per sequence.
+def copy_length(match: int, length: int) -> int:
+    """Tokens of a lookup beam (counting g0) for a match of `match` tokens, at most `length`."""
+    return min(length, 4 + 2 * match)
+
+
+def find_matches(seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Earlier positions j (< T-1) with seq[j] == seq[-1], ranked longest match first, then most recent.
+
+    seq: (T,) int64. Returns positions (C,) and match lengths (C,) >= 1, where
+    match m means seq[j-m+1 .. j] == seq[T-m .. T-1] (at most MAX_MATCH).
+    """
+    T = seq.shape[0]
+    cand = (seq[:-1] == seq[-1]).nonzero().flatten()  # (C,)
+    if cand.numel() == 0:
+        return cand, cand
+    k = torch.arange(min(MAX_MATCH, T - 1))  # (K,) offsets back from the end
+    back = cand.unsqueeze(1) - k  # (C, K) positions compared with T-1-k
+    eq = (back >= 0) & (seq[back.clamp(min=0)] == seq[T - 1 - k])
+    match = eq.to(torch.int64).cumprod(1).sum(1)  # (C,)
+    order = torch.argsort(match * T + cand, descending=True)[:MAX_CANDIDATES]
+    return cand[order], match[order]
+
+
+def continuation(seq: torch.Tensor, j: int, n: int) -> torch.Tensor:
+    """The n tokens after position j of seq (T,), wrapping with period T-1-j past the end."""
+    T, p = seq.shape[0], seq.shape[0] - 1 - j
+    idx = j + 1 + torch.arange(n)
+    idx = torch.where(idx < T, idx, T - p + (idx - T) % p)
+    return seq[idx]
+
+
+def lookup_beams(sequences: list[list[int]], num_beams: int, beam_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `num_beams` distinct lookup beams per sequence, each `copy_length(m, beam_length)` long.
 
     sequences: B token lists, each ending with its g0. Returns tokens (B,
-    num_beams, L) int64 (beam[0] = g0) and found (B, num_beams) bool;
-    beams not found hold g0 repeated and must be replaced by the caller.
-    Matches are taken most recent first, longest n-gram first.
+    num_beams, L') int64 (beam[0] = g0, PAD after a beam shorter than L', the
+    longest beam found; L' = 1 when none is) and found (B, num_beams) bool;
+    beams not found hold g0 and PAD and must be replaced by the caller.
+    Beams come from the best-ranked matches (`find_matches`), skipping a copy
+    that an earlier beam already holds as a prefix.
     """
-    B, L = len(sequences), beam_length
-    tokens = torch.zeros(B, num_beams, L, dtype=torch.long)
-    found = torch.zeros(B, num_beams, dtype=torch.bool)
+    B = len(sequences)
+    got: list[list[list[int]]] = [[] for _ in range(B)]
     for b, seq in enumerate(sequences):
-        tokens[b, :, :] = seq[-1]
-        if L < 2 or len(seq) < 2:
+        if beam_length < 2 or len(seq) < 2:
             continue
         s = torch.tensor(seq, dtype=torch.long)
-        got: list[list[int]] = []
-        for n in range(min(ngram_max, len(s) - 1), ngram_min - 1, -1):
-            # Windows s[i : i + n] for start i with a full continuation after them, excluding the suffix itself.
-            last = len(s) - n - (L - 1)
-            if last < 0:
-                continue
-            windows = s[: last + n].unfold(0, n, 1)  # (last + 1, n): starts 0..last
-            hits = (windows == s[-n:]).all(-1).nonzero().flatten().flip(0)  # most recent first
-            for i in hits.tolist():
-                cont = s[i + n : i + n + L - 1].tolist()
-                if cont not in got:
-                    got.append(cont)
-                if len(got) == num_beams:
-                    break
-            if len(got) == num_beams:
+        for j, m in zip(*(t.tolist() for t in find_matches(s))):
+            cont = continuation(s, j, copy_length(m, beam_length) - 1).tolist()
+            if not any(c[: len(cont)] == cont for c in got[b]):
+                got[b].append(cont)
+            if len(got[b]) == num_beams:
                 break
-        for j, cont in enumerate(got):
-            tokens[b, j, 1:] = torch.tensor(cont)
-            found[b, j] = True
+    L = 1 + max((len(c) for g in got for c in g), default=0)
+    tokens = torch.full((B, num_beams, L), PAD, dtype=torch.long)
+    found = torch.zeros(B, num_beams, dtype=torch.bool)
+    for b, seq in enumerate(sequences):
+        tokens[b, :, 0] = seq[-1]
+        for i, cont in enumerate(got[b]):
+            tokens[b, i, 1 : 1 + len(cont)] = torch.tensor(cont)
+            found[b, i] = True
     return tokens, found
 
 
@@ -67,11 +110,12 @@ def with_lookup_beams(beams: "DraftBeams", sequences: list[list[int]], num_beams
                       length: int | None = None) -> "DraftBeams":
     """Append up to `num_beams` lookup beams per row to drafted beams (B, W, L) -> (B, W + num_beams, L').
 
-    Lookup beams hold `length` tokens (counting g0; default L). They may be
-    longer than the drafted beams: copying is free, and when the target
-    repeats itself a long copy is accepted whole. The result is as long as
-    the longer kind, L' = max(L, length); the shorter beams are padded with
-    PAD (-1), which the tree and the acceptance rules treat as "no node".
+    Lookup beams hold up to `length` tokens (counting g0; default L; each
+    `copy_length` of its match). They may be longer than the drafted beams:
+    copying is free, and when the target repeats itself a long copy is
+    accepted whole. The result is as long as the longest beam, L' <= max(L,
+    length); shorter beams are padded with PAD (-1), which the tree and the
+    acceptance rules treat as "no node".
 
     A lookup beam that was not found becomes a copy of the row's first
     drafted beam, which the tree deduplicates (no extra nodes). Lookup beams

@@ -75,7 +75,7 @@ def simulate_greedy(drafter: Drafter, examples: list[dict], beam_width: int, bea
     max_new_tokens) is decoded as if its prompt were everything before it.
     All answers advance together: one `draft_beams` call per round and beam
     length (rows near their end draft shorter beams, as the decoder does).
-    Datastore beams come from `drafter.datastore` (lookup_length tokens long);
+    Datastore beams come from `drafter.datastore` (up to lookup_length tokens long);
     tree_nodes > 0 keeps that many drafted tokens of the search (beam_search.py).
     """
     device = drafter.rnn_w.weight.device

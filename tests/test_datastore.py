@@ -24,14 +24,28 @@ def test_worked_example():
     assert ds.answers == 3
     # [4, 7] occurs twice: 1 twice, then 2 and 3 once each (the smaller id), then the answers end.
     assert ds.continuations([0, 4, 7], num_beams=2, length=3) == [[1, 2]]
-    # [8, 7] never occurs: the 1-gram [7] does, three times (1, 1, 5).
-    assert ds.continuations([8, 7], num_beams=2, length=3) == [[1, 2], [5]]
-    assert ds.continuations([6], num_beams=2, length=3) == []
-    tokens, found = ds.beams([[0, 4, 7], [8, 7], [6]], num_beams=2, beam_length=4)
+    # [8, 7] never occurs, and a 1-gram is too weak a query by default (ngram_min = 2) ...
+    assert ds.continuations([8, 7], num_beams=2, length=3) == []
+    # ... but with ngram_min = 1 the 1-gram [7] occurs three times (1, 1, 5).
+    ds1 = Datastore.from_answers(ANSWERS, vocab_size=10, ngram_max=2, ngram_min=1)
+    assert ds1.continuations([8, 7], num_beams=2, length=3) == [[1, 2], [5]]
+    assert ds1.continuations([6], num_beams=2, length=3) == []
+    tokens, found = ds1.beams([[0, 4, 7], [8, 7], [6]], num_beams=2, beam_length=4)
     assert tokens.tolist() == [[[7, 1, 2, -1], [7, -1, -1, -1]],
                                [[7, 1, 2, -1], [7, 5, -1, -1]],
                                [[6, -1, -1, -1], [6, -1, -1, -1]]]
     assert found.tolist() == [[True, False], [True, True], [False, False]]
+
+
+def test_a_continuation_stops_where_too_few_rows_agree():
+    # After [4, 7]: 1 in all 10 rows, then 5 in 4 rows, 2 and 3 in 3 each, then 6 in 2 of the 4.
+    answers = [[4, 7, 1, 2]] * 3 + [[4, 7, 1, 3]] * 3 + [[4, 7, 1, 5, 6]] * 2 + [[4, 7, 1, 5, 8]] * 2
+    ds = Datastore.from_answers(answers, vocab_size=10, ngram_max=2)
+    assert ds.continuations([0, 4, 7], 1, 4) == [[1, 5]]  # 6 has 2 of 10 rows, under min_share 0.3
+    assert Datastore(ds.tokens, 10, ngram_max=2, min_share=0.5).continuations([0, 4, 7], 1, 4) == [[1]]
+    assert Datastore(ds.tokens, 10, ngram_max=2, min_share=0.0).continuations([0, 4, 7], 1, 4) == [[1, 5, 6]]
+    # A first token that too few rows share is not proposed: 2 and 3 each follow [1] in 3 of 10 rows.
+    assert Datastore(ds.tokens, 10, ngram_max=2, min_share=0.35).continuations([7, 1], 3, 2) == [[5]]
 
 
 def test_longest_ngram_wins_and_most_recent_rows_are_kept():
@@ -40,7 +54,7 @@ def test_longest_ngram_wins_and_most_recent_rows_are_kept():
     assert ds.continuations([5, 1, 2], 1, 1) == [[9]]
     assert ds.continuations([0, 1, 2], 1, 1) == [[3]]
     # With room for one row only, the latest occurrence of [2] decides.
-    assert Datastore(ds.tokens, 10, max_rows=1).continuations([2], 1, 1) == [[9]]
+    assert Datastore(ds.tokens, 10, max_rows=1).continuations([1, 2], 1, 1) == [[9]]
 
 
 def test_keys_are_exact_and_ngram_max_fits_the_vocabulary():
@@ -66,7 +80,7 @@ def test_save_and_load(tmp_path, vocab_size):
     path = ds.save(tmp_path / DATASTORE_NAME)
     back = Datastore.load(path)
     assert back.tokens.tolist() == ds.tokens.tolist() and back.vocab_size == vocab_size and back.answers == 2
-    assert back.continuations([0], 1, 2) == [[3, 9]]
+    assert back.continuations([0, 3], 1, 2) == [[9]]
     assert [p.name for p in tmp_path.iterdir()] == [DATASTORE_NAME]  # no temporary file left behind
 
 

@@ -9,7 +9,7 @@ from conftest import random_prompts
 from redraft_cli import DecodeConfig, Drafter, Generator
 from redraft_cli.beam_search import DraftBeams
 from redraft_cli.errors import BadInputError
-from redraft_cli.lookup import lookup_beams, with_lookup_beams
+from redraft_cli.lookup import continuation, copy_length, find_matches, lookup_beams, with_lookup_beams
 from redraft_cli.sampling import SamplingConfig
 from redraft_cli.tree_attention import pack_tree
 from redraft_cli.verify import accept_greedy
@@ -18,25 +18,55 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_worked_example():
-    tokens, found = lookup_beams([[5, 8, 2, 9, 7, 5, 8]], num_beams=1, beam_length=4, ngram_max=2)
+    # The module docstring's example: a 2-token match, copied with its period once the sequence ends.
+    tokens, found = lookup_beams([[5, 8, 2, 9, 7, 5, 8]], num_beams=1, beam_length=32)
     assert found.tolist() == [[True]]
+    assert tokens.tolist() == [[[8, 2, 9, 7, 5, 8, 2, 9]]]  # copy_length(2) = 8
+    tokens, _ = lookup_beams([[5, 8, 2, 9, 7, 5, 8]], num_beams=1, beam_length=4)
     assert tokens.tolist() == [[[8, 2, 9, 7]]]
 
 
-def test_longest_ngram_then_most_recent_and_distinct():
+def test_longest_match_then_most_recent_and_distinct():
     seq = [1, 2, 3, 4, 9, 2, 3, 5, 6, 1, 2, 3]
-    tokens, found = lookup_beams([seq], num_beams=3, beam_length=3, ngram_max=3)
-    # [1, 2, 3] occurs at 0 -> [4, 9]; then 2-grams [2, 3] at 5 -> [5, 6] (at 1 -> [4, 9], a duplicate);
-    # then 1-grams [3]: at 6 -> [5, 6] (dup), at 2 -> [4, 9] (dup); nothing else.
-    assert tokens[0, :, 1:].tolist()[:2] == [[4, 9], [5, 6]]
+    positions, match = find_matches(torch.tensor(seq))
+    # 3 sits at 2 (preceded by 1, 2: all three match) and at 6 (preceded by 2, not 1): the older, longer match first.
+    assert positions.tolist() == [2, 6] and match.tolist() == [3, 2]
+    tokens, found = lookup_beams([seq], num_beams=3, beam_length=3)
+    assert tokens[0, :2].tolist() == [[3, 4, 9], [3, 5, 6]]
     assert found.tolist() == [[True, True, False]]
-    assert tokens[0, 2].tolist() == [3, 3, 3]  # not found: g0 repeated, for the caller to replace
+    assert tokens[0, 2].tolist() == [3, -1, -1]  # not found: g0 and padding, for the caller to replace
+    # Equal matches: the most recent first; a copy that an earlier beam already holds is skipped.
+    positions, match = find_matches(torch.tensor([7, 1, 5, 7, 1, 5, 7, 9, 5]))
+    assert positions.tolist() == [5, 2] and match.tolist() == [1, 1]
+    tokens, found = lookup_beams([[7, 1, 5, 7, 1, 5, 7, 9, 5]], num_beams=2, beam_length=3)
+    assert tokens[0, 0].tolist() == [5, 7, 9] and found.tolist() == [[True, True]]
+    assert tokens[0, 1].tolist() == [5, 7, 1]
+    tokens, found = lookup_beams([[3, 4, 3, 4, 3]], num_beams=2, beam_length=5)
+    assert tokens[0, 0].tolist() == [3, 4, 3, 4, 3] and found.tolist() == [[True, False]]  # [3, 4, ...] again: skipped
+
+
+def test_copy_length_grows_with_the_match():
+    assert [copy_length(m, 32) for m in (1, 2, 5, 14, 40)] == [6, 8, 14, 32, 32]
+    assert copy_length(9, 8) == 8
+    # A 1-token match is a guess: a short copy.
+    tokens, _ = lookup_beams([[4, 5, 6, 7, 8, 9, 10, 11, 4]], num_beams=1, beam_length=32)
+    assert tokens.tolist() == [[[4, 5, 6, 7, 8, 9]]]
+    # A loop: the latest match runs back to the start (6 tokens), and the copy wraps with period 2.
+    loop = [1, 2, 1, 2, 1, 2, 1, 2]
+    positions, match = find_matches(torch.tensor(loop))
+    assert positions.tolist()[0] == 5 and match.tolist()[0] == 6
+    tokens, _ = lookup_beams([loop], num_beams=1, beam_length=32)
+    assert tokens[0, 0].tolist() == [2] + [1, 2] * 7 + [1]  # copy_length(6) = 16
+    assert continuation(torch.tensor(loop), 5, 5).tolist() == [1, 2, 1, 2, 1]
 
 
 def test_no_match_and_short_sequences():
     tokens, found = lookup_beams([[1, 2, 3], [7], [4, 4]], num_beams=2, beam_length=3)
-    assert not found.any()
+    assert found.tolist() == [[False, False], [False, False], [True, False]]
     assert tokens[:, 0, 0].tolist() == [3, 7, 4]
+    assert tokens[2, 0].tolist() == [4, 4, 4]  # period 1: the copy repeats the token
+    tokens, found = lookup_beams([[1, 2, 3]], num_beams=1, beam_length=3)
+    assert tokens.shape == (1, 1, 1) and not found.any()  # nothing found: only g0
     tokens, found = lookup_beams([[4, 4, 4, 4]], num_beams=1, beam_length=3)
     assert found.tolist() == [[True]] and tokens.tolist() == [[[4, 4, 4]]]
 
