@@ -3,7 +3,9 @@
 Metrics (DESIGN section 7), defined once here and printed everywhere:
 - tokens per step   = tokens emitted by decode steps / target verify passes
                       (the prefill pass and its one token are left out of both);
-- acceptance rate   = accepted draft tokens / (steps * (beam_length - 1));
+- acceptance rate   = accepted draft tokens / (steps * (beam_length - 1)), the
+                      share of the drafted beam accepted; copied beams may be
+                      longer than L, so it can pass 100% on repetitive text;
 - speedup           = tokens/s of ReDrafter / tokens/s of plain decoding,
                       prefill included in both, paths alternated per prompt
                       after a warm-up;
@@ -100,7 +102,7 @@ class RedraftTotals(PathTotals):
                 self.verify_s += p.verify_s
                 self.accept_s += p.accept_s
 
-    def to_dict(self, tree_depth: int = 1) -> dict[str, Any]:
+    def to_dict(self, beam_length: int = 2) -> dict[str, Any]:
         steps = max(self.steps, 1)
         split = self.draft_s + self.verify_s + self.accept_s
         return {
@@ -108,7 +110,7 @@ class RedraftTotals(PathTotals):
             "steps": self.steps,
             "passes": self.passes,
             "tokens_per_step": round(self.step_tokens / steps, 4),
-            "acceptance_rate": round(self.accepted / (steps * max(tree_depth - 1, 1)), 4),
+            "acceptance_rate": round(self.accepted / (steps * max(beam_length - 1, 1)), 4),
             "mean_tree_nodes": round(self.tree_nodes / steps, 3),
             "draft_s": round(self.draft_s, 4),
             "verify_s": round(self.verify_s, 4),
@@ -194,11 +196,14 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
                 hf.seconds += seconds
             else:
                 red.add(generation)
+                red_rows = generation.rows
             label = f"prompt {i + 1}/{len(groups)}" if B == 1 else f"batch {i + 1}/{len(groups)}"
             tick(f"{label} {path}")
-        for ids, plain, fast in zip(group, outputs["plain"], outputs["redraft"]):
+        for ids, plain, fast, row in zip(group, outputs["plain"], outputs["redraft"], red_rows):
             identical += plain == fast
+            steps = row.decode_steps
             rows.append({"prompt_tokens": len(ids), "plain_tokens": len(plain), "redraft_tokens": len(fast),
+                         "tokens_per_step": round(sum(len(s.tokens) for s in steps) / max(len(steps), 1), 4),
                          "identical": plain == fast, "plain_digest": output_digest(plain),
                          "redraft_digest": output_digest(fast)})
 
@@ -219,7 +224,7 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
         "num_prompts": len(prompts),
         "max_new_tokens": d.max_new_tokens,
         "baseline": base.to_dict(),
-        "redraft": red.to_dict(d.tree_depth),
+        "redraft": red.to_dict(d.beam_length),
         "speedup": round(red.tokens_per_s / base.tokens_per_s, 4) if base.tokens_per_s else None,
         "identical_outputs": identical if greedy else None,
         "peak_rss_mb": round(peak_rss_mb(), 1),

@@ -154,7 +154,7 @@ class ChatSession:
                     stats.steps += 1
                     stats.step_tokens += len(step.tokens)
                     stats.accepted += step.accepted
-                    stats.draftable += max(self.cfg.tree_depth - 1, 0) if self.draft else 0
+                    stats.draftable += max(self.cfg.beam_length - 1, 0) if self.draft else 0
                 drafted = with_drafts[len(shown):] if with_drafts.startswith(shown) and full.startswith(with_drafts) else ""
                 yield Chunk(drafted, full[len(shown) + len(drafted):], step)
                 shown = full

@@ -53,6 +53,8 @@ def test_bench_random_drafter_json(tmp_path, prompt_file):
         assert key in data["redraft"], key
     assert data["identical_outputs"] == 2
     assert data["baseline"]["tokens"] == data["redraft"]["tokens"] == data["baseline_hf"]["tokens"] == 16
+    assert [r["redraft_tokens"] for r in data["per_prompt"]] == [8, 8]
+    assert all(1.0 <= r["tokens_per_step"] <= 3.0 for r in data["per_prompt"])  # at most g0 + 2 drafted per step
     assert "ReDrafter" in result.output
     assert "2 prompts x 8 tokens" in " ".join(result.output.split())
 
