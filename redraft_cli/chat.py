@@ -99,7 +99,8 @@ class ChatSession:
         try:
             parsed = kind(value)
         except ValueError:
-            raise BadInputError(f"{name} needs a {kind.__name__}, got {value!r}") from None
+            noun = {"int": "an integer", "float": "a number"}.get(kind.__name__, f"a {kind.__name__}")
+            raise BadInputError(f"{name} needs {noun}, got {value!r}") from None
         if attr in ("temperature", "top_p", "top_k", "seed"):
             new = replace(self.cfg, sampling=replace(self.cfg.sampling, **{attr: parsed}))
         else:

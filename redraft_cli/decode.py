@@ -73,8 +73,8 @@ class DecodeConfig:
         if self.lookup_length != 0 and not 2 <= self.lookup_length <= MAX_LOOKUP_LENGTH:
             raise BadInputError(f"--lookup-length must be 0 (the beam length) or 2..{MAX_LOOKUP_LENGTH}, "
                                 f"got {self.lookup_length}")
-        if not 0 < self.typical_epsilon <= 1 or self.typical_delta <= 0:
-            raise BadInputError("typical acceptance needs 0 < epsilon <= 1 and delta > 0")
+        if not 0 < self.typical_epsilon <= 1 or not 0 < self.typical_delta < float("inf"):  # NaN fails both
+            raise BadInputError("typical acceptance needs 0 < epsilon <= 1 and a finite delta > 0")
 
     @property
     def tree_depth(self) -> int:

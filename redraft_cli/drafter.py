@@ -84,6 +84,12 @@ class DrafterConfig:
             raise DrafterLoadError(f"weight_storage must be one of {WEIGHT_STORAGE}, got {self.weight_storage!r}")
         if self.context_window < 0:
             raise DrafterLoadError(f"context_window must be >= 0, got {self.context_window}")
+        if self.predict_tokens < 1 or self.beam_width < 1 or self.beam_length < 1:
+            raise DrafterLoadError("drafter config needs predict_tokens, beam_width and beam_length >= 1")
+        if min(self.lookup_beams, self.lookup_length, self.datastore_beams, self.tree_nodes) < 0:
+            raise DrafterLoadError("drafter config has negative lookup_beams/lookup_length/datastore_beams/tree_nodes")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise DrafterLoadError(f"draft_vocab_size must be >= 1, got {self.draft_vocab_size}")
         if self.context_window and not self.context_heads:
             H = self.hidden_size
             self.context_heads = next((H // d for d in (64, 32, 128, 16, 2) if H % d == 0), 0)
@@ -120,9 +126,15 @@ class DrafterConfig:
             raise DrafterLoadError(f"config.json is a {data.get('model_type')!r}, not a {MODEL_TYPE!r}")
         if not data.get("rnn", True):
             raise DrafterLoadError("only recurrent drafters (rnn: true) are supported")
-        ours = dict(data.get("redraft", {}))
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in ours.items() if k in known and k != "extra"}
+        ours = data.get("redraft", {})
+        if not isinstance(ours, dict):
+            raise DrafterLoadError(f"invalid drafter config: 'redraft' must be a mapping, got {type(ours).__name__}")
+        types = {f.name: str(f.type) for f in fields(cls)}
+        kwargs = {k: v for k, v in ours.items() if k in types and k != "extra"}
+        for k, v in kwargs.items():
+            if not _fits(v, types[k]):
+                kind = types[k].replace(" | None", " or null")
+                raise DrafterLoadError(f"invalid drafter config: redraft.{k} must be {kind}, got {v!r}")
         # A checkpoint from the reference implementation has no "redraft" block: own head.
         kwargs.setdefault("head", "own")
         reserved = {"model_type", "vocab_size", "hidden_size", "exit_dim", "num_draft_layers", "rnn", "redraft"}
@@ -136,6 +148,15 @@ class DrafterConfig:
             )
         except (TypeError, ValueError) as exc:
             raise DrafterLoadError(f"invalid drafter config: {exc}") from exc
+
+
+def _fits(value: Any, annotation: str) -> bool:
+    """Whether a JSON value matches a DrafterConfig field annotation ('int', 'str | None', ...)."""
+    kinds = {"int": int, "str": str, "None": type(None), "bool": bool}
+    names = [a.strip() for a in annotation.split("|")]
+    if any(n not in kinds for n in names):
+        return True  # an annotation this check does not know (the `extra` dict): let it through
+    return any(isinstance(value, kinds[n]) and not (n == "int" and isinstance(value, bool)) for n in names)
 
 
 class ResBlock(nn.Module):

@@ -30,6 +30,8 @@ class SamplingConfig:
             raise BadInputError(f"top-k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:  # also rejects NaN
             raise BadInputError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**63:
+            raise BadInputError(f"seed must be between 0 and 2^63 - 1, got {self.seed}")
 
     @property
     def greedy(self) -> bool:

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import BadInputError, ChatTemplateError, ContextOverflowError, ModelLoadError
 from .kv_cache import TreeCache
@@ -36,7 +39,8 @@ QUANTIZE = ("none", "8bit", "4bit")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # Errors that third-party loaders raise for unreadable or unknown models.
-_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError, AttributeError, NotImplementedError)
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError, AttributeError, NotImplementedError,
+                IndexError, struct.error, SafetensorError)
 
 
 def cache_dir() -> Path:
@@ -203,11 +207,17 @@ def _load_hf(source: str, spec: TargetSpec, device: torch.device, dtype: torch.d
                 f"model {source!r} is not a local path and not in the Hugging Face cache, and the hub cannot be "
                 "reached (no network); pass a local directory or .gguf file, or use the embedded default smollm2-135m"
             )
+    shown = str(Path(source) / gguf_file) if gguf_file else source
+    if is_local and Path(source).is_dir() and not gguf_file and not (Path(source) / "config.json").is_file():
+        raise ModelLoadError(f"{source} is not a model directory (no config.json); pass a Hugging Face model "
+                             "directory, a .gguf file or a hub id")
     try:
         model, tokenizer = _load_hf_files(source, kwargs, gguf_file, local_only=is_local)
     except _LOAD_ERRORS as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model {source!r}: {first}") from exc
+        if first.endswith(":"):  # a message whose details were on the following lines
+            first = first.rstrip(":") + " (its files are missing or unreadable)"
+        raise ModelLoadError(f"cannot load model {shown!r}: {first}") from exc
     if spec.quantize == "none":
         model.to(device)
     return model, tokenizer
@@ -234,7 +244,13 @@ def load_target(spec: TargetSpec | str = DEFAULT_MODEL, **overrides: Any) -> "Ta
     if name in EMBEDDED:
         source = str(_convert_embedded(name))
         dtype = resolve_dtype(spec.dtype, device, _peek_config(source) if auto else None)
-        model, tokenizer = _load_hf(source, spec, device, dtype)
+        try:
+            model, tokenizer = _load_hf(source, spec, device, dtype)
+        except ModelLoadError:  # a damaged cached conversion (an interrupted copy, a full disk): convert again
+            import shutil
+
+            shutil.rmtree(source, ignore_errors=True)
+            model, tokenizer = _load_hf(str(_convert_embedded(name)), spec, device, dtype)
     elif name.endswith(".gguf"):
         path = Path(name)
         if not path.is_file():
@@ -366,20 +382,32 @@ class Target:
             raise ChatTemplateError(
                 f"{self.name} has no chat template; use --no-chat-template to send prompts as raw text"
             )
+        messages = [{**m, "content": _valid_text(m.get("content", ""))} for m in messages]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode_raw(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
+        return self.tokenizer(_valid_text(text))["input_ids"]
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if len(prompt_ids) == 0:
             raise BadInputError("the prompt is empty")
         if len(prompt_ids) >= self.max_context:
             raise ContextOverflowError(
-                f"the prompt is {len(prompt_ids)} tokens but {self.name}'s context is {self.max_context}; "
-                "shorten it or raise --max-context"
+                f"the prompt is {len(prompt_ids)} tokens but {self.name}'s context is {self.max_context}; shorten it"
             )
+        if max(prompt_ids) >= self.vocab_size or min(prompt_ids) < 0:
+            raise BadInputError(f"the tokenizer gave token id {max(prompt_ids)}, outside {self.name}'s vocabulary of "
+                                f"{self.vocab_size}: the tokenizer does not match the model")
 
     def describe(self) -> str:
         return f"{self.name} ({self.config.model_type}, {self.compute_dtype}, {self.device})".replace("torch.", "")
+
+
+def _valid_text(text: str) -> str:
+    """Text a tokenizer accepts: bytes that were not UTF-8 (read from a terminal or argv, they arrive as
+    lone surrogates) become U+FFFD instead of failing inside the tokenizer."""
+    return _SURROGATES.sub("\ufffd", text) if isinstance(text, str) else text
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")

@@ -159,3 +159,9 @@ def test_interactive_terminal(model_dir):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_text_that_was_not_utf8_is_encoded(target):
+    """Bytes that were not UTF-8 (a Latin-1 terminal) reach Python as lone surrogates; they encode as U+FFFD."""
+    assert target.encode_raw("caf\udce9") == target.encode_raw("caf\ufffd")
+    assert target.encode_chat("caf\udce9 \ud800") == target.encode_chat("caf\ufffd \ufffd")

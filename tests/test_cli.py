@@ -96,6 +96,8 @@ def test_bench_rejection_sampling_runs(prompt_file):
     (["--quantize", "3bit"], ["--quantize"]),
     (["--num-prompts", "0"], ["--num-prompts"]),
     (["--json", "/no/such/folder/out.json"], ["does not exist"]),
+    (["--accept", "rejection", "--temperature", "0.7", "--seed", "99999999999999999999"], ["seed must be between"]),
+    (["--accept", "typical", "--temperature", "0.7", "--delta", "nan"], ["finite delta"]),
 ])
 def test_bad_options(args, fragments, prompt_file):
     assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", prompt_file, *args), *fragments)
@@ -112,6 +114,29 @@ def test_bad_files(tmp_path, prompt_file):
     (bad / "model.safetensors").write_bytes(b"junk")
     assert_clean_error(invoke("bench", "--drafter", bad, "--prompts", prompt_file), "drafter")
     assert_clean_error(invoke("bench", "--drafter", tmp_path / "nope", "--prompts", prompt_file), "not a directory")
+    short = tmp_path / "short.gguf"
+    short.write_bytes(b"GGUF\x03\x00\x00\x00garbage")  # the magic, then a header cut short
+    assert_clean_error(invoke("bench", "--model", short, "--prompts", prompt_file), "short.gguf")
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    assert_clean_error(invoke("bench", "--model", empty, "--prompts", prompt_file), "empty.gguf")
+    (tmp_path / "not-a-model").mkdir()
+    assert_clean_error(invoke("bench", "--model", tmp_path / "not-a-model", "--prompts", prompt_file),
+                       "not a model directory")
+    for name, block, fragment in (("list", [1, 2], "'redraft' must be a mapping"),
+                                  ("str", {"beam_width": "x"}, "redraft.beam_width must be int"),
+                                  ("vocab", {"draft_vocab_size": "lots"}, "must be int or null"),
+                                  ("zero", {"predict_tokens": 0}, "predict_tokens")):
+        d = tmp_path / f"drafter-{name}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"hidden_size": 576, "vocab_size": 49152, "redraft": block}))
+        (d / "model.safetensors").write_bytes(b"junk")  # never read: the config is refused first
+        assert_clean_error(invoke("bench", "--drafter", d, "--prompts", prompt_file), fragment)
+
+
+def test_version_needs_no_command():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.startswith("redraft "), result.output
 
 
 def test_mismatched_drafter(tmp_path, tiny_target, prompt_file):
@@ -155,3 +180,9 @@ def test_local_model_directory_and_missing_chat_template(tmp_path, prompt_file):
     raw = invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file,
                  "--num-prompts", 1, "--max-new-tokens", 4, "--no-hf-baseline", "--no-chat-template")
     assert raw.exit_code == 0, raw.output
+    # A tokenizer whose ids run past the model's vocabulary: a clear error, not an IndexError in the embedding.
+    small = tmp_path / "tiny-small-vocab"
+    LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "vocab_size": 1000})).save_pretrained(small)
+    tok.save_pretrained(small)
+    assert_clean_error(invoke("bench", "--model", small, "--drafter", "random", "--prompts", prompt_file,
+                              "--no-chat-template"), "outside", "vocabulary of 1000")

@@ -83,8 +83,16 @@ def test_distill_offline_names_what_it_needs(monkeypatch, tmp_path):
     (["smollm2-135m", "--dropout", "1.5"], "dropout"),
     (["smollm2-135m", "--context-window", "-1"], "--context-window"),
     (["smollm2-135m", "--init-from", "/no/such/drafter"], "--init-from"),
+    (["smollm2-135m", "--max-steps", "0"], "train.max_steps must be a number >= 1"),
+    (["smollm2-135m", "--lr", "nan"], "train.lr"),
+    (["smollm2-135m", "--epochs", "0"], "train.epochs must be a number > 0"),
+    (["smollm2-135m", "--batch-size", "0"], "train.batch_size"),
+    (["smollm2-135m", "--num-prompts", "0"], "data.num_prompts"),
+    (["smollm2-135m", "--draft-vocab", "-1"], "drafter.draft_vocab_size"),
+    (["nosuch-recipe"], "is not a recipe"),
 ])
-def test_distill_bad_input(args, fragment, tmp_path):
+def test_distill_bad_input(args, fragment, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a name that is no recipe would otherwise be looked up on the hub
     result = runner.invoke(app, ["distill", *args, "--out", str(tmp_path / "o")])
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output

@@ -118,7 +118,15 @@ def test_recipes_load_and_validate(tmp_path):
     assert isinstance(recipe_from_dict({}), Recipe)
     for bad_fields, fragment in (({"train": {"freeze_init": True, "weight_decay": 0.1}}, "weight_decay 0"),
                                  ({"drafter": {"context_window": -4}}, "context_window"),
-                                 ({"drafter": {"weight_storage": "int4"}}, "weight_storage")):
+                                 ({"drafter": {"weight_storage": "int4"}}, "weight_storage"),
+                                 ({"data": {"held_out": -5}}, "data.held_out must be a number >= 0"),
+                                 ({"train": {"lr": "abc"}}, "train.lr must be a number > 0, got 'abc'"),
+                                 ({"train": {"lr": float("nan")}}, "train.lr"),
+                                 ({"train": {"mixed_precision": "fp8"}}, "mixed_precision"),
+                                 ({"train": {"max_steps": 0}}, "train.max_steps"),
+                                 ({"data": {"top_p": 1.5}}, "data.top_p must be a number > 0 and <= 1.0"),
+                                 ({"eval": {"bench_prompts": -1}}, "eval.bench_prompts"),
+                                 ({"train": {"batch_size": True}}, "train.batch_size")):
         with pytest.raises(BadInputError, match=fragment):
             recipe_from_dict(bad_fields)
 

@@ -24,13 +24,18 @@ app.command(help="Train (distill) a drafter for a target model from a recipe.")(
 app.command(help="Grid-search the beam shape: speed and tokens per step per beam width x length.")(sweep)
 
 
-@app.callback()
-def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from .. import __version__
 
         typer.echo(f"redraft {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Runs before every command; `--version` is handled while parsing, so it needs no command."""
 
 
 def main() -> None:

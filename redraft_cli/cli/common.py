@@ -140,14 +140,15 @@ def check_output_paths(*paths) -> None:
 
 
 def lookup_label(r: dict) -> str:
-    """' + 2 lookup', ' + 2 lookup x 8 + 2 datastore x 8' (the length when set apart from the beam length), for titles."""
+    """' + 2 lookup', ' + 2 lookup up to 8 + 2 datastore up to 8' (copies as long as their match, up to the
+    length when set apart from the beam length), for titles."""
     n, ds = r.get("lookup_beams") or 0, r.get("datastore_beams") or 0
     length = r.get("lookup_length")
-    size = f" x {length}" if length and length != r.get("beam_length") else ""
+    size = f" up to {length}" if length and length != r.get("beam_length") else ""
     return (f" + {n} lookup" + size if n else "") + (f" + {ds} datastore" + size if ds else "")
 
 
 def beams_label(r: dict) -> str:
-    """'4x4 best 7 nodes + 1 lookup x 8': the whole tree of one decoding setting, for titles."""
+    """'4x4 best 7 nodes + 1 lookup up to 32': the whole tree of one decoding setting, for titles."""
     nodes = r.get("tree_nodes") or 0
     return f"{r['beam_width']}x{r['beam_length']}" + (f" best {nodes} nodes" if nodes else "") + lookup_label(r)

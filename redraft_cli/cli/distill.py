@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..distill.pipeline import distill as run_distill
-from ..distill.recipe import load_recipe
+from ..distill.recipe import check_recipe, load_recipe
 from ..errors import BadInputError
 from . import options as o
 from ._errors import fail, handle_errors
@@ -76,6 +76,7 @@ def distill(
         raise BadInputError(f"--init-from {recipe.drafter.init_from} is not a drafter directory")
     if recipe.train.freeze_init and not recipe.drafter.init_from:
         raise BadInputError("train.freeze_init needs a drafter to start from (--init-from or drafter.init_from)")
+    check_recipe(recipe)  # every other value, before the model loads (--max-steps 0, --lr nan, ...)
     out = out or Path("drafters") / recipe.name
     view = _DistillView()
     try:

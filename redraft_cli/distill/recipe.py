@@ -16,6 +16,7 @@ only; the CLI's flags override fields after the YAML is read.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -183,7 +184,45 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     if unknown:
         raise BadInputError(f"recipe has unknown section(s) {unknown}")
     kwargs = {k: _build(cls, data.get(k), k) for k, cls in section_types.items()}
-    return Recipe(name=str(data.get("name", "custom")), description=str(data.get("description", "")), **kwargs)
+    recipe = Recipe(name=str(data.get("name", "custom")), description=str(data.get("description", "")), **kwargs)
+    check_recipe(recipe)
+    return recipe
+
+
+# (section, field): (smallest value, whether the smallest value itself is allowed); None values pass where optional.
+_LOWER_BOUNDS: dict[tuple[str, str], tuple[float, bool]] = {
+    ("data", "num_prompts"): (1, True), ("data", "held_out"): (0, True), ("data", "max_new_tokens"): (1, True),
+    ("data", "max_prompt_tokens"): (1, True), ("data", "temperature"): (0, True), ("data", "top_p"): (0, False),
+    ("data", "gen_batch_size"): (1, True), ("data", "shard_size"): (1, True), ("data", "seed"): (0, True),
+    ("data", "sampled_max_new_tokens"): (1, True),
+    ("drafter", "num_layers"): (0, True), ("drafter", "predict_tokens"): (1, True),
+    ("drafter", "draft_vocab_size"): (1, True),
+    ("train", "epochs"): (0, False), ("train", "max_steps"): (1, True), ("train", "batch_size"): (1, True),
+    ("train", "grad_accum"): (1, True), ("train", "lr"): (0, False), ("train", "weight_decay"): (0, True),
+    ("train", "warmup_ratio"): (0, True), ("train", "max_seq_len"): (2, True),
+    ("train", "positions_per_sequence"): (1, True), ("train", "kl_weight"): (0, True),
+    ("train", "eval_every"): (1, True), ("train", "save_every"): (1, True), ("train", "seed"): (0, True),
+    ("eval", "bench_prompts"): (0, True), ("eval", "bench_max_new_tokens"): (1, True),
+}
+_UPPER_BOUNDS = {("data", "top_p"): 1.0, ("train", "warmup_ratio"): 1.0}
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """BadInputError, naming the field, for any value that would only fail (or be ignored) after the model loads."""
+    for (section, name), (low, inclusive) in _LOWER_BOUNDS.items():
+        value = getattr(getattr(recipe, section), name)
+        if value is None and name in ("num_prompts", "max_steps", "draft_vocab_size", "sampled_max_new_tokens"):
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (value >= low if inclusive else value > low) and value <= _UPPER_BOUNDS.get((section, name), math.inf)
+        if not ok:
+            bound = f">= {low}" if inclusive else f"> {low}"
+            upper = _UPPER_BOUNDS.get((section, name))
+            raise BadInputError(f"{section}.{name} must be a number {bound}" + (f" and <= {upper}" if upper else "")
+                                + f", got {value!r}")
+    if recipe.train.mixed_precision not in MIXED_PRECISION:
+        raise BadInputError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {recipe.train.mixed_precision!r}")
 
 
 def builtin_recipes() -> dict[str, Path]:
