@@ -47,6 +47,9 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
     spec = TargetSpec(model=model, dtype=dtype, device=device, quantize=quantize)
     with err.status(f"Loading {model} ..."):
         target = load_target(spec)
+    if quantize != "none" and target.device.type == "cpu":
+        err.print(f"note: bitsandbytes {quantize} matmuls on CPU round a tree pass differently from a one-token pass, "
+                  "so greedy ReDrafter output can differ from plain decoding at near-ties (README, Status)")
     return Loaded(target, *resolve_drafter(target, drafter, seed))
 
 
