@@ -96,6 +96,7 @@ def test_bench_rejection_sampling_runs(prompt_file):
     (["--quantize", "3bit"], ["--quantize"]),
     (["--num-prompts", "0"], ["--num-prompts"]),
     (["--json", "/no/such/folder/out.json"], ["does not exist"]),
+    (["--json", "/proc/redraft-out.json"], ["cannot write /proc/redraft-out.json"]),  # refused before the run
     (["--accept", "rejection", "--temperature", "0.7", "--seed", "99999999999999999999"], ["seed must be between"]),
     (["--accept", "typical", "--temperature", "0.7", "--delta", "nan"], ["finite delta"]),
 ])

@@ -140,6 +140,14 @@ def check_output_paths(*paths) -> None:
             raise BadInputError(f"output {p} is a directory, expected a file path")
         if not p.parent.is_dir():
             raise BadInputError(f"cannot write {p}: folder {p.parent} does not exist")
+        existed = p.exists()
+        try:  # the file system may still refuse (read-only, /proc): find out now, not after the run
+            with open(p, "a"):
+                pass
+        except OSError as exc:
+            raise BadInputError(f"cannot write {p}: {exc.strerror or exc}") from None
+        if not existed:
+            p.unlink(missing_ok=True)
 
 
 def lookup_label(r: dict) -> str:
