@@ -54,6 +54,7 @@ def test_bench_random_drafter_json(tmp_path, prompt_file):
     assert data["identical_outputs"] == 2
     assert data["baseline"]["tokens"] == data["redraft"]["tokens"] == data["baseline_hf"]["tokens"] == 16
     assert [r["redraft_tokens"] for r in data["per_prompt"]] == [8, 8]
+    assert "note:" not in result.output
     assert all(1.0 <= r["tokens_per_step"] <= 3.0 for r in data["per_prompt"])  # at most g0 + 2 drafted per step
     assert "ReDrafter" in result.output
     assert "2 prompts x 8 tokens" in " ".join(result.output.split())
@@ -82,6 +83,9 @@ def test_bench_rejection_sampling_runs(prompt_file):
                     "--max-new-tokens", 6, "--accept", "rejection", "--temperature", 0.7, "--top-p", 0.9,
                     "--no-hf-baseline", "--no-warmup")
     assert result.exit_code == 0, result.output
+    more = invoke("bench", "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 5,
+                  "--max-new-tokens", 2, "--no-hf-baseline", "--no-warmup")
+    assert more.exit_code == 0 and "note: --num-prompts 5, but the prompts hold 2; using 2" in more.output, more.output
 
 
 @pytest.mark.parametrize("args,fragments", [

@@ -15,7 +15,7 @@ from ..errors import BadInputError
 from ..prompts import load_prompts
 from . import options as o
 from ._errors import handle_errors
-from .common import check_output_paths, console, decode_config, err, load_models, beams_label, with_drafter_shape
+from .common import check_output_paths, console, decode_config, err, load_models, beams_label, note_short_prompt_set, with_drafter_shape
 
 D = o.DEFAULTS
 
@@ -63,6 +63,7 @@ def bench(
     ids = [encode(t) for t in texts]
     for p in ids:
         target.check_prompt(p)
+    note_short_prompt_set(texts, num_prompts, default=10)
     gen = Generator(target, dr)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=True) as bar:

@@ -163,3 +163,10 @@ def beams_label(r: dict) -> str:
     """'4x4 best 7 nodes + 1 lookup up to 32': the whole tree of one decoding setting, for titles."""
     nodes = r.get("tree_nodes") or 0
     return f"{r['beam_width']}x{r['beam_length']}" + (f" best {nodes} nodes" if nodes else "") + lookup_label(r)
+
+
+def note_short_prompt_set(texts: list[str], num_prompts: int, default: int) -> None:
+    """Say so when an explicit --num-prompts (not the command's default) asks for more prompts than the
+    file holds (the run uses them all)."""
+    if num_prompts != default and num_prompts > len(texts):
+        err.print(f"note: --num-prompts {num_prompts}, but the prompts hold {len(texts)}; using {len(texts)}")

@@ -21,7 +21,7 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      save_best as save_best_shape, write_csv, write_json)
 from . import options as o
 from ._errors import handle_errors
-from .common import check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, with_drafter_shape
+from .common import check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, note_short_prompt_set, with_drafter_shape
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -116,6 +116,7 @@ def sweep(
             running[0] = cfg.shapes[len(cells)]
         bar.update(task, completed=done, total=total, description=label)
 
+    note_short_prompt_set(texts, num_prompts, default=5)
     with Live(View(), console=err, transient=True, refresh_per_second=4):
         result = run_sweep(gen, ids, cfg, progress, on_cell=cells.append)
     result = {**head, **result}
