@@ -174,10 +174,6 @@ class Datastore:
                 return n, starts[max(lo, hi - self.max_rows) : hi].long() + n
         return 0, torch.empty(0, dtype=torch.long)
 
-    def rows(self, context: list[int], length: int) -> torch.Tensor:
-        """(R, length) tokens that followed the longest suffix n-gram of `context` found (R = 0: none)."""
-        return self._rows(self.match(context)[1], length)
-
     def _rows(self, after: torch.Tensor, length: int) -> torch.Tensor:
         """(R,) store positions -> (R, length) tokens from each."""
         at = (after.unsqueeze(1) + torch.arange(length)).clamp_(max=len(self) - 1)

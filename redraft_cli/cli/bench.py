@@ -18,6 +18,7 @@ from ._errors import handle_errors
 from .common import check_output_paths, console, decode_config, err, load_models, beams_label, note_short_prompt_set, with_drafter_shape
 
 D = o.DEFAULTS
+NUM_PROMPTS = 10  # prompts benchmarked by default
 
 
 @handle_errors
@@ -25,7 +26,7 @@ def bench(
     model: o.Model = D["model"],
     drafter: o.DrafterOpt = "auto",
     prompts: o.PromptsFile = None,
-    num_prompts: o.NumPrompts = 10,
+    num_prompts: o.NumPrompts = NUM_PROMPTS,
     max_new_tokens: o.MaxNewTokens = D["max_new_tokens"],
     temperature: o.Temperature = D["temperature"],
     top_k: o.TopK = D["top_k"],
@@ -63,7 +64,7 @@ def bench(
     ids = [encode(t) for t in texts]
     for p in ids:
         target.check_prompt(p)
-    note_short_prompt_set(texts, num_prompts, default=10)
+    note_short_prompt_set(texts, num_prompts, default=NUM_PROMPTS)
     gen = Generator(target, dr)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=True) as bar:

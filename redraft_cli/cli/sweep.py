@@ -25,6 +25,7 @@ from .common import check_output_paths, Loaded, console, decode_config, err, loa
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+NUM_PROMPTS = 5  # prompts per cell by default
 
 BeamWidths = Annotated[str, typer.Option("--beam-widths", help="Beam widths to try, comma-separated.")]
 BeamLengths = Annotated[str, typer.Option("--beam-lengths", help="Beam lengths to try (tokens per beam, counting g0), comma-separated.")]
@@ -40,7 +41,7 @@ def sweep(
     beam_widths: BeamWidths = ",".join(map(str, DEFAULT_BEAM_WIDTHS)),
     beam_lengths: BeamLengths = ",".join(map(str, DEFAULT_BEAM_LENGTHS)),
     prompts: o.PromptsFile = None,
-    num_prompts: o.NumPrompts = 5,
+    num_prompts: o.NumPrompts = NUM_PROMPTS,
     max_new_tokens: o.MaxNewTokens = D["max_new_tokens"],
     temperature: o.Temperature = D["temperature"],
     top_k: o.TopK = D["top_k"],
@@ -116,7 +117,7 @@ def sweep(
             running[0] = cfg.shapes[len(cells)]
         bar.update(task, completed=done, total=total, description=label)
 
-    note_short_prompt_set(texts, num_prompts, default=5)
+    note_short_prompt_set(texts, num_prompts, default=NUM_PROMPTS)
     with Live(View(), console=err, transient=True, refresh_per_second=4):
         result = run_sweep(gen, ids, cfg, progress, on_cell=cells.append)
     result = {**head, **result}

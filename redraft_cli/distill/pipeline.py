@@ -35,7 +35,7 @@ from ..prompts import builtin_conversations, load_conversations
 from ..target import Target, TargetSpec, _hub_reachable, cache_dir, load_target
 from .hidden_cache import attach_hidden, build_hidden_cache
 from .data import GenerationConfig, conversations_sha256, generate_dataset, load_dataset, read_manifest
-from .recipe import Recipe, check_recipe
+from .recipe import Recipe, builtin_recipes, check_recipe
 from .written import PROMPTS as WRITTEN_PROMPTS, STATE as WRITTEN_STATE, WritingConfig, write_prompts
 from .templates import apply_chat_template_override
 from .train import train_drafter
@@ -100,8 +100,6 @@ def check_offline_needs(recipe: Recipe) -> None:
     if recipe.data.source.startswith("hf://"):
         needs.append(f"the data set {recipe.data.source[5:]}")
     if needs and not _hub_reachable():
-        from .recipe import builtin_recipes
-
         if recipe.name == model and "/" not in model:  # the argument was neither a recipe nor a local path
             raise ModelLoadError(
                 f"{model!r} is not a recipe ({', '.join(sorted(builtin_recipes()))}, or a .yaml file), not a local "

@@ -189,7 +189,7 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     return recipe
 
 
-# (section, field): (smallest value, whether the smallest value itself is allowed); None values pass where optional.
+# (section, field): (smallest value, whether the smallest value itself is allowed); None passes where the field allows it.
 _LOWER_BOUNDS: dict[tuple[str, str], tuple[float, bool]] = {
     ("data", "num_prompts"): (1, True), ("data", "held_out"): (0, True), ("data", "max_new_tokens"): (1, True),
     ("data", "max_prompt_tokens"): (1, True), ("data", "temperature"): (0, True), ("data", "top_p"): (0, False),
@@ -211,9 +211,10 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 def check_recipe(recipe: Recipe) -> None:
     """BadInputError, naming the field, for any value that would only fail (or be ignored) after the model loads."""
     for (section, name), (low, inclusive) in _LOWER_BOUNDS.items():
-        value = getattr(getattr(recipe, section), name)
-        if value is None and name in ("num_prompts", "max_steps", "draft_vocab_size", "sampled_max_new_tokens"):
-            continue
+        part = getattr(recipe, section)
+        value = getattr(part, name)
+        if value is None and "None" in str(next(f.type for f in fields(part) if f.name == name)):
+            continue  # an optional field left unset
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         ok = ok and (value >= low if inclusive else value > low) and value <= _UPPER_BOUNDS.get((section, name), math.inf)
         if not ok:
