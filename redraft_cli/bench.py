@@ -11,9 +11,10 @@ Metrics (DESIGN section 7), defined once here and printed everywhere:
                       after a warm-up;
 - time split        = seconds drafting, in the verify pass, and accepting.
 
-With batch_size B > 1 each group of B prompts is decoded together on every
-path (plain and ReDrafter through the batched decoder, HF generate left-padded),
-tokens/s counts all rows, and tokens per step stays per row.
+With batch_size B > 1 each path decodes all the prompts, B at a time: plain
+and ReDrafter with continuous batching (a finished row's slot goes to the next
+prompt at once), HF generate in left-padded groups of B (it cannot refill a
+row). tokens/s counts all rows, and tokens per step stays per row.
 """
 
 from __future__ import annotations
@@ -167,17 +168,19 @@ def output_digest(tokens: list[int]) -> str:
 
 
 def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Alternate plain, ReDrafter (and HF generate) on each group of `batch_size` tokenised prompts.
+    """Time plain, ReDrafter (and HF generate) on the tokenised prompts.
 
-    Returns the JSON-ready result (see the CLI's --json); per-prompt rows under `per_prompt`.
+    At batch size 1 the paths alternate prompt by prompt; at B > 1 each path decodes
+    all prompts through B slots (see the module docstring). Returns the JSON-ready
+    result (see the CLI's --json); per-prompt rows under `per_prompt`.
     """
     d = cfg.decode
     B = cfg.batch_size
     paths = ["plain", "redraft"] + (["hf"] if cfg.hf_baseline else [])
-    groups = [prompts[i : i + B] for i in range(0, len(prompts), B)]
-    tick = Ticker(len(groups) * len(paths) + (len(paths) if cfg.warmup else 0), progress)
+    groups = [[p] for p in prompts] if B == 1 else [prompts]
+    tick = Ticker(len(prompts) * len(paths) + (len(paths) if cfg.warmup else 0), progress)
     if cfg.warmup:
-        warm_up(gen, groups[0], d, paths, tick)
+        warm_up(gen, prompts[:B], d, paths, tick)
 
     base, hf, red = PathTotals(), PathTotals(), RedraftTotals()
     identical = 0
@@ -186,7 +189,8 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
         order = paths if i % 2 == 0 else list(reversed(paths))
         outputs: dict[str, list[list[int]]] = {}
         for path in order:
-            tokens, seconds, generation = _run_path(gen, path, group, d)
+            label = f"prompt {i + 1}/{len(prompts)} {path}" if B == 1 else f"{path}, {B} slots"
+            tokens, seconds, generation = _run_path(gen, path, group, d, B, lambda *_, label=label: tick(label))
             outputs[path] = tokens
             if path == "plain":
                 base.tokens += sum(map(len, tokens))
@@ -197,8 +201,6 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
             else:
                 red.add(generation)
                 red_rows = generation.rows
-            label = f"prompt {i + 1}/{len(groups)}" if B == 1 else f"batch {i + 1}/{len(groups)}"
-            tick(f"{label} {path}")
         for ids, plain, fast, row in zip(group, outputs["plain"], outputs["redraft"], red_rows):
             identical += plain == fast
             steps = row.decode_steps
@@ -240,18 +242,27 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
 
 def warm_up(gen: Generator, group: list[list[int]], d: DecodeConfig, paths: list[str],
             tick: Callable[[str], None] | None = None) -> None:
-    """One short untimed run of each path (at most 16 tokens), so timings skip first-call costs."""
+    """One short untimed run of each path on `group` together (at most 16 tokens), so timings
+    skip first-call costs."""
     warm = replace(d, max_new_tokens=min(16, d.max_new_tokens))
     for path in paths:
-        _run_path(gen, path, group, warm)
+        _run_path(gen, path, group, warm, len(group))
         if tick is not None:
             tick(f"warm-up {path}")
 
 
-def _run_path(gen: Generator, path: str, group: list[list[int]], d: DecodeConfig
-              ) -> tuple[list[list[int]], float, BatchGeneration | None]:
+def _run_path(gen: Generator, path: str, group: list[list[int]], d: DecodeConfig, slots: int,
+              done: Callable[[int], Any] | None = None) -> tuple[list[list[int]], float, BatchGeneration | None]:
+    """Decode `group` on one path, `slots` rows at a time; `done(row)` as each prompt finishes."""
     if path == "hf":
-        tokens, seconds = hf_generate(gen, group, d)
+        tokens, seconds = [], 0.0
+        for i in range(0, len(group), slots):
+            rows, sec = hf_generate(gen, group[i : i + slots], d)
+            tokens += rows
+            seconds += sec
+            for row in range(i, i + len(rows)):
+                if done is not None:
+                    done(row)
         return tokens, seconds, None
-    g = gen.generate_batch(group, d, mode=path)
+    g = gen.generate_batch(group, d, mode=path, slots=slots, on_row_done=done)
     return g.tokens, g.seconds, g

@@ -151,3 +151,9 @@ class ContextCache:
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
         self.k, self.v, self.pos = self.k[idx], self.v[idx], self.pos[idx]
         return self
+
+    def append(self, other: "ContextCache") -> "ContextCache":
+        """Add the rows of `other` (the same block's cache) after this cache's rows."""
+        self.k, self.v = torch.cat([self.k, other.k]), torch.cat([self.v, other.v])
+        self.pos = torch.cat([self.pos, other.pos])
+        return self

@@ -16,6 +16,14 @@ next g0 and the hidden state at the last accepted node the next h. Rows
 accept different numbers of tokens: each row's cache length advances on its
 own (StaticKVCache), and a finished row leaves the batch.
 
+Continuous batching: with more prompts than `slots`, a finished row's slot
+goes to the next waiting prompt. Its prefill is a pass of its own (into a
+fresh cache of the same capacity), after which its KV rows are appended to
+the live cache and its (h, g0) to the state, and it decodes with the rest:
+
+    slots = 2, prompts A B C:  pass 1 prefill A B | steps A B ... B finishes
+                               | prefill C | steps A C ... A finishes | steps C ...
+
 Both loops yield `StepStats` per target pass, so callers can stream text and
 collect statistics; the first one is the prefill, which emits one token.
 """
@@ -138,12 +146,22 @@ def _sync(device: torch.device) -> None:
 
 class _Rows:
     """Per-row bookkeeping of a batched generation. `active` lists the original
-    row ids still decoding, in the order of the cache's rows."""
+    row ids decoding now, in the order of the cache's rows; `waiting` those not
+    yet admitted (continuous batching: a finished row's slot goes to the next)."""
 
-    def __init__(self, prompts: list[list[int]]) -> None:
+    def __init__(self, prompts: list[list[int]], slots: int) -> None:
+        self.prompts = prompts
         self.context = [list(p) for p in prompts]  # prompt + emitted tokens
         self.emitted = [0] * len(prompts)
-        self.active = list(range(len(prompts)))
+        self.active: list[int] = []
+        self.waiting = list(range(len(prompts)))
+        self.slots = slots
+
+    def admit(self) -> list[int]:
+        """Take waiting rows into the free slots; returns their ids (empty when none)."""
+        n = max(self.slots - len(self.active), 0)
+        ids, self.waiting = self.waiting[:n], self.waiting[n:]
+        return ids
 
 
 class Generator:
@@ -183,22 +201,18 @@ class Generator:
         dev = self.target.device
         return torch.Generator(device=dev if dev.type != "mps" else "cpu").manual_seed(cfg.sampling.seed)
 
-    def _prefill(self, prompts: list[list[int]], cfg: DecodeConfig, gen: torch.Generator | None, margin: int,
+    def _prefill(self, prompts: list[list[int]], cfg: DecodeConfig, gen: torch.Generator | None, capacity: int,
                  context: bool = False):
-        """Run the prompts (right-padded into one batch); returns (h (B, H), g0 (B,), per-row StepStats).
+        """Run the prompts (right-padded into one batch) into a fresh cache of `capacity` slots per row.
 
-        The cache holds `margin` spare slots per row beyond prompt + max_new_tokens
-        for the tentative tree nodes of a step. context=True (a drafter with context
-        attention) also starts its cache and returns its context c in place of h."""
+        Returns (h (B, H), g0 (B,), per-row StepStats, cache, context cache or None).
+        context=True (a drafter with context attention) also starts its cache and
+        returns its context c in place of h."""
         t = self.target
-        for p in prompts:
-            t.check_prompt(p)
         start = time.perf_counter()
         B, lengths = len(prompts), [len(p) for p in prompts]
         P = max(lengths)
-        capacity = min(P + cfg.max_new_tokens, t.max_context) + margin
         cache = t.new_tree_cache(B, capacity)
-        self.cache = cache  # the live KV cache of the latest generation (for inspection and tests)
         ids = torch.zeros(B, P, dtype=torch.long)
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = torch.tensor(p)
@@ -206,33 +220,34 @@ class Generator:
         lens = torch.tensor(lengths, device=t.device)
         positions = torch.arange(P, device=t.device).expand(B, P)
         causal = torch.ones(P, P, dtype=torch.bool, device=t.device).tril()
-        mask = causal & (positions < lens.unsqueeze(1)).unsqueeze(1)  # (B, P, P): pads are never seen
-        hidden = t.forward_tree(ids, positions, cache, mask)
+        real = positions < lens.unsqueeze(1)  # (B, P): False on the right padding of shorter prompts
+        mask = causal & real.unsqueeze(1)  # (B, P, P): pads are never seen
+        hidden = t.forward_tree(ids, positions, cache, mask, real)
         cache.commit(positions, lens)
         h = hidden[torch.arange(B, device=t.device), lens - 1]  # (B, H)
         g0 = choose_tokens(t.logits(h), cfg.sampling, gen)  # (B,)
-        self.draft_context = None
+        draft_context = None
         if context:
-            h = self._start_context(hidden, ids, g0, lens)
+            h, draft_context = self._start_context(hidden, ids, g0, lens)
         _sync(t.device)
         seconds = time.perf_counter() - start
         stats = [StepStats([int(g0[b])], tree_nodes=lengths[b], verify_s=seconds, prefill=True) for b in range(B)]
-        return h, g0, stats
+        return h, g0, stats, cache, draft_context
 
     # -- the drafter's context attention (context_attention.py) ------------------------------
-    def _start_context(self, hidden: torch.Tensor, ids: torch.Tensor, g0: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    def _start_context(self, hidden: torch.Tensor, ids: torch.Tensor, g0: torch.Tensor, lens: torch.Tensor):
         """hidden: (B, P, H) and ids: (B, P) of the right-padded prompts, g0: (B,), lens: (B,).
         Fills a fresh context cache with each row's last W positions (the token after the last
-        one is g0); returns c (B, H) at each row's last prompt position."""
+        one is g0); returns c (B, H) at each row's last prompt position, and that cache."""
         d = self.drafter
         B, P, _ = hidden.shape
-        self.draft_context = d.context_cache(B)
+        draft_context = d.context_cache(B)
         nxt = F.pad(ids[:, 1:], (0, 1)).scatter(1, (lens - 1).unsqueeze(1), g0.unsqueeze(1))  # (B, P): x_{j+1}
         start = (lens - d.config.context_window).clamp_min(0)
         m = int((lens - start).max())
         idx = (start.unsqueeze(1) + torch.arange(m, device=ids.device)).clamp_max(P - 1)  # (B, m)
         h = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        return self.draft_context.extend(h, d.embed(nxt.gather(1, idx)), start, lens - start)
+        return draft_context.extend(h, d.embed(nxt.gather(1, idx)), start, lens - start), draft_context
 
     def _extend_context(self, hidden: torch.Tensor, tokens: torch.Tensor, acc, start: torch.Tensor) -> torch.Tensor:
         """After a step: add g0 and the accepted nodes (their hidden states from the tree pass,
@@ -261,10 +276,12 @@ class Generator:
         stats.finished = done
         return done
 
-    def _record(self, rows: _Rows, stats: list[StepStats], cfg: DecodeConfig) -> tuple[list[tuple[int, StepStats]], list[int]]:
-        """Apply _finish to each active row's step; returns (row, stats) pairs and the cache indices to keep."""
+    def _record(self, rows: _Rows, ids: list[int], stats: list[StepStats], cfg: DecodeConfig
+                ) -> tuple[list[tuple[int, StepStats]], list[int]]:
+        """Apply _finish to the step of each row in `ids`; returns (row, stats) pairs and the
+        indices into `ids` of the rows that go on."""
         out, keep = [], []
-        for i, (row, st) in enumerate(zip(rows.active, stats)):
+        for i, (row, st) in enumerate(zip(ids, stats)):
             accepted = st.accepted
             done = self._finish(st, rows.emitted[row], len(rows.context[row]), cfg)
             st.accepted = min(accepted, len(st.tokens))
@@ -275,18 +292,65 @@ class Generator:
                 keep.append(i)
         return out, keep
 
-    def _drop_finished(self, rows: _Rows, keep: list[int], *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Remove finished rows from the cache and from `tensors` (indexed by cache row)."""
-        if len(keep) == len(rows.active):
-            return list(tensors)
-        rows.active = [rows.active[i] for i in keep]
-        if not keep:
-            return list(tensors)
+    def _rows(self, prompts: list[list[int]], cfg: DecodeConfig, slots: int | None, margin: int, step,
+              context: bool = False) -> Iterator[list[tuple[int, StepStats]]]:
+        """The batched loop of both paths, with continuous batching.
+
+        At most `slots` rows decode at once (default: every prompt). Waiting prompts are
+        prefilled, in one pass, into the slots that finished rows left, and join the batch:
+        their KV rows are appended to the cache, their (h, g0) to the state. Each cache row
+        has room for the longest prompt + max_new_tokens + `margin` (a step's tree nodes).
+        `step(rows, h, g0, cfg, gen)` runs one pass over the active rows and returns
+        (per-row StepStats, h (R, H), g0 (R,)). Yields, per pass, the (row, StepStats)
+        pairs of the rows that took part; a prefill pass yields the admitted rows.
+        """
+        if not prompts:
+            raise BadInputError("no prompts to decode")
+        if slots is not None and slots < 1:
+            raise BadInputError(f"the batch needs at least one slot, got {slots}")
+        t = self.target
+        for p in prompts:
+            t.check_prompt(p)
+        gen = self._generator(cfg)
+        rows = _Rows(prompts, slots or len(prompts))
+        capacity = min(max(map(len, prompts)) + cfg.max_new_tokens, t.max_context) + margin
+        h = g0 = None
+        while rows.active or rows.waiting:
+            ids = rows.admit()
+            if ids:
+                h_new, g0_new, stats, cache, draft_context = self._prefill([prompts[r] for r in ids], cfg, gen,
+                                                                           capacity, context)
+                out, keep = self._record(rows, ids, stats, cfg)
+                yield out
+                if not rows.active:  # the first rows (or a batch that had emptied): their cache replaces the last
+                    self.cache, self.draft_context = cache, draft_context
+                    h, g0 = self._select(keep, len(ids), h_new, g0_new, cache, draft_context)
+                elif keep:
+                    h_new, g0_new = self._select(keep, len(ids), h_new, g0_new, cache, draft_context)
+                    self.cache.append(cache)
+                    if draft_context is not None:
+                        self.draft_context.append(draft_context)
+                    h, g0 = torch.cat([h, h_new]), torch.cat([g0, g0_new])
+                rows.active += [ids[i] for i in keep]
+                continue
+            stats, h, g0 = step(rows, h, g0, cfg, gen)
+            out, keep = self._record(rows, rows.active, stats, cfg)
+            yield out
+            h, g0 = self._select(keep, len(rows.active), h, g0, self.cache, self.draft_context)
+            rows.active = [rows.active[i] for i in keep]
+
+    def _select(self, keep: list[int], n: int, h: torch.Tensor, g0: torch.Tensor, cache: Any = None,
+                draft_context: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep rows `keep` of n in h (n, H), g0 (n,) and, when given, in the caches (in place).
+        With no row left, the caches are left as they are (the next admission replaces them)."""
+        if len(keep) == n or not keep:
+            return h, g0
         idx = torch.tensor(keep, device=self.target.device)
-        self.cache.keep(idx)
-        if self.draft_context is not None:
-            self.draft_context.select(idx)
-        return [x.index_select(0, idx) for x in tensors]
+        if cache is not None:
+            cache.keep(idx)
+        if draft_context is not None:
+            draft_context.select(idx)
+        return h.index_select(0, idx), g0.index_select(0, idx)
 
     # -- plain decoding -------------------------------------------------------------
     def plain(self, prompt_ids: list[int], cfg: DecodeConfig) -> Iterator[StepStats]:
@@ -294,28 +358,25 @@ class Generator:
         for step in self.plain_batch([prompt_ids], cfg):
             yield step[0][1]
 
-    def plain_batch(self, prompts: list[list[int]], cfg: DecodeConfig) -> Iterator[list[tuple[int, StepStats]]]:
-        """Autoregressive decoding of several prompts at once (one pass per token for all rows)."""
-        t = self.target
-        gen = self._generator(cfg)
-        rows = _Rows(prompts)
-        _, tok, stats = self._prefill(prompts, cfg, gen, margin=1)
-        out, keep = self._record(rows, stats, cfg)
-        yield out
-        (tok,) = self._drop_finished(rows, keep, tok)
-        one = torch.ones(1, 1, 1, dtype=torch.bool, device=t.device)
-        while rows.active:
-            start = time.perf_counter()
-            R = len(rows.active)
-            cache = self.cache
-            hidden = t.forward_tree(tok.view(R, 1), cache.lengths.view(R, 1), cache, one.expand(R, 1, 1))[:, -1]
-            cache.commit(torch.zeros(R, 1, dtype=torch.long, device=t.device), torch.ones(R, dtype=torch.long, device=t.device))
-            tok = choose_tokens(t.logits(hidden), cfg.sampling, gen)  # (R,)
-            _sync(t.device)
-            seconds = time.perf_counter() - start
-            out, keep = self._record(rows, [StepStats([int(x)], verify_s=seconds) for x in tok.tolist()], cfg)
-            yield out
-            (tok,) = self._drop_finished(rows, keep, tok)
+    def plain_batch(self, prompts: list[list[int]], cfg: DecodeConfig, slots: int | None = None
+                    ) -> Iterator[list[tuple[int, StepStats]]]:
+        """Autoregressive decoding of several prompts, at most `slots` at once (default: all);
+        one pass per token for all active rows."""
+        return self._rows(prompts, cfg, slots, 1, self._plain_step)
+
+    def _plain_step(self, rows: _Rows, h: torch.Tensor, tok: torch.Tensor, cfg: DecodeConfig,
+                    gen: torch.Generator | None):
+        """One token for every active row; returns (StepStats per row, hidden (R, H), tokens (R,))."""
+        t, cache = self.target, self.cache
+        start = time.perf_counter()
+        R = len(rows.active)
+        one = torch.ones(R, 1, 1, dtype=torch.bool, device=t.device)
+        hidden = t.forward_tree(tok.view(R, 1), cache.lengths.view(R, 1), cache, one)[:, -1]
+        cache.commit(torch.zeros(R, 1, dtype=torch.long, device=t.device), torch.ones(R, dtype=torch.long, device=t.device))
+        tok = choose_tokens(t.logits(hidden), cfg.sampling, gen)  # (R,)
+        _sync(t.device)
+        seconds = time.perf_counter() - start
+        return [StepStats([int(x)], verify_s=seconds) for x in tok.tolist()], hidden, tok
 
     # -- ReDrafter ------------------------------------------------------------------
     def redraft(self, prompt_ids: list[int], cfg: DecodeConfig) -> Iterator[StepStats]:
@@ -323,60 +384,56 @@ class Generator:
         for step in self.redraft_batch([prompt_ids], cfg):
             yield step[0][1]
 
-    def redraft_batch(self, prompts: list[list[int]], cfg: DecodeConfig) -> Iterator[list[tuple[int, StepStats]]]:
-        """Speculative decoding of several prompts at once: one draft and one tree pass per step for all rows."""
+    def redraft_batch(self, prompts: list[list[int]], cfg: DecodeConfig, slots: int | None = None
+                      ) -> Iterator[list[tuple[int, StepStats]]]:
+        """Speculative decoding of several prompts, at most `slots` at once (default: all):
+        one draft and one tree pass per step for all active rows."""
         if self.proposer is None:
             raise BadInputError("ReDrafter decoding needs a drafter")
         self.check(cfg)
-        datastore = getattr(self.drafter, "datastore", None)
-        t = self.target
-        gen = self._generator(cfg)
-        rows = _Rows(prompts)
         has_context = getattr(self.drafter, "context", None) is not None
-        h, g0, stats = self._prefill(prompts, cfg, gen, margin=(cfg.beam_width + cfg.copied_beams) * cfg.tree_depth + 1,
-                                     context=has_context)
-        out, keep = self._record(rows, stats, cfg)
-        yield out
-        h, g0 = self._drop_finished(rows, keep, h, g0)
-        while rows.active:
-            R = len(rows.active)
-            cache = self.cache
-            budget = max(cfg.max_new_tokens - rows.emitted[r] for r in rows.active)
-            room = min(t.max_context - len(rows.context[r]) for r in rows.active)
-            length = max(1, min(cfg.beam_length, budget, room))
-            t0 = time.perf_counter()
-            contexts = [rows.context[r] for r in rows.active]
-            beams = self._propose(h, g0, cfg.beam_width, length, contexts, cfg.tree_nodes)
-            copy_length = max(1, min(cfg.lookup_length or cfg.beam_length, budget, room))
-            if cfg.lookup_beams:
-                beams = with_lookup_beams(beams, contexts, cfg.lookup_beams, copy_length)
-            if cfg.datastore_beams:
-                beams = with_datastore_beams(beams, contexts, datastore, cfg.datastore_beams, copy_length)
-            tree = pack_tree(beams.tokens, cache.lengths)
-            _sync(t.device)
-            t1 = time.perf_counter()
-            hidden = t.forward_tree(tree.tokens, tree.positions, cache, tree.mask)  # (R, n, H)
-            logits = t.logits(hidden)  # (R, n, V)
-            _sync(t.device)
-            t2 = time.perf_counter()
-            acc = self._accept(beams, logits, tree.unpack, cfg, gen)
-            start = cache.lengths.clone() if has_context else None  # g0's position, before the commit
-            cache.commit(acc.path, acc.length + 1)
-            ridx = torch.arange(R, device=t.device)
-            if has_context:
-                h = self._extend_context(hidden, tree.tokens, acc, start)  # (R, H): c at the last accepted node
-            else:
-                h = hidden[ridx, acc.path[ridx, acc.length]]  # (R, H): hidden state at the last accepted node
-            g0 = acc.bonus
-            lengths = acc.length.tolist()
-            nodes = tree.num_nodes.tolist()
-            _sync(t.device)
-            t3 = time.perf_counter()
-            steps = [StepStats(acc.emitted(beams.tokens, i), lengths[i], nodes[i], t1 - t0, t2 - t1, t3 - t2)
-                     for i in range(R)]
-            out, keep = self._record(rows, steps, cfg)
-            yield out
-            h, g0 = self._drop_finished(rows, keep, h, g0)
+        margin = (cfg.beam_width + cfg.copied_beams) * cfg.tree_depth + 1
+        return self._rows(prompts, cfg, slots, margin, self._redraft_step, context=has_context)
+
+    def _redraft_step(self, rows: _Rows, h: torch.Tensor, g0: torch.Tensor, cfg: DecodeConfig,
+                      gen: torch.Generator | None):
+        """Draft, verify and accept once for every active row; returns (StepStats per row, h, g0)."""
+        t, cache = self.target, self.cache
+        has_context = self.draft_context is not None
+        R = len(rows.active)
+        budget = max(cfg.max_new_tokens - rows.emitted[r] for r in rows.active)
+        room = min(t.max_context - len(rows.context[r]) for r in rows.active)
+        length = max(1, min(cfg.beam_length, budget, room))
+        t0 = time.perf_counter()
+        contexts = [rows.context[r] for r in rows.active]
+        beams = self._propose(h, g0, cfg.beam_width, length, contexts, cfg.tree_nodes)
+        copy_length = max(1, min(cfg.lookup_length or cfg.beam_length, budget, room))
+        if cfg.lookup_beams:
+            beams = with_lookup_beams(beams, contexts, cfg.lookup_beams, copy_length)
+        if cfg.datastore_beams:
+            beams = with_datastore_beams(beams, contexts, self.drafter.datastore, cfg.datastore_beams, copy_length)
+        tree = pack_tree(beams.tokens, cache.lengths)
+        _sync(t.device)
+        t1 = time.perf_counter()
+        hidden = t.forward_tree(tree.tokens, tree.positions, cache, tree.mask, tree.valid)  # (R, n, H)
+        logits = t.logits_at(hidden, tree.valid)  # (R, n, V); padding nodes of short rows are not scored
+        _sync(t.device)
+        t2 = time.perf_counter()
+        acc = self._accept(beams, logits, tree.unpack, cfg, gen)
+        start = cache.lengths.clone() if has_context else None  # g0's position, before the commit
+        cache.commit(acc.path, acc.length + 1)
+        ridx = torch.arange(R, device=t.device)
+        if has_context:
+            h = self._extend_context(hidden, tree.tokens, acc, start)  # (R, H): c at the last accepted node
+        else:
+            h = hidden[ridx, acc.path[ridx, acc.length]]  # (R, H): hidden state at the last accepted node
+        lengths = acc.length.tolist()
+        nodes = tree.num_nodes.tolist()
+        _sync(t.device)
+        t3 = time.perf_counter()
+        steps = [StepStats(acc.emitted(beams.tokens, i), lengths[i], nodes[i], t1 - t0, t2 - t1, t3 - t2)
+                 for i in range(R)]
+        return steps, h, acc.bonus
 
     def _propose(self, h: torch.Tensor, g0: torch.Tensor, W: int, L: int, contexts: list[list[int]],
                  tree_nodes: int = 0) -> DraftBeams:
@@ -409,25 +466,34 @@ class Generator:
                 on_step(s)
         return Generation(steps, time.perf_counter() - start)
 
-    def generate_batch(self, prompts: list[list[int]], cfg: DecodeConfig, mode: str = "redraft") -> "BatchGeneration":
-        """Decode `prompts` together; mode 'redraft' or 'plain'. Each row's Generation.seconds is
-        the time until that row finished."""
-        if not prompts:
-            raise BadInputError("no prompts to decode")
+    def generate_batch(self, prompts: list[list[int]], cfg: DecodeConfig, mode: str = "redraft",
+                       slots: int | None = None,
+                       on_row_done: Callable[[int, "Generation"], Any] | None = None) -> "BatchGeneration":
+        """Decode `prompts`, at most `slots` rows at once (default: all; continuous batching
+        otherwise); mode 'redraft' or 'plain'. Each row's Generation.seconds runs from the
+        start of the pass that admitted it to the end of the pass that finished it;
+        `on_row_done(row, generation)` is called as each row finishes."""
         loop = self.redraft_batch if mode == "redraft" else self.plain_batch
         start = time.perf_counter()
         steps: list[list[StepStats]] = [[] for _ in prompts]
-        done_at = [0.0] * len(prompts)
+        begin = [0.0] * len(prompts)
+        seconds = [0.0] * len(prompts)
         passes: list[StepStats] = []
-        for out in loop(prompts, cfg):
+        before = 0.0
+        for out in loop(prompts, cfg, slots):
             first = out[0][1]
             passes.append(StepStats([], 0, 0, first.draft_s, first.verify_s, first.accept_s, first.prefill))
             now = time.perf_counter() - start
             for row, st in out:
+                if not steps[row]:
+                    begin[row] = before
                 steps[row].append(st)
-                done_at[row] = now
-        seconds = time.perf_counter() - start
-        return BatchGeneration([Generation(s, t) for s, t in zip(steps, done_at)], seconds, passes)
+                seconds[row] = now - begin[row]
+                if st.finished and on_row_done is not None:
+                    on_row_done(row, Generation(steps[row], seconds[row]))
+            before = now
+        total = time.perf_counter() - start
+        return BatchGeneration([Generation(s, t) for s, t in zip(steps, seconds)], total, passes)
 
 
 @dataclass

@@ -66,3 +66,6 @@ class TreeCache:
     def keep(self, rows: torch.Tensor) -> None:
         if rows.numel() != 1 or int(rows[0]) != 0:
             raise ValueError("a generic-path cache holds one row")
+
+    def append(self, other: "TreeCache") -> None:
+        raise ValueError("a generic-path cache holds one row")

@@ -110,13 +110,22 @@ class LeanLlama:
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
-                tree_mask: torch.Tensor) -> torch.Tensor:
+                tree_mask: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Run n tokens per row at `positions`; their K/V go to `cache.slots(n)`.
 
         ids, positions: (B, n) int64; tree_mask: (B, n, n) bool (which new
         tokens each new token sees; causal for a prompt, ancestors for a tree).
+        valid: optional (B, n) bool, False for padding (rows of a batched tree
+        with fewer nodes than the largest): the projections, norms and MLP then
+        run on the N real tokens only, packed as (N, H), and only attention
+        sees the padded (B, n) layout. Padding's hidden states come back as 0.
         Returns the post-norm hidden states (B, n, H). `cache.lengths` is not
         advanced: call `cache.commit` with what to keep.
+
+        Worked example, B = 2, n = 3, valid = [[T, T, T], [T, F, F]]: the
+        residual stream is 4 rows (flat indices 0, 1, 2, 3 of the 6 cells);
+        q, k, v are scattered into (2, 3) for RoPE, the cache and attention,
+        whose output is gathered back to those 4 rows for o_proj.
         """
         B, n = ids.shape
         if n == 1 and self.batch_invariant and (B == 1 or self.num_heads == self.kv_heads):
@@ -129,33 +138,69 @@ class LeanLlama:
         mask, span = cache.attention_mask(tree_mask)
         x = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(x, positions)
+        rows = None
+        if valid is not None and not bool(valid.all()):
+            rows = valid.reshape(-1).nonzero().squeeze(1)  # (N,) flat indices of the real tokens
+            if rows.numel() < 2 and self.batch_invariant:
+                rows = None  # one packed row would take the GEMV kernel (see the module docstring)
+        if rows is not None:
+            x = x.reshape(B * n, -1).index_select(0, rows)  # (N, H)
+        extents = self._extents(cache, valid, B, n, span)
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, i, slots, mask, span)
+            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, i, slots, mask,
+                                    span, (B, n), rows, extents)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.base.norm(x)
+        x = self.base.norm(x)
+        return x if rows is None else _unpack(x, rows, B, n)
+
+    def _extents(self, cache: StaticKVCache, valid: torch.Tensor | None, B: int, n: int, span: int
+                 ) -> list[tuple[int, int]] | None:
+        """Per-row (queries, keys) that attention must compute in batch-invariant mode, when rows
+        differ enough to pay for one attention call per row: row b's real nodes come first in its
+        n, and its keys end at lengths[b] + its node count. None: one batched call."""
+        if B == 1 or not self.batch_invariant or n > INVARIANT_MAX_TOKENS:
+            return None
+        counts = valid.sum(1) if valid is not None else torch.full((B,), n, device=cache.lengths.device)
+        ext = [(max(c, min(2, n)), k) for c, k in zip(counts.tolist(), (cache.lengths + counts).tolist())]
+        # (at least 2 queries: one query row would take the GEMV kernel, see the module docstring)
+        return ext if sum(q * k for q, k in ext) < 0.8 * B * n * span else None
 
     def _attention(self, attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache,
-                   layer: int, slots: torch.Tensor, mask: torch.Tensor, span: int) -> torch.Tensor:
-        B, n, _ = x.shape
+                   layer: int, slots: torch.Tensor, mask: torch.Tensor, span: int, shape: tuple[int, int],
+                   rows: torch.Tensor | None, extents: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """x: (B, n, H), or (N, H) packed at `rows` of the (B, n) = `shape` cells; returns x's layout."""
+        B, n = shape
         d = self.head_dim
-        q = attn.q_proj(x).view(B, n, self.num_heads, d)
-        k = attn.k_proj(x).view(B, n, self.kv_heads, d)
-        v = attn.v_proj(x).view(B, n, self.kv_heads, d).transpose(1, 2)
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        if rows is not None:
+            q, k, v = (_unpack(t, rows, B, n) for t in (q, k, v))
+        q = q.view(B, n, self.num_heads, d)
+        k = k.view(B, n, self.kv_heads, d)
+        v = v.view(B, n, self.kv_heads, d).transpose(1, 2)
         if self.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, heads, n, d)
         cache.write(layer, k, v, slots)
         keys, values = cache.view(layer, span)
         if self.batch_invariant and n <= INVARIANT_MAX_TOKENS:
-            out = grouped_attention(q, keys, values, mask, self.scaling)
+            out = grouped_attention(q, keys, values, mask, self.scaling, extents)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
                                                  enable_gqa=self.kv_heads != self.num_heads)  # (B, heads, n, d)
-        return attn.o_proj(out.transpose(1, 2).reshape(B, n, self.num_heads * d))
+        out = out.transpose(1, 2).reshape(B * n, self.num_heads * d)
+        if rows is not None:
+            return attn.o_proj(out.index_select(0, rows))
+        return attn.o_proj(out).view(B, n, -1)
+
+
+def _unpack(packed: torch.Tensor, rows: torch.Tensor, B: int, n: int) -> torch.Tensor:
+    """(N, D) values of the flat cells `rows` -> (B, n, D), zeros elsewhere."""
+    out = packed.new_zeros(B * n, packed.shape[-1])
+    return out.index_copy_(0, rows, packed).view(B, n, -1)
 
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+                      scale: float, extents: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """Attention whose result does not depend on where the attended keys sit.
 
     q: (B, heads, n, d); keys, values: (B, kv_heads, S, d); mask: (B, 1, n, S)
@@ -166,8 +211,17 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     ancestors sit at other offsets than in plain decoding and the sums round
     differently.) The rep = heads / kv_heads query heads that share a KV
     head are stacked into one matrix, so K and V are never repeated.
+    extents: optional per-row (queries, keys): row b computes only its first
+    queries against its first keys (the rest of its rows are padding, left 0),
+    one call per row; the float64 reductions make that invisible in the result.
     Returns (B, heads, n, d) in q's dtype.
     """
+    if extents is not None:
+        out = q.new_zeros(q.shape)
+        for b, (nq, nk) in enumerate(extents):
+            out[b : b + 1, :, :nq] = grouped_attention(q[b : b + 1, :, :nq], keys[b : b + 1, :, :nk],
+                                                       values[b : b + 1, :, :nk], mask[b : b + 1, :, :nq, :nk], scale)
+        return out
     B, Hq, n, d = q.shape
     Hk, S = keys.shape[1], keys.shape[2]
     rep = Hq // Hk

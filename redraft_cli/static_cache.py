@@ -79,18 +79,19 @@ class StaticKVCache:
 
         path: (B, m) packed node indices, the first accepted[b] of row b are
         kept (g0 first); accepted: (B,) int64 in 1..m. Moves slot
-        lengths[b] + path[b, i] to lengths[b] + i for all i < m in one gather
-        and one scatter over all layers (entries past accepted[b] are stale
-        and harmless), then lengths += accepted.
+        lengths[b] + path[b, i] to lengths[b] + i for all i < max(accepted)
+        in one gather and one scatter over all layers (entries past
+        accepted[b] are stale and harmless), then lengths += accepted.
         """
-        B, m = path.shape
+        m = min(path.shape[1], int(accepted.max()) if accepted.numel() else 0)
+        path = path[:, :m]  # entries past every row's accepted count would only move stale values
+        B = path.shape[0]
         src = self.lengths.unsqueeze(1) + path.to(self.lengths.device)  # (B, m)
         if not torch.equal(path, torch.arange(m, device=path.device).expand(B, m)):
-            Lr, _, Hk, _, D = self.keys.shape
-            src_idx = src.view(1, B, 1, m, 1).expand(Lr, B, Hk, m, D)
-            dst_idx = self.slots(m).view(1, B, 1, m, 1).expand(Lr, B, Hk, m, D)
-            for buf in (self.keys, self.values):
-                buf.scatter_(3, dst_idx, buf.gather(3, src_idx))
+            rows = torch.arange(B, device=src.device).unsqueeze(1)  # (B, 1)
+            dst = self.slots(m)
+            for buf in (self.keys, self.values):  # advanced indexing: (B, m, layers, kv_heads, head_dim) blocks
+                buf[:, rows, :, dst] = buf[:, rows, :, src]  # (scatter_ here copied the whole buffer on CPU)
         self.lengths += accepted.to(self.lengths)
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -98,3 +99,11 @@ class StaticKVCache:
         self.keys = self.keys.index_select(1, rows)
         self.values = self.values.index_select(1, rows)
         self.lengths = self.lengths.index_select(0, rows)
+
+    def append(self, other: "StaticKVCache") -> None:
+        """Add the rows of `other` (same layers, heads and capacity) after this cache's rows."""
+        if other.keys.shape[0] != self.keys.shape[0] or other.keys.shape[2:] != self.keys.shape[2:]:
+            raise ValueError(f"cannot append a cache of shape {tuple(other.keys.shape)} to {tuple(self.keys.shape)}")
+        self.keys = torch.cat([self.keys, other.keys], dim=1)
+        self.values = torch.cat([self.values, other.values], dim=1)
+        self.lengths = torch.cat([self.lengths, other.lengths])

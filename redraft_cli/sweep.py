@@ -78,6 +78,7 @@ class SweepConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     warmup: bool = True
     tree_nodes: list[int] = field(default_factory=lambda: [0])
+    batch_size: int = 1  # rows decoded at once in every cell (bench's --batch-size)
 
     def __post_init__(self) -> None:
         self.beam_widths = sorted(set(int(w) for w in self.beam_widths))
@@ -171,7 +172,7 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
     start = time.perf_counter()
     if cfg.warmup:
         largest = replace(d, beam_width=max(cfg.beam_widths), beam_length=max(cfg.beam_lengths), tree_nodes=0)
-        warm_up(gen, prompts[:1], largest, ["plain", "redraft"], tick)
+        warm_up(gen, prompts[: cfg.batch_size], largest, ["plain", "redraft"], tick)
 
     cells: list[dict[str, Any]] = []
     for k, (w, length, n) in enumerate(shapes):
@@ -183,7 +184,7 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
             tick(f"{name} {label}")
 
         cell_cfg = replace(d, beam_width=w, beam_length=length, tree_nodes=n)
-        bench_cfg = BenchConfig(cell_cfg, warmup=False, hf_baseline=False)
+        bench_cfg = BenchConfig(cell_cfg, warmup=False, hf_baseline=False, batch_size=cfg.batch_size)
         cell = cell_from_bench(run_bench(gen, prompts, bench_cfg, cell_progress))
         tick.done = offset + per_cell
         cells.append(cell)
@@ -205,6 +206,7 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
         "lookup_length": d.lookup_length,
         "datastore_beams": d.datastore_beams,
         "tree_nodes": list(cfg.tree_nodes),
+        "batch_size": cfg.batch_size,
         "warmup": cfg.warmup,
         "baseline": pooled_baseline(cells),
         "cells": cells,

@@ -332,16 +332,18 @@ class Target:
 
     @torch.no_grad()
     def forward_tree(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any,
-                     tree_mask: torch.Tensor) -> torch.Tensor:
+                     tree_mask: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Run n new tokens per row after each row's committed ones.
 
         input_ids, position_ids: (B, n); tree_mask: (B, n, n) bool, which new
-        tokens each new token sees (causal for a prompt, ancestors for a tree).
+        tokens each new token sees (causal for a prompt, ancestors for a tree);
+        valid: optional (B, n) bool, False for padding nodes (the lean path then
+        skips their projections and MLP; their hidden states are 0).
         The new tokens' K/V are tentative until `cache.commit(path, accepted)`.
         Returns post-norm hidden states (B, n, H).
         """
         if self.lean is not None:
-            return self.lean.forward(input_ids, position_ids, cache, tree_mask)
+            return self.lean.forward(input_ids, position_ids, cache, tree_mask, valid)
         n = input_ids.shape[1]
         prefix = cache.get_seq_length()
         causal = n == 1 or (prefix == 0 and bool(torch.equal(tree_mask[0], torch.ones(n, n, dtype=torch.bool,
@@ -361,6 +363,16 @@ class Target:
         return out.last_hidden_state
 
     @torch.no_grad()
+    def logits_at(self, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """hidden (B, n, H), valid (B, n) bool -> float32 logits (B, n, V), scored only where
+        valid (padding nodes of a batched tree get 0)."""
+        if bool(valid.all()):
+            return self.logits(hidden)
+        B, n, _ = hidden.shape
+        rows = valid.reshape(-1).nonzero().squeeze(1)
+        scored = self.logits(hidden.reshape(B * n, -1).index_select(0, rows))  # (N, V)
+        return scored.new_zeros(B * n, scored.shape[-1]).index_copy_(0, rows, scored).view(B, n, -1)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., H) -> float32 logits (..., V)."""
         if self.lean is not None and self.lean.batch_invariant and hidden.numel() == hidden.shape[-1]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from conftest import random_prompts, tiny_llama
@@ -71,5 +73,70 @@ def test_batch_needs_the_lean_path(tiny_target):
             Generator(tiny_target).generate_batch([[1, 2], [3]], DecodeConfig(max_new_tokens=2), "plain")
         # One row still works on the generic path.
         assert len(Generator(tiny_target).generate_batch([[1, 2]], DecodeConfig(max_new_tokens=3), "plain").tokens[0]) == 3
+    finally:
+        tiny_target.lean = lean
+
+
+def _tokens_by_row(passes, n):
+    rows = [[] for _ in range(n)]
+    for out in passes:
+        for row, st in out:
+            rows[row] += st.tokens
+    return rows
+
+
+@pytest.mark.parametrize("mode", ["plain", "redraft"])
+def test_continuous_batching_refills_free_slots(eos_target, mode):
+    """7 prompts through 3 slots: a finished row's slot goes to the next prompt while the others
+    go on decoding, at most 3 rows take part in a pass, and every row is its batch-1 output.
+    Some prompts run into the 96-token context, so rows finish at different steps on both paths."""
+    target = eos_target
+    prompts = random_prompts(7, target.vocab_size, seed=8, min_len=2, max_len=30)
+    prompts[1] = random_prompts(1, target.vocab_size, seed=9, min_len=88, max_len=88)[0]
+    prompts[4] = random_prompts(1, target.vocab_size, seed=10, min_len=75, max_len=75)[0]
+    budgets = DecodeConfig(max_new_tokens=30, beam_width=3, beam_length=4, stop_on_eos=False)
+    gen = Generator(target, proposer=OracleProposer(target, seed=2, oracle_beam=1))
+    singles = [gen.generate(p, budgets, "plain").tokens for p in prompts]
+    loop = gen.redraft_batch if mode == "redraft" else gen.plain_batch
+    for cfg in (budgets, replace(budgets, max_new_tokens=12)):
+        passes = list(loop(prompts, cfg, slots=3))
+        assert _tokens_by_row(passes, len(prompts)) == [s[: cfg.max_new_tokens] for s in singles]
+        assert max(len(out) for out in passes) == 3
+        admitted = [[row for row, _ in out] for out in passes if out[0][1].prefill]
+        assert sorted(r for group in admitted for r in group) == list(range(7)) and admitted[0] == [0, 1, 2]
+        # A row admitted later decodes in the same pass as a row admitted before it.
+        group_of = {row: i for i, group in enumerate(admitted) for row in group}
+        assert any(len({group_of[row] for row, _ in out}) > 1 for out in passes if not out[0][1].prefill)
+
+
+def test_continuous_batching_with_eos_and_a_real_drafter(eos_target):
+    target = eos_target
+    prompts = random_prompts(6, target.vocab_size, seed=21, min_len=2, max_len=30)
+    free = Generator(target).generate_batch(prompts, DecodeConfig(max_new_tokens=40, stop_on_eos=False), "plain")
+    firsts = {tok for row in free.tokens for tok in row[3:12]}
+    eos = min(firsts, key=lambda tok: sum(tok in row for row in free.tokens))
+    target.eos_ids = frozenset({eos})
+    gen = Generator(target, Drafter.for_target(target, seed=1))
+    cfg = DecodeConfig(max_new_tokens=40, beam_width=2, beam_length=3, lookup_beams=1, lookup_length=6)
+    singles = [gen.generate(p, cfg, "plain").tokens for p in prompts]
+    assert len({len(t) for t in singles}) > 1
+    done = []
+    for mode in ("plain", "redraft"):
+        out = gen.generate_batch(prompts, cfg, mode, slots=2, on_row_done=lambda row, g: done.append((row, len(g.tokens))))
+        assert out.tokens == singles
+        assert all(g.seconds <= out.seconds for g in out.rows)
+    assert sorted(done) == sorted([(r, len(t)) for r, t in enumerate(singles)] * 2)
+
+
+def test_continuous_batching_bad_slots_and_generic_path(tiny_target):
+    gen = Generator(tiny_target)
+    with pytest.raises(BadInputError, match="at least one slot"):
+        gen.generate_batch([[1, 2]], DecodeConfig(max_new_tokens=2), "plain", slots=0)
+    prompts = random_prompts(3, tiny_target.vocab_size, seed=2)
+    cfg = DecodeConfig(max_new_tokens=5, stop_on_eos=False)
+    singles = [gen.generate(p, cfg, "plain").tokens for p in prompts]
+    lean, tiny_target.lean = tiny_target.lean, None
+    try:  # one slot: the generic (one-row) path decodes the prompts one after another
+        assert gen.generate_batch(prompts, cfg, "plain", slots=1).tokens == singles
     finally:
         tiny_target.lean = lean

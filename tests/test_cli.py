@@ -60,22 +60,25 @@ def test_bench_random_drafter_json(tmp_path, prompt_file):
     assert "2 prompts x 8 tokens" in " ".join(result.output.split())
 
 
-def test_bench_batch_matches_batch_one(tmp_path, prompt_file):
-    """--batch-size 2 decodes both prompts together on every path; each row's output is the batch-1 output."""
+def test_bench_batch_matches_batch_one(tmp_path):
+    """--batch-size 2 decodes 3 prompts through 2 slots on every path (the third takes the first
+    free slot); each row's output is the batch-1 output."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Name three colours.\nWhat is 2 + 2?\nSay hello in French.\n")
     outs = {}
     for b in (1, 2):
         out = tmp_path / f"b{b}.json"
-        result = invoke("bench", "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 2,
+        result = invoke("bench", "--drafter", "random", "--prompts", prompts, "--num-prompts", 3,
                         "--max-new-tokens", 8, "--beam-width", 2, "--beam-length", 3, "--batch-size", b,
                         "--no-warmup", "--json", out)
         assert result.exit_code == 0, result.output
         outs[b] = json.loads(out.read_text())
-    assert outs[2]["batch_size"] == 2 and outs[2]["identical_outputs"] == 2
+    assert outs[2]["batch_size"] == 2 and outs[2]["identical_outputs"] == 3
     assert [r["plain_digest"] for r in outs[1]["per_prompt"]] == [r["plain_digest"] for r in outs[2]["per_prompt"]]
     assert [r["redraft_digest"] for r in outs[1]["per_prompt"]] == [r["redraft_digest"] for r in outs[2]["per_prompt"]]
-    assert outs[2]["baseline_hf"]["tokens"] == 16
+    assert outs[2]["baseline_hf"]["tokens"] == 24
     assert "batch 2" in result.output
-    assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", prompt_file, "--batch-size", 0), "--batch-size")
+    assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", prompts, "--batch-size", 0), "--batch-size")
 
 
 def test_bench_rejection_sampling_runs(prompt_file):

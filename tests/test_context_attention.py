@@ -150,6 +150,7 @@ def test_decoding_is_lossless_and_matches_simulation(tiny_target, shape):
     for p, run, ex in zip(prompts, runs, data):
         assert run.tokens == ex["input_ids"][len(p):].tolist()
     assert gen.generate_batch(prompts, cfg, "redraft").tokens == [r.tokens for r in runs]
+    assert gen.generate_batch(prompts, cfg, "redraft", slots=3).tokens == [r.tokens for r in runs]  # refilled
     steps = [s for r in runs for s in r.decode_steps]
     sim = simulate_greedy(drafter, data, W, L, lookup, lookup_length, tree_nodes=nodes)
     assert (sim.steps, sim.tokens) == (len(steps), sum(len(s.tokens) for s in steps))

@@ -193,3 +193,42 @@ def test_embedded_default_bfloat16_greedy_identity_on_a_near_tie(smollm2):
     ids = smollm2.encode_chat(load_prompts(None, limit=10)[5])
     cfg = DecodeConfig(max_new_tokens=48, beam_width=2, beam_length=3, lookup_beams=1)
     assert gen.generate(ids, cfg, "redraft").tokens == gen.generate(ids, cfg, "plain").tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padding_nodes_are_skipped_without_changing_real_ones(dtype):
+    """Rows of a batched tree with fewer nodes are padded; with `valid` the projections and MLP
+    run on the real nodes only, and the real nodes' hidden states and cached K/V are those of the
+    padded forward (bitwise in bfloat16, where the lean path is batch-invariant)."""
+    from conftest import tiny_llama
+    from redraft_cli.lookup import PAD
+
+    target = tiny_llama(hidden_size=64, layers=3, seed=7)
+    target.model.to(dtype)
+    target.__init__(target.model, None, target.name)
+    lean = target.lean
+    gen = torch.Generator().manual_seed(3)
+    prompts = torch.randint(0, 64, (3, 20), generator=gen)
+    beams = torch.randint(0, 64, (3, 3, 4), generator=gen)
+    beams[:, :, 0] = beams[:, :1, 0]
+    beams[1, 1:] = beams[1, :1]  # row 1: one beam only (4 nodes)
+    beams[2, :, 2:] = PAD  # row 2: beams of 2 tokens (4 nodes)
+    runs = []
+    for valid in (False, True):
+        cache = lean.new_cache(3, 64, dtype, torch.device("cpu"))
+        lean.forward(prompts, torch.arange(20).expand(3, 20), cache, torch.ones(3, 20, 20, dtype=torch.bool).tril())
+        cache.commit(torch.arange(20).expand(3, 20), torch.full((3,), 20))
+        tree = pack_tree(beams, cache.lengths)
+        hidden = lean.forward(tree.tokens, tree.positions, cache, tree.mask, tree.valid if valid else None)
+        logits = target.logits_at(hidden, tree.valid) if valid else target.logits(hidden)
+        runs.append((hidden, logits, cache, tree))
+    (h0, l0, c0, tree), (h1, l1, c1, _) = runs
+    assert tree.num_nodes.tolist() == [10, 4, 4] and not bool(tree.valid.all())
+    real = tree.valid
+    same = torch.equal if dtype == torch.bfloat16 else (lambda a, b: torch.allclose(a, b, atol=1e-5, rtol=1e-4))
+    assert same(h1[real], h0[real]) and same(l1[real], l0[real])
+    assert not h1[~real].any() and not l1[~real].any()
+    slots = c0.slots(tree.n)[real]  # (N,) cache slots of the real nodes, row by row
+    row = real.nonzero()[:, 0]
+    assert same(c1.keys[:, row, :, slots], c0.keys[:, row, :, slots])
+    assert same(c1.values[:, row, :, slots], c0.values[:, row, :, slots])

@@ -58,6 +58,20 @@ def test_grid_has_every_cell_with_all_fields(swept):
     assert events[0][2] == "warm-up plain" and events[-1][2].startswith("cell 2x3 (4/4)")
 
 
+def test_batched_sweep_decodes_through_slots(tiny):
+    """--batch-size in the sweep: every cell decodes its 3 prompts through 2 slots on both paths,
+    losslessly, and the cell's tokens are those of batch 1."""
+    target, drafter = tiny
+    prompts = random_prompts(3, target.vocab_size, seed=4)
+    runs = {}
+    for b in (1, 2):
+        cfg = SweepConfig(beam_widths=[2], beam_lengths=[3], decode=DecodeConfig(max_new_tokens=6), batch_size=b,
+                          warmup=b == 2)
+        runs[b] = run_sweep(Generator(target, drafter), prompts, cfg)
+    assert runs[2]["batch_size"] == 2 and runs[2]["cells"][0]["identical_outputs"] == 3
+    assert runs[2]["cells"][0]["tokens"] == runs[1]["cells"][0]["tokens"] == 18
+
+
 def test_best_is_the_fastest_cell_and_baseline_is_pooled(swept):
     result, _, _ = swept
     cells = result["cells"]
@@ -196,6 +210,7 @@ def test_cli_sweep_embedded_default(tmp_path):
     (["--save-best"], ["--save-best", "--drafter random"]),
     (["--nodes", "-1"], ["--nodes", ">= 0"]),
     (["--nodes", "2,x"], ["--nodes", "'x'"]),
+    (["--batch-size", "0"], ["--batch-size", ">= 1"]),
 ])
 def test_cli_bad_grids_fail_before_loading(args, fragments):
     assert_clean_error(invoke("--drafter", "random", "--model", "no-such-org/never-loaded", *args), *fragments)

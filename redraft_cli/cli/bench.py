@@ -11,11 +11,10 @@ from rich.table import Table
 
 from ..bench import BenchConfig, run_bench
 from ..decode import Generator
-from ..errors import BadInputError
 from ..prompts import load_prompts
 from . import options as o
 from ._errors import handle_errors
-from .common import check_output_paths, console, decode_config, err, load_models, beams_label, note_short_prompt_set, with_drafter_shape
+from .common import check_batch_size, check_output_paths, console, decode_config, err, load_models, beams_label, note_short_prompt_set, with_drafter_shape
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -46,7 +45,7 @@ def bench(
     quantize: o.Quantize = D["quantize"],
     hf_baseline: bool = typer.Option(True, help="Also time Hugging Face model.generate() as a second baseline."),
     warmup: bool = typer.Option(True, help="Run each path once before timing."),
-    batch_size: int = typer.Option(1, "--batch-size", "-b", help="Prompts decoded together on every path (rows finish independently)."),
+    batch_size: o.BatchSize = 1,
     no_chat_template: o.NoChatTemplate = False,
     json_path: o.JsonOut = None,
 ) -> None:
@@ -54,8 +53,7 @@ def bench(
     # Validate everything cheap before loading models.
     cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup, lookup_length, datastore, nodes)
     check_output_paths(json_path)
-    if batch_size < 1:
-        raise BadInputError(f"--batch-size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size)
     texts = load_prompts(prompts, limit=num_prompts)
     loaded = load_models(model, drafter, dtype, device, quantize, seed)
     target, dr = loaded.target, loaded.drafter

@@ -126,6 +126,11 @@ def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | No
     )
 
 
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise BadInputError(f"--batch-size must be >= 1, got {batch_size}")
+
+
 def check_output_paths(*paths) -> None:
     """Fail before any work when an output file cannot be written (missing folder, a directory)."""
     from pathlib import Path

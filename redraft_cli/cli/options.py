@@ -34,6 +34,7 @@ Epsilon = Annotated[float, typer.Option(help="Typical acceptance: epsilon.")]
 Delta = Annotated[float, typer.Option(help="Typical acceptance: delta.")]
 PromptsFile = Annotated[Optional[Path], typer.Option("--prompts", help="JSONL (turns/prompt/text), ShareGPT JSON or text lines; default: built-in chat prompts.")]
 NumPrompts = Annotated[int, typer.Option(help="How many prompts to use.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Rows decoded at once on every path: continuous batching, a finished row's slot goes to the next prompt (HF generate: groups of B).")]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Write the results as one JSON object to this file.")]
 NoChatTemplate = Annotated[bool, typer.Option("--no-chat-template", help="Send prompts as raw text (models without a chat template).")]
 

@@ -21,7 +21,7 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      save_best as save_best_shape, write_csv, write_json)
 from . import options as o
 from ._errors import handle_errors
-from .common import check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, note_short_prompt_set, with_drafter_shape
+from .common import check_batch_size, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, note_short_prompt_set, with_drafter_shape
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -63,6 +63,7 @@ def sweep(
     csv_path: CsvOut = None,
     plot_path: PlotOut = None,
     save_best: SaveBest = False,
+    batch_size: o.BatchSize = 1,
 ) -> None:
     """Measure every beam width x beam length on the same prompts; each cell's speedup is against
     plain decoding interleaved with it prompt by prompt."""
@@ -71,7 +72,9 @@ def sweep(
     lengths = parse_int_list(beam_lengths, "--beam-lengths")
     base = decode_config(max_new_tokens, None, None, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup, lookup_length, datastore)
     budgets = parse_int_list(nodes, "--nodes", minimum=0)
-    cfg = SweepConfig(beam_widths=widths, beam_lengths=lengths, decode=base, warmup=warmup, tree_nodes=budgets)
+    check_batch_size(batch_size)
+    cfg = SweepConfig(beam_widths=widths, beam_lengths=lengths, decode=base, warmup=warmup, tree_nodes=budgets,
+                      batch_size=batch_size)
     check_output_paths(json_path, csv_path, plot_path)
     if plot_path is not None and plot_path.suffix.lower() not in PLOT_SUFFIXES:
         raise BadInputError(f"--plot must end in {', '.join(PLOT_SUFFIXES)}, got {plot_path.name!r}")
@@ -100,7 +103,7 @@ def sweep(
     info = {**head, "accept": accept, "temperature": temperature, "num_prompts": len(ids),
             "max_new_tokens": max_new_tokens, "lookup_beams": cfg.decode.lookup_beams,
             "lookup_length": cfg.decode.lookup_length, "datastore_beams": cfg.decode.datastore_beams,
-            "tree_nodes": budgets}
+            "tree_nodes": budgets, "batch_size": batch_size}
     cells: list[dict[str, Any]] = []
     running: list[tuple[int, int, int] | None] = [None]
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -166,7 +169,8 @@ def render(r: dict[str, Any], shapes: list[tuple[int, int, int]], cells: list[di
     copied = lookup_label(r)
     title = (f"redraft sweep: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
              f"{r['num_prompts']} prompts x {r['max_new_tokens']} tokens"
-             + (f" | {copied.lstrip(' +')} beams" if copied else ""))
+             + (f" | {copied.lstrip(' +')} beams" if copied else "")
+             + (f" | batch {r['batch_size']}" if r.get("batch_size", 1) > 1 else ""))
     t = Table(title=title, title_justify="left", caption_justify="left")
     budgets = any(n for _, _, n in shapes)
     # Short headers: the table fits 80 columns (what Rich assumes when stdout is not a terminal).
