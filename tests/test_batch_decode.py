@@ -64,6 +64,9 @@ def test_batch_sampling_runs_each_row_to_its_budget(tiny_target):
         out = gen.generate_batch(prompts, cfg, "redraft")
         assert [len(t) for t in out.tokens] == [12, 12, 12]
         assert gen.generate_batch(prompts, cfg, "redraft").tokens == out.tokens, "seeded runs reproduce"
+        refilled = gen.generate_batch(prompts, cfg, "redraft", slots=2)
+        assert [len(t) for t in refilled.tokens] == [12, 12, 12]
+        assert gen.generate_batch(prompts, cfg, "redraft", slots=2).tokens == refilled.tokens
 
 
 def test_batch_needs_the_lean_path(tiny_target):
