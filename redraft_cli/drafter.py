@@ -50,6 +50,8 @@ WEIGHTS_NAME = "model.safetensors"
 MODEL_TYPE = "recurrent_drafting_drafter"
 HEAD_KINDS = ("own", "tied")
 WEIGHT_STORAGE = ("float", "int8")
+# The recommended decoding settings of a drafter (top level: batch 1; `batch_shapes`: larger batches).
+SHAPE_KEYS = ("beam_width", "beam_length", "lookup_beams", "lookup_length", "datastore_beams", "tree_nodes")
 SCALE_SUFFIX = "_scale"  # int8 storage: NAME int8 (rows, cols) + NAME_scale float32 (rows, 1), for every weight matrix
 
 
@@ -73,6 +75,9 @@ class DrafterConfig:
     context_heads: int = 0  # its attention heads (0: head size 64 where it divides H)
     weight_storage: str = "float"  # how model.safetensors stores weight matrices: float | int8 (a scale per row)
     draft_vocab_size: int | None = None  # None: the full vocabulary
+    # Recommended shapes for batches: {"4": {"tree_nodes": 3, ...}} (sweep --batch-size 4 --save-best);
+    # a batch of B rows takes the entry of the largest saved size <= B over the batch-1 fields above.
+    batch_shapes: dict[str, dict[str, int]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -90,6 +95,7 @@ class DrafterConfig:
             raise DrafterLoadError("drafter config has negative lookup_beams/lookup_length/datastore_beams/tree_nodes")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
             raise DrafterLoadError(f"draft_vocab_size must be >= 1, got {self.draft_vocab_size}")
+        self._check_batch_shapes()
         if self.context_window and not self.context_heads:
             H = self.hidden_size
             self.context_heads = next((H // d for d in (64, 32, 128, 16, 2) if H % d == 0), 0)
@@ -99,6 +105,29 @@ class DrafterConfig:
                 raise DrafterLoadError(f"context_heads {self.context_heads} must split hidden size "
                                        f"{self.hidden_size} into heads of an even size")
 
+    def _check_batch_shapes(self) -> None:
+        bad = "invalid drafter config: redraft.batch_shapes"
+        if not isinstance(self.batch_shapes, dict):
+            raise DrafterLoadError(f"{bad} must map batch sizes to shapes, got {self.batch_shapes!r}")
+        for size, shape in self.batch_shapes.items():
+            if not (isinstance(size, str) and size.isdigit() and int(size) >= 2):
+                raise DrafterLoadError(f"{bad}: batch size {size!r} must be an integer >= 2 (as a string)")
+            if not isinstance(shape, dict) or any(k not in SHAPE_KEYS for k in shape):
+                raise DrafterLoadError(f"{bad}[{size!r}] must map some of {', '.join(SHAPE_KEYS)} to integers")
+            for k, v in shape.items():
+                low = 1 if k in ("beam_width", "beam_length") else 0
+                if not _fits(v, "int") or v < low:
+                    raise DrafterLoadError(f"{bad}[{size!r}].{k} must be an integer >= {low}, got {v!r}")
+
+    def shape_for(self, batch_size: int = 1) -> dict[str, int]:
+        """The recommended settings (SHAPE_KEYS) for batches of `batch_size` rows: the batch-1
+        fields, overridden by the saved entry of the largest batch size <= batch_size."""
+        shape = {k: getattr(self, k) for k in SHAPE_KEYS}
+        sizes = [int(s) for s in self.batch_shapes if int(s) <= batch_size]
+        if sizes:
+            shape.update(self.batch_shapes[str(max(sizes))])
+        return shape
+
     @property
     def exit_dim(self) -> int:
         return 2 * self.hidden_size
@@ -107,6 +136,8 @@ class DrafterConfig:
         """The interoperable fields first, then redraft's own."""
         ours = asdict(self)
         extra = ours.pop("extra")
+        if not ours["batch_shapes"]:
+            del ours["batch_shapes"]
         return {
             "model_type": MODEL_TYPE,
             "vocab_size": self.vocab_size,
@@ -472,11 +503,13 @@ class Drafter(nn.Module):
 
 def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
                      lookup_beams: int | None = None, lookup_length: int | None = None,
-                     datastore_beams: int | None = None, tree_nodes: int | None = None) -> Path:
+                     datastore_beams: int | None = None, tree_nodes: int | None = None,
+                     batch_size: int = 1) -> Path:
     """Set the recommended beam shape in a saved drafter's config.json, touching nothing else.
 
     lookup_beams / lookup_length / datastore_beams / tree_nodes, when given, are recommended
-    with it (the settings the shape was measured with).
+    with it (the settings the shape was measured with). batch_size > 1 writes the shape
+    for batches of that size (`batch_shapes`) and leaves the batch-1 one alone.
 
     The weights are not rewritten; config.json is replaced atomically (temporary
     file in the same directory, then `os.replace`). A reference-layout config
@@ -495,17 +528,16 @@ def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
         raise DrafterLoadError(f"drafter config {cfg_path} is not valid JSON: {exc}") from exc
     before = DrafterConfig.from_json_dict(data)
     ours = data.setdefault("redraft", {"head": before.head})
-    ours["beam_width"], ours["beam_length"] = int(beam_width), int(beam_length)
-    if lookup_beams is not None:
-        ours["lookup_beams"] = int(lookup_beams)
-    if lookup_length is not None:
-        ours["lookup_length"] = int(lookup_length)
-    if datastore_beams is not None:
-        ours["datastore_beams"] = int(datastore_beams)
-    if tree_nodes is not None:
-        ours["tree_nodes"] = int(tree_nodes)
+    values = {"beam_width": beam_width, "beam_length": beam_length, "lookup_beams": lookup_beams,
+              "lookup_length": lookup_length, "datastore_beams": datastore_beams, "tree_nodes": tree_nodes}
+    shape = {k: int(v) for k, v in values.items() if v is not None}
+    if batch_size > 1:
+        ours.setdefault("batch_shapes", {})[str(int(batch_size))] = shape
+    else:
+        ours.update(shape)
     after = DrafterConfig.from_json_dict(data)  # still a valid config, only the shape changed
-    assert (after.head, after.beam_width, after.beam_length) == (before.head, beam_width, beam_length)
+    got = after.shape_for(batch_size)
+    assert after.head == before.head and (got["beam_width"], got["beam_length"]) == (beam_width, beam_length)
     mode = cfg_path.stat().st_mode & 0o777
     try:
         atomic_write(cfg_path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)), mode=mode)

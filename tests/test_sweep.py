@@ -125,6 +125,62 @@ def test_save_best_rewrites_only_the_shape(swept, tiny, tmp_path):
         save_best({**result, "best": None}, path)
 
 
+def test_save_best_of_a_batched_sweep_keeps_the_batch_one_shape(swept, tiny, tmp_path):
+    """A sweep at --batch-size 4 saves its best shape for batches of 4 and more; batch 1 (and 2, 3)
+    keep the top-level one, and bench/chat resolve the shape for their batch size."""
+    from redraft_cli.cli.common import with_drafter_shape
+
+    result, _, _ = swept
+    _, drafter = tiny
+    path = tmp_path / "drafter"
+    drafter.save(path)
+    before = json.loads((path / CONFIG_NAME).read_text())
+    best = {**result, "batch_size": 4, "lookup_beams": 1, "lookup_length": 9,
+            "best": {**result["best"], "beam_width": 2, "beam_length": 2, "tree_nodes": 1}}
+    save_best(best, path)
+    after = json.loads((path / CONFIG_NAME).read_text())
+    shape = {"beam_width": 2, "beam_length": 2, "lookup_beams": 1, "lookup_length": 9, "datastore_beams": 0,
+             "tree_nodes": 1}
+    assert after["redraft"].pop("batch_shapes") == {"4": shape}
+    assert after == before  # the batch-1 recommendation is untouched
+    cfg = Drafter.load(path).config
+    top = {k: getattr(cfg, k) for k in shape}
+    assert cfg.shape_for(1) == cfg.shape_for(3) == top
+    assert cfg.shape_for(4) == cfg.shape_for(64) == shape
+    loaded = Drafter.load(path)
+    d1 = with_drafter_shape(DecodeConfig(), loaded, None, None, batch_size=1)
+    d4 = with_drafter_shape(DecodeConfig(), loaded, None, None, batch_size=8)
+    assert (d1.beam_width, d1.beam_length, d1.lookup_length) == (top["beam_width"], top["beam_length"], top["lookup_length"])
+    assert (d4.beam_width, d4.beam_length, d4.tree_nodes, d4.lookup_length) == (2, 2, 1, 9)
+    # A batch-8 entry takes over from 8 rows on; saving 4 again replaces only its own entry.
+    save_best({**best, "batch_size": 8, "best": {**best["best"], "beam_width": 1}}, path)
+    save_best({**best, "best": {**best["best"], "tree_nodes": 0}}, path)
+    cfg = Drafter.load(path).config
+    assert cfg.shape_for(7)["tree_nodes"] == 0 and cfg.shape_for(7)["beam_width"] == 2
+    assert cfg.shape_for(9)["beam_width"] == 1 and sorted(cfg.batch_shapes) == ["4", "8"]
+
+
+@pytest.mark.parametrize("entry,fragment", [
+    ({"1": {"beam_width": 2}}, "batch size '1'"),
+    ({"x": {"beam_width": 2}}, "batch size 'x'"),
+    ({"4": {"beam_width": 0}}, "beam_width must be an integer >= 1"),
+    ({"4": {"tree_nodes": "3"}}, "tree_nodes must be an integer >= 0"),
+    ({"4": {"beam_width": True}}, "beam_width must be an integer"),
+    ({"4": {"width": 2}}, "must map some of"),
+    ({"4": [2, 4]}, "must map some of"),
+    ([4], "must map batch sizes"),
+])
+def test_bad_batch_shapes_are_refused(tiny, tmp_path, entry, fragment):
+    _, drafter = tiny
+    path = tmp_path / "drafter"
+    drafter.save(path)
+    data = json.loads((path / CONFIG_NAME).read_text())
+    data["redraft"]["batch_shapes"] = entry
+    (path / CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(DrafterLoadError, match=fragment):
+        Drafter.load(path)
+
+
 def test_write_beam_shape_keeps_a_reference_layout_config_own_head(tmp_path):
     target = tiny_llama()
     path = tmp_path / "ref"

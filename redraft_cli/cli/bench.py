@@ -57,7 +57,7 @@ def bench(
     texts = load_prompts(prompts, limit=num_prompts)
     loaded = load_models(model, drafter, dtype, device, quantize, seed)
     target, dr = loaded.target, loaded.drafter
-    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes)
+    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes, batch_size)
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
     for p in ids:

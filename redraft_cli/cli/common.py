@@ -106,21 +106,22 @@ def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int 
 
 def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | None, beam_length: int | None,
                        lookup: int | None = None, lookup_length: int | None = None,
-                       datastore: int | None = None, nodes: int | None = None) -> DecodeConfig:
+                       datastore: int | None = None, nodes: int | None = None, batch_size: int = 1) -> DecodeConfig:
     """Beam sizes (and copied beams) the user did not set come from the drafter's recommendation
-    (datastore beams only when the drafter has a datastore; its node budget only with its own
-    beam shape, which the budget was chosen for)."""
+    for batches of `batch_size` rows (datastore beams only when the drafter has a datastore; its
+    node budget only with its own beam shape, which the budget was chosen for)."""
+    rec = drafter.config.shape_for(batch_size)
     if datastore is None:
-        datastore = drafter.config.datastore_beams if drafter.datastore is not None else 0
+        datastore = rec["datastore_beams"] if drafter.datastore is not None else 0
     check_datastore(drafter, datastore)
     if nodes is None:
-        nodes = drafter.config.tree_nodes if beam_width is None and beam_length is None else 0
+        nodes = rec["tree_nodes"] if beam_width is None and beam_length is None else 0
     return replace(
         cfg,
-        beam_width=beam_width if beam_width is not None else drafter.config.beam_width,
-        beam_length=beam_length if beam_length is not None else drafter.config.beam_length,
-        lookup_beams=lookup if lookup is not None else drafter.config.lookup_beams,
-        lookup_length=lookup_length if lookup_length is not None else drafter.config.lookup_length,
+        beam_width=beam_width if beam_width is not None else rec["beam_width"],
+        beam_length=beam_length if beam_length is not None else rec["beam_length"],
+        lookup_beams=lookup if lookup is not None else rec["lookup_beams"],
+        lookup_length=lookup_length if lookup_length is not None else rec["lookup_length"],
         datastore_beams=datastore,
         tree_nodes=nodes,
     )

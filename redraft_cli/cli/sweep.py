@@ -91,7 +91,7 @@ def sweep(
     cfg.check(dr.draft_vocab_size)
     # The drafter's recommended copied beams, the same in every cell (the beam shape is per cell).
     cfg.decode = with_drafter_shape(cfg.decode, dr, cfg.decode.beam_width, cfg.decode.beam_length,
-                                    lookup, lookup_length, datastore, nodes=0)
+                                    lookup, lookup_length, datastore, nodes=0, batch_size=batch_size)
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
     for p in ids:
@@ -143,7 +143,8 @@ def sweep(
         b = result["best"]
         console.print(f"saved beam shape {b['beam_width']}x{b['beam_length']}"
                       + (f" (best {b['tree_nodes']} nodes)" if b.get("tree_nodes") else "") + f" to {saved} "
-                      "(the default of bench and chat with this drafter)")
+                      + ("(the default of bench and chat with this drafter)" if batch_size == 1 else
+                         f"(the default of bench --batch-size {batch_size} and larger with this drafter)"))
 
 
 def _drafter_dir(option: str, loaded: Loaded) -> Path | None:
