@@ -81,6 +81,31 @@ def test_bench_batch_matches_batch_one(tmp_path):
     assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", prompts, "--batch-size", 0), "--batch-size")
 
 
+def test_bench_batch_takes_the_drafters_batch_shape(tmp_path, prompt_file, smollm2):
+    """--batch-size 2 takes the drafter's saved shape for batches of 2 and more; a recommended value
+    out of range is a one-line error that points at config.json, not at an option never given."""
+    from redraft_cli.drafter import CONFIG_NAME, Drafter
+
+    path = tmp_path / "drafter"
+    Drafter.for_target(smollm2, seed=1).save(path)
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    cfg["redraft"]["batch_shapes"] = {"2": {"beam_width": 1, "beam_length": 2, "lookup_beams": 0}}
+    (path / CONFIG_NAME).write_text(json.dumps(cfg))
+    runs = {}
+    for b in (1, 2):
+        out = tmp_path / f"b{b}.json"
+        result = invoke("bench", "--drafter", path, "--prompts", prompt_file, "--num-prompts", 2, "--max-new-tokens", 4,
+                        "--batch-size", b, "--no-warmup", "--no-hf-baseline", "--json", out)
+        assert result.exit_code == 0, result.output
+        runs[b] = json.loads(out.read_text())
+    assert (runs[2]["beam_width"], runs[2]["beam_length"], runs[2]["lookup_beams"]) == (1, 2, 0)
+    assert (runs[1]["beam_width"], runs[1]["beam_length"]) == (cfg["redraft"]["beam_width"], cfg["redraft"]["beam_length"])
+    cfg["redraft"]["batch_shapes"] = {"2": {"lookup_length": 99}}
+    (path / CONFIG_NAME).write_text(json.dumps(cfg))
+    assert_clean_error(invoke("bench", "--drafter", path, "--prompts", prompt_file, "--batch-size", 2),
+                       "got 99", "config.json recommends")
+
+
 def test_bench_rejection_sampling_runs(prompt_file):
     result = invoke("bench", "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 1,
                     "--max-new-tokens", 6, "--accept", "rejection", "--temperature", 0.7, "--top-p", 0.9,

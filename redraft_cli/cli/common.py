@@ -116,15 +116,19 @@ def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | No
     check_datastore(drafter, datastore)
     if nodes is None:
         nodes = rec["tree_nodes"] if beam_width is None and beam_length is None else 0
-    return replace(
-        cfg,
-        beam_width=beam_width if beam_width is not None else rec["beam_width"],
-        beam_length=beam_length if beam_length is not None else rec["beam_length"],
-        lookup_beams=lookup if lookup is not None else rec["lookup_beams"],
-        lookup_length=lookup_length if lookup_length is not None else rec["lookup_length"],
-        datastore_beams=datastore,
-        tree_nodes=nodes,
-    )
+    try:
+        return replace(
+            cfg,
+            beam_width=beam_width if beam_width is not None else rec["beam_width"],
+            beam_length=beam_length if beam_length is not None else rec["beam_length"],
+            lookup_beams=lookup if lookup is not None else rec["lookup_beams"],
+            lookup_length=lookup_length if lookup_length is not None else rec["lookup_length"],
+            datastore_beams=datastore,
+            tree_nodes=nodes,
+        )
+    except BadInputError as exc:  # the options alone were checked before: a recommended value is out of range
+        raise BadInputError(f"{exc} (a value the drafter's config.json recommends; set the option to override it)"
+                            ) from exc
 
 
 def check_batch_size(batch_size: int) -> None:
