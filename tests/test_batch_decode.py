@@ -138,6 +138,11 @@ def test_continuous_batching_bad_slots_and_generic_path(tiny_target):
     prompts = random_prompts(3, tiny_target.vocab_size, seed=2)
     cfg = DecodeConfig(max_new_tokens=5, stop_on_eos=False)
     singles = [gen.generate(p, cfg, "plain").tokens for p in prompts]
+    # Every row finishing in its prefill pass: the slots refill until no prompt waits.
+    fast = Generator(tiny_target, Drafter.for_target(tiny_target, seed=0))
+    for g, mode in ((gen, "plain"), (fast, "redraft")):
+        one = g.generate_batch(prompts, DecodeConfig(max_new_tokens=1), mode, slots=2)
+        assert one.tokens == [s[:1] for s in singles] and one.passes == 2, mode
     lean, tiny_target.lean = tiny_target.lean, None
     try:  # one slot: the generic (one-row) path decodes the prompts one after another
         assert gen.generate_batch(prompts, cfg, "plain", slots=1).tokens == singles
