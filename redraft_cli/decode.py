@@ -150,7 +150,6 @@ class _Rows:
     yet admitted (continuous batching: a finished row's slot goes to the next)."""
 
     def __init__(self, prompts: list[list[int]], slots: int) -> None:
-        self.prompts = prompts
         self.context = [list(p) for p in prompts]  # prompt + emitted tokens
         self.emitted = [0] * len(prompts)
         self.active: list[int] = []
@@ -168,9 +167,10 @@ class Generator:
     """Decodes with one target, optionally a drafter (or any Proposer).
 
     `plain`/`redraft` stream one prompt; `plain_batch`/`redraft_batch` decode
-    several prompts at once (rows finish independently; greedy output of each
-    row equals its batch-1 output) and yield, per target pass, the
-    (row, StepStats) pairs of the rows that took part.
+    several prompts, at most `slots` at once (rows finish independently and
+    waiting prompts take their slots; greedy output of each row equals its
+    batch-1 output) and yield, per target pass, the (row, StepStats) pairs of
+    the rows that took part.
     """
 
     def __init__(self, target: Target, drafter: Drafter | None = None, proposer: Proposer | None = None) -> None:
