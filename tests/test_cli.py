@@ -77,7 +77,7 @@ def test_bench_batch_matches_batch_one(tmp_path):
     assert [r["plain_digest"] for r in outs[1]["per_prompt"]] == [r["plain_digest"] for r in outs[2]["per_prompt"]]
     assert [r["redraft_digest"] for r in outs[1]["per_prompt"]] == [r["redraft_digest"] for r in outs[2]["per_prompt"]]
     assert outs[2]["baseline_hf"]["tokens"] == 24
-    assert "batch 2" in result.output
+    assert "batch 2" in result.output and "busy rows per pass of 2" in result.output
     assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", prompts, "--batch-size", 0), "--batch-size")
 
 
