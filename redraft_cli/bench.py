@@ -8,13 +8,14 @@ Metrics (DESIGN section 7), defined once here and printed everywhere:
                       longer than L, so it can pass 100% on repetitive text;
 - speedup           = tokens/s of ReDrafter / tokens/s of plain decoding,
                       prefill included in both, paths alternated per prompt
-                      after a warm-up;
+                      (per target pass at batch size > 1) after a warm-up;
 - time split        = seconds drafting, in the verify pass, and accepting.
 
 With batch_size B > 1 each path decodes all the prompts, B at a time: plain
 and ReDrafter with continuous batching (a finished row's slot goes to the next
-prompt at once), HF generate in left-padded groups of B (it cannot refill a
-row). tokens/s counts all rows, and tokens per step stays per row.
+prompt at once), their passes interleaved one for one (`BatchRun`: each counts
+only its own passes), then HF generate in left-padded groups of B (it cannot
+refill a row). tokens/s counts all rows, and tokens per step stays per row.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from .decode import BatchGeneration, DecodeConfig, Generator
+from .decode import BatchGeneration, BatchRun, DecodeConfig, Generator
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -188,9 +189,10 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
     for i, group in enumerate(groups):
         order = paths if i % 2 == 0 else list(reversed(paths))
         outputs: dict[str, list[list[int]]] = {}
-        for path in order:
-            label = f"prompt {i + 1}/{len(prompts)} {path}" if B == 1 else f"{path}, {B} slots"
-            tokens, seconds, generation = _run_path(gen, path, group, d, B, lambda *_, label=label: tick(label))
+        runs = (_run_paths(gen, order, group, d, B, tick, f"prompt {i + 1}/{len(prompts)}") if B == 1 else
+                _run_interleaved(gen, group, d, B, tick)
+                + _run_paths(gen, [p for p in order if p == "hf"], group, d, B, tick, f"{B} slots"))
+        for path, tokens, seconds, generation in runs:
             outputs[path] = tokens
             if path == "plain":
                 base.tokens += sum(map(len, tokens))
@@ -249,6 +251,25 @@ def warm_up(gen: Generator, group: list[list[int]], d: DecodeConfig, paths: list
         _run_path(gen, path, group, warm, len(group))
         if tick is not None:
             tick(f"warm-up {path}")
+
+
+def _run_paths(gen: Generator, paths: list[str], group: list[list[int]], d: DecodeConfig, slots: int,
+               tick: Callable[[str], None], label: str) -> list[tuple[str, list[list[int]], float, BatchGeneration | None]]:
+    """Each path in turn on `group`; (path, tokens, seconds, generation) per path."""
+    return [(path, *_run_path(gen, path, group, d, slots, lambda *_, text=f"{label} {path}": tick(text)))
+            for path in paths]
+
+
+def _run_interleaved(gen: Generator, group: list[list[int]], d: DecodeConfig, slots: int,
+                     tick: Callable[[str], None]) -> list[tuple[str, list[list[int]], float, BatchGeneration]]:
+    """Plain and ReDrafter on `group` through `slots` rows each, one pass of one, then one of the
+    other (the one left runs alone at the end); each counts only its own passes' seconds."""
+    runs = {path: BatchRun(Generator(gen.target) if path == "plain" else gen, group, d, path, slots,
+                           lambda *_, path=path: tick(f"{path}, {slots} slots, passes interleaved"))
+            for path in ("plain", "redraft")}
+    while any([run.step() for run in runs.values()]):  # a list: every run steps each round
+        pass
+    return [(path, run.result().tokens, run.clock, run.result()) for path, run in runs.items()]
 
 
 def _run_path(gen: Generator, path: str, group: list[list[int]], d: DecodeConfig, slots: int,

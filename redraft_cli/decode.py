@@ -473,27 +473,53 @@ class Generator:
         otherwise); mode 'redraft' or 'plain'. Each row's Generation.seconds runs from the
         start of the pass that admitted it to the end of the pass that finished it;
         `on_row_done(row, generation)` is called as each row finishes."""
-        loop = self.redraft_batch if mode == "redraft" else self.plain_batch
+        run = BatchRun(self, prompts, cfg, mode, slots, on_row_done)
+        while run.step():
+            pass
+        return run.result()
+
+
+class BatchRun:
+    """A batched generation advanced one target pass at a time (`step`), timing only its own
+    passes: two runs stepped in turn (bench's plain and ReDrafter paths at --batch-size B)
+    each count their own seconds, under the same machine conditions."""
+
+    def __init__(self, gen: Generator, prompts: list[list[int]], cfg: DecodeConfig, mode: str = "redraft",
+                 slots: int | None = None, on_row_done: Callable[[int, "Generation"], Any] | None = None) -> None:
+        loop = gen.redraft_batch if mode == "redraft" else gen.plain_batch
+        self._passes = loop(prompts, cfg, slots)
+        self.on_row_done = on_row_done
+        self.steps: list[list[StepStats]] = [[] for _ in prompts]
+        self.begin = [0.0] * len(prompts)
+        self.seconds = [0.0] * len(prompts)
+        self.pass_stats: list[StepStats] = []
+        self.clock = 0.0  # seconds spent in this run's own passes
+        self.done = False
+
+    def step(self) -> bool:
+        """Run one pass; False once the generation has finished."""
+        if self.done:
+            return False
         start = time.perf_counter()
-        steps: list[list[StepStats]] = [[] for _ in prompts]
-        begin = [0.0] * len(prompts)
-        seconds = [0.0] * len(prompts)
-        passes: list[StepStats] = []
-        before = 0.0
-        for out in loop(prompts, cfg, slots):
-            first = out[0][1]
-            passes.append(StepStats([], 0, 0, first.draft_s, first.verify_s, first.accept_s, first.prefill))
-            now = time.perf_counter() - start
-            for row, st in out:
-                if not steps[row]:
-                    begin[row] = before
-                steps[row].append(st)
-                seconds[row] = now - begin[row]
-                if st.finished and on_row_done is not None:
-                    on_row_done(row, Generation(steps[row], seconds[row]))
-            before = now
-        total = time.perf_counter() - start
-        return BatchGeneration([Generation(s, t) for s, t in zip(steps, seconds)], total, passes)
+        out = next(self._passes, None)
+        before, self.clock = self.clock, self.clock + time.perf_counter() - start
+        if out is None:
+            self.done = True
+            return False
+        first = out[0][1]
+        self.pass_stats.append(StepStats([], 0, 0, first.draft_s, first.verify_s, first.accept_s, first.prefill))
+        for row, st in out:
+            if not self.steps[row]:
+                self.begin[row] = before
+            self.steps[row].append(st)
+            self.seconds[row] = self.clock - self.begin[row]
+            if st.finished and self.on_row_done is not None:
+                self.on_row_done(row, Generation(self.steps[row], self.seconds[row]))
+        return True
+
+    def result(self) -> "BatchGeneration":
+        return BatchGeneration([Generation(s, t) for s, t in zip(self.steps, self.seconds)], self.clock,
+                               self.pass_stats)
 
 
 @dataclass

@@ -148,3 +148,28 @@ def test_continuous_batching_bad_slots_and_generic_path(tiny_target):
         assert gen.generate_batch(prompts, cfg, "plain", slots=1).tokens == singles
     finally:
         tiny_target.lean = lean
+
+
+def test_batch_runs_stepped_in_turn_keep_their_own_time(eos_target):
+    """Two BatchRuns stepped pass for pass (bench's plain and ReDrafter at --batch-size) decode what
+    generate_batch decodes, and each clock counts only its own passes."""
+    import time
+
+    from redraft_cli.decode import BatchRun
+
+    target = eos_target
+    prompts = random_prompts(5, target.vocab_size, seed=12, min_len=2, max_len=30)
+    cfg = DecodeConfig(max_new_tokens=20, beam_width=2, beam_length=3, stop_on_eos=False)
+    fast_gen = Generator(target, proposer=OracleProposer(target, seed=4, oracle_beam=1))
+    runs = [BatchRun(Generator(target), prompts, cfg, "plain", 2), BatchRun(fast_gen, prompts, cfg, "redraft", 2)]
+    start = time.perf_counter()
+    rounds = 0
+    while any([r.step() for r in runs]):
+        rounds += 1
+    wall = time.perf_counter() - start
+    plain, fast = (r.result() for r in runs)
+    assert plain.tokens == fast.tokens == Generator(target).generate_batch(prompts, cfg, "plain", slots=2).tokens
+    assert rounds == max(plain.passes, fast.passes) and fast.passes < plain.passes
+    assert 0 < plain.seconds and 0 < fast.seconds and plain.seconds + fast.seconds <= wall
+    assert all(0 < g.seconds <= plain.seconds for g in plain.rows)
+    assert not runs[0].step() and runs[0].result().passes == plain.passes  # a finished run stays finished
