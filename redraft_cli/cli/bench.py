@@ -102,8 +102,8 @@ def render(r: dict) -> Table:
         f"{red['verify_share']:.0%} / accept {red['accept_share']:.0%} | "
         f"per step {1000 * red['draft_s'] / max(red['passes'], 1):.1f} / {1000 * red['verify_s'] / max(red['passes'], 1):.1f} / "
         f"{1000 * red['accept_s'] / max(red['passes'], 1):.1f} ms"
-        + (f" | {red['steps'] / max(red['passes'], 1):.1f} busy rows per pass of {r['batch_size']}"
-           if r.get("batch_size", 1) > 1 else "")
+        + (f" | {red['steps'] / red['passes']:.1f} busy rows per pass of {min(r['batch_size'], r['num_prompts'])}"
+           if r.get("batch_size", 1) > 1 and red["passes"] else "")
         + (f" | identical outputs {r['identical_outputs']}/{r['num_prompts']}" if r["identical_outputs"] is not None else "")
         + (f" | vs HF {r['speedup_vs_hf']:.2f}x" if r.get("speedup_vs_hf") else "")
     )
