@@ -110,7 +110,7 @@ class DrafterConfig:
         if not isinstance(self.batch_shapes, dict):
             raise DrafterLoadError(f"{bad} must map batch sizes to shapes, got {self.batch_shapes!r}")
         for size, shape in self.batch_shapes.items():
-            if not (isinstance(size, str) and size.isdigit() and int(size) >= 2):
+            if not (isinstance(size, str) and size.isdigit() and size == str(int(size)) and int(size) >= 2):
                 raise DrafterLoadError(f"{bad}: batch size {size!r} must be an integer >= 2 (as a string)")
             if not isinstance(shape, dict) or any(k not in SHAPE_KEYS for k in shape):
                 raise DrafterLoadError(f"{bad}[{size!r}] must map some of {', '.join(SHAPE_KEYS)} to integers")

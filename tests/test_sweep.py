@@ -163,6 +163,7 @@ def test_save_best_of_a_batched_sweep_keeps_the_batch_one_shape(swept, tiny, tmp
 @pytest.mark.parametrize("entry,fragment", [
     ({"1": {"beam_width": 2}}, "batch size '1'"),
     ({"x": {"beam_width": 2}}, "batch size 'x'"),
+    ({"04": {"beam_width": 2}}, "batch size '04'"),
     ({"4": {"beam_width": 0}}, "beam_width must be an integer >= 1"),
     ({"4": {"tree_nodes": "3"}}, "tree_nodes must be an integer >= 0"),
     ({"4": {"beam_width": True}}, "beam_width must be an integer"),
