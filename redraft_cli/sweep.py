@@ -2,9 +2,9 @@
 drafter and machine.
 
 Each cell of the grid is one `run_bench` on the same prompts without the HF
-baseline: plain decoding and ReDrafter alternate prompt by prompt, so every
-cell has its own adjacent plain baseline and its speedup is measured against
-it. Slow drift of the machine (thermal, other load) therefore moves a cell's
+baseline: plain decoding and ReDrafter alternate prompt by prompt (pass by
+pass with `batch_size` > 1), so every cell has its own adjacent plain
+baseline and its speedup is measured against it. Slow drift of the machine (thermal, other load) therefore moves a cell's
 baseline with it instead of biasing the grid; the pooled baseline over all
 cells and its spread (`baseline.drift`) are reported too. One warm-up of both
 paths runs before the grid (at the largest shape), none between cells.
