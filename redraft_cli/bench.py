@@ -269,7 +269,8 @@ def _run_interleaved(gen: Generator, group: list[list[int]], d: DecodeConfig, sl
             for path in ("plain", "redraft")}
     while any([run.step() for run in runs.values()]):  # a list: every run steps each round
         pass
-    return [(path, run.result().tokens, run.clock, run.result()) for path, run in runs.items()]
+    results = {path: run.result() for path, run in runs.items()}
+    return [(path, g.tokens, g.seconds, g) for path, g in results.items()]
 
 
 def _run_path(gen: Generator, path: str, group: list[list[int]], d: DecodeConfig, slots: int,

@@ -138,11 +138,9 @@ class LeanLlama:
         mask, span = cache.attention_mask(tree_mask)
         x = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(x, positions)
-        rows = None
-        if valid is not None and not bool(valid.all()):
-            rows = valid.reshape(-1).nonzero().squeeze(1)  # (N,) flat indices of the real tokens
-            if rows.numel() < 2 and self.batch_invariant:
-                rows = None  # one packed row would take the GEMV kernel (see the module docstring)
+        rows = packed_rows(valid)
+        if rows is not None and rows.numel() < 2 and self.batch_invariant:
+            rows = None  # one packed row would take the GEMV kernel (see the module docstring)
         if rows is not None:
             x = x.reshape(B * n, -1).index_select(0, rows)  # (N, H)
         extents = self._extents(cache, valid, B, n, span)
@@ -151,7 +149,7 @@ class LeanLlama:
                                     span, (B, n), rows, extents)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         x = self.base.norm(x)
-        return x if rows is None else _unpack(x, rows, B, n)
+        return x if rows is None else unpack_rows(x, rows, B, n)
 
     def _extents(self, cache: StaticKVCache, valid: torch.Tensor | None, B: int, n: int, span: int
                  ) -> list[tuple[int, int]] | None:
@@ -173,7 +171,7 @@ class LeanLlama:
         d = self.head_dim
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         if rows is not None:
-            q, k, v = (_unpack(t, rows, B, n) for t in (q, k, v))
+            q, k, v = (unpack_rows(t, rows, B, n) for t in (q, k, v))
         q = q.view(B, n, self.num_heads, d)
         k = k.view(B, n, self.kv_heads, d)
         v = v.view(B, n, self.kv_heads, d).transpose(1, 2)
@@ -193,7 +191,14 @@ class LeanLlama:
         return attn.o_proj(out).view(B, n, -1)
 
 
-def _unpack(packed: torch.Tensor, rows: torch.Tensor, B: int, n: int) -> torch.Tensor:
+def packed_rows(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """valid (B, n) bool -> (N,) flat indices of its True cells; None when there is no padding."""
+    if valid is None or bool(valid.all()):
+        return None
+    return valid.reshape(-1).nonzero().squeeze(1)
+
+
+def unpack_rows(packed: torch.Tensor, rows: torch.Tensor, B: int, n: int) -> torch.Tensor:
     """(N, D) values of the flat cells `rows` -> (B, n, D), zeros elsewhere."""
     out = packed.new_zeros(B * n, packed.shape[-1])
     return out.index_copy_(0, rows, packed).view(B, n, -1)

@@ -26,7 +26,8 @@ from safetensors import SafetensorError
 
 from .errors import BadInputError, ChatTemplateError, ContextOverflowError, ModelLoadError
 from .kv_cache import TreeCache
-from .lean_llama import LEAN_MODEL_TYPES, LeanLlama, cpu_has_native_bf16, lean_config_supported, lean_supported
+from .lean_llama import (LEAN_MODEL_TYPES, LeanLlama, cpu_has_native_bf16, lean_config_supported, lean_supported,
+                         packed_rows, unpack_rows)
 from .tree_attention import attention_bias
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -366,13 +367,13 @@ class Target:
     def logits_at(self, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """hidden (B, n, H), valid (B, n) bool -> float32 logits (B, n, V), scored only where
         valid (padding nodes of a batched tree get 0)."""
-        if bool(valid.all()):
+        rows = packed_rows(valid)
+        if rows is None:
             return self.logits(hidden)
         B, n, _ = hidden.shape
-        rows = valid.reshape(-1).nonzero().squeeze(1)
-        scored = self.logits(hidden.reshape(B * n, -1).index_select(0, rows))  # (N, V)
-        return scored.new_zeros(B * n, scored.shape[-1]).index_copy_(0, rows, scored).view(B, n, -1)
+        return unpack_rows(self.logits(hidden.reshape(B * n, -1).index_select(0, rows)), rows, B, n)
 
+    @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., H) -> float32 logits (..., V)."""
         if self.lean is not None and self.lean.batch_invariant and hidden.numel() == hidden.shape[-1]:
