@@ -18,8 +18,10 @@ own (StaticKVCache), and a finished row leaves the batch.
 
 Continuous batching: with more prompts than `slots`, a finished row's slot
 goes to the next waiting prompt. Its prefill is a pass of its own (into a
-fresh cache of the same capacity), after which its KV rows are appended to
-the live cache and its (h, g0) to the state, and it decodes with the rest:
+fresh cache of the same capacity), after which its KV rows are copied into
+the places that finished rows freed in the live cache (StaticKVCache.append:
+only the joining rows are copied) and its (h, g0) appended to the state,
+and it decodes with the rest:
 
     slots = 2, prompts A B C:  pass 1 prefill A B | steps A B ... B finishes
                                | prefill C | steps A C ... A finishes | steps C ...

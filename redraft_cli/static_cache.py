@@ -15,7 +15,18 @@ lengths = [4], n = 6 tree nodes, accepted path = nodes [0, 4, 5]:
     after commit:      [c0 c1 c2 c3 | n0 n4 n5 n3 n4 n5 ...]   lengths = [7]
 
 Slots past a row's length hold stale values that the mask hides and the
-next forward overwrites; nothing is ever reallocated or concatenated.
+next forward overwrites; nothing is reallocated or concatenated while the
+rows stay the same.
+
+Continuous batching changes the rows: finished rows leave (`keep`) and
+prefilled ones join (`append`). The buffers keep their rows once allocated
+(`reserved` >= B; the batch is the first B), so a row that leaves frees its
+place and a row that joins is copied into a free place: only the rows that
+move or join are copied, never the whole cache, and no second buffer is
+allocated beside it. Worked example, reserved 4, rows [a b c d]:
+
+    keep([0, 2, 3])   -> [a c d | d]   c and d move up; place 3 is free (stale)
+    append([e])       -> [a c d e]     e is copied into place 3
 """
 
 from __future__ import annotations
@@ -24,15 +35,29 @@ import torch
 
 
 class StaticKVCache:
-    """keys, values: (layers, B, kv_heads, capacity, head_dim); lengths: (B,) int64."""
+    """keys, values: (layers, B, kv_heads, capacity, head_dim) views of buffers with
+    `reserved` >= B rows; lengths: (B,) int64."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         shape = (num_layers, batch, kv_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self._keys = torch.zeros(shape, dtype=dtype, device=device)
+        self._values = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.capacity = capacity
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys[:, : self.lengths.numel()]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values[:, : self.lengths.numel()]
+
+    @property
+    def reserved(self) -> int:
+        """Rows the buffers hold: the batch plus the places finished rows freed."""
+        return self._keys.shape[1]
 
     def get_seq_length(self) -> int:
         """The longest row (for callers that expect a Hugging Face cache)."""
@@ -95,15 +120,28 @@ class StaticKVCache:
         self.lengths += accepted.to(self.lengths)
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Drop finished rows: keep `rows` (R,) int64, in that order."""
-        self.keys = self.keys.index_select(1, rows)
-        self.values = self.values.index_select(1, rows)
+        """Drop finished rows: keep `rows` (R,) int64, in that order, as rows 0..R-1. Only the
+        rows whose place changes are copied; the places after R are free for `append`."""
+        rows = rows.to(self.lengths.device)
+        place = torch.arange(rows.numel(), device=rows.device)
+        moved = rows != place
+        if bool(moved.any()):
+            src, dst = rows[moved], place[moved]
+            for buf in (self._keys, self._values):
+                buf[:, dst] = buf[:, src]  # the right side is gathered first: overlapping moves are safe
         self.lengths = self.lengths.index_select(0, rows)
 
     def append(self, other: "StaticKVCache") -> None:
-        """Add the rows of `other` (same layers, heads and capacity) after this cache's rows."""
+        """Add the rows of `other` (same layers, heads and capacity) after this cache's rows,
+        into free places; the buffers grow only when there are not enough."""
         if other.keys.shape[0] != self.keys.shape[0] or other.keys.shape[2:] != self.keys.shape[2:]:
             raise ValueError(f"cannot append a cache of shape {tuple(other.keys.shape)} to {tuple(self.keys.shape)}")
-        self.keys = torch.cat([self.keys, other.keys], dim=1)
-        self.values = torch.cat([self.values, other.values], dim=1)
-        self.lengths = torch.cat([self.lengths, other.lengths])
+        B, n = self.lengths.numel(), other.lengths.numel()
+        if B + n > self.reserved:
+            grow = list(self._keys.shape)
+            grow[1] = B + n - self.reserved
+            self._keys = torch.cat([self._keys, self._keys.new_zeros(grow)], dim=1)
+            self._values = torch.cat([self._values, self._values.new_zeros(grow)], dim=1)
+        self._keys[:, B : B + n] = other.keys
+        self._values[:, B : B + n] = other.values
+        self.lengths = torch.cat([self.lengths, other.lengths.to(self.lengths.device)])

@@ -83,3 +83,40 @@ def test_static_commit_worked_example():
     assert cache.keys[0, 0, 0, :7, 0].tolist() == [0, 1, 2, 3, 4, 8, 9]
     assert cache.values[0, 0, 0, :7, 0].tolist() == [0, -1, -2, -3, -4, -8, -9]
     assert cache.keys[0, 1, 0, :4, 0].tolist() == [0, 1, 2, 3]
+
+
+def _filled(batch: int, seed: int, lengths: list[int]) -> StaticKVCache:
+    cache = StaticKVCache(2, batch, 2, 8, 4, torch.float32, torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    cache._keys.copy_(torch.randn(cache._keys.shape, generator=g))
+    cache._values.copy_(torch.randn(cache._values.shape, generator=g))
+    cache.lengths = torch.tensor(lengths)
+    return cache
+
+
+def test_rows_leave_and_join_in_place_worked_example():
+    """reserved 4, rows [a b c d]: keep [0, 2, 3] -> [a c d | free]; append [e] -> [a c d e]; no reallocation."""
+    cache = _filled(4, 0, [3, 4, 5, 6])
+    keys, values, ptr = cache.keys.clone(), cache.values.clone(), cache._keys.data_ptr()
+    cache.keep(torch.tensor([0, 2, 3]))
+    assert torch.equal(cache.keys, keys[:, [0, 2, 3]]) and torch.equal(cache.values, values[:, [0, 2, 3]])
+    assert cache.lengths.tolist() == [3, 5, 6] and cache.reserved == 4
+    e = _filled(1, 1, [2])
+    cache.append(e)
+    assert cache._keys.data_ptr() == ptr and cache.reserved == 4
+    assert torch.equal(cache.keys, torch.cat([keys[:, [0, 2, 3]], e.keys], 1))
+    assert torch.equal(cache.values, torch.cat([values[:, [0, 2, 3]], e.values], 1))
+    assert cache.lengths.tolist() == [3, 5, 6, 2]
+
+
+def test_rows_may_leave_in_any_order_and_joins_past_the_reserve_grow_the_buffers():
+    cache = _filled(3, 2, [1, 2, 3])
+    keys = cache.keys.clone()
+    cache.keep(torch.tensor([2, 0]))  # overlapping moves: place 0 <- row 2, place 1 <- row 0
+    assert torch.equal(cache.keys, keys[:, [2, 0]]) and cache.lengths.tolist() == [3, 1]
+    more = _filled(3, 3, [4, 5, 6])
+    cache.append(more)
+    assert cache.reserved == 5 and cache.lengths.tolist() == [3, 1, 4, 5, 6]
+    assert torch.equal(cache.keys, torch.cat([keys[:, [2, 0]], more.keys], 1))
+    with pytest.raises(ValueError, match="cannot append"):
+        cache.append(StaticKVCache(2, 1, 2, 9, 4, torch.float32, torch.device("cpu")))
