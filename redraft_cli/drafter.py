@@ -264,14 +264,14 @@ class Drafter(nn.Module):
         (re-slicing it per draft step cost more than the projection itself).
         """
         assert self._head is not None, "call attach() first"
-        if self.draft_vocab is None and self._head.dtype == dtype:
+        if self.draft_vocab is None and self._head.dtype == dtype and self._head.device == self.rnn_w.weight.device:
             return self._head
-        key = (self._head.data_ptr(), self._head._version, dtype,
+        key = (self._head.data_ptr(), self._head._version, dtype, self.rnn_w.weight.device,
                None if self.draft_vocab is None else (self.draft_vocab.data_ptr(), self.draft_vocab._version))
         cached = self.__dict__.get("_head_cache")
         if cached is None or cached[0] != key:
-            w = self._head if self.draft_vocab is None else self._head.index_select(0, self.draft_vocab)
-            cached = (key, w.detach().to(dtype))
+            w = self._head if self.draft_vocab is None else self._head.index_select(0, self.draft_vocab.to(self._head.device))
+            cached = (key, w.detach().to(device=self.rnn_w.weight.device, dtype=dtype))  # the head may sit on another GPU
             object.__setattr__(self, "_head_cache", cached)
         return cached[1]
 

@@ -36,8 +36,9 @@ def commit_path(cache: Any, prefix_len: int, path: torch.Tensor) -> None:
         if keys is None or keys.numel() == 0:
             continue
         if not contiguous:
-            keys[:, :, prefix_len : prefix_len + m] = keys.index_select(2, src)
-            values[:, :, prefix_len : prefix_len + m] = values.index_select(2, src)
+            at = src.to(keys.device)  # with a device map, each layer's cache lives on its layer's device
+            keys[:, :, prefix_len : prefix_len + m] = keys.index_select(2, at)
+            values[:, :, prefix_len : prefix_len + m] = values.index_select(2, at)
         layer.keys = keys[:, :, : prefix_len + m]
         layer.values = values[:, :, : prefix_len + m]
         if hasattr(layer, "cumulative_length"):

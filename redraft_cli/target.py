@@ -38,6 +38,8 @@ EMBEDDED = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZE = ("none", "8bit", "4bit")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# accelerate's placements of one model's layers over several devices (--device-map).
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 # Errors that third-party loaders raise for unreadable or unknown models.
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError, AttributeError, NotImplementedError,
@@ -61,6 +63,7 @@ class TargetSpec:
     device: str = "auto"
     quantize: str = "none"
     trust_remote_code: bool = False
+    device_map: str | None = None  # spread the layers over the GPUs (accelerate), e.g. "auto"; None: one device
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -69,6 +72,10 @@ class TargetSpec:
             raise BadInputError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.quantize not in QUANTIZE:
             raise BadInputError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise BadInputError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}")
+        if self.device_map is not None and self.device not in ("auto", "cuda"):
+            raise BadInputError(f"--device-map spreads a model over GPUs; it cannot be combined with --device {self.device}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -195,6 +202,8 @@ def _load_hf(source: str, spec: TargetSpec, device: torch.device, dtype: torch.d
                 load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4"
             )
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": str(device)}
+    if spec.device_map:
+        kwargs["device_map"] = spec.device_map  # accelerate places the layers (and their KV cache) over the GPUs
     is_local = Path(source).exists()
     if not is_local and (source.startswith(("/", "./", "../", "~")) or source.count("/") > 1):
         raise ModelLoadError(f"model path not found: {source}")
@@ -219,7 +228,7 @@ def _load_hf(source: str, spec: TargetSpec, device: torch.device, dtype: torch.d
         if first.endswith(":"):  # a message whose details were on the following lines
             first = first.rstrip(":") + " (its files are missing or unreadable)"
         raise ModelLoadError(f"cannot load model {shown!r}: {first}") from exc
-    if spec.quantize == "none":
+    if spec.quantize == "none" and not spec.device_map:
         model.to(device)
     return model, tokenizer
 
@@ -256,6 +265,8 @@ def load_target(spec: TargetSpec | str = DEFAULT_MODEL, **overrides: Any) -> "Ta
         path = Path(name)
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
+        if spec.device_map:
+            raise BadInputError("--device-map takes a Hugging Face checkpoint (safetensors), not a .gguf file")
         dtype = resolve_dtype(spec.dtype, device, _peek_config(str(path.parent), path.name) if auto else None)
         model, tokenizer = _load_hf(str(path.parent), spec, device, dtype, gguf_file=path.name)
         if dtype != torch.float32:
@@ -296,7 +307,10 @@ class Target:
         self.embed_weight = model.get_input_embeddings().weight
         self.vocab_size = int(self.embed_weight.shape[0])
         self.lm_head_weight = self.lm_head.weight
+        # With a device map (accelerate) the layers sit on several devices. Decoding works on the
+        # input embedding's device: hidden states and logits are brought back there.
         self.device = self.embed_weight.device
+        self.devices = sorted({str(p.device) for p in model.parameters()})
         self.compute_dtype = self.embed_weight.dtype
         self.max_context = int(
             getattr(self.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 4096)
@@ -308,7 +322,8 @@ class Target:
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         # The lean Llama-family forward (static KV cache, batched rows) where the layout allows;
         # REDRAFT_GENERIC=1 forces the generic Hugging Face path (for comparisons).
-        use_lean = lean_supported(model) and os.environ.get("REDRAFT_GENERIC", "") in ("", "0")
+        use_lean = (lean_supported(model) and len(self.devices) == 1
+                    and os.environ.get("REDRAFT_GENERIC", "") in ("", "0"))
         self.lean = LeanLlama(model) if use_lean else None
 
     # -- model calls ----------------------------------------------------------
@@ -324,6 +339,9 @@ class Target:
         if self.lean is not None:
             capacity = capacity or self.max_context
             return self.lean.new_cache(batch, capacity, self.compute_dtype, self.device)
+        if batch != 1 and len(self.devices) > 1:
+            raise BadInputError(f"batched decoding needs the target on one device; {self.name} is spread over "
+                                f"{', '.join(self.devices)} (--device-map): use --batch-size 1")
         if batch != 1:
             raise BadInputError(
                 f"batched decoding needs a Llama-family target ({', '.join(LEAN_MODEL_TYPES)}); "
@@ -361,7 +379,7 @@ class Target:
             use_cache=True,
             **{self._cache_arg: cache},
         )
-        return out.last_hidden_state
+        return out.last_hidden_state.to(self.device)
 
     @torch.no_grad()
     def logits_at(self, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -379,7 +397,7 @@ class Target:
         if self.lean is not None and self.lean.batch_invariant and hidden.numel() == hidden.shape[-1]:
             # One row would take the GEMV kernel (see lean_llama): score it as two.
             return self.logits(hidden.reshape(1, -1).expand(2, -1))[:1].view(*hidden.shape[:-1], -1)
-        out = self.lm_head(hidden).float()
+        out = self.lm_head(hidden.to(self.lm_head_weight.device)).float().to(self.device)
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out
@@ -414,7 +432,8 @@ class Target:
                                 f"{self.vocab_size}: the tokenizer does not match the model")
 
     def describe(self) -> str:
-        return f"{self.name} ({self.config.model_type}, {self.compute_dtype}, {self.device})".replace("torch.", "")
+        where = self.device if len(self.devices) == 1 else "+".join(self.devices)
+        return f"{self.name} ({self.config.model_type}, {self.compute_dtype}, {where})".replace("torch.", "")
 
 
 def _valid_text(text: str) -> str:

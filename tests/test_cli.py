@@ -219,3 +219,33 @@ def test_local_model_directory_and_missing_chat_template(tmp_path, prompt_file):
     tok.save_pretrained(small)
     assert_clean_error(invoke("bench", "--model", small, "--drafter", "random", "--prompts", prompt_file,
                               "--no-chat-template"), "outside", "vocabulary of 1000")
+
+
+def test_device_map_spreads_a_checkpoint_with_accelerate(tmp_path, prompt_file, monkeypatch):
+    """--device-map loads through accelerate's placement (every layer on the CPU here: no GPU) and
+    decodes with identical greedy output; impossible combinations are clear errors."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    import redraft_cli.target as target_module
+    from redraft_cli.target import TargetSpec, _convert_embedded, load_target
+
+    tok = AutoTokenizer.from_pretrained(str(_convert_embedded("smollm2-135m")))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model_dir = tmp_path / "tiny-mapped"
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    seen = []
+    load = target_module._load_hf_files
+    monkeypatch.setattr(target_module, "_load_hf_files", lambda *a, **k: seen.append(a[1]) or load(*a, **k))
+    target = load_target(TargetSpec(model=str(model_dir), device_map="auto"))
+    assert seen[0]["device_map"] == "auto" and target.devices == ["cpu"]
+    monkeypatch.undo()
+    out = tmp_path / "r.json"
+    ok = invoke("bench", "--model", model_dir, "--device-map", "auto", "--drafter", "random", "--prompts", prompt_file,
+                "--num-prompts", 2, "--max-new-tokens", 6, "--no-hf-baseline", "--json", out)
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(out.read_text())["identical_outputs"] == 2
+    assert_clean_error(invoke("chat", "--device-map", "everywhere", "--prompt", "hi"), "--device-map must be one of")
+    assert_clean_error(invoke("chat", "--device-map", "auto", "--device", "cpu", "--prompt", "hi"),
+                       "cannot be combined with --device cpu")

@@ -43,6 +43,7 @@ def bench(
     dtype: o.Dtype = D["dtype"],
     device: o.Device = D["device"],
     quantize: o.Quantize = D["quantize"],
+    device_map: o.DeviceMap = None,
     hf_baseline: bool = typer.Option(True, help="Also time Hugging Face model.generate() as a second baseline."),
     warmup: bool = typer.Option(True, help="Run each path once before timing."),
     batch_size: o.BatchSize = 1,
@@ -55,7 +56,7 @@ def bench(
     check_output_paths(json_path)
     check_batch_size(batch_size)
     texts = load_prompts(prompts, limit=num_prompts)
-    loaded = load_models(model, drafter, dtype, device, quantize, seed)
+    loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map)
     target, dr = loaded.target, loaded.drafter
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes, batch_size)
     encode = target.encode_raw if no_chat_template else target.encode_chat

@@ -41,10 +41,11 @@ class Loaded:
     drafter_name: str
 
 
-def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str, seed: int) -> Loaded:
+def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str, seed: int,
+                device_map: str | None = None) -> Loaded:
     """Target from the options, then the drafter: a path, 'random', or 'auto'."""
     quiet_libraries()
-    spec = TargetSpec(model=model, dtype=dtype, device=device, quantize=quantize)
+    spec = TargetSpec(model=model, dtype=dtype, device=device, quantize=quantize, device_map=device_map)
     with err.status(f"Loading {model} ..."):
         target = load_target(spec)
     if quantize != "none" and target.device.type == "cpu":

@@ -57,6 +57,7 @@ def sweep(
     dtype: o.Dtype = D["dtype"],
     device: o.Device = D["device"],
     quantize: o.Quantize = D["quantize"],
+    device_map: o.DeviceMap = None,
     warmup: bool = typer.Option(True, help="Run plain decoding and ReDrafter once before the grid."),
     no_chat_template: o.NoChatTemplate = False,
     json_path: o.JsonOut = None,
@@ -83,7 +84,7 @@ def sweep(
                              "--drafter random has no config.json to write the shape into")
     texts = load_prompts(prompts, limit=num_prompts)
 
-    loaded = load_models(model, drafter, dtype, device, quantize, seed)
+    loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map)
     target, dr = loaded.target, loaded.drafter
     drafter_dir = _drafter_dir(drafter, loaded)
     if save_best:
