@@ -186,18 +186,25 @@ def test_prompt_longer_than_context(tmp_path):
     assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", long), "context")
 
 
-def test_local_model_directory_and_missing_chat_template(tmp_path, prompt_file):
-    """A local HF directory loads; a tokenizer without a chat template is a clear error."""
+def tiny_model_dir(model_dir, layers: int):
+    """A random tiny Llama saved with SmolLM2's tokenizer: (directory, tokenizer, config)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from redraft_cli.target import _convert_embedded
 
     tok = AutoTokenizer.from_pretrained(str(_convert_embedded("smollm2-135m")))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model_dir = tmp_path / "tiny-local"
     LlamaForCausalLM(cfg).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
+    return model_dir, tok, cfg
+
+
+def test_local_model_directory_and_missing_chat_template(tmp_path, prompt_file):
+    """A local HF directory loads; a tokenizer without a chat template is a clear error."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir, tok, cfg = tiny_model_dir(tmp_path / "tiny-local", layers=1)
     ok = invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file,
                 "--num-prompts", 1, "--max-new-tokens", 4, "--no-hf-baseline")
     assert ok.exit_code == 0, ok.output
@@ -224,17 +231,10 @@ def test_local_model_directory_and_missing_chat_template(tmp_path, prompt_file):
 def test_device_map_spreads_a_checkpoint_with_accelerate(tmp_path, prompt_file, monkeypatch):
     """--device-map loads through accelerate's placement (every layer on the CPU here: no GPU) and
     decodes with identical greedy output; impossible combinations are clear errors."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     import redraft_cli.target as target_module
-    from redraft_cli.target import TargetSpec, _convert_embedded, load_target
+    from redraft_cli.target import TargetSpec, load_target
 
-    tok = AutoTokenizer.from_pretrained(str(_convert_embedded("smollm2-135m")))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model_dir = tmp_path / "tiny-mapped"
-    LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir, _, _ = tiny_model_dir(tmp_path / "tiny-mapped", layers=2)
     seen = []
     load = target_module._load_hf_files
     monkeypatch.setattr(target_module, "_load_hf_files", lambda *a, **k: seen.append(a[1]) or load(*a, **k))
