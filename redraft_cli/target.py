@@ -322,9 +322,13 @@ class Target:
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         # The lean Llama-family forward (static KV cache, batched rows) where the layout allows;
         # REDRAFT_GENERIC=1 forces the generic Hugging Face path (for comparisons).
-        use_lean = (lean_supported(model) and len(self.devices) == 1
-                    and os.environ.get("REDRAFT_GENERIC", "") in ("", "0"))
+        use_lean = lean_supported(model) and not self.spread and os.environ.get("REDRAFT_GENERIC", "") in ("", "0")
         self.lean = LeanLlama(model) if use_lean else None
+
+    @property
+    def spread(self) -> bool:
+        """Whether a device map put the model's layers on more than one device."""
+        return len(self.devices) > 1
 
     # -- model calls ----------------------------------------------------------
     def new_cache(self):
@@ -339,7 +343,7 @@ class Target:
         if self.lean is not None:
             capacity = capacity or self.max_context
             return self.lean.new_cache(batch, capacity, self.compute_dtype, self.device)
-        if batch != 1 and len(self.devices) > 1:
+        if batch != 1 and self.spread:
             raise BadInputError(f"batched decoding needs the target on one device; {self.name} is spread over "
                                 f"{', '.join(self.devices)} (--device-map): use --batch-size 1")
         if batch != 1:
@@ -432,7 +436,7 @@ class Target:
                                 f"{self.vocab_size}: the tokenizer does not match the model")
 
     def describe(self) -> str:
-        where = self.device if len(self.devices) == 1 else "+".join(self.devices)
+        where = "+".join(self.devices) if self.spread else self.device
         return f"{self.name} ({self.config.model_type}, {self.compute_dtype}, {where})".replace("torch.", "")
 
 

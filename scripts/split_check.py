@@ -40,7 +40,8 @@ def split_target(model: str, second: str, dtype: torch.dtype):
 
 def main() -> int:
     from redraft_cli import DecodeConfig, Generator
-    from redraft_cli.cli.common import resolve_drafter
+    from redraft_cli.bench import BenchConfig, run_bench
+    from redraft_cli.cli.common import resolve_drafter, with_drafter_shape
     from redraft_cli.prompts import load_prompts
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,23 +53,14 @@ def main() -> int:
     args = ap.parse_args()
     target = split_target(args.model, "cpu", getattr(torch, args.dtype))
     drafter, name = resolve_drafter(target, args.drafter, seed=0)
-    gen = Generator(target, drafter)
-    shape = drafter.config.shape_for(1)
-    cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, beam_width=shape["beam_width"],
-                       beam_length=shape["beam_length"], lookup_beams=shape["lookup_beams"],
-                       lookup_length=shape["lookup_length"], tree_nodes=shape["tree_nodes"])
-    same, steps, tokens = 0, 0, 0
-    for p in load_prompts(None, limit=args.prompts):
-        ids = target.encode_chat(p)
-        plain = gen.generate(ids, cfg, mode="plain")
-        fast = gen.generate(ids, cfg, mode="redraft")
-        same += plain.tokens == fast.tokens
-        steps += len(fast.decode_steps)
-        tokens += sum(len(st.tokens) for st in fast.decode_steps)
+    cfg = with_drafter_shape(DecodeConfig(max_new_tokens=args.max_new_tokens), drafter, None, None)
+    prompts = [target.encode_chat(p) for p in load_prompts(None, limit=args.prompts)]
+    result = run_bench(Generator(target, drafter), prompts, BenchConfig(cfg, warmup=False, hf_baseline=False))
     report = {"devices": target.devices, "lean": target.lean is not None, "drafter": name,
-              "identical": f"{same}/{args.prompts}", "tokens_per_step": round(tokens / max(steps, 1), 3)}
+              "identical": f"{result['identical_outputs']}/{len(prompts)}",
+              "tokens_per_step": result["redraft"]["tokens_per_step"]}
     print(json.dumps(report))
-    return 0 if same == args.prompts else 1
+    return 0 if result["identical_outputs"] == len(prompts) else 1
 
 
 if __name__ == "__main__":
