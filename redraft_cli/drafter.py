@@ -460,7 +460,6 @@ class Drafter(nn.Module):
                 raise DrafterLoadError(
                     f"own head has {rows.shape[0]} rows but vocab_size is {config.vocab_size}"
                 )
-        drafter = cls(config)
         scaled = [k for k in state if k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in state]
         floats = [v.dtype for k, v in state.items() if v.is_floating_point() and not k.endswith(SCALE_SUFFIX)]
         for k in scaled:  # int8 rows: dequantise to the dtype of the float tensors (norms, biases)
@@ -469,7 +468,14 @@ class Drafter(nn.Module):
             if q.dtype != torch.int8 or q.dim() != 2 or tuple(scale.shape) != (q.shape[0], 1):
                 raise DrafterLoadError(f"drafter weights {weights_path}: {name} has a scale but is not int8 rows")
             state[name] = (q.float() * scale.float()).to(floats[0] if floats else torch.float32)
-        expected = drafter.state_dict()
+        # Compare with the weights before building anything: a config.json that claims a billion blocks
+        # or a huge vocabulary must fail here, not allocate (the shapes come from a model on the meta device).
+        blocks = {int(k.split(".")[1]) for k in state if k.startswith("lm_head.") and k.split(".")[1].isdigit()}
+        if len(blocks) != config.num_draft_layers + 1:
+            raise DrafterLoadError(f"drafter config.json says {config.num_draft_layers} blocks, "
+                                   f"its weights hold {max(len(blocks) - 1, 0)}")
+        with torch.device("meta"):
+            expected = cls(config).state_dict()
         if set(state) != set(expected):
             missing = sorted(set(expected) - set(state))
             unexpected = sorted(set(state) - set(expected))
@@ -479,6 +485,7 @@ class Drafter(nn.Module):
         for k, v in state.items():
             if tuple(v.shape) != tuple(expected[k].shape):
                 raise DrafterLoadError(f"tensor {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
+        drafter = cls(config)
         drafter.load_state_dict(state)
         if (src / DATASTORE_NAME).is_file():
             drafter.datastore = Datastore.load(src / DATASTORE_NAME)

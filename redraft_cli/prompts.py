@@ -47,6 +47,8 @@ def _from_record(rec: Any) -> list[str] | None:
 def load_conversations(path: str | Path) -> list[list[str]]:
     """Every prompt in the file as its list of user turns."""
     p = Path(path)
+    if p.is_dir():
+        raise PromptError(f"{p} is a directory, not a prompt file")
     if not p.is_file():
         raise PromptError(f"prompt file not found: {p}")
     try:

@@ -126,6 +126,23 @@ def test_bad_checkpoints(tiny_target, tmp_path):
         DrafterConfig(hidden_size=8, vocab_size=10, head="weird")
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("num_draft_layers", 10**9, "blocks"),
+    ("hidden_size", 10**8, "shape"),
+    ("vocab_size", 10**10, "rows"),
+])
+def test_config_claiming_huge_sizes_fails_before_allocating(tiny_target, tmp_path, field, value, match):
+    """A config.json whose sizes disagree with its weights fails from the weights' shapes alone
+    (building the model it describes first would exhaust memory)."""
+    d = Drafter.for_target(tiny_target, seed=0, head="own")
+    path = d.save(tmp_path / "d")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg[field] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DrafterLoadError, match=match):
+        Drafter.load(path)
+
+
 def test_save_is_atomic_and_overwrites(tiny_target, tmp_path):
     d1 = Drafter.for_target(tiny_target, seed=1)
     d2 = Drafter.for_target(tiny_target, seed=2)

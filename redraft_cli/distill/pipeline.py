@@ -122,6 +122,8 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     emit = on_event or (lambda e: None)
     out = Path(out)
     check_recipe(recipe)
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {out} is a file; give a directory for the drafter")
     if (out / "checkpoint").exists() and not resume:
         raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
     check_offline_needs(recipe)
