@@ -228,6 +228,22 @@ def test_local_model_directory_and_missing_chat_template(tmp_path, prompt_file):
                               "--no-chat-template"), "outside", "vocabulary of 1000")
 
 
+def test_answer_cut_by_the_context_is_noted(tmp_path):
+    """A prompt that fits but leaves less room than --max-new-tokens runs, says so, and stops at the context."""
+    model_dir, tok, cfg = tiny_model_dir(tmp_path / "tiny-ctx", layers=1)  # 512-token context
+    prompt = tmp_path / "near-full.txt"
+    prompt.write_text(" ".join(["word"] * 500) + "\n")
+    n = len(tok(" ".join(["word"] * 500))["input_ids"])
+    assert n + 32 > 512 > n
+    out = tmp_path / "r.json"
+    r = invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt, "--no-chat-template",
+               "--max-new-tokens", 32, "--no-hf-baseline", "--no-warmup", "--json", out)
+    assert r.exit_code == 0, r.output
+    assert "note: 1 prompt(s)" in r.output and "context" in r.output
+    data = json.loads(out.read_text())
+    assert data["baseline"]["tokens"] == data["redraft"]["tokens"] <= 512 - n
+
+
 def test_device_map_spreads_a_checkpoint_with_accelerate(tmp_path, prompt_file, monkeypatch):
     """--device-map loads through accelerate's placement (every layer on the CPU here: no GPU) and
     decodes with identical greedy output; impossible combinations are clear errors."""

@@ -14,7 +14,7 @@ from ..decode import Generator
 from ..prompts import load_prompts
 from . import options as o
 from ._errors import handle_errors
-from .common import check_batch_size, check_output_paths, console, decode_config, err, load_models, beams_label, note_short_prompt_set, with_drafter_shape
+from .common import check_batch_size, check_prompts_fit, check_output_paths, console, decode_config, err, load_models, beams_label, note_short_prompt_set, with_drafter_shape
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -61,8 +61,7 @@ def bench(
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes, batch_size)
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
-    for p in ids:
-        target.check_prompt(p)
+    check_prompts_fit(target, ids, max_new_tokens)
     note_short_prompt_set(texts, num_prompts, default=NUM_PROMPTS)
     gen = Generator(target, dr)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]

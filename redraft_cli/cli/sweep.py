@@ -21,7 +21,7 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      save_best as save_best_shape, write_csv, write_json)
 from . import options as o
 from ._errors import handle_errors
-from .common import check_batch_size, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, note_short_prompt_set, with_drafter_shape
+from .common import check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, note_short_prompt_set, with_drafter_shape
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -95,8 +95,7 @@ def sweep(
                                     lookup, lookup_length, datastore, nodes=0, batch_size=batch_size)
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
-    for p in ids:
-        target.check_prompt(p)
+    check_prompts_fit(target, ids, max_new_tokens)
     gen = Generator(target, dr)
 
     head = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
