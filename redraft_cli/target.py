@@ -250,7 +250,7 @@ def load_target(spec: TargetSpec | str = DEFAULT_MODEL, **overrides: Any) -> "Ta
         spec = TargetSpec(model=spec, **overrides)
     device = resolve_device(spec.device)
     name = spec.model
-    auto = spec.dtype == "auto" and device.type == "cpu" and spec.quantize == "none"
+    auto = spec.dtype == "auto" and device.type == "cpu"  # bfloat16 when the lean path runs it (quantised too)
     if name in EMBEDDED:
         source = str(_convert_embedded(name))
         dtype = resolve_dtype(spec.dtype, device, _peek_config(source) if auto else None)
@@ -326,6 +326,12 @@ class Target:
         self.lean = LeanLlama(model) if use_lean else None
 
     @property
+    def batch_invariant(self) -> bool:
+        """Whether a token's logits are bitwise the same whatever else shares its pass (lean path, 16-bit, CPU),
+        so greedy ReDrafter output is exactly plain decoding's (lean_llama.py)."""
+        return self.lean is not None and self.lean.batch_invariant
+
+    @property
     def spread(self) -> bool:
         """Whether a device map put the model's layers on more than one device."""
         return len(self.devices) > 1
@@ -398,7 +404,7 @@ class Target:
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., H) -> float32 logits (..., V)."""
-        if self.lean is not None and self.lean.batch_invariant and hidden.numel() == hidden.shape[-1]:
+        if self.batch_invariant and hidden.numel() == hidden.shape[-1]:
             # One row would take the GEMV kernel (see lean_llama): score it as two.
             return self.logits(hidden.reshape(1, -1).expand(2, -1))[:1].view(*hidden.shape[:-1], -1)
         out = self.lm_head(hidden.to(self.lm_head_weight.device)).float().to(self.device)

@@ -83,6 +83,21 @@ def tiny_chat_llama(hidden_size: int = 32, layers: int = 2, seed: int = 0, max_p
     return Target(base.model, tok, name="tiny-chat-llama")
 
 
+def tiny_model_dir(model_dir, layers: int, hidden_size: int = 32):
+    """A random tiny Llama saved with SmolLM2's tokenizer: (directory, tokenizer, config)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from redraft_cli.target import _convert_embedded
+
+    tok = AutoTokenizer.from_pretrained(str(_convert_embedded("smollm2-135m")))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512)
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return model_dir, tok, cfg
+
+
 def tiny_recipe(data: dict | None = None, max_steps: int = 3, every: int = 2):
     """A distillation recipe sized for tiny targets: 10 built-in conversations (2 held out), short answers."""
     from redraft_cli.distill.recipe import recipe_from_dict

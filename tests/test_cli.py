@@ -7,6 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from conftest import tiny_model_dir
 from redraft_cli.cli.app import app
 
 runner = CliRunner()
@@ -184,20 +185,6 @@ def test_prompt_longer_than_context(tmp_path):
     long = tmp_path / "long.txt"
     long.write_text(" ".join(["word"] * 9000) + "\n")
     assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", long), "context")
-
-
-def tiny_model_dir(model_dir, layers: int):
-    """A random tiny Llama saved with SmolLM2's tokenizer: (directory, tokenizer, config)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from redraft_cli.target import _convert_embedded
-
-    tok = AutoTokenizer.from_pretrained(str(_convert_embedded("smollm2-135m")))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    return model_dir, tok, cfg
 
 
 def test_local_model_directory_and_missing_chat_template(tmp_path, prompt_file):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -30,6 +31,8 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    # bitsandbytes logs at import (optional CPU kernels) and on every 8-bit matmul of a bfloat16 input.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()
     disable_progress_bars()
 
@@ -48,9 +51,10 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
     spec = TargetSpec(model=model, dtype=dtype, device=device, quantize=quantize, device_map=device_map)
     with err.status(f"Loading {model} ..."):
         target = load_target(spec)
-    if quantize != "none" and target.device.type == "cpu":
-        err.print(f"note: bitsandbytes {quantize} matmuls on CPU round a tree pass differently from a one-token pass, "
-                  "so greedy ReDrafter output can differ from plain decoding at near-ties (README, Status)")
+    if quantize != "none" and target.device.type == "cpu" and not target.batch_invariant:
+        err.print(f"note: a {quantize} target computing in {str(target.compute_dtype).replace('torch.', '')} on CPU can "
+                  "round a tree pass differently from a one-token pass, so greedy ReDrafter output can differ from "
+                  "plain decoding at near-ties; --dtype bfloat16 keeps it identical (README, Status)")
     return Loaded(target, *resolve_drafter(target, drafter, seed))
 
 
