@@ -252,3 +252,41 @@ def test_device_map_spreads_a_checkpoint_with_accelerate(tmp_path, prompt_file, 
     assert_clean_error(invoke("chat", "--device-map", "everywhere", "--prompt", "hi"), "--device-map must be one of")
     assert_clean_error(invoke("chat", "--device-map", "auto", "--device", "cpu", "--prompt", "hi"),
                        "cannot be combined with --device cpu")
+
+
+def documented_commands() -> list[str]:
+    """Every `redraft ...` command the README and docs/ show: `$ redraft` lines of examples (with their
+    `\\` continuations) and inline `redraft ...` spans, less usage synopses and placeholders (N, FILE)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        text = re.sub(r"\\\n\s*", " ", text)  # join continued lines
+        found += [m.group(1) for m in re.finditer(r"^\$ (redraft [^\n#]*)", text, re.M)]
+        found += [m.group(1) for m in re.finditer(r"`(redraft (?:bench|chat|distill|sweep)[^`]*)`", text)]
+    placeholder = re.compile(r"^[A-Z][A-Z_.]*$|\.\.\.|^\[|\|")
+    commands = {" ".join(c.split()) for c in found if not any(placeholder.search(w) for w in c.split())}
+    return sorted(c for c in commands if len(c.split()) > 2)  # a bare `redraft bench` names the command
+
+
+def test_documented_commands_parse():
+    """Each documented command line names a real subcommand with options it has and values of their
+    types: documentation that drifted from the CLI fails here (parsed only, nothing runs)."""
+    import shlex
+
+    import typer
+
+    cli = typer.main.get_command(app)
+    commands = documented_commands()
+    assert len(commands) > 10, commands
+    for line in commands:
+        name, *args = shlex.split(line)[1:]
+        assert name in cli.commands, line
+        try:
+            cli.commands[name].make_context(name, list(args))
+        except Exception as exc:  # typer vendors click: its UsageError is not click's
+            message = exc.format_message() if hasattr(exc, "format_message") else repr(exc)
+            raise AssertionError(f"{line!r}: {message}") from None
