@@ -61,6 +61,14 @@ def test_distill_tiny_recipe_and_resume_rules(tiny_recipe, monkeypatch):
     ok = runner.invoke(app, ["bench", "--model", str(root / "tiny-model"), "--drafter", str(out), "--prompts",
                              str(root / "prompts.txt"), "--num-prompts", "1", "--max-new-tokens", "4", "--no-hf-baseline"])
     assert ok.exit_code == 0, ok.output
+    # --resume where nothing was saved yet starts a new run, and says so.
+    fresh = runner.invoke(app, ["distill", str(recipe), "--out", str(root / "fresh"), "--max-steps", "1", "--resume",
+                                "--no-bench"])
+    assert fresh.exit_code == 0, fresh.output
+    assert "holds no checkpoint" in " ".join(fresh.output.split())
+    # Too few prompts for the held-out slice: an error before the model loads.
+    few = runner.invoke(app, ["distill", str(recipe), "--out", str(root / "few"), "--num-prompts", "2"])
+    assert few.exit_code == 2 and "nothing left to train on" in few.output and "loading target" not in few.output
     none = runner.invoke(app, ["bench", "--model", str(root / "tiny-model"), "--drafter", "random", "--datastore", "1",
                                "--prompts", str(root / "prompts.txt"), "--num-prompts", "1", "--max-new-tokens", "4"])
     assert none.exit_code == 2 and "--datastore needs a drafter saved with a datastore" in none.output

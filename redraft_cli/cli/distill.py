@@ -118,6 +118,8 @@ class _DistillView:
         kind = e["event"]
         if kind == "load":
             err.print(f"loading target {e['model']} ...")
+        elif kind == "note":
+            err.print(f"note: {e['text']}")
         elif kind == "data":
             which = e.get("set", "greedy")
             label = "self-distillation data" if which == "greedy" else which

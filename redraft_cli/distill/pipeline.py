@@ -127,6 +127,13 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     if (out / "checkpoint").exists() and not resume:
         raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
     check_offline_needs(recipe)
+    if resume and not (out / "checkpoint").exists():
+        emit({"event": "note", "text": f"--resume: {out} holds no checkpoint yet; starting a new run there"})
+    # The prompts first: a missing file or too few prompts fails before the model loads.
+    d = recipe.data
+    convs = resolve_conversations(d.source, d.num_prompts)
+    if len(convs) <= d.held_out:
+        raise BadInputError(f"{len(convs)} conversations but held_out is {d.held_out}: nothing left to train on")
     if target is None:
         t = recipe.target
         emit({"event": "load", "model": t.model})
@@ -136,10 +143,6 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
     # 1. Data: the target's own answers, held-out conversations first.
-    d = recipe.data
-    convs = resolve_conversations(d.source, d.num_prompts)
-    if len(convs) <= d.held_out:
-        raise BadInputError(f"{len(convs)} conversations but held_out is {d.held_out}: nothing left to train on")
     gen_cfg = GenerationConfig(max_new_tokens=d.max_new_tokens, batch_size=d.gen_batch_size, temperature=d.temperature,
                                top_p=d.top_p, seed=d.seed, shard_size=d.shard_size, system=d.system,
                                max_prompt_tokens=d.max_prompt_tokens)
