@@ -187,7 +187,7 @@ def note_short_prompt_set(texts: list[str], num_prompts: int, default: int) -> N
         err.print(f"note: --num-prompts {num_prompts}, but the prompts hold {len(texts)}; using {len(texts)}")
 
 
-def check_prompts_fit(target, ids: list[list[int]], max_new_tokens: int) -> None:
+def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int) -> None:
     """Refuse a prompt longer than the context; note prompts whose answer the context will cut short."""
     for p in ids:
         target.check_prompt(p)
@@ -195,4 +195,3 @@ def check_prompts_fit(target, ids: list[list[int]], max_new_tokens: int) -> None
     if cut:
         err.print(f"note: {cut} prompt(s) leave fewer than --max-new-tokens {max_new_tokens} tokens of the "
                   f"{target.max_context}-token context; their answers stop where the context ends")
-
