@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-
 import logging
 import os
 import warnings
 from dataclasses import dataclass, replace
 
+import torch
 from rich.console import Console
 
 from ..decode import DecodeConfig, check_datastore
@@ -54,7 +53,8 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
     if quantize != "none" and target.device.type == "cpu" and not target.batch_invariant:
         err.print(f"note: a {quantize} target computing in {str(target.compute_dtype).replace('torch.', '')} on CPU can "
                   "round a tree pass differently from a one-token pass, so greedy ReDrafter output can differ from "
-                  "plain decoding at near-ties; --dtype bfloat16 keeps it identical (README, Status)")
+                  "plain decoding at near-ties" + ("; --dtype bfloat16 keeps it identical" if target.lean else "")
+                  + " (README, Performance)")
     return Loaded(target, *resolve_drafter(target, drafter, seed))
 
 
