@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary file beside the target, then `os.replace`, so readers never see half a file."""
+"""Files: atomic writes (a temporary file beside the target, then `os.replace`, so readers never see
+half a file) and the cache directory."""
 
 from __future__ import annotations
 
@@ -21,3 +22,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def cache_dir() -> Path:
+    """Where converted models and measurements are cached: $REDRAFT_CACHE or ~/.cache/redraft."""
+    root = os.environ.get("REDRAFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "redraft"
+    )
+    return Path(root)

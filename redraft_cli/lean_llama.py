@@ -18,24 +18,27 @@ generic forward that decoding does not need: mask construction per layer
 type, cache objects that concatenate, keyword plumbing. One boolean mask is
 built per step (`StaticKVCache.attention_mask`) and shared by all layers.
 
-Batch invariance (bfloat16/float16 on CPU). Greedy ReDrafter is lossless
-only if a token's logits do not depend on how many other tokens share the
-pass. On CPU, 16-bit matmuls are bitwise batch-invariant for M >= 2 rows
-(oneDNN's GEMM accumulates each output the same way whatever M), but M = 1
-takes a GEMV kernel that rounds differently; the fused SDPA kernel splits
-keys into blocks that depend on the query count; and any reduction over
-keys (softmax sum, probs @ V with bf16 dot-product pairs) depends on the
-offsets at which the keys sit, which in a tree differ from plain decoding
-(a node's ancestors are not adjacent). So in 16-bit on CPU this module
-(a) never runs a single-row matmul: a one-token pass (one row, or several
-rows of a model without grouped KV heads) runs as a 2-node "tree" with a
-copy of each token, whose result is dropped, and (b) reduces over keys
-(softmax, probs @ V) in float64 (`grouped_attention`), where the order of
-a sum no longer shows after rounding back to 16 bits. Then a tree pass and
-a one-token pass give the same bits for the same token (up to a ~1e-10
-chance per token), and greedy output is identical to plain decoding. float32 matmuls (MKL) are not
-batch-invariant at all; there the fused kernel is kept and identity holds
-up to rare near-ties (see the README's performance section).
+Batch invariance (CPU). Greedy ReDrafter is lossless only if a token's
+logits do not depend on how many other tokens share the pass. On CPU a
+matmul's kernel, and its rounding, can depend on its row count M and on
+where a row falls in the kernel's tiles (float32 with MKL: only M = 4, 8
+and M >= 12 give every row the same bits; bfloat16 with oneDNN: every M;
+`invariance.py` finds the good counts by trying, once per dtype and
+shapes); the fused SDPA kernel splits keys into blocks that depend on the
+query count; and any reduction over keys (softmax sum, probs @ V) depends
+on the offsets at which the keys sit, which in a tree differ from plain
+decoding (a node's ancestors are not adjacent). So on CPU this module (a)
+pads every pass to a good row count: a pass of too few tokens (one token of
+plain decoding in float32 runs as four) gets self-only copies of its last
+token, whose results are dropped, so that every projection and every
+attention-score matrix has a good number of rows (`tokens_needed`), and (b)
+reduces over keys (softmax, probs @ V) in float64
+(`grouped_attention`), where the order of a sum no longer shows after
+rounding back to the model's dtype. Then a tree pass and a one-token pass
+give the same bits for the same token (up to a ~1e-10 chance per token),
+and greedy output is identical to plain decoding. Where no threshold exists
+(a BLAS whose results keep changing with M) the fused kernel is kept and
+identity holds up to rare near-ties (see the README's performance section).
 
 Models with sliding-window layers, or of other architectures, keep the
 generic Hugging Face path (`lean_supported` says which).
@@ -49,6 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .invariance import LIMIT, invariant_rows, padded_rows
 from .static_cache import StaticKVCache
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -81,6 +85,16 @@ def lean_supported(model: Any) -> bool:
     return all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
 
 
+def probe_good_rows(model: Any, head_dim: int) -> frozenset[int] | None:
+    """`invariant_rows` for this model's dtype and matmul shapes (its first layer's projections and
+    LM head; bitsandbytes layers count with their unquantised shapes)."""
+    modules = list(model.model.layers[0].modules()) + [model.get_output_embeddings()]
+    shapes = {(int(m.in_features), int(m.out_features)) for m in modules
+              if hasattr(m, "in_features") and hasattr(m, "out_features")}
+    dtype = model.get_input_embeddings().weight.dtype
+    return invariant_rows(dtype, tuple(sorted(shapes)), head_dim)
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX: bfloat16 matmuls run natively (else they are emulated and slow)."""
     cpu = getattr(torch, "cpu", None)
@@ -102,11 +116,28 @@ class LeanLlama:
         self.scaling = float(attn.scaling)
         self.qk_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
         self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        self.rep = self.num_heads // self.kv_heads  # query heads per KV head: rows per score matrix = rep * n
         weight = model.get_input_embeddings().weight
-        self.batch_invariant = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
+        # Row counts (below invariance.LIMIT) at which every matmul is batch-invariant here; None: some
+        # matmul never is (or not on CPU), and identity holds only up to near-ties.
+        self.good_rows = probe_good_rows(model, self.head_dim) if weight.device.type == "cpu" else None
+        self.batch_invariant = self.good_rows is not None
+
+    def rows(self, m: int) -> int:
+        """The row count a batch-invariant matmul of m rows runs with (m itself when not invariant)."""
+        return m if self.good_rows is None else padded_rows(m, self.good_rows)
+
+    def tokens_needed(self, batch: int, n: int) -> int:
+        """Tokens per row a pass of n tokens in `batch` rows runs: the fewest >= n for which the
+        projections (batch * n rows) and each attention-score matrix (rep * n rows) have good counts."""
+        while self.batch_invariant and (self.rows(batch * n) != batch * n or self.rows(self.rep * n) != self.rep * n):
+            n += 1
+        return n
 
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> StaticKVCache:
-        return StaticKVCache(len(self.layers), batch, self.kv_heads, capacity, self.head_dim, dtype, device)
+        """A cache of `capacity` slots per row, plus room for a padded pass's copies."""
+        room = capacity + (LIMIT if self.batch_invariant else 0)
+        return StaticKVCache(len(self.layers), batch, self.kv_heads, room, self.head_dim, dtype, device)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
@@ -128,19 +159,26 @@ class LeanLlama:
         whose output is gathered back to those 4 rows for o_proj.
         """
         B, n = ids.shape
-        if n == 1 and self.batch_invariant and (B == 1 or self.num_heads == self.kv_heads):
-            # A copy of the token as a second, self-only node: every matmul sees M >= 2 rows
-            # (projections: B * n rows; attention: heads-per-KV-head * n rows per matrix).
-            eye = torch.eye(2, dtype=torch.bool, device=ids.device).expand(B, 2, 2)
-            return self.forward(ids.expand(B, 2), positions.expand(B, 2), cache, eye)[:, :1]
+        need = self.tokens_needed(B, n)
+        if n < need:
+            # Self-only copies of the last token: every matmul gets a good row count (module docstring).
+            pad = need - n
+            ids, positions = (torch.cat([t, t[:, -1:].expand(B, pad)], 1) for t in (ids, positions))
+            eye = torch.eye(need, dtype=torch.bool, device=ids.device)
+            eye[:n, :n] = False
+            mask = eye.expand(B, need, need).clone()
+            mask[:, :n, :n] = tree_mask
+            if valid is not None:
+                valid = torch.cat([valid, valid[:, -1:].expand(B, pad)], 1)
+            return self.forward(ids, positions, cache, mask, valid)[:, :n]
         cache.check_room(n)
         slots = cache.slots(n)
         mask, span = cache.attention_mask(tree_mask)
         x = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(x, positions)
         rows = packed_rows(valid)
-        if rows is not None and rows.numel() < 2 and self.batch_invariant:
-            rows = None  # one packed row would take the GEMV kernel (see the module docstring)
+        if rows is not None and self.rows(rows.numel()) != rows.numel():
+            rows = None  # that many packed rows would sum in another order (see the module docstring)
         if rows is not None:
             x = x.reshape(B * n, -1).index_select(0, rows)  # (N, H)
         extents = self._extents(cache, valid, B, n, span)
@@ -159,8 +197,9 @@ class LeanLlama:
         if B == 1 or not self.batch_invariant or n > INVARIANT_MAX_TOKENS:
             return None
         counts = valid.sum(1) if valid is not None else torch.full((B,), n, device=cache.lengths.device)
-        ext = [(max(c, min(2, n)), k) for c, k in zip(counts.tolist(), (cache.lengths + counts).tolist())]
-        # (at least 2 queries: one query row would take the GEMV kernel, see the module docstring)
+        # each row's queries: the fewest >= its node count whose score matrix (rep * q rows) is good
+        ext = [(min(n, self.tokens_needed(self.rep, c) if c else n), k)
+               for c, k in zip(counts.tolist(), (cache.lengths + counts).tolist())]
         return ext if sum(q * k for q, k in ext) < 0.8 * B * n * span else None
 
     def _attention(self, attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache,

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 
 from .errors import BadInputError, ChatTemplateError, ContextOverflowError, ModelLoadError
+from .files import cache_dir
 from .kv_cache import TreeCache
 from .lean_llama import (LEAN_MODEL_TYPES, LeanLlama, cpu_has_native_bf16, lean_config_supported, lean_supported,
                          packed_rows, unpack_rows)
@@ -44,14 +45,6 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # Errors that third-party loaders raise for unreadable or unknown models.
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError, AttributeError, NotImplementedError,
                 IndexError, struct.error, SafetensorError)
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: $REDRAFT_CACHE or ~/.cache/redraft."""
-    root = os.environ.get("REDRAFT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "redraft"
-    )
-    return Path(root)
 
 
 @dataclass
@@ -327,8 +320,9 @@ class Target:
 
     @property
     def batch_invariant(self) -> bool:
-        """Whether a token's logits are bitwise the same whatever else shares its pass (lean path, 16-bit, CPU),
-        so greedy ReDrafter output is exactly plain decoding's (lean_llama.py)."""
+        """Whether a token's logits are bitwise the same whatever else shares its pass (lean path on CPU, where
+        `invariance.py` found a row count from which the matmuls are invariant), so greedy ReDrafter output
+        is exactly plain decoding's (lean_llama.py)."""
         return self.lean is not None and self.lean.batch_invariant
 
     @property
@@ -404,9 +398,12 @@ class Target:
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., H) -> float32 logits (..., V)."""
-        if self.batch_invariant and hidden.numel() == hidden.shape[-1]:
-            # One row would take the GEMV kernel (see lean_llama): score it as two.
-            return self.logits(hidden.reshape(1, -1).expand(2, -1))[:1].view(*hidden.shape[:-1], -1)
+        rows = hidden.numel() // hidden.shape[-1]
+        if self.batch_invariant and 0 < rows != self.lean.rows(rows):
+            # That many rows would sum in another order (lean_llama, invariance.py): pad with copies of the first.
+            flat = hidden.reshape(rows, -1)
+            padded = torch.cat([flat, flat[:1].expand(self.lean.rows(rows) - rows, -1)])
+            return self.logits(padded)[:rows].view(*hidden.shape[:-1], -1)
         out = self.lm_head(hidden.to(self.lm_head_weight.device)).float().to(self.device)
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap

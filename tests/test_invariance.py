@@ -1,0 +1,76 @@
+"""Finding the row counts at which CPU matmuls are batch-invariant (invariance.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from redraft_cli import invariance
+from redraft_cli.invariance import LIMIT, good_row_counts, invariant_rows, linear_op, padded_rows
+
+
+def perturbed(rule):
+    """A matmul that sums the rows `rule(M)` selects (a boolean per row) "in another order": +1e-3."""
+    def op(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        out = F.linear(rows, weight)
+        return out + 1e-3 * rule(rows.shape[0]).to(out.dtype).unsqueeze(1)
+    return op
+
+
+def gemv_rule(m: int) -> torch.Tensor:  # one row takes another kernel (bfloat16 here)
+    return torch.full((m,), m == 1)
+
+
+def tile_rule(m: int) -> torch.Tensor:  # below 12 rows, rows past the last multiple of 4 fall in a remainder tile
+    return (torch.arange(m) >= m - m % 4) & (m < 12)
+
+
+def every_tile_rule(m: int) -> torch.Tensor:  # ... at any row count
+    return torch.arange(m) >= m - m % 4
+
+
+def test_good_row_counts_finds_the_kernel_switches():
+    assert good_row_counts(perturbed(gemv_rule), 16, 8, torch.float32) == frozenset(range(2, LIMIT))
+    assert good_row_counts(perturbed(tile_rule), 16, 8, torch.float32) == frozenset({4, 8} | set(range(12, LIMIT)))
+    assert good_row_counts(perturbed(every_tile_rule), 16, 8, torch.float32) is None  # 31 rows disagree
+    assert good_row_counts(linear_op, 16, 8, torch.float64) is not None
+
+
+def test_a_difference_in_one_row_of_many_trials_is_found():
+    """In 16 bits most reordered sums round alike: the probe must compare enough outputs to see one."""
+    calls = {"n": 0}
+
+    def rare(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        out = F.linear(rows, weight)
+        if rows.shape[0] == 1:
+            calls["n"] += 1
+            if calls["n"] == 40:  # only the 40th one-row matmul shows it
+                out = out + 1e-3
+        return out
+
+    assert 1 not in good_row_counts(rare, 16, 8, torch.float32)
+
+
+def test_padded_rows():
+    good = frozenset({4, 8} | set(range(12, LIMIT)))
+    assert [padded_rows(m, good) for m in (1, 3, 4, 5, 9, 12, 13, LIMIT, 100)] == [4, 4, 4, 8, 12, 12, 13, LIMIT, 100]
+    assert padded_rows(1, frozenset(range(1, LIMIT))) == 1
+
+
+def test_the_answer_is_cached_on_disk_and_a_corrupt_cache_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("REDRAFT_CACHE", str(tmp_path))
+    path = tmp_path / "invariance.json"
+    path.write_text("{not json")
+    probe = invariant_rows.__wrapped__  # past the in-process cache
+    good = probe(torch.float32, ((16, 8),), 8)
+    saved = json.loads(path.read_text())
+    assert list(saved.values()) == [None if good is None else sorted(good)]
+    monkeypatch.setattr(invariance, "_probe", lambda *a: pytest.fail("probed again"))
+    assert probe(torch.float32, ((16, 8),), 8) == good
+    key = next(iter(saved))
+    path.write_text(json.dumps({key: "garbage"}))
+    monkeypatch.setattr(invariance, "_probe", lambda *a: frozenset({5}))
+    assert probe(torch.float32, ((16, 8),), 8) == frozenset({5})
