@@ -36,9 +36,10 @@ reduces over keys (softmax, probs @ V) in float64
 (`grouped_attention`), where the order of a sum no longer shows after
 rounding back to the model's dtype. Then a tree pass and a one-token pass
 give the same bits for the same token (up to a ~1e-10 chance per token),
-and greedy output is identical to plain decoding. Where no threshold exists
-(a BLAS whose results keep changing with M) the fused kernel is kept and
-identity holds up to rare near-ties (see the README's performance section).
+and greedy output is identical to plain decoding. Where no row count is
+good (a BLAS whose results keep changing with M) the fused kernel is kept
+and identity holds up to rare near-ties (see the README's performance
+section).
 
 Models with sliding-window layers, or of other architectures, keep the
 generic Hugging Face path (`lean_supported` says which).

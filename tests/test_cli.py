@@ -215,6 +215,23 @@ def test_local_model_directory_and_missing_chat_template(tmp_path, prompt_file):
                               "--no-chat-template"), "outside", "vocabulary of 1000")
 
 
+def test_targets_that_may_round_trees_differently_are_noted(tmp_path, prompt_file):
+    """On CPU a Llama-family target is batch-invariant (no note); a generic-path model is not, and says so."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model_dir, tok, _ = tiny_model_dir(tmp_path / "tiny-llama", layers=1)
+    args = ("--drafter", "random", "--prompts", prompt_file, "--num-prompts", 1, "--max-new-tokens", 4,
+            "--no-hf-baseline", "--no-warmup", "--device", "cpu")
+    r = invoke("bench", "--model", model_dir, *args)
+    assert r.exit_code == 0 and "near-ties" not in r.output, r.output
+    gpt2 = tmp_path / "tiny-gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok))).save_pretrained(gpt2)
+    tok.save_pretrained(gpt2)
+    r = invoke("bench", "--model", gpt2, *args)
+    assert r.exit_code == 0, r.output
+    assert "gpt2 models run the generic Hugging Face path" in r.output and "near-ties" in r.output
+
+
 def test_answer_cut_by_the_context_is_noted(tmp_path):
     """A prompt that fits but leaves less room than --max-new-tokens runs, says so, and stops at the context."""
     model_dir, tok, cfg = tiny_model_dir(tmp_path / "tiny-ctx", layers=1)  # 512-token context

@@ -50,11 +50,12 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
     spec = TargetSpec(model=model, dtype=dtype, device=device, quantize=quantize, device_map=device_map)
     with err.status(f"Loading {model} ..."):
         target = load_target(spec)
-    if quantize != "none" and target.device.type == "cpu" and not target.batch_invariant:
-        err.print(f"note: a {quantize} target computing in {str(target.compute_dtype).replace('torch.', '')} on CPU can "
-                  "round a tree pass differently from a one-token pass, so greedy ReDrafter output can differ from "
-                  "plain decoding at near-ties" + ("; --dtype bfloat16 keeps it identical" if target.lean else "")
-                  + " (README, Performance)")
+    if target.device.type == "cpu" and not target.batch_invariant:
+        dtype = str(target.compute_dtype).replace("torch.", "")
+        why = (f"this CPU's {dtype} matmuls round differently for every row count tried" if target.lean
+               else f"{target.config.model_type} models run the generic Hugging Face path")
+        err.print(f"note: {why}, so a tree pass can round differently from a one-token pass and greedy ReDrafter "
+                  "output can differ from plain decoding at near-ties (README, Performance)")
     return Loaded(target, *resolve_drafter(target, drafter, seed))
 
 
