@@ -231,6 +231,7 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
         "redraft": red.to_dict(d.beam_length),
         "speedup": round(red.tokens_per_s / base.tokens_per_s, 4) if base.tokens_per_s else None,
         "identical_outputs": identical if greedy else None,
+        "batch_invariant": gen.target.batch_invariant,  # exact greedy identity by construction (lean_llama.py)
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "per_prompt": rows,
     }

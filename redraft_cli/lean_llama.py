@@ -29,10 +29,10 @@ query count; and any reduction over keys (softmax sum, probs @ V) depends
 on the offsets at which the keys sit, which in a tree differ from plain
 decoding (a node's ancestors are not adjacent). So on CPU this module (a)
 pads every pass to a good row count: a pass of too few tokens (one token of
-plain decoding in float32 runs as four) gets self-only copies of its last
-token, whose results are dropped, so that every projection and every
-attention-score matrix has a good number of rows (`tokens_needed`), and (b)
-reduces over keys (softmax, probs @ V) in float64
+plain decoding runs as two rows in bfloat16, four in float32) gets
+self-only copies of its last token, whose results are dropped, so that
+every projection has a good number of rows (`tokens_needed`), and (b)
+computes attention (scores, softmax, probs @ V) in float64
 (`grouped_attention`), where the order of a sum no longer shows after
 rounding back to the model's dtype. Then a tree pass and a one-token pass
 give the same bits for the same token (up to a ~1e-10 chance per token),
@@ -86,14 +86,14 @@ def lean_supported(model: Any) -> bool:
     return all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
 
 
-def probe_good_rows(model: Any, head_dim: int) -> frozenset[int] | None:
+def probe_good_rows(model: Any) -> frozenset[int] | None:
     """`invariant_rows` for this model's dtype and matmul shapes (its first layer's projections and
     LM head; bitsandbytes layers count with their unquantised shapes)."""
     modules = list(model.model.layers[0].modules()) + [model.get_output_embeddings()]
     shapes = {(int(m.in_features), int(m.out_features)) for m in modules
               if hasattr(m, "in_features") and hasattr(m, "out_features")}
     dtype = model.get_input_embeddings().weight.dtype
-    return invariant_rows(dtype, tuple(sorted(shapes)), head_dim)
+    return invariant_rows(dtype, tuple(sorted(shapes)))
 
 
 def cpu_has_native_bf16() -> bool:
@@ -117,11 +117,10 @@ class LeanLlama:
         self.scaling = float(attn.scaling)
         self.qk_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
         self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        self.rep = self.num_heads // self.kv_heads  # query heads per KV head: rows per score matrix = rep * n
         weight = model.get_input_embeddings().weight
         # Row counts (below invariance.LIMIT) at which every matmul is batch-invariant here; None: some
         # matmul never is (or not on CPU), and identity holds only up to near-ties.
-        self.good_rows = probe_good_rows(model, self.head_dim) if weight.device.type == "cpu" else None
+        self.good_rows = probe_good_rows(model) if weight.device.type == "cpu" else None
         self.batch_invariant = self.good_rows is not None
 
     def rows(self, m: int) -> int:
@@ -130,8 +129,8 @@ class LeanLlama:
 
     def tokens_needed(self, batch: int, n: int) -> int:
         """Tokens per row a pass of n tokens in `batch` rows runs: the fewest >= n for which the
-        projections (batch * n rows) and each attention-score matrix (rep * n rows) have good counts."""
-        while self.batch_invariant and (self.rows(batch * n) != batch * n or self.rows(self.rep * n) != self.rep * n):
+        projections' batch * n rows are a good count."""
+        while self.rows(batch * n) != batch * n:
             n += 1
         return n
 
@@ -198,9 +197,7 @@ class LeanLlama:
         if B == 1 or not self.batch_invariant or n > INVARIANT_MAX_TOKENS:
             return None
         counts = valid.sum(1) if valid is not None else torch.full((B,), n, device=cache.lengths.device)
-        # each row's queries: the fewest >= its node count whose score matrix (rep * q rows) is good
-        ext = [(min(n, self.tokens_needed(self.rep, c) if c else n), k)
-               for c, k in zip(counts.tolist(), (cache.lengths + counts).tolist())]
+        ext = [(max(c, 1), k) for c, k in zip(counts.tolist(), (cache.lengths + counts).tolist())]
         return ext if sum(q * k for q, k in ext) < 0.8 * B * n * span else None
 
     def _attention(self, attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache,
@@ -249,12 +246,12 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """Attention whose result does not depend on where the attended keys sit.
 
     q: (B, heads, n, d); keys, values: (B, kv_heads, S, d); mask: (B, 1, n, S)
-    bool. Scores are per (query, key) dot products over d (a bf16 matmul,
-    invariant); the softmax and probs @ V, the reductions over keys, run in
-    float64, where summation order moves the result by ~1e-16 relative and
-    the final rounding to 16 bits absorbs it. (In bf16/fp32 a tree node's
-    ancestors sit at other offsets than in plain decoding and the sums round
-    differently.) The rep = heads / kv_heads query heads that share a KV
+    bool. Scores, softmax and probs @ V run in float64, where summation order
+    (which changes with the number of queries and with the offsets of the
+    keys) moves the result by ~1e-16 relative and the final rounding to the
+    model's dtype absorbs it. (In bf16/fp32 a tree node's ancestors sit at
+    other offsets than in plain decoding and the sums round differently, and
+    a float32 score matrix of 2-3 rows sums in another order than one of 4.) The rep = heads / kv_heads query heads that share a KV
     head are stacked into one matrix, so K and V are never repeated.
     extents: optional per-row (queries, keys): row b computes only its first
     queries against its first keys (the rest of its rows are padding, left 0),
@@ -270,7 +267,7 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     B, Hq, n, d = q.shape
     Hk, S = keys.shape[1], keys.shape[2]
     rep = Hq // Hk
-    scores = torch.matmul(q.reshape(B, Hk, rep * n, d), keys.transpose(-1, -2)).double() * scale
+    scores = torch.matmul(q.reshape(B, Hk, rep * n, d).double(), keys.double().transpose(-1, -2)) * scale
     scores = scores.view(B, Hk, rep, n, S).masked_fill(~mask.view(B, 1, 1, n, S), float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(B, Hk, rep * n, S)
     return torch.matmul(probs, values.double()).to(q.dtype).view(B, Hq, n, d)
