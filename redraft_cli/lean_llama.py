@@ -22,17 +22,17 @@ Batch invariance (CPU). Greedy ReDrafter is lossless only if a token's
 logits do not depend on how many other tokens share the pass. On CPU a
 matmul's kernel, and its rounding, can depend on its row count M and on
 where a row falls in the kernel's tiles (float32 with MKL: only M = 4, 8
-and M >= 12 give every row the same bits; bfloat16 with oneDNN: every M;
-`invariance.py` finds the good counts by trying, once per dtype and
-shapes); the fused SDPA kernel splits keys into blocks that depend on the
-query count; and any reduction over keys (softmax sum, probs @ V) depends
-on the offsets at which the keys sit, which in a tree differ from plain
-decoding (a node's ancestors are not adjacent). So on CPU this module (a)
-pads every pass to a good row count: a pass of too few tokens (one token of
-plain decoding runs as two rows in bfloat16, four in float32) gets
-self-only copies of its last token, whose results are dropped, so that
-every projection has a good number of rows (`tokens_needed`), and (b)
-computes attention (scores, softmax, probs @ V) in float64
+and M >= 12 give every row the same bits; bfloat16 with oneDNN: every
+M >= 2; `invariance.py` finds the good counts by trying, once per dtype
+and shapes); the fused SDPA kernel splits keys into blocks that depend on
+the query count; and any reduction over keys (softmax sum, probs @ V)
+depends on the offsets at which the keys sit, which in a tree differ from
+plain decoding (a node's ancestors are not adjacent). So on CPU this
+module (a) runs every projection on a good row count: where a pass has too
+few rows (one token of plain decoding: 2 rows in bfloat16, 4 in float32; a
+float32 tree of 9 nodes: 12), copies of its first row are added, whose
+results are the same bits and are dropped (`forward`'s packed rows), and
+(b) computes attention (scores, softmax, probs @ V) in float64
 (`grouped_attention`), where the order of a sum no longer shows after
 rounding back to the model's dtype. Then a tree pass and a one-token pass
 give the same bits for the same token (up to a ~1e-10 chance per token),
@@ -53,7 +53,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .invariance import LIMIT, invariant_rows, padded_rows
+from .invariance import invariant_rows, padded_rows
 from .static_cache import StaticKVCache
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -127,17 +127,8 @@ class LeanLlama:
         """The row count a batch-invariant matmul of m rows runs with (m itself when not invariant)."""
         return m if self.good_rows is None else padded_rows(m, self.good_rows)
 
-    def tokens_needed(self, batch: int, n: int) -> int:
-        """Tokens per row a pass of n tokens in `batch` rows runs: the fewest >= n for which the
-        projections' batch * n rows are a good count."""
-        while self.rows(batch * n) != batch * n:
-            n += 1
-        return n
-
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> StaticKVCache:
-        """A cache of `capacity` slots per row, plus room for a padded pass's copies."""
-        room = capacity + (LIMIT if self.batch_invariant else 0)
-        return StaticKVCache(len(self.layers), batch, self.kv_heads, room, self.head_dim, dtype, device)
+        return StaticKVCache(len(self.layers), batch, self.kv_heads, capacity, self.head_dim, dtype, device)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
@@ -150,6 +141,8 @@ class LeanLlama:
         with fewer nodes than the largest): the projections, norms and MLP then
         run on the N real tokens only, packed as (N, H), and only attention
         sees the padded (B, n) layout. Padding's hidden states come back as 0.
+        Where N is not a good row count for batch invariance, copies of the
+        first real row are added to the packed rows (same bits, dropped).
         Returns the post-norm hidden states (B, n, H). `cache.lengths` is not
         advanced: call `cache.commit` with what to keep.
 
@@ -159,26 +152,18 @@ class LeanLlama:
         whose output is gathered back to those 4 rows for o_proj.
         """
         B, n = ids.shape
-        need = self.tokens_needed(B, n)
-        if n < need:
-            # Self-only copies of the last token: every matmul gets a good row count (module docstring).
-            pad = need - n
-            ids, positions = (torch.cat([t, t[:, -1:].expand(B, pad)], 1) for t in (ids, positions))
-            eye = torch.eye(need, dtype=torch.bool, device=ids.device)
-            eye[:n, :n] = False
-            mask = eye.expand(B, need, need).clone()
-            mask[:, :n, :n] = tree_mask
-            if valid is not None:
-                valid = torch.cat([valid, valid[:, -1:].expand(B, pad)], 1)
-            return self.forward(ids, positions, cache, mask, valid)[:, :n]
         cache.check_room(n)
         slots = cache.slots(n)
         mask, span = cache.attention_mask(tree_mask)
         x = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(x, positions)
         rows = packed_rows(valid)
-        if rows is not None and self.rows(rows.numel()) != rows.numel():
-            rows = None  # that many packed rows would sum in another order (see the module docstring)
+        real = B * n if rows is None else rows.numel()
+        if self.rows(real) != real:
+            # Copies of the first cell up to a good row count (module docstring); unpacking writes that
+            # cell once per copy, the same bits each time.
+            rows = torch.arange(B * n, device=ids.device) if rows is None else rows
+            rows = torch.cat([rows, rows[:1].expand(self.rows(real) - real)])
         if rows is not None:
             x = x.reshape(B * n, -1).index_select(0, rows)  # (N, H)
         extents = self._extents(cache, valid, B, n, span)
