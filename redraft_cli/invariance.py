@@ -47,6 +47,11 @@ def linear_op(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return F.linear(rows, weight)
 
 
+def scores_op(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The attention scores' matmul as `grouped_attention` calls it: (1, 1, M, d) @ (1, 1, d, S)."""
+    return torch.matmul(rows[None, None], weight.t()[None, None])[0, 0]
+
+
 def good_row_counts(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], in_features: int,
                     out_features: int, dtype: torch.dtype, seed: int = 0) -> frozenset[int] | None:
     """The row counts M < LIMIT at which `op(W, X[:M])` and `op(W, X[-M:])` give every row the bits
@@ -77,16 +82,17 @@ def good_row_counts(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], in
 
 
 @lru_cache(maxsize=None)
-def invariant_rows(dtype: torch.dtype, linear_shapes: tuple[tuple[int, int], ...]) -> frozenset[int] | None:
+def invariant_rows(dtype: torch.dtype, linear_shapes: tuple[tuple[int, int], ...], head_dim: int
+                   ) -> frozenset[int] | None:
     """Row counts below LIMIT at which every CPU matmul of a decoder is batch-invariant in `dtype`
     (every count from LIMIT on is), or None when some matmul is not invariant at large counts.
 
-    linear_shapes: the (in_features, out_features) of its projections and LM head (attention runs
-    in float64, where the order of a sum does not show: `lean_llama.grouped_attention`). Kept in
+    linear_shapes: the (in_features, out_features) of its projections and LM head; head_dim: the
+    attention scores' inner size (their keys are probed at 512 positions). Kept in
     `cache_dir()/invariance.json` per torch version, CPU and thread count (the probe takes ~1 s).
     """
     key = "|".join(map(str, (torch.__version__, _cpu_name(), torch.get_num_threads(), dtype, linear_shapes,
-                             LIMIT, COMPARED)))
+                             head_dim, LIMIT, COMPARED)))
     path = cache_dir() / "invariance.json"
     try:
         known = json.loads(path.read_text())
@@ -96,7 +102,7 @@ def invariant_rows(dtype: torch.dtype, linear_shapes: tuple[tuple[int, int], ...
     entry = known.get(key, "missing")
     if entry is None or (isinstance(entry, list) and all(isinstance(m, int) for m in entry)):
         return None if entry is None else frozenset(entry)
-    good = _probe(dtype, linear_shapes)
+    good = _probe(dtype, linear_shapes, head_dim)
     known[key] = None if good is None else sorted(good)
 
     def write(tmp: str) -> None:
@@ -122,10 +128,10 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _probe(dtype: torch.dtype, linear_shapes: tuple[tuple[int, int], ...]) -> frozenset[int] | None:
+def _probe(dtype: torch.dtype, linear_shapes: tuple[tuple[int, int], ...], head_dim: int) -> frozenset[int] | None:
     good = frozenset(range(1, LIMIT))
-    for k, n in linear_shapes:
-        counts = good_row_counts(linear_op, k, n, dtype)
+    for op, k, n in [(linear_op, k, n) for k, n in linear_shapes] + [(scores_op, head_dim, 512)]:
+        counts = good_row_counts(op, k, n, dtype)
         if counts is None:
             return None
         good &= counts

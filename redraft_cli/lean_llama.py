@@ -32,9 +32,10 @@ module (a) runs every projection on a good row count: where a pass has too
 few rows (one token of plain decoding: 2 rows in bfloat16, 4 in float32; a
 float32 tree of 9 nodes: 12), copies of its first row are added, whose
 results are the same bits and are dropped (`forward`'s packed rows), and
-(b) computes attention (scores, softmax, probs @ V) in float64
-(`grouped_attention`), where the order of a sum no longer shows after
-rounding back to the model's dtype. Then a tree pass and a one-token pass
+(b) pads each attention-score matrix's query rows the same way and
+reduces over keys (softmax, probs @ V) in float64 (`grouped_attention`),
+where the order of a sum no longer shows after rounding back to the
+model's dtype. Then a tree pass and a one-token pass
 give the same bits for the same token (up to a ~1e-10 chance per token),
 and greedy output is identical to plain decoding. Where no row count is
 good (a BLAS whose results keep changing with M) the fused kernel is kept
@@ -86,14 +87,14 @@ def lean_supported(model: Any) -> bool:
     return all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
 
 
-def probe_good_rows(model: Any) -> frozenset[int] | None:
+def probe_good_rows(model: Any, head_dim: int) -> frozenset[int] | None:
     """`invariant_rows` for this model's dtype and matmul shapes (its first layer's projections and
     LM head; bitsandbytes layers count with their unquantised shapes)."""
     modules = list(model.model.layers[0].modules()) + [model.get_output_embeddings()]
     shapes = {(int(m.in_features), int(m.out_features)) for m in modules
               if hasattr(m, "in_features") and hasattr(m, "out_features")}
     dtype = model.get_input_embeddings().weight.dtype
-    return invariant_rows(dtype, tuple(sorted(shapes)))
+    return invariant_rows(dtype, tuple(sorted(shapes)), head_dim)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -120,7 +121,7 @@ class LeanLlama:
         weight = model.get_input_embeddings().weight
         # Row counts (below invariance.LIMIT) at which every matmul is batch-invariant here; None: some
         # matmul never is (or not on CPU), and identity holds only up to near-ties.
-        self.good_rows = probe_good_rows(model) if weight.device.type == "cpu" else None
+        self.good_rows = probe_good_rows(model, self.head_dim) if weight.device.type == "cpu" else None
         self.batch_invariant = self.good_rows is not None
 
     def rows(self, m: int) -> int:
@@ -203,7 +204,7 @@ class LeanLlama:
         cache.write(layer, k, v, slots)
         keys, values = cache.view(layer, span)
         if self.batch_invariant and n <= INVARIANT_MAX_TOKENS:
-            out = grouped_attention(q, keys, values, mask, self.scaling, extents)
+            out = grouped_attention(q, keys, values, mask, self.scaling, extents, self.good_rows)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
                                                  enable_gqa=self.kv_heads != self.num_heads)  # (B, heads, n, d)
@@ -227,17 +228,20 @@ def unpack_rows(packed: torch.Tensor, rows: torch.Tensor, B: int, n: int) -> tor
 
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                      scale: float, extents: list[tuple[int, int]] | None = None) -> torch.Tensor:
-    """Attention whose result does not depend on where the attended keys sit.
+                      scale: float, extents: list[tuple[int, int]] | None = None,
+                      good_rows: frozenset[int] | None = None) -> torch.Tensor:
+    """Attention whose result does not depend on where the attended keys sit or how many queries share it.
 
     q: (B, heads, n, d); keys, values: (B, kv_heads, S, d); mask: (B, 1, n, S)
-    bool. Scores, softmax and probs @ V run in float64, where summation order
-    (which changes with the number of queries and with the offsets of the
-    keys) moves the result by ~1e-16 relative and the final rounding to the
-    model's dtype absorbs it. (In bf16/fp32 a tree node's ancestors sit at
-    other offsets than in plain decoding and the sums round differently, and
-    a float32 score matrix of 2-3 rows sums in another order than one of 4.) The rep = heads / kv_heads query heads that share a KV
-    head are stacked into one matrix, so K and V are never repeated.
+    bool. Scores are per (query, key) dot products over d, a matmul in the
+    model's dtype whose rep * n query rows are padded to a good row count
+    (`good_rows`, invariance.py; a float32 matrix of 2-3 rows sums in another
+    order than one of 4); the softmax and probs @ V, the reductions over keys,
+    run in float64, where summation order moves the result by ~1e-16 relative
+    and the final rounding to the model's dtype absorbs it. (In bf16/fp32 a
+    tree node's ancestors sit at other offsets than in plain decoding and the
+    sums round differently.) The rep = heads / kv_heads query heads that share
+    a KV head are stacked into one matrix, so K and V are never repeated.
     extents: optional per-row (queries, keys): row b computes only its first
     queries against its first keys (the rest of its rows are padding, left 0),
     one call per row; the float64 reductions make that invisible in the result.
@@ -247,12 +251,17 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         out = q.new_zeros(q.shape)
         for b, (nq, nk) in enumerate(extents):
             out[b : b + 1, :, :nq] = grouped_attention(q[b : b + 1, :, :nq], keys[b : b + 1, :, :nk],
-                                                       values[b : b + 1, :, :nk], mask[b : b + 1, :, :nq, :nk], scale)
+                                                       values[b : b + 1, :, :nk], mask[b : b + 1, :, :nq, :nk], scale,
+                                                       good_rows=good_rows)
         return out
     B, Hq, n, d = q.shape
     Hk, S = keys.shape[1], keys.shape[2]
     rep = Hq // Hk
-    scores = torch.matmul(q.reshape(B, Hk, rep * n, d).double(), keys.double().transpose(-1, -2)) * scale
+    queries = q.reshape(B, Hk, rep * n, d)
+    m = rep * n if good_rows is None else padded_rows(rep * n, good_rows)
+    if m != rep * n:  # copies of the first query row, dropped below
+        queries = torch.cat([queries, queries[:, :, :1].expand(B, Hk, m - rep * n, d)], 2)
+    scores = torch.matmul(queries, keys.transpose(-1, -2))[:, :, : rep * n].double() * scale
     scores = scores.view(B, Hk, rep, n, S).masked_fill(~mask.view(B, 1, 1, n, S), float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(B, Hk, rep * n, S)
     return torch.matmul(probs, values.double()).to(q.dtype).view(B, Hq, n, d)

@@ -65,12 +65,12 @@ def test_the_answer_is_cached_on_disk_and_a_corrupt_cache_is_ignored(tmp_path, m
     path = tmp_path / "invariance.json"
     path.write_text("{not json")
     probe = invariant_rows.__wrapped__  # past the in-process cache
-    good = probe(torch.float32, ((16, 8),))
+    good = probe(torch.float32, ((16, 8),), 8)
     saved = json.loads(path.read_text())
     assert list(saved.values()) == [None if good is None else sorted(good)]
     monkeypatch.setattr(invariance, "_probe", lambda *a: pytest.fail("probed again"))
-    assert probe(torch.float32, ((16, 8),)) == good
+    assert probe(torch.float32, ((16, 8),), 8) == good
     key = next(iter(saved))
     path.write_text(json.dumps({key: "garbage"}))
     monkeypatch.setattr(invariance, "_probe", lambda *a: frozenset({5}))
-    assert probe(torch.float32, ((16, 8),)) == frozenset({5})
+    assert probe(torch.float32, ((16, 8),), 8) == frozenset({5})
