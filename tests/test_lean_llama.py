@@ -239,3 +239,38 @@ def test_padding_nodes_are_skipped_without_changing_real_ones(dtype):
     row = real.nonzero()[:, 0]
     assert same(c1.keys[:, row, :, slots], c0.keys[:, row, :, slots])
     assert same(c1.values[:, row, :, slots], c0.values[:, row, :, slots])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_every_family_is_batch_invariant_on_cpu(model_type, dtype):
+    """Each Llama-family layout (Qwen2's biases, Qwen3's q/k norms and head_dim) in each precision:
+    a tree node's hidden state has the bits of the same token decoded one at a time, in a batch of 3
+    rows (odd, so float32 passes need padding rows)."""
+    model = tiny(model_type, seed=3).to(dtype)
+    lean = LeanLlama(model)
+    if not lean.batch_invariant:
+        pytest.skip(f"{dtype} matmuls on this CPU are batch-invariant at no row count (invariance.py)")
+    gen = torch.Generator().manual_seed(4)
+    B, P = 3, 12
+    prompt = torch.randint(0, 64, (B, P), generator=gen)
+    beams = torch.randint(0, 64, (B, 3, 4), generator=gen)
+    beams[:, :, 0] = beams[:, :1, 0]
+    beams[:, 1, :2] = beams[:, 0, :2]
+
+    def prefilled():
+        cache = lean.new_cache(B, 48, dtype, torch.device("cpu"))
+        lean.forward(prompt, torch.arange(P).expand(B, P), cache, torch.ones(B, P, P, dtype=torch.bool).tril())
+        cache.commit(torch.arange(P).expand(B, P), torch.full((B,), P))
+        return cache
+
+    cache = prefilled()
+    tree = pack_tree(beams, cache.lengths)
+    hidden = lean.forward(tree.tokens, tree.positions, cache, tree.mask)
+    for i in range(3):
+        seq = prefilled()
+        for k in range(4):
+            h = lean.forward(beams[:, i, k : k + 1], seq.lengths.unsqueeze(1), seq, torch.ones(B, 1, 1, dtype=torch.bool))
+            seq.commit(torch.zeros(B, 1, dtype=torch.long), torch.ones(B, dtype=torch.long))
+            for b in range(B):
+                assert torch.equal(h[b, 0], hidden[b, tree.unpack[b, i, k]]), (b, i, k)
