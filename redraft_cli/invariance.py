@@ -40,6 +40,9 @@ from .files import atomic_write, cache_dir
 LIMIT = 24
 LARGE_ROWS = (LIMIT, 31, 48, 67)
 COMPARED = 100_000
+# Columns probed at most: kernels tile rows the same whatever the column count (measured: the same
+# good counts at 576 and 49,152 columns), and a large model's LM head would cost seconds and GBs.
+MAX_COLUMNS = 8192
 
 
 def linear_op(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -64,6 +67,7 @@ def good_row_counts(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], in
     4, 8, 12..23 never do, so this returns {4, 8, 12, 13, ..., 23}.
     """
     gen = torch.Generator().manual_seed(seed)
+    out_features = min(out_features, MAX_COLUMNS)
     weight = torch.randn(out_features, in_features, generator=gen).div_(in_features ** 0.5).to(dtype)
     rows = LARGE_ROWS[-1]
     trials = -(-COMPARED // (2 * out_features))  # what M = 1 needs; M needs 1/M of them
@@ -92,7 +96,7 @@ def invariant_rows(dtype: torch.dtype, linear_shapes: tuple[tuple[int, int], ...
     `cache_dir()/invariance.json` per torch version, CPU and thread count (the probe takes ~1 s).
     """
     key = "|".join(map(str, (torch.__version__, _cpu_name(), torch.get_num_threads(), dtype, linear_shapes,
-                             head_dim, LIMIT, COMPARED)))
+                             head_dim, LIMIT, COMPARED, MAX_COLUMNS)))
     path = cache_dir() / "invariance.json"
     try:
         known = json.loads(path.read_text())
