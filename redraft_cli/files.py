@@ -1,5 +1,5 @@
 """Files: atomic writes (a temporary file beside the target, then `os.replace`, so readers never see
-half a file) and the cache directory."""
+half a file), result files whose write errors name them, and the cache directory."""
 
 from __future__ import annotations
 
@@ -25,8 +25,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
 
 
 def cache_dir() -> Path:
-    """Where converted models and measurements are cached: $REDRAFT_CACHE or ~/.cache/redraft."""
-    root = os.environ.get("REDRAFT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "redraft"
-    )
-    return Path(root)
+    """Where converted models and measurements are cached: $REDRAFT_CACHE (`~` expanded), else
+    $XDG_CACHE_HOME/redraft when that is an absolute path (the XDG rule), else ~/.cache/redraft."""
+    if os.environ.get("REDRAFT_CACHE"):
+        return Path(os.environ["REDRAFT_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return Path(xdg if os.path.isabs(xdg) else os.path.expanduser("~/.cache")) / "redraft"
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a result file; an OSError always names it (a full disk, by itself, does not)."""
+    path = Path(path)
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+    return path

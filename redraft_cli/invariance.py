@@ -104,7 +104,7 @@ def invariant_rows(dtype: torch.dtype, linear_shapes: tuple[tuple[int, int], ...
         known = {}
     known = known if isinstance(known, dict) else {}
     entry = known.get(key, "missing")
-    if entry is None or (isinstance(entry, list) and all(isinstance(m, int) for m in entry)):
+    if entry is None or (isinstance(entry, list) and all(type(m) is int and 1 <= m < LIMIT for m in entry)):
         return None if entry is None else frozenset(entry)
     good = _probe(dtype, linear_shapes, head_dim)
     known[key] = None if good is None else sorted(good)

@@ -21,27 +21,36 @@ HUMAN_ROLES = ("human", "user")
 
 
 def _from_record(rec: Any) -> list[str] | None:
-    """All user turns of one record (None if it holds no prompt)."""
+    """All user turns of one record; None when it is a prompt record that holds nothing (an empty
+    text or a conversation without user turns, common in ShareGPT dumps). ValueError (saying why)
+    when it is not a prompt record at all: a number, a typo'd key, turns that are not strings."""
     if isinstance(rec, str):
         return [rec] if rec.strip() else None
     if not isinstance(rec, dict):
-        return None
-    turns = rec.get("turns")
-    if isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns):
+        raise ValueError(f"is a JSON {type(rec).__name__}, not an object or a string")
+    if "turns" in rec:
+        turns = rec["turns"]
+        if not (isinstance(turns, list) and all(isinstance(t, str) for t in turns)):
+            raise ValueError("has 'turns' that is not a list of strings")
         return [t for t in turns if t.strip()] or None
-    conv = rec.get("conversations") or rec.get("messages")
-    if isinstance(conv, list):
-        users = [
-            m.get("value") or m.get("content")
-            for m in conv
-            if isinstance(m, dict) and (m.get("from") or m.get("role")) in HUMAN_ROLES
-        ]
-        users = [u for u in users if isinstance(u, str) and u.strip()]
-        return users or None
+    for key in ("conversations", "messages"):
+        if key in rec:
+            conv = rec[key]
+            if not isinstance(conv, list):
+                raise ValueError(f"has '{key}' that is not a list")
+            users = [
+                m.get("value") or m.get("content")
+                for m in conv
+                if isinstance(m, dict) and (m.get("from") or m.get("role")) in HUMAN_ROLES
+            ]
+            users = [u for u in users if isinstance(u, str) and u.strip()]
+            return users or None
     for key in TEXT_KEYS:
-        if isinstance(rec.get(key), str) and rec[key].strip():
-            return [rec[key]]
-    return None
+        if key in rec:
+            if not isinstance(rec[key], str):
+                raise ValueError(f"has '{key}' that is not a string")
+            return [rec[key]] if rec[key].strip() else None
+    raise ValueError(f"has none of the keys turns, conversations, messages, {', '.join(TEXT_KEYS)}")
 
 
 def load_conversations(path: str | Path) -> list[list[str]]:
@@ -49,6 +58,8 @@ def load_conversations(path: str | Path) -> list[list[str]]:
     p = Path(path)
     if p.is_dir():
         raise PromptError(f"{p} is a directory, not a prompt file")
+    if p.exists() and not p.is_file():
+        raise PromptError(f"{p} is not a regular file (a pipe or a device?); give a prompt file")
     if not p.is_file():
         raise PromptError(f"prompt file not found: {p}")
     try:
@@ -56,24 +67,35 @@ def load_conversations(path: str | Path) -> list[list[str]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise PromptError(f"cannot read prompt file {p}: {exc}") from exc
     stripped = raw.lstrip()
-    records: list[Any]
+    records: list[tuple[str, Any]]  # (where, record)
     if stripped.startswith("["):
         try:
-            records = json.loads(raw)
+            items = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise PromptError(f"{p} looks like JSON but does not parse: {exc}") from exc
+        records = [(f"{p} item {i}", r) for i, r in enumerate(items)]
     elif stripped.startswith("{"):
-        records = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise PromptError(f"{p}:{n} is not a JSON object: {exc.msg}") from exc
+        try:
+            records = [(str(p), json.loads(raw))]  # one object, pretty-printed or not
+        except json.JSONDecodeError:
+            records = []
+            for n, line in enumerate(raw.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append((f"{p}:{n}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise PromptError(f"{p}:{n} is not a JSON object: {exc.msg}") from exc
     else:
-        records = [line for line in raw.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    convs = [c for c in (_from_record(r) for r in records) if c]
+        records = [(str(p), line) for line in raw.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    convs = []
+    for where, rec in records:
+        try:
+            conv = _from_record(rec)
+        except ValueError as exc:
+            raise PromptError(f"{where} {exc}") from exc
+        if conv:
+            convs.append(conv)
     if not convs:
         raise PromptError(f"{p} holds no prompts (expected JSONL with turns/prompt/text, ShareGPT JSON or text lines)")
     return convs

@@ -18,6 +18,7 @@ drafter's config.json, where `bench` and `chat` take their default shape from.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ from .bench import BenchConfig, PathTotals, Ticker, peak_rss_mb, run_bench, warm
 from .decode import DecodeConfig, Generator
 from .drafter import write_beam_shape
 from .errors import BadInputError
+from .files import write_text
 
 DEFAULT_BEAM_WIDTHS = (1, 2, 4, 8)
 DEFAULT_BEAM_LENGTHS = (2, 3, 4, 5)
@@ -220,8 +222,7 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
 def write_json(result: dict[str, Any], path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    return out
+    return write_text(out, json.dumps(result, indent=2) + "\n")
 
 
 def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -238,12 +239,12 @@ def cell_key(cell: dict[str, Any]) -> tuple[Any, Any, Any]:
 def write_csv(result: dict[str, Any], path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*CELL_FIELDS, "best"])
-        writer.writeheader()
-        for row in csv_rows(result):
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    return out
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=[*CELL_FIELDS, "best"])
+    writer.writeheader()
+    for row in csv_rows(result):
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return write_text(out, buf.getvalue())
 
 
 def read_csv(path: str | Path) -> list[dict[str, Any]]:

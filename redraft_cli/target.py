@@ -12,6 +12,7 @@ instead: a preallocated per-row KV cache, batched rows.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import socket
@@ -24,6 +25,7 @@ from urllib.parse import urlparse
 import torch
 from safetensors import SafetensorError
 
+from .drafter import MODEL_TYPE as DRAFTER_MODEL_TYPE
 from .errors import BadInputError, ChatTemplateError, ContextOverflowError, ModelLoadError
 from .files import cache_dir
 from .kv_cache import TreeCache
@@ -157,12 +159,18 @@ def _convert_embedded(alias: str) -> Path:
     out = cache_dir() / "models" / alias
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    try:  # find out before the ~20 s conversion whether its result can be kept
+        tmp.mkdir(parents=True, exist_ok=True)
+        tmp.rmdir()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot cache the converted model in {out}: {exc.strerror or exc}; set REDRAFT_CACHE "
+                             "to a writable folder") from exc
     directory, filename = embedded_gguf(alias)
     model, tokenizer = _from_gguf(directory, filename)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the weights are dequantised already
     model.hf_quantizer = None
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -211,19 +219,30 @@ def _load_hf(source: str, spec: TargetSpec, device: torch.device, dtype: torch.d
                 "reached (no network); pass a local directory or .gguf file, or use the embedded default smollm2-135m"
             )
     shown = str(Path(source) / gguf_file) if gguf_file else source
+    if is_local and Path(source).is_dir() and _is_drafter_dir(Path(source)):
+        raise ModelLoadError(f"{source} is a redraft drafter, not a target model: pass it as --drafter {source}")
     if is_local and Path(source).is_dir() and not gguf_file and not (Path(source) / "config.json").is_file():
         raise ModelLoadError(f"{source} is not a model directory (no config.json); pass a Hugging Face model "
                              "directory, a .gguf file or a hub id")
     try:
         model, tokenizer = _load_hf_files(source, kwargs, gguf_file, local_only=is_local)
     except _LOAD_ERRORS as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0].rstrip() if str(exc).strip() else type(exc).__name__
         if first.endswith(":"):  # a message whose details were on the following lines
             first = first.rstrip(":") + " (its files are missing or unreadable)"
         raise ModelLoadError(f"cannot load model {shown!r}: {first}") from exc
     if spec.quantize == "none" and not spec.device_map:
         model.to(device)
     return model, tokenizer
+
+
+def _is_drafter_dir(directory: Path) -> bool:
+    """Whether a directory holds a redraft drafter (its config.json has the drafter's fields)."""
+    try:
+        cfg = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("model_type") == DRAFTER_MODEL_TYPE
 
 
 def _load_hf_files(source: str, kwargs: dict[str, Any], gguf_file: str | None, local_only: bool):

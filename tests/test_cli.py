@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_model_dir
+from conftest import tiny_llama, tiny_model_dir
+from redraft_cli.drafter import Drafter
 from redraft_cli.cli.app import app
 
 runner = CliRunner()
@@ -230,6 +232,31 @@ def test_targets_that_may_round_trees_differently_are_noted(tmp_path, prompt_fil
     r = invoke("bench", "--model", gpt2, *args)
     assert r.exit_code == 0, r.output
     assert "gpt2 models run the generic Hugging Face path" in r.output and "near-ties" in r.output
+
+
+def test_outputs_never_overwrite_inputs_or_each_other(tmp_path, prompt_file):
+    before = prompt_file.read_text()
+    assert_clean_error(invoke("bench", "--prompts", prompt_file, "--json", prompt_file), "(--prompts)")
+    assert prompt_file.read_text() == before
+    same = tmp_path / "same.out"
+    assert_clean_error(invoke("sweep", "--beam-widths", 1, "--beam-lengths", 2, "--json", same, "--csv", same),
+                       "is also")
+    drafter = tmp_path / "drafter"
+    Drafter.for_target(tiny_llama(), seed=0).save(drafter)
+    assert_clean_error(invoke("bench", "--model", drafter), "is a redraft drafter", "--drafter")
+
+
+def test_a_failed_result_write_names_the_file(tmp_path, prompt_file):
+    from pathlib import Path
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    model_dir, _, _ = tiny_model_dir(tmp_path / "tiny", layers=1)
+    r = invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 1,
+               "--max-new-tokens", 4, "--no-hf-baseline", "--no-warmup", "--json", "/dev/full", "--device-map", "auto")
+    assert r.exit_code == 2 and "No space left on device: /dev/full" in r.output, r.output
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU here" in r.output
 
 
 def test_answer_cut_by_the_context_is_noted(tmp_path):

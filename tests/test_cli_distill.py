@@ -58,6 +58,12 @@ def test_distill_tiny_recipe_and_resume_rules(tiny_recipe, monkeypatch):
     more = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "3", "--resume", "--no-bench"])
     assert more.exit_code == 0, more.output
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    # Resuming with another shape names the difference; resuming past --max-steps says there is nothing to do.
+    other = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "4", "--resume",
+                                "--num-layers", "2", "--no-bench"])
+    assert other.exit_code == 2 and "num_draft_layers 1 (this run: 2)" in " ".join(other.output.split())
+    done = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "2", "--resume", "--no-bench"])
+    assert done.exit_code == 0 and "nothing left to train" in " ".join(done.output.split()), done.output
     ok = runner.invoke(app, ["bench", "--model", str(root / "tiny-model"), "--drafter", str(out), "--prompts",
                              str(root / "prompts.txt"), "--num-prompts", "1", "--max-new-tokens", "4", "--no-hf-baseline"])
     assert ok.exit_code == 0, ok.output
@@ -73,6 +79,25 @@ def test_distill_tiny_recipe_and_resume_rules(tiny_recipe, monkeypatch):
                                "--prompts", str(root / "prompts.txt"), "--num-prompts", "1", "--max-new-tokens", "4"])
     assert none.exit_code == 2 and "--datastore needs a drafter saved with a datastore" in none.output
     assert "Traceback" not in none.output
+
+
+def test_distill_refuses_to_overwrite_a_folder_of_other_files(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "config"}')
+    result = runner.invoke(app, ["distill", "smollm2-135m", "--max-steps", "1", "--out", str(mine)])
+    assert result.exit_code == 2 and "already holds files" in result.output, result.output
+    assert (mine / "config.json").read_text() == '{"my": "config"}'
+
+
+def test_distill_offline_data_set_is_named(monkeypatch, tmp_path):
+    import redraft_cli.distill.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_hub_reachable", lambda: False)
+    result = runner.invoke(app, ["distill", "smollm2-135m", "--data", "hf://foo/bar/x.json", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "the data set foo/bar/x.json" in text and "is not a recipe" not in text
 
 
 def test_distill_offline_names_what_it_needs(monkeypatch, tmp_path):

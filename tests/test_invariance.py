@@ -71,6 +71,7 @@ def test_the_answer_is_cached_on_disk_and_a_corrupt_cache_is_ignored(tmp_path, m
     monkeypatch.setattr(invariance, "_probe", lambda *a: pytest.fail("probed again"))
     assert probe(torch.float32, ((16, 8),), 8) == good
     key = next(iter(saved))
-    path.write_text(json.dumps({key: "garbage"}))
     monkeypatch.setattr(invariance, "_probe", lambda *a: frozenset({5}))
-    assert probe(torch.float32, ((16, 8),), 8) == frozenset({5})
+    for garbage in ("garbage", [True, 4], [-5, 4], [1e30], [4, LIMIT]):  # hand edits are measured again
+        path.write_text(json.dumps({key: garbage}))
+        assert probe(torch.float32, ((16, 8),), 8) == frozenset({5}), garbage

@@ -60,3 +60,32 @@ def test_builtin_sets_are_disjoint_and_varied():
     assert not {c[0] for c in bench} & {c[0] for c in distill}
     assert len({c[0] for c in distill}) == len(distill)
     assert load_prompts(limit=5) == [c[0] for c in bench[:5]]
+
+
+@pytest.mark.parametrize("lines, where, why", [
+    (['{"prompt": "ok"}', '{"promt": "typo"}'], ":2", "none of the keys"),
+    (['{"prompt": "ok"}', "7"], ":2", "JSON int"),
+    (['{"prompt": "ok"}', '{"turns": [1, 2]}'], ":2", "'turns' that is not a list of strings"),
+    (['{"text": ["a"]}', '{"prompt": "ok"}'], ":1", "'text' that is not a string"),
+])
+def test_records_that_are_not_prompts_are_errors_not_skipped(tmp_path, lines, where, why):
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(PromptError, match=why) as exc:
+        load_conversations(f)
+    assert f"p.jsonl{where}" in str(exc.value)
+
+
+def test_empty_records_are_skipped_and_odd_files_load_or_fail_clearly(tmp_path):
+    import os
+
+    dump = tmp_path / "sharegpt.json"  # a dump with an empty conversation: skipped, as real dumps have them
+    dump.write_text(json.dumps([{"conversations": []}, {"conversations": [{"from": "human", "value": "Hi"}]}]))
+    assert load_conversations(dump) == [["Hi"]]
+    pretty = tmp_path / "one.json"
+    pretty.write_text('{\n  "prompt": "Hello there"\n}\n')
+    assert load_prompts(pretty) == ["Hello there"]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(PromptError, match="not a regular file"):
+        load_conversations(fifo)

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..bench import BenchConfig, run_bench
 from ..decode import Generator
+from ..files import write_text
 from ..prompts import load_prompts
 from . import options as o
 from ._errors import handle_errors
@@ -53,7 +54,7 @@ def bench(
     """Measure ReDrafter against plain decoding on the same prompts, alternating, after a warm-up."""
     # Validate everything cheap before loading models.
     cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup, lookup_length, datastore, nodes)
-    check_output_paths(json_path)
+    check_output_paths(json_path, inputs={"--prompts": prompts})
     check_batch_size(batch_size)
     texts = load_prompts(prompts, limit=num_prompts)
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map)
@@ -76,7 +77,7 @@ def bench(
               "dtype": str(target.compute_dtype).replace("torch.", ""), **result}
     console.print(render(result))
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        write_text(json_path, json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {json_path}")
 
 

@@ -48,6 +48,8 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
     """Target from the options, then the drafter: a path, 'random', or 'auto'."""
     quiet_libraries()
     spec = TargetSpec(model=model, dtype=dtype, device=device, quantize=quantize, device_map=device_map)
+    if device_map and not torch.cuda.is_available():
+        err.print(f"note: --device-map {device_map}: no CUDA GPU here, so accelerate places every layer on the CPU")
     with err.status(f"Loading {model} ..."):
         target = load_target(spec)
     if target.device.type == "cpu" and not target.batch_invariant:
@@ -142,16 +144,26 @@ def check_batch_size(batch_size: int) -> None:
         raise BadInputError(f"--batch-size must be >= 1, got {batch_size}")
 
 
-def check_output_paths(*paths) -> None:
-    """Fail before any work when an output file cannot be written (missing folder, a directory)."""
+def check_output_paths(*paths, inputs: dict | None = None) -> None:
+    """Fail before any work when an output file cannot be written (missing folder, a directory), when
+    two outputs are the same file, or when an output is one of the `inputs` ({option: path}) it would
+    overwrite."""
     from pathlib import Path
 
     from ..errors import BadInputError
 
+    seen: dict[Path, Path] = {}
+    for option, q in (inputs or {}).items():
+        if q is not None and Path(q).exists():
+            seen[Path(q).resolve()] = Path(f"{q} ({option})")
     for p in paths:
         if p is None:
             continue
         p = Path(p)
+        key = p.resolve()
+        if key in seen:
+            raise BadInputError(f"output {p} is also {seen[key]}: writing one would overwrite the other")
+        seen[key] = p
         if p.is_dir():
             raise BadInputError(f"output {p} is a directory, expected a file path")
         if not p.parent.is_dir():

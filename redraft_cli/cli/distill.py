@@ -14,6 +14,7 @@ from rich.table import Table
 from ..distill.pipeline import distill as run_distill
 from ..distill.recipe import check_recipe, load_recipe
 from ..errors import BadInputError
+from ..files import write_text
 from . import options as o
 from ._errors import fail, handle_errors
 from .common import check_output_paths, console, err, quiet_libraries
@@ -49,7 +50,7 @@ def distill(
 ) -> None:
     """Distill a drafter: the target answers prompts (self-distillation), the drafter learns to predict it."""
     quiet_libraries()
-    check_output_paths(json_path)
+    check_output_paths(json_path, inputs={"--data": data})
     recipe = load_recipe(recipe_or_model)
     overrides = {
         ("data", "source"): data, ("data", "num_prompts"): num_prompts, ("data", "max_new_tokens"): max_new_tokens,
@@ -89,7 +90,7 @@ def distill(
     console.print(_summary(m))
     console.print(f"drafter written to {result.out} (load it with --drafter {result.out})")
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(m, indent=2) + "\n")
+        write_text(json_path, json.dumps(m, indent=2) + "\n")
 
 
 class _DistillView:

@@ -100,7 +100,8 @@ def check_offline_needs(recipe: Recipe) -> None:
     if recipe.data.source.startswith("hf://"):
         needs.append(f"the data set {recipe.data.source[5:]}")
     if needs and not _hub_reachable():
-        if recipe.name == model and "/" not in model:  # the argument was neither a recipe nor a local path
+        if needs[0] == f"the model {model}" and recipe.name == model and "/" not in model:
+            # the argument was neither a recipe nor a local path
             raise ModelLoadError(
                 f"{model!r} is not a recipe ({', '.join(sorted(builtin_recipes()))}, or a .yaml file), not a local "
                 "model, and the Hugging Face hub cannot be reached (no network) to look it up as a model id"
@@ -126,6 +127,9 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         raise BadInputError(f"--out {out} is a file; give a directory for the drafter")
     if (out / "checkpoint").exists() and not resume:
         raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
+    if out.is_dir() and not (out / "checkpoint").exists() and any(out.iterdir()):
+        raise BadInputError(f"--out {out} already holds files and no training checkpoint; the drafter's files would "
+                            "replace them: use a new or empty directory")
     check_offline_needs(recipe)
     if resume and not (out / "checkpoint").exists():
         emit({"event": "note", "text": f"--resume: {out} holds no checkpoint yet; starting a new run there"})

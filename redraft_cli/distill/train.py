@@ -273,13 +273,19 @@ def load_checkpoint(out: Path, drafter: Drafter, optimizer: Any, scheduler: Any)
     ckpt = out / CHECKPOINT
     try:
         loaded = Drafter.load(ckpt, map_location="cpu")
+        shape = ("hidden_size", "vocab_size", "num_draft_layers", "head", "draft_vocab_size", "context_window")
+        differ = [f"{k} {getattr(loaded.config, k)} (this run: {getattr(drafter.config, k)})" for k in shape
+                  if getattr(loaded.config, k) != getattr(drafter.config, k)]
+        if differ:
+            raise BadInputError(f"cannot resume from {ckpt}: its drafter has {', '.join(differ)}; resume with the "
+                                "settings of the run that wrote it, or use another --out")
         drafter.load_state_dict(loaded.state_dict())
         opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(opt["optimizer"])
         scheduler.load_state_dict(opt["scheduler"])
         data = json.loads((ckpt / "trainer_state.json").read_text())
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise BadInputError(f"cannot resume from {ckpt}: {str(exc).splitlines()[0]}") from exc
+        raise BadInputError(f"cannot resume from {ckpt}: {' '.join(str(exc).split())[:300]}") from exc
     return TrainState(**data)
 
 
@@ -326,6 +332,9 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
     model, optimizer, scheduler = acc.prepare(drafter, optimizer, scheduler)
     model.train()
     emit = on_event or (lambda e: None)
+    if state.step >= total:
+        emit({"event": "note", "text": f"the checkpoint is at step {state.step}, at or past the {total} steps asked "
+                                       "for: nothing left to train (raise --max-steps or --epochs to train on)"})
     emit({"event": "start", "total_steps": total, "step": state.step, "examples": len(train_set), "processes": world})
     start = time.perf_counter() - state.seconds
     running: list[float] = []
