@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,10 +160,9 @@ def _convert_embedded(alias: str) -> Path:
     out = cache_dir() / "models" / alias
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:  # find out before the ~20 s conversion whether its result can be kept
-        tmp.mkdir(parents=True, exist_ok=True)
-        tmp.rmdir()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=out.parent))
     except OSError as exc:
         raise ModelLoadError(f"cannot cache the converted model in {out}: {exc.strerror or exc}; set REDRAFT_CACHE "
                              "to a writable folder") from exc
@@ -171,6 +171,7 @@ def _convert_embedded(alias: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the weights are dequantised already
     model.hf_quantizer = None
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -237,7 +238,7 @@ def _load_hf(source: str, spec: TargetSpec, device: torch.device, dtype: torch.d
 
 
 def _is_drafter_dir(directory: Path) -> bool:
-    """Whether a directory holds a redraft drafter (its config.json has the drafter's fields)."""
+    """Whether a directory holds a redraft drafter (its config.json names the drafter's model_type)."""
     try:
         cfg = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError):
