@@ -231,6 +231,8 @@ def _load_hf(source: str, spec: TargetSpec, device: torch.device, dtype: torch.d
         first = str(exc).strip().splitlines()[0].rstrip() if str(exc).strip() else type(exc).__name__
         if first.endswith(":"):  # a message whose details were on the following lines
             first = first.rstrip(":") + " (its files are missing or unreadable)"
+        if gguf_file and isinstance(exc, struct.error):  # the GGUF reader ran past the end of the file
+            first = "not a valid GGUF file (truncated or corrupt)"
         raise ModelLoadError(f"cannot load model {shown!r}: {first}") from exc
     if spec.quantize == "none" and not spec.device_map:
         model.to(device)

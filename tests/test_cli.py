@@ -246,6 +246,28 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path, prompt_file):
     assert_clean_error(invoke("bench", "--model", drafter), "is a redraft drafter", "--drafter")
 
 
+def test_a_truncated_gguf_is_named_as_such(tmp_path):
+    fake = tmp_path / "tiny.gguf"
+    fake.write_bytes(b"GGUF\n")
+    assert_clean_error(invoke("bench", "--model", fake), "not a valid GGUF file")
+
+
+def test_save_best_into_the_shipped_drafter_says_so(tmp_path, prompt_file, monkeypatch):
+    import shutil
+
+    import redraft_cli.cli.sweep as sweep_cli
+    from redraft_cli.shipped import shipped_drafter_dir
+
+    copy = tmp_path / "shipped-copy"
+    shutil.copytree(shipped_drafter_dir("smollm2-135m"), copy)
+    monkeypatch.setattr(sweep_cli, "shipped_drafter_dir", lambda name: copy)  # stands in for the package's folder
+    r = invoke("sweep", "--drafter", copy, "--beam-widths", 1, "--beam-lengths", 2, "--prompts", prompt_file,
+               "--num-prompts", 1, "--max-new-tokens", 4, "--no-warmup", "--save-best")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "writes into the drafter shipped with redraft" in text and "its shipped shape is 4x4 best 7 nodes" in text
+
+
 def test_a_failed_result_write_names_the_file(tmp_path, prompt_file):
     from pathlib import Path
 

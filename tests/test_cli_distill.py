@@ -100,6 +100,14 @@ def test_distill_offline_data_set_is_named(monkeypatch, tmp_path):
     assert "the data set foo/bar/x.json" in text and "is not a recipe" not in text
 
 
+def test_a_recipe_whose_model_path_is_missing_says_so(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\ntarget: {{model: {tmp_path / 'nope.gguf'}}}\n")
+    result = runner.invoke(app, ["distill", str(recipe), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "target model path not found" in result.output, result.output
+    assert "network" not in result.output
+
+
 def test_distill_offline_names_what_it_needs(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = runner.invoke(app, ["distill", "vicuna-7b", "--out", str(tmp_path / "v")])

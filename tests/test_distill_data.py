@@ -294,3 +294,25 @@ def test_config_validation_and_missing_template(target, tmp_path):
     with pytest.raises(ChatTemplateError):
         generate_dataset(bare, CONVERSATIONS, tmp_path / "x", GenerationConfig(**SMALL))
     assert read_manifest(tmp_path / "x") is None
+
+
+def test_the_shipped_data_seeds_only_runs_that_ask_for_it(tmp_path):
+    """The package's answers seed a run of the shipped recipe's own prompts and settings (so `redraft
+    distill smollm2-135m` needs no hours of generation); a run with other prompts (--data) or other
+    settings (--max-new-tokens) must generate its own, not silently train on the shipped set."""
+    from dataclasses import replace
+
+    from redraft_cli.distill.data import GenerationConfig, read_manifest
+    from redraft_cli.distill.pipeline import resolve_conversations, seed_from_package
+    from redraft_cli.distill.recipe import load_recipe
+
+    d = load_recipe("smollm2-135m").data
+    convs = resolve_conversations(d.source, d.num_prompts)
+    cfg = GenerationConfig(max_new_tokens=d.max_new_tokens, batch_size=d.gen_batch_size, temperature=d.temperature,
+                           top_p=d.top_p, seed=d.seed, shard_size=d.shard_size, system=d.system,
+                           max_prompt_tokens=d.max_prompt_tokens)
+    seed_from_package("smollm2-135m", tmp_path / "own", convs, cfg)
+    assert read_manifest(tmp_path / "own")["num_conversations"] == len(convs)
+    seed_from_package("smollm2-135m", tmp_path / "short", convs, replace(cfg, max_new_tokens=8))
+    seed_from_package("smollm2-135m", tmp_path / "other", [["Tell me about the sea."]] * 60, cfg)
+    assert read_manifest(tmp_path / "short") is None and read_manifest(tmp_path / "other") is None

@@ -16,6 +16,7 @@ from ..decode import Generator
 from ..drafter import CONFIG_NAME
 from ..errors import BadInputError
 from ..prompts import load_prompts
+from ..shipped import shipped_drafter_dir
 from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, best_cell, cell_key, parse_int_list,
                      run_sweep,
                      save_best as save_best_shape, write_csv, write_json)
@@ -89,6 +90,13 @@ def sweep(
     drafter_dir = _drafter_dir(drafter, loaded)
     if save_best:
         _check_writable(drafter_dir, target.name)
+        shipped = shipped_drafter_dir(target.name)
+        if shipped is not None and drafter_dir.resolve() == shipped.resolve():
+            c = dr.config
+            err.print(f"note: --save-best writes into the drafter shipped with redraft ({drafter_dir}), so bench and "
+                      f"chat on this install will use the shape this sweep finds; its shipped shape is "
+                      f"{c.beam_width}x{c.beam_length}" + (f" best {c.tree_nodes} nodes" if c.tree_nodes else "")
+                      + " (copy the folder and pass --drafter COPY to leave it as shipped)")
     cfg.check(dr.draft_vocab_size)
     # The drafter's recommended copied beams, the same in every cell (the beam shape is per cell).
     cfg.decode = with_drafter_shape(cfg.decode, dr, cfg.decode.beam_width, cfg.decode.beam_length,

@@ -88,7 +88,10 @@ def check_offline_needs(recipe: Recipe) -> None:
     model = recipe.target.model
     from ..target import EMBEDDED
 
-    if model not in EMBEDDED and not Path(model).exists():
+    local = model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf")  # a path, not a hub id
+    if model not in EMBEDDED and local and not Path(model).expanduser().exists():
+        raise ModelLoadError(f"recipe {recipe.name!r}: target model path not found: {model}")
+    if model not in EMBEDDED and not Path(model).expanduser().exists():
         try:
             from huggingface_hub import try_to_load_from_cache
 
@@ -231,7 +234,7 @@ def _answers(target: Target, package_name: str, convs: list[list[str]], data_dir
              max_shards: int | None, generate: bool, emit: EventFn, kind: str, required: bool = True) -> list[dict]:
     """One set of answers to `convs`: seeded from the package, generated (or resumed) unless
     generate=False, then loaded; with max_shards, only the conversations of those shards."""
-    seed_from_package(package_name, data_dir)
+    seed_from_package(package_name, data_dir, convs, gen_cfg)
     manifest = read_manifest(data_dir)
     if not generate:
         if manifest is None or not manifest.get("shards"):
@@ -329,7 +332,8 @@ def _written_prompts(target: Target, recipe: Recipe, gen_cfg: GenerationConfig, 
                          seed=d.seed, system=d.system)
     wdir = data_dir / f"written-{_settings_key([wcfg.fingerprint(), gen_cfg.fingerprint()])}"
     shipped = _shipped_data(f"{recipe.name}-written")
-    if (shipped / WRITTEN_PROMPTS).is_file() and not (wdir / WRITTEN_PROMPTS).is_file():
+    if ((shipped / WRITTEN_PROMPTS).is_file() and not (wdir / WRITTEN_PROMPTS).is_file()
+            and json.loads((shipped / WRITTEN_STATE).read_text()).get("config") == json.loads(json.dumps(wcfg.fingerprint()))):
         wdir.mkdir(parents=True, exist_ok=True)
         for name in (WRITTEN_PROMPTS, WRITTEN_STATE):
             shutil.copyfile(shipped / name, wdir / name)
@@ -366,12 +370,17 @@ def default_data_dir(recipe: Recipe, model_name: str, convs: list[list[str]], ge
     return cache_dir() / "distill-data" / f"{recipe.name}-{key}"
 
 
-def seed_from_package(name: str, data_dir: Path) -> None:
-    """Copy the data shipped in the package for recipe `name` into data_dir when it holds more shards."""
+def seed_from_package(name: str, data_dir: Path, convs: list[list[str]], gen_cfg: GenerationConfig) -> None:
+    """Copy the data shipped in the package for recipe `name` into data_dir when it holds more shards
+    and answers the same conversations (`convs` start with its own) with the same generation settings."""
     shipped = _shipped_data(name)
     ours, theirs = read_manifest(data_dir), read_manifest(shipped)
     if theirs is None:
         return
+    count = int(theirs.get("num_conversations", -1))
+    if (theirs.get("config") != json.loads(json.dumps(gen_cfg.fingerprint())) or not 0 < count <= len(convs)
+            or theirs.get("conversations_sha256") != conversations_sha256(convs[:count])):
+        return  # other prompts (--data) or other settings (--max-new-tokens, ...): the run generates its own
     if ours is not None and (len(ours["shards"]) >= len(theirs["shards"]) or ours.get("config") != theirs.get("config")
                              or ours.get("conversations_sha256") != theirs.get("conversations_sha256")):
         return
