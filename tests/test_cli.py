@@ -236,11 +236,11 @@ def test_targets_that_may_round_trees_differently_are_noted(tmp_path, prompt_fil
 
 def test_outputs_never_overwrite_inputs_or_each_other(tmp_path, prompt_file):
     before = prompt_file.read_text()
-    assert_clean_error(invoke("bench", "--prompts", prompt_file, "--json", prompt_file), "(--prompts)")
+    assert_clean_error(invoke("bench", "--prompts", prompt_file, "--json", prompt_file), "--prompts and --json both name")
     assert prompt_file.read_text() == before
     same = tmp_path / "same.out"
     assert_clean_error(invoke("sweep", "--beam-widths", 1, "--beam-lengths", 2, "--json", same, "--csv", same),
-                       "is also")
+                       "--json and --csv both name")
     drafter = tmp_path / "drafter"
     Drafter.for_target(tiny_llama(), seed=0).save(drafter)
     assert_clean_error(invoke("bench", "--model", drafter), "is a redraft drafter", "--drafter")

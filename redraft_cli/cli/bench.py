@@ -54,7 +54,7 @@ def bench(
     """Measure ReDrafter against plain decoding on the same prompts, alternating, after a warm-up."""
     # Validate everything cheap before loading models.
     cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup, lookup_length, datastore, nodes)
-    check_output_paths(json_path, inputs={"--prompts": prompts})
+    check_output_paths({"--json": json_path}, inputs={"--prompts": prompts})
     check_batch_size(batch_size)
     texts = load_prompts(prompts, limit=num_prompts)
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map)

@@ -144,26 +144,25 @@ def check_batch_size(batch_size: int) -> None:
         raise BadInputError(f"--batch-size must be >= 1, got {batch_size}")
 
 
-def check_output_paths(*paths, inputs: dict | None = None) -> None:
-    """Fail before any work when an output file cannot be written (missing folder, a directory), when
-    two outputs are the same file, or when an output is one of the `inputs` ({option: path}) it would
-    overwrite."""
+def check_output_paths(outputs: dict, inputs: dict | None = None) -> None:
+    """Fail before any work when an output file ({option: path}) cannot be written (missing folder, a
+    directory), when two outputs are the same file, or when an output is one of the `inputs`."""
     from pathlib import Path
 
     from ..errors import BadInputError
 
-    seen: dict[Path, Path] = {}
+    seen: dict[Path, str] = {}
     for option, q in (inputs or {}).items():
         if q is not None and Path(q).exists():
-            seen[Path(q).resolve()] = Path(f"{q} ({option})")
-    for p in paths:
+            seen[Path(q).resolve()] = option
+    for option, p in outputs.items():
         if p is None:
             continue
         p = Path(p)
         key = p.resolve()
         if key in seen:
-            raise BadInputError(f"output {p} is also {seen[key]}: writing one would overwrite the other")
-        seen[key] = p
+            raise BadInputError(f"{seen[key]} and {option} both name {p}: writing {option} would overwrite it")
+        seen[key] = option
         if p.is_dir():
             raise BadInputError(f"output {p} is a directory, expected a file path")
         if not p.parent.is_dir():

@@ -50,7 +50,7 @@ def distill(
 ) -> None:
     """Distill a drafter: the target answers prompts (self-distillation), the drafter learns to predict it."""
     quiet_libraries()
-    check_output_paths(json_path, inputs={"--data": data})
+    check_output_paths({"--json": json_path}, inputs={"--data": data})
     recipe = load_recipe(recipe_or_model)
     overrides = {
         ("data", "source"): data, ("data", "num_prompts"): num_prompts, ("data", "max_new_tokens"): max_new_tokens,

@@ -77,7 +77,7 @@ def sweep(
     check_batch_size(batch_size)
     cfg = SweepConfig(beam_widths=widths, beam_lengths=lengths, decode=base, warmup=warmup, tree_nodes=budgets,
                       batch_size=batch_size)
-    check_output_paths(json_path, csv_path, plot_path, inputs={"--prompts": prompts})
+    check_output_paths({"--json": json_path, "--csv": csv_path, "--plot": plot_path}, inputs={"--prompts": prompts})
     if plot_path is not None and plot_path.suffix.lower() not in PLOT_SUFFIXES:
         raise BadInputError(f"--plot must end in {', '.join(PLOT_SUFFIXES)}, got {plot_path.name!r}")
     if save_best and drafter == "random":
