@@ -246,6 +246,12 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path, prompt_file):
     assert_clean_error(invoke("bench", "--model", drafter), "is a redraft drafter", "--drafter")
 
 
+def test_one_token_answers_say_the_speedup_means_little(prompt_file):
+    r = invoke("bench", "--prompts", prompt_file, "--num-prompts", 1, "--max-new-tokens", 1, "--no-hf-baseline",
+               "--no-warmup")
+    assert r.exit_code == 0 and "took no draft step" in " ".join(r.output.split()), r.output
+
+
 def test_a_truncated_gguf_is_named_as_such(tmp_path):
     fake = tmp_path / "tiny.gguf"
     fake.write_bytes(b"GGUF\n")

@@ -76,6 +76,9 @@ def bench(
     result = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
               "dtype": str(target.compute_dtype).replace("torch.", ""), **result}
     console.print(render(result))
+    if not result["redraft"].get("steps"):
+        err.print("note: ReDrafter took no draft step (every answer ended at its first token), so the speedup "
+                  "compares prompt passes only")
     if json_path is not None:
         write_text(json_path, json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {json_path}")
