@@ -147,3 +147,15 @@ def padded_rows(m: int, good: frozenset[int]) -> int:
     while m < LIMIT and m not in good:
         m += 1
     return m
+
+
+def pad_rows(t: torch.Tensor, dim: int, good: frozenset[int] | None) -> torch.Tensor:
+    """t with copies of its first slice along `dim` appended up to a good count (t itself when the
+    count is good, or when `good` is None: not invariant). The copies compute the same bits as the
+    first slice; callers drop them. Example: 1 row in float32 ({4, 8, 12, ...}) -> 4 rows, all row 0."""
+    m = t.shape[dim]
+    if good is None or padded_rows(m, good) == m:
+        return t
+    shape = list(t.shape)
+    shape[dim] = padded_rows(m, good) - m
+    return torch.cat([t, t.narrow(dim, 0, 1).expand(shape)], dim)

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .invariance import invariant_rows, padded_rows
+from .invariance import invariant_rows, pad_rows, padded_rows
 from .static_cache import StaticKVCache
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -163,8 +163,7 @@ class LeanLlama:
         if self.rows(real) != real:
             # Copies of the first cell up to a good row count (module docstring); unpacking writes that
             # cell once per copy, the same bits each time.
-            rows = torch.arange(B * n, device=ids.device) if rows is None else rows
-            rows = torch.cat([rows, rows[:1].expand(self.rows(real) - real)])
+            rows = pad_rows(torch.arange(B * n, device=ids.device) if rows is None else rows, 0, self.good_rows)
         if rows is not None:
             x = x.reshape(B * n, -1).index_select(0, rows)  # (N, H)
         extents = self._extents(cache, valid, B, n, span)
@@ -257,10 +256,7 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     B, Hq, n, d = q.shape
     Hk, S = keys.shape[1], keys.shape[2]
     rep = Hq // Hk
-    queries = q.reshape(B, Hk, rep * n, d)
-    m = rep * n if good_rows is None else padded_rows(rep * n, good_rows)
-    if m != rep * n:  # copies of the first query row, dropped below
-        queries = torch.cat([queries, queries[:, :, :1].expand(B, Hk, m - rep * n, d)], 2)
+    queries = pad_rows(q.reshape(B, Hk, rep * n, d), 2, good_rows)  # copies of the first row, dropped below
     scores = torch.matmul(queries, keys.transpose(-1, -2))[:, :, : rep * n].double() * scale
     scores = scores.view(B, Hk, rep, n, S).masked_fill(~mask.view(B, 1, 1, n, S), float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(B, Hk, rep * n, S)

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from .drafter import MODEL_TYPE as DRAFTER_MODEL_TYPE
 from .errors import BadInputError, ChatTemplateError, ContextOverflowError, ModelLoadError
 from .files import cache_dir
+from .invariance import pad_rows
 from .kv_cache import TreeCache
 from .lean_llama import (LEAN_MODEL_TYPES, LeanLlama, cpu_has_native_bf16, lean_config_supported, lean_supported,
                          packed_rows, unpack_rows)
@@ -423,8 +424,7 @@ class Target:
         rows = hidden.numel() // hidden.shape[-1]
         if self.batch_invariant and 0 < rows != self.lean.rows(rows):
             # That many rows would sum in another order (lean_llama, invariance.py): pad with copies of the first.
-            flat = hidden.reshape(rows, -1)
-            padded = torch.cat([flat, flat[:1].expand(self.lean.rows(rows) - rows, -1)])
+            padded = pad_rows(hidden.reshape(rows, -1), 0, self.lean.good_rows)
             return self.logits(padded)[:rows].view(*hidden.shape[:-1], -1)
         out = self.lm_head(hidden.to(self.lm_head_weight.device)).float().to(self.device)
         if self.softcap:

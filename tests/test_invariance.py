@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from redraft_cli import invariance
-from redraft_cli.invariance import LIMIT, good_row_counts, invariant_rows, linear_op, padded_rows
+from redraft_cli.invariance import LIMIT, good_row_counts, invariant_rows, linear_op, pad_rows, padded_rows
 
 
 def perturbed(rule):
@@ -58,6 +58,10 @@ def test_padded_rows():
     good = frozenset({4, 8} | set(range(12, LIMIT)))
     assert [padded_rows(m, good) for m in (1, 3, 4, 5, 9, 12, 13, LIMIT, 100)] == [4, 4, 4, 8, 12, 12, 13, LIMIT, 100]
     assert padded_rows(1, frozenset(range(1, LIMIT))) == 1
+    x = torch.arange(6.0).view(1, 3, 2)
+    padded = pad_rows(x, 1, good)  # 3 rows along dim 1 -> 4, the new one a copy of row 0
+    assert padded.shape == (1, 4, 2) and torch.equal(padded[:, :3], x) and torch.equal(padded[:, 3], x[:, 0])
+    assert pad_rows(x, 1, None) is x and pad_rows(x, 1, frozenset(range(1, LIMIT))) is x
 
 
 def test_the_answer_is_cached_on_disk_and_a_corrupt_cache_is_ignored(tmp_path, monkeypatch):
