@@ -120,3 +120,20 @@ def test_rows_may_leave_in_any_order_and_joins_past_the_reserve_grow_the_buffers
     assert torch.equal(cache.keys, torch.cat([keys[:, [2, 0]], more.keys], 1))
     with pytest.raises(ValueError, match="cannot append"):
         cache.append(StaticKVCache(2, 1, 2, 9, 4, torch.float32, torch.device("cpu")))
+
+
+def test_write_puts_each_rows_tokens_at_its_own_slots_and_nothing_else():
+    """Rows of lengths [3, 5] write n = 2 tokens at slots [3, 4] and [5, 6] of every KV head; the
+    rest of the buffer is untouched, also after a row leaves (the batch size changes)."""
+    cache = _filled(2, 4, [3, 5])
+    before = cache.keys.clone()
+    k = torch.arange(2 * 2 * 2 * 4, dtype=torch.float32).view(2, 2, 2, 4)  # (B, kv_heads, n, head_dim)
+    cache.write(1, k, -k, cache.slots(2))
+    expected = before.clone()
+    expected[1, 0, :, 3:5] = k[0]
+    expected[1, 1, :, 5:7] = k[1]
+    assert torch.equal(cache.keys, expected)
+    assert torch.equal(cache.values[1, 1, :, 5:7], -k[1])
+    cache.keep(torch.tensor([1]))
+    cache.write(0, k[:1], k[:1], cache.slots(2))
+    assert torch.equal(cache.keys[0, 0, :, 5:7], k[0]) and torch.equal(cache.keys[1, 0], expected[1, 1])
