@@ -440,7 +440,8 @@ class Target:
             messages = [{"role": "system", "content": system}, *messages]
         if not getattr(self.tokenizer, "chat_template", None):
             raise ChatTemplateError(
-                f"{self.name} has no chat template; use --no-chat-template to send prompts as raw text"
+                f"{self.name} has no chat template: chat needs one; bench and sweep send prompts as raw "
+                f"text with --no-chat-template"
             )
         messages = [{**m, "content": _valid_text(m.get("content", ""))} for m in messages]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
