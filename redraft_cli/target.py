@@ -440,8 +440,8 @@ class Target:
             messages = [{"role": "system", "content": system}, *messages]
         if not getattr(self.tokenizer, "chat_template", None):
             raise ChatTemplateError(
-                f"{self.name} has no chat template: chat needs one; bench and sweep send prompts as raw "
-                f"text with --no-chat-template"
+                f"{self.name} has no chat template: pass --chat-template (a name such as vicuna, a Jinja "
+                f"file or text), or send raw text with --no-chat-template (bench, sweep)"
             )
         messages = [{**m, "content": _valid_text(m.get("content", ""))} for m in messages]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -205,10 +205,30 @@ def test_local_model_directory_and_missing_chat_template(tmp_path, prompt_file):
     data.pop("chat_template", None)
     cfg_path.write_text(json.dumps(data))
     assert_clean_error(invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file),
-                       "no chat template", "--no-chat-template")
+                       "no chat template", "--chat-template", "--no-chat-template")
     raw = invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file,
                  "--num-prompts", 1, "--max-new-tokens", 4, "--no-hf-baseline", "--no-chat-template")
     assert raw.exit_code == 0, raw.output
+    # --chat-template renders prompts (a name here); a drafter distilled with a named template brings it along.
+    run = ("bench", "--model", model_dir, "--prompts", prompt_file, "--num-prompts", 1, "--max-new-tokens", 4,
+           "--no-hf-baseline", "--no-warmup")
+    named = invoke(*run, "--drafter", "random", "--chat-template", "vicuna")
+    assert named.exit_code == 0, named.output
+    from redraft_cli.cli.common import load_models
+    from redraft_cli.target import TargetSpec, load_target
+
+    drafter_dir = tmp_path / "vicuna-drafter"
+    Drafter.for_target(load_target(TargetSpec(str(model_dir))), seed=0).save(drafter_dir)
+    (drafter_dir / "recipe.yaml").write_text("target:\n  model: x\n  chat_template: vicuna\n")
+    saved = invoke(*run, "--drafter", drafter_dir)
+    assert saved.exit_code == 0 and "distilled with (vicuna)" in " ".join(saved.output.split()), saved.output
+    loaded = load_models(str(model_dir), str(drafter_dir), "auto", "cpu", "none", 0)
+    rendered = loaded.target.tokenizer.decode(loaded.target.encode_chat("Name a colour."))
+    assert rendered.endswith("USER: Name a colour. ASSISTANT:") and rendered.startswith("A chat between")
+    assert_clean_error(invoke(*run, "--drafter", "random", "--chat-template", "no-such-template"),
+                       "unknown chat template 'no-such-template'", "vicuna")
+    assert_clean_error(invoke(*run, "--drafter", "random", "--chat-template", "vicuna", "--no-chat-template"),
+                       "exclude each other")
     # A tokenizer whose ids run past the model's vocabulary: a clear error, not an IndexError in the embedding.
     small = tmp_path / "tiny-small-vocab"
     LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "vocab_size": 1000})).save_pretrained(small)

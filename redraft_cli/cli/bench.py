@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..bench import BenchConfig, run_bench
 from ..decode import Generator
+from ..errors import BadInputError
 from ..files import write_text
 from ..prompts import load_prompts
 from . import options as o
@@ -49,6 +50,7 @@ def bench(
     warmup: bool = typer.Option(True, help="Run each path once before timing."),
     batch_size: o.BatchSize = 1,
     no_chat_template: o.NoChatTemplate = False,
+    chat_template: o.ChatTemplate = None,
     json_path: o.JsonOut = None,
 ) -> None:
     """Measure ReDrafter against plain decoding on the same prompts, alternating, after a warm-up."""
@@ -57,7 +59,10 @@ def bench(
     check_output_paths({"--json": json_path}, inputs={"--prompts": prompts})
     check_batch_size(batch_size)
     texts = load_prompts(prompts, limit=num_prompts)
-    loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map)
+    if chat_template and no_chat_template:
+        raise BadInputError("--chat-template and --no-chat-template exclude each other")
+    loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template,
+                         templated=not no_chat_template)
     target, dr = loaded.target, loaded.drafter
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes, batch_size)
     encode = target.encode_raw if no_chat_template else target.encode_chat

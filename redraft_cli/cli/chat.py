@@ -53,6 +53,7 @@ def chat(
     device: o.Device = D["device"],
     quantize: o.Quantize = D["quantize"],
     device_map: o.DeviceMap = None,
+    chat_template: o.ChatTemplate = None,
 ) -> None:
     """Talk to a model with ReDrafter decoding (multi-turn, streamed)."""
     cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, lookup=lookup, lookup_length=lookup_length, datastore=datastore, nodes=nodes)
@@ -63,7 +64,7 @@ def chat(
             from ..errors import BadInputError
 
             raise BadInputError("no prompt: pass --prompt TEXT or text on stdin")
-    loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map)
+    loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template)
     dr = loaded.drafter
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes)
     session = ChatSession(Generator(loaded.target, dr), cfg, system=system, draft=not no_draft)

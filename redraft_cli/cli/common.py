@@ -6,10 +6,13 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from rich.console import Console
 
+from ..chat_templates import NAMED as NAMED_TEMPLATES
+from ..chat_templates import apply_chat_template, resolve_template, template_for_drafter
 from ..decode import DecodeConfig, check_datastore
 from ..drafter import Drafter
 from ..errors import BadInputError
@@ -44,9 +47,14 @@ class Loaded:
 
 
 def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str, seed: int,
-                device_map: str | None = None) -> Loaded:
-    """Target from the options, then the drafter: a path, 'random', or 'auto'."""
+                device_map: str | None = None, chat_template: str | None = None,
+                templated: bool = True) -> Loaded:
+    """Target from the options, then the drafter: a path, 'random', or 'auto'. Prompts are
+    rendered with `chat_template` when given; else with the tokenizer's own template; else, when
+    `templated`, with the one the drafter was distilled with (its recipe.yaml), if it names one."""
     quiet_libraries()
+    if chat_template:
+        resolve_template(chat_template)  # a bad name fails before the model loads
     spec = TargetSpec(model=model, dtype=dtype, device=device, quantize=quantize, device_map=device_map)
     if device_map and not torch.cuda.is_available():
         err.print(f"note: --device-map {device_map}: no CUDA GPU here, so accelerate places every layer on the CPU")
@@ -58,7 +66,21 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
                else f"{target.config.model_type} models run the generic Hugging Face path")
         err.print(f"note: {why}, so a tree pass can round differently from a one-token pass and greedy ReDrafter "
                   "output can differ from plain decoding at near-ties (README, Performance)")
-    return Loaded(target, *resolve_drafter(target, drafter, seed))
+    loaded = Loaded(target, *resolve_drafter(target, drafter, seed))
+    if chat_template:
+        apply_chat_template(target, chat_template)
+    elif templated and not getattr(target.tokenizer, "chat_template", None) and Path(loaded.drafter_name).is_dir():
+        saved = template_for_drafter(loaded.drafter_name)
+        try:
+            apply_chat_template(target, saved)
+        except BadInputError as exc:  # e.g. a Jinja file named by a path that was relative elsewhere
+            err.print(f"note: the drafter's recipe.yaml names a chat template that cannot be used here ({exc})")
+        else:
+            if saved:
+                label = saved if saved in NAMED_TEMPLATES else "from its recipe.yaml"
+                err.print(f"note: {target.name} has no chat template; prompts use the one its drafter was "
+                          f"distilled with ({label})")
+    return loaded
 
 
 def resolve_drafter(target: Target, drafter: str, seed: int) -> tuple[Drafter, str]:

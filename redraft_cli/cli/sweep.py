@@ -61,6 +61,7 @@ def sweep(
     device_map: o.DeviceMap = None,
     warmup: bool = typer.Option(True, help="Run plain decoding and ReDrafter once before the grid."),
     no_chat_template: o.NoChatTemplate = False,
+    chat_template: o.ChatTemplate = None,
     json_path: o.JsonOut = None,
     csv_path: CsvOut = None,
     plot_path: PlotOut = None,
@@ -85,7 +86,10 @@ def sweep(
                              "--drafter random has no config.json to write the shape into")
     texts = load_prompts(prompts, limit=num_prompts)
 
-    loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map)
+    if chat_template and no_chat_template:
+        raise BadInputError("--chat-template and --no-chat-template exclude each other")
+    loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template,
+                         templated=not no_chat_template)
     target, dr = loaded.target, loaded.drafter
     drafter_dir = _drafter_dir(drafter, loaded)
     if save_best:

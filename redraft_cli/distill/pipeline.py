@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from ..chat_templates import apply_chat_template
 from ..datastore import DATASTORE_NAME, Datastore
 from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter
 from ..errors import BadInputError, ModelLoadError
@@ -37,7 +38,6 @@ from .hidden_cache import attach_hidden, build_hidden_cache
 from .data import GenerationConfig, conversations_sha256, generate_dataset, load_dataset, read_manifest
 from .recipe import Recipe, builtin_recipes, check_recipe
 from .written import PROMPTS as WRITTEN_PROMPTS, STATE as WRITTEN_STATE, WritingConfig, write_prompts
-from .templates import apply_chat_template_override
 from .train import train_drafter
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -145,7 +145,7 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         t = recipe.target
         emit({"event": "load", "model": t.model})
         target = load_target(TargetSpec(model=t.model, dtype=t.dtype, device=t.device, quantize=t.quantize))
-    apply_chat_template_override(target, recipe)
+    apply_chat_template(target, recipe.target.chat_template)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from ..chat_templates import resolve_template
 from ..errors import BadInputError
 
 
@@ -33,7 +34,16 @@ class TargetSection:
     dtype: str = "auto"
     device: str = "auto"
     quantize: str = "none"
-    chat_template: str | None = None  # a named template ("vicuna") or Jinja text, for tokenizers without one
+    chat_template: str | None = None  # a named template ("vicuna"), a Jinja file or Jinja text, for tokenizers without one
+
+    def __post_init__(self) -> None:
+        if self.chat_template is not None:
+            if not isinstance(self.chat_template, str):
+                raise BadInputError("target.chat_template must be a template name, a Jinja file or Jinja text")
+            try:
+                resolve_template(self.chat_template)
+            except BadInputError as exc:
+                raise BadInputError(f"target.chat_template: {exc}") from exc
 
 
 @dataclass

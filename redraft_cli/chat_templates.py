@@ -1,0 +1,65 @@
+"""Chat templates for targets whose tokenizer has none (e.g. Vicuna v1.3).
+
+A template is given by name (`NAMED`), as a Jinja file, or as Jinja text:
+a recipe's `target.chat_template`, or `--chat-template` on bench, chat and
+sweep. A drafter remembers the template it was distilled with (its
+`recipe.yaml`), so decoding with it renders prompts the way its training
+data was rendered: `template_for_drafter` reads it back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import BadInputError
+
+VICUNA = (
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}{% set loop_messages = messages[1:] %}"
+    "{% else %}{{ 'A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user\\'s questions. ' }}{% set loop_messages = messages %}{% endif %}"
+    "{% for m in loop_messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
+    "{% else %}{{ 'ASSISTANT: ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+NAMED = {"vicuna": VICUNA}
+
+
+def resolve_template(value: str) -> str:
+    """A template name, a path to a Jinja file, or Jinja text -> Jinja text."""
+    if value in NAMED:
+        return NAMED[value]
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadInputError(f"cannot read chat template {path}: {exc}") from exc
+        if "{{" not in text and "{%" not in text:
+            raise BadInputError(f"{path} is not a Jinja chat template (no {{{{ }}}} or {{% %}} in it)")
+        return text
+    raise BadInputError(f"unknown chat template {value!r}: give a name ({', '.join(NAMED)}), a Jinja file "
+                        f"or Jinja text")
+
+
+def apply_chat_template(target: Any, value: str | None) -> None:
+    """Render the target's conversations with `value` (see `resolve_template`); None: leave its own."""
+    if value:
+        target.tokenizer.chat_template = resolve_template(value)
+
+
+def template_for_drafter(drafter_dir: str | Path) -> str | None:
+    """The chat template named in a drafter's saved recipe (`recipe.yaml`, written by distill), if any."""
+    path = Path(drafter_dir) / "recipe.yaml"
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    target = recipe.get("target") if isinstance(recipe, dict) else None
+    value = target.get("chat_template") if isinstance(target, dict) else None
+    return value if isinstance(value, str) and value.strip() else None

@@ -1,0 +1,40 @@
+"""Chat templates by name, Jinja file or Jinja text, and the one a drafter's recipe names."""
+
+from __future__ import annotations
+
+import pytest
+
+from redraft_cli.chat_templates import NAMED, resolve_template, template_for_drafter
+from redraft_cli.distill.recipe import TargetSection
+from redraft_cli.errors import BadInputError
+
+
+def test_a_template_is_a_name_a_jinja_file_or_jinja_text(tmp_path):
+    assert resolve_template("vicuna") == NAMED["vicuna"]
+    text = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert resolve_template(text) == text
+    f = tmp_path / "t.jinja"
+    f.write_text(text)
+    assert resolve_template(str(f)) == text
+    (tmp_path / "plain.txt").write_text("no markup here")
+    with pytest.raises(BadInputError, match="not a Jinja chat template"):
+        resolve_template(str(tmp_path / "plain.txt"))
+    with pytest.raises(BadInputError, match="unknown chat template 'vicunna'"):
+        resolve_template("vicunna")
+
+
+def test_a_recipe_with_a_bad_template_fails_when_it_is_read():
+    assert TargetSection(chat_template="vicuna").chat_template == "vicuna"
+    with pytest.raises(BadInputError, match="target.chat_template: unknown chat template"):
+        TargetSection(chat_template="vicunna")
+    with pytest.raises(BadInputError, match="target.chat_template must be"):
+        TargetSection(chat_template=3)
+
+
+def test_the_template_a_drafter_was_distilled_with(tmp_path):
+    assert template_for_drafter(tmp_path) is None  # no recipe.yaml
+    (tmp_path / "recipe.yaml").write_text("target: {model: m, chat_template: vicuna}\n")
+    assert template_for_drafter(tmp_path) == "vicuna"
+    for broken in ("target: [unclosed\n", "- a list\n", "target: {chat_template: null}\n", "target: {chat_template: 7}\n"):
+        (tmp_path / "recipe.yaml").write_text(broken)
+        assert template_for_drafter(tmp_path) is None
