@@ -30,6 +30,8 @@ NAMED = {"vicuna": VICUNA}
 
 def resolve_template(value: str) -> str:
     """A template name, a path to a Jinja file, or Jinja text -> Jinja text."""
+    if not value.strip():
+        raise BadInputError("the chat template is empty: give a name, a Jinja file or Jinja text")
     if value in NAMED:
         return NAMED[value]
     if "{{" in value or "{%" in value:
@@ -48,9 +50,28 @@ def resolve_template(value: str) -> str:
 
 
 def apply_chat_template(target: Any, value: str | None) -> None:
-    """Render the target's conversations with `value` (see `resolve_template`); None: leave its own."""
-    if value:
-        target.tokenizer.chat_template = resolve_template(value)
+    """Render the target's conversations with `value` (see `resolve_template`); None: leave its own.
+    A template that does not render a one-turn conversation is refused, and the tokenizer keeps its own."""
+    if value is None:
+        return
+    tok = target.tokenizer
+    before, tok.chat_template = getattr(tok, "chat_template", None), resolve_template(value)
+    try:
+        render(tok, [{"role": "user", "content": "Hello."}])
+    except BadInputError:
+        tok.chat_template = before
+        raise
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The tokenizer's chat template applied to `messages`, ready for the assistant's turn; a
+    template that fails (Jinja syntax, an undefined name, raise_exception) is a BadInputError."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:
+        raise BadInputError(f"the chat template does not render: {type(exc).__name__}: {exc}") from exc
 
 
 def template_for_drafter(drafter_dir: str | Path) -> str | None:

@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 
 from .drafter import MODEL_TYPE as DRAFTER_MODEL_TYPE
+from .chat_templates import render
 from .errors import BadInputError, ChatTemplateError, ContextOverflowError, ModelLoadError
 from .files import cache_dir
 from .invariance import pad_rows
@@ -444,7 +445,7 @@ class Target:
                 f"file or text), or send raw text with --no-chat-template (bench, sweep)"
             )
         messages = [{**m, "content": _valid_text(m.get("content", ""))} for m in messages]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render(self.tokenizer, messages)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode_raw(self, text: str) -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from redraft_cli.chat_templates import NAMED, resolve_template, template_for_drafter
+from redraft_cli.chat_templates import NAMED, apply_chat_template, render, resolve_template, template_for_drafter
 from redraft_cli.distill.recipe import TargetSection
 from redraft_cli.errors import BadInputError
 
@@ -38,3 +38,28 @@ def test_the_template_a_drafter_was_distilled_with(tmp_path):
     for broken in ("target: [unclosed\n", "- a list\n", "target: {chat_template: null}\n", "target: {chat_template: 7}\n"):
         (tmp_path / "recipe.yaml").write_text(broken)
         assert template_for_drafter(tmp_path) is None
+
+
+def _target_with_template(template):
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
+    tok.chat_template = template
+    return SimpleNamespace(tokenizer=tok)
+
+
+def test_a_template_that_does_not_render_is_refused_and_the_old_one_stays():
+    own = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    target = _target_with_template(own)
+    for broken, kind in (("{% for %}", "TemplateSyntaxError"), ("{{ nope() }}", "UndefinedError"),
+                         ("{{ raise_exception('roles must alternate') }}", "roles must alternate")):
+        with pytest.raises(BadInputError, match=kind):
+            apply_chat_template(target, broken)
+        assert target.tokenizer.chat_template == own
+    apply_chat_template(target, "vicuna")
+    assert render(target.tokenizer, [{"role": "user", "content": "Hi."}]).endswith("USER: Hi. ASSISTANT:")
+    with pytest.raises(BadInputError, match="empty"):
+        apply_chat_template(target, "  ")

@@ -53,7 +53,7 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
     rendered with `chat_template` when given; else with the tokenizer's own template; else, when
     `templated`, with the one the drafter was distilled with (its recipe.yaml), if it names one."""
     quiet_libraries()
-    if chat_template:
+    if chat_template is not None:
         resolve_template(chat_template)  # a bad name fails before the model loads
     spec = TargetSpec(model=model, dtype=dtype, device=device, quantize=quantize, device_map=device_map)
     if device_map and not torch.cuda.is_available():
@@ -67,7 +67,7 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
         err.print(f"note: {why}, so a tree pass can round differently from a one-token pass and greedy ReDrafter "
                   "output can differ from plain decoding at near-ties (README, Performance)")
     loaded = Loaded(target, *resolve_drafter(target, drafter, seed))
-    if chat_template:
+    if chat_template is not None:
         apply_chat_template(target, chat_template)
     elif templated and not getattr(target.tokenizer, "chat_template", None) and Path(loaded.drafter_name).is_dir():
         saved = template_for_drafter(loaded.drafter_name)

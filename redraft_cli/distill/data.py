@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..chat_templates import render as render_chat
 from ..errors import BadInputError, ChatTemplateError
 from ..files import atomic_write
 
@@ -84,13 +85,15 @@ class _Chat:
         self.system = system
         self.eos_ids = sorted(int(e) for e in target.eos_ids)
         if self.tok is None or not getattr(self.tok, "chat_template", None):
-            raise ChatTemplateError(f"{target.name} has no chat template; self-distillation renders conversations with it")
+            raise ChatTemplateError(f"{target.name} has no chat template; self-distillation renders conversations "
+                                    f"with it (set target.chat_template in the recipe: a name such as vicuna, a "
+                                    f"Jinja file or text)")
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """Template text ready for the assistant turn (the same text Target.encode_chat tokenises)."""
         if self.system:
             messages = [{"role": "system", "content": self.system}, *messages]
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_chat(self.tok, messages)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"]) if text else []
