@@ -100,7 +100,7 @@ def main() -> None:
             for _ in range(5):
                 tok = tree_pass(cache, tok, 1)
                 int(tok[0])
-        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=30))
         syncs = sum(e.count for e in prof.key_averages() if e.key in ("aten::_local_scalar_dense", "aten::equal",
                                                                         "cudaStreamSynchronize", "cudaDeviceSynchronize"))
