@@ -375,3 +375,20 @@ def test_hidden_cache_written_before_files_were_named_by_fingerprint_still_loads
     attach_hidden(more, tmp_path / "h", target.name)
     attach_hidden(data, tmp_path / "h", target.name)
     assert (tmp_path / "h" / "hidden-00001.safetensors").is_file()  # the old partial chunk is kept
+
+
+def test_a_chat_template_file_is_saved_into_the_drafters_recipe(tmp_path):
+    """A recipe's chat_template given as a Jinja file renders the data, and the drafter's recipe.yaml
+    holds its text, so bench and chat find it from any directory (chat_templates.template_for_drafter)."""
+    from redraft_cli.chat_templates import template_for_drafter
+    from redraft_cli.distill.recipe import recipe_from_dict
+
+    target = tiny_chat_llama(seed=3)
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
+    path = tmp_path / "plain.jinja"
+    path.write_text(template)
+    recipe = recipe_from_dict({**tiny_recipe(max_steps=1).to_dict(), "target": {"chat_template": str(path)}})
+    events, _ = distill_events(recipe, target, tmp_path)
+    assert target.tokenizer.decode(target.encode_chat("Hi.")) == "<|user|>Hi.\n<|assistant|>"
+    path.unlink()
+    assert template_for_drafter(tmp_path / "out") == template

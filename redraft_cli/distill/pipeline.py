@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from ..chat_templates import NAMED as NAMED_TEMPLATES
 from ..chat_templates import apply_chat_template
 from ..datastore import DATASTORE_NAME, Datastore
 from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter
@@ -147,7 +148,10 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         target = load_target(TargetSpec(model=t.model, dtype=t.dtype, device=t.device, quantize=t.quantize))
     apply_chat_template(target, recipe.target.chat_template)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    saved = recipe.to_dict()
+    if target.tokenizer.chat_template and recipe.target.chat_template not in (None, *NAMED_TEMPLATES):
+        saved["target"]["chat_template"] = target.tokenizer.chat_template  # a file's text: the drafter carries it
+    (out / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
 
     # 1. Data: the target's own answers, held-out conversations first.
     gen_cfg = GenerationConfig(max_new_tokens=d.max_new_tokens, batch_size=d.gen_batch_size, temperature=d.temperature,
