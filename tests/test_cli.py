@@ -57,10 +57,24 @@ def test_bench_random_drafter_json(tmp_path, prompt_file):
     assert data["identical_outputs"] == 2 and data["batch_invariant"] is True  # the embedded default on CPU
     assert data["baseline"]["tokens"] == data["redraft"]["tokens"] == data["baseline_hf"]["tokens"] == 16
     assert [r["redraft_tokens"] for r in data["per_prompt"]] == [8, 8]
-    assert "note:" not in result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert all(n.startswith("note: ReDrafter ran at") for n in notes), notes  # only the timing-dependent one
     assert all(1.0 <= r["tokens_per_step"] <= 3.0 for r in data["per_prompt"])  # at most g0 + 2 drafted per step
     assert "ReDrafter" in result.output
     assert "2 prompts x 8 tokens" in " ".join(result.output.split())
+
+
+def test_a_slower_redrafter_is_explained():
+    from redraft_cli.cli.bench import slower_note
+
+    def result(speedup, tokens_per_step, batch=1):
+        return {"speedup": speedup, "batch_size": batch, "redraft": {"tokens_per_step": tokens_per_step}}
+
+    assert slower_note(result(1.2, 1.1)) is None and slower_note(result(None, 1.0)) is None
+    assert "rarely predicts this text (1.10 tokens per step)" in slower_note(result(0.7, 1.1, batch=4))
+    assert "sweep --batch-size 16 --save-best" in slower_note(result(0.63, 1.94, batch=16))
+    assert "ran at 0.90x" in slower_note(result(0.9, 2.5)) and "sweep --save-best" in slower_note(result(0.9, 2.5))
+    assert "untrained (--drafter random)" in slower_note({**result(0.5, 1.0), "drafter": "random (seed 0)"})
 
 
 def test_bench_batch_matches_batch_one(tmp_path):
