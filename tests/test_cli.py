@@ -65,16 +65,15 @@ def test_bench_random_drafter_json(tmp_path, prompt_file):
 
 
 def test_a_slower_redrafter_is_explained():
-    from redraft_cli.cli.bench import slower_note
+    from redraft_cli.cli.common import slower_note
 
-    def result(speedup, tokens_per_step, batch=1):
-        return {"speedup": speedup, "batch_size": batch, "redraft": {"tokens_per_step": tokens_per_step}}
-
-    assert slower_note(result(1.2, 1.1)) is None and slower_note(result(None, 1.0)) is None
-    assert "rarely predicts this text (1.10 tokens per step)" in slower_note(result(0.7, 1.1, batch=4))
-    assert "sweep --batch-size 16 --save-best" in slower_note(result(0.63, 1.94, batch=16))
-    assert "ran at 0.90x" in slower_note(result(0.9, 2.5)) and "sweep --save-best" in slower_note(result(0.9, 2.5))
-    assert "untrained (--drafter random)" in slower_note({**result(0.5, 1.0), "drafter": "random (seed 0)"})
+    assert slower_note(1.2, 1.1, 1, "d") is None and slower_note(None, 1.0, 1, "d") is None
+    assert "rarely predicts this text (1.10 tokens per step)" in slower_note(0.7, 1.1, 4, "d")
+    assert "sweep --batch-size 16 --save-best" in slower_note(0.63, 1.94, 16, "d")
+    assert "ran at 0.90x" in slower_note(0.9, 2.5, 1, "d") and "sweep --save-best" in slower_note(0.9, 2.5, 1, "d")
+    assert "untrained (--drafter random)" in slower_note(0.5, 1.0, 1, "random (seed 0)")
+    assert slower_note(0.8, 2.0, 1, "d", subject="the fastest shape tried").startswith(
+        "note: the fastest shape tried ran at 0.80x")
 
 
 def test_bench_batch_matches_batch_one(tmp_path):

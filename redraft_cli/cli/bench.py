@@ -16,7 +16,7 @@ from ..files import write_text
 from ..prompts import load_prompts
 from . import options as o
 from ._errors import handle_errors
-from .common import check_batch_size, check_prompts_fit, check_output_paths, console, decode_config, err, load_models, beams_label, note_short_prompt_set, with_drafter_shape
+from .common import check_batch_size, check_prompts_fit, check_output_paths, console, decode_config, err, load_models, beams_label, note_short_prompt_set, slower_note, with_drafter_shape
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -84,29 +84,12 @@ def bench(
     if not result["redraft"].get("steps"):
         err.print("note: ReDrafter took no draft step (every answer ended at its first token), so the speedup "
                   "compares prompt passes only")
-    elif (why := slower_note(result)) is not None:
+    elif (why := slower_note(result["speedup"], result["redraft"]["tokens_per_step"], batch_size,
+                             loaded.drafter_name)) is not None:
         err.print(why)
     if json_path is not None:
         write_text(json_path, json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {json_path}")
-
-
-def slower_note(r: dict) -> str | None:
-    """Why ReDrafter ran slower than plain decoding, and what to try; None when it did not."""
-    if r["speedup"] is None or r["speedup"] >= 1.0:
-        return None
-    red, batch = r["redraft"], r.get("batch_size", 1)
-    head = f"note: ReDrafter ran at {r['speedup']:.2f}x of plain decoding here: "
-    if str(r.get("drafter", "")).startswith("random"):
-        return head + "the drafter is untrained (--drafter random), so it pays for drafts that are never accepted"
-    if red["tokens_per_step"] < 1.5:
-        return head + (f"its drafter rarely predicts this text ({red['tokens_per_step']:.2f} tokens per step); "
-                       "a drafter distilled for this target and this kind of prompt helps (redraft distill)")
-    if batch > 1:
-        return head + (f"a batched tree costs compute in every row; `redraft sweep --batch-size {batch} "
-                       "--save-best` finds a smaller tree for this batch size, or decode plainly")
-    return head + ("a tree pass costs more than its extra tokens save on this machine; "
-                   "`redraft sweep --save-best` finds the shape that pays")
 
 
 def render(r: dict) -> Table:

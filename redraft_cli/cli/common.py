@@ -229,3 +229,21 @@ def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int)
     if cut:
         err.print(f"note: {cut} prompt(s) leave fewer than --max-new-tokens {max_new_tokens} tokens of the "
                   f"{target.max_context}-token context; their answers stop where the context ends")
+
+
+def slower_note(speedup: float | None, tokens_per_step: float, batch_size: int, drafter_name: str,
+                subject: str = "ReDrafter") -> str | None:
+    """Why ReDrafter ran slower than plain decoding, and what to try; None when it did not."""
+    if speedup is None or speedup >= 1.0:
+        return None
+    head = f"note: {subject} ran at {speedup:.2f}x of plain decoding here: "
+    if drafter_name.startswith("random"):
+        return head + "the drafter is untrained (--drafter random), so it pays for drafts that are never accepted"
+    if tokens_per_step < 1.5:
+        return head + (f"its drafter rarely predicts this text ({tokens_per_step:.2f} tokens per step); "
+                       "a drafter distilled for this target and this kind of prompt helps (redraft distill)")
+    if batch_size > 1:
+        return head + (f"a batched tree costs compute in every row; `redraft sweep --batch-size {batch_size} "
+                       "--save-best` with small node budgets (--nodes 1,2,3) finds the cheapest tree, or decode plainly")
+    return head + ("a tree pass costs more than its extra tokens save on this machine; "
+                   "`redraft sweep --save-best` finds the shape that pays")

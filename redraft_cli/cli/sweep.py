@@ -22,7 +22,7 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      save_best as save_best_shape, write_csv, write_json)
 from . import options as o
 from ._errors import handle_errors
-from .common import check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, note_short_prompt_set, with_drafter_shape
+from .common import check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -151,6 +151,10 @@ def sweep(
         from ..plots import save_sweep_plot
 
         console.print(f"wrote {save_sweep_plot(result, plot_path)}")
+    best = result["best"]
+    if best is not None and (why := slower_note(best["speedup"], best["tokens_per_step"], batch_size,
+                                                loaded.drafter_name, subject="the fastest shape tried")):
+        err.print(why)
     if saved is not None:
         b = result["best"]
         console.print(f"saved beam shape {b['beam_width']}x{b['beam_length']}"
