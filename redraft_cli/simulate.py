@@ -11,7 +11,7 @@ the cached hidden states and the decoder's own (equal in a test on a tiny
 model). On this project's CPU, with data from the float32 target and
 `bench` running bfloat16 (whose greedy answers differ here and there), the
 two agreed within 1-4%: 1.594 against 1.608 and 1.693 against 1.700 tokens
-per step for one drafter, 1.78 against 1.85 for another, on 10 MT-Bench
+per step for one drafter, 1.78 against 1.85 for another, on 10 Vicuna-bench
 questions.
 
 The loop follows `Generator.redraft_batch`: the first answer token comes from
