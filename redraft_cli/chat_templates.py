@@ -29,24 +29,44 @@ NAMED = {"vicuna": VICUNA}
 
 
 def resolve_template(value: str) -> str:
-    """A template name, a path to a Jinja file, or Jinja text -> Jinja text."""
+    """A template name, a path to a Jinja file, or Jinja text -> Jinja text (whose syntax is checked)."""
     if not value.strip():
         raise BadInputError("the chat template is empty: give a name, a Jinja file or Jinja text")
     if value in NAMED:
         return NAMED[value]
     if "{{" in value or "{%" in value:
-        return value
-    path = Path(value).expanduser()
-    if path.is_file():
+        return _checked(value, "the chat template")
+    try:
+        path = Path(value).expanduser()
+        is_file = path.is_file()
+    except (OSError, RuntimeError, ValueError):  # a name too long for a path, ~user of no such user, a NUL
+        is_file = False
+    if is_file:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise BadInputError(f"cannot read chat template {path}: {exc}") from exc
         if "{{" not in text and "{%" not in text:
             raise BadInputError(f"{path} is not a Jinja chat template (no {{{{ }}}} or {{% %}} in it)")
-        return text
-    raise BadInputError(f"unknown chat template {value!r}: give a name ({', '.join(NAMED)}), a Jinja file "
+        return _checked(text, str(path))
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    raise BadInputError(f"unknown chat template {shown!r}: give a name ({', '.join(NAMED)}), a Jinja file "
                         f"or Jinja text")
+
+
+def _checked(text: str, what: str) -> str:
+    """Jinja text whose syntax compiles as transformers compiles chat templates (where that helper exists)."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # another transformers version: rendering checks it later
+        return text
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        _compile_jinja_template(text)
+    except TemplateSyntaxError as exc:
+        raise BadInputError(f"{what} is not valid Jinja: {exc} (line {exc.lineno})") from exc
+    return text
 
 
 def apply_chat_template(target: Any, value: str | None) -> None:
@@ -56,8 +76,11 @@ def apply_chat_template(target: Any, value: str | None) -> None:
         return
     tok = target.tokenizer
     before, tok.chat_template = getattr(tok, "chat_template", None), resolve_template(value)
+    probe = "Hello, how are you?"
     try:
-        render(tok, [{"role": "user", "content": "Hello."}])
+        if probe not in render(tok, [{"role": "user", "content": probe}]):
+            raise BadInputError("the chat template does not show the user's message (it renders a one-turn "
+                                "conversation without it)")
     except BadInputError:
         tok.chat_template = before
         raise
@@ -66,21 +89,27 @@ def apply_chat_template(target: Any, value: str | None) -> None:
 def render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """The tokenizer's chat template applied to `messages`, ready for the assistant's turn; a
     template that fails (Jinja syntax, an undefined name, raise_exception) is a BadInputError."""
-    from jinja2 import TemplateError
-
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except TemplateError as exc:
+    except Exception as exc:  # template code can raise anything: Jinja errors, 1/0, a range too big
         raise BadInputError(f"the chat template does not render: {type(exc).__name__}: {exc}") from exc
 
 
 def template_for_drafter(drafter_dir: str | Path) -> str | None:
-    """The chat template named in a drafter's saved recipe (`recipe.yaml`, written by distill), if any."""
+    """The chat template named in a drafter's saved recipe (`recipe.yaml`, written by distill); None
+    when there is no recipe or it names none. A recipe that cannot be read, or whose
+    target.chat_template is not text, is a BadInputError (the caller notes it and goes on)."""
     path = Path(drafter_dir) / "recipe.yaml"
+    if not path.is_file():
+        return None
     try:
         recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise BadInputError(f"cannot read {path}: {type(exc).__name__}") from exc
     target = recipe.get("target") if isinstance(recipe, dict) else None
     value = target.get("chat_template") if isinstance(target, dict) else None
-    return value if isinstance(value, str) and value.strip() else None
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise BadInputError(f"{path}: target.chat_template is not a template ({value!r})")
+    return value

@@ -9,7 +9,10 @@ from .drafter import CONFIG_NAME
 
 
 def shipped_drafter_dir(model: str) -> Path | None:
-    """The packaged drafter for `model` (an alias such as smollm2-135m), if there is one."""
+    """The packaged drafter for `model` (an alias such as smollm2-135m), if there is one; a path or a
+    hub id (which holds a separator) never names one."""
+    if not model or Path(model).name != model or model in (".", ".."):
+        return None
     ref = resources.files("redraft_cli") / "data" / "drafters" / model
     path = Path(str(ref))
     return path if (path / CONFIG_NAME).is_file() else None

@@ -35,9 +35,26 @@ def test_the_template_a_drafter_was_distilled_with(tmp_path):
     assert template_for_drafter(tmp_path) is None  # no recipe.yaml
     (tmp_path / "recipe.yaml").write_text("target: {model: m, chat_template: vicuna}\n")
     assert template_for_drafter(tmp_path) == "vicuna"
-    for broken in ("target: [unclosed\n", "- a list\n", "target: {chat_template: null}\n", "target: {chat_template: 7}\n"):
+    for none in ("- a list\n", "target: {chat_template: null}\n", "target: {chat_template: ' '}\n", "name: x\n"):
+        (tmp_path / "recipe.yaml").write_text(none)
+        assert template_for_drafter(tmp_path) is None, none
+    for broken, says in (("target: [unclosed\n", "cannot read"), ("target: {chat_template: 7}\n", r"not a template \(7\)"),
+                         ("target: {chat_template: [vicuna]}\n", "not a template")):
         (tmp_path / "recipe.yaml").write_text(broken)
-        assert template_for_drafter(tmp_path) is None
+        with pytest.raises(BadInputError, match=says):
+            template_for_drafter(tmp_path)
+
+
+def test_odd_values_are_clear_errors():
+    with pytest.raises(BadInputError, match="unknown chat template '~nosuchuser-redraft/x.jinja'"):
+        resolve_template("~nosuchuser-redraft/x.jinja")
+    with pytest.raises(BadInputError, match=r"unknown chat template 'aaaa.*\.\.\.'") as info:
+        resolve_template("a" * 5000)
+    assert len(str(info.value)) < 200
+    with pytest.raises(BadInputError, match="not valid Jinja"):
+        resolve_template("{{ messages[0]")
+    with pytest.raises(BadInputError, match="target.chat_template: the chat template is not valid Jinja"):
+        TargetSection(chat_template="{{ messages[0]")
 
 
 def _target_with_template(template):
@@ -54,8 +71,10 @@ def _target_with_template(template):
 def test_a_template_that_does_not_render_is_refused_and_the_old_one_stays():
     own = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
     target = _target_with_template(own)
-    for broken, kind in (("{% for %}", "TemplateSyntaxError"), ("{{ nope() }}", "UndefinedError"),
-                         ("{{ raise_exception('roles must alternate') }}", "roles must alternate")):
+    for broken, kind in (("{% for %}", "not valid Jinja"), ("{{ nope() }}", "UndefinedError"),
+                         ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+                         ("{{ 1/0 }}", "ZeroDivisionError"), ("{{ 'a' + 1 }}", "TypeError"),
+                         ("{{ 'Tell me a joke.' }}", "does not show the user's message")):
         with pytest.raises(BadInputError, match=kind):
             apply_chat_template(target, broken)
         assert target.tokenizer.chat_template == own

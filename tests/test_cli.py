@@ -196,6 +196,16 @@ def test_mismatched_drafter(tmp_path, tiny_target, prompt_file):
                        "does not match", "hidden size 32")
 
 
+def test_only_an_alias_names_a_shipped_drafter(tmp_path):
+    """A model given by absolute path never takes a packaged drafter of the same name (it used to
+    resolve to the model directory itself); nor does a hub id."""
+    from redraft_cli.shipped import shipped_drafter_dir
+
+    assert shipped_drafter_dir("smollm2-135m") is not None
+    for name in (str(tmp_path), "/tmp", "HuggingFaceTB/SmolLM2-135M-Instruct", "", ".", "..", "no-such-alias"):
+        assert shipped_drafter_dir(name) is None, name
+
+
 def test_prompt_longer_than_context(tmp_path):
     long = tmp_path / "long.txt"
     long.write_text(" ".join(["word"] * 9000) + "\n")

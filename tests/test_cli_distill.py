@@ -9,7 +9,9 @@ from typer.testing import CliRunner
 
 from conftest import tiny_chat_llama
 from redraft_cli.cli.app import app
+from redraft_cli.distill.recipe import load_recipe
 from redraft_cli.drafter import Drafter
+from redraft_cli.errors import BadInputError
 
 runner = CliRunner()
 
@@ -88,6 +90,20 @@ def test_distill_refuses_to_overwrite_a_folder_of_other_files(tmp_path):
     result = runner.invoke(app, ["distill", "smollm2-135m", "--max-steps", "1", "--out", str(mine)])
     assert result.exit_code == 2 and "already holds files" in result.output, result.output
     assert (mine / "config.json").read_text() == '{"my": "config"}'
+
+
+def test_a_folder_left_with_only_the_recipe_by_a_failed_run_can_be_retried(tmp_path):
+    """A run that stopped before training leaves recipe.yaml alone; the retry may use the folder."""
+    from redraft_cli.distill.pipeline import distill
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "recipe.yaml").write_text("name: earlier\n")
+    recipe = load_recipe("smollm2-135m")
+    recipe.data.source = str(tmp_path / "missing.jsonl")
+    with pytest.raises(BadInputError) as info:
+        distill(recipe, out, target=object(), data_dir=tmp_path / "data", bench=False)
+    assert "already holds files" not in str(info.value)  # it failed later, on the missing prompt file
 
 
 def test_distill_offline_data_set_is_named(monkeypatch, tmp_path):

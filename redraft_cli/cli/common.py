@@ -70,10 +70,11 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
     if chat_template is not None:
         apply_chat_template(target, chat_template)
     elif templated and not getattr(target.tokenizer, "chat_template", None) and Path(loaded.drafter_name).is_dir():
-        saved = template_for_drafter(loaded.drafter_name)
         try:
+            saved = template_for_drafter(loaded.drafter_name)
             apply_chat_template(target, saved)
         except BadInputError as exc:  # e.g. a Jinja file named by a path that was relative elsewhere
+            saved = None
             err.print(f"note: the drafter's recipe.yaml names a chat template that cannot be used here ({exc})")
         else:
             if saved:

@@ -131,7 +131,9 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         raise BadInputError(f"--out {out} is a file; give a directory for the drafter")
     if (out / "checkpoint").exists() and not resume:
         raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
-    if out.is_dir() and not (out / "checkpoint").exists() and any(out.iterdir()):
+    # A run that failed before training (no model, no chat template, no network) leaves only recipe.yaml:
+    # that folder is still ours to retry in.
+    if out.is_dir() and not (out / "checkpoint").exists() and any(p.name != "recipe.yaml" for p in out.iterdir()):
         raise BadInputError(f"--out {out} already holds files and no training checkpoint; the drafter's files would "
                             "replace them: use a new or empty directory")
     check_offline_needs(recipe)
