@@ -123,7 +123,6 @@ class ChatSession:
             del self.messages[:cut]
             self.trimmed += 1
         if len(ids) >= target.max_context:
-            self.messages.pop()
             raise ContextOverflowError(
                 f"the message is {len(ids)} tokens with the chat template; the context is {target.max_context}"
             )
@@ -133,8 +132,14 @@ class ChatSession:
         """Add a user turn and stream the answer; the answer (even a partial one) joins the history."""
         if not text.strip():
             raise BadInputError("empty message")
+        history = list(self.messages)
         self.messages.append({"role": "user", "content": text})
-        ids = self._prompt_ids()
+        try:
+            ids = self._prompt_ids()
+        except BadInputError:  # too long, or a chat template that fails on it: the history stays as it was
+            self.messages[:] = history
+            self.trimmed = 0
+            raise
         tok = self.gen.target.tokenizer
         loop = self.gen.redraft if self.draft else self.gen.plain
         answer: list[int] = []

@@ -90,6 +90,25 @@ def test_set_validates(target):
             s.set(name, value)
 
 
+def test_a_turn_the_template_cannot_render_leaves_the_history_as_it_was(target):
+    """A template that fails on the second turn: that turn is an error, the first turn stays, and
+    the session goes on once the template renders again."""
+    s = session(target)
+    own = target.tokenizer.chat_template
+    target.tokenizer.chat_template = ("{% for m in messages %}{% if 'boom' in m['content'] %}{{ 1/0 }}{% endif %}"
+                                      "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+    try:
+        list(s.ask("Hello there"))
+        before = list(s.messages)
+        with pytest.raises(BadInputError, match="ZeroDivisionError"):
+            list(s.ask("boom"))
+        assert s.messages == before
+        list(s.ask("And then?"))
+        assert [m["role"] for m in s.messages] == ["user", "assistant", "user", "assistant"]
+    finally:
+        target.tokenizer.chat_template = own
+
+
 def test_history_trimmed_to_context(target):
     s = session(target)
     limit = target.max_context
@@ -99,8 +118,10 @@ def test_history_trimmed_to_context(target):
             list(s.ask(f"Tell me something about number {i}, please, in detail."))
         assert s.trimmed >= 1 or len(s.messages) < 24
         assert len(target.encode_chat(s.messages)) <= 200
+        kept = list(s.messages)
         with pytest.raises(ContextOverflowError):
             list(s.ask("word " * 400))
+        assert s.messages == kept  # the turn that cannot fit leaves the history whole (nothing trimmed for it)
     finally:
         target.max_context = limit
 
