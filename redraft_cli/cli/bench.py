@@ -11,7 +11,6 @@ from rich.table import Table
 
 from ..bench import BenchConfig, run_bench
 from ..decode import Generator
-from ..errors import BadInputError
 from ..files import write_text
 from ..prompts import load_prompts
 from . import options as o
@@ -59,8 +58,6 @@ def bench(
     check_output_paths({"--json": json_path}, inputs={"--prompts": prompts})
     check_batch_size(batch_size)
     texts = load_prompts(prompts, limit=num_prompts)
-    if chat_template and no_chat_template:
-        raise BadInputError("--chat-template and --no-chat-template exclude each other")
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template,
                          templated=not no_chat_template)
     target, dr = loaded.target, loaded.drafter

@@ -53,6 +53,8 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
     rendered with `chat_template` when given; else with the tokenizer's own template; else, when
     `templated`, with the one the drafter was distilled with (its recipe.yaml), if it names one."""
     quiet_libraries()
+    if chat_template and not templated:
+        raise BadInputError("--chat-template and --no-chat-template exclude each other")
     if chat_template is not None:
         resolve_template(chat_template)  # a bad name fails before the model loads
     spec = TargetSpec(model=model, dtype=dtype, device=device, quantize=quantize, device_map=device_map)

@@ -86,8 +86,6 @@ def sweep(
                              "--drafter random has no config.json to write the shape into")
     texts = load_prompts(prompts, limit=num_prompts)
 
-    if chat_template and no_chat_template:
-        raise BadInputError("--chat-template and --no-chat-template exclude each other")
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template,
                          templated=not no_chat_template)
     target, dr = loaded.target, loaded.drafter
@@ -156,9 +154,8 @@ def sweep(
                                                 loaded.drafter_name, subject="the fastest shape tried")):
         err.print(why)
     if saved is not None:
-        b = result["best"]
-        console.print(f"saved beam shape {b['beam_width']}x{b['beam_length']}"
-                      + (f" (best {b['tree_nodes']} nodes)" if b.get("tree_nodes") else "") + f" to {saved} "
+        console.print(f"saved beam shape {best['beam_width']}x{best['beam_length']}"
+                      + (f" (best {best['tree_nodes']} nodes)" if best.get("tree_nodes") else "") + f" to {saved} "
                       + ("(the default of bench and chat with this drafter)" if batch_size == 1 else
                          f"(the default of bench --batch-size {batch_size} and larger with this drafter)"))
 
