@@ -374,7 +374,7 @@ class Generator:
         R = len(rows.active)
         one = torch.ones(R, 1, 1, dtype=torch.bool, device=t.device)
         hidden = t.forward_tree(tok.view(R, 1), cache.lengths.view(R, 1), cache, one)[:, -1]
-        cache.commit(torch.zeros(R, 1, dtype=torch.long, device=t.device), torch.ones(R, dtype=torch.long, device=t.device))
+        cache.advance(1)
         tok = choose_tokens(t.logits(hidden), cfg.sampling, gen)  # (R,)
         _sync(t.device)
         seconds = time.perf_counter() - start

@@ -64,6 +64,10 @@ class TreeCache:
         commit_path(self.hf, prefix, path[0, : int(accepted[0])])
         self.lengths += accepted.to(self.lengths)
 
+    def advance(self, n: int) -> None:
+        """Keep the n new tokens of the last forward (they are already at the end of the cache)."""
+        self.lengths += n
+
     def keep(self, rows: torch.Tensor) -> None:
         if rows.numel() != 1 or int(rows[0]) != 0:
             raise ValueError("a generic-path cache holds one row")

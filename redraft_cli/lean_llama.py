@@ -123,6 +123,10 @@ class LeanLlama:
         # matmul never is (or not on CPU), and identity holds only up to near-ties.
         self.good_rows = probe_good_rows(model, self.head_dim) if weight.device.type == "cpu" else None
         self.batch_invariant = self.good_rows is not None
+        # Off the CPU, masked SDPA with enable_gqa has no fused kernel (flash takes no mask; memory-efficient
+        # and cuDNN need equal head counts) and runs the unfused math backend: fold the query groups instead
+        # (`fold_gqa_mask`). The CPU's fused kernel serves masked GQA itself.
+        self.fold_gqa = self.kv_heads != self.num_heads and weight.device.type != "cpu"
 
     def rows(self, m: int) -> int:
         """The row count a batch-invariant matmul of m rows runs with (m itself when not invariant)."""
@@ -156,6 +160,7 @@ class LeanLlama:
         cache.check_room(n)
         slots = cache.slots(n)
         mask, span = cache.attention_mask(tree_mask)
+        fused_mask = fold_gqa_mask(mask, self.num_heads // self.kv_heads) if self.fold_gqa else mask
         x = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(x, positions)
         rows = packed_rows(valid)
@@ -168,8 +173,8 @@ class LeanLlama:
             x = x.reshape(B * n, -1).index_select(0, rows)  # (N, H)
         extents = self._extents(cache, valid, B, n, span)
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, i, slots, mask,
-                                    span, (B, n), rows, extents)
+            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, i, slots,
+                                    (mask, fused_mask), span, (B, n), rows, extents)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         x = self.base.norm(x)
         return x if rows is None else unpack_rows(x, rows, B, n)
@@ -186,9 +191,11 @@ class LeanLlama:
         return ext if sum(q * k for q, k in ext) < 0.8 * B * n * span else None
 
     def _attention(self, attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache,
-                   layer: int, slots: torch.Tensor, mask: torch.Tensor, span: int, shape: tuple[int, int],
-                   rows: torch.Tensor | None, extents: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        """x: (B, n, H), or (N, H) packed at `rows` of the (B, n) = `shape` cells; returns x's layout."""
+                   layer: int, slots: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor], span: int,
+                   shape: tuple[int, int], rows: torch.Tensor | None, extents: list[tuple[int, int]] | None = None
+                   ) -> torch.Tensor:
+        """x: (B, n, H), or (N, H) packed at `rows` of the (B, n) = `shape` cells; returns x's layout.
+        masks: the (B, 1, n, span) mask, and the one the fused kernel takes (folded when `fold_gqa`)."""
         B, n = shape
         d = self.head_dim
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
@@ -203,10 +210,9 @@ class LeanLlama:
         cache.write(layer, k, v, slots)
         keys, values = cache.view(layer, span)
         if self.batch_invariant and n <= INVARIANT_MAX_TOKENS:
-            out = grouped_attention(q, keys, values, mask, self.scaling, extents, self.good_rows)
+            out = grouped_attention(q, keys, values, masks[0], self.scaling, extents, self.good_rows)
         else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
-                                                 enable_gqa=self.kv_heads != self.num_heads)  # (B, heads, n, d)
+            out = fused_attention(q, keys, values, masks[1], self.scaling)  # (B, heads, n, d)
         out = out.transpose(1, 2).reshape(B * n, self.num_heads * d)
         if rows is not None:
             return attn.o_proj(out.index_select(0, rows))
@@ -224,6 +230,35 @@ def unpack_rows(packed: torch.Tensor, rows: torch.Tensor, B: int, n: int) -> tor
     """(N, D) values of the flat cells `rows` -> (B, n, D), zeros elsewhere."""
     out = packed.new_zeros(B * n, packed.shape[-1])
     return out.index_copy_(0, rows, packed).view(B, n, -1)
+
+
+def fold_gqa_mask(mask: torch.Tensor, rep: int) -> torch.Tensor:
+    """(B, 1, n, S) -> (B, 1, rep * n, S): the mask of `fused_attention`'s folded queries, where the
+    rep = heads / kv_heads query heads of a KV head are stacked as rep * n queries (once per forward)."""
+    B, _, n, S = mask.shape
+    return mask.unsqueeze(2).expand(B, 1, rep, n, S).reshape(B, 1, rep * n, S)
+
+
+def fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """SDPA over a grouped-query cache; K and V are never repeated.
+
+    q: (B, heads, n, d); keys, values: (B, kv_heads, S, d); mask (B, 1, n, S)
+    bool, or (B, 1, rep * n, S) from `fold_gqa_mask`. With the folded mask,
+    query head h = j * rep + r (kv head j, as Hugging Face's repeat_kv orders
+    them) becomes query r * n + i of kv head j: a plain multi-head call of
+    kv_heads heads and rep * n queries, which fused kernels serve with a mask.
+    Worked example, heads 4, kv_heads 2, n 1: q (B, 4, 1, d) is viewed as
+    (B, 2, 2, d); heads 0 and 1 read kv head 0 as its queries 0 and 1.
+    Otherwise `enable_gqa` lets SDPA broadcast the KV heads.
+    Returns (B, heads, n, d).
+    """
+    B, Hq, n, d = q.shape
+    Hk = keys.shape[1]
+    if Hq == Hk or mask.shape[2] == n:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=Hq != Hk)
+    out = F.scaled_dot_product_attention(q.reshape(B, Hk, Hq // Hk * n, d), keys, values, attn_mask=mask, scale=scale)
+    return out.view(B, Hq, n, d)
 
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,

@@ -43,9 +43,19 @@ class StaticKVCache:
         shape = (num_layers, batch, kv_heads, capacity, head_dim)
         self._keys = torch.zeros(shape, dtype=dtype, device=device)
         self._values = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self._lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self._longest: int | None = 0  # max(lengths) on the host; None until asked again (one device sync)
         self.capacity = capacity
         self._rows: torch.Tensor | None = None
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self._lengths
+
+    @lengths.setter
+    def lengths(self, value: torch.Tensor) -> None:
+        self._lengths = value
+        self._longest = None
 
     @property
     def keys(self) -> torch.Tensor:
@@ -61,8 +71,11 @@ class StaticKVCache:
         return self._keys.shape[1]
 
     def get_seq_length(self) -> int:
-        """The longest row (for callers that expect a Hugging Face cache)."""
-        return int(self.lengths.max()) if self.lengths.numel() else 0
+        """The longest row (for callers that expect a Hugging Face cache). Known on the host after
+        `advance`, so plain decoding reads no device value per token but its tokens."""
+        if self._longest is None:
+            self._longest = int(self.lengths.max()) if self.lengths.numel() else 0
+        return self._longest
 
     def slots(self, n: int) -> torch.Tensor:
         """(B, n) slots where the next n tokens of each row go: lengths[b] + i."""
@@ -116,7 +129,8 @@ class StaticKVCache:
         in one gather and one scatter over all layers (entries past
         accepted[b] are stale and harmless), then lengths += accepted.
         """
-        m = min(path.shape[1], int(accepted.max()) if accepted.numel() else 0)
+        top = int(accepted.max()) if accepted.numel() else 0
+        m = min(path.shape[1], top)
         path = path[:, :m]  # entries past every row's accepted count would only move stale values
         B = path.shape[0]
         src = self.lengths.unsqueeze(1) + path.to(self.lengths.device)  # (B, m)
@@ -125,7 +139,17 @@ class StaticKVCache:
             dst = self.slots(m)
             for buf in (self.keys, self.values):  # advanced indexing: (B, m, layers, kv_heads, head_dim) blocks
                 buf[:, rows, :, dst] = buf[:, rows, :, src]  # (scatter_ here copied the whole buffer on CPU)
-        self.lengths += accepted.to(self.lengths)
+        longest = self._longest
+        self.lengths += accepted.to(self.lengths)  # (the setter forgets the longest row)
+        if B == 1 and longest is not None:  # one row: its new length is known without another sync
+            self._longest = longest + top
+
+    def advance(self, n: int) -> None:
+        """Keep every row's n new tokens where the forward wrote them (plain decoding: `commit` of
+        the path 0..n-1 with accepted = n for all rows, with no gather and no device sync)."""
+        self._lengths += n
+        if self._longest is not None:
+            self._longest += n
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop finished rows: keep `rows` (R,) int64, in that order, as rows 0..R-1. Only the

@@ -46,11 +46,14 @@ def hf_hidden(model, ids: list[int]) -> torch.Tensor:
         return model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]  # (T, H)
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["cpu-path", "folded-gqa"])
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
-def test_prefill_tree_commit_match_hf(model_type):
+def test_prefill_tree_commit_match_hf(model_type, fold):
     model = tiny(model_type)
     assert lean_supported(model)
     lean = LeanLlama(model)
+    if fold:  # the fused path with folded query groups that CUDA and MPS take (test_folded_gqa_attention...)
+        lean.good_rows, lean.batch_invariant, lean.fold_gqa = None, False, True
     prompts = [[3, 9, 4, 1, 7], [5, 2], [8, 8, 1, 6, 2, 9, 11]]
     B, P = len(prompts), max(map(len, prompts))
     cache = lean.new_cache(B, 64, torch.float32, torch.device("cpu"))
@@ -274,3 +277,53 @@ def test_every_family_is_batch_invariant_on_cpu(model_type, dtype):
             seq.commit(torch.zeros(B, 1, dtype=torch.long), torch.ones(B, dtype=torch.long))
             for b in range(B):
                 assert torch.equal(h[b, 0], hidden[b, tree.unpack[b, i, k]]), (b, i, k)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_folded_gqa_attention_matches_hf(model_type):
+    """Off the CPU the fused path stacks each KV head's query heads as extra queries (`fold_gqa`, so
+    a masked GQA call gets a fused kernel); forced on here, it gives HF's hidden states for a
+    prefill and a tree step."""
+    from redraft_cli.lean_llama import fold_gqa_mask, fused_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    mask = torch.rand(2, 1, 3, 5) > 0.3
+    mask[..., 0] = True
+    folded = fold_gqa_mask(mask, 3)
+    assert folded.shape == (2, 1, 9, 5) and torch.equal(folded[:, :, 3:6], mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                                           attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(fused_attention(q, k, v, folded, 0.3), ref)
+    torch.testing.assert_close(fused_attention(q, k, v, mask, 0.3), ref)
+
+    model = tiny(model_type)
+    lean = LeanLlama(model)
+    lean.good_rows, lean.batch_invariant, lean.fold_gqa = None, False, True
+    prompt = [3, 9, 4, 1, 7]
+    cache = lean.new_cache(1, 32, torch.float32, torch.device("cpu"))
+    P = len(prompt)
+    hidden = lean.forward(torch.tensor([prompt]), torch.arange(P)[None], cache, torch.ones(P, P, dtype=torch.bool).tril()[None])
+    torch.testing.assert_close(hidden[0], hf_hidden(model, prompt), atol=1e-5, rtol=1e-4)
+    cache.commit(torch.arange(P)[None], torch.tensor([P]))
+    beams = torch.tensor([[[1, 2, 3], [1, 5, 6]]])
+    tree = pack_tree(beams, cache.lengths)
+    hidden = lean.forward(tree.tokens, tree.positions, cache, tree.mask)
+    for i in range(2):
+        ref = hf_hidden(model, prompt + beams[0, i].tolist())[P:]
+        torch.testing.assert_close(hidden[0, tree.unpack[0, i]], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_longest_row_is_tracked_on_the_host():
+    """Plain decoding reads no device value for the cache's length: `advance` keeps the host's count."""
+    cache = StaticKVCache(1, 2, 1, 16, 4, torch.float32, torch.device("cpu"))
+    cache.lengths = torch.tensor([3, 5])
+    assert cache.get_seq_length() == 5
+    cache.advance(2)
+    assert cache._longest == 7 and cache.lengths.tolist() == [5, 7]
+    cache.commit(torch.tensor([[0, 2], [0, 1]]), torch.tensor([2, 1]))
+    assert cache._longest is None and cache.get_seq_length() == 8 and cache.lengths.tolist() == [7, 8]
+    cache.keep(torch.tensor([0]))
+    assert cache.get_seq_length() == 7
+    cache.commit(torch.tensor([[0, 3, 1]]), torch.tensor([3]))
+    assert cache._longest == 10 and cache.lengths.tolist() == [10]
