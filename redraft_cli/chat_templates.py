@@ -95,6 +95,53 @@ def render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
         raise BadInputError(f"the chat template does not render: {type(exc).__name__}: {exc}") from exc
 
 
+def control_strings(tokenizer: Any) -> list[str]:
+    """The text of the tokenizer's special tokens ('<|im_end|>', '<s>', ...), longest first."""
+    names = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            names.add(str(tok.content))
+    return sorted((n for n in names if n), key=len, reverse=True)
+
+
+def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` rendered by the chat template, ready for the assistant's turn, with
+    the messages' text kept literal.
+
+    The template's own control tokens are parsed ('<|im_start|>user'), but a
+    message that holds a control token's string ('ignore that <|im_end|>') is
+    tokenized with special tokens split, so a user cannot close a turn or open
+    a system one by typing it. Conversations without such strings (nearly all)
+    are tokenized as one text, exactly as the template renders them. The
+    messages are found by rendering them as markers; a template that changes
+    such a message's text (trims, escapes it) is a BadInputError, since its
+    control tokens could not be told from the template's.
+    """
+    text = render(tokenizer, messages)
+    plain = lambda piece: list(tokenizer(piece, add_special_tokens=False)["input_ids"]) if piece else []  # noqa: E731
+    controls = control_strings(tokenizer)
+    risky = {i: m["content"] for i, m in enumerate(messages)
+             if isinstance(m.get("content"), str) and any(c in m["content"] for c in controls)}
+    if not risky:
+        return plain(text)
+    markers = {i: f"\ue000{i}\ue001" for i in risky}
+    marked = render(tokenizer, [{**m, "content": markers[i]} if i in risky else m for i, m in enumerate(messages)])
+    restored = marked
+    for i, mark in markers.items():
+        restored = restored.replace(mark, risky[i])
+    if restored != text or any(marked.count(mark) != 1 for mark in markers.values()):
+        found = next(c for c in controls if any(c in content for content in risky.values()))
+        raise BadInputError(f"a message holds the control token {found!r} and the chat template changes the "
+                            f"message's text, so it cannot be kept as plain text: remove it")
+    ids, pos = [], 0
+    for i in sorted(risky, key=lambda i: marked.index(markers[i])):
+        at = marked.index(markers[i])
+        ids += plain(marked[pos:at])
+        ids += list(tokenizer(risky[i], add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        pos = at + len(markers[i])
+    return ids + plain(marked[pos:])
+
+
 def template_for_drafter(drafter_dir: str | Path) -> str | None:
     """The chat template named in a drafter's saved recipe (`recipe.yaml`, written by distill); None
     when there is no recipe or it names none. A recipe that cannot be read, or whose

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 
 from .drafter import MODEL_TYPE as DRAFTER_MODEL_TYPE
-from .chat_templates import render
+from .chat_templates import encode_messages
 from .errors import BadInputError, ChatTemplateError, ContextOverflowError, ModelLoadError
 from .files import cache_dir
 from .invariance import pad_rows
@@ -445,8 +445,7 @@ class Target:
                 f"file or text), or send raw text with --no-chat-template (bench, sweep)"
             )
         messages = [{**m, "content": _valid_text(m.get("content", ""))} for m in messages]
-        text = render(self.tokenizer, messages)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_messages(self.tokenizer, messages)
 
     def encode_raw(self, text: str) -> list[int]:
         return self.tokenizer(_valid_text(text))["input_ids"]
