@@ -31,6 +31,7 @@ step() {
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 # 1. one pass: lean path against HF's own forward, by node count, with the profiler's kernel table
 step passes 90 python3 "$here/scripts/profile_pass.py" --device "$DEV" --nodes 1,9,27,64 --hf --profile
+step native-gqa 60 python3 "$here/scripts/profile_pass.py" --device "$DEV" --nodes 1,9 --gqa native
 # 2. the shipped shape, and the generic HF path for comparison
 step bench 90 $R bench --device "$DEV" --num-prompts "$N" --max-new-tokens "$T" --json "$OUT/bench.json"
 step bench-generic 90 env REDRAFT_GENERIC=1 $R bench --device "$DEV" --num-prompts "$N" --max-new-tokens "$T" \

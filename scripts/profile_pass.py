@@ -10,9 +10,11 @@ Hugging Face's own one-token forward with a DynamicCache, the step of
 `generate()`. `--profile` prints torch.profiler's table for the one-token
 pass (CUDA kernels too on a GPU), and the number of host syncs.
 
-On the H200 lent on 2026-11-27 a one-token plain step took ~94 ms against
+On the H200 lent in session 14 a one-token plain step took ~94 ms against
 ~49 ms for `generate()`'s, with the same number of kernels per layer on the
 CPU (2,852 dispatched ops against 2,307): this is the script to find why.
+`--gqa native` against `--gqa fold` measures session 15's suspect (masked
+`enable_gqa` attention runs on SDPA's math backend on CUDA).
 """
 
 from __future__ import annotations
@@ -36,14 +38,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--gqa", choices=("auto", "fold", "native"), default="auto",
+                    help="grouped-query attention off the batch-invariant path: fold query groups into extra "
+                         "queries (the default off the CPU) or SDPA's enable_gqa (the CPU's); for an A/B on a GPU")
     args = ap.parse_args()
 
     t = load_target(TargetSpec(args.model, dtype=args.dtype, device=args.device))
     dev = t.device
+    if t.lean is not None and args.gqa != "auto":
+        t.lean.fold_gqa = args.gqa == "fold" and t.lean.kv_heads != t.lean.num_heads
     ids = torch.tensor([t.encode_chat("Tell me about Paris and its history in some detail.")], device=dev)
     P = ids.shape[1]
     print(f"{t.describe()}: prompt {P} tokens, lean path: {t.lean is not None}, "
-          f"batch-invariant: {t.batch_invariant}")
+          f"batch-invariant: {t.batch_invariant}, folded GQA: {t.lean is not None and t.lean.fold_gqa}")
 
     def fresh():
         cache = t.new_tree_cache(1, args.capacity or P + 256 + 64)
@@ -58,7 +65,10 @@ def main() -> None:
         pos = cache.lengths.view(1, 1) + torch.arange(n, device=dev).view(1, n)
         mask = torch.ones(1, n, n, dtype=torch.bool, device=dev).tril()
         hidden = t.forward_tree(toks, pos, cache, mask)
-        cache.commit(torch.zeros(1, 1, dtype=torch.long, device=dev), torch.ones(1, dtype=torch.long, device=dev))
+        if n == 1:  # as plain decoding keeps its token
+            cache.advance(1)
+        else:
+            cache.commit(torch.zeros(1, 1, dtype=torch.long, device=dev), torch.ones(1, dtype=torch.long, device=dev))
         out = t.logits(hidden).argmax(-1)[:, 0]
         return out if dev.type != "cuda" else out.view(1)
 
