@@ -169,3 +169,18 @@ def test_no_generate_trains_on_the_data_so_far(tiny_recipe, monkeypatch):
     assert partial.exit_code == 0, partial.output
     assert "generated so far (8 of 10" in " ".join(partial.output.split())
     assert json.loads(report.read_text())["data"]["train_conversations"] == 6
+
+
+def test_an_interrupt_says_what_was_kept_and_where(tmp_path):
+    """Ctrl-C's message follows the phase: answers / hidden states are kept in the data cache (the
+    same command goes on), a training run's checkpoint in --out (--resume goes on)."""
+    from redraft_cli.cli.distill import _DistillView
+
+    view = _DistillView()
+    assert "before any work was saved" in view.interrupted(tmp_path)
+    view.on_event({"event": "hidden_start", "examples": 10, "dir": "/cache/hidden-bfloat16"})
+    msg = view.interrupted(tmp_path)
+    assert "hidden states" in msg and "/cache/hidden-bfloat16" in msg and "--resume" not in msg
+    view.on_event({"event": "start", "total_steps": 50, "step": 8, "examples": 10, "processes": 1})
+    assert view.interrupted(tmp_path) == (f"interrupted at training step 8; the checkpoint is saved in {tmp_path}: "
+                                          f"run the same command with --resume to continue")

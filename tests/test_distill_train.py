@@ -155,6 +155,40 @@ def test_distill_pipeline_end_to_end(tmp_path):
     assert {"data", "step", "eval", "finished"} <= kinds
 
 
+@pytest.mark.parametrize("greedy", [False, True])
+def test_hidden_cache_interrupted_mid_chunk_resumes_at_the_next_batch(tmp_path, greedy):
+    """Ctrl-C inside a chunk keeps its finished batches; the rerun computes only the rest, and the
+    chunk equals one written without interruption."""
+    from redraft_cli.distill.hidden_cache import attach_hidden, build_hidden_cache
+
+    target = tiny_llama(vocab_size=64, seed=7)
+    data = synthetic_examples(target, 10, seed=3)
+    build_hidden_cache(target, data, tmp_path / "whole", batch_size=2, chunk_size=8, greedy=greedy)
+    attach_hidden(data, tmp_path / "whole", target.name)
+    whole = [(e.pop("hidden"), e.pop("greedy", None)) for e in data]
+
+    seen = []
+
+    def interrupt(done, total):
+        seen.append(done)
+        if done == 6:  # three batches of the first chunk are done
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_hidden_cache(target, data, tmp_path / "h", batch_size=2, chunk_size=8, greedy=greedy, progress=interrupt)
+    assert len(list((tmp_path / "h").glob("*.partial.safetensors"))) == 1
+    seen.clear()
+    build_hidden_cache(target, data, tmp_path / "h", batch_size=2, chunk_size=8, greedy=greedy,
+                       progress=lambda done, total: seen.append(done))
+    assert seen == [8, 10]  # the first chunk's last batch, then the second chunk
+    assert not list((tmp_path / "h").glob("*.partial.safetensors"))
+    attach_hidden(data, tmp_path / "h", target.name)
+    for e, (hidden, labels) in zip(data, whole):
+        assert torch.equal(e["hidden"], hidden)
+        if greedy:
+            assert torch.equal(e["greedy"], labels)
+
+
 def test_hidden_cache_round_trip_resume_and_training_without_target_forward(tmp_path):
     from redraft_cli.distill.hidden_cache import attach_hidden, build_hidden_cache
 

@@ -85,7 +85,7 @@ def distill(
             result = run_distill(recipe, out, resume=resume, on_event=view.on_event, bench=not no_bench,
                                  generate=not no_generate)
     except KeyboardInterrupt:
-        raise fail(f"interrupted; progress is saved in {out}: run the same command with --resume to continue", 130) from None
+        raise fail(view.interrupted(out), 130) from None
     m = result.metrics
     console.print(_summary(m))
     console.print(f"drafter written to {result.out} (load it with --drafter {result.out})")
@@ -104,6 +104,22 @@ class _DistillView:
         # Without a terminal (nohup, CI logs) the bars do not draw: log a line now and then instead.
         self.log_lines = not err.is_terminal
         self._last_logged: dict[str, int] = {}
+        self.phase: tuple[str, str] = ("load", "")  # what runs now, and where its progress is kept
+
+    def interrupted(self, out: Path) -> str:
+        """The one-line message for Ctrl-C: what was kept, where, and how to go on."""
+        phase, where = self.phase
+        if phase == "train":
+            return (f"interrupted at training step {where}; the checkpoint is saved in {out}: run the same command "
+                    f"with --resume to continue")
+        if phase in ("data", "writing", "hidden"):
+            what = {"data": "the target's answers", "writing": "the prompts the target wrote",
+                    "hidden": "the hidden states (whole batches)"}[phase]
+            return (f"interrupted; {what} made so far are kept in {where}: run the same command to continue "
+                    f"from there")
+        if phase == "bench":
+            return f"interrupted during the held-out bench; the trained drafter is in {out}"
+        return "interrupted before any work was saved; run the same command to start again"
 
     def _log(self, kind: str, count: int, every: int, line: str) -> None:
         if self.log_lines and count - self._last_logged.get(kind, 0) >= every:
@@ -117,6 +133,12 @@ class _DistillView:
 
     def on_event(self, e: dict) -> None:
         kind = e["event"]
+        if kind in ("data_start", "writing_start", "hidden_start"):
+            self.phase = (kind.removesuffix("_start"), e["dir"])
+        elif kind in ("start", "step"):
+            self.phase = ("train", str(e["step"]))
+        elif kind == "bench_start":
+            self.phase = ("bench", "")
         if kind == "load":
             err.print(f"loading target {e['model']} ...")
         elif kind == "note":
@@ -152,6 +174,8 @@ class _DistillView:
         elif kind == "freeze":
             err.print(f"training only what it lacked: {e['trainable']:,} parameters")
         elif kind == "start":
+            if e["step"]:
+                err.print(f"resuming training at step {e['step']} of {e['total_steps']} (from the checkpoint)")
             t = self._task("train", "training", e["total_steps"])
             self.progress.update(t, completed=e["step"])
         elif kind == "step":
