@@ -123,8 +123,9 @@ class ChatSession:
             del self.messages[:cut]
             self.trimmed += 1
         if len(ids) >= target.max_context:
+            what = "the system prompt and the message are" if self.system else "the message is"
             raise ContextOverflowError(
-                f"the message is {len(ids)} tokens with the chat template; the context is {target.max_context}"
+                f"{what} {len(ids)} tokens with the chat template; the context is {target.max_context}"
             )
         return ids
 

@@ -140,10 +140,28 @@ def test_one_shot_from_stdin_and_json(model_dir):
     assert j.returncode == 0, j.stderr
     data = json.loads(j.stdout)
     assert data["tokens"] == 8 and data["prompt"] == "Hi" and "tokens_per_step" in data
+    assert data["interrupted"] is False
     # The settings it ran with: the random drafter's defaults, no copied beams.
     assert (data["beam_width"], data["beam_length"], data["lookup_beams"], data["datastore_beams"]) == (4, 5, 0, 0)
     bad = run_cli(["chat", "--model", str(model_dir), "--drafter", "random", "--beam-width", "0", "--prompt", "x"])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_an_interrupted_one_shot_answer_is_kept_and_exits_130(model_dir):
+    import signal
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([REDRAFT, "chat", "--model", str(model_dir), "--drafter", "random", "--max-new-tokens",
+                             "100000", "--prompt", "Write a very long story."], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        first = proc.stdout.read(1)  # the answer is streaming
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert first and "[interrupted]" in err and "(stopped)" in err and "Traceback" not in err
 
 
 def test_interactive_terminal(model_dir):

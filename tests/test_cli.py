@@ -405,3 +405,21 @@ def test_documented_commands_parse():
         except Exception as exc:  # typer vendors click: its UsageError is not click's
             message = exc.format_message() if hasattr(exc, "format_message") else repr(exc)
             raise AssertionError(f"{line!r}: {message}") from None
+
+
+def test_usage_errors_are_one_line_from_the_command_line():
+    """The installed command (app.main): an unknown option or command, or a value of the wrong type, is one
+    line naming the command's --help and exit code 2, not Click's boxed usage text."""
+    import subprocess
+    import sys
+
+    for args, expected in ((["bench", "--foo"], "No such option: --foo"),
+                           (["nosuch"], "No such command 'nosuch'"),
+                           (["sweep", "--num-prompts", "abc"], "Invalid value for '--num-prompts'")):
+        run = subprocess.run([sys.executable, "-m", "redraft_cli", *args], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, run.stderr
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], run.stderr
+        assert "--help" in lines[0] and "Traceback" not in run.stderr
+    version = subprocess.run([sys.executable, "-m", "redraft_cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.startswith("redraft ")

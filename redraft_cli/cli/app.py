@@ -39,4 +39,29 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 
 
 def main() -> None:
-    app()
+    """The `redraft` command: a usage error (an unknown option, a value of the wrong type) is one line
+    naming the command's --help, like every other error, instead of Click's boxed usage text."""
+    import sys
+
+    try:  # typer >= 0.26 vendors Click as typer._click
+        from typer._click import exceptions as click
+    except ImportError:
+        from click import exceptions as click
+
+    from ._errors import err_console
+
+    try:
+        rc = app(standalone_mode=False)
+    except click.NoArgsIsHelpError as exc:  # `redraft` alone: the help (Typer's rich help prints it already)
+        if exc.format_message().strip():
+            exc.show()
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        err_console.print(f"[bold red]error:[/] {exc.format_message()}{hint}".replace("\n", " "), markup=True,
+                          highlight=False)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from ..chat import ChatSession
 from ..decode import Generator
-from ..errors import RedraftError
+from ..errors import BadInputError, RedraftError
 from . import options as o
 from ._errors import handle_errors
 from .common import console, decode_config, err, load_models, beams_label, with_drafter_shape
@@ -46,7 +46,7 @@ def chat(
     system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
     max_new_tokens: o.MaxNewTokens = 512,
     no_draft: Annotated[bool, typer.Option("--no-draft", help="Plain decoding, for comparison.")] = False,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this once and exit (stdin works too).")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this once and exit. Text piped on stdin is one prompt too (all of it, slash commands included).")] = None,
     show_drafts: Annotated[bool, typer.Option("--show-drafts", help="Highlight tokens that came from accepted drafts.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="One-shot mode: print the answer and its statistics as JSON.")] = False,
     dtype: o.Dtype = D["dtype"],
@@ -60,10 +60,8 @@ def chat(
     one_shot = prompt is not None or not sys.stdin.isatty()
     if prompt is None and one_shot:
         prompt = sys.stdin.read().strip()
-        if not prompt.strip():
-            from ..errors import BadInputError
-
-            raise BadInputError("no prompt: pass --prompt TEXT or text on stdin")
+    if one_shot and not (prompt or "").strip():
+        raise BadInputError("no prompt: pass --prompt TEXT or text on stdin")
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template)
     dr = loaded.drafter
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes)
@@ -123,17 +121,21 @@ def _status(session: ChatSession) -> str:
 
 
 def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bool) -> None:
-    _stream(session, prompt, show_drafts, quiet=json_out)
+    """Answer once; a Ctrl-C keeps the partial answer (printed, and marked in the JSON) and exits 130."""
+    finished = _stream(session, prompt, show_drafts, quiet=json_out)
     if json_out:
         c = session.cfg
         settings = {"accept": c.accept, "temperature": c.sampling.temperature, "beam_width": c.beam_width,
                     "beam_length": c.beam_length, "lookup_beams": c.lookup_beams,
                     "lookup_length": c.lookup_length or c.beam_length, "datastore_beams": c.datastore_beams, "tree_nodes": c.tree_nodes}
         console.print_json(json.dumps({"prompt": prompt, "response": session.messages[-1]["content"],
-                                       "draft": session.draft, **settings, **session.last.summary()}))
+                                       "draft": session.draft, "interrupted": not finished, **settings,
+                                       **session.last.summary()}))
     else:
         console.print()
-        err.print(_status(session), style="dim")
+        err.print(_status(session) + ("" if finished else " (stopped)"), style="dim")
+    if not finished:
+        raise typer.Exit(130)
 
 
 def _interactive(session: ChatSession, show_drafts: bool) -> None:
@@ -177,6 +179,9 @@ def _command(session: ChatSession, line: str) -> bool:
                   f"acceptance {s['acceptance_rate']:.0%}, beams {session.cfg.beam_width}x{session.cfg.beam_length}")
     elif name == "set":
         key, _, value = rest.strip().partition(" ")
+        if not key:
+            err.print("usage: /set NAME VALUE (/help lists the names)")
+            return False
         try:
             err.print(session.set(key, value.strip()))
         except RedraftError as exc:
