@@ -134,7 +134,9 @@ def hf_generate(gen: Generator, prompts: list[list[int]], cfg: DecodeConfig) -> 
     prompts in one left-padded batch. Returns each row's new tokens (cut after EOS) and seconds."""
     t = gen.target
     s = cfg.sampling
-    kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "do_sample": not s.greedy}
+    P = max(len(p) for p in prompts)
+    # Like redraft's own paths, stop at the context window (generate() would run past it).
+    kwargs: dict[str, Any] = {"max_new_tokens": max(1, min(cfg.max_new_tokens, t.max_context - P)), "do_sample": not s.greedy}
     if not s.greedy:
         kwargs.update(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p)
         torch.manual_seed(s.seed)
@@ -142,7 +144,6 @@ def hf_generate(gen: Generator, prompts: list[list[int]], cfg: DecodeConfig) -> 
         kwargs.update(temperature=None, top_k=None, top_p=None)
     eos = sorted(t.eos_ids) if cfg.stop_on_eos and t.eos_ids else None
     pad = eos[0] if eos else 0
-    P = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), P), pad, dtype=torch.long)
     attn = torch.zeros_like(ids)
     for b, p in enumerate(prompts):

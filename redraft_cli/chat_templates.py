@@ -43,7 +43,7 @@ def resolve_template(value: str) -> str:
         is_file = False
     if is_file:
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             raise BadInputError(f"cannot read chat template {path}: {exc}") from exc
         if "{{" not in text and "{%" not in text:

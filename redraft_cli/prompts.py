@@ -63,7 +63,7 @@ def load_conversations(path: str | Path) -> list[list[str]]:
     if not p.is_file():
         raise PromptError(f"prompt file not found: {p}")
     try:
-        raw = p.read_text(encoding="utf-8")
+        raw = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not text
     except (OSError, UnicodeDecodeError) as exc:
         raise PromptError(f"cannot read prompt file {p}: {exc}") from exc
     stripped = raw.lstrip()

@@ -108,6 +108,18 @@ def test_context_limit_and_eos_stop_like_plain():
     assert hit_eos and hit_ctx, "the prompts should exercise both stopping rules"
 
 
+def test_hf_baseline_stops_at_the_context_like_redraft():
+    """bench's `generate()` baseline is cut at the context window too, so both produce the same tokens."""
+    from redraft_cli.bench import hf_generate
+
+    target = tiny_llama(max_positions=40, seed=3)
+    gen = Generator(target)
+    prompt = random_prompts(1, target.vocab_size, seed=7, min_len=33, max_len=33)[0]
+    rows, _ = hf_generate(gen, [prompt], DecodeConfig(max_new_tokens=64))
+    assert rows[0] == gen.generate(prompt, DecodeConfig(max_new_tokens=64), "plain").tokens
+    assert len(rows[0]) == 40 - 33
+
+
 def test_max_new_tokens_exact(tiny_target):
     gen = Generator(tiny_target, proposer=OracleProposer(tiny_target))
     for n in (1, 2, 3, 7):

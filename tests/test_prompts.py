@@ -32,6 +32,12 @@ def test_formats(tmp_path):
     text.write_text("# comment\nline one\n\nline two\n")
     assert load_prompts(text) == ["line one", "line two"]
     assert load_prompts(text, limit=1) == ["line one"]
+    # A byte-order mark (files saved by Windows editors) is not part of the first prompt, in any format.
+    for name, body in (("bom.jsonl", mt.read_text()), ("bom.json", sharegpt.read_text()), ("bom.txt", text.read_text())):
+        bom = tmp_path / name
+        bom.write_bytes(b"\xef\xbb\xbf" + body.encode())
+        assert load_conversations(bom) == load_conversations(tmp_path / {"bom.jsonl": "mt.jsonl", "bom.json": "sg.json",
+                                                                         "bom.txt": "p.txt"}[name])
 
 
 def test_bad_files(tmp_path):
