@@ -485,13 +485,17 @@ class Drafter(nn.Module):
         for k, v in state.items():
             if tuple(v.shape) != tuple(expected[k].shape):
                 raise DrafterLoadError(f"tensor {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
+        if "draft_vocab" in state and state["draft_vocab"].numel() and int(state["draft_vocab"].max()) >= config.vocab_size:
+            raise DrafterLoadError(f"drafter {src}: config.json says vocab_size {config.vocab_size}, but its draft "
+                                   f"vocabulary holds token id {int(state['draft_vocab'].max())}; its files do not match")
         drafter = cls(config)
         drafter.load_state_dict(state)
         if (src / DATASTORE_NAME).is_file():
             drafter.datastore = Datastore.load(src / DATASTORE_NAME)
             if drafter.datastore.vocab_size != config.vocab_size:
-                raise DrafterLoadError(f"datastore in {src} is for a vocabulary of {drafter.datastore.vocab_size}, "
-                                       f"the drafter's is {config.vocab_size}")
+                raise DrafterLoadError(f"drafter {src}: config.json says vocab_size {config.vocab_size}, but its "
+                                       f"{DATASTORE_NAME} is for a vocabulary of {drafter.datastore.vocab_size}; "
+                                       f"its files do not match")
         dtype = state["rnn_w.weight"].dtype
         return drafter.to(device=map_location, dtype=dtype)
 

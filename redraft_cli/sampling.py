@@ -25,7 +25,7 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0 or self.temperature == float("inf"):
-            raise BadInputError(f"temperature must be >= 0, got {self.temperature}")
+            raise BadInputError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise BadInputError(f"top-k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:  # also rejects NaN

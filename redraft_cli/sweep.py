@@ -193,6 +193,13 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
         if on_cell is not None:
             on_cell(cell)
 
+    return sweep_result(cfg, cells, len(prompts), time.perf_counter() - start)
+
+
+def sweep_result(cfg: SweepConfig, cells: list[dict[str, Any]], num_prompts: int, wall_s: float,
+                 interrupted: bool = False) -> dict[str, Any]:
+    """The JSON-ready result of the cells measured so far (all of them, or those done before Ctrl-C)."""
+    d = cfg.decode
     s = d.sampling
     return {
         "accept": d.accept,
@@ -200,7 +207,7 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
         "top_k": s.top_k,
         "top_p": s.top_p,
         "seed": s.seed,
-        "num_prompts": len(prompts),
+        "num_prompts": num_prompts,
         "max_new_tokens": d.max_new_tokens,
         "beam_widths": list(cfg.beam_widths),
         "beam_lengths": list(cfg.beam_lengths),
@@ -213,7 +220,8 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
         "baseline": pooled_baseline(cells),
         "cells": cells,
         "best": best_cell(cells),
-        "wall_s": round(time.perf_counter() - start, 3),
+        "interrupted": interrupted,
+        "wall_s": round(wall_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
 

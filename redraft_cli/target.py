@@ -227,6 +227,9 @@ def _load_hf(source: str, spec: TargetSpec, device: torch.device, dtype: torch.d
     if is_local and Path(source).is_dir() and not gguf_file and not (Path(source) / "config.json").is_file():
         raise ModelLoadError(f"{source} is not a model directory (no config.json); pass a Hugging Face model "
                              "directory, a .gguf file or a hub id")
+    if is_local and Path(source).is_dir() and not gguf_file and not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(f"{source} has no tokenizer ({', '.join(_TOKENIZER_FILES[:3])}, ...); save the model's "
+                             "tokenizer beside it (tokenizer.save_pretrained)")
     try:
         model, tokenizer = _load_hf_files(source, kwargs, gguf_file, local_only=is_local)
     except _LOAD_ERRORS as exc:
@@ -239,6 +242,10 @@ def _load_hf(source: str, spec: TargetSpec, device: torch.device, dtype: torch.d
     if spec.quantize == "none" and not spec.device_map:
         model.to(device)
     return model, tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model",
+                    "vocab.txt")
 
 
 def _is_drafter_dir(directory: Path) -> bool:

@@ -140,6 +140,7 @@ def test_bench_rejection_sampling_runs(prompt_file):
     (["--beam-width", "2", "--beam-length", "3", "--nodes", "5"], ["--nodes 5", "2x3"]),
     (["--accept", "sometimes"], ["--accept"]),
     (["--temperature", "-1"], ["temperature"]),
+    (["--temperature", "inf"], ["finite"]),
     (["--dtype", "float8"], ["--dtype"]),
     (["--quantize", "3bit"], ["--quantize"]),
     (["--num-prompts", "0"], ["--num-prompts"]),
@@ -172,6 +173,9 @@ def test_bad_files(tmp_path, prompt_file):
     (tmp_path / "not-a-model").mkdir()
     assert_clean_error(invoke("bench", "--model", tmp_path / "not-a-model", "--prompts", prompt_file),
                        "not a model directory")
+    (tmp_path / "not-a-model" / "config.json").write_text('{"model_type": "llama"}')
+    assert_clean_error(invoke("bench", "--model", tmp_path / "not-a-model", "--prompts", prompt_file),
+                       "has no tokenizer", "tokenizer.json")
     for name, block, fragment in (("list", [1, 2], "'redraft' must be a mapping"),
                                   ("str", {"beam_width": "x"}, "redraft.beam_width must be int"),
                                   ("vocab", {"draft_vocab_size": "lots"}, "must be int or null"),

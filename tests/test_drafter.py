@@ -190,3 +190,25 @@ def test_int8_weight_storage_round_trip(tmp_path):
         Drafter.load(tmp_path / "f")
     with pytest.raises(DrafterLoadError, match="weight_storage"):
         DrafterConfig(hidden_size=H, vocab_size=V, weight_storage="int4")
+
+
+def test_a_config_whose_vocabulary_disagrees_with_its_files_is_named(tiny_target, tmp_path):
+    """With a draft vocabulary the head's shape does not show vocab_size: the draft vocabulary's ids
+    and the datastore do, and the error says the checkpoint's own files disagree."""
+    from redraft_cli.datastore import Datastore
+
+    V = tiny_target.vocab_size
+    d = Drafter.for_target(tiny_target, seed=0, head="own", draft_vocab_size=8)
+    d.draft_vocab.copy_(torch.arange(V - 8, V))
+    path = d.save(tmp_path / "d")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["vocab_size"] = V - 4
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DrafterLoadError, match=f"says vocab_size {V - 4}, but its draft vocabulary holds token id {V - 1}"):
+        Drafter.load(path)
+    d.draft_vocab.copy_(torch.arange(8))
+    d.datastore = Datastore.from_answers([[1, 2, 3, 4, 5]], V)
+    d.save(path)
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DrafterLoadError, match="datastore.safetensors is for a vocabulary of .*files do not match"):
+        Drafter.load(path)

@@ -287,3 +287,26 @@ def test_cli_save_best_into_a_saved_drafter(tmp_path, smollm2):
     assert cfg.tree_nodes == best["tree_nodes"] == 1  # the budget, capped at the 1 token a 1x2 cell drafts
     assert all(c["tree_nodes"] == 1 for c in data["cells"]) and data["tree_nodes"] == [1]
     assert "saved beam shape" in result.output
+
+
+def test_cli_ctrl_c_keeps_the_finished_cells(tmp_path, smollm2, monkeypatch):
+    """Ctrl-C after some cells prints them, writes them (marked interrupted) and exits 130."""
+    import redraft_cli.cli.sweep as cli_sweep
+
+    real = cli_sweep.run_sweep
+
+    def stop_after_two(gen, ids, cfg, progress, on_cell):
+        def cell(c):
+            on_cell(c)
+            if c["beam_width"] == 2:
+                raise KeyboardInterrupt
+        return real(gen, ids, cfg, progress, on_cell=cell)
+
+    monkeypatch.setattr(cli_sweep, "run_sweep", stop_after_two)
+    result = invoke("--drafter", "random", "--beam-widths", "1,2,3", "--beam-lengths", "2", "--num-prompts", 1,
+                    "--max-new-tokens", 4, "--no-warmup", "--json", tmp_path / "s.json", "--csv", tmp_path / "s.csv")
+    assert result.exit_code == 130, result.output
+    assert "interrupted after 2 of 3 cells" in result.output and "Traceback" not in result.output
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["interrupted"] is True and [c["beam_width"] for c in data["cells"]] == [1, 2]
+    assert data["best"] in data["cells"] and len(read_csv(tmp_path / "s.csv")) == 2

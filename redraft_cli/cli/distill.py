@@ -81,11 +81,13 @@ def distill(
     out = out or Path("drafters") / recipe.name
     view = _DistillView()
     try:
-        with view.progress:
-            result = run_distill(recipe, out, resume=resume, on_event=view.on_event, bench=not no_bench,
-                                 generate=not no_generate)
+        result = run_distill(recipe, out, resume=resume, on_event=view.on_event, bench=not no_bench,
+                             generate=not no_generate)
     except KeyboardInterrupt:
         raise fail(view.interrupted(out), 130) from None
+    finally:
+        if view.tasks:  # started with its first bar, so an error before any prints no blank line
+            view.progress.stop()
     m = result.metrics
     console.print(_summary(m))
     console.print(f"drafter written to {result.out} (load it with --drafter {result.out})")
@@ -127,6 +129,8 @@ class _DistillView:
             err.print(line)
 
     def _task(self, name: str, description: str, total: int | None) -> int:
+        if not self.tasks:
+            self.progress.start()
         if name not in self.tasks:
             self.tasks[name] = self.progress.add_task(description, total=total, info="")
         return self.tasks[name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -18,15 +19,15 @@ from ..errors import BadInputError
 from ..prompts import load_prompts
 from ..shipped import shipped_drafter_dir
 from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, best_cell, cell_key, parse_int_list,
-                     run_sweep,
-                     save_best as save_best_shape, write_csv, write_json)
+                     run_sweep, save_best as save_best_shape, sweep_result, write_csv, write_json)
 from . import options as o
-from ._errors import handle_errors
+from ._errors import fail, handle_errors
 from .common import check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 NUM_PROMPTS = 5  # prompts per cell by default
+LARGE_GRID = 64  # more cells than this get a note of how much work the sweep is
 
 BeamWidths = Annotated[str, typer.Option("--beam-widths", help="Beam widths to try, comma-separated.")]
 BeamLengths = Annotated[str, typer.Option("--beam-lengths", help="Beam lengths to try (tokens per beam, counting g0), comma-separated.")]
@@ -130,9 +131,31 @@ def sweep(
             running[0] = cfg.shapes[len(cells)]
         bar.update(task, completed=done, total=total, description=label)
 
+    def on_cell(cell: dict[str, Any]) -> None:
+        cells.append(cell)
+        if not err.is_terminal:  # no live table in a log: a line per cell
+            err.print(f"cell {len(cells)}/{len(cfg.shapes)} {cell['beam_width']}x{cell['beam_length']}"
+                      + (f" best {cell['tree_nodes']}" if cell.get("tree_nodes") else "")
+                      + f": {cell['tokens_per_step']:.2f} tokens/step, "
+                      + (f"{cell['speedup']:.2f}x" if cell["speedup"] is not None else "no speedup measured"))
+
     note_short_prompt_set(texts, num_prompts, default=NUM_PROMPTS)
-    with Live(View(), console=err, transient=True, refresh_per_second=4):
-        result = run_sweep(gen, ids, cfg, progress, on_cell=cells.append)
+    if len(cfg.shapes) > LARGE_GRID:
+        err.print(f"note: {len(cfg.shapes)} cells, {2 * len(cfg.shapes) * len(ids):,} generations; Ctrl-C keeps "
+                  f"the finished cells")
+    start = time.perf_counter()
+    try:
+        with Live(View(), console=err, transient=True, refresh_per_second=4):
+            result = run_sweep(gen, ids, cfg, progress, on_cell=on_cell)
+    except KeyboardInterrupt:
+        if not cells:
+            raise
+        partial = {**head, **info, **sweep_result(cfg, cells, len(ids), time.perf_counter() - start, interrupted=True)}
+        console.print(render(partial, cfg.shapes, cells, None, final=True))
+        written = [str(write(partial, path)) for write, path in ((write_json, json_path), (write_csv, csv_path))
+                   if path is not None]
+        raise fail(f"interrupted after {len(cells)} of {len(cfg.shapes)} cells"
+                   + (f"; the finished cells are in {' and '.join(written)}" if written else ""), 130) from None
     result = {**head, **result}
 
     saved = None

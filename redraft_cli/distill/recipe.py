@@ -266,9 +266,14 @@ def load_recipe(name_or_path_or_model: str) -> Recipe:
 
 def _read_yaml(path: Path) -> Recipe:
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise BadInputError(f"cannot read recipe {path}: {str(exc).splitlines()[0]}") from exc
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise BadInputError(f"recipe {path}{where} is not valid YAML: {what}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"cannot read recipe {path}: {exc}") from exc
     try:
         return recipe_from_dict(data)
     except TypeError as exc:
