@@ -143,7 +143,8 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     d = recipe.data
     convs = resolve_conversations(d.source, d.num_prompts)
     if len(convs) <= d.held_out:
-        raise BadInputError(f"{len(convs)} conversations but held_out is {d.held_out}: nothing left to train on")
+        raise BadInputError(f"{len(convs)} conversations but held_out is {d.held_out}: nothing left to train on "
+                            f"(give more prompts, or lower data.held_out in a recipe YAML)")
     if target is None:
         t = recipe.target
         emit({"event": "load", "model": t.model})
