@@ -18,23 +18,35 @@ loop) is importable without the command-line layer::
 
 __version__ = "0.1.0"
 
-from .errors import RedraftError  # noqa: E402
-from .sampling import SamplingConfig  # noqa: E402
-from .drafter import Drafter, DrafterConfig  # noqa: E402
-from .target import Target, TargetSpec, load_target  # noqa: E402
-from .decode import BatchGeneration, DecodeConfig, Generation, Generator, StepStats  # noqa: E402
+# The public names, imported on first use (PEP 562): `import redraft_cli` stays light, so the `redraft`
+# command can start (and answer Ctrl-C or --version) before torch and transformers load.
+_EXPORTS = {
+    "RedraftError": ".errors",
+    "SamplingConfig": ".sampling",
+    "Drafter": ".drafter",
+    "DrafterConfig": ".drafter",
+    "Target": ".target",
+    "TargetSpec": ".target",
+    "load_target": ".target",
+    "DecodeConfig": ".decode",
+    "Generation": ".decode",
+    "BatchGeneration": ".decode",
+    "Generator": ".decode",
+    "StepStats": ".decode",
+}
 
-__all__ = [
-    "RedraftError",
-    "SamplingConfig",
-    "Drafter",
-    "DrafterConfig",
-    "Target",
-    "TargetSpec",
-    "load_target",
-    "DecodeConfig",
-    "Generation",
-    "BatchGeneration",
-    "Generator",
-    "StepStats",
-]
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'redraft_cli' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,6 +1,6 @@
 """`python -m redraft_cli ...` (also what `accelerate launch -m redraft_cli` runs)."""
 
-from .cli.app import main
+from .entry import main
 
 if __name__ == "__main__":
     main()

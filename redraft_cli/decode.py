@@ -178,6 +178,9 @@ class Generator:
     def __init__(self, target: Target, drafter: Drafter | None = None, proposer: Proposer | None = None) -> None:
         self.target = target
         self.drafter = drafter
+        if drafter is not None and not isinstance(drafter, Drafter):
+            raise BadInputError(f"Generator's second argument is a Drafter, got {type(drafter).__name__}; "
+                                f"pass other drafting objects as proposer=...")
         if drafter is not None:
             drafter.check_target(target.hidden_size, target.vocab_size, target.name)
             drafter.attach(target.embed_weight, target.lm_head_weight)
@@ -459,7 +462,7 @@ class Generator:
     def generate(self, prompt_ids: list[int], cfg: DecodeConfig, mode: str = "redraft",
                  on_step: Callable[[StepStats], Any] | None = None) -> "Generation":
         """Run a whole generation; mode 'redraft' or 'plain'."""
-        loop = self.redraft if mode == "redraft" else self.plain
+        loop = self.redraft if _checked_mode(mode) == "redraft" else self.plain
         start = time.perf_counter()
         steps: list[StepStats] = []
         for s in loop(prompt_ids, cfg):
@@ -481,6 +484,12 @@ class Generator:
         return run.result()
 
 
+def _checked_mode(mode: str) -> str:
+    if mode not in ("redraft", "plain"):
+        raise BadInputError(f"mode must be 'redraft' or 'plain', got {mode!r}")
+    return mode
+
+
 class BatchRun:
     """A batched generation advanced one target pass at a time (`step`), timing only its own
     passes: two runs stepped in turn (bench's plain and ReDrafter paths at --batch-size B)
@@ -488,7 +497,7 @@ class BatchRun:
 
     def __init__(self, gen: Generator, prompts: list[list[int]], cfg: DecodeConfig, mode: str = "redraft",
                  slots: int | None = None, on_row_done: Callable[[int, "Generation"], Any] | None = None) -> None:
-        loop = gen.redraft_batch if mode == "redraft" else gen.plain_batch
+        loop = gen.redraft_batch if _checked_mode(mode) == "redraft" else gen.plain_batch
         self._passes = loop(prompts, cfg, slots)
         self.on_row_done = on_row_done
         self.steps: list[list[StepStats]] = [[] for _ in prompts]

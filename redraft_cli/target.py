@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import numbers
 import os
 import re
 import socket
@@ -187,6 +188,21 @@ def _convert_embedded(alias: str) -> Path:
     return out
 
 
+def _damaged_conversion(directory: Path) -> bool:
+    """Whether a cached conversion's files are unreadable (so converting again can help)."""
+    from safetensors import safe_open
+
+    try:
+        for name in ("config.json", "tokenizer.json"):
+            if not isinstance(json.loads((directory / name).read_text(encoding="utf-8")), dict):
+                return True
+        with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+            names = list(f.keys())
+        return not names
+    except Exception:  # missing, truncated, not JSON, not safetensors
+        return True
+
+
 def _load_hf(source: str, spec: TargetSpec, device: torch.device, dtype: torch.dtype, gguf_file: str | None = None):
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
     if gguf_file:
@@ -280,7 +296,9 @@ def load_target(spec: TargetSpec | str = DEFAULT_MODEL, **overrides: Any) -> "Ta
         dtype = resolve_dtype(spec.dtype, device, _peek_config(source) if auto else None)
         try:
             model, tokenizer = _load_hf(source, spec, device, dtype)
-        except ModelLoadError:  # a damaged cached conversion (an interrupted copy, a full disk): convert again
+        except ModelLoadError:  # a damaged cached conversion (a full disk, a bad copy): convert again
+            if not _damaged_conversion(Path(source)):
+                raise  # the files are whole: the failure is elsewhere (an import cut short by Ctrl-C, memory)
             import shutil
 
             shutil.rmtree(source, ignore_errors=True)
@@ -458,6 +476,11 @@ class Target:
         return self.tokenizer(_valid_text(text))["input_ids"]
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
+        if not isinstance(prompt_ids, (list, tuple)) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                                for t in prompt_ids):
+            raise BadInputError(f"a prompt is a list of token ids (ints), got {type(prompt_ids).__name__}"
+                                + ("" if not isinstance(prompt_ids, (list, tuple)) else " holding other values")
+                                + "; turn text into ids with target.encode_chat(text)")
         if len(prompt_ids) == 0:
             raise BadInputError("the prompt is empty")
         if len(prompt_ids) >= self.max_context:
@@ -465,8 +488,9 @@ class Target:
                 f"the prompt is {len(prompt_ids)} tokens but {self.name}'s context is {self.max_context}; shorten it"
             )
         if max(prompt_ids) >= self.vocab_size or min(prompt_ids) < 0:
-            raise BadInputError(f"the tokenizer gave token id {max(prompt_ids)}, outside {self.name}'s vocabulary of "
-                                f"{self.vocab_size}: the tokenizer does not match the model")
+            bad = max(prompt_ids) if max(prompt_ids) >= self.vocab_size else min(prompt_ids)
+            raise BadInputError(f"token id {bad} is outside {self.name}'s vocabulary of {self.vocab_size}: the "
+                                f"tokenizer (or whatever made the ids) does not match the model")
 
     def describe(self) -> str:
         where = "+".join(self.devices) if self.spread else self.device

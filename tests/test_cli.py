@@ -427,3 +427,25 @@ def test_usage_errors_are_one_line_from_the_command_line():
         assert "--help" in lines[0] and "Traceback" not in run.stderr
     version = subprocess.run([sys.executable, "-m", "redraft_cli", "--version"], capture_output=True, text=True, timeout=120)
     assert version.returncode == 0 and version.stdout.startswith("redraft ")
+
+
+def test_only_a_damaged_cached_conversion_is_converted_again(tmp_path):
+    """The embedded default's cached conversion is deleted and rebuilt only when its files are unreadable,
+    not when loading failed for another reason (an import cut short by Ctrl-C)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from redraft_cli.target import _damaged_conversion
+
+    d = tmp_path / "conv"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    (d / "tokenizer.json").write_text('{"version": "1.0"}')
+    save_file({"w": torch.zeros(64)}, str(d / "model.safetensors"))
+    assert not _damaged_conversion(d)
+    whole = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(whole[:-40])
+    assert _damaged_conversion(d)
+    (d / "model.safetensors").write_bytes(whole)
+    (d / "tokenizer.json").write_text('{"version": ')
+    assert _damaged_conversion(d)

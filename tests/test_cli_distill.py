@@ -184,3 +184,15 @@ def test_an_interrupt_says_what_was_kept_and_where(tmp_path):
     view.on_event({"event": "start", "total_steps": 50, "step": 8, "examples": 10, "processes": 1})
     assert view.interrupted(tmp_path) == (f"interrupted at training step 8; the checkpoint is saved in {tmp_path}: "
                                           f"run the same command with --resume to continue")
+
+
+def test_held_out_from_the_command_line(tiny_recipe, monkeypatch):
+    """--held-out overrides the recipe, so a small prompt file distills without writing a recipe."""
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache-held-out"))
+    too_many = runner.invoke(app, ["distill", str(recipe), "--out", str(root / "h1"), "--held-out", "10"])
+    assert too_many.exit_code == 2 and "held_out is 10" in too_many.output and "--held-out" in too_many.output
+    ok = runner.invoke(app, ["distill", str(recipe), "--out", str(root / "h2"), "--held-out", "0", "--max-steps", "1",
+                             "--no-bench", "--json", str(root / "h2.json")])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((root / "h2.json").read_text())["data"]["held_out_conversations"] == 0

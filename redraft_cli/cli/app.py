@@ -41,12 +41,15 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 def main() -> None:
     """The `redraft` command: a usage error (an unknown option, a value of the wrong type) is one line
     naming the command's --help, like every other error, instead of Click's boxed usage text."""
+    import os
     import sys
 
     try:  # typer >= 0.26 vendors Click as typer._click
         from typer._click import exceptions as click
     except ImportError:
         from click import exceptions as click
+
+    from rich.markup import escape
 
     from ._errors import err_console
 
@@ -59,9 +62,16 @@ def main() -> None:
     except click.ClickException as exc:
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        err_console.print(f"[bold red]error:[/] {exc.format_message()}{hint}".replace("\n", " "), markup=True,
+        err_console.print(f"[bold red]error:[/] {escape(exc.format_message())}{hint}".replace("\n", " "), markup=True,
                           highlight=False)
         sys.exit(exc.exit_code)
-    except click.Abort:
+    except getattr(click, "Abort", ()):  # (not in every vendored Click)
+        sys.exit(1)
+    except Exception as exc:  # a bug: one line, and the traceback on request
+        if os.environ.get("REDRAFT_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        err_console.print(f"[bold red]error:[/] {escape(f'{type(exc).__name__}: {first}')} (a bug in redraft; "
+                          f"REDRAFT_DEBUG=1 shows the traceback)", markup=True, highlight=False)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -61,7 +61,9 @@ def bench(
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template,
                          templated=not no_chat_template)
     target, dr = loaded.target, loaded.drafter
-    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes, batch_size)
+    # The shape for the rows that decode at once (a batch larger than the prompts runs as many rows as prompts).
+    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes,
+                             min(batch_size, len(texts)))
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
     check_prompts_fit(target, ids, max_new_tokens)
@@ -76,7 +78,8 @@ def bench(
 
         result = run_bench(gen, ids, BenchConfig(cfg, warmup=warmup, hf_baseline=hf_baseline, batch_size=batch_size), progress)
     result = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
-              "dtype": str(target.compute_dtype).replace("torch.", ""), **result}
+              "dtype": str(target.compute_dtype).replace("torch.", ""), "quantize": quantize,
+              "device_map": device_map, **result}
     console.print(render(result))
     if not result["redraft"].get("steps"):
         err.print("note: ReDrafter took no draft step (every answer ended at its first token), so the speedup "

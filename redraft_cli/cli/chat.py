@@ -86,10 +86,14 @@ def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = Fa
     main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
     previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum)) if main else None
     answer = session.ask(text)
+    noted = False
     try:
         for chunk in answer:
             if stop:
                 raise KeyboardInterrupt
+            if session.trimmed and not noted:  # before the answer, not on its line
+                noted = True
+                err.print(f"[yellow]note:[/] dropped the {session.trimmed} oldest turn(s) to fit the context window")
             if quiet:
                 continue
             if show_drafts and chunk.drafted:
@@ -98,8 +102,6 @@ def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = Fa
                 console.print(Text(chunk.drafted), end="", soft_wrap=True)
             console.print(Text(chunk.text), end="", soft_wrap=True)
             console.file.flush()
-        if session.trimmed:
-            err.print(f"[yellow]note:[/] dropped the {session.trimmed} oldest turn(s) to fit the context window")
         if stop:
             raise KeyboardInterrupt
         return True
@@ -125,7 +127,8 @@ def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bo
     finished = _stream(session, prompt, show_drafts, quiet=json_out)
     if json_out:
         c = session.cfg
-        settings = {"accept": c.accept, "temperature": c.sampling.temperature, "beam_width": c.beam_width,
+        settings = {"accept": c.accept, "temperature": c.sampling.temperature, "top_k": c.sampling.top_k,
+                    "top_p": c.sampling.top_p, "seed": c.sampling.seed, "beam_width": c.beam_width,
                     "beam_length": c.beam_length, "lookup_beams": c.lookup_beams,
                     "lookup_length": c.lookup_length or c.beam_length, "datastore_beams": c.datastore_beams, "tree_nodes": c.tree_nodes}
         console.print_json(json.dumps({"prompt": prompt, "response": session.messages[-1]["content"],
@@ -139,6 +142,10 @@ def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bo
 
 
 def _interactive(session: ChatSession, show_drafts: bool) -> None:
+    try:  # line editing and history; without it a terminal cuts a typed line at 4,095 bytes
+        import readline  # noqa: F401
+    except ImportError:  # (Windows)
+        pass
     while True:
         try:
             line = input(">>> ")

@@ -26,6 +26,7 @@ def distill(
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default: drafters/RECIPE).")] = None,
     data: Annotated[Optional[str], typer.Option(help="Prompts: a file (bench's formats), 'builtin', or hf://owner/dataset/file.json.")] = None,
     num_prompts: Annotated[Optional[int], typer.Option(help="Use only the first N conversations.")] = None,
+    held_out: Annotated[Optional[int], typer.Option(help="Conversations kept out of training, for agreement and the bench (the first N).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Length of the target's answers in the data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop training after N optimiser steps.")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Training epochs.")] = None,
@@ -54,6 +55,7 @@ def distill(
     recipe = load_recipe(recipe_or_model)
     overrides = {
         ("data", "source"): data, ("data", "num_prompts"): num_prompts, ("data", "max_new_tokens"): max_new_tokens,
+        ("data", "held_out"): held_out,
         ("train", "max_steps"): max_steps, ("train", "epochs"): epochs, ("train", "batch_size"): batch_size,
         ("train", "lr"): lr, ("drafter", "head"): head, ("drafter", "num_layers"): num_layers,
         ("drafter", "predict_tokens"): predict_tokens, ("drafter", "draft_vocab_size"): draft_vocab,
@@ -206,7 +208,9 @@ def _summary(m: dict) -> Table:
     for row in m["history"]:
         t.add_row(str(row["step"]), f"{row['train_loss']:.3f}", f"{row.get('loss', float('nan')):.3f}",
                   " ".join(f"{a:.2f}" for a in row.get("agreement", [])), f"{row.get('est_tokens_per_step', 0):.2f}")
-    caption = f"best step {m['best_step']} (mean held-out top-1 {m['best_mean_agreement']:.3f}); {m['seconds']:.0f} s training"
+    held = m.get("data", {}).get("held_out_conversations", 1)
+    caption = (f"best step {m['best_step']} (mean held-out top-1 {m['best_mean_agreement']:.3f})" if held else
+               f"best step {m['best_step']} (no held-out conversations: lowest training loss)") + f"; {m['seconds']:.0f} s training"
     if "simulated" in m:
         sim = m["simulated"]
         caption += (f" | simulated greedy: {sim['tokens_per_step']:.2f} tokens/step on {sim['answers']} held-out answers"

@@ -103,14 +103,14 @@ def sweep(
     cfg.check(dr.draft_vocab_size)
     # The drafter's recommended copied beams, the same in every cell (the beam shape is per cell).
     cfg.decode = with_drafter_shape(cfg.decode, dr, cfg.decode.beam_width, cfg.decode.beam_length,
-                                    lookup, lookup_length, datastore, nodes=0, batch_size=batch_size)
+                                    lookup, lookup_length, datastore, nodes=0, batch_size=min(batch_size, len(texts)))
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
     check_prompts_fit(target, ids, max_new_tokens)
     gen = Generator(target, dr)
 
     head = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
-            "dtype": str(target.compute_dtype).replace("torch.", "")}
+            "dtype": str(target.compute_dtype).replace("torch.", ""), "quantize": quantize, "device_map": device_map}
     info = {**head, "accept": accept, "temperature": temperature, "num_prompts": len(ids),
             "max_new_tokens": max_new_tokens, "lookup_beams": cfg.decode.lookup_beams,
             "lookup_length": cfg.decode.lookup_length, "datastore_beams": cfg.decode.datastore_beams,

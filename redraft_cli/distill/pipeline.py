@@ -144,11 +144,18 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     convs = resolve_conversations(d.source, d.num_prompts)
     if len(convs) <= d.held_out:
         raise BadInputError(f"{len(convs)} conversations but held_out is {d.held_out}: nothing left to train on "
-                            f"(give more prompts, or lower data.held_out in a recipe YAML)")
+                            f"(give more prompts, or fewer with --held-out)")
+    # Where it will write, before the model loads.
+    _check_writable(out, f"cannot write the drafter to --out {out}")
+    _check_writable(Path(data_dir) if data_dir else cache_dir() / "distill-data",
+                    "cannot write the distillation data in {path}", "; set REDRAFT_CACHE to a writable folder")
     if target is None:
         t = recipe.target
         emit({"event": "load", "model": t.model})
         target = load_target(TargetSpec(model=t.model, dtype=t.dtype, device=t.device, quantize=t.quantize))
+    if recipe.drafter.draft_vocab_size and recipe.drafter.draft_vocab_size > target.vocab_size:
+        raise BadInputError(f"--draft-vocab {recipe.drafter.draft_vocab_size} is larger than {target.name}'s vocabulary "
+                            f"of {target.vocab_size} tokens")
     apply_chat_template(target, recipe.target.chat_template)
     out.mkdir(parents=True, exist_ok=True)
     saved = recipe.to_dict()
@@ -235,6 +242,20 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     emit({"event": "finished", "out": str(out), **{k: metrics[k] for k in ("steps", "best_step", "best_mean_agreement")}})
     return DistillResult(out, metrics)
+
+
+def _check_writable(path: Path, message: str, hint: str = "") -> None:
+    """Create the folder `path` (and its parents) and a file in it, or fail with `message` (which may
+    name {path}) and the reason."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise BadInputError(message.format(path=path) + f": {exc.strerror or exc}{hint}") from exc
 
 
 def _answers(target: Target, package_name: str, convs: list[list[str]], data_dir: Path, gen_cfg: GenerationConfig,
@@ -416,10 +437,15 @@ def warm_start(drafter: Drafter, path: Path, copy: bool = True) -> dict[str, tor
         tuple(theirs[head].shape) != tuple(mine[head].shape) or "draft_vocab" not in theirs or "draft_vocab" not in mine
         or not torch.equal(theirs["draft_vocab"], mine["draft_vocab"].to(theirs["draft_vocab"].device)))
     skip = {head, "draft_vocab"} if remap else set()
+    a, b = source.config, drafter.config
+    differ = [f"{name} {x} vs {y}" for name, x, y in (("head", a.head, b.head), ("layers", a.num_draft_layers, b.num_draft_layers),
+                                                      ("hidden size", a.hidden_size, b.hidden_size),
+                                                      ("vocabulary", a.vocab_size, b.vocab_size)) if x != y]
     wrong = [k for k, v in theirs.items() if k not in skip and (k not in mine or tuple(mine[k].shape) != tuple(v.shape))]
-    if wrong or source.config.vocab_size != drafter.config.vocab_size:
-        raise BadInputError(f"drafter.init_from {path} does not fit this recipe's drafter (e.g. "
-                            f"{wrong[0] if wrong else 'vocab_size'}); head, layers and vocabulary must match")
+    if differ or wrong:
+        raise BadInputError(f"drafter.init_from {path} does not fit this recipe's drafter ("
+                            f"{', '.join(differ) if differ else 'tensor ' + wrong[0]}); head, layers and vocabulary "
+                            f"must match")
     copied: dict[str, torch.Tensor | None] = {k: None for k in theirs if k not in skip}
     with torch.no_grad():
         if copy:

@@ -398,7 +398,7 @@ def _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, 
     else:
         score = -row["train_loss"]
     state.history.append(row)
-    if score > state.best_agreement:
+    if state.best_step < 0 or score > state.best_agreement:  # (without held-out data the score is -loss < -1)
         state.best_agreement, state.best_step = score, state.step
         drafter.save(out / "best")
     emit({"event": "eval", **row, "best_step": state.best_step})
