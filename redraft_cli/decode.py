@@ -43,7 +43,7 @@ from .beam_search import DraftBeams, check_beam_shape, draft_beams
 from .drafter import Drafter
 from .datastore import with_datastore_beams
 from .lookup import with_lookup_beams
-from .errors import BadInputError
+from .errors import BadInputError, check_field_types
 from .sampling import SamplingConfig, choose_tokens
 from .target import Target
 from .tree_attention import pack_tree
@@ -71,6 +71,9 @@ class DecodeConfig:
     tree_nodes: int = 0  # keep the N most likely drafted tokens of the W x L search (beam_search.py); 0: every beam
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        if not isinstance(self.sampling, SamplingConfig):
+            raise BadInputError(f"DecodeConfig.sampling must be a SamplingConfig, got {type(self.sampling).__name__}")
         if self.accept not in ACCEPT_RULES:
             raise BadInputError(f"--accept must be one of {', '.join(ACCEPT_RULES)}, got {self.accept!r}")
         if self.max_new_tokens < 1:

@@ -44,3 +44,18 @@ class PromptError(BadInputError):
 class ContextOverflowError(BadInputError):
     """The prompt does not fit in the target's context window."""
 
+
+
+def check_field_types(obj: object) -> None:
+    """BadInputError when a dataclass field annotated int, float, str or bool holds another type (a
+    Python caller's "8" for 8); bools are not accepted as numbers."""
+    import dataclasses
+    import numbers
+
+    kinds = {"int": numbers.Integral, "float": numbers.Real, "str": str, "bool": bool}
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        want = kinds.get(name)
+        value = getattr(obj, f.name)
+        if want is not None and (not isinstance(value, want) or (isinstance(value, bool) and name != "bool")):
+            raise BadInputError(f"{type(obj).__name__}.{f.name} must be {name}, got {value!r}")

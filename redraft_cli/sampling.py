@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import BadInputError
+from .errors import BadInputError, check_field_types
 
 
 @dataclass
@@ -24,6 +24,7 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if not self.temperature >= 0 or self.temperature == float("inf"):
             raise BadInputError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:

@@ -198,3 +198,22 @@ def test_sampling_rules_run_end_to_end(tiny_target, accept):
     # Same seed, same (deterministic) drafts: the same output.
     again = Generator(tiny_target, proposer=OracleProposer(tiny_target)).generate([1, 2, 3], cfg, "redraft")
     assert again.tokens == out.tokens, "a seeded sampled run must be reproducible"
+
+
+def test_the_python_api_refuses_wrong_types_with_clear_errors(tiny_target):
+    from redraft_cli import SamplingConfig
+    from redraft_cli.errors import BadInputError
+
+    gen = Generator(tiny_target, Drafter.for_target(tiny_target, seed=0))
+    for bad, match in ((lambda: DecodeConfig(max_new_tokens="8"), "max_new_tokens must be int"),
+                       (lambda: DecodeConfig(sampling={"temperature": 0.7}), "must be a SamplingConfig"),
+                       (lambda: SamplingConfig(temperature="0.7"), "temperature must be float"),
+                       (lambda: gen.generate([1, 2, 3], DecodeConfig(), mode="bogus"), "mode must be"),
+                       (lambda: gen.generate_batch([[1, 2]], DecodeConfig(), mode="fast"), "mode must be"),
+                       (lambda: gen.generate("Hello", DecodeConfig()), "list of token ids"),
+                       (lambda: gen.generate([1.0, 2.0], DecodeConfig()), "holding other values"),
+                       (lambda: gen.generate([1, 10**6], DecodeConfig()), "token id 1000000 is outside"),
+                       (lambda: Generator(tiny_target, "drafter"), "proposer=")):
+        with pytest.raises(BadInputError, match=match):
+            bad()
+    assert len(gen.generate((1, 2, 3), DecodeConfig(max_new_tokens=3)).tokens) == 3  # a tuple is a list of ids
