@@ -110,10 +110,12 @@ def check_offline_needs(recipe: Recipe) -> None:
                 f"{model!r} is not a recipe ({', '.join(sorted(builtin_recipes()))}, or a .yaml file), not a local "
                 "model, and the Hugging Face hub cannot be reached (no network) to look it up as a model id"
             )
+        given_model = recipe.name == Path(model).name  # the argument was a model id, not a recipe
+        what = f"distilling for {model}" if given_model else f"recipe {recipe.name!r}"
         raise ModelLoadError(
-            f"recipe {recipe.name!r} needs {' and '.join(needs)} from the Hugging Face hub, which cannot be reached "
+            f"{what} needs {' and '.join(needs)} from the Hugging Face hub, which cannot be reached "
             "(no network); download them where there is network (huggingface-cli download ...) or pass local paths "
-            "(--data FILE, a model directory in the recipe)"
+            + ("(a model directory, --data FILE)" if given_model else "(--data FILE, a model directory in the recipe)")
         )
 
 
