@@ -134,8 +134,7 @@ def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]
         raise BadInputError(f"a message holds the control token {found!r} and the chat template changes the "
                             f"message's text, so it cannot be kept as plain text: remove it")
     ids, pos = [], 0
-    for i in sorted(risky, key=lambda i: marked.index(markers[i])):
-        at = marked.index(markers[i])
+    for at, i in sorted((marked.index(mark), i) for i, mark in markers.items()):
         ids += plain(marked[pos:at])
         ids += list(tokenizer(risky[i], add_special_tokens=False, split_special_tokens=True)["input_ids"])
         pos = at + len(markers[i])

@@ -4,6 +4,7 @@ half a file), result files whose write errors name them, and the cache directory
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
     finally:
         if tmp.exists():
             tmp.unlink()
+    return path
+
+
+def writable_dir(path: str | os.PathLike) -> Path:
+    """Create the folder `path` (and its parents) and make and remove an entry in it, so that a later
+    write fails here, before the work (read-only, /proc, a file in the way); OSError otherwise."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    os.rmdir(tempfile.mkdtemp(dir=path))
     return path
 
 

@@ -18,7 +18,6 @@ import os
 import re
 import socket
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from safetensors import SafetensorError
 from .drafter import MODEL_TYPE as DRAFTER_MODEL_TYPE
 from .chat_templates import encode_messages
 from .errors import BadInputError, ChatTemplateError, ContextOverflowError, ModelLoadError
-from .files import cache_dir
+from .files import cache_dir, writable_dir
 from .invariance import pad_rows
 from .kv_cache import TreeCache
 from .lean_llama import (LEAN_MODEL_TYPES, LeanLlama, cpu_has_native_bf16, lean_config_supported, lean_supported,
@@ -164,8 +163,7 @@ def _convert_embedded(alias: str) -> Path:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     try:  # find out before the ~20 s conversion whether its result can be kept
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(dir=out.parent))
+        writable_dir(out.parent)
     except OSError as exc:
         raise ModelLoadError(f"cannot cache the converted model in {out}: {exc.strerror or exc}; set REDRAFT_CACHE "
                              "to a writable folder") from exc

@@ -34,6 +34,7 @@ from ..datastore import DATASTORE_NAME, Datastore
 from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter
 from ..errors import BadInputError, ModelLoadError
 from ..prompts import builtin_conversations, load_conversations
+from ..files import writable_dir
 from ..target import Target, TargetSpec, _hub_reachable, cache_dir, load_target
 from .hidden_cache import attach_hidden, build_hidden_cache
 from .data import GenerationConfig, conversations_sha256, generate_dataset, load_dataset, read_manifest
@@ -247,15 +248,9 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
 
 
 def _check_writable(path: Path, message: str, hint: str = "") -> None:
-    """Create the folder `path` (and its parents) and a file in it, or fail with `message` (which may
-    name {path}) and the reason."""
-    import tempfile
-
+    """`files.writable_dir(path)`, or fail with `message` (which may name {path}) and the reason."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path)
-        os.close(fd)
-        os.unlink(name)
+        writable_dir(path)
     except OSError as exc:
         raise BadInputError(message.format(path=path) + f": {exc.strerror or exc}{hint}") from exc
 
