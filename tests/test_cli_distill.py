@@ -196,3 +196,23 @@ def test_held_out_from_the_command_line(tiny_recipe, monkeypatch):
                              "--no-bench", "--json", str(root / "h2.json")])
     assert ok.exit_code == 0, ok.output
     assert json.loads((root / "h2.json").read_text())["data"]["held_out_conversations"] == 0
+
+
+def test_the_recommended_shape_fits_the_predicted_tokens(tiny_recipe, monkeypatch):
+    """--predict-tokens 1 records beams of length 2, not the recipe's 3: later positions were never trained."""
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache-fit"))
+    ok = runner.invoke(app, ["distill", str(recipe), "--out", str(root / "fit"), "--predict-tokens", "1",
+                             "--max-steps", "1", "--no-bench"])
+    assert ok.exit_code == 0, ok.output
+    assert "recommended beam shape is 2x2 (the recipe said 2x3)" in " ".join(ok.output.split())
+    config = Drafter.load(root / "fit").config
+    assert (config.predict_tokens, config.beam_width, config.beam_length) == (1, 2, 2)
+
+
+def test_fitting_the_beam_shape_caps_the_node_budget():
+    from redraft_cli.distill.recipe import BeamSection
+
+    beam = BeamSection(width=4, length=5, nodes=9)
+    assert beam.fit_to(4) is None and (beam.length, beam.nodes) == (5, 9)
+    assert "4x3 --nodes 8" in beam.fit_to(2) and (beam.length, beam.nodes) == (3, 8)

@@ -310,3 +310,12 @@ def test_cli_ctrl_c_keeps_the_finished_cells(tmp_path, smollm2, monkeypatch):
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["interrupted"] is True and [c["beam_width"] for c in data["cells"]] == [1, 2]
     assert data["best"] in data["cells"] and len(read_csv(tmp_path / "s.csv")) == 2
+
+
+def test_the_title_names_the_copied_beams_as_the_readme_does():
+    from redraft_cli.cli.sweep import render
+
+    r = {"model": "m", "drafter": "d", "accept": "greedy", "temperature": 0.0, "num_prompts": 5,
+         "max_new_tokens": 128, "lookup_beams": 1, "lookup_length": 32, "datastore_beams": 0}
+    title = render(r, [(2, 4, 0)], []).title
+    assert title.endswith("| 5 prompts x 128 tokens | 1 lookup up to 32"), title

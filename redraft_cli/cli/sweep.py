@@ -206,7 +206,7 @@ def render(r: dict[str, Any], shapes: list[tuple[int, int, int]], cells: list[di
     copied = lookup_label(r)
     title = (f"redraft sweep: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
              f"{r['num_prompts']} prompts x {r['max_new_tokens']} tokens"
-             + (f" | {copied.lstrip(' +')} beams" if copied else "")
+             + (f" | {copied.lstrip(' +')}" if copied else "")
              + (f" | batch {r['batch_size']}" if r.get("batch_size", 1) > 1 else ""))
     t = Table(title=title, title_justify="left", caption_justify="left")
     budgets = any(n for _, _, n in shapes)

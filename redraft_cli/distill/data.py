@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..chat_templates import control_strings, encode_messages
 from ..chat_templates import render as render_chat
 from ..errors import BadInputError, ChatTemplateError
 from ..files import atomic_write
@@ -84,6 +85,7 @@ class _Chat:
         self.name = target.name
         self.system = system
         self.eos_ids = sorted(int(e) for e in target.eos_ids)
+        self.controls = control_strings(self.tok) if self.tok is not None else []
         if self.tok is None or not getattr(self.tok, "chat_template", None):
             raise ChatTemplateError(f"{target.name} has no chat template; self-distillation renders conversations "
                                     f"with it (set target.chat_template in the recipe: a name such as vicuna, a "
@@ -97,6 +99,14 @@ class _Chat:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the conversation ready for the assistant turn, as Target.encode_chat makes them:
+        a control token's string inside a message ('<|im_end|>') stays text. BadInputError when the
+        template changes such a message's text (chat_templates.encode_messages)."""
+        if self.system:
+            messages = [{"role": "system", "content": self.system}, *messages]
+        return encode_messages(self.tok, messages)
 
     def next_prompt(self, prev_text: str, prev_ids: list[int], response: list[int],
                     messages: list[dict[str, str]]) -> tuple[str, list[int], bool]:
@@ -118,8 +128,19 @@ class _Chat:
                 at = tail.find(eos_text) if eos_text else -1
                 if at >= 0 and not tail[:at].strip():
                     tail = tail[at + len(eos_text):]
-            return text, prev_ids + response + self.encode(tail), True
-        return text, self.encode(text), False
+            return text, prev_ids + response + self._encode_tail(tail, messages[-1]["content"]), True
+        return text, self.encode_messages(messages), False
+
+    def _encode_tail(self, tail: str, content: str) -> list[int]:
+        """Ids of the template text that closes the answer and opens the next turn, whose user message
+        `content` stays text when it holds a control token's string (split where encode_messages splits)."""
+        if not any(c in content for c in self.controls):
+            return self.encode(tail)
+        at = tail.rfind(content)
+        if at < 0:
+            raise BadInputError("the chat template changes a message that holds a control token's string")
+        literal = self.tok(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return self.encode(tail[:at]) + list(literal) + self.encode(tail[at + len(content):])
 
     def answer_text(self, response: list[int]) -> str:
         """The assistant message text of a response (EOS dropped, whitespace trimmed like most templates do)."""
@@ -230,14 +251,20 @@ def _generate_shard(target: Any, chat: _Chat, items: list[tuple[int, list[str]]]
             if turn == 0:
                 c.messages = [{"role": "user", "content": c.turns[0]}]
                 c.prompt_text = chat.render(c.messages)
-                c.prompt_ids = chat.encode(c.prompt_text)
+                try:
+                    c.prompt_ids = chat.encode_messages(c.messages)
+                except BadInputError:  # the template rewrites a message holding a control string: skip it
+                    c.prompt_ids = []
                 c.mask = [False] * len(c.prompt_ids)
             else:
                 response = c.seq[len(c.prompt_ids):]
                 c.messages = [*c.messages, {"role": "assistant", "content": chat.answer_text(response)},
                               {"role": "user", "content": c.turns[turn]}]
-                text, ids, exact = chat.next_prompt(c.prompt_text, c.prompt_ids, response, c.messages)
-                if len(ids) > limit:  # keep the turns done so far
+                try:
+                    text, ids, exact = chat.next_prompt(c.prompt_text, c.prompt_ids, response, c.messages)
+                except BadInputError:  # as for a first turn
+                    ids = None
+                if ids is None or len(ids) > limit:  # keep the turns done so far
                     c.alive = False
                     counts["truncated"] += 1
                     continue

@@ -140,6 +140,9 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         raise BadInputError(f"--out {out} already holds files and no training checkpoint; the drafter's files would "
                             "replace them: use a new or empty directory")
     check_offline_needs(recipe)
+    fitted = recipe.beam.fit_to(recipe.drafter.predict_tokens)
+    if fitted:
+        emit({"event": "note", "text": fitted})
     if resume and not (out / "checkpoint").exists():
         emit({"event": "note", "text": f"--resume: {out} holds no checkpoint yet; starting a new run there"})
     # The prompts first: a missing file or too few prompts fails before the model loads.

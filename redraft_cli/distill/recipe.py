@@ -144,6 +144,21 @@ class BeamSection:
         """Fail on an impossible shape when the recipe loads, not after training."""
         self.decode_config()
 
+    def fit_to(self, predict_tokens: int) -> str | None:
+        """Shorten the recommended beams to what a drafter predicting `predict_tokens` tokens learned.
+
+        A beam of length L drafts L - 1 tokens after g0; positions past `predict_tokens` were never
+        trained, so the recommended length becomes predict_tokens + 1 and the node budget at most
+        width x (length - 1). Returns a one-line note when it changed anything, else None."""
+        if self.length <= predict_tokens + 1:
+            return None
+        before = f"{self.width}x{self.length}" + (f" --nodes {self.nodes}" if self.nodes else "")
+        self.length = predict_tokens + 1
+        self.nodes = min(self.nodes, self.width * (self.length - 1))
+        after = f"{self.width}x{self.length}" + (f" --nodes {self.nodes}" if self.nodes else "")
+        return (f"the drafter predicts {predict_tokens} token(s), so its recommended beam shape is {after} "
+                f"(the recipe said {before})")
+
     def decode_config(self, **kwargs: Any) -> "DecodeConfig":
         """This shape as decoding settings (greedy unless kwargs say otherwise)."""
         from ..decode import DecodeConfig
