@@ -3,12 +3,12 @@
 The core (drafter, beam drafting, tree attention, verification, the decoding
 loop) is importable without the command-line layer::
 
-    from redraft_cli import load_target, Drafter, DecodeConfig, Generator
+    from redraft_cli import load_target, Drafter, DecodeConfig, Generator, shipped_drafter_dir
 
     target = load_target("smollm2-135m")
-    drafter = Drafter.random_for(target, seed=0)
+    drafter = Drafter.load(shipped_drafter_dir("smollm2-135m"))  # or Drafter.for_target(target) (untrained)
     gen = Generator(target, drafter)
-    for step in gen.redraft(target.encode_chat("Name three colours."), DecodeConfig()):
+    for step in gen.redraft(target.encode_chat("Name three colours."), drafter.decode_config()):
         print(target.tokenizer.decode(step.tokens), step.accepted)
 
     # Several prompts at once (Llama-family targets); each row equals its batch-1 output.
@@ -33,6 +33,7 @@ _EXPORTS = {
     "BatchGeneration": ".decode",
     "Generator": ".decode",
     "StepStats": ".decode",
+    "shipped_drafter_dir": ".shipped",
 }
 
 __all__ = list(_EXPORTS)

@@ -64,6 +64,8 @@ SETTABLE = {
     "top-p": ("top_p", float),
     "top-k": ("top_k", int),
     "seed": ("seed", int),
+    "epsilon": ("typical_epsilon", float),
+    "delta": ("typical_delta", float),
 }
 
 

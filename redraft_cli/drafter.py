@@ -34,7 +34,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -44,6 +44,9 @@ from .context_attention import ContextAttention, ContextCache
 from .datastore import DATASTORE_NAME, Datastore
 from .errors import DrafterLoadError, DrafterMismatchError
 from .files import atomic_write
+
+if TYPE_CHECKING:  # decode.py imports this module
+    from .decode import DecodeConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -510,6 +513,18 @@ class Drafter(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def decode_config(self, batch_size: int = 1, **overrides: Any) -> "DecodeConfig":
+        """Decoding settings at this drafter's recommended shape for batches of `batch_size` rows
+        (config.json: beam shape, node budget, copied beams; datastore beams only when it has a
+        datastore), with `overrides` (any DecodeConfig field: max_new_tokens, accept, sampling, ...)
+        on top. What the CLI decodes with when no shape option is given."""
+        from .decode import DecodeConfig
+
+        shape = self.config.shape_for(batch_size)
+        if self.datastore is None:
+            shape["datastore_beams"] = 0
+        return DecodeConfig(**{**shape, **overrides})
 
 
 def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,

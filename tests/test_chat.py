@@ -85,7 +85,11 @@ def test_set_validates(target):
     assert s.cfg.sampling.temperature == 0.7
     s.set("draft", "off")
     assert not s.draft
-    for name, value in (("beam-width", "0"), ("beam-width", "x"), ("colour", "1"), ("accept", "maybe"), ("draft", "2")):
+    assert s.set("epsilon", "0.2") == "epsilon = 0.2" and s.cfg.typical_epsilon == 0.2
+    s.set("delta", "0.5")
+    assert s.cfg.typical_delta == 0.5
+    for name, value in (("beam-width", "0"), ("beam-width", "x"), ("colour", "1"), ("accept", "maybe"), ("draft", "2"),
+                        ("epsilon", "0"), ("epsilon", "1.5"), ("delta", "-1"), ("delta", "inf")):
         with pytest.raises(BadInputError):
             s.set(name, value)
 

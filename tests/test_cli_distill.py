@@ -186,6 +186,21 @@ def test_an_interrupt_says_what_was_kept_and_where(tmp_path):
                                           f"run the same command with --resume to continue")
 
 
+def test_without_a_terminal_every_phase_logs_lines(capsys):
+    """In a log file the bars do not draw: the held-out bench says it runs and counts its runs."""
+    from redraft_cli.cli.distill import _DistillView
+
+    view = _DistillView()
+    view.log_lines = True
+    view.on_event({"event": "bench_start", "prompts": 2})
+    for done in (1, 2):
+        view.on_event({"event": "bench", "done": done, "total": 5})
+    view.progress.stop()
+    lines = " ".join(capsys.readouterr().err.split())
+    assert "held-out bench: 2 prompts" in lines and "--no-bench" in lines
+    assert "held-out bench: 1/5 runs" in lines and "held-out bench: 2/5 runs" in lines
+
+
 def test_held_out_from_the_command_line(tiny_recipe, monkeypatch):
     """--held-out overrides the recipe, so a small prompt file distills without writing a recipe."""
     root, recipe = tiny_recipe
@@ -216,3 +231,29 @@ def test_fitting_the_beam_shape_caps_the_node_budget():
     beam = BeamSection(width=4, length=5, nodes=9)
     assert beam.fit_to(4) is None and (beam.length, beam.nodes) == (5, 9)
     assert "4x3 --nodes 8" in beam.fit_to(2) and (beam.length, beam.nodes) == (3, 8)
+
+
+def test_data_only_then_several_processes_read_it(tiny_recipe, monkeypatch):
+    """--data-only makes the data and writes nothing in --out; under accelerate launch (WORLD_SIZE > 1)
+    missing data is an error naming --data-only, and made data trains."""
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache-data-only"))
+    out = root / "data-only"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    early = runner.invoke(app, ["distill", str(recipe), "--out", str(root / "early"), "--max-steps", "1", "--no-bench"])
+    assert early.exit_code == 2 and "--data-only" in early.output and "Traceback" not in early.output
+    monkeypatch.delenv("WORLD_SIZE")
+    made = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--data-only", "--json", str(root / "d.json")])
+    assert made.exit_code == 0, made.output
+    report = json.loads((root / "d.json").read_text())
+    assert report["data_only"] and report["data"]["train_conversations"] == 8
+    assert "data ready in" in made.output and not out.exists()
+    # Each process would now only read: the run goes as far as training (one process here, WORLD_SIZE set).
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    from redraft_cli.distill import pipeline
+
+    monkeypatch.setattr(pipeline, "train_drafter", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("training")))
+    reached = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "1", "--no-bench"])
+    assert isinstance(reached.exception, RuntimeError) and str(reached.exception) == "training", reached.output
+    both = runner.invoke(app, ["distill", str(recipe), "--data-only", "--no-generate"])
+    assert both.exit_code == 2 and "--no-generate" in both.output

@@ -190,14 +190,18 @@ def test_hidden_cache_interrupted_mid_chunk_resumes_at_the_next_batch(tmp_path, 
 
 
 def test_hidden_cache_round_trip_resume_and_training_without_target_forward(tmp_path):
-    from redraft_cli.distill.hidden_cache import attach_hidden, build_hidden_cache
+    from redraft_cli.distill.hidden_cache import attach_hidden, build_hidden_cache, is_cached
 
     target = tiny_llama(vocab_size=64, seed=7)
     data = synthetic_examples(target, 10, seed=3)
     calls = []
+    assert not is_cached(data, tmp_path / "h", target.name, chunk_size=4)
     build_hidden_cache(target, data, tmp_path / "h", batch_size=3, chunk_size=4,
                        progress=lambda done, total: calls.append(done))
     assert calls[-1] == 10
+    assert is_cached(data, tmp_path / "h", target.name, chunk_size=4)
+    assert not is_cached(data, tmp_path / "h", target.name, chunk_size=4, greedy=True)  # another layout
+    assert not is_cached(data + synthetic_examples(target, 1, seed=5), tmp_path / "h", target.name, chunk_size=4)
     manifest = json.loads((tmp_path / "h" / "manifest.json").read_text())
     assert sorted(manifest["chunks"]) == ["0", "1", "2"]
     # A rerun finds every chunk done and computes nothing.

@@ -212,3 +212,19 @@ def test_a_config_whose_vocabulary_disagrees_with_its_files_is_named(tiny_target
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(DrafterLoadError, match="datastore.safetensors is for a vocabulary of .*files do not match"):
         Drafter.load(path)
+
+
+def test_decode_config_is_the_recommended_shape(tiny_target):
+    """drafter.decode_config(): the saved shape for the batch size, datastore beams only with a datastore,
+    any DecodeConfig field on top."""
+    from redraft_cli.datastore import Datastore
+
+    drafter = Drafter.for_target(tiny_target, beam_width=3, beam_length=4, tree_nodes=5, lookup_beams=1,
+                                 lookup_length=9, datastore_beams=2)
+    drafter.config.batch_shapes = {"4": {"beam_width": 2, "beam_length": 2, "tree_nodes": 0}}
+    cfg = drafter.decode_config(max_new_tokens=7)
+    assert (cfg.beam_width, cfg.beam_length, cfg.tree_nodes, cfg.lookup_beams, cfg.lookup_length) == (3, 4, 5, 1, 9)
+    assert cfg.datastore_beams == 0 and cfg.max_new_tokens == 7  # no datastore loaded
+    assert (drafter.decode_config(batch_size=8).beam_width, drafter.decode_config(batch_size=8).tree_nodes) == (2, 0)
+    drafter.datastore = Datastore.from_answers([[1, 2, 3]], tiny_target.vocab_size)
+    assert drafter.decode_config(accept="typical").datastore_beams == 2

@@ -23,7 +23,8 @@ HELP = """commands:
   /reset               start a new conversation
   /stats               session totals
   /set NAME VALUE      change a setting: beam-width, beam-length, nodes, lookup, lookup-length, datastore,
-                       max-new-tokens, accept, temperature, top-p, top-k, seed, draft on|off, system TEXT
+                       max-new-tokens, accept, temperature, top-p, top-k, seed, epsilon, delta, draft on|off,
+                       system TEXT
   /help                this help
   /quit                leave (or Ctrl-D); Ctrl-C stops the current answer"""
 
@@ -43,6 +44,8 @@ def chat(
     top_p: o.TopP = D["top_p"],
     accept: o.Accept = D["accept"],
     seed: o.Seed = D["seed"],
+    epsilon: o.Epsilon = D["epsilon"],
+    delta: o.Delta = D["delta"],
     system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
     max_new_tokens: o.MaxNewTokens = 512,
     no_draft: Annotated[bool, typer.Option("--no-draft", help="Plain decoding, for comparison.")] = False,
@@ -56,7 +59,7 @@ def chat(
     chat_template: o.ChatTemplate = None,
 ) -> None:
     """Talk to a model with ReDrafter decoding (multi-turn, streamed)."""
-    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, lookup=lookup, lookup_length=lookup_length, datastore=datastore, nodes=nodes)
+    cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup=lookup, lookup_length=lookup_length, datastore=datastore, nodes=nodes)
     one_shot = prompt is not None or not sys.stdin.isatty()
     if prompt is None and one_shot:
         prompt = sys.stdin.read().strip()
@@ -128,7 +131,8 @@ def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bo
     if json_out:
         c = session.cfg
         settings = {"accept": c.accept, "temperature": c.sampling.temperature, "top_k": c.sampling.top_k,
-                    "top_p": c.sampling.top_p, "seed": c.sampling.seed, "beam_width": c.beam_width,
+                    "top_p": c.sampling.top_p, "seed": c.sampling.seed, "typical_epsilon": c.typical_epsilon,
+                    "typical_delta": c.typical_delta, "beam_width": c.beam_width,
                     "beam_length": c.beam_length, "lookup_beams": c.lookup_beams,
                     "lookup_length": c.lookup_length or c.beam_length, "datastore_beams": c.datastore_beams, "tree_nodes": c.tree_nodes}
         console.print_json(json.dumps({"prompt": prompt, "response": session.messages[-1]["content"],

@@ -44,6 +44,7 @@ def distill(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
     no_bench: Annotated[bool, typer.Option("--no-bench", help="Skip the short bench on held-out prompts at the end.")] = False,
     no_generate: Annotated[bool, typer.Option("--no-generate", help="Train on the data generated so far; generate no more (a later run without it resumes generation).")] = False,
+    data_only: Annotated[bool, typer.Option("--data-only", help="Make the data (answers, hidden states) and stop: run it once before accelerate launch.")] = False,
     device: o.Device = o.DEFAULTS["device"],
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 (default: the recipe's)."),
     quantize: Optional[str] = typer.Option(None, help="none | 8bit | 4bit (default: the recipe's)."),
@@ -84,15 +85,19 @@ def distill(
     view = _DistillView()
     try:
         result = run_distill(recipe, out, resume=resume, on_event=view.on_event, bench=not no_bench,
-                             generate=not no_generate)
+                             generate=not no_generate, data_only=data_only)
     except KeyboardInterrupt:
         raise fail(view.interrupted(out), 130) from None
     finally:
         if view.tasks:  # started with its first bar, so an error before any prints no blank line
             view.progress.stop()
     m = result.metrics
-    console.print(_summary(m))
-    console.print(f"drafter written to {result.out} (load it with --drafter {result.out})")
+    if m.get("data_only"):
+        console.print(f"data ready in {m['data_dir']}: the same command without --data-only trains on it "
+                      f"(accelerate launch -m redraft_cli distill ... for several GPUs)")
+    else:
+        console.print(_summary(m))
+        console.print(f"drafter written to {result.out} (load it with --drafter {result.out})")
     if json_path is not None:
         write_text(json_path, json.dumps(m, indent=2) + "\n")
 
@@ -196,6 +201,9 @@ class _DistillView:
         elif kind == "bench":
             t = self._task("bench", "held-out bench", e["total"])
             self.progress.update(t, completed=e["done"], total=e["total"])
+            self._log("bench", e["done"], 1, f"held-out bench: {e['done']}/{e['total']} runs")
+        if kind == "bench_start" and self.log_lines:
+            err.print(f"held-out bench: {e['prompts']} prompts, plain decoding and ReDrafter (--no-bench skips it)")
 
 
 def _summary(m: dict) -> Table:

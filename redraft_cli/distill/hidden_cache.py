@@ -65,11 +65,7 @@ def build_hidden_cache(target: Target, examples: list[dict], cache_dir: Path, ba
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fresh = {"version": 2, "model": target.name, "chunk_size": chunk_size,
-             "dtype": str(dtype).replace("torch.", ""), "greedy": greedy, "chunks": {}}
-    manifest = _read(cache_dir)
-    if manifest is None or any(manifest.get(k, False) != fresh[k] for k in ("version", "model", "chunk_size", "dtype", "greedy")):
-        manifest = fresh
+    manifest = _manifest(cache_dir, target.name, chunk_size, dtype, greedy)
     files = _files(manifest)
     for c, chunk, fp in _chunks(examples, chunk_size):
         if fp in files and (cache_dir / files[fp]).is_file():
@@ -178,6 +174,24 @@ def attach_hidden(examples: list[dict], cache_dir: Path, model_name: str) -> Non
             e["hidden"] = t["hidden"][offs[j] : offs[j + 1]]
             if "greedy" in t:
                 e["greedy"] = t["greedy"][offs[j] : offs[j + 1]].long()
+
+
+def is_cached(examples: list[dict], cache_dir: Path, model_name: str, chunk_size: int = 256,
+              dtype: torch.dtype = torch.bfloat16, greedy: bool = False) -> bool:
+    """Whether build_hidden_cache with these arguments would compute nothing."""
+    cache_dir = Path(cache_dir)
+    files = _files(_manifest(cache_dir, model_name, chunk_size, dtype, greedy))
+    return all(fp in files and (cache_dir / files[fp]).is_file() for _, _, fp in _chunks(examples, chunk_size))
+
+
+def _manifest(cache_dir: Path, model_name: str, chunk_size: int, dtype: torch.dtype, greedy: bool) -> dict:
+    """The cache's manifest, or a fresh one where it holds states of another model, layout or dtype."""
+    fresh = {"version": 2, "model": model_name, "chunk_size": chunk_size,
+             "dtype": str(dtype).replace("torch.", ""), "greedy": greedy, "chunks": {}}
+    manifest = _read(cache_dir)
+    if manifest is None or any(manifest.get(k, False) != fresh[k] for k in ("version", "model", "chunk_size", "dtype", "greedy")):
+        return fresh
+    return manifest
 
 
 def _files(manifest: dict) -> dict[str, str]:

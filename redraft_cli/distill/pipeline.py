@@ -36,7 +36,7 @@ from ..errors import BadInputError, ModelLoadError
 from ..prompts import builtin_conversations, load_conversations
 from ..files import writable_dir
 from ..target import Target, TargetSpec, _hub_reachable, cache_dir, load_target
-from .hidden_cache import attach_hidden, build_hidden_cache
+from .hidden_cache import attach_hidden, build_hidden_cache, is_cached
 from .data import GenerationConfig, conversations_sha256, generate_dataset, load_dataset, read_manifest
 from .recipe import Recipe, builtin_recipes, check_recipe
 from .written import PROMPTS as WRITTEN_PROMPTS, STATE as WRITTEN_STATE, WritingConfig, write_prompts
@@ -122,28 +122,33 @@ def check_offline_needs(recipe: Recipe) -> None:
 
 def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn | None = None,
             data_dir: Path | None = None, bench: bool = True, target: Target | None = None,
-            generate: bool = True) -> DistillResult:
+            generate: bool = True, data_only: bool = False) -> DistillResult:
     """Run the recipe end to end (or continue it). Returns the output directory and the metrics.
 
     generate=False trains on the data generated so far (none: an error) without generating more;
-    a later run with generate=True resumes generation where it stopped."""
+    a later run with generate=True resumes generation where it stopped. data_only=True makes the
+    data (answers, and hidden states where the recipe caches them) and stops before training: the
+    single-process step before `accelerate launch`, whose processes only read the data."""
     emit = on_event or (lambda e: None)
+    if data_only and not generate:
+        raise BadInputError("--data-only generates the data; it cannot be combined with --no-generate")
     out = Path(out)
     check_recipe(recipe)
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out} is a file; give a directory for the drafter")
-    if (out / "checkpoint").exists() and not resume:
+    if (out / "checkpoint").exists() and not resume and not data_only:
         raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
     # A run that failed before training (no model, no chat template, no network) leaves only recipe.yaml:
     # that folder is still ours to retry in.
-    if out.is_dir() and not (out / "checkpoint").exists() and any(p.name != "recipe.yaml" for p in out.iterdir()):
+    if (not data_only and out.is_dir() and not (out / "checkpoint").exists()
+            and any(p.name != "recipe.yaml" for p in out.iterdir())):
         raise BadInputError(f"--out {out} already holds files and no training checkpoint; the drafter's files would "
                             "replace them: use a new or empty directory")
     check_offline_needs(recipe)
     fitted = recipe.beam.fit_to(recipe.drafter.predict_tokens)
     if fitted:
         emit({"event": "note", "text": fitted})
-    if resume and not (out / "checkpoint").exists():
+    if resume and not data_only and not (out / "checkpoint").exists():
         emit({"event": "note", "text": f"--resume: {out} holds no checkpoint yet; starting a new run there"})
     # The prompts first: a missing file or too few prompts fails before the model loads.
     d = recipe.data
@@ -152,7 +157,8 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         raise BadInputError(f"{len(convs)} conversations but held_out is {d.held_out}: nothing left to train on "
                             f"(give more prompts, or fewer with --held-out)")
     # Where it will write, before the model loads.
-    _check_writable(out, f"cannot write the drafter to --out {out}")
+    if not data_only:  # a data-only run writes nothing in --out
+        _check_writable(out, f"cannot write the drafter to --out {out}")
     _check_writable(Path(data_dir) if data_dir else cache_dir() / "distill-data",
                     "cannot write the distillation data in {path}", "; set REDRAFT_CACHE to a writable folder")
     if target is None:
@@ -163,11 +169,12 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         raise BadInputError(f"--draft-vocab {recipe.drafter.draft_vocab_size} is larger than {target.name}'s vocabulary "
                             f"of {target.vocab_size} tokens")
     apply_chat_template(target, recipe.target.chat_template)
-    out.mkdir(parents=True, exist_ok=True)
-    saved = recipe.to_dict()
-    if target.tokenizer.chat_template and recipe.target.chat_template not in (None, *NAMED_TEMPLATES):
-        saved["target"]["chat_template"] = target.tokenizer.chat_template  # a file's text: the drafter carries it
-    (out / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    if not data_only:
+        out.mkdir(parents=True, exist_ok=True)
+        saved = recipe.to_dict()
+        if target.tokenizer.chat_template and recipe.target.chat_template not in (None, *NAMED_TEMPLATES):
+            saved["target"]["chat_template"] = target.tokenizer.chat_template  # a file's text: the drafter carries it
+        (out / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
 
     # 1. Data: the target's own answers, held-out conversations first.
     gen_cfg = GenerationConfig(max_new_tokens=d.max_new_tokens, batch_size=d.gen_batch_size, temperature=d.temperature,
@@ -193,6 +200,10 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     train_tokens = sum(int(e["loss_mask"].sum()) for e in train_set)
     emit({"event": "data_done", "train": len(train_set) - len(sampled) - len(written), "sampled": len(sampled),
           "written": len(written), "held_out": len(held), "train_tokens": train_tokens})
+    if data_only:
+        return DistillResult(out, {"recipe": recipe.name, "model": target.name, "data_only": True, "data_dir": str(data_dir),
+                                   "data": {"train_conversations": len(train_set), "held_out_conversations": len(held),
+                                            "train_generated_tokens": train_tokens}})
 
     # 2. The drafter, then training.
     dr = recipe.drafter
@@ -273,6 +284,7 @@ def _answers(target: Target, package_name: str, convs: list[list[str]], data_dir
             emit({"event": "data_partial", "set": kind, "dir": str(data_dir),
                   "done": sum(s["conversations"] for s in manifest["shards"]), "total": len(convs)})
     elif not _has_shards(manifest, max_shards, len(convs)):
+        _generation_in_one_process(kind, data_dir)
         emit({"event": "data_start", "set": kind, "conversations": len(convs), "dir": str(data_dir)})
         generate_dataset(target, convs, data_dir, gen_cfg, max_shards=max_shards,
                          progress=lambda done, total, tokens: emit({"event": "data", "set": kind, "done": done,
@@ -282,6 +294,14 @@ def _answers(target: Target, package_name: str, convs: list[list[str]], data_dir
     if max_shards is not None:  # a short run trains on the shards it asked for, not on all that exist
         examples = [e for e in examples if e["conv_index"] < max_shards * gen_cfg.shard_size]
     return examples
+
+
+def _generation_in_one_process(what: str, where: Path) -> None:
+    """Data is made by one process: under `accelerate launch` with several, every process would make
+    the same files at once. There, missing data is an error that says how to make it first."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise BadInputError(f"the {what} in {where} are not all made yet, and data is made in one process: run the "
+                            f"same redraft distill command with --data-only (not under accelerate launch) first")
 
 
 def _has_shards(manifest: dict | None, max_shards: int | None, conversations: int) -> bool:
@@ -366,11 +386,15 @@ def _written_prompts(target: Target, recipe: Recipe, gen_cfg: GenerationConfig, 
         for name in (WRITTEN_PROMPTS, WRITTEN_STATE):
             shutil.copyfile(shipped / name, wdir / name)
     shards = _shards_to_answer(recipe, d.written_prompts)  # (the prompt set is written whole)
+    state = wdir / WRITTEN_STATE
+    written = json.loads(state.read_text()).get("kept", 0) if state.is_file() else 0
     if generate:
+        if written < d.written_prompts:
+            _generation_in_one_process("prompts the target writes", wdir)
         emit({"event": "writing_start", "prompts": d.written_prompts, "dir": str(wdir)})
         prompts = write_prompts(target, wdir, wcfg,
                                 progress=lambda kept, wanted: emit({"event": "writing", "done": kept, "total": wanted}))
-    elif (wdir / WRITTEN_STATE).is_file() and json.loads((wdir / WRITTEN_STATE).read_text()).get("kept", 0) >= d.written_prompts:
+    elif written >= d.written_prompts:
         prompts = [c[0] for c in load_conversations(wdir / WRITTEN_PROMPTS)][: d.written_prompts]
     else:
         return []  # --no-generate before the prompt set is whole: the answers would not match it
@@ -386,6 +410,8 @@ def _attach_hidden_states(target: Target, examples: list[dict], data_dir: Path, 
     """Small targets: one forward over the data, stored, instead of one per epoch. One cache per
     target dtype; chunks are keyed by their examples, so it grows with the data."""
     hidden_dir = data_dir / f"hidden-{target.compute_dtype}".replace("torch.", "")
+    if not is_cached(examples, hidden_dir, target.name, greedy=greedy):
+        _generation_in_one_process("hidden states", hidden_dir)
     emit({"event": "hidden_start", "examples": len(examples), "dir": str(hidden_dir)})
     build_hidden_cache(target, examples, hidden_dir, batch_size=recipe.train.batch_size, greedy=greedy,
                        progress=lambda done, total: emit({"event": "hidden", "done": done, "total": total}))
