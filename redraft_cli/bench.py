@@ -187,12 +187,19 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
     base, hf, red = PathTotals(), PathTotals(), RedraftTotals()
     identical = 0
     rows = []
+    interrupted = False
     for i, group in enumerate(groups):
         order = paths if i % 2 == 0 else list(reversed(paths))
         outputs: dict[str, list[list[int]]] = {}
-        runs = (_run_paths(gen, order, group, d, B, tick, f"prompt {i + 1}/{len(prompts)}") if B == 1 else
-                _run_interleaved(gen, group, d, B, tick)
-                + _run_paths(gen, [p for p in order if p == "hf"], group, d, B, tick, f"{B} slots"))
+        try:
+            runs = (_run_paths(gen, order, group, d, B, tick, f"prompt {i + 1}/{len(prompts)}") if B == 1 else
+                    _run_interleaved(gen, group, d, B, tick)
+                    + _run_paths(gen, [p for p in order if p == "hf"], group, d, B, tick, f"{B} slots"))
+        except KeyboardInterrupt:  # Ctrl-C: the prompts whose paths all finished are the result
+            if not rows:
+                raise
+            interrupted = True
+            break
         for path, tokens, seconds, generation in runs:
             outputs[path] = tokens
             if path == "plain":
@@ -212,9 +219,9 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
                          "identical": plain == fast, "plain_digest": output_digest(plain),
                          "redraft_digest": output_digest(fast)})
 
-    greedy = d.sampling.greedy or d.accept == "greedy"
+    greedy = d.rule == "greedy"
     result: dict[str, Any] = {
-        "accept": d.accept,
+        "accept": d.rule,
         "temperature": d.sampling.temperature,
         "top_k": d.sampling.top_k,
         "top_p": d.sampling.top_p,
@@ -226,7 +233,7 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
         "datastore_beams": d.datastore_beams,
         "tree_nodes": d.tree_nodes,
         "batch_size": B,
-        "num_prompts": len(prompts),
+        "num_prompts": len(rows),
         "max_new_tokens": d.max_new_tokens,
         "baseline": base.to_dict(),
         "redraft": red.to_dict(d.beam_length),
@@ -236,6 +243,8 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "per_prompt": rows,
     }
+    if interrupted:
+        result.update(interrupted=True, prompts_asked=len(prompts))
     if cfg.hf_baseline:
         result["baseline_hf"] = hf.to_dict()
         result["speedup_vs_hf"] = round(red.tokens_per_s / hf.tokens_per_s, 4) if hf.tokens_per_s else None

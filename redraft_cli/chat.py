@@ -93,6 +93,10 @@ class ChatSession:
             self.draft = value == "on"
             return f"draft {value}"
         if name == "system":
+            target = self.gen.target
+            if value and len(target.encode_chat("", system=value)) + 16 > target.max_context:
+                raise ContextOverflowError(f"the system prompt leaves no room for a message in the context of "
+                                           f"{target.max_context} tokens; shorten it")
             self.system = value or None
             return "system prompt set" if value else "system prompt cleared"
         if name not in SETTABLE:

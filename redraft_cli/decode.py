@@ -32,6 +32,7 @@ collect statistics; the first one is the prefill, which emits one token.
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
@@ -60,7 +61,7 @@ class DecodeConfig:
     max_new_tokens: int = 128
     beam_width: int = 4
     beam_length: int = 5
-    accept: str = "greedy"
+    accept: str = "auto"  # auto: greedy at temperature 0, rejection (lossless sampling) above it; see `rule`
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     typical_epsilon: float = 0.09
     typical_delta: float = 0.3
@@ -74,8 +75,12 @@ class DecodeConfig:
         check_field_types(self)
         if not isinstance(self.sampling, SamplingConfig):
             raise BadInputError(f"DecodeConfig.sampling must be a SamplingConfig, got {type(self.sampling).__name__}")
-        if self.accept not in ACCEPT_RULES:
-            raise BadInputError(f"--accept must be one of {', '.join(ACCEPT_RULES)}, got {self.accept!r}")
+        if self.accept not in ("auto", *ACCEPT_RULES):
+            raise BadInputError(f"--accept must be one of auto, {', '.join(ACCEPT_RULES)}, got {self.accept!r}")
+        if self.accept == "greedy" and not self.sampling.greedy:
+            raise BadInputError(f"--accept greedy decodes greedily, so --temperature {self.sampling.temperature} "
+                                f"would apply to nothing: use --accept rejection (lossless sampling, the default "
+                                f"above temperature 0) or typical")
         if self.max_new_tokens < 1:
             raise BadInputError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         check_beam_shape(self.beam_width, self.beam_length, tree_nodes=self.tree_nodes)
@@ -88,6 +93,14 @@ class DecodeConfig:
                                 f"got {self.lookup_length}")
         if not 0 < self.typical_epsilon <= 1 or not 0 < self.typical_delta < float("inf"):  # NaN fails both
             raise BadInputError("typical acceptance needs 0 < epsilon <= 1 and a finite delta > 0")
+
+    @property
+    def rule(self) -> str:
+        """The acceptance rule that runs: greedy at temperature 0 (where every rule is greedy), else
+        `accept`, with auto meaning rejection (lossless sampling)."""
+        if self.sampling.greedy:
+            return "greedy"
+        return "rejection" if self.accept == "auto" else self.accept
 
     @property
     def tree_depth(self) -> int:
@@ -179,11 +192,16 @@ class Generator:
     """
 
     def __init__(self, target: Target, drafter: Drafter | None = None, proposer: Proposer | None = None) -> None:
+        if not isinstance(target, Target):
+            raise BadInputError(f"Generator needs a Target (from load_target), got {type(target).__name__}")
         self.target = target
         self.drafter = drafter
         if drafter is not None and not isinstance(drafter, Drafter):
             raise BadInputError(f"Generator's second argument is a Drafter, got {type(drafter).__name__}; "
                                 f"pass other drafting objects as proposer=...")
+        if proposer is not None and not callable(proposer):
+            raise BadInputError(f"Generator's proposer must be callable (h, g0, beam_width, beam_length, context) "
+                                f"-> DraftBeams, got {type(proposer).__name__}")
         if drafter is not None:
             drafter.check_target(target.hidden_size, target.vocab_size, target.name)
             drafter.attach(target.embed_weight, target.lm_head_weight)
@@ -193,6 +211,7 @@ class Generator:
 
     def check(self, cfg: DecodeConfig) -> None:
         """Raise BadInputError when ReDrafter decoding with `cfg` cannot run with this drafter."""
+        _check_config("Generator.check", cfg)
         if self.drafter is not None:
             check_beam_shape(cfg.beam_width, cfg.beam_length, self.drafter.draft_vocab_size, cfg.tree_nodes)
             window = self.drafter.config.context_window
@@ -363,13 +382,14 @@ class Generator:
     # -- plain decoding -------------------------------------------------------------
     def plain(self, prompt_ids: list[int], cfg: DecodeConfig) -> Iterator[StepStats]:
         """Autoregressive decoding of one prompt, one target pass per token."""
-        for step in self.plain_batch([prompt_ids], cfg):
-            yield step[0][1]
+        _check_single("plain", prompt_ids, cfg)
+        return (step[0][1] for step in self.plain_batch([prompt_ids], cfg))
 
     def plain_batch(self, prompts: list[list[int]], cfg: DecodeConfig, slots: int | None = None
                     ) -> Iterator[list[tuple[int, StepStats]]]:
         """Autoregressive decoding of several prompts, at most `slots` at once (default: all);
         one pass per token for all active rows."""
+        _check_batch("plain_batch", prompts, cfg, slots)
         return self._rows(prompts, cfg, slots, 1, self._plain_step)
 
     def _plain_step(self, rows: _Rows, h: torch.Tensor, tok: torch.Tensor, cfg: DecodeConfig,
@@ -389,13 +409,14 @@ class Generator:
     # -- ReDrafter ------------------------------------------------------------------
     def redraft(self, prompt_ids: list[int], cfg: DecodeConfig) -> Iterator[StepStats]:
         """Speculative decoding of one prompt with beam drafts and dynamic tree attention."""
-        for step in self.redraft_batch([prompt_ids], cfg):
-            yield step[0][1]
+        _check_single("redraft", prompt_ids, cfg)
+        return (step[0][1] for step in self.redraft_batch([prompt_ids], cfg))
 
     def redraft_batch(self, prompts: list[list[int]], cfg: DecodeConfig, slots: int | None = None
                       ) -> Iterator[list[tuple[int, StepStats]]]:
         """Speculative decoding of several prompts, at most `slots` at once (default: all):
         one draft and one tree pass per step for all active rows."""
+        _check_batch("redraft_batch", prompts, cfg, slots)
         if self.proposer is None:
             raise BadInputError("ReDrafter decoding needs a drafter")
         self.check(cfg)
@@ -453,9 +474,9 @@ class Generator:
         return DraftBeams(torch.cat([p.tokens for p in parts]), torch.cat([p.logprobs for p in parts]))
 
     def _accept(self, beams: DraftBeams, logits, unpack, cfg: DecodeConfig, gen):
-        if cfg.accept == "greedy" or cfg.sampling.greedy:
+        if cfg.rule == "greedy":
             return accept_greedy(beams.tokens, logits, unpack)
-        if cfg.accept == "rejection":
+        if cfg.rule == "rejection":
             return accept_rejection(beams.tokens, logits, unpack, cfg.sampling, gen)
         return accept_typical(
             beams.tokens, beams.logprobs, logits, unpack, cfg.sampling, gen, cfg.typical_epsilon, cfg.typical_delta
@@ -465,6 +486,8 @@ class Generator:
     def generate(self, prompt_ids: list[int], cfg: DecodeConfig, mode: str = "redraft",
                  on_step: Callable[[StepStats], Any] | None = None) -> "Generation":
         """Run a whole generation; mode 'redraft' or 'plain'."""
+        _check_single("generate", prompt_ids, cfg)
+        _check_callback("generate", "on_step", on_step)
         loop = self.redraft if _checked_mode(mode) == "redraft" else self.plain
         start = time.perf_counter()
         steps: list[StepStats] = []
@@ -481,10 +504,45 @@ class Generator:
         otherwise); mode 'redraft' or 'plain'. Each row's Generation.seconds runs from the
         start of the pass that admitted it to the end of the pass that finished it;
         `on_row_done(row, generation)` is called as each row finishes."""
+        _check_batch("generate_batch", prompts, cfg, slots)
+        _check_callback("generate_batch", "on_row_done", on_row_done)
         run = BatchRun(self, prompts, cfg, mode, slots, on_row_done)
         while run.step():
             pass
         return run.result()
+
+
+def _check_config(method: str, cfg: Any) -> None:
+    if not isinstance(cfg, DecodeConfig):
+        raise BadInputError(f"{method} needs a DecodeConfig as cfg (DecodeConfig(...) or drafter.decode_config(...)), "
+                            f"got {type(cfg).__name__}")
+
+
+def _check_single(method: str, prompt_ids: Any, cfg: Any) -> None:
+    """The entry checks of a one-prompt method (the prompt's ids are checked by Target.check_prompt)."""
+    _check_config(method, cfg)
+    if isinstance(prompt_ids, (list, tuple)) and prompt_ids and isinstance(prompt_ids[0], (list, tuple)):
+        raise BadInputError(f"{method} takes one prompt (a list of token ids), got a list of lists; "
+                            f"for several prompts use {method}_batch")
+
+
+def _check_batch(method: str, prompts: Any, cfg: Any, slots: Any) -> None:
+    """The entry checks of a batch method: cfg, the prompts list (not its ids) and slots."""
+    _check_config(method, cfg)
+    if not isinstance(prompts, (list, tuple)):
+        raise BadInputError(f"{method} takes a list of prompts (each a list of token ids), got {type(prompts).__name__}")
+    if prompts and all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in prompts):
+        raise BadInputError(f"{method} takes a list of prompts (each a list of token ids), got one flat list of "
+                            f"ints; wrap a single prompt as [ids]")
+    if slots is not None and (not isinstance(slots, numbers.Integral) or isinstance(slots, bool)):
+        raise BadInputError(f"{method}'s slots must be an int or None, got {type(slots).__name__}")
+    if slots is not None and slots < 1:
+        raise BadInputError(f"the batch needs at least one slot, got {slots}")
+
+
+def _check_callback(method: str, name: str, fn: Any) -> None:
+    if fn is not None and not callable(fn):
+        raise BadInputError(f"{method}'s {name} must be callable or None, got {type(fn).__name__}")
 
 
 def _checked_mode(mode: str) -> str:

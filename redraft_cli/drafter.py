@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 
 from .context_attention import ContextAttention, ContextCache
 from .datastore import DATASTORE_NAME, Datastore
-from .errors import DrafterLoadError, DrafterMismatchError
+from .errors import BadInputError, DrafterLoadError, DrafterMismatchError, check_field_types
 from .files import atomic_write
 
 if TYPE_CHECKING:  # decode.py imports this module
@@ -84,6 +85,11 @@ class DrafterConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # a Python caller's DrafterConfig(hidden_size="576"); config.json is checked on load
+        for name in ("target_model", "draft_vocab_size"):
+            value, kind = getattr(self, name), str if name == "target_model" else int
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise BadInputError(f"DrafterConfig.{name} must be {kind.__name__} or None, got {value!r}")
         if self.head not in HEAD_KINDS:
             raise DrafterLoadError(f"drafter head must be one of {HEAD_KINDS}, got {self.head!r}")
         if self.hidden_size <= 0 or self.vocab_size <= 0 or self.num_draft_layers < 0:
@@ -184,6 +190,18 @@ class DrafterConfig:
             raise DrafterLoadError(f"invalid drafter config: {exc}") from exc
 
 
+def _check_int(name: str, value: Any, low: int | None) -> None:
+    """BadInputError unless `value` is an int (not a bool), >= low when low is given."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (low is not None and value < low):
+        shown = repr(value) if isinstance(value, (int, float, str, type(None))) else type(value).__name__
+        raise BadInputError(f"{name} must be an int{f' >= {low}' if low is not None else ''}, got {shown}")
+
+
+def _check_path(method: str, path: Any, error: type[BadInputError] = DrafterLoadError) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise error(f"{method} needs a path to a drafter folder (str or os.PathLike), got {type(path).__name__}")
+
+
 def _fits(value: Any, annotation: str) -> bool:
     """Whether a JSON value matches a DrafterConfig field annotation ('int', 'str | None', ...)."""
     kinds = {"int": int, "str": str, "None": type(None), "bool": bool}
@@ -213,6 +231,9 @@ class Drafter(nn.Module):
     """
 
     def __init__(self, config: DrafterConfig) -> None:
+        if not isinstance(config, DrafterConfig):
+            raise BadInputError(f"Drafter needs a DrafterConfig, got {type(config).__name__}; load a saved drafter "
+                                f"with Drafter.load(path) or build one with Drafter.for_target(target)")
         super().__init__()
         self.config = config
         H = config.hidden_size
@@ -240,6 +261,10 @@ class Drafter(nn.Module):
     # -- wiring to the target -------------------------------------------------
     def attach(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> "Drafter":
         """Share the target's input embedding (V, H) and LM head (V, H) weights."""
+        if not isinstance(embed_weight, torch.Tensor) or not isinstance(lm_head_weight, torch.Tensor):
+            bad = embed_weight if not isinstance(embed_weight, torch.Tensor) else lm_head_weight
+            raise BadInputError(f"Drafter.attach needs the target's embedding and LM head weights (tensors), "
+                                f"got {type(bad).__name__}")
         V, H = self.config.vocab_size, self.config.hidden_size
         if tuple(embed_weight.shape) != (V, H):
             raise DrafterMismatchError(
@@ -359,6 +384,7 @@ class Drafter(nn.Module):
     # -- construction, save and load -----------------------------------------
     def reset_parameters(self, seed: int = 0) -> "Drafter":
         """Seeded init: small random weights (an untrained drafter)."""
+        _check_int("Drafter.reset_parameters's seed", seed, low=None)
         gen = torch.Generator().manual_seed(seed)
         last = f"lm_head.{self.config.num_draft_layers}.weight"
         for name, p in self.named_parameters():
@@ -392,6 +418,16 @@ class Drafter(nn.Module):
     @classmethod
     def for_target(cls, target: Any, seed: int = 0, **config_kwargs: Any) -> "Drafter":
         """A freshly initialised drafter shaped for `target` (a `redraft_cli.target.Target`)."""
+        from .target import Target  # target.py imports this module
+
+        if not isinstance(target, Target):
+            raise BadInputError(f"Drafter.for_target needs a Target (from load_target), got {type(target).__name__}")
+        _check_int("Drafter.for_target's seed", seed, low=None)
+        allowed = {f.name for f in fields(DrafterConfig)} - {"hidden_size", "vocab_size", "target_model", "extra"}
+        for k in config_kwargs:
+            if k not in allowed:
+                raise BadInputError(f"Drafter.for_target got {k!r}, which is not a DrafterConfig field it takes "
+                                    f"(hidden_size, vocab_size and target_model come from the target)")
         cfg = DrafterConfig(
             hidden_size=target.hidden_size,
             vocab_size=target.vocab_size,
@@ -423,6 +459,7 @@ class Drafter(nn.Module):
         """Write config.json + model.safetensors (+ datastore.safetensors) atomically into directory `path`."""
         from safetensors.torch import save_file
 
+        _check_path("Drafter.save", path, BadInputError)
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         if self.datastore is not None:
@@ -441,6 +478,15 @@ class Drafter(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        _check_path("Drafter.load", path)
+        if not isinstance(map_location, (str, torch.device)):
+            raise BadInputError(f"Drafter.load's map_location must be a device (\"cpu\", \"cuda\", a torch.device), "
+                                f"got {type(map_location).__name__}")
+        try:
+            torch.device(map_location)
+        except RuntimeError:
+            raise BadInputError(f"Drafter.load's map_location must be a device (\"cpu\", \"cuda\", a torch.device), "
+                                f"got {map_location!r}") from None
         src = Path(path)
         if not src.is_dir():
             raise DrafterLoadError(f"drafter not found: {src} is not a directory")
@@ -521,6 +567,11 @@ class Drafter(nn.Module):
         on top. What the CLI decodes with when no shape option is given."""
         from .decode import DecodeConfig
 
+        _check_int("Drafter.decode_config's batch_size", batch_size, low=1)
+        known = {f.name for f in fields(DecodeConfig)}
+        for k in overrides:
+            if k not in known:
+                raise BadInputError(f"Drafter.decode_config got {k!r}, which is not a DecodeConfig field")
         shape = self.config.shape_for(batch_size)
         if self.datastore is None:
             shape["datastore_beams"] = 0

@@ -1,7 +1,7 @@
 """Typed errors of the core. The CLI maps each to a one-line message and an exit code.
 
-Exit codes: 2 for bad input (model, drafter, prompt, options), 3 for runtime
-limits (context overflow), 1 for anything else the core raises on purpose.
+Exit codes: 2 for bad input (model, drafter, prompt, options, a context overflow), 1 for
+anything else the core raises on purpose.
 """
 
 

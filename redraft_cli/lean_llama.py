@@ -63,6 +63,18 @@ LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 INVARIANT_MAX_TOKENS = 256
 
 
+def attention_window(cfg: Any) -> int | None:
+    """The sliding window of a config some of whose layers attend to fewer positions than its
+    context (Mistral v0.1's 4,096 of 32,768; Gemma-2's local layers), else None."""
+    window = getattr(cfg, "sliding_window", None)
+    if not window or window >= (getattr(cfg, "max_position_embeddings", 0) or 1 << 62):
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return int(window) if any(t == "sliding_attention" for t in types) else None
+    return int(window) if getattr(cfg, "use_sliding_window", True) else None
+
+
 def lean_config_supported(cfg: Any) -> bool:
     """True when a model config (`PretrainedConfig`) describes a decoder this module runs."""
     if getattr(cfg, "model_type", None) not in LEAN_MODEL_TYPES:

@@ -2,14 +2,21 @@
 
 Formats (detected from content, not only the extension):
 - JSONL, one object a line, with `turns` (MT-Bench: the first turn is used),
-  `prompt`, `text`, `instruction`, `question`, or ShareGPT `conversations`;
+  `prompt`, `text`, `instruction`, `question`, or ShareGPT `conversations`
+  (`from`/`value`) or OpenAI `messages` (`role`/`content`, where `content` may
+  also be a list of text parts, joined with newlines);
 - a JSON file holding a list of such objects or of strings (ShareGPT dumps);
 - plain text, one prompt a line (blank lines and lines starting with `#` skipped).
+
+A record that is not a prompt is an error naming its line (and, in a JSON
+array, its record number) and the field; an empty text or a conversation
+without user turns is skipped.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,39 +25,102 @@ from .errors import PromptError
 
 TEXT_KEYS = ("prompt", "text", "instruction", "question", "input", "content")
 HUMAN_ROLES = ("human", "user")
+_WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
+
+
+def _kind(value: Any) -> str:
+    """The type of a JSON value, as an error message names it: int, str, list, dict, null..."""
+    return "null" if value is None else type(value).__name__
+
+
+def _message_text(m: dict, role_key: str) -> str:
+    """The text of one user message: a string, or an OpenAI list of text parts (joined with newlines).
+    ValueError (naming the field) for anything else."""
+    key = "value" if "value" in m else "content" if "content" in m else None
+    if key is None:
+        raise ValueError(f"with '{role_key}' {m[role_key]!r} but neither 'value' nor 'content'")
+    text = m[key]
+    if isinstance(text, str):
+        return text
+    if isinstance(text, list):
+        parts = []
+        for j, part in enumerate(text, 1):
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif isinstance(part, dict) and "type" in part:
+                raise ValueError(f"whose '{key}' part {j} is of type {part['type']!r}, not text")
+            else:
+                raise ValueError(f"whose '{key}' part {j} is not a text part (got {_kind(part)})")
+        return "\n".join(parts)
+    raise ValueError(f"whose '{key}' is not text (got {_kind(text)})")
+
+
+def _conversation(conv: Any, key: str) -> list[str] | None:
+    """User turns of a ShareGPT `conversations` or OpenAI `messages` list; ValueError naming the message."""
+    if not isinstance(conv, list):
+        raise ValueError(f"has '{key}' that is not a list (got {_kind(conv)})")
+    users = []
+    for i, m in enumerate(conv, 1):
+        try:
+            if not isinstance(m, dict):
+                raise ValueError(f"that is not an object (got {_kind(m)})")
+            role_key = "from" if "from" in m else "role" if "role" in m else None
+            if role_key is None:
+                raise ValueError("with neither 'from' nor 'role'")
+            if not isinstance(m[role_key], str):
+                raise ValueError(f"whose '{role_key}' is not a string (got {_kind(m[role_key])})")
+            if m[role_key] in HUMAN_ROLES:
+                text = _message_text(m, role_key)
+                if text.strip():
+                    users.append(text)
+        except ValueError as exc:
+            raise ValueError(f"has '{key}' message {i} {exc}") from None
+    return users or None
 
 
 def _from_record(rec: Any) -> list[str] | None:
     """All user turns of one record; None when it is a prompt record that holds nothing (an empty
-    text or a conversation without user turns, common in ShareGPT dumps). ValueError (saying why)
-    when it is not a prompt record at all: a number, a typo'd key, turns that are not strings."""
+    text or a conversation without user turns, common in ShareGPT dumps). ValueError (saying why,
+    naming the field) when it is not a prompt record at all: a number, a typo'd key, turns that are
+    not strings, a message whose text is a number or null."""
     if isinstance(rec, str):
         return [rec] if rec.strip() else None
     if not isinstance(rec, dict):
-        raise ValueError(f"is a JSON {type(rec).__name__}, not an object or a string")
+        raise ValueError(f"is a JSON {_kind(rec)}, not an object or a string")
     if "turns" in rec:
         turns = rec["turns"]
-        if not (isinstance(turns, list) and all(isinstance(t, str) for t in turns)):
-            raise ValueError("has 'turns' that is not a list of strings")
+        if not isinstance(turns, list):
+            raise ValueError(f"has 'turns' that is not a list of strings (got {_kind(turns)})")
+        for i, t in enumerate(turns, 1):
+            if not isinstance(t, str):
+                raise ValueError(f"has 'turns' that is not a list of strings (item {i} is {_kind(t)})")
         return [t for t in turns if t.strip()] or None
     for key in ("conversations", "messages"):
         if key in rec:
-            conv = rec[key]
-            if not isinstance(conv, list):
-                raise ValueError(f"has '{key}' that is not a list")
-            users = [
-                m.get("value") or m.get("content")
-                for m in conv
-                if isinstance(m, dict) and (m.get("from") or m.get("role")) in HUMAN_ROLES
-            ]
-            users = [u for u in users if isinstance(u, str) and u.strip()]
-            return users or None
+            return _conversation(rec[key], key)
     for key in TEXT_KEYS:
         if key in rec:
             if not isinstance(rec[key], str):
-                raise ValueError(f"has '{key}' that is not a string")
+                raise ValueError(f"has '{key}' that is not a string (got {_kind(rec[key])})")
             return [rec[key]] if rec[key].strip() else None
-    raise ValueError(f"has none of the keys turns, conversations, messages, {', '.join(TEXT_KEYS)}")
+    found = ", ".join(repr(k) for k in list(rec)[:5]) + (", ..." if len(rec) > 5 else "")
+    raise ValueError(f"has none of the keys turns, conversations, messages, {', '.join(TEXT_KEYS)} "
+                     f"(its keys: {found or 'none'})")
+
+
+def _line_at(raw: str, pos: int) -> int:
+    return raw.count("\n", 0, pos) + 1
+
+
+def _array_item_line(raw: str, index: int) -> int:
+    """Line where item `index` of the (valid) JSON array in `raw` starts. Walks the items again, so it
+    is only called for the one item an error names."""
+    decoder = json.JSONDecoder()
+    pos = _WS.match(raw, 0).end() + 1  # past '['
+    for _ in range(index):
+        _, pos = decoder.raw_decode(raw, _WS.match(raw, pos).end())
+        pos = _WS.match(raw, pos).end() + 1  # past ','
+    return _line_at(raw, _WS.match(raw, pos).end())
 
 
 def load_conversations(path: str | Path) -> list[list[str]]:
@@ -67,33 +137,38 @@ def load_conversations(path: str | Path) -> list[list[str]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise PromptError(f"cannot read prompt file {p}: {exc}") from exc
     stripped = raw.lstrip()
-    records: list[tuple[str, Any]]  # (where, record)
+    records: list[tuple[Any, Any]]  # (where: a line number, or a JSON array index; record)
     if stripped.startswith("["):
         try:
             items = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise PromptError(f"{p} looks like JSON but does not parse: {exc}") from exc
-        records = [(f"{p} item {i}", r) for i, r in enumerate(items)]
+            raise PromptError(f"{p}:{exc.lineno}: looks like a JSON array but does not parse "
+                              f"({exc.msg}, column {exc.colno})") from exc
+        records = [(("item", i), r) for i, r in enumerate(items)]
     elif stripped.startswith("{"):
-        try:
-            records = [(str(p), json.loads(raw))]  # one object, pretty-printed or not
+        try:  # one object, pretty-printed or not: it starts on the line of its '{'
+            records = [(("line", _line_at(raw, len(raw) - len(stripped))), json.loads(raw))]
         except json.JSONDecodeError:
             records = []
             for n, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
-                    records.append((f"{p}:{n}", json.loads(line)))
+                    records.append((("line", n), json.loads(line)))
                 except json.JSONDecodeError as exc:
-                    raise PromptError(f"{p}:{n} is not a JSON object: {exc.msg}") from exc
+                    raise PromptError(f"{p}:{n}: is not a JSON object ({exc.msg}, column {exc.colno})") from exc
     else:
-        records = [(str(p), line) for line in raw.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        records = [(None, line) for line in raw.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     convs = []
     for where, rec in records:
         try:
             conv = _from_record(rec)
         except ValueError as exc:
-            raise PromptError(f"{where} {exc}") from exc
+            if where and where[0] == "item":
+                at = f"{p}:{_array_item_line(raw, where[1])}: record {where[1] + 1}"
+            else:
+                at = f"{p}:{where[1]}: record"
+            raise PromptError(f"{at} {exc}") from exc
         if conv:
             convs.append(conv)
     if not convs:

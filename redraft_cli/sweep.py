@@ -202,7 +202,7 @@ def sweep_result(cfg: SweepConfig, cells: list[dict[str, Any]], num_prompts: int
     d = cfg.decode
     s = d.sampling
     return {
-        "accept": d.accept,
+        "accept": d.rule,
         "temperature": s.temperature,
         "top_k": s.top_k,
         "top_p": s.top_p,

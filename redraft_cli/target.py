@@ -32,7 +32,7 @@ from .errors import BadInputError, ChatTemplateError, ContextOverflowError, Mode
 from .files import cache_dir, writable_dir
 from .invariance import pad_rows
 from .kv_cache import TreeCache
-from .lean_llama import (LEAN_MODEL_TYPES, LeanLlama, cpu_has_native_bf16, lean_config_supported, lean_supported,
+from .lean_llama import (LEAN_MODEL_TYPES, LeanLlama, attention_window, cpu_has_native_bf16, lean_config_supported, lean_supported,
                          packed_rows, unpack_rows)
 from .tree_attention import attention_bias
 
@@ -284,8 +284,14 @@ def _load_hf_files(source: str, kwargs: dict[str, Any], gguf_file: str | None, l
 
 def load_target(spec: TargetSpec | str = DEFAULT_MODEL, **overrides: Any) -> "Target":
     """Load a target model from a TargetSpec (or a model string plus overrides)."""
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
     if isinstance(spec, str):
         spec = TargetSpec(model=spec, **overrides)
+    if not isinstance(spec, TargetSpec) or not isinstance(spec.model, str) or not spec.model.strip():
+        got = spec.model if isinstance(spec, TargetSpec) else spec
+        raise BadInputError(f"load_target needs a model: a hub id, a folder, a .gguf path or smollm2-135m (a str or "
+                            f"a TargetSpec), got {got!r}")
     device = resolve_device(spec.device)
     name = spec.model
     auto = spec.dtype == "auto" and device.type == "cpu"  # bfloat16 when the lean path runs it (quantised too)
@@ -312,11 +318,27 @@ def load_target(spec: TargetSpec | str = DEFAULT_MODEL, **overrides: Any) -> "Ta
         if dtype != torch.float32:
             model.to(dtype)
     else:
+        if Path(name).is_file():
+            raise ModelLoadError(f"--model {name} is a file; pass the model's folder ({Path(name).parent}) "
+                                 f"or a .gguf file")
         dtype = resolve_dtype(spec.dtype, device, _peek_config(name) if auto else None)
         model, tokenizer = _load_hf(name, spec, device, dtype)
     model.eval()
     model.requires_grad_(False)
-    return Target(model, tokenizer, name=name)
+    target = Target(model, tokenizer, name=name)
+    _check_causal(target)
+    return target
+
+
+@torch.no_grad()
+def _check_causal(target: "Target") -> None:
+    """ModelLoadError unless the model is causal: its first position must not see the second token
+    (an encoder such as BERT, which AutoModelForCausalLM also loads, sees both). One pass of 2 x 2 tokens."""
+    ids = torch.tensor([[1, 2], [1, 3]], device=target.device) % max(target.vocab_size, 1)
+    hidden = target.base(input_ids=ids, use_cache=False).last_hidden_state[:, 0].float()
+    if not torch.allclose(hidden[0], hidden[1], rtol=1e-2, atol=1e-3 * (1 + hidden[0].abs().max().item())):
+        raise ModelLoadError(f"{target.name} ({target.config.model_type}) is not a causal language model: its "
+                             f"first position sees the tokens after it (an encoder?); redraft needs a decoder-only LM")
 
 
 class Target:
@@ -355,6 +377,9 @@ class Target:
         self.max_context = int(
             getattr(self.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 4096)
         )
+        window = attention_window(self.config)
+        if window:  # within the window a sliding layer attends to everything: exact, and the cache keeps it all
+            self.max_context = min(self.max_context, window - 1)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         if getattr(tokenizer, "eos_token_id", None) is not None:
@@ -382,6 +407,8 @@ class Target:
         """A Hugging Face DynamicCache (the generic path's cache)."""
         from transformers import DynamicCache
 
+        if attention_window(self.config):  # the context stops short of the window (max_context): the sliding
+            return DynamicCache()          # layers attend to all of it, and a tree pass must not trim their keys
         return DynamicCache(config=self.model.config)
 
     def new_tree_cache(self, batch: int = 1, capacity: int | None = None) -> Any:
@@ -460,6 +487,11 @@ class Target:
         """Token ids of a conversation through the chat template, ready for the assistant turn."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        if not isinstance(messages, (list, tuple)) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise BadInputError("encode_chat takes a text, or a non-empty list of messages "
+                                "({'role': 'user', 'content': 'text'}, ...)")
         if system:
             messages = [{"role": "system", "content": system}, *messages]
         if not getattr(self.tokenizer, "chat_template", None):

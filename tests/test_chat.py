@@ -180,6 +180,9 @@ def test_interactive_terminal(model_dir):
         child.sendline("/stats")
         child.expect("session: 1 answers")
         child.expect(">>> ")
+        child.sendline("/reset now")
+        child.expect("/reset takes no arguments")
+        child.expect(">>> ")
         child.sendline("/reset")
         child.expect("conversation cleared")
         child.expect(">>> ")
@@ -208,3 +211,14 @@ def test_text_that_was_not_utf8_is_encoded(target):
     """Bytes that were not UTF-8 (a Latin-1 terminal) reach Python as lone surrogates; they encode as U+FFFD."""
     assert target.encode_raw("caf\udce9") == target.encode_raw("caf\ufffd")
     assert target.encode_chat("caf\udce9 \ud800") == target.encode_chat("caf\ufffd \ufffd")
+
+
+def test_a_system_prompt_that_fills_the_context_is_refused_when_set():
+    from redraft_cli.errors import ContextOverflowError
+
+    small = tiny_chat_llama(seed=6, max_positions=64)
+    s = session(small)
+    with pytest.raises(ContextOverflowError, match="no room for a message"):
+        s.set("system", "word " * 80)
+    assert s.system is None
+    assert s.set("system", "Be brief.") == "system prompt set" and s.system == "Be brief."

@@ -76,6 +76,30 @@ def test_a_slower_redrafter_is_explained():
         "note: the fastest shape tried ran at 0.80x")
 
 
+def test_bench_ctrl_c_keeps_the_finished_prompts(tmp_path, prompt_file, monkeypatch):
+    """Ctrl-C during the second prompt: the first prompt's paths are the result (table and --json,
+    marked interrupted), the exit code 130."""
+    from redraft_cli import bench
+
+    real, calls = bench._run_path, []
+
+    def run_path(gen, path, group, d, slots, done=None):
+        calls.append(path)
+        if len(calls) == 3 + 3 + 1:  # the first path of prompt 2, after the warm-up and prompt 1 (3 paths each)
+            raise KeyboardInterrupt
+        return real(gen, path, group, d, slots, done)
+
+    monkeypatch.setattr(bench, "_run_path", run_path)
+    out = tmp_path / "b.json"
+    result = invoke("bench", "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 2,
+                    "--max-new-tokens", 4, "--beam-width", 2, "--beam-length", 2, "--json", out)
+    assert result.exit_code == 130, result.output
+    data = json.loads(out.read_text())
+    assert data["interrupted"] and data["num_prompts"] == 1 and data["prompts_asked"] == 2
+    assert data["baseline"]["tokens"] == data["redraft"]["tokens"] == 4 and len(data["per_prompt"]) == 1
+    assert "cover the 1 of 2 prompts" in " ".join(result.output.split())
+
+
 def test_bench_batch_matches_batch_one(tmp_path):
     """--batch-size 2 decodes 3 prompts through 2 slots on every path (the third takes the first
     free slot); each row's output is the batch-1 output."""
@@ -281,6 +305,19 @@ def test_targets_that_may_round_trees_differently_are_noted(tmp_path, prompt_fil
     assert "gpt2 models run the generic Hugging Face path" in r.output and "near-ties" in r.output
 
 
+def test_an_encoder_is_refused_as_a_target(tmp_path, prompt_file):
+    """AutoModelForCausalLM loads BERT too (BertLMHeadModel); it sees later tokens, so it is no target."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    _, tok, _ = tiny_model_dir(tmp_path / "llama", layers=1)
+    bert = tmp_path / "bert"
+    BertLMHeadModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(bert)
+    tok.save_pretrained(bert)
+    assert_clean_error(invoke("bench", "--model", bert, "--prompts", prompt_file, "--num-prompts", 1),
+                       "is not a causal language model")
+
+
 def test_outputs_never_overwrite_inputs_or_each_other(tmp_path, prompt_file):
     before = prompt_file.read_text()
     assert_clean_error(invoke("bench", "--prompts", prompt_file, "--json", prompt_file), "--prompts and --json both name")
@@ -291,6 +328,18 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path, prompt_file):
     drafter = tmp_path / "drafter"
     Drafter.for_target(tiny_llama(), seed=0).save(drafter)
     assert_clean_error(invoke("bench", "--model", drafter), "is a redraft drafter", "--drafter")
+    # A report never replaces a file of the drafter or model it reads (sweep --save-best would lose both).
+    config = (drafter / "config.json").read_text()
+    assert_clean_error(invoke("bench", "--drafter", drafter, "--json", drafter / "config.json"),
+                       "file of the --drafter folder")
+    assert_clean_error(invoke("sweep", "--drafter", drafter, "--save-best", "--csv", drafter / "model.safetensors"),
+                       "--csv", "file of the --drafter folder")
+    assert (drafter / "config.json").read_text() == config
+    assert_clean_error(invoke("bench", "--model", tmp_path, "--json", drafter / "config.json"), "file of the --model folder")
+    assert_clean_error(invoke("bench", "--json", ""), "--json needs a file path")
+    assert_clean_error(invoke("bench", "--drafter", ""), "--drafter needs a folder")
+    assert_clean_error(invoke("bench", "--drafter", drafter / "config.json"), "is a file; pass the drafter's folder")
+    assert_clean_error(invoke("bench", "--model", drafter / "config.json"), "is a file; pass the model's folder")
 
 
 def test_one_token_answers_say_the_speedup_means_little(prompt_file):

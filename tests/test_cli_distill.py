@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -257,3 +258,23 @@ def test_data_only_then_several_processes_read_it(tiny_recipe, monkeypatch):
     assert isinstance(reached.exception, RuntimeError) and str(reached.exception) == "training", reached.output
     both = runner.invoke(app, ["distill", str(recipe), "--data-only", "--no-generate"])
     assert both.exit_code == 2 and "--no-generate" in both.output
+
+
+def test_distill_writes_no_report_over_its_inputs_or_outputs(tiny_recipe, tmp_path):
+    """--json never names the recipe, the drafter's own files in --out, or a file of the target's folder;
+    --out is never inside the installed package."""
+    import redraft_cli
+
+    root, recipe = tiny_recipe
+    before = recipe.read_text()
+    cases = [
+        (["--out", str(tmp_path / "o"), "--json", str(recipe)], "RECIPE and --json both name"),
+        (["--out", str(tmp_path / "o"), "--json", str(tmp_path / "o" / "config.json")], "a file distill writes"),
+        (["--out", str(tmp_path / "o"), "--json", str(tmp_path / "o" / "checkpoint" / "x.json")], "a file distill writes"),
+        (["--out", str(tmp_path / "o"), "--json", str(root / "tiny-model" / "config.json")], "file of the --model folder"),
+        (["--out", str(Path(redraft_cli.__file__).parent / "data" / "drafters" / "x")], "inside the redraft package"),
+    ]
+    for args, fragment in cases:
+        result = runner.invoke(app, ["distill", str(recipe), *args])
+        assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output, result.output
+    assert recipe.read_text() == before and not (tmp_path / "o").exists()

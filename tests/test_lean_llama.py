@@ -119,6 +119,26 @@ def test_unsupported_layouts_fall_back():
     assert not lean_supported(model)
 
 
+def test_a_sliding_window_caps_the_context_and_decoding_stays_exact():
+    """A window shorter than the context (Mistral v0.1): the context stops one short of it, where a sliding
+    layer attends to everything, and tree passes keep every key (no trimmed cache), so greedy ReDrafter
+    equals plain decoding up to the end of the context; a longer prompt is a clear error."""
+    from redraft_cli import DecodeConfig, Drafter, Generator, Target
+    from redraft_cli.errors import ContextOverflowError
+
+    model = tiny("mistral")
+    model.config.sliding_window = 16
+    target = Target(model, None, name="tiny-mistral-window")
+    assert target.max_context == 15
+    gen = Generator(target, Drafter.for_target(target, seed=0))
+    for prompt in ([5, 6, 7], list(range(5, 13))):
+        cfg = DecodeConfig(max_new_tokens=50, beam_width=4, beam_length=5)
+        plain = gen.generate(prompt, cfg, mode="plain").tokens
+        assert gen.generate(prompt, cfg).tokens == plain and len(prompt) + len(plain) == 15
+    with pytest.raises(ContextOverflowError, match="context is 15"):
+        gen.generate(list(range(5, 25)), DecodeConfig(max_new_tokens=4))
+
+
 def invariant_tiny_llama(dtype: torch.dtype, **kwargs):
     """tiny_llama in `dtype` on the lean path; skips where this CPU's matmuls are never batch-invariant."""
     from conftest import tiny_llama

@@ -95,3 +95,89 @@ def test_empty_records_are_skipped_and_odd_files_load_or_fail_clearly(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(PromptError, match="not a regular file"):
         load_conversations(fifo)
+
+
+def _sharegpt(*last):
+    """A JSON array whose first two records are good and the bad one(s) come third."""
+    good = {"conversations": [{"from": "human", "value": "hi"}]}
+    return [good, good, *last]
+
+
+@pytest.mark.parametrize("records, indent, where, why", [
+    (_sharegpt({"conversations": [{"from": "human", "value": 5}]}), None, ":1: record 3 ",
+     "'conversations' message 1 whose 'value' is not text (got int)"),
+    (_sharegpt({"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": None}]}), 2,
+     ":18: record 3 ", "'conversations' message 2 whose 'value' is not text (got null)"),
+    (_sharegpt({"messages": [{"role": "user", "content": None}]}), None, ":1: record 3 ",
+     "'messages' message 1 whose 'content' is not text (got null)"),
+    (_sharegpt({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+     None, ":1: record 3 ", "'messages' message 1 whose 'content' part 1 is of type 'image_url', not text"),
+    (_sharegpt({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}]}),
+     None, ":1: record 3 ", "'messages' message 1 whose 'content' part 2 is not a text part (got str)"),
+    (_sharegpt({"messages": [{"role": "user", "content": {"text": "a"}}]}), None, ":1: record 3 ",
+     "'messages' message 1 whose 'content' is not text (got dict)"),
+    (_sharegpt({"conversations": None}), None, ":1: record 3 ", "'conversations' that is not a list (got null)"),
+    (_sharegpt({"conversations": [None]}), None, ":1: record 3 ",
+     "'conversations' message 1 that is not an object (got null)"),
+    (_sharegpt({"conversations": [{"speaker": "human", "value": "x"}]}), None, ":1: record 3 ",
+     "'conversations' message 1 with neither 'from' nor 'role'"),
+    (_sharegpt({"messages": [{"role": None, "content": "x"}]}), None, ":1: record 3 ",
+     "'messages' message 1 whose 'role' is not a string (got null)"),
+    (_sharegpt({"conversations": [{"from": "human", "text": "x"}]}), None, ":1: record 3 ",
+     "'conversations' message 1 with 'from' 'human' but neither 'value' nor 'content'"),
+    (_sharegpt(None), 1, ":18: record 3 ", "is a JSON null, not an object or a string"),
+    (_sharegpt({"prompt": 5}), None, ":1: record 3 ", "'prompt' that is not a string (got int)"),
+])
+def test_json_array_errors_name_record_line_and_field(tmp_path, records, indent, where, why):
+    f = tmp_path / "prompts.json"
+    f.write_text(json.dumps(records, indent=indent))
+    with pytest.raises(PromptError) as exc:
+        load_conversations(f)
+    assert f"prompts.json{where}" in str(exc.value) and why in str(exc.value), str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("lines, where, why", [
+    (['{"prompt": 5}'], ":1:", "'prompt' that is not a string (got int)"),  # one line: still named
+    (['', '{"prompt": null}'], ":2:", "'prompt' that is not a string (got null)"),
+    (['{"turns": ["a", null]}'], ":1:", "'turns' that is not a list of strings (item 2 is null)"),
+    (['{"prompt": "ok"}', '{"turns": "hello"}'], ":2:", "'turns' that is not a list of strings (got str)"),
+    (['{"prompt": "ok"}', '{"conversations": [{"from": "human", "value": 5}]}'], ":2:",
+     "'conversations' message 1 whose 'value' is not text (got int)"),
+    (['{"messages": [{"role": "user", "content": null}]}'], ":1:",
+     "'messages' message 1 whose 'content' is not text (got null)"),
+    (['{"promt": "typo"}'], ":1:", "none of the keys turns, conversations"),
+    (['{"prompt": "ok"}', '{"prompt": '], ":2:", "is not a JSON object"),
+])
+def test_jsonl_errors_name_line_and_field(tmp_path, lines, where, why):
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(PromptError) as exc:
+        load_conversations(f)
+    assert f"p.jsonl{where}" in str(exc.value) and why in str(exc.value), str(exc.value)
+
+
+def test_json_object_file_and_broken_array_name_line(tmp_path):
+    wrapped = tmp_path / "w.json"  # an object wrapping the list, not a list: its keys are named
+    wrapped.write_text('\n{\n  "data": [{"prompt": "x"}]\n}\n')
+    with pytest.raises(PromptError, match=r"w\.json:2: record has none of the keys .*its keys: 'data'"):
+        load_conversations(wrapped)
+    broken = tmp_path / "b.json"
+    broken.write_text('[\n{"prompt": "x"},\n{"prompt": }\n]')
+    with pytest.raises(PromptError, match=r"b\.json:3: looks like a JSON array but does not parse"):
+        load_conversations(broken)
+
+
+def test_openai_text_parts_are_joined_and_empty_or_model_turns_skipped(tmp_path):
+    f = tmp_path / "oa.json"
+    f.write_text(json.dumps([
+        {"messages": [{"role": "system", "content": None},
+                      {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                      {"role": "assistant", "content": None, "tool_calls": []},
+                      {"role": "user", "content": "c"}]},
+        {"messages": [{"role": "user", "content": "   "}]},  # empty text: skipped
+        {"messages": [{"role": "user", "content": []}]},  # no text parts: empty, skipped
+        {"conversations": [{"from": "gpt", "value": 5}]},  # no user turn (model turns are not read): skipped
+        "",
+    ]))
+    assert load_conversations(f) == [["a\nb", "c"]]

@@ -287,6 +287,10 @@ def test_cli_save_best_into_a_saved_drafter(tmp_path, smollm2):
     assert cfg.tree_nodes == best["tree_nodes"] == 1  # the budget, capped at the 1 token a 1x2 cell drafts
     assert all(c["tree_nodes"] == 1 for c in data["cells"]) and data["tree_nodes"] == [1]
     assert "saved beam shape" in result.output
+    # A batch shape is only saved when batches of that size were measured.
+    few = invoke("--drafter", path, "--save-best", "--batch-size", 4, "--num-prompts", 2, "--beam-widths", "1",
+                 "--beam-lengths", "2")
+    assert_clean_error(few, "--batch-size 4 needs at least 4 prompts")
 
 
 def test_cli_ctrl_c_keeps_the_finished_cells(tmp_path, smollm2, monkeypatch):

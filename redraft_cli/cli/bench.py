@@ -15,7 +15,7 @@ from ..files import write_text
 from ..prompts import load_prompts
 from . import options as o
 from ._errors import handle_errors
-from .common import check_batch_size, check_prompts_fit, check_output_paths, console, decode_config, err, load_models, beams_label, note_short_prompt_set, slower_note, with_drafter_shape
+from .common import model_inputs, check_batch_size, check_prompts_fit, check_output_paths, console, decode_config, err, load_models, beams_label, note_short_prompt_set, slower_note, with_drafter_shape
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -55,7 +55,8 @@ def bench(
     """Measure ReDrafter against plain decoding on the same prompts, alternating, after a warm-up."""
     # Validate everything cheap before loading models.
     cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup, lookup_length, datastore, nodes)
-    check_output_paths({"--json": json_path}, inputs={"--prompts": prompts})
+    files, folders = model_inputs(model, drafter)
+    check_output_paths({"--json": json_path}, inputs={"--prompts": prompts, **files}, folders=folders)
     check_batch_size(batch_size)
     texts = load_prompts(prompts, limit=num_prompts)
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template,
@@ -90,6 +91,10 @@ def bench(
     if json_path is not None:
         write_text(json_path, json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {json_path}")
+    if result.get("interrupted"):
+        err.print(f"interrupted: the results above cover the {result['num_prompts']} of {result['prompts_asked']} "
+                  f"prompts that finished" + (" (written to --json, marked \"interrupted\")" if json_path else ""))
+        raise typer.Exit(130)
 
 
 def render(r: dict) -> Table:

@@ -73,7 +73,7 @@ def chat(
         _one_shot(session, prompt or "", json_out, show_drafts)
         return
     err.print(f"[bold]redraft chat[/] - {loaded.target.describe()}, drafter {loaded.drafter_name}, "
-              f"beams {beams_label(vars(cfg))}, {cfg.accept}. /help for commands, Ctrl-D to leave.")
+              f"beams {beams_label(vars(cfg))}, {cfg.rule}. /help for commands, Ctrl-D to leave.")
     _interactive(session, show_drafts)
 
 
@@ -130,7 +130,7 @@ def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bo
     finished = _stream(session, prompt, show_drafts, quiet=json_out)
     if json_out:
         c = session.cfg
-        settings = {"accept": c.accept, "temperature": c.sampling.temperature, "top_k": c.sampling.top_k,
+        settings = {"accept": c.rule, "temperature": c.sampling.temperature, "top_k": c.sampling.top_k,
                     "top_p": c.sampling.top_p, "seed": c.sampling.seed, "typical_epsilon": c.typical_epsilon,
                     "typical_delta": c.typical_delta, "beam_width": c.beam_width,
                     "beam_length": c.beam_length, "lookup_beams": c.lookup_beams,
@@ -178,6 +178,9 @@ def _interactive(session: ChatSession, show_drafts: bool) -> None:
 def _command(session: ChatSession, line: str) -> bool:
     """Run a slash command; True means leave."""
     name, _, rest = line[1:].partition(" ")
+    if rest.strip() and name in ("quit", "exit", "q", "reset", "stats", "help"):
+        err.print(f"[bold red]error:[/] /{name} takes no arguments")
+        return False
     if name in ("quit", "exit", "q"):
         return True
     if name == "reset":

@@ -53,6 +53,10 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
     rendered with `chat_template` when given; else with the tokenizer's own template; else, when
     `templated`, with the one the drafter was distilled with (its recipe.yaml), if it names one."""
     quiet_libraries()
+    if not model.strip():
+        raise BadInputError("--model needs a hub id, a folder, a .gguf file or smollm2-135m; got an empty one")
+    if not drafter.strip():
+        raise BadInputError("--drafter needs a folder, auto or random; got an empty one")
     if chat_template and not templated:
         raise BadInputError("--chat-template and --no-chat-template exclude each other")
     if chat_template is not None:
@@ -96,8 +100,14 @@ def resolve_drafter(target: Target, drafter: str, seed: int) -> tuple[Drafter, s
             drafter = str(shipped)
     if drafter == "random":
         return Drafter.for_target(target, seed=seed), f"random (seed {seed})"
+    if Path(drafter).is_file():
+        raise BadInputError(f"--drafter {drafter} is a file; pass the drafter's folder ({Path(drafter).parent})")
     loaded = Drafter.load(drafter, map_location=target.device)
     loaded.check_target(target.hidden_size, target.vocab_size, target.name)
+    made_for = loaded.config.target_model
+    if made_for and Path(made_for).name.lower() != Path(target.name).name.lower():
+        err.print(f"note: this drafter was distilled for {made_for}, not {target.name}; its shapes match, but "
+                  f"it predicts another model's tokens unless both name the same weights")
     return loaded.to(dtype=drafter_dtype(loaded, target)).attach(target.embed_weight, target.lm_head_weight), drafter
 
 
@@ -120,6 +130,10 @@ def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int 
     a node budget is checked against the beam shape once that is known, see `with_drafter_shape`)."""
     if nodes is not None and nodes < 0:
         raise BadInputError(f"--nodes must be >= 0, got {nodes}")
+    unused = [o for o, v, off in (("--top-k", top_k, 0), ("--top-p", top_p, 1.0)) if v != off]
+    if temperature == 0 and unused:
+        err.print(f"note: {' and '.join(unused)} shape sampling; at --temperature 0 decoding is greedy and they "
+                  f"change nothing")
     if beam_width is None or beam_length is None:
         nodes = None  # the shape comes (in part) from the drafter: checked in with_drafter_shape
     return DecodeConfig(
@@ -169,24 +183,31 @@ def check_batch_size(batch_size: int) -> None:
         raise BadInputError(f"--batch-size must be >= 1, got {batch_size}")
 
 
-def check_output_paths(outputs: dict, inputs: dict | None = None) -> None:
+def check_output_paths(outputs: dict, inputs: dict | None = None, folders: dict | None = None) -> None:
     """Fail before any work when an output file ({option: path}) cannot be written (missing folder, a
-    directory), when two outputs are the same file, or when an output is one of the `inputs`."""
-    from pathlib import Path
-
+    directory), when two outputs are the same file, when an output is one of the `inputs`, or when
+    it is a file inside one of the `folders` ({option: folder} the run reads: a model, a drafter)."""
     from ..errors import BadInputError
 
     seen: dict[Path, str] = {}
     for option, q in (inputs or {}).items():
-        if q is not None and Path(q).exists():
+        if q is not None and str(q) and Path(q).exists():
             seen[Path(q).resolve()] = option
+    read = [(option, Path(f).resolve()) for option, f in (folders or {}).items()
+            if f is not None and str(f) and Path(f).is_dir()]
     for option, p in outputs.items():
         if p is None:
             continue
         p = Path(p)
+        if p == Path("."):  # what an empty argument becomes
+            raise BadInputError(f"{option} needs a file path, got {str(p)!r} or an empty one")
         key = p.resolve()
         if key in seen:
             raise BadInputError(f"{seen[key]} and {option} both name {p}: writing {option} would overwrite it")
+        for reader, folder in read:
+            if key.is_file() and key.is_relative_to(folder):
+                raise BadInputError(f"{option} {p} is a file of the {reader} folder {folder}: writing it would "
+                                    f"overwrite it; name a new file")
         seen[key] = option
         if p.is_dir():
             raise BadInputError(f"output {p} is a directory, expected a file path")
@@ -200,6 +221,26 @@ def check_output_paths(outputs: dict, inputs: dict | None = None) -> None:
             raise BadInputError(f"cannot write {p}: {exc.strerror or exc}") from None
         if not existed:
             p.unlink(missing_ok=True)
+
+
+def model_inputs(model: str, drafter: str | None = None) -> tuple[dict, dict]:
+    """What a run reads, for check_output_paths: (files, folders) keyed by option. A model folder or
+    .gguf file, the embedded model's cached conversion, a drafter folder (the shipped one for auto)."""
+    from ..target import EMBEDDED, cache_dir
+
+    files, folders = {}, {}
+    path = Path(model)
+    if path.is_file():
+        files["--model"] = path
+    elif path.is_dir():
+        folders["--model"] = path
+    elif model in EMBEDDED:  # an alias: its conversion in the cache
+        folders["--model"] = cache_dir() / "models" / model
+    if drafter == "auto":
+        folders["--drafter"] = shipped_drafter_dir(model)
+    elif drafter not in (None, "random"):
+        folders["--drafter"] = drafter
+    return files, folders
 
 
 def lookup_label(r: dict) -> str:

@@ -11,13 +11,15 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..datastore import DATASTORE_NAME
 from ..distill.pipeline import distill as run_distill
+from ..drafter import CONFIG_NAME, WEIGHTS_NAME
 from ..distill.recipe import check_recipe, load_recipe
 from ..errors import BadInputError
 from ..files import write_text
 from . import options as o
 from ._errors import fail, handle_errors
-from .common import check_output_paths, console, err, quiet_libraries
+from .common import model_inputs, check_output_paths, console, err, quiet_libraries
 
 
 @handle_errors
@@ -52,7 +54,6 @@ def distill(
 ) -> None:
     """Distill a drafter: the target answers prompts (self-distillation), the drafter learns to predict it."""
     quiet_libraries()
-    check_output_paths({"--json": json_path}, inputs={"--data": data})
     recipe = load_recipe(recipe_or_model)
     overrides = {
         ("data", "source"): data, ("data", "num_prompts"): num_prompts, ("data", "max_new_tokens"): max_new_tokens,
@@ -82,6 +83,11 @@ def distill(
         raise BadInputError("train.freeze_init needs a drafter to start from (--init-from or drafter.init_from)")
     check_recipe(recipe)  # every other value, before the model loads (--max-steps 0, --lr nan, ...)
     out = out or Path("drafters") / recipe.name
+    check_out_folder(out, json_path)
+    files, folders = model_inputs(recipe.target.model)
+    recipe_file = recipe_or_model if recipe_or_model.endswith((".yaml", ".yml")) else None
+    check_output_paths({"--json": json_path}, inputs={"--data": recipe.data.source, "RECIPE": recipe_file, **files},
+                       folders={**folders, "--init-from": recipe.drafter.init_from})
     view = _DistillView()
     try:
         result = run_distill(recipe, out, resume=resume, on_event=view.on_event, bench=not no_bench,
@@ -100,6 +106,24 @@ def distill(
         console.print(f"drafter written to {result.out} (load it with --drafter {result.out})")
     if json_path is not None:
         write_text(json_path, json.dumps(m, indent=2) + "\n")
+
+
+# What distill writes in --out: a --json report must not take one of these names.
+OUT_FILES = (CONFIG_NAME, WEIGHTS_NAME, DATASTORE_NAME, "recipe.yaml", "metrics.json", "checkpoint")
+
+
+def check_out_folder(out: Path, json_path: Path | None) -> None:
+    """--out outside the installed package (its drafters are data, not a workspace), and a --json report
+    that is not one of the files distill writes there."""
+    package = Path(__file__).resolve().parents[1]
+    where = out.resolve()
+    if where == package or where.is_relative_to(package):
+        raise BadInputError(f"--out {out} is inside the redraft package ({package}); write the drafter elsewhere "
+                            f"(it loads from any folder with --drafter)")
+    if json_path is not None:
+        report = Path(json_path).resolve()
+        if report.is_relative_to(where) and report.relative_to(where).parts[0] in OUT_FILES:
+            raise BadInputError(f"--json {json_path} is a file distill writes in --out {out}; name another file")
 
 
 class _DistillView:

@@ -22,7 +22,7 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      run_sweep, save_best as save_best_shape, sweep_result, write_csv, write_json)
 from . import options as o
 from ._errors import fail, handle_errors
-from .common import check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape
+from .common import model_inputs, check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -79,13 +79,18 @@ def sweep(
     check_batch_size(batch_size)
     cfg = SweepConfig(beam_widths=widths, beam_lengths=lengths, decode=base, warmup=warmup, tree_nodes=budgets,
                       batch_size=batch_size)
-    check_output_paths({"--json": json_path, "--csv": csv_path, "--plot": plot_path}, inputs={"--prompts": prompts})
+    files, folders = model_inputs(model, drafter)
+    check_output_paths({"--json": json_path, "--csv": csv_path, "--plot": plot_path},
+                       inputs={"--prompts": prompts, **files}, folders=folders)
     if plot_path is not None and plot_path.suffix.lower() not in PLOT_SUFFIXES:
         raise BadInputError(f"--plot must end in {', '.join(PLOT_SUFFIXES)}, got {plot_path.name!r}")
     if save_best and drafter == "random":
         raise BadInputError("--save-best needs a saved drafter (a directory, or --drafter auto with a shipped one); "
                              "--drafter random has no config.json to write the shape into")
     texts = load_prompts(prompts, limit=num_prompts)
+    if save_best and batch_size > len(texts):
+        raise BadInputError(f"--save-best --batch-size {batch_size} needs at least {batch_size} prompts to measure "
+                            f"batches of that size, got {len(texts)} (raise --num-prompts)")
 
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template,
                          templated=not no_chat_template)

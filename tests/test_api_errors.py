@@ -1,0 +1,144 @@
+"""The Python API answers misuse with a one-line BadInputError, not a raw internal error
+(AttributeError on None, TypeError from pathlib, a RuntimeError from torch)."""
+
+from __future__ import annotations
+
+import pytest
+
+from redraft_cli import DecodeConfig, Drafter, DrafterConfig, Generator
+from redraft_cli.errors import BadInputError, DrafterLoadError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IDS = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def drafter(tiny_target):
+    return Drafter.for_target(tiny_target, seed=0)
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_target, drafter):
+    return Generator(tiny_target, drafter)
+
+
+def refused(call, match: str, kind: type[Exception] = BadInputError) -> str:
+    with pytest.raises(kind, match=match) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message, "API errors are one line"
+    return message
+
+
+CALLS = {  # every public Generator method that takes a config, with a good prompt (or prompts)
+    "generate": lambda g, cfg: g.generate(IDS, cfg),
+    "redraft": lambda g, cfg: list(g.redraft(IDS, cfg)),
+    "plain": lambda g, cfg: list(g.plain(IDS, cfg)),
+    "generate_batch": lambda g, cfg: g.generate_batch([IDS, IDS], cfg),
+    "redraft_batch": lambda g, cfg: list(g.redraft_batch([IDS, IDS], cfg)),
+    "plain_batch": lambda g, cfg: list(g.plain_batch([IDS, IDS], cfg)),
+    "check": lambda g, cfg: g.check(cfg),
+}
+
+
+@pytest.mark.parametrize("bad_cfg", [None, {"max_new_tokens": 8}, 8], ids=["None", "dict", "int"])
+@pytest.mark.parametrize("method", list(CALLS))
+def test_a_config_that_is_not_a_decode_config(gen, method, bad_cfg):
+    message = refused(lambda: CALLS[method](gen, bad_cfg), "needs a DecodeConfig as cfg")
+    assert message.endswith(f"got {type(bad_cfg).__name__}")
+    assert message.startswith("Generator.check" if method == "check" else method)
+
+
+def test_checks_run_when_the_method_is_called_not_on_first_iteration(gen):
+    for call in (lambda: gen.plain_batch([IDS], None), lambda: gen.redraft(IDS, None), lambda: gen.plain(IDS, None)):
+        refused(call, "needs a DecodeConfig")
+
+
+@pytest.mark.parametrize("method", ["generate_batch", "redraft_batch", "plain_batch"])
+def test_batch_methods_check_their_prompts_list_and_slots(gen, method):
+    cfg = DecodeConfig(max_new_tokens=2)
+    run = {"generate_batch": lambda p, **kw: gen.generate_batch(p, cfg, **kw),
+           "redraft_batch": lambda p, **kw: list(gen.redraft_batch(p, cfg, **kw)),
+           "plain_batch": lambda p, **kw: list(gen.plain_batch(p, cfg, **kw))}[method]
+    refused(lambda: run(IDS), f"{method} takes a list of prompts .* one flat list of ints; wrap a single prompt as \\[ids\\]")
+    for bad, kind in ((None, "NoneType"), (5, "int"), ("Hello", "str"), ((p for p in [IDS]), "generator")):
+        refused(lambda: run(bad), f"{method} takes a list of prompts \\(each a list of token ids\\), got {kind}$")
+    for slots, kind in (("2", "str"), (2.0, "float"), (True, "bool")):
+        refused(lambda: run([IDS], slots=slots), f"{method}'s slots must be an int or None, got {kind}$")
+    assert run(([1, 2], (3, 4)), slots=1)  # a tuple of prompts, a tuple prompt, one slot: fine
+
+
+def test_generate_batch_mode_and_callbacks(gen):
+    cfg = DecodeConfig(max_new_tokens=2)
+    refused(lambda: gen.generate_batch([IDS], cfg, on_row_done="print"), "on_row_done must be callable or None, got str")
+    refused(lambda: gen.generate(IDS, cfg, on_step=1), "on_step must be callable or None, got int")
+    refused(lambda: gen.generate([IDS, IDS], cfg), "generate takes one prompt .* use generate_batch")
+    refused(lambda: list(gen.plain([IDS], cfg)), "plain takes one prompt .* use plain_batch")
+
+
+@pytest.mark.parametrize("target", [None, "smollm2-135m", 0], ids=["None", "str", "int"])
+def test_generator_needs_a_target(drafter, target):
+    msg = f"^Generator needs a Target \\(from load_target\\), got {type(target).__name__}$"
+    refused(lambda: Generator(target, drafter), msg)
+    refused(lambda: Generator(target), msg)
+
+
+def test_generator_proposer_must_be_callable(tiny_target):
+    refused(lambda: Generator(tiny_target, proposer="beams"), "proposer must be callable .* got str")
+
+
+@pytest.mark.parametrize("path", [None, 123, ["d"]], ids=["None", "int", "list"])
+def test_drafter_load_needs_a_path(path):
+    message = refused(lambda: Drafter.load(path), "Drafter.load needs a path to a drafter folder", DrafterLoadError)
+    assert message.endswith(f"got {type(path).__name__}")
+
+
+def test_drafter_load_save_map_location(tmp_path, drafter):
+    refused(lambda: drafter.save(None), "Drafter.save needs a path .* got NoneType")
+    drafter.save(tmp_path / "d")
+    for bad in (None, "gpu", 1.5):
+        refused(lambda: Drafter.load(tmp_path / "d", map_location=bad), "Drafter.load's map_location must be a device")
+    assert Drafter.load(str(tmp_path / "d"), map_location="cpu").config == drafter.config
+
+
+def test_drafter_for_target_and_constructor(tiny_target):
+    for bad in (None, "smollm2-135m"):
+        refused(lambda: Drafter.for_target(bad), f"^Drafter.for_target needs a Target \\(from load_target\\), "
+                                                  f"got {type(bad).__name__}$")
+    refused(lambda: Drafter.for_target(tiny_target, seed="1"), "Drafter.for_target's seed must be an int, got '1'")
+    refused(lambda: Drafter.for_target(tiny_target, beams=4), "Drafter.for_target got 'beams', which is not a DrafterConfig")
+    refused(lambda: Drafter.for_target(tiny_target, hidden_size=8), "got 'hidden_size'.* come from the target")
+    refused(lambda: Drafter.for_target(tiny_target, num_draft_layers="2"), "DrafterConfig.num_draft_layers must be int")
+    refused(lambda: DrafterConfig(hidden_size="32", vocab_size=64), "DrafterConfig.hidden_size must be int, got '32'")
+    refused(lambda: DrafterConfig(hidden_size=32, vocab_size=64, draft_vocab_size="8"), "draft_vocab_size must be int or None")
+    refused(lambda: Drafter(None), "Drafter needs a DrafterConfig, got NoneType")
+    refused(lambda: Drafter({"hidden_size": 32}), "Drafter needs a DrafterConfig, got dict")
+    refused(lambda: Drafter.for_target(tiny_target).attach(None, None), "attach needs .* \\(tensors\\), got NoneType")
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, "4", None, 4.0, True])
+def test_decode_config_batch_size(drafter, batch_size):
+    refused(lambda: drafter.decode_config(batch_size=batch_size), "Drafter.decode_config's batch_size must be an int >= 1")
+
+
+def test_decode_config_unknown_override_and_a_saved_batch_shape(tmp_path, drafter):
+    refused(lambda: drafter.decode_config(beams=4), "Drafter.decode_config got 'beams', which is not a DecodeConfig field")
+    shaped = Drafter(DrafterConfig(hidden_size=32, vocab_size=64, batch_shapes={"4": {"tree_nodes": 3}}))
+    refused(lambda: shaped.decode_config(batch_size="4"), "batch_size must be an int >= 1, got '4'")
+    assert shaped.decode_config(batch_size=4, max_new_tokens=8).tree_nodes == 3
+    assert shaped.decode_config().tree_nodes == 0
+
+
+@pytest.mark.parametrize("spec", [None, 123, "", "   "])
+def test_load_target_needs_a_model(spec):
+    from redraft_cli import load_target
+
+    refused(lambda: load_target(spec), "load_target needs a model")
+
+
+@pytest.mark.parametrize("messages", [None, [], ["hi"], [{"role": "user"}], [{"role": "user", "content": None}], 5])
+def test_encode_chat_takes_text_or_messages(messages):
+    from conftest import tiny_chat_llama
+
+    refused(lambda: tiny_chat_llama().encode_chat(messages), "encode_chat takes a text")
