@@ -243,6 +243,8 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "per_prompt": rows,
     }
+    if d.rule == "typical":
+        result.update(typical_epsilon=d.typical_epsilon, typical_delta=d.typical_delta)
     if interrupted:
         result.update(interrupted=True, prompts_asked=len(prompts))
     if cfg.hf_baseline:

@@ -199,7 +199,9 @@ def _check_int(name: str, value: Any, low: int | None) -> None:
 
 def _check_path(method: str, path: Any, error: type[BadInputError] = DrafterLoadError) -> None:
     if not isinstance(path, (str, os.PathLike)):
-        raise error(f"{method} needs a path to a drafter folder (str or os.PathLike), got {type(path).__name__}")
+        hint = " (shipped_drafter_dir returns None for a model no drafter ships for)" if path is None else ""
+        raise error(f"{method} needs a path to a drafter folder (str or os.PathLike), got {type(path).__name__}"
+                    + hint)
 
 
 def _fits(value: Any, annotation: str) -> bool:

@@ -47,6 +47,8 @@ def _message_text(m: dict, role_key: str) -> str:
         for j, part in enumerate(text, 1):
             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
                 parts.append(part["text"])
+            elif isinstance(part, dict) and part.get("type") == "text":
+                raise ValueError(f"whose '{key}' part {j} has 'text' that is not text (got {_kind(part.get('text'))})")
             elif isinstance(part, dict) and "type" in part:
                 raise ValueError(f"whose '{key}' part {j} is of type {part['type']!r}, not text")
             else:
@@ -123,8 +125,10 @@ def _array_item_line(raw: str, index: int) -> int:
     return _line_at(raw, _WS.match(raw, pos).end())
 
 
-def load_conversations(path: str | Path) -> list[list[str]]:
-    """Every prompt in the file as its list of user turns."""
+def load_conversations(path: str | Path, skipped: list[str] | None = None) -> list[list[str]]:
+    """Every prompt in the file as its list of user turns. A record that is not a prompt is a
+    PromptError, or, when a `skipped` list is given (large community dumps), left out and its
+    one-line reason appended there."""
     p = Path(path)
     if p.is_dir():
         raise PromptError(f"{p} is a directory, not a prompt file")
@@ -168,7 +172,10 @@ def load_conversations(path: str | Path) -> list[list[str]]:
                 at = f"{p}:{_array_item_line(raw, where[1])}: record {where[1] + 1}"
             else:
                 at = f"{p}:{where[1]}: record"
-            raise PromptError(f"{at} {exc}") from exc
+            if skipped is None:
+                raise PromptError(f"{at} {exc}") from exc
+            skipped.append(f"{at} {exc}")
+            continue
         if conv:
             convs.append(conv)
     if not convs:

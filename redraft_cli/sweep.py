@@ -203,6 +203,7 @@ def sweep_result(cfg: SweepConfig, cells: list[dict[str, Any]], num_prompts: int
     s = d.sampling
     return {
         "accept": d.rule,
+        **({"typical_epsilon": d.typical_epsilon, "typical_delta": d.typical_delta} if d.rule == "typical" else {}),
         "temperature": s.temperature,
         "top_k": s.top_k,
         "top_p": s.top_p,

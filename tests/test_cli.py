@@ -156,6 +156,22 @@ def test_bench_rejection_sampling_runs(prompt_file):
     assert more.exit_code == 0 and "note: --num-prompts 5, but the prompts hold 2; using 2" in more.output, more.output
 
 
+def test_accept_auto_samples_and_typical_settings_are_recorded(tmp_path, prompt_file):
+    """--temperature alone samples losslessly (auto: rejection); greedy + temperature is refused; a typical
+    run's JSON keeps epsilon and delta; a sampling rule at temperature 0 says it decodes greedily."""
+    args = ("bench", "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 1, "--max-new-tokens", 4,
+            "--no-hf-baseline", "--no-warmup", "--beam-width", 2, "--beam-length", 2)
+    out = tmp_path / "t.json"
+    auto = invoke(*args, "--temperature", 0.7, "--json", out)
+    assert auto.exit_code == 0 and json.loads(out.read_text())["accept"] == "rejection", auto.output
+    assert_clean_error(invoke(*args, "--temperature", 0.7, "--accept", "greedy"), "--accept greedy decodes greedily")
+    typical = invoke(*args, "--temperature", 0.7, "--accept", "typical", "--epsilon", 0.2, "--json", out)
+    data = json.loads(out.read_text())
+    assert typical.exit_code == 0 and (data["typical_epsilon"], data["typical_delta"]) == (0.2, 0.3)
+    greedy = invoke(*args, "--accept", "typical")
+    assert greedy.exit_code == 0 and "--accept typical change(s) nothing" in " ".join(greedy.output.split())
+
+
 @pytest.mark.parametrize("args,fragments", [
     (["--model", "no-such-org/no-such-model-xyz"], ["no-such-org/no-such-model-xyz"]),
     (["--model", "/no/such/dir"], ["not found"]),
@@ -337,6 +353,9 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path, prompt_file):
     assert (drafter / "config.json").read_text() == config
     assert_clean_error(invoke("bench", "--model", tmp_path, "--json", drafter / "config.json"), "file of the --model folder")
     assert_clean_error(invoke("bench", "--json", ""), "--json needs a file path")
+    linked = tmp_path / "linked.json"
+    linked.hardlink_to(prompt_file)
+    assert_clean_error(invoke("bench", "--json", linked), "is a hard link")
     assert_clean_error(invoke("bench", "--drafter", ""), "--drafter needs a folder")
     assert_clean_error(invoke("bench", "--drafter", drafter / "config.json"), "is a file; pass the drafter's folder")
     assert_clean_error(invoke("bench", "--model", drafter / "config.json"), "is a file; pass the model's folder")

@@ -249,15 +249,27 @@ def test_data_only_then_several_processes_read_it(tiny_recipe, monkeypatch):
     report = json.loads((root / "d.json").read_text())
     assert report["data_only"] and report["data"]["train_conversations"] == 8
     assert "data ready in" in made.output and not out.exists()
-    # Each process would now only read: the run goes as far as training (one process here, WORLD_SIZE set).
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    from redraft_cli.distill import pipeline
+    # Each process would now only read: the run goes as far as training, which needs a real launch
+    # (MASTER_ADDR, ...): WORLD_SIZE alone is a one-line error, not a bug.
+    # (A fresh process: accelerate keeps its state per process.)
+    import os
+    import subprocess
+    import sys
 
-    monkeypatch.setattr(pipeline, "train_drafter", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("training")))
-    reached = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "1", "--no-bench"])
-    assert isinstance(reached.exception, RuntimeError) and str(reached.exception) == "training", reached.output
+    env = {**os.environ, "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    env.pop("MASTER_ADDR", None)
+    reached = subprocess.run([str(Path(sys.executable).with_name("redraft")), "distill", str(recipe), "--out", str(out),
+                              "--max-steps", "1", "--no-bench"], env=env, capture_output=True, text=True, timeout=300)
+    assert reached.returncode == 2 and "cannot start distributed training" in reached.stderr, reached.stderr
+    assert "not all made yet" not in reached.stderr and "Traceback" not in reached.stderr
     both = runner.invoke(app, ["distill", str(recipe), "--data-only", "--no-generate"])
     assert both.exit_code == 2 and "--no-generate" in both.output
+    # A data file with a malformed record among good ones: distill notes it and goes on.
+    messy = root / "messy.jsonl"
+    messy.write_text("\n".join(['{"prompt": "Tell me about the sea."}', '{"prompt": null}']
+                               + [f'{{"prompt": "Sea fact {i}?"}}' for i in range(6)]) + "\n")
+    noted = runner.invoke(app, ["distill", str(recipe), "--data", str(messy), "--data-only"])
+    assert noted.exit_code == 0 and "skipped 1 record(s)" in noted.output and "messy.jsonl:2:" in noted.output
 
 
 def test_distill_writes_no_report_over_its_inputs_or_outputs(tiny_recipe, tmp_path):

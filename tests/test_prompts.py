@@ -112,6 +112,8 @@ def _sharegpt(*last):
      "'messages' message 1 whose 'content' is not text (got null)"),
     (_sharegpt({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
      None, ":1: record 3 ", "'messages' message 1 whose 'content' part 1 is of type 'image_url', not text"),
+    (_sharegpt({"messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}]}),
+     None, ":1: record 3 ", "'messages' message 1 whose 'content' part 1 has 'text' that is not text (got int)"),
     (_sharegpt({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}]}),
      None, ":1: record 3 ", "'messages' message 1 whose 'content' part 2 is not a text part (got str)"),
     (_sharegpt({"messages": [{"role": "user", "content": {"text": "a"}}]}), None, ":1: record 3 ",
@@ -181,3 +183,16 @@ def test_openai_text_parts_are_joined_and_empty_or_model_turns_skipped(tmp_path)
         "",
     ]))
     assert load_conversations(f) == [["a\nb", "c"]]
+
+
+def test_a_skipped_list_leaves_malformed_records_out(tmp_path):
+    """distill reads large community dumps: there a record that is not a prompt is listed and left out."""
+    from redraft_cli.prompts import load_conversations
+
+    p = tmp_path / "dump.jsonl"
+    p.write_text('{"prompt": "one"}\n{"prompt": 5}\n{"turns": ["two", "three"]}\n')
+    with pytest.raises(PromptError, match=":2: record has 'prompt'"):
+        load_conversations(p)
+    skipped: list[str] = []
+    assert load_conversations(p, skipped) == [["one"], ["two", "three"]]
+    assert len(skipped) == 1 and ":2: record has 'prompt' that is not a string (got int)" in skipped[0]

@@ -131,9 +131,9 @@ def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int 
     if nodes is not None and nodes < 0:
         raise BadInputError(f"--nodes must be >= 0, got {nodes}")
     unused = [o for o, v, off in (("--top-k", top_k, 0), ("--top-p", top_p, 1.0)) if v != off]
-    if temperature == 0 and unused:
-        err.print(f"note: {' and '.join(unused)} shape sampling; at --temperature 0 decoding is greedy and they "
-                  f"change nothing")
+    if temperature == 0 and (unused or accept in ("rejection", "typical")):
+        what = " and ".join(unused + ([f"--accept {accept}"] if accept in ("rejection", "typical") else []))
+        err.print(f"note: at --temperature 0 decoding is greedy, so {what} change(s) nothing")
     if beam_width is None or beam_length is None:
         nodes = None  # the shape comes (in part) from the drafter: checked in with_drafter_shape
     return DecodeConfig(
@@ -204,6 +204,9 @@ def check_output_paths(outputs: dict, inputs: dict | None = None, folders: dict 
         key = p.resolve()
         if key in seen:
             raise BadInputError(f"{seen[key]} and {option} both name {p}: writing {option} would overwrite it")
+        if key.is_file() and key.stat().st_nlink > 1:  # a hard link: writing it changes its other names too
+            raise BadInputError(f"{option} {p} is a hard link to another file, which writing it would change too; "
+                                f"name a new file")
         for reader, folder in read:
             if key.is_file() and key.is_relative_to(folder):
                 raise BadInputError(f"{option} {p} is a file of the {reader} folder {folder}: writing it would "
@@ -281,7 +284,7 @@ def slower_note(speedup: float | None, tokens_per_step: float, batch_size: int, 
     if speedup is None or speedup >= 1.0:
         return None
     head = f"note: {subject} ran at {speedup:.2f}x of plain decoding here: "
-    if drafter_name.startswith("random"):
+    if drafter_name.startswith("random") and tokens_per_step < 1.5:
         return head + "the drafter is untrained (--drafter random), so it pays for drafts that are never accepted"
     if tokens_per_step < 1.5:
         return head + (f"its drafter rarely predicts this text ({tokens_per_step:.2f} tokens per step); "

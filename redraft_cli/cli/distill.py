@@ -86,7 +86,7 @@ def distill(
     check_out_folder(out, json_path)
     files, folders = model_inputs(recipe.target.model)
     recipe_file = recipe_or_model if recipe_or_model.endswith((".yaml", ".yml")) else None
-    check_output_paths({"--json": json_path}, inputs={"--data": recipe.data.source, "RECIPE": recipe_file, **files},
+    check_output_paths({"--json": json_path}, inputs={"data.source": recipe.data.source, "RECIPE": recipe_file, **files},
                        folders={**folders, "--init-from": recipe.drafter.init_from})
     view = _DistillView()
     try:

@@ -51,14 +51,15 @@ class DistillResult:
     metrics: dict[str, Any]
 
 
-def resolve_conversations(source: str, num_prompts: int | None) -> list[list[str]]:
-    """'builtin', a local prompt file, or hf://owner/dataset/path/in/repo.json (downloaded with huggingface_hub)."""
+def resolve_conversations(source: str, num_prompts: int | None, skipped: list[str] | None = None) -> list[list[str]]:
+    """'builtin', a local prompt file, or hf://owner/dataset/path/in/repo.json (downloaded with huggingface_hub).
+    With a `skipped` list, records that are not prompts are left out and listed there (prompts.load_conversations)."""
     if source == "builtin":
         convs = builtin_conversations("distill")
     elif source.startswith("hf://"):
-        convs = load_conversations(_download_dataset_file(source))
+        convs = load_conversations(_download_dataset_file(source), skipped)
     else:
-        convs = load_conversations(source)
+        convs = load_conversations(source, skipped)
     return convs[:num_prompts] if num_prompts else convs
 
 
@@ -152,7 +153,10 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         emit({"event": "note", "text": f"--resume: {out} holds no checkpoint yet; starting a new run there"})
     # The prompts first: a missing file or too few prompts fails before the model loads.
     d = recipe.data
-    convs = resolve_conversations(d.source, d.num_prompts)
+    skipped: list[str] = []  # a data set of thousands of conversations keeps going past a malformed one
+    convs = resolve_conversations(d.source, d.num_prompts, skipped)
+    if skipped:
+        emit({"event": "note", "text": f"skipped {len(skipped)} record(s) that are not prompts; the first: {skipped[0]}"})
     if len(convs) <= d.held_out:
         raise BadInputError(f"{len(convs)} conversations but held_out is {d.held_out}: nothing left to train on "
                             f"(give more prompts, or fewer with --held-out)")
@@ -284,7 +288,7 @@ def _answers(target: Target, package_name: str, convs: list[list[str]], data_dir
             emit({"event": "data_partial", "set": kind, "dir": str(data_dir),
                   "done": sum(s["conversations"] for s in manifest["shards"]), "total": len(convs)})
     elif not _has_shards(manifest, max_shards, len(convs)):
-        _generation_in_one_process(kind, data_dir)
+        _generation_in_one_process("greedy answers" if kind == "greedy" else kind, data_dir)
         emit({"event": "data_start", "set": kind, "conversations": len(convs), "dir": str(data_dir)})
         generate_dataset(target, convs, data_dir, gen_cfg, max_shards=max_shards,
                          progress=lambda done, total, tokens: emit({"event": "data", "set": kind, "done": done,

@@ -311,7 +311,11 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
     if not train_set:
         raise BadInputError("no training examples: generate data first or check --data")
     K = predict_tokens
-    acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=target.device.type == "cpu")
+    try:
+        acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=target.device.type == "cpu")
+    except ValueError as exc:  # WORLD_SIZE > 1 without the rest of a launch (MASTER_ADDR, ...)
+        raise BadInputError(f"cannot start distributed training: {str(exc).splitlines()[0]} (start several "
+                            f"processes with accelerate launch -m redraft_cli distill ...)") from exc
     world, rank = acc.num_processes, acc.process_index
     batches_per_epoch = max(1, math.ceil(len(train_set) / cfg.batch_size))
     per_process = max(1, batches_per_epoch // world)
