@@ -562,6 +562,14 @@ class Drafter(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def recommended_shape(self, batch_size: int = 1) -> dict[str, int]:
+        """config.json's recommended settings (SHAPE_KEYS) for batches of `batch_size` rows, with no
+        datastore beams when this drafter has no datastore."""
+        shape = self.config.shape_for(batch_size)
+        if self.datastore is None:
+            shape["datastore_beams"] = 0
+        return shape
+
     def decode_config(self, batch_size: int = 1, **overrides: Any) -> "DecodeConfig":
         """Decoding settings at this drafter's recommended shape for batches of `batch_size` rows
         (config.json: beam shape, node budget, copied beams; datastore beams only when it has a
@@ -574,10 +582,7 @@ class Drafter(nn.Module):
         for k in overrides:
             if k not in known:
                 raise BadInputError(f"Drafter.decode_config got {k!r}, which is not a DecodeConfig field")
-        shape = self.config.shape_for(batch_size)
-        if self.datastore is None:
-            shape["datastore_beams"] = 0
-        return DecodeConfig(**{**shape, **overrides})
+        return DecodeConfig(**{**self.recommended_shape(batch_size), **overrides})
 
 
 def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,

@@ -377,9 +377,9 @@ class Target:
         self.max_context = int(
             getattr(self.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 4096)
         )
-        window = attention_window(self.config)
-        if window:  # within the window a sliding layer attends to everything: exact, and the cache keeps it all
-            self.max_context = min(self.max_context, window - 1)
+        self.window = attention_window(self.config)  # sliding-window layers shorter than the context, else None
+        if self.window:  # within the window a sliding layer attends to everything: exact, and the cache keeps it all
+            self.max_context = min(self.max_context, self.window - 1)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         if getattr(tokenizer, "eos_token_id", None) is not None:
@@ -407,7 +407,7 @@ class Target:
         """A Hugging Face DynamicCache (the generic path's cache)."""
         from transformers import DynamicCache
 
-        if attention_window(self.config):  # the context stops short of the window (max_context): the sliding
+        if self.window:  # the context stops short of the window (max_context): the sliding
             return DynamicCache()          # layers attend to all of it, and a tree pass must not trim their keys
         return DynamicCache(config=self.model.config)
 

@@ -157,9 +157,9 @@ def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | No
     """Beam sizes (and copied beams) the user did not set come from the drafter's recommendation
     for batches of `batch_size` rows (datastore beams only when the drafter has a datastore; its
     node budget only with its own beam shape, which the budget was chosen for)."""
-    rec = drafter.config.shape_for(batch_size)
+    rec = drafter.recommended_shape(batch_size)
     if datastore is None:
-        datastore = rec["datastore_beams"] if drafter.datastore is not None else 0
+        datastore = rec["datastore_beams"]
     check_datastore(drafter, datastore)
     if nodes is None:
         nodes = rec["tree_nodes"] if beam_width is None and beam_length is None else 0

@@ -11,9 +11,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..datastore import DATASTORE_NAME
+from ..distill.pipeline import OUTPUT_NAMES
 from ..distill.pipeline import distill as run_distill
-from ..drafter import CONFIG_NAME, WEIGHTS_NAME
 from ..distill.recipe import check_recipe, load_recipe
 from ..errors import BadInputError
 from ..files import write_text
@@ -108,10 +107,6 @@ def distill(
         write_text(json_path, json.dumps(m, indent=2) + "\n")
 
 
-# What distill writes in --out: a --json report must not take one of these names.
-OUT_FILES = (CONFIG_NAME, WEIGHTS_NAME, DATASTORE_NAME, "recipe.yaml", "metrics.json", "checkpoint")
-
-
 def check_out_folder(out: Path, json_path: Path | None) -> None:
     """--out outside the installed package (its drafters are data, not a workspace), and a --json report
     that is not one of the files distill writes there."""
@@ -122,7 +117,7 @@ def check_out_folder(out: Path, json_path: Path | None) -> None:
                             f"(it loads from any folder with --drafter)")
     if json_path is not None:
         report = Path(json_path).resolve()
-        if report.is_relative_to(where) and report.relative_to(where).parts[0] in OUT_FILES:
+        if report.is_relative_to(where) and report.relative_to(where).parts[0] in OUTPUT_NAMES:
             raise BadInputError(f"--json {json_path} is a file distill writes in --out {out}; name another file")
 
 

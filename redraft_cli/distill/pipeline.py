@@ -40,9 +40,12 @@ from .hidden_cache import attach_hidden, build_hidden_cache, is_cached
 from .data import GenerationConfig, conversations_sha256, generate_dataset, load_dataset, read_manifest
 from .recipe import Recipe, builtin_recipes, check_recipe
 from .written import PROMPTS as WRITTEN_PROMPTS, STATE as WRITTEN_STATE, WritingConfig, write_prompts
-from .train import train_drafter
+from .train import CHECKPOINT, train_drafter
 
 EventFn = Callable[[dict[str, Any]], None]
+RECIPE_NAME, METRICS_NAME = "recipe.yaml", "metrics.json"
+# Everything distill writes in --out (a --json report must not take one of these names).
+OUTPUT_NAMES = (CONFIG_NAME, WEIGHTS_NAME, DATASTORE_NAME, RECIPE_NAME, METRICS_NAME, CHECKPOINT)
 
 
 @dataclass
@@ -137,19 +140,19 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     check_recipe(recipe)
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out} is a file; give a directory for the drafter")
-    if (out / "checkpoint").exists() and not resume and not data_only:
+    if (out / CHECKPOINT).exists() and not resume and not data_only:
         raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
     # A run that failed before training (no model, no chat template, no network) leaves only recipe.yaml:
     # that folder is still ours to retry in.
-    if (not data_only and out.is_dir() and not (out / "checkpoint").exists()
-            and any(p.name != "recipe.yaml" for p in out.iterdir())):
+    if (not data_only and out.is_dir() and not (out / CHECKPOINT).exists()
+            and any(p.name != RECIPE_NAME for p in out.iterdir())):
         raise BadInputError(f"--out {out} already holds files and no training checkpoint; the drafter's files would "
                             "replace them: use a new or empty directory")
     check_offline_needs(recipe)
     fitted = recipe.beam.fit_to(recipe.drafter.predict_tokens)
     if fitted:
         emit({"event": "note", "text": fitted})
-    if resume and not data_only and not (out / "checkpoint").exists():
+    if resume and not data_only and not (out / CHECKPOINT).exists():
         emit({"event": "note", "text": f"--resume: {out} holds no checkpoint yet; starting a new run there"})
     # The prompts first: a missing file or too few prompts fails before the model loads.
     d = recipe.data
@@ -178,7 +181,7 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         saved = recipe.to_dict()
         if target.tokenizer.chat_template and recipe.target.chat_template not in (None, *NAMED_TEMPLATES):
             saved["target"]["chat_template"] = target.tokenizer.chat_template  # a file's text: the drafter carries it
-        (out / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+        (out / RECIPE_NAME).write_text(yaml.safe_dump(saved, sort_keys=False))
 
     # 1. Data: the target's own answers, held-out conversations first.
     gen_cfg = GenerationConfig(max_new_tokens=d.max_new_tokens, batch_size=d.gen_batch_size, temperature=d.temperature,
@@ -260,7 +263,7 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         metrics["simulated"] = _simulate_held_out(target, out, held, recipe)
     if bench and held:
         metrics["bench"] = _held_out_bench(target, out, convs[: d.held_out], recipe, emit)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
     emit({"event": "finished", "out": str(out), **{k: metrics[k] for k in ("steps", "best_step", "best_mean_agreement")}})
     return DistillResult(out, metrics)
 
