@@ -250,6 +250,9 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
     if cfg.hf_baseline:
         result["baseline_hf"] = hf.to_dict()
         result["speedup_vs_hf"] = round(red.tokens_per_s / hf.tokens_per_s, 4) if hf.tokens_per_s else None
+    graphs = gen.target.graphs
+    if graphs is not None:  # CUDA graphs of the lean pass (cuda_graphs.py)
+        result["cuda_graphs"] = {"captured": graphs.captures, "passes": graphs.passes, "failed": graphs.failed}
     if torch.cuda.is_available():
         result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return result

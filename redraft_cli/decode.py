@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .beam_search import DraftBeams, check_beam_shape, draft_beams
+from .cuda_graphs import graph_capacity
 from .drafter import Drafter
 from .datastore import with_datastore_beams
 from .lookup import with_lookup_beams
@@ -341,6 +342,9 @@ class Generator:
         gen = self._generator(cfg)
         rows = _Rows(prompts, slots or len(prompts))
         capacity = min(max(map(len, prompts)) + cfg.max_new_tokens, t.max_context) + margin
+        if t.graphs is not None:  # one cache shape for many generations: their CUDA graphs are reused
+            capacity = graph_capacity(capacity)
+        self.cache = self.draft_context = None  # the last generation's caches go before this one's are made
         h = g0 = None
         while rows.active or rows.waiting:
             ids = rows.admit()

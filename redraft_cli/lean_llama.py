@@ -149,7 +149,8 @@ class LeanLlama:
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
-                tree_mask: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+                tree_mask: torch.Tensor, valid: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Run n tokens per row at `positions`; their K/V go to `cache.slots(n)`.
 
         ids, positions: (B, n) int64; tree_mask: (B, n, n) bool (which new
@@ -163,15 +164,23 @@ class LeanLlama:
         Returns the post-norm hidden states (B, n, H). `cache.lengths` is not
         advanced: call `cache.commit` with what to keep.
 
+        lengths: (B,) int64, the committed lengths, given by a CUDA graph
+        (cuda_graphs.py) in place of `cache.lengths`: attention then spans
+        every slot of the cache, so the pass reads nothing on the host and has
+        the same shapes at every step (the caller checks the room).
+
         Worked example, B = 2, n = 3, valid = [[T, T, T], [T, F, F]]: the
         residual stream is 4 rows (flat indices 0, 1, 2, 3 of the 6 cells);
         q, k, v are scattered into (2, 3) for RoPE, the cache and attention,
         whose output is gathered back to those 4 rows for o_proj.
         """
         B, n = ids.shape
-        cache.check_room(n)
-        slots = cache.slots(n)
-        mask, span = cache.attention_mask(tree_mask)
+        graphed = lengths is not None
+        if not graphed:
+            cache.check_room(n)
+        row_ids = torch.arange(B, device=ids.device).unsqueeze(1) if graphed else None
+        slots = cache.slots(n, lengths)
+        mask, span = cache.attention_mask(tree_mask, lengths, cache.capacity if graphed else None)
         fused_mask = fold_gqa_mask(mask, self.num_heads // self.kv_heads) if self.fold_gqa else mask
         x = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(x, positions)
@@ -183,9 +192,9 @@ class LeanLlama:
             rows = pad_rows(torch.arange(B * n, device=ids.device) if rows is None else rows, 0, self.good_rows)
         if rows is not None:
             x = x.reshape(B * n, -1).index_select(0, rows)  # (N, H)
-        extents = self._extents(cache, valid, B, n, span)
+        extents = None if graphed else self._extents(cache, valid, B, n, span)
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, i, slots,
+            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, i, (slots, row_ids),
                                     (mask, fused_mask), span, (B, n), rows, extents)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         x = self.base.norm(x)
@@ -203,10 +212,12 @@ class LeanLlama:
         return ext if sum(q * k for q, k in ext) < 0.8 * B * n * span else None
 
     def _attention(self, attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache,
-                   layer: int, slots: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor], span: int,
+                   layer: int, slots: tuple[torch.Tensor, torch.Tensor | None],
+                   masks: tuple[torch.Tensor, torch.Tensor], span: int,
                    shape: tuple[int, int], rows: torch.Tensor | None, extents: list[tuple[int, int]] | None = None
                    ) -> torch.Tensor:
         """x: (B, n, H), or (N, H) packed at `rows` of the (B, n) = `shape` cells; returns x's layout.
+        slots: the (B, n) cache slots of the new tokens, and (B, 1) row ids for the write (or None).
         masks: the (B, 1, n, span) mask, and the one the fused kernel takes (folded when `fold_gqa`)."""
         B, n = shape
         d = self.head_dim
@@ -219,7 +230,7 @@ class LeanLlama:
         if self.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, heads, n, d)
-        cache.write(layer, k, v, slots)
+        cache.write(layer, k, v, *slots)
         keys, values = cache.view(layer, span)
         if self.batch_invariant and n <= INVARIANT_MAX_TOKENS:
             out = grouped_attention(q, keys, values, masks[0], self.scaling, extents, self.good_rows)
@@ -270,7 +281,7 @@ def fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
     if Hq == Hk or mask.shape[2] == n:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=Hq != Hk)
     out = F.scaled_dot_product_attention(q.reshape(B, Hk, Hq // Hk * n, d), keys, values, attn_mask=mask, scale=scale)
-    return out.view(B, Hq, n, d)
+    return out.reshape(B, Hq, n, d)  # the fused kernels may return a (B, n, heads, d) memory layout
 
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,

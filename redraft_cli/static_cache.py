@@ -77,19 +77,24 @@ class StaticKVCache:
             self._longest = int(self.lengths.max()) if self.lengths.numel() else 0
         return self._longest
 
-    def slots(self, n: int) -> torch.Tensor:
-        """(B, n) slots where the next n tokens of each row go: lengths[b] + i."""
-        return self.lengths.unsqueeze(1) + torch.arange(n, device=self.lengths.device)
+    def slots(self, n: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n) slots where the next n tokens of each row go: lengths[b] + i (`lengths` in
+        place of the cache's own: a CUDA graph's copy of them, cuda_graphs.py)."""
+        lengths = self.lengths if lengths is None else lengths
+        return lengths.unsqueeze(1) + torch.arange(n, device=lengths.device)
 
     def check_room(self, n: int) -> None:
         if self.get_seq_length() + n > self.capacity:
             raise RuntimeError(f"KV cache full: {self.get_seq_length()} + {n} > capacity {self.capacity}")
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store k, v (B, kv_heads, n, head_dim) of `layer` at `slots` (B, n)."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+              rows: torch.Tensor | None = None) -> None:
+        """Store k, v (B, kv_heads, n, head_dim) of `layer` at `slots` (B, n). rows: (B, 1) row
+        numbers 0..B-1 (default: this cache's own tensor; a CUDA graph passes one of its own, since
+        it may outlive this cache object)."""
         # Advanced indexing writes only the B * n slots; scatter_ with an expanded index copied the
         # whole (B, kv_heads, capacity, head_dim) buffer on CPU: 0.2 ms a layer at 8k slots.
-        rows = self._row_ids(k.shape[0])  # (B, 1)
+        rows = self._row_ids(k.shape[0]) if rows is None else rows  # (B, 1)
         self.keys[layer][rows, :, slots] = k.transpose(1, 2)  # (B, n, kv_heads, head_dim) blocks
         self.values[layer][rows, :, slots] = v.transpose(1, 2)
 
@@ -103,17 +108,20 @@ class StaticKVCache:
         """keys, values of `layer` over slots 0..span-1: (B, kv_heads, span, head_dim) views."""
         return self.keys[layer, :, :, :span], self.values[layer, :, :, :span]
 
-    def attention_mask(self, tree_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def attention_mask(self, tree_mask: torch.Tensor, lengths: torch.Tensor | None = None,
+                       span: int | None = None) -> tuple[torch.Tensor, int]:
         """Boolean mask for a forward of n tokens per row written at `slots(n)`.
 
         tree_mask: (B, n, n) bool, node a may see node c (ancestor-or-self).
         Returns (mask (B, 1, n, span) bool, span) with span = max(lengths) + n:
         query a of row b sees every committed slot j < lengths[b] and the slots
-        lengths[b] + c of its tree ancestors c; nothing else.
+        lengths[b] + c of its tree ancestors c; nothing else. A CUDA graph
+        passes its copy of `lengths` and span = capacity (no host read).
         """
         B, n, _ = tree_mask.shape
-        span = self.get_seq_length() + n
-        rel = torch.arange(span, device=tree_mask.device).unsqueeze(0) - self.lengths.unsqueeze(1)  # (B, span)
+        lengths = self.lengths if lengths is None else lengths
+        span = self.get_seq_length() + n if span is None else span
+        rel = torch.arange(span, device=tree_mask.device).unsqueeze(0) - lengths.unsqueeze(1)  # (B, span)
         committed = (rel < 0).unsqueeze(1)  # (B, 1, span)
         in_tree = ((rel >= 0) & (rel < n)).unsqueeze(1)
         tree_cols = tree_mask.gather(2, rel.clamp(0, n - 1).unsqueeze(1).expand(B, n, span))  # (B, n, span)

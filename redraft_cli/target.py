@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 
 from .drafter import MODEL_TYPE as DRAFTER_MODEL_TYPE
 from .chat_templates import encode_messages
+from .cuda_graphs import GraphedForward
 from .errors import BadInputError, ChatTemplateError, ContextOverflowError, ModelLoadError
 from .files import cache_dir, writable_dir
 from .invariance import pad_rows
@@ -389,6 +390,12 @@ class Target:
         # REDRAFT_GENERIC=1 forces the generic Hugging Face path (for comparisons).
         use_lean = lean_supported(model) and not self.spread and os.environ.get("REDRAFT_GENERIC", "") in ("", "0")
         self.lean = LeanLlama(model) if use_lean else None
+        # On CUDA the lean pass replays CUDA graphs (cuda_graphs.py); REDRAFT_CUDA_GRAPHS=0 turns them off.
+        # bitsandbytes layers are left eager.
+        graphs = os.environ.get("REDRAFT_CUDA_GRAPHS", "1") not in ("0", "")
+        quantized = getattr(model.config, "quantization_config", None) is not None
+        self.graphs = (GraphedForward(self.lean) if graphs and self.lean is not None and not quantized
+                       and self.device.type == "cuda" else None)
 
     @property
     def batch_invariant(self) -> bool:
@@ -440,7 +447,8 @@ class Target:
         Returns post-norm hidden states (B, n, H).
         """
         if self.lean is not None:
-            return self.lean.forward(input_ids, position_ids, cache, tree_mask, valid)
+            out = self.graphs(input_ids, position_ids, cache, tree_mask, valid) if self.graphs is not None else None
+            return out if out is not None else self.lean.forward(input_ids, position_ids, cache, tree_mask, valid)
         n = input_ids.shape[1]
         prefix = cache.get_seq_length()
         causal = n == 1 or (prefix == 0 and bool(torch.equal(tree_mask[0], torch.ones(n, n, dtype=torch.bool,

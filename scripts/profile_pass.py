@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--gqa", choices=("auto", "fold", "native"), default="auto",
                     help="grouped-query attention off the batch-invariant path: fold query groups into extra "
                          "queries (the default off the CPU) or SDPA's enable_gqa (the CPU's); for an A/B on a GPU")
+    ap.add_argument("--graphs", choices=("auto", "on", "off", "both"), default="auto",
+                    help="CUDA graphs of the lean pass (cuda_graphs.py; on by default on CUDA); both: time each")
     args = ap.parse_args()
 
     t = load_target(TargetSpec(args.model, dtype=args.dtype, device=args.device))
@@ -72,17 +74,27 @@ def main() -> None:
         out = t.logits(hidden).argmax(-1)[:, 0]
         return out if dev.type != "cuda" else out.view(1)
 
-    for n in (int(x) for x in args.nodes.split(",")):
-        cache, tok = fresh()
-        for _ in range(3):
-            tok = tree_pass(cache, tok, n)
-        _sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(args.repeats):
-            tok = tree_pass(cache, tok, n)
-            int(tok[0])  # decoding reads each token on the host
-        _sync(dev)
-        print(f"lean pass of {n:3d} tokens: {1000 * (time.perf_counter() - t0) / args.repeats:7.2f} ms")
+    graphs = t.graphs
+    modes = {"auto": [graphs is not None], "on": [True], "off": [False], "both": [False, True]}[args.graphs]
+    if any(modes) and graphs is None:
+        raise SystemExit("CUDA graphs need the lean path on a CUDA device")
+    for graphed in modes:
+        t.graphs = graphs if graphed else None
+        for n in (int(x) for x in args.nodes.split(",")):
+            cache, tok = fresh()
+            for _ in range(3):
+                tok = tree_pass(cache, tok, n)
+            _sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(args.repeats):
+                tok = tree_pass(cache, tok, n)
+                int(tok[0])  # decoding reads each token on the host
+            _sync(dev)
+            label = "graphed" if graphed else "lean"
+            print(f"{label} pass of {n:3d} tokens: {1000 * (time.perf_counter() - t0) / args.repeats:7.2f} ms")
+        if graphed:
+            print(f"graphs: {graphs.captures} captured, {graphs.passes} passes, failed: {graphs.failed}")
+    t.graphs = None  # the profile below is of the eager pass
 
     if args.hf:
         from transformers import DynamicCache

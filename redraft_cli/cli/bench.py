@@ -88,6 +88,8 @@ def bench(
     elif (why := slower_note(result["speedup"], result["redraft"]["tokens_per_step"], batch_size,
                              loaded.drafter_name)) is not None:
         err.print(why)
+    if (result.get("cuda_graphs") or {}).get("failed"):
+        err.print(f"note: CUDA graphs were turned off and the target ran eagerly: {result['cuda_graphs']['failed']}")
     if json_path is not None:
         write_text(json_path, json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {json_path}")

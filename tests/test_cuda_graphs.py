@@ -1,0 +1,147 @@
+"""CUDA graphs of the lean pass (cuda_graphs.py): the padded, full-span pass a graph captures gives
+the eager pass's results, decoding through it is unchanged, and whatever cannot be graphed runs eagerly.
+
+On the CPU the graph's pass runs without capture (`GraphedForward(capture=False)`): the same buckets,
+padding, full-span mask and device-side lengths, so everything but the recording is tested here.
+The last test replays real graphs where CUDA is present."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_prompts, tiny_llama
+from redraft_cli import DecodeConfig, Drafter, Generator
+from redraft_cli.cuda_graphs import BUCKETS, GraphedForward, bucket
+from redraft_cli.tree_attention import pack_tree
+
+from test_decode_greedy import OracleProposer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_llama(seed=4, eos_token_id=None, max_positions=200)
+
+
+@pytest.fixture
+def graphed(target):
+    """The target with a non-capturing GraphedForward for the test's duration."""
+    target.graphs = GraphedForward(target.lean, capture=False)
+    yield target
+    target.graphs = None
+
+
+def test_bucket_is_the_smallest_that_holds():
+    assert [bucket(n) for n in (1, 2, 3, 5, 9, 12, 13, 33, 64)] == [1, 2, 4, 8, 12, 12, 16, 48, 64]
+    assert bucket(BUCKETS[-1] + 1) is None
+
+
+def _prefilled(target, prompt, capacity):
+    P = len(prompt)
+    cache = target.new_tree_cache(1, capacity)
+    pos = torch.arange(P).view(1, P)
+    target.lean.forward(torch.tensor([prompt]), pos, cache, torch.ones(1, P, P, dtype=torch.bool).tril())
+    cache.commit(pos, torch.tensor([P]))
+    return cache
+
+
+def test_graph_pass_equals_eager_pass_on_a_padded_batched_tree(target):
+    """Two rows of a batched tree (the second with padding nodes), 5 nodes padded to bucket 8: the
+    real nodes' hidden states are the eager pass's, padding cells are 0, and the cache slots of the
+    real nodes hold the same keys."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, target.vocab_size, (2, 2, 3))  # (B, W, L) beams
+    tokens[:, :, 0] = tokens[:, :1, 0]  # every beam starts with the row's g0
+    tokens[1, 1] = tokens[1, 0]  # row 1's beams coincide: fewer nodes, padding
+    caches = []
+    for _ in range(2):
+        cache = target.new_tree_cache(2, 64)
+        for b, p in enumerate(([3, 4, 5, 6], [7, 8])):
+            row = _prefilled(target, p, 64)
+            cache._keys[:, b, :, :64], cache._values[:, b, :, :64] = row._keys[:, 0], row._values[:, 0]
+        cache.lengths = torch.tensor([4, 2])
+        caches.append(cache)
+    tree = pack_tree(tokens, caches[0].lengths)
+    assert not bool(tree.valid.all()), "the test needs padding nodes"
+    eager = target.lean.forward(tree.tokens, tree.positions, caches[0], tree.mask, tree.valid)
+    runner = GraphedForward(target.lean, capture=False)
+    out = runner(tree.tokens, tree.positions, caches[1], tree.mask, tree.valid)
+    assert out is not None and out.shape == eager.shape and runner.passes == 1
+    assert torch.allclose(out, eager, atol=1e-5)
+    assert bool((out[~tree.valid] == 0).all())
+    n = tree.tokens.shape[1]
+    for b, length in enumerate((4, 2)):
+        k = int(tree.valid[b].sum())
+        assert torch.allclose(caches[1]._keys[:, b, :, length:length + k], caches[0]._keys[:, b, :, length:length + k],
+                              atol=1e-5)
+    assert n < 8 and bucket(n) == 8
+
+
+def test_what_cannot_be_graphed_runs_eagerly(target):
+    runner = GraphedForward(target.lean, capture=False)
+    cache = _prefilled(target, list(range(1, 11)), 80)
+    ids = torch.zeros(1, BUCKETS[-1] + 1, dtype=torch.long)
+    pos = 10 + torch.arange(ids.shape[1]).view(1, -1)
+    assert runner(ids, pos, cache, torch.ones(1, ids.shape[1], ids.shape[1], dtype=torch.bool).tril()) is None
+    # 9 nodes fit the cache's 80 slots after 10 tokens, but their bucket of 12 would not after 70.
+    cache.lengths = torch.tensor([70])
+    nine = torch.ones(1, 9, 9, dtype=torch.bool).tril()
+    assert runner(torch.zeros(1, 9, dtype=torch.long), 70 + torch.arange(9).view(1, 9), cache, nine) is None
+    assert runner.passes == 0
+
+
+@pytest.mark.parametrize("mode", ["plain", "redraft"])
+def test_decoding_through_the_graph_pass_is_unchanged(target, mode):
+    prompts = random_prompts(3, target.vocab_size, seed=8, min_len=3, max_len=20)
+    cfg = DecodeConfig(max_new_tokens=24, beam_width=3, beam_length=4, stop_on_eos=False)
+    gen = Generator(target, proposer=OracleProposer(target, seed=1, oracle_beam=1))
+    want = [gen.generate(p, cfg, mode).tokens for p in prompts]
+    want_batch = gen.generate_batch(prompts, cfg, mode, slots=2).tokens  # continuous batching: rows join
+    target.graphs = runner = GraphedForward(target.lean, capture=False)
+    try:
+        gen = Generator(target, proposer=OracleProposer(target, seed=1, oracle_beam=1))
+        got = [gen.generate(p, cfg, mode).tokens for p in prompts]
+        got_batch = gen.generate_batch(prompts, cfg, mode, slots=2).tokens
+    finally:
+        target.graphs = None
+    assert got == want and got_batch == want_batch == want
+    assert runner.passes > 0 and len(runner.graphs) > 1
+
+
+def test_a_capture_that_fails_turns_graphs_off_and_decoding_goes_on(graphed):
+    """On a machine without CUDA the capture itself fails (no CUDA stream): the reason is kept and
+    every pass runs eagerly, with the same output."""
+    if torch.cuda.is_available():
+        pytest.skip("the capture works here")
+    target = graphed
+    prompt = random_prompts(1, target.vocab_size, seed=2)[0]
+    cfg = DecodeConfig(max_new_tokens=12, beam_width=2, beam_length=3)
+    drafter = Drafter.for_target(target, seed=0)
+    want = Generator(target, drafter).generate(prompt, cfg).tokens
+    target.graphs = runner = GraphedForward(target.lean, capture=True)
+    got = Generator(target, drafter).generate(prompt, cfg).tokens
+    assert got == want
+    assert runner.failed and runner.passes == 1 and not runner.graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_equals_eager_decoding():
+    target = tiny_llama(seed=4, max_positions=200)
+    target.model.to("cuda")
+    from redraft_cli.target import Target
+
+    target = Target(target.model, None, "tiny-cuda")
+    assert target.graphs is not None
+    prompts = random_prompts(2, target.vocab_size, seed=8, min_len=3, max_len=20)
+    cfg = DecodeConfig(max_new_tokens=24, beam_width=3, beam_length=4, stop_on_eos=False)
+    drafter = Drafter.for_target(target, seed=0)
+    got = [Generator(target, drafter).generate(p, cfg, mode).tokens for p in prompts for mode in ("plain", "redraft")]
+    runner, target.graphs = target.graphs, None
+    want = [Generator(target, drafter).generate(p, cfg, mode).tokens for p in prompts for mode in ("plain", "redraft")]
+    assert runner.failed is None and runner.captures > 0
+    assert got == want
+    # Caches of one rounded shape land on the same memory: the one-token graph is captured at most
+    # twice (the last generation's cache is released when the next one starts) for all 4 generations.
+    assert sum(1 for key in runner.graphs if key[-1] == 1) <= 2
