@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 # Node counts a graph is captured for; a pass of more tokens (a prompt) runs eagerly.
-BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 MAX_GRAPHS = 48  # least recently used graphs past this are dropped (each holds its own activation memory)
 
 
@@ -92,7 +92,7 @@ class GraphedForward:
         self.capture = capture
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.failed: str | None = None
-        self.passes = 0  # passes run through this object (captured, replayed or, capture=False, eager)
+        self.passes = 0  # passes run through this object (`prepare`'s placeholders included)
         self.captures = 0
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, tree_mask: torch.Tensor,
@@ -103,7 +103,7 @@ class GraphedForward:
         nb = bucket(n)
         if nb is None or cache.get_seq_length() + nb > cache.capacity:
             return None
-        key = (cache._keys.data_ptr(), cache._values.data_ptr(), tuple(cache._keys.shape), B, nb)
+        key = self._key(cache, B, nb)
         g = self.graphs.pop(key, None) or _Graph(B, nb, ids.device)
         self.graphs[key] = g  # most recently used last
         while len(self.graphs) > MAX_GRAPHS:
@@ -125,6 +125,26 @@ class GraphedForward:
         if valid is not None:
             out.masked_fill_(~valid.unsqueeze(-1), 0)
         return out
+
+    def prepare(self, cache: Any, nodes: int) -> None:
+        """Capture, for this cache and its rows, every bucket up to the one holding `nodes` tokens
+        that is not captured yet (and fits the cache), so that no capture falls inside a generation's
+        timed steps. The inputs are placeholders: a chain of token 0 after each row's committed tokens,
+        whose keys land in slots that the mask hides and the first real pass overwrites."""
+        top = bucket(min(nodes, BUCKETS[-1]))
+        B, dev = cache.lengths.numel(), cache.lengths.device
+        for nb in BUCKETS:
+            if nb > top or self.failed is not None or cache.get_seq_length() + nb > cache.capacity:
+                break
+            if self._key(cache, B, nb) in self.graphs:
+                continue
+            positions = cache.lengths.unsqueeze(1) + torch.arange(nb, device=dev)
+            chain = torch.ones(B, nb, nb, dtype=torch.bool, device=dev).tril()
+            self(torch.zeros(B, nb, dtype=torch.long, device=dev), positions, cache, chain)
+
+    @staticmethod
+    def _key(cache: Any, B: int, nb: int) -> tuple:
+        return (cache._keys.data_ptr(), cache._values.data_ptr(), tuple(cache._keys.shape), B, nb)
 
     def _capture(self, g: _Graph, cache: Any) -> None:
         """Warm up on a side stream (lazy initialisations must not be captured), capture, replay once.

@@ -250,7 +250,7 @@ class Generator:
         causal = torch.ones(P, P, dtype=torch.bool, device=t.device).tril()
         real = positions < lens.unsqueeze(1)  # (B, P): False on the right padding of shorter prompts
         mask = causal & real.unsqueeze(1)  # (B, P, P): pads are never seen
-        hidden = t.forward_tree(ids, positions, cache, mask, real)
+        hidden = t.forward_tree(ids, positions, cache, mask, real, graph=False)
         cache.commit(positions, lens)
         h = hidden[torch.arange(B, device=t.device), lens - 1]  # (B, H)
         g0 = choose_tokens(t.logits(h), cfg.sampling, gen)  # (B,)
@@ -355,6 +355,8 @@ class Generator:
                 yield out
                 if not rows.active:  # the first rows (or a batch that had emptied): their cache replaces the last
                     self.cache, self.draft_context = cache, draft_context
+                    if t.graphs is not None:  # every tree size of this generation captured before its steps
+                        t.graphs.prepare(cache, margin)
                     h, g0 = self._select(keep, len(ids), h_new, g0_new, cache, draft_context)
                 elif keep:
                     h_new, g0_new = self._select(keep, len(ids), h_new, g0_new, cache, draft_context)

@@ -56,10 +56,15 @@ def scores_op(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def good_row_counts(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], in_features: int,
-                    out_features: int, dtype: torch.dtype, seed: int = 0) -> frozenset[int] | None:
+                    out_features: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu",
+                    top: int | None = None) -> frozenset[int] | None:
     """The row counts M < LIMIT at which `op(W, X[:M])` and `op(W, X[-M:])` give every row the bits
     that the same row gets in `op(W, X)` (X: 67 random rows); None when a count in LARGE_ROWS
     disagrees (then no count is safe).
+
+    top (a GPU, whose BLAS picks its kernel by the row count at every size): X has `top` rows,
+    every M in 1..top is tried against it and no larger count is assumed good; `top` itself
+    always is. out_features are not capped then (the kernel also depends on them).
 
     A row whose bits differ was summed in another order (another kernel, or another tile of the
     same one). Small counts are tried on several X, so that each compares COMPARED outputs.
@@ -67,22 +72,25 @@ def good_row_counts(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], in
     4, 8, 12..23 never do, so this returns {4, 8, 12, 13, ..., 23}.
     """
     gen = torch.Generator().manual_seed(seed)
-    out_features = min(out_features, MAX_COLUMNS)
-    weight = torch.randn(out_features, in_features, generator=gen).div_(in_features ** 0.5).to(dtype)
-    rows = LARGE_ROWS[-1]
+    out_features = min(out_features, MAX_COLUMNS) if top is None else out_features
+    weight = torch.randn(out_features, in_features, generator=gen).div_(in_features ** 0.5).to(device, dtype)
+    rows = LARGE_ROWS[-1] if top is None else top
+    large = LARGE_ROWS if top is None else ()
     trials = -(-COMPARED // (2 * out_features))  # what M = 1 needs; M needs 1/M of them
-    good = set(range(1, LIMIT))
+    good = set(range(1, LIMIT if top is None else top))
     with torch.no_grad():
         for t in range(trials):
-            x = torch.randn(rows, in_features, generator=gen).to(dtype)
+            x = torch.randn(rows, in_features, generator=gen).to(device, dtype)
             ref = op(weight, x)
-            for m in LARGE_ROWS if t == 0 else ():
+            if t == 0 and top is not None and not torch.equal(op(weight, x), ref):
+                return None  # not even deterministic
+            for m in large if t == 0 else ():
                 if not (torch.equal(op(weight, x[:m]), ref[:m]) and torch.equal(op(weight, x[-m:]), ref[-m:])):
                     return None
             for m in [m for m in good if t * m * 2 * out_features < COMPARED]:
                 if not (torch.equal(op(weight, x[:m]), ref[:m]) and torch.equal(op(weight, x[-m:]), ref[-m:])):
                     good.discard(m)
-    return frozenset(good)
+    return frozenset(good) if top is None else frozenset(good | {top})
 
 
 @lru_cache(maxsize=None)
@@ -142,20 +150,43 @@ def _probe(dtype: torch.dtype, linear_shapes: tuple[tuple[int, int], ...], head_
     return good
 
 
-def padded_rows(m: int, good: frozenset[int]) -> int:
-    """The smallest good row count >= m (every count from LIMIT on is good)."""
-    while m < LIMIT and m not in good:
+def padded_rows(m: int, good: frozenset[int], limit: int = LIMIT) -> int:
+    """The smallest good row count >= m; m itself from `limit` on (on the CPU every count from LIMIT
+    on is good; on a GPU no count above the probed ones is known to be, `cuda_invariant_rows`)."""
+    while m < limit and m not in good:
         m += 1
     return m
 
 
-def pad_rows(t: torch.Tensor, dim: int, good: frozenset[int] | None) -> torch.Tensor:
+def pad_rows(t: torch.Tensor, dim: int, good: frozenset[int] | None, limit: int = LIMIT) -> torch.Tensor:
     """t with copies of its first slice along `dim` appended up to a good count (t itself when the
     count is good, or when `good` is None: not invariant). The copies compute the same bits as the
     first slice; callers drop them. Example: 1 row in float32 ({4, 8, 12, ...}) -> 4 rows, all row 0."""
     m = t.shape[dim]
-    if good is None or padded_rows(m, good) == m:
+    if good is None or padded_rows(m, good, limit) == m:
         return t
     shape = list(t.shape)
-    shape[dim] = padded_rows(m, good) - m
+    shape[dim] = padded_rows(m, good, limit) - m
     return torch.cat([t, t.narrow(dim, 0, 1).expand(shape)], dim)
+
+
+# On a GPU: the row counts probed (every decoding pass of up to this many tokens can be made invariant).
+CUDA_TOP = 128
+
+
+@lru_cache(maxsize=None)
+def cuda_invariant_rows(dtype: torch.dtype, linear_shapes: tuple[tuple[int, int], ...], device: str = "cuda"
+                        ) -> frozenset[int] | None:
+    """Row counts in 1..CUDA_TOP at which every projection of a decoder gives each row the bits it gets
+    among CUDA_TOP rows (CUDA_TOP always does; None when a product is not even the same twice),
+    found by trying the real shapes on the GPU (cuBLAS
+    picks its kernel, and its summation order, by M, N and K). Attention is not probed: on a GPU
+    `grouped_attention` takes its scores in float64. Not kept on disk (the probe takes well under a
+    second on a GPU; a driver or library update can change the answer)."""
+    good = frozenset(range(1, CUDA_TOP + 1))
+    for k, n in linear_shapes:
+        counts = good_row_counts(linear_op, k, n, dtype, device=device, top=CUDA_TOP)
+        if counts is None:
+            return None
+        good &= counts
+    return good

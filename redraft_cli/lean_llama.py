@@ -48,13 +48,14 @@ generic Hugging Face path (`lean_supported` says which).
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .invariance import invariant_rows, pad_rows, padded_rows
+from .invariance import CUDA_TOP, LIMIT, cuda_invariant_rows, invariant_rows, pad_rows, padded_rows
 from .static_cache import StaticKVCache
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -99,14 +100,22 @@ def lean_supported(model: Any) -> bool:
     return all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
 
 
-def probe_good_rows(model: Any, head_dim: int) -> frozenset[int] | None:
-    """`invariant_rows` for this model's dtype and matmul shapes (its first layer's projections and
-    LM head; bitsandbytes layers count with their unquantised shapes)."""
+def probe_good_rows(model: Any, head_dim: int) -> tuple[frozenset[int] | None, int]:
+    """(good row counts, the count from which the pass is left as it is) for this model's dtype and
+    matmul shapes (its first layer's projections and LM head; bitsandbytes layers count with their
+    unquantised shapes): `invariant_rows` on the CPU, `cuda_invariant_rows` on a CUDA device
+    (unquantised models only: bitsandbytes' GPU kernels are not what the probe measures), else None.
+    REDRAFT_CUDA_EXACT=0 leaves CUDA passes as they are (faster where the probe pads, not exact)."""
     modules = list(model.model.layers[0].modules()) + [model.get_output_embeddings()]
-    shapes = {(int(m.in_features), int(m.out_features)) for m in modules
-              if hasattr(m, "in_features") and hasattr(m, "out_features")}
-    dtype = model.get_input_embeddings().weight.dtype
-    return invariant_rows(dtype, tuple(sorted(shapes)), head_dim)
+    shapes = tuple(sorted({(int(m.in_features), int(m.out_features)) for m in modules
+                           if hasattr(m, "in_features") and hasattr(m, "out_features")}))
+    weight = model.get_input_embeddings().weight
+    if weight.device.type == "cpu":
+        return invariant_rows(weight.dtype, shapes, head_dim), LIMIT
+    quantized = getattr(model.config, "quantization_config", None) is not None
+    if weight.device.type == "cuda" and not quantized and os.environ.get("REDRAFT_CUDA_EXACT", "1") != "0":
+        return cuda_invariant_rows(weight.dtype, shapes, str(weight.device)), CUDA_TOP + 1
+    return None, LIMIT
 
 
 def cpu_has_native_bf16() -> bool:
@@ -131,10 +140,13 @@ class LeanLlama:
         self.qk_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
         self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         weight = model.get_input_embeddings().weight
-        # Row counts (below invariance.LIMIT) at which every matmul is batch-invariant here; None: some
-        # matmul never is (or not on CPU), and identity holds only up to near-ties.
-        self.good_rows = probe_good_rows(model, self.head_dim) if weight.device.type == "cpu" else None
+        # Row counts (below row_limit) at which every matmul is batch-invariant here; None: some matmul
+        # never is (or not on this device), and identity holds only up to near-ties.
+        self.good_rows, self.row_limit = probe_good_rows(model, self.head_dim)
         self.batch_invariant = self.good_rows is not None
+        # Off the CPU the invariant attention takes its scores in float64 too: a GPU kernel's summation
+        # order over head_dim is not probed (the CPU's bfloat16 scores are, and keep their answers).
+        self.scores_float64 = weight.device.type != "cpu"
         # Off the CPU, masked SDPA with enable_gqa has no fused kernel (flash takes no mask; memory-efficient
         # and cuDNN need equal head counts) and runs the unfused math backend: fold the query groups instead
         # (`fold_gqa_mask`). The CPU's fused kernel serves masked GQA itself.
@@ -142,7 +154,7 @@ class LeanLlama:
 
     def rows(self, m: int) -> int:
         """The row count a batch-invariant matmul of m rows runs with (m itself when not invariant)."""
-        return m if self.good_rows is None else padded_rows(m, self.good_rows)
+        return m if self.good_rows is None else padded_rows(m, self.good_rows, self.row_limit)
 
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> StaticKVCache:
         return StaticKVCache(len(self.layers), batch, self.kv_heads, capacity, self.head_dim, dtype, device)
@@ -189,7 +201,8 @@ class LeanLlama:
         if self.rows(real) != real:
             # Copies of the first cell up to a good row count (module docstring); unpacking writes that
             # cell once per copy, the same bits each time.
-            rows = pad_rows(torch.arange(B * n, device=ids.device) if rows is None else rows, 0, self.good_rows)
+            rows = pad_rows(torch.arange(B * n, device=ids.device) if rows is None else rows, 0, self.good_rows,
+                            self.row_limit)
         if rows is not None:
             x = x.reshape(B * n, -1).index_select(0, rows)  # (N, H)
         extents = None if graphed else self._extents(cache, valid, B, n, span)
@@ -233,7 +246,8 @@ class LeanLlama:
         cache.write(layer, k, v, *slots)
         keys, values = cache.view(layer, span)
         if self.batch_invariant and n <= INVARIANT_MAX_TOKENS:
-            out = grouped_attention(q, keys, values, masks[0], self.scaling, extents, self.good_rows)
+            out = grouped_attention(q, keys, values, masks[0], self.scaling, extents,
+                                    None if self.scores_float64 else self.good_rows, self.scores_float64)
         else:
             out = fused_attention(q, keys, values, masks[1], self.scaling)  # (B, heads, n, d)
         out = out.transpose(1, 2).reshape(B * n, self.num_heads * d)
@@ -286,7 +300,7 @@ def fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                       scale: float, extents: list[tuple[int, int]] | None = None,
-                      good_rows: frozenset[int] | None = None) -> torch.Tensor:
+                      good_rows: frozenset[int] | None = None, scores_float64: bool = False) -> torch.Tensor:
     """Attention whose result does not depend on where the attended keys sit or how many queries share it.
 
     q: (B, heads, n, d); keys, values: (B, kv_heads, S, d); mask: (B, 1, n, S)
@@ -299,6 +313,8 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     tree node's ancestors sit at other offsets than in plain decoding and the
     sums round differently.) The rep = heads / kv_heads query heads that share
     a KV head are stacked into one matrix, so K and V are never repeated.
+    scores_float64 (a GPU, whose kernels' order over d is not probed): the
+    scores are float64 dot products too, and no query row is padded.
     extents: optional per-row (queries, keys): row b computes only its first
     queries against its first keys (the rest of its rows are padding, left 0),
     one call per row; the float64 reductions make that invisible in the result.
@@ -309,13 +325,16 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         for b, (nq, nk) in enumerate(extents):
             out[b : b + 1, :, :nq] = grouped_attention(q[b : b + 1, :, :nq], keys[b : b + 1, :, :nk],
                                                        values[b : b + 1, :, :nk], mask[b : b + 1, :, :nq, :nk], scale,
-                                                       good_rows=good_rows)
+                                                       good_rows=good_rows, scores_float64=scores_float64)
         return out
     B, Hq, n, d = q.shape
     Hk, S = keys.shape[1], keys.shape[2]
     rep = Hq // Hk
-    queries = pad_rows(q.reshape(B, Hk, rep * n, d), 2, good_rows)  # copies of the first row, dropped below
-    scores = torch.matmul(queries, keys.transpose(-1, -2))[:, :, : rep * n].double() * scale
+    if scores_float64:
+        scores = torch.matmul(q.reshape(B, Hk, rep * n, d).double(), keys.double().transpose(-1, -2)) * scale
+    else:
+        queries = pad_rows(q.reshape(B, Hk, rep * n, d), 2, good_rows)  # copies of the first row, dropped below
+        scores = torch.matmul(queries, keys.transpose(-1, -2))[:, :, : rep * n].double() * scale
     scores = scores.view(B, Hk, rep, n, S).masked_fill(~mask.view(B, 1, 1, n, S), float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(B, Hk, rep * n, S)
     return torch.matmul(probs, values.double()).to(q.dtype).view(B, Hq, n, d)

@@ -436,18 +436,21 @@ class Target:
 
     @torch.no_grad()
     def forward_tree(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any,
-                     tree_mask: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+                     tree_mask: torch.Tensor, valid: torch.Tensor | None = None, graph: bool = True) -> torch.Tensor:
         """Run n new tokens per row after each row's committed ones.
 
         input_ids, position_ids: (B, n); tree_mask: (B, n, n) bool, which new
         tokens each new token sees (causal for a prompt, ancestors for a tree);
         valid: optional (B, n) bool, False for padding nodes (the lean path then
         skips their projections and MLP; their hidden states are 0).
+        graph: False runs the pass eagerly where CUDA graphs would replay it
+        (a prompt: once per generation, not worth a capture).
         The new tokens' K/V are tentative until `cache.commit(path, accepted)`.
         Returns post-norm hidden states (B, n, H).
         """
         if self.lean is not None:
-            out = self.graphs(input_ids, position_ids, cache, tree_mask, valid) if self.graphs is not None else None
+            graphed = graph and self.graphs is not None
+            out = self.graphs(input_ids, position_ids, cache, tree_mask, valid) if graphed else None
             return out if out is not None else self.lean.forward(input_ids, position_ids, cache, tree_mask, valid)
         n = input_ids.shape[1]
         prefix = cache.get_seq_length()
@@ -483,7 +486,7 @@ class Target:
         rows = hidden.numel() // hidden.shape[-1]
         if self.batch_invariant and 0 < rows != self.lean.rows(rows):
             # That many rows would sum in another order (lean_llama, invariance.py): pad with copies of the first.
-            padded = pad_rows(hidden.reshape(rows, -1), 0, self.lean.good_rows)
+            padded = pad_rows(hidden.reshape(rows, -1), 0, self.lean.good_rows, self.lean.row_limit)
             return self.logits(padded)[:rows].view(*hidden.shape[:-1], -1)
         out = self.lm_head(hidden.to(self.lm_head_weight.device)).float().to(self.device)
         if self.softcap:

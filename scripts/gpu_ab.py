@@ -1,12 +1,13 @@
-"""A/B of CUDA graphs (cuda_graphs.py) on the embedded default, in one process (one model load).
+"""A/B of CUDA graphs (cuda_graphs.py) and the exact CUDA path (invariance.cuda_invariant_rows) on
+the embedded default, in one process (one model load).
 
-    python scripts/gpu_ab.py [--device cuda] [--num-prompts 3] [--max-new-tokens 64] [--out DIR]
+    python scripts/gpu_ab.py [--device cuda] [--num-prompts 5] [--max-new-tokens 96] [--eager-prompts 2]
 
-For each of: graphs on, graphs off (eager), it runs `run_bench` at the shipped drafter's recommended
-shape (HF generate() timed once, with the first), then a wide tree (8x5, every node, 1 lookup up to
-32, 2 datastore beams) with graphs on. Prints one line per run and writes each result as JSON to
---out. Meant for a short GPU lease (scripts/gpu_checks.sh runs it); on the CPU it runs the eager
-rows only.
+Runs `run_bench` at the shipped drafter's recommended shape and at a wide tree (8x5, every node,
+1 lookup up to 32, 2 datastore beams), each with graphs on the exact path (the default) and on the
+plain CUDA path (REDRAFT_CUDA_EXACT=0), then the exact path eagerly on --eager-prompts prompts.
+HF generate() is timed once, with the first. One line per run; each result as JSON in --out.
+Meant for a short GPU lease (scripts/gpu_checks.sh runs it); on the CPU it runs the eager row only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from redraft_cli import Drafter, Generator, load_target, shipped_drafter_dir
 from redraft_cli.bench import BenchConfig, run_bench
+from redraft_cli.cuda_graphs import GraphedForward
 from redraft_cli.prompts import load_prompts
 
 
@@ -39,8 +41,9 @@ def line(name: str, r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--num-prompts", type=int, default=3)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--num-prompts", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--eager-prompts", type=int, default=2)
     ap.add_argument("--out", default="/tmp/gpu-ab")
     args = ap.parse_args()
     out = Path(args.out)
@@ -49,23 +52,28 @@ def main() -> None:
     t0 = time.perf_counter()
     target = load_target("smollm2-135m", device=args.device)
     drafter = Drafter.load(shipped_drafter_dir("smollm2-135m"), map_location=target.device)
-    print(f"{target.describe()}: loaded in {time.perf_counter() - t0:.1f} s; graphs: {target.graphs is not None}")
+    lean = target.lean
+    exact = (lean.good_rows, lean.row_limit, lean.batch_invariant)
+    print(f"{target.describe()}: loaded in {time.perf_counter() - t0:.1f} s; graphs: {target.graphs is not None}; "
+          f"batch-invariant: {lean.batch_invariant}, good rows {sorted(lean.good_rows or [])} below {lean.row_limit}")
     ids = [target.encode_chat(p) for p in load_prompts(limit=args.num_prompts)]
     shipped = drafter.decode_config(max_new_tokens=args.max_new_tokens)
     wide = drafter.decode_config(max_new_tokens=args.max_new_tokens, beam_width=8, beam_length=5, tree_nodes=0,
                                  datastore_beams=2)
-    graphs = target.graphs
-    runs = [("graphs", graphs, shipped, True), ("eager", None, shipped, False), ("graphs-wide", graphs, wide, False),
-            ("eager-wide", None, wide, False)]
-    for name, runner, cfg, hf in runs:
-        if name.startswith("graphs") and graphs is None:
+    cuda = target.graphs is not None
+    runs = [("exact", True, True, shipped, True), ("inexact", True, False, shipped, False),
+            ("exact-wide", True, True, wide, False), ("inexact-wide", True, False, wide, False),
+            ("eager-exact", False, True, shipped, False)]
+    for name, graphed, invariant, cfg, hf in runs:
+        if graphed and not cuda:
             continue
-        target.graphs = runner
+        lean.good_rows, lean.row_limit, lean.batch_invariant = exact if invariant else (None, exact[1], False)
+        target.graphs = GraphedForward(lean) if graphed else None  # graphs of this path only
+        prompts = ids if graphed else ids[: args.eager_prompts]
         start = time.perf_counter()
-        r = run_bench(Generator(target, drafter), ids, BenchConfig(cfg, hf_baseline=hf))
+        r = run_bench(Generator(target, drafter), prompts, BenchConfig(cfg, hf_baseline=hf))
         print(line(name, r) + f" | {time.perf_counter() - start:.0f} s", flush=True)
         (out / f"ab-{name}.json").write_text(json.dumps(r, indent=2) + "\n")
-    target.graphs = graphs
 
 
 if __name__ == "__main__":

