@@ -86,6 +86,15 @@ def draft_beams(drafter: Drafter, h: torch.Tensor, g0: torch.Tensor, beam_width:
     docstring): tokens (B, N', D) and logprobs (B, N', D-1), N' = min(N, W*(L-1)),
     D <= L the depth of the deepest kept node, PAD (-1) after each node.
     """
+    beams = search_beams(drafter, h, g0, beam_width, beam_length, tree_nodes)
+    return trim_to_depth(beams) if tree_nodes else beams
+
+
+def search_beams(drafter: Drafter, h: torch.Tensor, g0: torch.Tensor, beam_width: int, beam_length: int,
+                 tree_nodes: int = 0) -> DraftBeams:
+    """`draft_beams` with shapes set by its arguments alone (no value read on the host, so a CUDA
+    graph can record it, cuda_graphs.GraphedDraft): with tree_nodes, tokens (B, N', L) and logprobs
+    (B, N', L-1), PAD past each node's depth, not yet cut to the deepest (`trim_to_depth`)."""
     B = g0.shape[0]
     W, L = beam_width, beam_length
     device = g0.device
@@ -123,9 +132,10 @@ def draft_beams(drafter: Drafter, h: torch.Tensor, g0: torch.Tensor, beam_width:
 
 
 def _best_nodes(kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n: int) -> DraftBeams:
-    """The n best of the nodes a beam search kept, one beam per node.
+    """The n best of the nodes a beam search kept, one beam per node, each PAD after its depth.
 
     kept: per step k = 1..L-1, (tokens (B, W, k+1), logprobs (B, W, k), running (B, W)).
+    Returns tokens (B, n, L), logprobs (B, n, L-1).
     """
     L = len(kept) + 1
     tokens = torch.cat([F.pad(t, (0, L - t.shape[-1]), value=PAD) for t, _, _ in kept], 1)  # (B, W*(L-1), L)
@@ -137,5 +147,11 @@ def _best_nodes(kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n: 
     best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n]  # (B, n)
     tokens = tokens.gather(1, best.unsqueeze(-1).expand(B, n, L))
     logprobs = logprobs.gather(1, best.unsqueeze(-1).expand(B, n, L - 1))
-    depth = int((tokens != PAD).sum(-1).max())  # deepest kept node, counting g0
-    return DraftBeams(tokens[..., :depth].contiguous(), logprobs[..., : depth - 1].contiguous())
+    return DraftBeams(tokens, logprobs)
+
+
+def trim_to_depth(beams: DraftBeams) -> DraftBeams:
+    """Node beams (PAD after each node) cut to the depth D of the deepest: tokens (B, N, D),
+    logprobs (B, N, D-1). Reads D on the host."""
+    depth = int((beams.tokens != PAD).sum(-1).max())  # deepest kept node, counting g0
+    return DraftBeams(beams.tokens[..., :depth].contiguous(), beams.logprobs[..., : depth - 1].contiguous())

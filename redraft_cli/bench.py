@@ -250,9 +250,13 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
     if cfg.hf_baseline:
         result["baseline_hf"] = hf.to_dict()
         result["speedup_vs_hf"] = round(red.tokens_per_s / hf.tokens_per_s, 4) if hf.tokens_per_s else None
-    graphs = gen.target.graphs
-    if graphs is not None:  # CUDA graphs of the lean pass (cuda_graphs.py)
-        result["cuda_graphs"] = {"captured": graphs.captures, "passes": graphs.passes, "failed": graphs.failed}
+    graphs, drafts = gen.target.graphs, getattr(gen.proposer, "graphs", None)
+    if graphs is not None or drafts is not None:  # CUDA graphs of the lean pass and the beam search (cuda_graphs.py)
+        result["cuda_graphs"] = {
+            "target": graphs is not None,  # False: a quantized or generic-path target runs eagerly
+            "captured": graphs.captures if graphs else 0, "passes": graphs.passes if graphs else 0,
+            "failed": graphs.failed if graphs else None,
+            "draft_captured": drafts.captures if drafts else 0, "draft_failed": drafts.failed if drafts else None}
     if torch.cuda.is_available():
         result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return result

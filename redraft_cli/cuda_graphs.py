@@ -1,4 +1,5 @@
-"""CUDA graphs of the lean target pass: captured once per shape, replayed at every step.
+"""CUDA graphs of the lean target pass and of the drafter's beam search: captured once per shape,
+replayed at every step.
 
 On a GPU a small target's pass is bound by the host, not by arithmetic: the
 lean pass launches ~1,300 kernels, and on the H200 lent in session 14 a
@@ -25,29 +26,70 @@ replay writes keys at slots 40-51 and returns hidden (1, 12, H), of which
 the caller gets (1, 9, H).
 
 A graph is keyed by the cache's buffers (their addresses and shapes), the
-batch rows and the bucket: a new generation whose cache lands on the same
-memory replays the old graphs. The graphs hold no reference to a cache;
-per-pass tensors they read (row ids, aranges) are made inside the capture.
+batch rows and the bucket. Caches come from `new_cache`, which hands a new
+generation the buffers of a finished cache of the same shape, so its steps
+replay the graphs captured for them (capacities are rounded up,
+`graph_capacity`, so that generations of similar lengths share a shape).
+The graphs hold no reference to a cache; per-pass tensors they read (row
+ids, aranges) are made inside the capture.
 What cannot be captured (a host read inside the model, such as dynamic
 RoPE's) turns graphs off for the target and the pass runs eagerly, with the
 reason in `GraphedForward.failed`.
+
+The drafter's beam search (`beam_search.search_beams`: L-1 recurrent steps,
+top-k, gathers, the node budget's sort) has shapes set by (B, W, L, nodes)
+alone, so `GraphedDraft` captures it once per such shape with no padding:
+its inputs are h (B, H) and g0 (B,), its outputs the beams before
+`trim_to_depth` (a host read, done after the replay).
 """
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from .beam_search import DraftBeams, search_beams, trim_to_depth
+
 # Node counts a graph is captured for; a pass of more tokens (a prompt) runs eagerly.
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-MAX_GRAPHS = 48  # least recently used graphs past this are dropped (each holds its own activation memory)
+MAX_GRAPHS = 48  # least recently used graphs past this are dropped (per GraphedForward or GraphedDraft)
+MAX_POOLED = 3  # cache buffer pairs kept for reuse (least recently handed out dropped first)
+
+
+def graphs_wanted(device: torch.device) -> bool:
+    """CUDA graphs are used on CUDA devices unless REDRAFT_CUDA_GRAPHS=0 (or empty)."""
+    return device.type == "cuda" and os.environ.get("REDRAFT_CUDA_GRAPHS", "1") not in ("0", "")
+
+
+def capture(fn: Callable[[], Any], pool: Any) -> tuple[Any, Any]:
+    """(graph, output) of `fn` recorded on CUDA after two warm-up calls on a side stream (lazy
+    initialisations, such as cuBLAS handles or a drafter's cached head, must happen outside the
+    capture), and replayed once so the output holds this call's result.
+
+    pool: the memory pool that all graphs of one owner share. A replay's temporaries may then reuse
+    another graph's, which is safe because replays never overlap and each caller copies the output
+    out before the next replay; an output itself stays allocated while its graph lives, so no later
+    capture reuses it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    graph.replay()
+    return graph, out
 
 
 def graph_capacity(slots: int, step: int = 256) -> int:
     """Cache slots rounded up to a multiple of `step`: generations of similar lengths get caches of
-    one shape, which the allocator tends to place at the same address, so their graphs are reused."""
+    one shape, whose buffers `GraphedForward.new_cache` reuses, and with them their graphs."""
     return -(-slots // step) * step
 
 
@@ -94,6 +136,26 @@ class GraphedForward:
         self.failed: str | None = None
         self.passes = 0  # passes run through this object (`prepare`'s placeholders included)
         self.captures = 0
+        # [keys, values, weakref to the cache that holds them] per buffer pair, most recently handed out last
+        self._pool: list[list[Any]] = []
+        self._mempool: Any = None  # the CUDA graphs' shared memory pool
+
+    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> Any:
+        """A StaticKVCache (lean_llama) on the buffers of a finished cache of the same shape when there
+        is one, so that graphs captured on them replay; else on new buffers, kept for later caches."""
+        shape = (len(self.lean.layers), batch, self.lean.kv_heads, capacity, self.lean.head_dim)
+        for i, (keys, values, owner) in enumerate(self._pool):
+            if owner() is None and tuple(keys.shape) == shape and keys.dtype == dtype and keys.device == device:
+                cache = self.lean.new_cache(batch, capacity, dtype, device, buffers=(keys, values))
+                del self._pool[i]
+                self._pool.append([keys, values, weakref.ref(cache)])
+                return cache
+        cache = self.lean.new_cache(batch, capacity, dtype, device)
+        self._pool.append([cache._keys, cache._values, weakref.ref(cache)])
+        free = [i for i, entry in enumerate(self._pool) if entry[2]() is None]
+        drop = set(free[: max(0, len(self._pool) - MAX_POOLED)])  # the least recently handed out free pairs
+        self._pool = [entry for i, entry in enumerate(self._pool) if i not in drop]
+        return cache
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, tree_mask: torch.Tensor,
                  valid: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -147,17 +209,58 @@ class GraphedForward:
         return (cache._keys.data_ptr(), cache._values.data_ptr(), tuple(cache._keys.shape), B, nb)
 
     def _capture(self, g: _Graph, cache: Any) -> None:
-        """Warm up on a side stream (lazy initialisations must not be captured), capture, replay once.
-        The warm-up passes write the same cache slots as the replay: those beyond the committed lengths."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.lean.forward(g.ids, g.positions, cache, g.mask, lengths=g.lengths)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.lean.forward(g.ids, g.positions, cache, g.mask, lengths=g.lengths)
-        g.graph, g.out = graph, out
+        """Capture one pass (`capture`). Its warm-up passes write the same cache slots as the replay:
+        those beyond the committed lengths."""
+        if self._mempool is None:
+            self._mempool = torch.cuda.graph_pool_handle()
+        g.graph, g.out = capture(lambda: self.lean.forward(g.ids, g.positions, cache, g.mask, lengths=g.lengths),
+                                 self._mempool)
         self.captures += 1
-        graph.replay()
+
+
+class GraphedDraft:
+    """Runs `search_beams` for one drafter through CUDA graphs, one per (B, W, L, nodes, h's dtype):
+    __call__(h (B, H), g0 (B,), W, L, nodes) -> DraftBeams, or None where the search must run eagerly
+    (L = 1, or graphs failed: `failed` says why). capture=False runs the same fixed-shape path
+    without a graph (tests on the CPU)."""
+
+    def __init__(self, drafter: Any, capture: bool = True) -> None:
+        self.drafter = drafter
+        self.capture = capture
+        self.graphs: OrderedDict[tuple, tuple[Any, torch.Tensor, torch.Tensor, DraftBeams]] = OrderedDict()
+        self.failed: str | None = None
+        self.captures = 0
+        self._mempool: Any = None
+
+    def __call__(self, h: torch.Tensor, g0: torch.Tensor, W: int, L: int, nodes: int = 0) -> DraftBeams | None:
+        if self.failed is not None or L < 2:
+            return None
+        if not self.capture:
+            beams = search_beams(self.drafter, h.clone(), g0.clone(), W, L, nodes)
+            return trim_to_depth(beams) if nodes else beams
+        d = self.drafter
+        wiring = tuple((t.data_ptr(), t._version) if t is not None else None
+                       for t in (d._embed, d._head, d.draft_vocab))  # a graph reads these tensors' memory
+        key = (tuple(h.shape), h.dtype, W, L, nodes, wiring)
+        entry = self.graphs.pop(key, None)
+        if entry is None:
+            h_in, g0_in = h.clone(), g0.clone()
+            try:
+                if self._mempool is None:
+                    self._mempool = torch.cuda.graph_pool_handle()
+                graph, out = capture(lambda: search_beams(self.drafter, h_in, g0_in, W, L, nodes), self._mempool)
+            except Exception as e:  # noqa: BLE001 - anything the capture meets turns graphs off, not drafting
+                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                self.graphs.clear()
+                return None
+            entry = (graph, h_in, g0_in, out)
+            self.captures += 1
+        else:
+            entry[1].copy_(h)
+            entry[2].copy_(g0)
+            entry[0].replay()
+        self.graphs[key] = entry
+        while len(self.graphs) > MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        beams = DraftBeams(entry[3].tokens.clone(), entry[3].logprobs.clone())
+        return trim_to_depth(beams) if nodes else beams

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .beam_search import DraftBeams, check_beam_shape, draft_beams
-from .cuda_graphs import graph_capacity
+from .cuda_graphs import GraphedDraft, graph_capacity, graphs_wanted
 from .drafter import Drafter
 from .datastore import with_datastore_beams
 from .lookup import with_lookup_beams
@@ -151,8 +151,16 @@ class DrafterProposer:
 
     def __init__(self, drafter: Drafter) -> None:
         self.drafter = drafter
+        # On CUDA the beam search replays CUDA graphs (cuda_graphs.GraphedDraft); a drafter with context
+        # attention keeps a cache that changes shape, and drafts eagerly.
+        device = drafter.rnn_w.weight.device
+        self.graphs = GraphedDraft(drafter) if graphs_wanted(device) and drafter.context is None else None
 
     def __call__(self, h, g0, beam_width, beam_length, contexts, tree_nodes=0):
+        if self.graphs is not None and not (self.drafter.training and self.drafter.dropout):  # dropout: eager
+            beams = self.graphs(h, g0, beam_width, beam_length, tree_nodes)
+            if beams is not None:
+                return beams
         return draft_beams(self.drafter, h, g0, beam_width, beam_length, tree_nodes)
 
 

@@ -54,8 +54,10 @@ WEIGHTS_NAME = "model.safetensors"
 MODEL_TYPE = "recurrent_drafting_drafter"
 HEAD_KINDS = ("own", "tied")
 WEIGHT_STORAGE = ("float", "int8")
-# The recommended decoding settings of a drafter (top level: batch 1; `batch_shapes`: larger batches).
+# The recommended decoding settings of a drafter (top level: batch 1; `batch_shapes`: larger batches;
+# `device_shapes`: batch 1 on an accelerator, where a tree node costs far less than on a CPU).
 SHAPE_KEYS = ("beam_width", "beam_length", "lookup_beams", "lookup_length", "datastore_beams", "tree_nodes")
+SHAPE_DEVICES = ("cuda", "mps")
 SCALE_SUFFIX = "_scale"  # int8 storage: NAME int8 (rows, cols) + NAME_scale float32 (rows, 1), for every weight matrix
 
 
@@ -82,6 +84,9 @@ class DrafterConfig:
     # Recommended shapes for batches: {"4": {"tree_nodes": 3, ...}} (sweep --batch-size 4 --save-best);
     # a batch of B rows takes the entry of the largest saved size <= B over the batch-1 fields above.
     batch_shapes: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Recommended shapes at batch 1 on an accelerator: {"cuda": {"beam_width": 8, ...}} (sweep --save-best
+    # run there), over the batch-1 fields above, which are the CPU's.
+    device_shapes: dict[str, dict[str, int]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -115,12 +120,25 @@ class DrafterConfig:
                                        f"{self.hidden_size} into heads of an even size")
 
     def _check_batch_shapes(self) -> None:
-        bad = "invalid drafter config: redraft.batch_shapes"
-        if not isinstance(self.batch_shapes, dict):
-            raise DrafterLoadError(f"{bad} must map batch sizes to shapes, got {self.batch_shapes!r}")
-        for size, shape in self.batch_shapes.items():
+        for name, what in (("batch_shapes", "batch sizes"), ("device_shapes", "devices")):
+            bad = f"invalid drafter config: redraft.{name}"
+            if not isinstance(getattr(self, name), dict):
+                raise DrafterLoadError(f"{bad} must map {what} to shapes, got {getattr(self, name)!r}")
+        for size in self.batch_shapes:
             if not (isinstance(size, str) and size.isdigit() and size == str(int(size)) and int(size) >= 2):
-                raise DrafterLoadError(f"{bad}: batch size {size!r} must be an integer >= 2 (as a string)")
+                raise DrafterLoadError(f"invalid drafter config: redraft.batch_shapes: batch size {size!r} must be "
+                                       f"an integer >= 2 (as a string)")
+        for device in self.device_shapes:
+            if device not in SHAPE_DEVICES:
+                raise DrafterLoadError(f"invalid drafter config: redraft.device_shapes: device {device!r} must be "
+                                       f"one of {', '.join(SHAPE_DEVICES)} (the batch-1 fields are the CPU's)")
+        for name, entries in (("batch_shapes", self.batch_shapes), ("device_shapes", self.device_shapes)):
+            bad = f"invalid drafter config: redraft.{name}"
+            self._check_shapes(bad, entries)
+
+    @staticmethod
+    def _check_shapes(bad: str, entries: dict[str, Any]) -> None:
+        for size, shape in entries.items():
             if not isinstance(shape, dict) or any(k not in SHAPE_KEYS for k in shape):
                 raise DrafterLoadError(f"{bad}[{size!r}] must map some of {', '.join(SHAPE_KEYS)} to integers")
             for k, v in shape.items():
@@ -128,10 +146,13 @@ class DrafterConfig:
                 if not _fits(v, "int") or v < low:
                     raise DrafterLoadError(f"{bad}[{size!r}].{k} must be an integer >= {low}, got {v!r}")
 
-    def shape_for(self, batch_size: int = 1) -> dict[str, int]:
-        """The recommended settings (SHAPE_KEYS) for batches of `batch_size` rows: the batch-1
-        fields, overridden by the saved entry of the largest batch size <= batch_size."""
+    def shape_for(self, batch_size: int = 1, device: str | None = None) -> dict[str, int]:
+        """The recommended settings (SHAPE_KEYS) for batches of `batch_size` rows on `device` (a
+        device type: cpu, cuda, mps; None: the CPU's): the batch-1 fields, overridden at batch 1 by
+        the device's saved entry, at larger batches by that of the largest batch size <= batch_size."""
         shape = {k: getattr(self, k) for k in SHAPE_KEYS}
+        if batch_size == 1 and device in self.device_shapes:
+            shape.update(self.device_shapes[device])
         sizes = [int(s) for s in self.batch_shapes if int(s) <= batch_size]
         if sizes:
             shape.update(self.batch_shapes[str(max(sizes))])
@@ -145,8 +166,9 @@ class DrafterConfig:
         """The interoperable fields first, then redraft's own."""
         ours = asdict(self)
         extra = ours.pop("extra")
-        if not ours["batch_shapes"]:
-            del ours["batch_shapes"]
+        for name in ("batch_shapes", "device_shapes"):
+            if not ours[name]:
+                del ours[name]
         return {
             "model_type": MODEL_TYPE,
             "vocab_size": self.vocab_size,
@@ -562,19 +584,25 @@ class Drafter(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def recommended_shape(self, batch_size: int = 1) -> dict[str, int]:
-        """config.json's recommended settings (SHAPE_KEYS) for batches of `batch_size` rows, with no
-        datastore beams when this drafter has no datastore."""
-        shape = self.config.shape_for(batch_size)
+    def recommended_shape(self, batch_size: int = 1, device: str | torch.device | None = None) -> dict[str, int]:
+        """config.json's recommended settings (SHAPE_KEYS) for batches of `batch_size` rows on `device`
+        (default: this drafter's), with no datastore beams when this drafter has no datastore."""
+        if device is not None and not isinstance(device, (str, torch.device)):
+            raise BadInputError(f"Drafter.recommended_shape's device must be a str or torch.device, "
+                                f"got {type(device).__name__}")
+        kind = torch.device(device).type if device is not None else self.rnn_w.weight.device.type
+        shape = self.config.shape_for(batch_size, kind)
         if self.datastore is None:
             shape["datastore_beams"] = 0
         return shape
 
-    def decode_config(self, batch_size: int = 1, **overrides: Any) -> "DecodeConfig":
-        """Decoding settings at this drafter's recommended shape for batches of `batch_size` rows
-        (config.json: beam shape, node budget, copied beams; datastore beams only when it has a
-        datastore), with `overrides` (any DecodeConfig field: max_new_tokens, accept, sampling, ...)
-        on top. What the CLI decodes with when no shape option is given."""
+    def decode_config(self, batch_size: int = 1, device: str | torch.device | None = None,
+                      **overrides: Any) -> "DecodeConfig":
+        """Decoding settings at this drafter's recommended shape for batches of `batch_size` rows on
+        `device` (default: this drafter's; config.json: beam shape, node budget, copied beams;
+        datastore beams only when it has a datastore), with `overrides` (any DecodeConfig field:
+        max_new_tokens, accept, sampling, ...) on top. What the CLI decodes with when no shape option
+        is given."""
         from .decode import DecodeConfig
 
         _check_int("Drafter.decode_config's batch_size", batch_size, low=1)
@@ -582,18 +610,19 @@ class Drafter(nn.Module):
         for k in overrides:
             if k not in known:
                 raise BadInputError(f"Drafter.decode_config got {k!r}, which is not a DecodeConfig field")
-        return DecodeConfig(**{**self.recommended_shape(batch_size), **overrides})
+        return DecodeConfig(**{**self.recommended_shape(batch_size, device), **overrides})
 
 
 def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
                      lookup_beams: int | None = None, lookup_length: int | None = None,
                      datastore_beams: int | None = None, tree_nodes: int | None = None,
-                     batch_size: int = 1) -> Path:
+                     batch_size: int = 1, device: str | None = None) -> Path:
     """Set the recommended beam shape in a saved drafter's config.json, touching nothing else.
 
     lookup_beams / lookup_length / datastore_beams / tree_nodes, when given, are recommended
     with it (the settings the shape was measured with). batch_size > 1 writes the shape
-    for batches of that size (`batch_shapes`) and leaves the batch-1 one alone.
+    for batches of that size (`batch_shapes`) and leaves the batch-1 one alone; at batch 1 a
+    device in SHAPE_DEVICES (cuda, mps) writes that device's (`device_shapes`).
 
     The weights are not rewritten; config.json is replaced atomically (temporary
     file in the same directory, then `os.replace`). A reference-layout config
@@ -617,10 +646,12 @@ def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
     shape = {k: int(v) for k, v in values.items() if v is not None}
     if batch_size > 1:
         ours.setdefault("batch_shapes", {})[str(int(batch_size))] = shape
+    elif device in SHAPE_DEVICES:
+        ours.setdefault("device_shapes", {})[device] = shape
     else:
         ours.update(shape)
     after = DrafterConfig.from_json_dict(data)  # still a valid config, only the shape changed
-    got = after.shape_for(batch_size)
+    got = after.shape_for(batch_size, device)
     assert after.head == before.head and (got["beam_width"], got["beam_length"]) == (beam_width, beam_length)
     mode = cfg_path.stat().st_mode & 0o777
     try:

@@ -42,6 +42,14 @@ good (a BLAS whose results keep changing with M) the fused kernel is kept
 and identity holds up to rare near-ties (see the README's performance
 section).
 
+Batch invariance (CUDA). cuBLAS picks its kernel by M, N and K at every
+size, so `invariance.cuda_invariant_rows` tries every M up to 128 against
+128 rows on the GPU (an H200 in bfloat16 found all of them good). The
+attention scores are then float64 dot products as well (a GPU kernel's
+order over head_dim is not probed), and each RMSNorm takes its mean of
+squares in float64 (`rms_norm`): a CUDA reduction lays out its threads,
+and so orders its sum, by the number of rows.
+
 Models with sliding-window layers, or of other architectures, keep the
 generic Hugging Face path (`lean_supported` says which).
 """
@@ -143,21 +151,31 @@ class LeanLlama:
         # Row counts (below row_limit) at which every matmul is batch-invariant here; None: some matmul
         # never is (or not on this device), and identity holds only up to near-ties.
         self.good_rows, self.row_limit = probe_good_rows(model, self.head_dim)
-        self.batch_invariant = self.good_rows is not None
         # Off the CPU the invariant attention takes its scores in float64 too: a GPU kernel's summation
-        # order over head_dim is not probed (the CPU's bfloat16 scores are, and keep their answers).
-        self.scores_float64 = weight.device.type != "cpu"
+        # order over head_dim is not probed (the CPU's bfloat16 scores are, and keep their answers);
+        # and the RMSNorms their mean of squares (`rms_norm`), which needs their weight and epsilon.
+        self.float64_reductions = weight.device.type != "cpu"
+        norms = [self.base.norm, self.layers[0].input_layernorm, self.layers[0].post_attention_layernorm]
+        if self.float64_reductions and not all(hasattr(m, "weight") and hasattr(m, "variance_epsilon") for m in norms):
+            self.good_rows = None
+        self.batch_invariant = self.good_rows is not None
         # Off the CPU, masked SDPA with enable_gqa has no fused kernel (flash takes no mask; memory-efficient
         # and cuDNN need equal head counts) and runs the unfused math backend: fold the query groups instead
         # (`fold_gqa_mask`). The CPU's fused kernel serves masked GQA itself.
         self.fold_gqa = self.kv_heads != self.num_heads and weight.device.type != "cpu"
 
+    def _norm(self, norm: Any, x: torch.Tensor) -> torch.Tensor:
+        """norm(x), an RMSNorm of the model; on the GPU's exact path with its mean of squares taken in
+        float64 (`rms_norm`): a GPU reduction sums in an order chosen by the row count."""
+        return rms_norm(norm, x) if self.batch_invariant and self.float64_reductions else norm(x)
+
     def rows(self, m: int) -> int:
         """The row count a batch-invariant matmul of m rows runs with (m itself when not invariant)."""
         return m if self.good_rows is None else padded_rows(m, self.good_rows, self.row_limit)
 
-    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> StaticKVCache:
-        return StaticKVCache(len(self.layers), batch, self.kv_heads, capacity, self.head_dim, dtype, device)
+    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device,
+                  buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> StaticKVCache:
+        return StaticKVCache(len(self.layers), batch, self.kv_heads, capacity, self.head_dim, dtype, device, buffers)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
@@ -207,10 +225,10 @@ class LeanLlama:
             x = x.reshape(B * n, -1).index_select(0, rows)  # (N, H)
         extents = None if graphed else self._extents(cache, valid, B, n, span)
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, i, (slots, row_ids),
-                                    (mask, fused_mask), span, (B, n), rows, extents)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = self.base.norm(x)
+            x = x + self._attention(layer.self_attn, self._norm(layer.input_layernorm, x), cos, sin, cache, i,
+                                    (slots, row_ids), (mask, fused_mask), span, (B, n), rows, extents)
+            x = x + layer.mlp(self._norm(layer.post_attention_layernorm, x))
+        x = self._norm(self.base.norm, x)
         return x if rows is None else unpack_rows(x, rows, B, n)
 
     def _extents(self, cache: StaticKVCache, valid: torch.Tensor | None, B: int, n: int, span: int
@@ -241,19 +259,34 @@ class LeanLlama:
         k = k.view(B, n, self.kv_heads, d)
         v = v.view(B, n, self.kv_heads, d).transpose(1, 2)
         if self.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = self._norm(attn.q_norm, q), self._norm(attn.k_norm, k)
         q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, heads, n, d)
         cache.write(layer, k, v, *slots)
         keys, values = cache.view(layer, span)
         if self.batch_invariant and n <= INVARIANT_MAX_TOKENS:
             out = grouped_attention(q, keys, values, masks[0], self.scaling, extents,
-                                    None if self.scores_float64 else self.good_rows, self.scores_float64)
+                                    None if self.float64_reductions else self.good_rows, self.float64_reductions)
         else:
             out = fused_attention(q, keys, values, masks[1], self.scaling)  # (B, heads, n, d)
         out = out.transpose(1, 2).reshape(B * n, self.num_heads * d)
         if rows is not None:
             return attn.o_proj(out.index_select(0, rows))
         return attn.o_proj(out).view(B, n, -1)
+
+
+def rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """The Llama-family RMSNorm `norm` (weight, variance_epsilon) of x (..., H), with the mean of
+    squares summed in float64 and rounded to float32, where Hugging Face sums it in float32.
+
+    A CUDA reduction picks its thread layout, and with it the order of its float32 sum, by the
+    number of rows: a row normalised beside 11 others can differ in its last bit from the same row
+    alone (one token of plain decoding), and greedy output with it. Squares of float32 values are
+    exact in float64 and their sum's order moves it by ~1e-16 relative, which rounding to float32
+    hides, so every row gets the float32 variance whatever else shares its pass (and the correctly
+    rounded one, where HF's may be an ulp off). Everything else is the module's own arithmetic."""
+    h = x.to(torch.float32)
+    variance = h.double().pow(2).mean(-1, keepdim=True).float()
+    return norm.weight * (h * torch.rsqrt(variance + norm.variance_epsilon)).to(x.dtype)
 
 
 def packed_rows(valid: torch.Tensor | None) -> torch.Tensor | None:

@@ -39,10 +39,15 @@ class StaticKVCache:
     `reserved` >= B rows; lengths: (B,) int64."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device,
+                 buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """buffers: keys and values of that shape to reuse (a finished cache's: their stale slots
+        are never read, since every row starts at length 0); default: new zeros."""
         shape = (num_layers, batch, kv_heads, capacity, head_dim)
-        self._keys = torch.zeros(shape, dtype=dtype, device=device)
-        self._values = torch.zeros(shape, dtype=dtype, device=device)
+        if buffers is not None and any(b.shape != shape or b.dtype != dtype for b in buffers):
+            raise ValueError(f"cache buffers of shape {tuple(buffers[0].shape)} do not fit {shape}")
+        self._keys, self._values = buffers or (torch.zeros(shape, dtype=dtype, device=device),
+                                               torch.zeros(shape, dtype=dtype, device=device))
         self._lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self._longest: int | None = 0  # max(lengths) on the host; None until asked again (one device sync)
         self.capacity = capacity

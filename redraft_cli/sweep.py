@@ -275,10 +275,12 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
 
 def save_best(result: dict[str, Any], drafter_dir: str | Path) -> Path:
     """Write the best cell's shape as the drafter's recommended beam shape (for the sweep's batch
-    size: batch 1 at the top level, larger ones under `batch_shapes`); returns config.json's path."""
+    size and device: batch 1 on a CPU at the top level, batch 1 on CUDA or MPS under
+    `device_shapes`, larger batches under `batch_shapes`); returns config.json's path."""
     best = result.get("best")
     if best is None:
         raise BadInputError("the sweep has no best cell to save (no cell has a speedup)")
+    device = str(result.get("device") or "cpu").split(":")[0]
     return write_beam_shape(drafter_dir, best["beam_width"], best["beam_length"],
                             result.get("lookup_beams"), result.get("lookup_length"), result.get("datastore_beams"),
-                            best.get("tree_nodes"), batch_size=result.get("batch_size", 1))
+                            best.get("tree_nodes"), batch_size=result.get("batch_size", 1), device=device)

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 
 from .drafter import MODEL_TYPE as DRAFTER_MODEL_TYPE
 from .chat_templates import encode_messages
-from .cuda_graphs import GraphedForward
+from .cuda_graphs import GraphedForward, graphs_wanted
 from .errors import BadInputError, ChatTemplateError, ContextOverflowError, ModelLoadError
 from .files import cache_dir, writable_dir
 from .invariance import pad_rows
@@ -392,10 +392,9 @@ class Target:
         self.lean = LeanLlama(model) if use_lean else None
         # On CUDA the lean pass replays CUDA graphs (cuda_graphs.py); REDRAFT_CUDA_GRAPHS=0 turns them off.
         # bitsandbytes layers are left eager.
-        graphs = os.environ.get("REDRAFT_CUDA_GRAPHS", "1") not in ("0", "")
         quantized = getattr(model.config, "quantization_config", None) is not None
-        self.graphs = (GraphedForward(self.lean) if graphs and self.lean is not None and not quantized
-                       and self.device.type == "cuda" else None)
+        self.graphs = (GraphedForward(self.lean) if graphs_wanted(self.device) and self.lean is not None
+                       and not quantized else None)
 
     @property
     def batch_invariant(self) -> bool:
@@ -423,7 +422,8 @@ class Target:
         the lean path, else a `TreeCache` over a DynamicCache (one row only)."""
         if self.lean is not None:
             capacity = capacity or self.max_context
-            return self.lean.new_cache(batch, capacity, self.compute_dtype, self.device)
+            maker = self.graphs or self.lean  # with CUDA graphs: buffers of finished caches are reused
+            return maker.new_cache(batch, capacity, self.compute_dtype, self.device)
         if batch != 1 and self.spread:
             raise BadInputError(f"batched decoding needs the target on one device; {self.name} is spread over "
                                 f"{', '.join(self.devices)} (--device-map): use --batch-size 1")

@@ -5,7 +5,8 @@ the embedded default, in one process (one model load).
 
 Runs `run_bench` at the shipped drafter's recommended shape and at a wide tree (8x5, every node,
 1 lookup up to 32, 2 datastore beams), each with graphs on the exact path (the default) and on the
-plain CUDA path (REDRAFT_CUDA_EXACT=0), then the exact path eagerly on --eager-prompts prompts.
+plain CUDA path (REDRAFT_CUDA_EXACT=0); the shipped shape also with the drafter's search eager;
+then the exact path eagerly on --eager-prompts prompts.
 HF generate() is timed once, with the first. One line per run; each result as JSON in --out.
 Meant for a short GPU lease (scripts/gpu_checks.sh runs it); on the CPU it runs the eager row only.
 """
@@ -61,17 +62,21 @@ def main() -> None:
     wide = drafter.decode_config(max_new_tokens=args.max_new_tokens, beam_width=8, beam_length=5, tree_nodes=0,
                                  datastore_beams=2)
     cuda = target.graphs is not None
-    runs = [("exact", True, True, shipped, True), ("inexact", True, False, shipped, False),
-            ("exact-wide", True, True, wide, False), ("inexact-wide", True, False, wide, False),
-            ("eager-exact", False, True, shipped, False)]
+    # (name, graphs: "all" | "target" (drafter eager) | "none", exact path, shape, time HF generate())
+    runs = [("exact", "all", True, shipped, True), ("exact-no-draft-graph", "target", True, shipped, False),
+            ("inexact", "all", False, shipped, False), ("exact-wide", "all", True, wide, False),
+            ("inexact-wide", "all", False, wide, False), ("eager-exact", "none", True, shipped, False)]
     for name, graphed, invariant, cfg, hf in runs:
-        if graphed and not cuda:
+        if graphed != "none" and not cuda:
             continue
         lean.good_rows, lean.row_limit, lean.batch_invariant = exact if invariant else (None, exact[1], False)
-        target.graphs = GraphedForward(lean) if graphed else None  # graphs of this path only
-        prompts = ids if graphed else ids[: args.eager_prompts]
+        target.graphs = GraphedForward(lean) if graphed != "none" else None  # graphs of this path only
+        gen = Generator(target, drafter)
+        if graphed != "all":
+            gen.proposer.graphs = None
+        prompts = ids if graphed != "none" else ids[: args.eager_prompts]
         start = time.perf_counter()
-        r = run_bench(Generator(target, drafter), prompts, BenchConfig(cfg, hf_baseline=hf))
+        r = run_bench(gen, prompts, BenchConfig(cfg, hf_baseline=hf))
         print(line(name, r) + f" | {time.perf_counter() - start:.0f} s", flush=True)
         (out / f"ab-{name}.json").write_text(json.dumps(r, indent=2) + "\n")
 

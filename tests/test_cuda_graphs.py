@@ -12,7 +12,7 @@ import torch
 
 from conftest import random_prompts, tiny_llama
 from redraft_cli import DecodeConfig, Drafter, Generator
-from redraft_cli.cuda_graphs import BUCKETS, GraphedForward, bucket
+from redraft_cli.cuda_graphs import BUCKETS, GraphedDraft, GraphedForward, bucket
 from redraft_cli.tree_attention import pack_tree
 
 from test_decode_greedy import OracleProposer
@@ -92,6 +92,27 @@ def test_what_cannot_be_graphed_runs_eagerly(target):
     assert runner.passes == 0
 
 
+def test_finished_caches_lend_their_buffers_to_the_next_generation(target):
+    """Graphs are keyed by the cache's memory: a new cache of a known shape reuses the buffers of a
+    finished one (never those of a cache still alive), and the pool stays small."""
+    from redraft_cli.cuda_graphs import MAX_POOLED
+
+    runner = GraphedForward(target.lean, capture=False)
+    cpu = torch.device("cpu")
+    a, b = (runner.new_cache(1, 256, torch.float32, cpu) for _ in range(2))
+    assert a._keys.data_ptr() != b._keys.data_ptr()
+    a.lengths = torch.tensor([17])
+    ptr = a._keys.data_ptr()
+    del a
+    c = runner.new_cache(1, 256, torch.float32, cpu)
+    assert c._keys.data_ptr() == ptr and c.lengths.tolist() == [0]
+    assert runner.new_cache(2, 256, torch.float32, cpu)._keys.data_ptr() not in (ptr, b._keys.data_ptr())
+    for capacity in (512, 768, 1024, 1280, 1536):
+        runner.new_cache(1, capacity, torch.float32, cpu)
+    assert len(runner._pool) <= MAX_POOLED
+    assert {e[0].data_ptr() for e in runner._pool} >= {b._keys.data_ptr(), c._keys.data_ptr()}  # live ones stay
+
+
 def test_prepare_captures_every_bucket_that_a_step_can_use(target):
     runner = GraphedForward(target.lean, capture=False)
     cache = _prefilled(target, list(range(1, 11)), 40)
@@ -139,6 +160,22 @@ def test_the_gpu_exact_path_through_graphs_keeps_greedy_output_identical():
     assert sum(s.accepted for g in fast.rows for s in g.decode_steps) > 20
 
 
+def test_graphed_draft_search_is_the_eager_search(target):
+    """GraphedDraft's fixed-shape search (without capture here) returns draft_beams' beams, node
+    beams trimmed to their depth; a beam length of 1 drafts nothing to graph."""
+    from redraft_cli.beam_search import draft_beams
+    from redraft_cli.cuda_graphs import GraphedDraft
+
+    drafter = Drafter.for_target(target, seed=3)
+    torch.manual_seed(1)
+    h, g0 = torch.randn(2, target.hidden_size), torch.tensor([5, 9])
+    graphed = GraphedDraft(drafter, capture=False)
+    for W, L, nodes in ((3, 4, 0), (3, 4, 5), (2, 5, 1)):
+        want, got = draft_beams(drafter, h, g0, W, L, nodes), graphed(h, g0, W, L, nodes)
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logprobs, want.logprobs)
+    assert graphed(h, g0, 3, 1) is None
+
+
 def test_a_capture_that_fails_turns_graphs_off_and_decoding_goes_on(graphed):
     """On a machine without CUDA the capture itself fails (no CUDA stream): the reason is kept and
     every pass runs eagerly, with the same output."""
@@ -150,13 +187,18 @@ def test_a_capture_that_fails_turns_graphs_off_and_decoding_goes_on(graphed):
     drafter = Drafter.for_target(target, seed=0)
     want = Generator(target, drafter).generate(prompt, cfg).tokens
     target.graphs = runner = GraphedForward(target.lean, capture=True)
-    got = Generator(target, drafter).generate(prompt, cfg).tokens
+    gen = Generator(target, drafter)
+    gen.proposer.graphs = drafts = GraphedDraft(drafter, capture=True)
+    got = gen.generate(prompt, cfg).tokens
     assert got == want
     assert runner.failed and runner.passes == 1 and not runner.graphs
+    assert drafts.failed and not drafts.graphs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_replay_equals_eager_decoding():
+def test_cuda_graph_replay_equals_eager_decoding(monkeypatch):
+    """Graphs of the target's passes and of the drafter's search, replayed, decode what eager passes
+    decode; caches of one shape reuse their buffers, so a second generation captures nothing new."""
     target = tiny_llama(seed=4, max_positions=200)
     target.model.to("cuda")
     from redraft_cli.target import Target
@@ -165,16 +207,22 @@ def test_cuda_graph_replay_equals_eager_decoding():
     assert target.graphs is not None
     prompts = random_prompts(2, target.vocab_size, seed=8, min_len=3, max_len=20)
     cfg = DecodeConfig(max_new_tokens=24, beam_width=3, beam_length=4, stop_on_eos=False)
+    nodes = DecodeConfig(max_new_tokens=24, beam_width=3, beam_length=4, tree_nodes=5, stop_on_eos=False)
     drafter = Drafter.for_target(target, seed=0)
-    got = [Generator(target, drafter).generate(p, cfg, mode).tokens for p in prompts for mode in ("plain", "redraft")]
-    runner, target.graphs = target.graphs, None
-    want = [Generator(target, drafter).generate(p, cfg, mode).tokens for p in prompts for mode in ("plain", "redraft")]
-    assert runner.failed is None and runner.captures > 0
-    assert got == want
-    # Caches of one rounded shape land on the same memory: the one-token graph is captured at most
-    # twice (the last generation's cache is released when the next one starts) for all 4 generations.
+    gen = Generator(target, drafter)
+    assert gen.proposer.graphs is not None
+    runs = [(p, c, mode) for p in prompts for c, mode in ((cfg, "plain"), (cfg, "redraft"), (nodes, "redraft"))]
+    got = [gen.generate(p, c, mode).tokens for p, c, mode in runs]
+    runner, drafts = target.graphs, gen.proposer.graphs
+    assert runner.failed is None and runner.captures > 0 and drafts.failed is None and drafts.captures == 2
+    target.graphs = None
+    monkeypatch.setenv("REDRAFT_CUDA_GRAPHS", "0")
+    eager = Generator(target, drafter)
+    assert eager.proposer.graphs is None
+    assert got == [eager.generate(p, c, mode).tokens for p, c, mode in runs]
+    # One cache shape per path (plain, ReDrafter): one one-token graph each, for all 6 generations,
+    # and another generation captures nothing new.
     assert sum(1 for key in runner.graphs if key[-1] == 1) <= 2
-    # Every tree size was captured before the steps of a generation: another one captures nothing.
-    target.graphs, captures = runner, runner.captures
-    Generator(target, drafter).generate(prompts[0], cfg, "redraft")
-    assert runner.captures == captures
+    target.graphs, captures = runner, (runner.captures, drafts.captures)
+    gen.generate(prompts[0], cfg, "redraft")
+    assert (runner.captures, drafts.captures) == captures

@@ -50,7 +50,7 @@ def hf_hidden(model, ids: list[int]) -> torch.Tensor:
 
 # The GPU's exact path as a CPU can run it: good counts up to invariance.CUDA_TOP (a subset of the
 # CPU's good float32 counts), float64 scores.
-GPU_EXACT = dict(good_rows=frozenset({4, 8, 16, 32, 64, 128}), row_limit=129, scores_float64=True)
+GPU_EXACT = dict(good_rows=frozenset({4, 8, 16, 32, 64, 128}), row_limit=129, float64_reductions=True)
 
 
 def as_gpu_exact(lean: LeanLlama) -> LeanLlama:
@@ -369,3 +369,27 @@ def test_longest_row_is_tracked_on_the_host():
     assert cache.get_seq_length() == 7
     cache.commit(torch.tensor([[0, 3, 1]]), torch.tensor([3]))
     assert cache._longest == 10 and cache.lengths.tolist() == [10]
+
+
+def test_rms_norm_does_not_depend_on_summation_order():
+    """The GPU exact path's RMSNorm (`rms_norm`): the mean of squares taken in float64 gives each row
+    the same float32 variance whatever order a reduction sums it in (here: permuted columns), where
+    the module's float32 sum does not; and it is the module's RMSNorm otherwise."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from redraft_cli.lean_llama import rms_norm
+
+    torch.manual_seed(0)
+    H = 576
+    norm, shuffled = LlamaRMSNorm(H, eps=1e-5), LlamaRMSNorm(H, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+        perm = torch.randperm(H)
+        shuffled.weight.copy_(norm.weight[perm])
+    x = torch.randn(256, H) * 3
+    with torch.no_grad():
+        assert torch.equal(rms_norm(norm, x)[:, perm], rms_norm(shuffled, x[:, perm]))
+        assert not torch.equal(norm(x)[:, perm], shuffled(x[:, perm]))  # the float32 sum: order shows
+        torch.testing.assert_close(rms_norm(norm, x), norm(x))
+        xb = x.bfloat16()
+        torch.testing.assert_close(rms_norm(norm.bfloat16(), xb), norm.bfloat16()(xb))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from redraft_cli.cli.app import app
@@ -158,6 +159,53 @@ def test_save_best_of_a_batched_sweep_keeps_the_batch_one_shape(swept, tiny, tmp
     cfg = Drafter.load(path).config
     assert cfg.shape_for(7)["tree_nodes"] == 0 and cfg.shape_for(7)["beam_width"] == 2
     assert cfg.shape_for(9)["beam_width"] == 1 and sorted(cfg.batch_shapes) == ["4", "8"]
+
+
+def test_save_best_on_a_gpu_keeps_the_cpu_shape(swept, tiny, tmp_path):
+    """A batch-1 sweep on CUDA saves its best shape for CUDA (`device_shapes`); the CPU's batch-1
+    shape and the batch shapes stay, and a drafter on that device (or asked for it) takes it."""
+    result, _, _ = swept
+    _, drafter = tiny
+    path = tmp_path / "drafter"
+    drafter.save(path)
+    before = json.loads((path / CONFIG_NAME).read_text())
+    best = {**result, "device": "cuda:0", "lookup_beams": 1, "lookup_length": 9,
+            "best": {**result["best"], "beam_width": 3, "beam_length": 2, "tree_nodes": 0}}
+    save_best(best, path)
+    after = json.loads((path / CONFIG_NAME).read_text())
+    shape = {"beam_width": 3, "beam_length": 2, "lookup_beams": 1, "lookup_length": 9, "datastore_beams": 0,
+             "tree_nodes": 0}
+    assert after["redraft"].pop("device_shapes") == {"cuda": shape}
+    assert after == before
+    loaded = Drafter.load(path)
+    top = {k: getattr(loaded.config, k) for k in shape}
+    assert loaded.recommended_shape() == loaded.recommended_shape(device="cpu") == top  # a CPU drafter: the CPU's
+    assert loaded.recommended_shape(device="cuda") == loaded.recommended_shape(device=torch.device("cuda", 1)) == shape
+    assert loaded.recommended_shape(4, device="cuda") == top  # batches keep theirs (here: the batch-1 fields)
+    assert loaded.recommended_shape(device="mps") == top
+    assert loaded.decode_config(device="cuda", max_new_tokens=7).beam_width == 3
+    with pytest.raises(BadInputError, match="device must be a str or torch.device"):
+        loaded.recommended_shape(device=0)
+    save_best({**best, "device": "cpu"}, path)  # on the CPU: the top level
+    cfg = Drafter.load(path).config
+    assert (cfg.beam_width, cfg.beam_length) == (3, 2) and cfg.device_shapes == {"cuda": shape}
+
+
+@pytest.mark.parametrize("key,entry,fragment", [
+    ("device_shapes", {"cpu": {"beam_width": 2}}, "device 'cpu' must be one of cuda, mps"),
+    ("device_shapes", {"cuda": {"beam_length": 0}}, "beam_length must be an integer >= 1"),
+    ("device_shapes", {"cuda": {"nodes": 3}}, "must map some of"),
+    ("device_shapes", ["cuda"], "must map devices"),
+])
+def test_bad_device_shapes_are_refused(tiny, tmp_path, key, entry, fragment):
+    _, drafter = tiny
+    path = tmp_path / "drafter"
+    drafter.save(path)
+    data = json.loads((path / CONFIG_NAME).read_text())
+    data["redraft"][key] = entry
+    (path / CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(DrafterLoadError, match=fragment):
+        Drafter.load(path)
 
 
 @pytest.mark.parametrize("entry,fragment", [

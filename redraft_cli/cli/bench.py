@@ -86,10 +86,13 @@ def bench(
         err.print("note: ReDrafter took no draft step (every answer ended at its first token), so the speedup "
                   "compares prompt passes only")
     elif (why := slower_note(result["speedup"], result["redraft"]["tokens_per_step"], batch_size,
-                             loaded.drafter_name)) is not None:
+                             loaded.drafter_name, graphed=target.graphs is not None)) is not None:
         err.print(why)
-    if (result.get("cuda_graphs") or {}).get("failed"):
-        err.print(f"note: CUDA graphs were turned off and the target ran eagerly: {result['cuda_graphs']['failed']}")
+    graphs = result.get("cuda_graphs") or {}
+    if graphs.get("failed"):
+        err.print(f"note: CUDA graphs were turned off and the target ran eagerly: {graphs['failed']}")
+    if graphs.get("draft_failed"):
+        err.print(f"note: CUDA graphs were turned off and the drafter ran eagerly: {graphs['draft_failed']}")
     if json_path is not None:
         write_text(json_path, json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {json_path}")
@@ -125,6 +128,7 @@ def render(r: dict) -> Table:
            if r.get("batch_size", 1) > 1 and red["passes"] else "")
         + (f" | identical outputs {r['identical_outputs']}/{r['num_prompts']}" if r["identical_outputs"] is not None else "")
         + (f" | vs HF {r['speedup_vs_hf']:.2f}x" if r.get("speedup_vs_hf") else "")
+        + (" | CUDA graphs" if (r.get("cuda_graphs") or {}).get("target") else "")
     )
     t.caption_justify = "left"
     return t

@@ -279,8 +279,9 @@ def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int)
 
 
 def slower_note(speedup: float | None, tokens_per_step: float, batch_size: int, drafter_name: str,
-                subject: str = "ReDrafter") -> str | None:
-    """Why ReDrafter ran slower than plain decoding, and what to try; None when it did not."""
+                subject: str = "ReDrafter", graphed: bool = False) -> str | None:
+    """Why ReDrafter ran slower than plain decoding, and what to try; None when it did not.
+    graphed: the target's passes replayed CUDA graphs (cuda_graphs.py)."""
     if speedup is None or speedup >= 1.0:
         return None
     head = f"note: {subject} ran at {speedup:.2f}x of plain decoding here: "
@@ -292,5 +293,9 @@ def slower_note(speedup: float | None, tokens_per_step: float, batch_size: int, 
     if batch_size > 1:
         return head + (f"a batched tree costs compute in every row; `redraft sweep --batch-size {batch_size} "
                        "--save-best` with small node budgets (--nodes 1,2,3) finds the cheapest tree, or decode plainly")
+    if graphed:
+        return head + ("with CUDA graphs a pass of this target costs only a few ms, about what the drafter's "
+                       "step (not graphed) costs, so plain decoding wins on a target this small; wider trees "
+                       "cost little here (`redraft sweep --save-best`)")
     return head + ("a tree pass costs more than its extra tokens save on this machine; "
                    "`redraft sweep --save-best` finds the shape that pays")

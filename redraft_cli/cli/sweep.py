@@ -179,12 +179,15 @@ def sweep(
         console.print(f"wrote {save_sweep_plot(result, plot_path)}")
     best = result["best"]
     if best is not None and (why := slower_note(best["speedup"], best["tokens_per_step"], batch_size,
-                                                loaded.drafter_name, subject="the fastest shape tried")):
+                                                loaded.drafter_name, subject="the fastest shape tried",
+                                                graphed=loaded.target.graphs is not None)):
         err.print(why)
     if saved is not None:
         console.print(f"saved beam shape {best['beam_width']}x{best['beam_length']}"
                       + (f" (best {best['tree_nodes']} nodes)" if best.get("tree_nodes") else "") + f" to {saved} "
-                      + ("(the default of bench and chat with this drafter)" if batch_size == 1 else
+                      + (f"(the default of bench and chat with this drafter on {loaded.target.device.type})"
+                         if batch_size == 1 and loaded.target.device.type != "cpu" else
+                         "(the default of bench and chat with this drafter)" if batch_size == 1 else
                          f"(the default of bench --batch-size {batch_size} and larger with this drafter)"))
 
 
