@@ -590,7 +590,11 @@ class Drafter(nn.Module):
         if device is not None and not isinstance(device, (str, torch.device)):
             raise BadInputError(f"Drafter.recommended_shape's device must be a str or torch.device, "
                                 f"got {type(device).__name__}")
-        kind = torch.device(device).type if device is not None else self.rnn_w.weight.device.type
+        try:
+            kind = torch.device(device).type if device is not None else self.rnn_w.weight.device.type
+        except RuntimeError as exc:
+            raise BadInputError(f"Drafter.recommended_shape's device {device!r} is not a device "
+                                f"(cpu, cuda, cuda:1, mps, ...)") from exc
         shape = self.config.shape_for(batch_size, kind)
         if self.datastore is None:
             shape["datastore_beams"] = 0

@@ -16,7 +16,12 @@ embedding), so bitsandbytes-quantised layers and every checkpoint of these
 families work unchanged. What this replaces is the per-step machinery of a
 generic forward that decoding does not need: mask construction per layer
 type, cache objects that concatenate, keyword plumbing. One boolean mask is
-built per step (`StaticKVCache.attention_mask`) and shared by all layers.
+built per step (`StaticKVCache.attention_mask`) and shared by all layers;
+layers with a sliding window (Mistral v0.1, Qwen2's upper layers) share a
+second one that also hides keys `window` or more positions back
+(`layer_windows`; key positions from `StaticKVCache.key_positions`). The
+cache keeps every key, so a tree node sees exactly the window a token at
+its position sees in plain decoding.
 
 Batch invariance (CPU). Greedy ReDrafter is lossless only if a token's
 logits do not depend on how many other tokens share the pass. On CPU a
@@ -50,8 +55,8 @@ order over head_dim is not probed), and each RMSNorm takes its mean of
 squares in float64 (`rms_norm`): a CUDA reduction lays out its threads,
 and so orders its sum, by the number of rows.
 
-Models with sliding-window layers, or of other architectures, keep the
-generic Hugging Face path (`lean_supported` says which).
+Models of other architectures (and layer kinds other than full and sliding
+attention) keep the generic Hugging Face path (`lean_supported` says which).
 """
 
 from __future__ import annotations
@@ -88,12 +93,16 @@ def lean_config_supported(cfg: Any) -> bool:
     """True when a model config (`PretrainedConfig`) describes a decoder this module runs."""
     if getattr(cfg, "model_type", None) not in LEAN_MODEL_TYPES:
         return False
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-        return False
-    window = getattr(cfg, "sliding_window", None)
-    if window and getattr(cfg, "use_sliding_window", True) and window < getattr(cfg, "max_position_embeddings", 0):
-        return False
-    return True
+    return all(t in ("full_attention", "sliding_attention") for t in (getattr(cfg, "layer_types", None) or []))
+
+
+def layer_windows(cfg: Any) -> list[int | None]:
+    """Per decoder layer, the sliding window of its attention (a query sees the `window` latest
+    positions, itself included, as Hugging Face's `kv_idx > q_idx - window`), or None: every earlier
+    position. Mistral v0.1 slides in every layer, Qwen2 in those its `layer_types` name."""
+    window = attention_window(cfg)
+    types = getattr(cfg, "layer_types", None) or ["sliding_attention"] * int(cfg.num_hidden_layers)
+    return [window if window and t == "sliding_attention" else None for t in types]
 
 
 def lean_supported(model: Any) -> bool:
@@ -146,6 +155,7 @@ class LeanLlama:
         self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
         self.scaling = float(attn.scaling)
         self.qk_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
+        self.windows = layer_windows(cfg)
         self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         weight = model.get_input_embeddings().weight
         # Row counts (below row_limit) at which every matmul is batch-invariant here; None: some matmul
@@ -211,7 +221,14 @@ class LeanLlama:
         row_ids = torch.arange(B, device=ids.device).unsqueeze(1) if graphed else None
         slots = cache.slots(n, lengths)
         mask, span = cache.attention_mask(tree_mask, lengths, cache.capacity if graphed else None)
-        fused_mask = fold_gqa_mask(mask, self.num_heads // self.kv_heads) if self.fold_gqa else mask
+        masks = {None: mask}  # per sliding window (None: none), the (B, 1, n, span) mask
+        if any(self.windows):
+            key_pos = cache.key_positions(positions, span, lengths).unsqueeze(1).unsqueeze(1)  # (B, 1, 1, span)
+            for w in set(self.windows) - {None}:
+                masks[w] = mask & (key_pos > positions.unsqueeze(1).unsqueeze(-1) - w)
+        # ... and the one the fused kernel takes (folded when `fold_gqa`)
+        masks = {w: (m, fold_gqa_mask(m, self.num_heads // self.kv_heads) if self.fold_gqa else m)
+                 for w, m in masks.items()}
         x = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(x, positions)
         rows = packed_rows(valid)
@@ -226,7 +243,7 @@ class LeanLlama:
         extents = None if graphed else self._extents(cache, valid, B, n, span)
         for i, layer in enumerate(self.layers):
             x = x + self._attention(layer.self_attn, self._norm(layer.input_layernorm, x), cos, sin, cache, i,
-                                    (slots, row_ids), (mask, fused_mask), span, (B, n), rows, extents)
+                                    (slots, row_ids), masks[self.windows[i]], span, (B, n), rows, extents)
             x = x + layer.mlp(self._norm(layer.post_attention_layernorm, x))
         x = self._norm(self.base.norm, x)
         return x if rows is None else unpack_rows(x, rows, B, n)

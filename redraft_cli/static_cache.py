@@ -133,6 +133,17 @@ class StaticKVCache:
         mask = committed | (in_tree & tree_cols)
         return mask.unsqueeze(1), span
 
+    def key_positions(self, positions: torch.Tensor, span: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, span) the position of the key in each slot during a forward of n tokens at `positions`
+        (B, n) written at `slots(n)`: a committed slot j holds position j (rows fill from slot 0 and
+        commits keep the accepted path consecutive), slot lengths[b] + c node c's position; later
+        slots (stale, masked) get the last node's. For sliding-window masks."""
+        lengths = self.lengths if lengths is None else lengths
+        n = positions.shape[1]
+        slot = torch.arange(span, device=positions.device).unsqueeze(0)  # (1, span)
+        rel = slot - lengths.unsqueeze(1)  # (B, span)
+        return torch.where(rel < 0, slot, positions.gather(1, rel.clamp(0, n - 1)))
+
     def commit(self, path: torch.Tensor, accepted: torch.Tensor) -> None:
         """Keep each row's accepted path and advance its length.
 

@@ -379,8 +379,6 @@ class Target:
             getattr(self.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 4096)
         )
         self.window = attention_window(self.config)  # sliding-window layers shorter than the context, else None
-        if self.window:  # within the window a sliding layer attends to everything: exact, and the cache keeps it all
-            self.max_context = min(self.max_context, self.window - 1)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         if getattr(tokenizer, "eos_token_id", None) is not None:
@@ -390,6 +388,9 @@ class Target:
         # REDRAFT_GENERIC=1 forces the generic Hugging Face path (for comparisons).
         use_lean = lean_supported(model) and not self.spread and os.environ.get("REDRAFT_GENERIC", "") in ("", "0")
         self.lean = LeanLlama(model) if use_lean else None
+        if self.window and self.lean is None:  # the generic path's cache trims sliding layers, which a tree pass
+            # must not: its context stops one short of the window, where a sliding layer attends to everything
+            self.max_context = min(self.max_context, self.window - 1)
         # On CUDA the lean pass replays CUDA graphs (cuda_graphs.py); REDRAFT_CUDA_GRAPHS=0 turns them off.
         # bitsandbytes layers are left eager.
         quantized = getattr(model.config, "quantization_config", None) is not None

@@ -130,22 +130,94 @@ def test_unsupported_layouts_fall_back():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     assert not lean_supported(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)))
-    model = tiny("mistral")
-    model.config.sliding_window = 16  # a window shorter than the context: the generic path handles it
+    model = tiny("qwen2")
+    model.config.layer_types = ["full_attention", "chunked_attention"]  # a layer kind the lean path lacks
     assert not lean_supported(model)
 
 
-def test_a_sliding_window_caps_the_context_and_decoding_stays_exact():
-    """A window shorter than the context (Mistral v0.1): the context stops one short of it, where a sliding
-    layer attends to everything, and tree passes keep every key (no trimmed cache), so greedy ReDrafter
-    equals plain decoding up to the end of the context; a longer prompt is a clear error."""
+def sliding(model_type: str, window: int = 6):
+    """A tiny model with a sliding window shorter than its context: every layer (Mistral v0.1) or the
+    layers its layer_types name (Qwen2: the first full, the second sliding)."""
+    if model_type == "mistral":
+        model = tiny("mistral")
+        model.config.sliding_window = window
+    else:
+        import transformers
+
+        torch.manual_seed(0)
+        cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                       use_sliding_window=True, sliding_window=window, max_window_layers=1)
+        cfg._attn_implementation = "sdpa"
+        model = transformers.Qwen2ForCausalLM(cfg).eval()
+        assert cfg.layer_types == ["full_attention", "sliding_attention"]
+    return model
+
+
+@pytest.mark.parametrize("fold", ["cpu-path", "folded-gqa", "gpu-exact"])
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_sliding_windows_match_hf_past_the_window(model_type, fold):
+    """Sliding-window layers on the lean path: prefill, a tree and plain steps well past the window
+    give HF's hidden states for the whole text (its mask: a key within the window's positions)."""
+    model = sliding(model_type)
+    assert lean_supported(model)
+    lean = LeanLlama(model)
+    assert lean.windows == ([6, 6] if model_type == "mistral" else [None, 6])
+    if fold == "folded-gqa":
+        lean.good_rows, lean.batch_invariant, lean.fold_gqa = None, False, True
+    if fold == "gpu-exact":
+        as_gpu_exact(lean)
+    prompt = [3, 9, 4, 1, 7, 2, 8, 5, 11, 6]  # 10 tokens: past the window of 6
+    cache = lean.new_cache(1, 64, torch.float32, torch.device("cpu"))
+    P = len(prompt)
+    hidden = lean.forward(torch.tensor([prompt]), torch.arange(P).view(1, P), cache,
+                          torch.ones(1, P, P, dtype=torch.bool).tril())
+    torch.testing.assert_close(hidden[0], hf_hidden(model, prompt), atol=1e-5, rtol=1e-4)
+    cache.commit(torch.arange(P).view(1, P), torch.tensor([P]))
+    beams = torch.tensor([[[1, 2, 3, 4, 5, 6, 7], [1, 2, 9, 9, 9, 9, 9], [1, 5, 6, 7, 8, 9, 10]]])
+    tree = pack_tree(beams, cache.lengths)
+    hidden = lean.forward(tree.tokens, tree.positions, cache, tree.mask)
+    for i in range(3):
+        ref = hf_hidden(model, prompt + beams[0, i].tolist())[P:]
+        torch.testing.assert_close(hidden[0, tree.unpack[0, i]], ref, atol=1e-5, rtol=1e-4)
+    cache.commit(tree.unpack[:, 2, :], torch.tensor([5]))  # beam 2 up to depth 4: not the first slots
+    text = prompt + beams[0, 2, :5].tolist()
+    for tok in (13, 14, 15):  # plain steps
+        hidden = lean.forward(torch.tensor([[tok]]), cache.lengths.view(1, 1), cache, torch.ones(1, 1, 1, dtype=torch.bool))
+        cache.advance(1)
+        text.append(tok)
+        torch.testing.assert_close(hidden[0, 0], hf_hidden(model, text)[-1], atol=1e-5, rtol=1e-4)
+
+
+def test_a_sliding_window_model_decodes_past_its_window_exactly():
+    """Mistral v0.1's layout (a window shorter than the context): on the lean path its context is the
+    model's, and greedy ReDrafter equals plain decoding far past the window. On the generic path (whose
+    cache trims sliding layers) the context stops one short of the window, where a sliding layer attends
+    to everything, and a longer prompt is a clear error."""
     from redraft_cli import DecodeConfig, Drafter, Generator, Target
     from redraft_cli.errors import ContextOverflowError
 
-    model = tiny("mistral")
-    model.config.sliding_window = 16
-    target = Target(model, None, name="tiny-mistral-window")
-    assert target.max_context == 15
+    target = Target(sliding("mistral", 16), None, name="tiny-mistral-window")
+    assert target.lean is not None and target.max_context == 128
+    gen = Generator(target, Drafter.for_target(target, seed=0))
+    cfg = DecodeConfig(max_new_tokens=60, beam_width=4, beam_length=5)
+    for prompt in ([5, 6, 7], list(range(5, 30))):
+        plain = gen.generate(prompt, cfg, mode="plain").tokens
+        assert gen.generate(prompt, cfg).tokens == plain and len(plain) == 60
+
+    # Rows of different lengths in one batch (each row's window from its own positions), Qwen2's mixed layers.
+    from conftest import random_prompts
+
+    target = Target(sliding("qwen2", 5), None, name="tiny-qwen2-window")
+    prompts = random_prompts(3, target.vocab_size, seed=4, min_len=2, max_len=14)
+    gen = Generator(target, Drafter.for_target(target, seed=1))
+    cfg = DecodeConfig(max_new_tokens=30, beam_width=3, beam_length=4, stop_on_eos=False)
+    singles = [gen.generate(p, cfg, mode="plain").tokens for p in prompts]
+    assert gen.generate_batch(prompts, cfg, slots=2).tokens == singles
+
+    with patch.dict("os.environ", {"REDRAFT_GENERIC": "1"}):
+        target = Target(sliding("mistral", 16), None, name="tiny-mistral-window")
+    assert target.lean is None and target.max_context == 15
     gen = Generator(target, Drafter.for_target(target, seed=0))
     for prompt in ([5, 6, 7], list(range(5, 13))):
         cfg = DecodeConfig(max_new_tokens=50, beam_width=4, beam_length=5)

@@ -186,6 +186,8 @@ def test_save_best_on_a_gpu_keeps_the_cpu_shape(swept, tiny, tmp_path):
     assert loaded.decode_config(device="cuda", max_new_tokens=7).beam_width == 3
     with pytest.raises(BadInputError, match="device must be a str or torch.device"):
         loaded.recommended_shape(device=0)
+    with pytest.raises(BadInputError, match="'gpu' is not a device"):
+        loaded.decode_config(device="gpu")
     save_best({**best, "device": "cpu"}, path)  # on the CPU: the top level
     cfg = Drafter.load(path).config
     assert (cfg.beam_width, cfg.beam_length) == (3, 2) and cfg.device_shapes == {"cuda": shape}
