@@ -90,6 +90,7 @@ def draft_beams(drafter: Drafter, h: torch.Tensor, g0: torch.Tensor, beam_width:
     return trim_to_depth(beams) if tree_nodes else beams
 
 
+@torch.no_grad()
 def search_beams(drafter: Drafter, h: torch.Tensor, g0: torch.Tensor, beam_width: int, beam_length: int,
                  tree_nodes: int = 0) -> DraftBeams:
     """`draft_beams` with shapes set by its arguments alone (no value read on the host, so a CUDA

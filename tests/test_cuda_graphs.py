@@ -173,6 +173,7 @@ def test_graphed_draft_search_is_the_eager_search(target):
     for W, L, nodes in ((3, 4, 0), (3, 4, 5), (2, 5, 1)):
         want, got = draft_beams(drafter, h, g0, W, L, nodes), graphed(h, g0, W, L, nodes)
         assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logprobs, want.logprobs)
+        assert not got.logprobs.requires_grad  # no autograd graph (none may be recorded into a CUDA graph)
     assert graphed(h, g0, 3, 1) is None
 
 
