@@ -219,6 +219,16 @@ def _check_int(name: str, value: Any, low: int | None) -> None:
         raise BadInputError(f"{name} must be an int{f' >= {low}' if low is not None else ''}, got {shown}")
 
 
+def device_kind(method: str, device: Any) -> str:
+    """The type (cpu, cuda, mps, ...) of a device given as a str or torch.device; BadInputError else."""
+    if not isinstance(device, (str, torch.device)):
+        raise BadInputError(f"{method}'s device must be a str or torch.device, got {type(device).__name__}")
+    try:
+        return torch.device(device).type
+    except RuntimeError as exc:
+        raise BadInputError(f"{method}'s device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from exc
+
+
 def _check_path(method: str, path: Any, error: type[BadInputError] = DrafterLoadError) -> None:
     if not isinstance(path, (str, os.PathLike)):
         hint = " (shipped_drafter_dir returns None for a model no drafter ships for)" if path is None else ""
@@ -587,14 +597,8 @@ class Drafter(nn.Module):
     def recommended_shape(self, batch_size: int = 1, device: str | torch.device | None = None) -> dict[str, int]:
         """config.json's recommended settings (SHAPE_KEYS) for batches of `batch_size` rows on `device`
         (default: this drafter's), with no datastore beams when this drafter has no datastore."""
-        if device is not None and not isinstance(device, (str, torch.device)):
-            raise BadInputError(f"Drafter.recommended_shape's device must be a str or torch.device, "
-                                f"got {type(device).__name__}")
-        try:
-            kind = torch.device(device).type if device is not None else self.rnn_w.weight.device.type
-        except RuntimeError as exc:
-            raise BadInputError(f"Drafter.recommended_shape's device {device!r} is not a device "
-                                f"(cpu, cuda, cuda:1, mps, ...)") from exc
+        _check_int("Drafter.recommended_shape's batch_size", batch_size, low=1)
+        kind = device_kind("Drafter.recommended_shape", device) if device is not None else self.rnn_w.weight.device.type
         shape = self.config.shape_for(batch_size, kind)
         if self.datastore is None:
             shape["datastore_beams"] = 0
@@ -620,7 +624,7 @@ class Drafter(nn.Module):
 def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
                      lookup_beams: int | None = None, lookup_length: int | None = None,
                      datastore_beams: int | None = None, tree_nodes: int | None = None,
-                     batch_size: int = 1, device: str | None = None) -> Path:
+                     batch_size: int = 1, device: str | torch.device | None = None) -> Path:
     """Set the recommended beam shape in a saved drafter's config.json, touching nothing else.
 
     lookup_beams / lookup_length / datastore_beams / tree_nodes, when given, are recommended
@@ -635,6 +639,15 @@ def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
     """
     from .beam_search import check_beam_shape
 
+    _check_int("write_beam_shape's batch_size", batch_size, low=1)
+    for name, value in (("beam_width", beam_width), ("beam_length", beam_length), ("lookup_beams", lookup_beams),
+                        ("lookup_length", lookup_length), ("datastore_beams", datastore_beams),
+                        ("tree_nodes", tree_nodes)):
+        if value is not None or name in ("beam_width", "beam_length"):  # (the beam's range: check_beam_shape)
+            _check_int(f"write_beam_shape's {name}", value, low=None if name in ("beam_width", "beam_length") else 0)
+    kind = "cpu" if device is None else device_kind("write_beam_shape", device)
+    if kind not in ("cpu",) + SHAPE_DEVICES:
+        raise BadInputError(f"write_beam_shape keeps shapes for cpu, {', '.join(SHAPE_DEVICES)}; got device {device!r}")
     check_beam_shape(beam_width, beam_length, tree_nodes=tree_nodes or 0)
     cfg_path = Path(path) / CONFIG_NAME
     if not cfg_path.is_file():
@@ -650,12 +663,12 @@ def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
     shape = {k: int(v) for k, v in values.items() if v is not None}
     if batch_size > 1:
         ours.setdefault("batch_shapes", {})[str(int(batch_size))] = shape
-    elif device in SHAPE_DEVICES:
-        ours.setdefault("device_shapes", {})[device] = shape
+    elif kind in SHAPE_DEVICES:
+        ours.setdefault("device_shapes", {})[kind] = shape
     else:
         ours.update(shape)
     after = DrafterConfig.from_json_dict(data)  # still a valid config, only the shape changed
-    got = after.shape_for(batch_size, device)
+    got = after.shape_for(batch_size, kind)
     assert after.head == before.head and (got["beam_width"], got["beam_length"]) == (beam_width, beam_length)
     mode = cfg_path.stat().st_mode & 0o777
     try:

@@ -61,17 +61,18 @@ attention) keep the generic Hugging Face path (`lean_supported` says which).
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .env import env_flag
 from .invariance import CUDA_TOP, LIMIT, cuda_invariant_rows, invariant_rows, pad_rows, padded_rows
 from .static_cache import StaticKVCache
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SLIDING_MODEL_TYPES = ("mistral", "qwen2", "qwen3")  # those whose attention honours config.sliding_window
 # Passes of more tokens than this (prompts; both decoding paths prefill the same way) use the fused,
 # memory-efficient SDPA kernel even in batch-invariant mode: grouped_attention holds float64 scores.
 INVARIANT_MAX_TOKENS = 256
@@ -81,8 +82,9 @@ def attention_window(cfg: Any) -> int | None:
     """The sliding window of a config some of whose layers attend to fewer positions than its
     context (Mistral v0.1's 4,096 of 32,768; Gemma-2's local layers), else None."""
     window = getattr(cfg, "sliding_window", None)
-    if not window or window >= (getattr(cfg, "max_position_embeddings", 0) or 1 << 62):
-        return None
+    if (not isinstance(window, int) or isinstance(window, bool) or window <= 0
+            or window >= (getattr(cfg, "max_position_embeddings", 0) or 1 << 62)):
+        return None  # (a negative window is refused when the target loads: Target)
     types = getattr(cfg, "layer_types", None)
     if types is not None:
         return int(window) if any(t == "sliding_attention" for t in types) else None
@@ -100,7 +102,7 @@ def layer_windows(cfg: Any) -> list[int | None]:
     """Per decoder layer, the sliding window of its attention (a query sees the `window` latest
     positions, itself included, as Hugging Face's `kv_idx > q_idx - window`), or None: every earlier
     position. Mistral v0.1 slides in every layer, Qwen2 in those its `layer_types` name."""
-    window = attention_window(cfg)
+    window = attention_window(cfg) if cfg.model_type in SLIDING_MODEL_TYPES else None  # Llama has no window
     types = getattr(cfg, "layer_types", None) or ["sliding_attention"] * int(cfg.num_hidden_layers)
     return [window if window and t == "sliding_attention" else None for t in types]
 
@@ -130,7 +132,7 @@ def probe_good_rows(model: Any, head_dim: int) -> tuple[frozenset[int] | None, i
     if weight.device.type == "cpu":
         return invariant_rows(weight.dtype, shapes, head_dim), LIMIT
     quantized = getattr(model.config, "quantization_config", None) is not None
-    if weight.device.type == "cuda" and not quantized and os.environ.get("REDRAFT_CUDA_EXACT", "1") != "0":
+    if weight.device.type == "cuda" and not quantized and env_flag("REDRAFT_CUDA_EXACT", True):
         return cuda_invariant_rows(weight.dtype, shapes, str(weight.device)), CUDA_TOP + 1
     return None, LIMIT
 

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from .drafter import MODEL_TYPE as DRAFTER_MODEL_TYPE
 from .chat_templates import encode_messages
 from .cuda_graphs import GraphedForward, graphs_wanted
+from .env import env_flag
 from .errors import BadInputError, ChatTemplateError, ContextOverflowError, ModelLoadError
 from .files import cache_dir, writable_dir
 from .invariance import pad_rows
@@ -49,8 +50,14 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 # Errors that third-party loaders raise for unreadable or unknown models.
+try:  # transformers' configs validate their fields with huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # an older huggingface_hub
+    class StrictDataclassError(Exception):  # type: ignore[no-redef]
+        pass
+
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError, AttributeError, NotImplementedError,
-                IndexError, struct.error, SafetensorError)
+                IndexError, struct.error, SafetensorError, StrictDataclassError)
 
 
 @dataclass
@@ -67,8 +74,8 @@ class TargetSpec:
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise BadInputError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise BadInputError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
+            raise BadInputError(f"--device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
         if self.quantize not in QUANTIZE:
             raise BadInputError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
         if self.device_map is not None and self.device_map not in DEVICE_MAPS:
@@ -85,7 +92,10 @@ def resolve_device(device: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInputError("--device cuda was asked for but no CUDA device is available")
+        raise BadInputError(f"--device {device} was asked for but no CUDA device is available")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise BadInputError(f"--device {device} was asked for but this machine has {torch.cuda.device_count()} "
+                            f"CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise BadInputError("--device mps was asked for but Apple MPS is not available")
     return torch.device(device)
@@ -248,8 +258,11 @@ def _load_hf(source: str, spec: TargetSpec, device: torch.device, dtype: torch.d
     try:
         model, tokenizer = _load_hf_files(source, kwargs, gguf_file, local_only=is_local)
     except _LOAD_ERRORS as exc:
-        first = str(exc).strip().splitlines()[0].rstrip() if str(exc).strip() else type(exc).__name__
-        if first.endswith(":"):  # a message whose details were on the following lines
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        first = lines[0] if lines else type(exc).__name__
+        if isinstance(exc, StrictDataclassError):  # a config.json field of the wrong type: say which and why
+            first = "its config.json is invalid: " + " ".join(lines[:2]).split(". Errors:")[0]
+        elif first.endswith(":"):  # a message whose details were on the following lines
             first = first.rstrip(":") + " (its files are missing or unreadable)"
         if gguf_file and isinstance(exc, struct.error):  # the GGUF reader ran past the end of the file
             first = "not a valid GGUF file (truncated or corrupt)"
@@ -336,7 +349,14 @@ def _check_causal(target: "Target") -> None:
     """ModelLoadError unless the model is causal: its first position must not see the second token
     (an encoder such as BERT, which AutoModelForCausalLM also loads, sees both). One pass of 2 x 2 tokens."""
     ids = torch.tensor([[1, 2], [1, 3]], device=target.device) % max(target.vocab_size, 1)
-    hidden = target.base(input_ids=ids, use_cache=False).last_hidden_state[:, 0].float()
+    try:
+        if target.lean is None:
+            target.new_cache()  # the generic path's cache reads per-layer settings of the config too
+        hidden = target.base(input_ids=ids, use_cache=False).last_hidden_state[:, 0].float()
+    except _LOAD_ERRORS as exc:  # a config the model's own code cannot run (an unknown layer type, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelLoadError(f"{target.name} ({target.config.model_type}) fails its first forward pass: "
+                             f"{type(exc).__name__}: {first}; check its config.json") from exc
     if not torch.allclose(hidden[0], hidden[1], rtol=1e-2, atol=1e-3 * (1 + hidden[0].abs().max().item())):
         raise ModelLoadError(f"{target.name} ({target.config.model_type}) is not a causal language model: its "
                              f"first position sees the tokens after it (an encoder?); redraft needs a decoder-only LM")
@@ -378,6 +398,10 @@ class Target:
         self.max_context = int(
             getattr(self.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 4096)
         )
+        window = getattr(self.config, "sliding_window", None)
+        if isinstance(window, int) and not isinstance(window, bool) and window < 0:
+            raise ModelLoadError(f"{name}'s config.json has sliding_window {window}; a window is a positive number of "
+                                 f"positions (null or 0: none)")
         self.window = attention_window(self.config)  # sliding-window layers shorter than the context, else None
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
@@ -386,7 +410,7 @@ class Target:
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         # The lean Llama-family forward (static KV cache, batched rows) where the layout allows;
         # REDRAFT_GENERIC=1 forces the generic Hugging Face path (for comparisons).
-        use_lean = lean_supported(model) and not self.spread and os.environ.get("REDRAFT_GENERIC", "") in ("", "0")
+        use_lean = lean_supported(model) and not self.spread and not env_flag("REDRAFT_GENERIC", False)
         self.lean = LeanLlama(model) if use_lean else None
         if self.window and self.lean is None:  # the generic path's cache trims sliding layers, which a tree pass
             # must not: its context stops one short of the window, where a sliding layer attends to everything

@@ -143,3 +143,39 @@ def test_encode_chat_takes_text_or_messages(messages):
     from conftest import tiny_chat_llama
 
     refused(lambda: tiny_chat_llama().encode_chat(messages), "encode_chat takes a text")
+
+
+@pytest.mark.parametrize("device,fragment", [
+    ("cuda:x", "--device must be one of auto, cpu, cuda, mps or cuda:N"),
+    ("cuda: 0", "or cuda:N"),
+    ("cuda:-1", "or cuda:N"),
+    ("cuda:0:0", "or cuda:N"),
+])
+def test_a_malformed_device_is_refused(device, fragment):
+    from redraft_cli.target import TargetSpec
+
+    refused(lambda: TargetSpec(device=device), fragment)
+
+
+def test_a_cuda_device_on_a_machine_without_one_names_it():
+    import torch
+
+    from redraft_cli.target import resolve_device
+
+    if torch.cuda.is_available():
+        refused(lambda: resolve_device(f"cuda:{torch.cuda.device_count()}"), "CUDA device\\(s\\)")
+    else:
+        refused(lambda: resolve_device("cuda:1"), "--device cuda:1 was asked for but no CUDA device is available")
+
+
+@pytest.mark.parametrize("value,expected", [(None, True), ("", True), ("0", False), ("false", False), ("No", False),
+                                            ("off", False), ("1", True), ("yes", True), ("2", True)])
+def test_environment_switches_read_one_way(monkeypatch, value, expected):
+    from redraft_cli.env import env_flag
+
+    if value is None:
+        monkeypatch.delenv("REDRAFT_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("REDRAFT_TEST_SWITCH", value)
+    assert env_flag("REDRAFT_TEST_SWITCH", True) is expected
+    assert env_flag("REDRAFT_TEST_SWITCH", False) is (expected if value else False)

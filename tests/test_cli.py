@@ -335,6 +335,25 @@ def test_an_encoder_is_refused_as_a_target(tmp_path, prompt_file):
                        "is not a causal language model")
 
 
+MISTRAL = {"model_type": "mistral", "architectures": ["MistralForCausalLM"]}
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    ({**MISTRAL, "sliding_window": "8"}, "its config.json is invalid: Validation error for field 'sliding_window'"),
+    ({**MISTRAL, "sliding_window": -1}, "has sliding_window -1; a window is a positive number"),
+    ({"layer_types": ["chunked_attention"]}, "fails its first forward pass: AttributeError"),
+])
+def test_a_model_config_the_model_cannot_run_is_one_line(tmp_path, prompt_file, edit, fragment):
+    """config.json values that transformers rejects, that its code cannot run, or that would mask every
+    key (a negative sliding window) are a one-line load error (exit 2), not a bug report or empty text."""
+    model_dir, _, _ = tiny_model_dir(tmp_path / "llama", layers=1)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**cfg, **edit}))
+    assert_clean_error(invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file,
+                              "--num-prompts", 1, "--max-new-tokens", 2, "--no-hf-baseline", "--device", "cpu"),
+                       fragment)
+
+
 def test_outputs_never_overwrite_inputs_or_each_other(tmp_path, prompt_file):
     before = prompt_file.read_text()
     assert_clean_error(invoke("bench", "--prompts", prompt_file, "--json", prompt_file), "--prompts and --json both name")

@@ -156,6 +156,20 @@ def test_distill_bad_input(args, fragment, tmp_path, monkeypatch):
     assert fragment in result.output and "Traceback" not in result.output
 
 
+def test_a_bad_init_from_drafter_fails_before_any_data(tmp_path, monkeypatch):
+    """--init-from's config.json is read before data generation (which can take hours), not after."""
+    monkeypatch.setenv("REDRAFT_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad-drafter"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"hidden_size": 576, "vocab_size": 49152,
+                                                 "redraft": {"device_shapes": {"gpu": {"beam_width": 2}}}}))
+    (bad / "model.safetensors").write_bytes(b"")
+    result = runner.invoke(app, ["distill", "smollm2-135m", "--init-from", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert "device 'gpu' must be one of cuda, mps" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "cache" / "distill-data").exists()
+
+
 def test_no_generate_trains_on_the_data_so_far(tiny_recipe, monkeypatch):
     root, recipe = tiny_recipe
     monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache-partial"))

@@ -188,9 +188,21 @@ def test_save_best_on_a_gpu_keeps_the_cpu_shape(swept, tiny, tmp_path):
         loaded.recommended_shape(device=0)
     with pytest.raises(BadInputError, match="'gpu' is not a device"):
         loaded.decode_config(device="gpu")
+    for batch in ("2", None, 0, 2.5, True):
+        with pytest.raises(BadInputError, match="batch_size must be an int >= 1"):
+            loaded.recommended_shape(batch_size=batch)
     save_best({**best, "device": "cpu"}, path)  # on the CPU: the top level
     cfg = Drafter.load(path).config
     assert (cfg.beam_width, cfg.beam_length) == (3, 2) and cfg.device_shapes == {"cuda": shape}
+    # write_beam_shape from Python: a device as str or torch.device, normalised; nothing else.
+    write_beam_shape(path, 4, 2, device=torch.device("cuda", 0))
+    write_beam_shape(path, 5, 2, device="CUDA:1".lower())
+    assert Drafter.load(path).config.device_shapes["cuda"]["beam_width"] == 5
+    for kwargs, fragment in (({"device": "gpu"}, "is not a device"), ({"device": "meta"}, "keeps shapes for cpu"),
+                             ({"batch_size": 2.5}, "batch_size must be an int"), ({"lookup_length": 1.5}, "lookup_length"),
+                             ({"datastore_beams": True}, "datastore_beams")):
+        with pytest.raises(BadInputError, match=fragment):
+            write_beam_shape(path, 2, 2, **kwargs)
 
 
 @pytest.mark.parametrize("key,entry,fragment", [

@@ -15,7 +15,7 @@ _T = TargetSpec()
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Hub id, local directory, .gguf file, or the alias smollm2-135m.")]
 Dtype = Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")]
-Device = Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")]
 Quantize = Annotated[str, typer.Option(help="none | 8bit | 4bit (bitsandbytes).")]
 DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="Spread the target's layers over the GPUs with accelerate, for a model too large for one: auto | balanced | balanced_low_0 | sequential.")]
 DrafterOpt = Annotated[str, typer.Option("--drafter", "-d", help="Drafter directory, 'random' (untrained, seeded) or 'auto' (the one shipped for the model, else random).")]

@@ -149,6 +149,8 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         raise BadInputError(f"--out {out} already holds files and no training checkpoint; the drafter's files would "
                             "replace them: use a new or empty directory")
     check_offline_needs(recipe)
+    if recipe.drafter.init_from:  # a drafter that cannot load fails now, not after hours of data generation
+        Drafter.load(Path(recipe.drafter.init_from).expanduser())
     fitted = recipe.beam.fit_to(recipe.drafter.predict_tokens)
     if fitted:
         emit({"event": "note", "text": fitted})
