@@ -126,6 +126,21 @@ def test_save_best_rewrites_only_the_shape(swept, tiny, tmp_path):
         save_best({**result, "best": None}, path)
 
 
+def _save_best_copy(result: dict, drafter: Drafter, tmp_path, run: dict, **cell: int):
+    """Save `drafter`, then `save_best` of the sweep `result` run with `run` settings (batch size,
+    device) and 1 lookup beam of 9, its best cell set to `cell`. Returns (the result saved, the
+    drafter's path, config.json before and after, the shape it should hold)."""
+    path = tmp_path / "drafter"
+    drafter.save(path)
+    before = json.loads((path / CONFIG_NAME).read_text())
+    best = {**result, **run, "lookup_beams": 1, "lookup_length": 9, "best": {**result["best"], **cell}}
+    save_best(best, path)
+    after = json.loads((path / CONFIG_NAME).read_text())
+    shape = {"beam_width": cell["beam_width"], "beam_length": cell["beam_length"], "lookup_beams": 1,
+             "lookup_length": 9, "datastore_beams": 0, "tree_nodes": cell["tree_nodes"]}
+    return best, path, before, after, shape
+
+
 def test_save_best_of_a_batched_sweep_keeps_the_batch_one_shape(swept, tiny, tmp_path):
     """A sweep at --batch-size 4 saves its best shape for batches of 4 and more; batch 1 (and 2, 3)
     keep the top-level one, and bench/chat resolve the shape for their batch size."""
@@ -133,15 +148,8 @@ def test_save_best_of_a_batched_sweep_keeps_the_batch_one_shape(swept, tiny, tmp
 
     result, _, _ = swept
     _, drafter = tiny
-    path = tmp_path / "drafter"
-    drafter.save(path)
-    before = json.loads((path / CONFIG_NAME).read_text())
-    best = {**result, "batch_size": 4, "lookup_beams": 1, "lookup_length": 9,
-            "best": {**result["best"], "beam_width": 2, "beam_length": 2, "tree_nodes": 1}}
-    save_best(best, path)
-    after = json.loads((path / CONFIG_NAME).read_text())
-    shape = {"beam_width": 2, "beam_length": 2, "lookup_beams": 1, "lookup_length": 9, "datastore_beams": 0,
-             "tree_nodes": 1}
+    best, path, before, after, shape = _save_best_copy(result, drafter, tmp_path, {"batch_size": 4},
+                                                       beam_width=2, beam_length=2, tree_nodes=1)
     assert after["redraft"].pop("batch_shapes") == {"4": shape}
     assert after == before  # the batch-1 recommendation is untouched
     cfg = Drafter.load(path).config
@@ -166,15 +174,8 @@ def test_save_best_on_a_gpu_keeps_the_cpu_shape(swept, tiny, tmp_path):
     shape and the batch shapes stay, and a drafter on that device (or asked for it) takes it."""
     result, _, _ = swept
     _, drafter = tiny
-    path = tmp_path / "drafter"
-    drafter.save(path)
-    before = json.loads((path / CONFIG_NAME).read_text())
-    best = {**result, "device": "cuda:0", "lookup_beams": 1, "lookup_length": 9,
-            "best": {**result["best"], "beam_width": 3, "beam_length": 2, "tree_nodes": 0}}
-    save_best(best, path)
-    after = json.loads((path / CONFIG_NAME).read_text())
-    shape = {"beam_width": 3, "beam_length": 2, "lookup_beams": 1, "lookup_length": 9, "datastore_beams": 0,
-             "tree_nodes": 0}
+    best, path, before, after, shape = _save_best_copy(result, drafter, tmp_path, {"device": "cuda:0"},
+                                                       beam_width=3, beam_length=2, tree_nodes=0)
     assert after["redraft"].pop("device_shapes") == {"cuda": shape}
     assert after == before
     loaded = Drafter.load(path)
