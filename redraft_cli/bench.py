@@ -265,8 +265,9 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
 def warm_up(gen: Generator, group: list[list[int]], d: DecodeConfig, paths: list[str],
             tick: Callable[[str], None] | None = None) -> None:
     """One short untimed run of each path on `group` together (at most 16 tokens), so timings
-    skip first-call costs."""
-    warm = replace(d, max_new_tokens=min(16, d.max_new_tokens))
+    skip first-call costs. With CUDA graphs the run is as long as the timed ones: its caches then
+    have their shapes, and the graphs captured on them are the ones the timed runs replay."""
+    warm = d if gen.target.graphs is not None else replace(d, max_new_tokens=min(16, d.max_new_tokens))
     for path in paths:
         _run_path(gen, path, group, warm, len(group))
         if tick is not None:

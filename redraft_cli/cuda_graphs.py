@@ -45,8 +45,8 @@ its inputs are h (B, H) and g0 (B,), its outputs the beams before
 
 from __future__ import annotations
 
+import warnings
 import weakref
-from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -56,7 +56,6 @@ from .env import env_flag
 
 # Node counts a graph is captured for; a pass of more tokens (a prompt) runs eagerly.
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-MAX_GRAPHS = 48  # least recently used graphs past this are dropped (per GraphedForward or GraphedDraft)
 MAX_POOLED = 3  # cache buffer pairs kept for reuse (least recently handed out dropped first)
 
 
@@ -65,26 +64,70 @@ def graphs_wanted(device: torch.device) -> bool:
     return device.type == "cuda" and env_flag("REDRAFT_CUDA_GRAPHS", True)
 
 
-def capture(fn: Callable[[], Any], pool: Any) -> tuple[Any, Any]:
-    """(graph, output) of `fn` recorded on CUDA after two warm-up calls on a side stream (lazy
-    initialisations, such as cuBLAS handles or a drafter's cached head, must happen outside the
-    capture), and replayed once so the output holds this call's result.
+def capture(fn: Callable[[], Any], pool: Any, stream: Any) -> tuple[Any, Any]:
+    """(graph, output) of `fn` recorded on the current CUDA device, on `stream`, after two warm-up
+    calls there (lazy initialisations, such as cuBLAS handles or a drafter's cached head, must happen
+    outside the capture), and replayed once so the output holds this call's result. The second
+    warm-up runs with CUDA's sync debug mode set to error: a host sync inside `fn` (a value read on
+    the host, as dynamic RoPE does) would invalidate the capture, so it is found before one starts.
+    A capture that recorded nothing (work sent to another device) is an error too.
 
     pool: the memory pool that all graphs of one owner share. A replay's temporaries may then reuse
     another graph's, which is safe because replays never overlap and each caller copies the output
     out before the next replay; an output itself stays allocated while its graph lives, so no later
     capture reuses it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
             fn()
-    torch.cuda.current_stream().wait_stream(side)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+    torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*CUDA Graph is empty.*")
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            out = fn()
     graph.replay()
     return graph, out
+
+
+class _Recorder:
+    """What GraphedForward and GraphedDraft share. Each owner captures on a stream and into a memory
+    pool of its own, on the device of its tensors (`torch.cuda.device`: the current device may be
+    another one); `failed` keeps why graphs were turned off. Graphs are never dropped one by one:
+    they live as long as their owner (dropping a graph can release the cuBLAS workspace that the
+    other graphs captured on its stream use)."""
+
+    def __init__(self, capture: bool) -> None:
+        self.capture = capture
+        self.failed: str | None = None
+        self.captures = 0
+        self._stream: Any = None
+        self._mempool: Any = None
+
+    def _record(self, fn: Callable[[], Any], device: torch.device) -> tuple[Any, Any] | None:
+        """capture(fn) on `device`, or None after setting `failed` (and dropping every graph)."""
+        try:
+            with torch.cuda.device(device):
+                if self._stream is None:
+                    self._stream = torch.cuda.Stream(device=device)
+                    self._mempool = torch.cuda.graph_pool_handle()
+                graph, out = capture(fn, self._mempool, self._stream)
+        except Exception as e:  # noqa: BLE001 - anything the capture meets turns graphs off, not decoding
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.graphs.clear()
+            return None
+        self.captures += 1
+        return graph, out
+
+    @staticmethod
+    def _replay(graph: Any, device: torch.device) -> None:
+        with torch.cuda.device(device):
+            graph.replay()
 
 
 def graph_capacity(slots: int, step: int = 256) -> int:
@@ -123,28 +166,27 @@ class _Graph:
         self.lengths.copy_(lengths)
 
 
-class GraphedForward:
+class GraphedForward(_Recorder):
     """Runs `lean.forward` through CUDA graphs: __call__(ids, positions, cache, tree_mask, valid)
     -> hidden (B, n, H), or None where the pass must run eagerly (too many tokens, too little room
     in the cache, or graphs failed). capture=False runs the same padded, full-span pass without a
     graph (for tests on the CPU, and to tell a graph's effect from the padding's)."""
 
     def __init__(self, lean: Any, capture: bool = True) -> None:
+        super().__init__(capture)
         self.lean = lean
-        self.capture = capture
-        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self.failed: str | None = None
+        self.graphs: dict[tuple, _Graph] = {}
         self.passes = 0  # passes run through this object (`prepare`'s placeholders included)
-        self.captures = 0
         # [keys, values, weakref to the cache that holds them] per buffer pair, most recently handed out last
         self._pool: list[list[Any]] = []
-        self._mempool: Any = None  # the CUDA graphs' shared memory pool
 
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> Any:
         """A StaticKVCache (lean_llama) on the buffers of a finished cache of the same shape when there
         is one, so that graphs captured on them replay; else on new buffers, kept for later caches.
         Up to MAX_POOLED buffer pairs stay allocated after their caches finish (for a 7B model with
         an 8k context, about 1 GB each)."""
+        if self.failed is not None:  # no graphs to replay: nothing to keep buffers for
+            return self.lean.new_cache(batch, capacity, dtype, device)
         shape = (len(self.lean.layers), batch, self.lean.kv_heads, capacity, self.lean.head_dim)
         for i, (keys, values, owner) in enumerate(self._pool):
             if owner() is None and tuple(keys.shape) == shape and keys.dtype == dtype and keys.device == device:
@@ -168,23 +210,21 @@ class GraphedForward:
         if nb is None or cache.get_seq_length() + nb > cache.capacity:
             return None
         key = self._key(cache, B, nb)
-        g = self.graphs.pop(key, None) or _Graph(B, nb, ids.device)
-        self.graphs[key] = g  # most recently used last
-        while len(self.graphs) > MAX_GRAPHS:
-            self.graphs.popitem(last=False)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self.graphs[key] = _Graph(B, nb, ids.device)
         g.fill(ids, positions, tree_mask, cache.lengths)
         self.passes += 1
         if not self.capture:
             g.out = self.lean.forward(g.ids, g.positions, cache, g.mask, lengths=g.lengths)
         elif g.graph is None:
-            try:
-                self._capture(g, cache)
-            except Exception as e:  # noqa: BLE001 - anything the capture meets turns graphs off, not decoding
-                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                self.graphs.clear()
+            recorded = self._record(lambda: self.lean.forward(g.ids, g.positions, cache, g.mask, lengths=g.lengths),
+                                    ids.device)
+            if recorded is None:
                 return None
+            g.graph, g.out = recorded  # its warm-up passes wrote the slots the replay writes: past the lengths
         else:
-            g.graph.replay()
+            self._replay(g.graph, ids.device)
         out = g.out[:, :n].clone()
         if valid is not None:
             out.masked_fill_(~valid.unsqueeze(-1), 0)
@@ -210,29 +250,18 @@ class GraphedForward:
     def _key(cache: Any, B: int, nb: int) -> tuple:
         return (cache._keys.data_ptr(), cache._values.data_ptr(), tuple(cache._keys.shape), B, nb)
 
-    def _capture(self, g: _Graph, cache: Any) -> None:
-        """Capture one pass (`capture`). Its warm-up passes write the same cache slots as the replay:
-        those beyond the committed lengths."""
-        if self._mempool is None:
-            self._mempool = torch.cuda.graph_pool_handle()
-        g.graph, g.out = capture(lambda: self.lean.forward(g.ids, g.positions, cache, g.mask, lengths=g.lengths),
-                                 self._mempool)
-        self.captures += 1
 
 
-class GraphedDraft:
+class GraphedDraft(_Recorder):
     """Runs `search_beams` for one drafter through CUDA graphs, one per (B, W, L, nodes, h's dtype):
     __call__(h (B, H), g0 (B,), W, L, nodes) -> DraftBeams, or None where the search must run eagerly
     (L = 1, or graphs failed: `failed` says why). capture=False runs the same fixed-shape path
     without a graph (tests on the CPU)."""
 
     def __init__(self, drafter: Any, capture: bool = True) -> None:
+        super().__init__(capture)
         self.drafter = drafter
-        self.capture = capture
-        self.graphs: OrderedDict[tuple, tuple[Any, torch.Tensor, torch.Tensor, DraftBeams]] = OrderedDict()
-        self.failed: str | None = None
-        self.captures = 0
-        self._mempool: Any = None
+        self.graphs: dict[tuple, tuple[Any, torch.Tensor, torch.Tensor, DraftBeams]] = {}
 
     def __call__(self, h: torch.Tensor, g0: torch.Tensor, W: int, L: int, nodes: int = 0) -> DraftBeams | None:
         if self.failed is not None or L < 2:
@@ -241,28 +270,21 @@ class GraphedDraft:
             beams = search_beams(self.drafter, h.clone(), g0.clone(), W, L, nodes)
             return trim_to_depth(beams) if nodes else beams
         d = self.drafter
+        # A graph reads these tensors' memory: the target's embedding and head, the draft vocabulary and
+        # the drafter's own weights (moved or cast after a capture, they live elsewhere).
         wiring = tuple((t.data_ptr(), t._version) if t is not None else None
-                       for t in (d._embed, d._head, d.draft_vocab))  # a graph reads these tensors' memory
+                       for t in (d._embed, d._head, d.draft_vocab, *d.parameters()))
         key = (tuple(h.shape), h.dtype, W, L, nodes, wiring)
-        entry = self.graphs.pop(key, None)
+        entry = self.graphs.get(key)
         if entry is None:
             h_in, g0_in = h.clone(), g0.clone()
-            try:
-                if self._mempool is None:
-                    self._mempool = torch.cuda.graph_pool_handle()
-                graph, out = capture(lambda: search_beams(self.drafter, h_in, g0_in, W, L, nodes), self._mempool)
-            except Exception as e:  # noqa: BLE001 - anything the capture meets turns graphs off, not drafting
-                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                self.graphs.clear()
+            recorded = self._record(lambda: search_beams(self.drafter, h_in, g0_in, W, L, nodes), h.device)
+            if recorded is None:
                 return None
-            entry = (graph, h_in, g0_in, out)
-            self.captures += 1
+            entry = self.graphs[key] = (recorded[0], h_in, g0_in, recorded[1])
         else:
             entry[1].copy_(h)
             entry[2].copy_(g0)
-            entry[0].replay()
-        self.graphs[key] = entry
-        while len(self.graphs) > MAX_GRAPHS:
-            self.graphs.popitem(last=False)
+            self._replay(entry[0], h.device)
         beams = DraftBeams(entry[3].tokens.clone(), entry[3].logprobs.clone())
         return trim_to_depth(beams) if nodes else beams

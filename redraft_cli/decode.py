@@ -363,8 +363,6 @@ class Generator:
                 yield out
                 if not rows.active:  # the first rows (or a batch that had emptied): their cache replaces the last
                     self.cache, self.draft_context = cache, draft_context
-                    if t.graphs is not None:  # every tree size of this generation captured before its steps
-                        t.graphs.prepare(cache, margin)
                     h, g0 = self._select(keep, len(ids), h_new, g0_new, cache, draft_context)
                 elif keep:
                     h_new, g0_new = self._select(keep, len(ids), h_new, g0_new, cache, draft_context)
@@ -374,6 +372,8 @@ class Generator:
                     h, g0 = torch.cat([h, h_new]), torch.cat([g0, g0_new])
                 rows.active += [ids[i] for i in keep]
                 continue
+            if t.graphs is not None:  # every tree size for these rows captured before their steps (once)
+                t.graphs.prepare(self.cache, margin)
             stats, h, g0 = step(rows, h, g0, cfg, gen)
             out, keep = self._record(rows, rows.active, stats, cfg)
             yield out

@@ -215,7 +215,8 @@ def test_cuda_graph_replay_equals_eager_decoding(monkeypatch):
     runs = [(p, c, mode) for p in prompts for c, mode in ((cfg, "plain"), (cfg, "redraft"), (nodes, "redraft"))]
     got = [gen.generate(p, c, mode).tokens for p, c, mode in runs]
     runner, drafts = target.graphs, gen.proposer.graphs
-    assert runner.failed is None and runner.captures > 0 and drafts.failed is None and drafts.captures == 2
+    # Draft graphs: one per beam length drafted (the last steps of an answer draft shorter beams) and budget.
+    assert runner.failed is None and runner.captures > 0 and drafts.failed is None and 2 <= drafts.captures <= 6
     target.graphs = None
     monkeypatch.setenv("REDRAFT_CUDA_GRAPHS", "0")
     eager = Generator(target, drafter)
