@@ -177,6 +177,7 @@ class GraphedForward(_Recorder):
         self.lean = lean
         self.graphs: dict[tuple, _Graph] = {}
         self.passes = 0  # passes run through this object (`prepare`'s placeholders included)
+        self._prepared: tuple | None = None  # what `prepare` last covered: (key of its top bucket, all fitted)
         # [keys, values, weakref to the cache that holds them] per buffer pair, most recently handed out last
         self._pool: list[list[Any]] = []
 
@@ -237,6 +238,10 @@ class GraphedForward(_Recorder):
         whose keys land in slots that the mask hides and the first real pass overwrites."""
         top = bucket(min(nodes, BUCKETS[-1]))
         B, dev = cache.lengths.numel(), cache.lengths.device
+        done = (self._key(cache, B, top), cache.get_seq_length() + top <= cache.capacity)
+        if done == self._prepared:  # the same rows as at the last step: nothing new to capture
+            return
+        self._prepared = done
         for nb in BUCKETS:
             if nb > top or self.failed is not None or cache.get_seq_length() + nb > cache.capacity:
                 break

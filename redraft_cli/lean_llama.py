@@ -119,6 +119,12 @@ def lean_supported(model: Any) -> bool:
     return all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
 
 
+def bnb_quantized(model: Any) -> bool:
+    """Whether `model` was loaded quantized (bitsandbytes): its layers then run kernels that neither
+    the GPU probe measures nor CUDA graphs record (a GGUF's weights are dequantised on load)."""
+    return getattr(model.config, "quantization_config", None) is not None
+
+
 def probe_good_rows(model: Any, head_dim: int) -> tuple[frozenset[int] | None, int]:
     """(good row counts, the count from which the pass is left as it is) for this model's dtype and
     matmul shapes (its first layer's projections and LM head; bitsandbytes layers count with their
@@ -131,8 +137,7 @@ def probe_good_rows(model: Any, head_dim: int) -> tuple[frozenset[int] | None, i
     weight = model.get_input_embeddings().weight
     if weight.device.type == "cpu":
         return invariant_rows(weight.dtype, shapes, head_dim), LIMIT
-    quantized = getattr(model.config, "quantization_config", None) is not None
-    if weight.device.type == "cuda" and not quantized and env_flag("REDRAFT_CUDA_EXACT", True):
+    if weight.device.type == "cuda" and not bnb_quantized(model) and env_flag("REDRAFT_CUDA_EXACT", True):
         return cuda_invariant_rows(weight.dtype, shapes, str(weight.device)), CUDA_TOP + 1
     return None, LIMIT
 

@@ -34,7 +34,7 @@ from .errors import BadInputError, ChatTemplateError, ContextOverflowError, Mode
 from .files import cache_dir, writable_dir
 from .invariance import pad_rows
 from .kv_cache import TreeCache
-from .lean_llama import (LEAN_MODEL_TYPES, LeanLlama, attention_window, cpu_has_native_bf16, lean_config_supported, lean_supported,
+from .lean_llama import (LEAN_MODEL_TYPES, LeanLlama, bnb_quantized, attention_window, cpu_has_native_bf16, lean_config_supported, lean_supported,
                          packed_rows, unpack_rows)
 from .tree_attention import attention_bias
 
@@ -417,9 +417,8 @@ class Target:
             self.max_context = min(self.max_context, self.window - 1)
         # On CUDA the lean pass replays CUDA graphs (cuda_graphs.py); REDRAFT_CUDA_GRAPHS=0 turns them off.
         # bitsandbytes layers are left eager.
-        quantized = getattr(model.config, "quantization_config", None) is not None
         self.graphs = (GraphedForward(self.lean) if graphs_wanted(self.device) and self.lean is not None
-                       and not quantized else None)
+                       and not bnb_quantized(model) else None)
 
     @property
     def batch_invariant(self) -> bool:

@@ -183,11 +183,10 @@ def sweep(
                                                 graphed=loaded.target.graphs is not None)):
         err.print(why)
     if saved is not None:
+        on = "" if loaded.target.device.type == "cpu" else f" on {loaded.target.device.type}"  # device_shapes
         console.print(f"saved beam shape {best['beam_width']}x{best['beam_length']}"
                       + (f" (best {best['tree_nodes']} nodes)" if best.get("tree_nodes") else "") + f" to {saved} "
-                      + (f"(the default of bench and chat with this drafter on {loaded.target.device.type})"
-                         if batch_size == 1 and loaded.target.device.type != "cpu" else
-                         "(the default of bench and chat with this drafter)" if batch_size == 1 else
+                      + (f"(the default of bench and chat with this drafter{on})" if batch_size == 1 else
                          f"(the default of bench --batch-size {batch_size} and larger with this drafter)"))
 
 
