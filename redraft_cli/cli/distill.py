@@ -45,7 +45,7 @@ def distill(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
     no_bench: Annotated[bool, typer.Option("--no-bench", help="Skip the short bench on held-out prompts at the end.")] = False,
     no_generate: Annotated[bool, typer.Option("--no-generate", help="Train on the data generated so far; generate no more (a later run without it resumes generation).")] = False,
-    data_only: Annotated[bool, typer.Option("--data-only", help="Make the data (answers, hidden states) and stop: run it once before accelerate launch.")] = False,
+    data_only: Annotated[bool, typer.Option("--data-only", help="Make the data (answers, hidden states) and stop; under accelerate launch the processes share it.")] = False,
     device: o.Device = o.DEFAULTS["device"],
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 (default: the recipe's)."),
     quantize: Optional[str] = typer.Option(None, help="none | 8bit | 4bit (default: the recipe's)."),
@@ -96,6 +96,8 @@ def distill(
     finally:
         if view.tasks:  # started with its first bar, so an error before any prints no blank line
             view.progress.stop()
+    if not result.main:  # another process of an accelerate launch: the main process prints and reports
+        return
     m = result.metrics
     if m.get("data_only"):
         console.print(f"data ready in {m['data_dir']}: the same command without --data-only trains on it "

@@ -40,8 +40,11 @@ from ..chat_templates import control_strings, encode_messages
 from ..chat_templates import render as render_chat
 from ..errors import BadInputError, ChatTemplateError
 from ..files import atomic_write
+from .launch import Launch
 
 MANIFEST = "manifest.json"
+PART = "part-{:05d}.json"  # a shard's record, written by one process of a launch
+PART_GLOB = "part-*.json"
 FORMAT_VERSION = 1
 # Config fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = ("batch_size",)
@@ -381,7 +384,8 @@ def _extend_prompts(manifest: dict, fresh: dict, conversations: list[list[str]],
 
 def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str | Path, cfg: GenerationConfig,
                      progress: Callable[[int, int, int], None] | None = None,
-                     stop_after_s: float | None = None, max_shards: int | None = None) -> dict:
+                     stop_after_s: float | None = None, max_shards: int | None = None,
+                     launch: Launch | None = None) -> dict:
     """Generate (or resume generating) self-distillation data into `out_dir`.
 
     conversations: each a list of user turns. Shards already listed in the
@@ -393,15 +397,21 @@ def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str |
     max_shards: generate only the first N shards (a later call can extend it).
     A directory generated from the first conversations of this list is extended
     (a grown prompt list keeps the answers it has).
+    launch: the processes of an `accelerate launch` (launch.py): each makes its share of the
+    shards and records each in `part-SHARD.json`; the main process then moves those records
+    into the manifest. Every process returns the same manifest.
     Returns the manifest (with `complete` and this run's `last_run` timing).
     """
+    launch = launch or Launch()
     start = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise BadInputError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp*"):  # temporaries of an interrupted run
-        stale.unlink(missing_ok=True)
+    if launch.is_main:
+        for stale in out.glob(".*.tmp*"):  # temporaries of an interrupted run
+            stale.unlink(missing_ok=True)
+    launch.barrier()  # (before any process writes new ones)
     chat = _Chat(target, cfg.system)
     fresh = {
         "version": FORMAT_VERSION,
@@ -421,6 +431,7 @@ def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str |
         _check_resume(manifest, fresh, out)
         _extend_prompts(manifest, fresh, conversations, out)
         manifest["batch_size"] = cfg.batch_size
+    absorbed = _absorb_parts(manifest, out)
     done_shards = {int(s["index"]) for s in manifest["shards"]}
     prior = _totals(manifest["shards"])
     state = {
@@ -437,7 +448,7 @@ def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str |
             progress(state["done"], len(conversations), state["tokens"])
 
     generated_any = False
-    for shard in range(fresh["num_shards"]):
+    for shard in launch.share(range(fresh["num_shards"])):
         if max_shards is not None and shard >= max_shards:
             break
         if shard in done_shards:
@@ -449,27 +460,74 @@ def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str |
         name = f"shard-{shard:05d}.safetensors"
         if convs:
             _write_shard(out / name, convs)
-        manifest["shards"].append({
+        entry = {
             "index": shard,
             "file": name if convs else None,
             "conversations": len(convs),
             "tokens": sum(len(c.seq) for c in convs),
             "generated_tokens": sum(sum(c.mask) for c in convs),
             **counts,
-        })
-        manifest["shards"].sort(key=lambda s: s["index"])
-        _finish_manifest(manifest, start, state["run_tokens"])
-        _write_json(out / MANIFEST, manifest)
+        }
+        if launch.world > 1:  # the main process records it in the manifest once all are done
+            _write_json(out / PART.format(shard), {**entry, "of": manifest["conversations_sha256"]})
+            recorded = manifest["shards"] + _parts(out, manifest)
+        else:
+            manifest["shards"].append(entry)
+            manifest["shards"].sort(key=lambda s: s["index"])
+            _finish_manifest(manifest, start, state["run_tokens"])
+            _write_json(out / MANIFEST, manifest)
+            recorded = manifest["shards"]
         # Skipped and truncated conversations of the shard are done as well.
-        state["done"] = sum(int(s["conversations"]) + int(s["skipped"]) for s in manifest["shards"])
+        state["done"] = sum(int(s["conversations"]) + int(s["skipped"]) for s in recorded)
         if progress is not None:
             progress(state["done"], len(conversations), state["tokens"])
         if stop_after_s is not None and time.perf_counter() - start >= stop_after_s:
             break
+    if launch.world > 1:
+        launch.barrier()
+        if launch.is_main:
+            _absorb_parts(manifest, out)
+            _finish_manifest(manifest, start, state["run_tokens"])
+            _write_json(out / MANIFEST, manifest)
+            for part in out.glob(PART_GLOB):
+                part.unlink(missing_ok=True)
+        launch.barrier()
+        return read_manifest(out) or manifest
     _finish_manifest(manifest, start, state["run_tokens"])
-    if generated_any or not (out / MANIFEST).exists():
+    if generated_any or absorbed or not (out / MANIFEST).exists():
         _write_json(out / MANIFEST, manifest)
+    for part in out.glob(PART_GLOB):  # taken into the manifest, or stale
+        part.unlink(missing_ok=True)
     return manifest
+
+
+def _parts(out: Path, manifest: dict) -> list[dict]:
+    """The shard records of `part-*.json` files (written by the processes of a launch) for this
+    manifest's prompt set, whose shard it does not hold yet and whose file is there. A damaged
+    record, or one of another prompt set, is ignored (its shard is made again)."""
+    recorded = {int(s["index"]) for s in manifest["shards"]}
+    found = []
+    for path in sorted(out.glob(PART_GLOB)):
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            index = int(entry["index"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if (entry.pop("of", None) == manifest["conversations_sha256"] and index not in recorded
+                and 0 <= index < int(manifest["num_shards"])
+                and (entry.get("file") is None or (out / str(entry["file"])).is_file())):
+            found.append(entry)
+            recorded.add(index)
+    return found
+
+
+def _absorb_parts(manifest: dict, out: Path) -> bool:
+    """Move the part records of shards of this manifest's set into it (a launch that was
+    stopped before its main process recorded them keeps those shards); whether there were any."""
+    new = _parts(out, manifest)
+    if new:
+        manifest["shards"] = sorted(manifest["shards"] + new, key=lambda s: int(s["index"]))
+    return bool(new)
 
 
 def _finish_manifest(manifest: dict, start: float, run_tokens: int) -> None:

@@ -34,6 +34,7 @@ import torch
 
 from ..errors import BadInputError
 from ..target import Target
+from .launch import Launch
 
 MANIFEST = "manifest.json"
 
@@ -55,26 +56,35 @@ def _chunks(examples: list[dict], chunk_size: int) -> list[tuple[int, list[dict]
 @torch.no_grad()
 def build_hidden_cache(target: Target, examples: list[dict], cache_dir: Path, batch_size: int = 8,
                        chunk_size: int = 256, dtype: torch.dtype = torch.bfloat16,
-                       progress: Callable[[int, int], None] | None = None, greedy: bool = False) -> None:
+                       progress: Callable[[int, int], None] | None = None, greedy: bool = False,
+                       launch: Launch | None = None) -> None:
     """Compute and store the hidden states of `examples` (in order), resuming finished chunks;
     with greedy=True also the target's greedy token at every position (see the module docstring).
 
     Each chunk is keyed by the fingerprint of its own examples, so a data set
     that grew (more shards generated) reuses every full chunk already stored
-    and computes only the new ones.
+    and computes only the new ones. Under a launch of several processes
+    (launch.py) chunk c is computed by process c % N, and the main process
+    records them all in the manifest once every process is done.
     """
+    launch = launch or Launch()
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     manifest = _manifest(cache_dir, target.name, chunk_size, dtype, greedy)
     files = _files(manifest)
-    for c, chunk, fp in _chunks(examples, chunk_size):
+    chunks = _chunks(examples, chunk_size)
+    for c, chunk, fp in launch.share(chunks):
         if fp in files and (cache_dir / files[fp]).is_file():
+            continue
+        name = _chunk_name(c, fp)
+        if _made(cache_dir / name, greedy):  # by a launch that stopped before its main process recorded it
+            if launch.world == 1:
+                _record(cache_dir, manifest, files, c, fp, name)
             continue
         # Similar lengths together: less padding.
         order = sorted(range(len(chunk)), key=lambda i: int(chunk[i]["input_ids"].numel()))
         out: list[torch.Tensor | None] = [None] * len(chunk)
         labels: list[torch.Tensor | None] = [None] * len(chunk)
-        name = f"hidden-{c:05d}-{fp[:16]}.safetensors"
         partial = cache_dir / name.replace(".safetensors", ".partial.safetensors")
         start = _resume_partial(partial, order, batch_size, out, labels, greedy)
         try:
@@ -100,10 +110,42 @@ def build_hidden_cache(target: Target, examples: list[dict], cache_dir: Path, ba
             raise
         _save(cache_dir / name, out, labels, greedy)
         partial.unlink(missing_ok=True)
-        manifest["chunks"][str(c)] = fp
-        files[fp] = name
-        manifest["files"] = files
-        _write(cache_dir, manifest)
+        if launch.world == 1:
+            _record(cache_dir, manifest, files, c, fp, name)
+    if launch.world > 1:
+        launch.barrier()
+        if launch.is_main:  # every process's chunks, by their names
+            for c, _, fp in chunks:
+                name = _chunk_name(c, fp)
+                if fp not in files and _made(cache_dir / name, greedy):
+                    _record(cache_dir, manifest, files, c, fp, name)
+        launch.barrier()
+
+
+def _chunk_name(c: int, fp: str) -> str:
+    return f"hidden-{c:05d}-{fp[:16]}.safetensors"
+
+
+def _made(path: Path, greedy: bool) -> bool:
+    """Whether `path` is a finished chunk file of this layout (with greedy labels or without)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception:  # a damaged file: the chunk is computed again (and the file replaced)
+        return False
+    return {"hidden", "offsets"} <= keys and ("greedy" in keys) == greedy
+
+
+def _record(cache_dir: Path, manifest: dict, files: dict[str, str], c: int, fp: str, name: str) -> None:
+    """Add chunk c (fingerprint fp, file name) to the manifest and write it."""
+    manifest["chunks"][str(c)] = fp
+    files[fp] = name
+    manifest["files"] = files
+    _write(cache_dir, manifest)
 
 
 def _save(path: Path, out: list, labels: list, greedy: bool, extra: dict | None = None) -> None:

@@ -36,7 +36,8 @@ from ..errors import BadInputError, ModelLoadError
 from ..prompts import builtin_conversations, load_conversations
 from ..files import writable_dir
 from ..target import Target, TargetSpec, _hub_reachable, cache_dir, load_target
-from .hidden_cache import attach_hidden, build_hidden_cache, is_cached
+from .hidden_cache import attach_hidden, build_hidden_cache
+from .launch import Launch, start_launch
 from .data import GenerationConfig, conversations_sha256, generate_dataset, load_dataset, read_manifest
 from .recipe import Recipe, builtin_recipes, check_recipe
 from .written import PROMPTS as WRITTEN_PROMPTS, STATE as WRITTEN_STATE, WritingConfig, write_prompts
@@ -52,6 +53,7 @@ OUTPUT_NAMES = (CONFIG_NAME, WEIGHTS_NAME, DATASTORE_NAME, RECIPE_NAME, METRICS_
 class DistillResult:
     out: Path
     metrics: dict[str, Any]
+    main: bool = True  # False in the other processes of a launch: the main process reports
 
 
 def resolve_conversations(source: str, num_prompts: int | None, skipped: list[str] | None = None) -> list[list[str]]:
@@ -131,8 +133,9 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
 
     generate=False trains on the data generated so far (none: an error) without generating more;
     a later run with generate=True resumes generation where it stopped. data_only=True makes the
-    data (answers, and hidden states where the recipe caches them) and stops before training: the
-    single-process step before `accelerate launch`, whose processes only read the data."""
+    data (answers, and hidden states where the recipe caches them) and stops before training.
+    Under `accelerate launch` with several processes they split the data and train data parallel
+    (launch.py); the others return main=False and only the main process writes the drafter."""
     emit = on_event or (lambda e: None)
     if data_only and not generate:
         raise BadInputError("--data-only generates the data; it cannot be combined with --no-generate")
@@ -170,15 +173,19 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         _check_writable(out, f"cannot write the drafter to --out {out}")
     _check_writable(Path(data_dir) if data_dir else cache_dir() / "distill-data",
                     "cannot write the distillation data in {path}", "; set REDRAFT_CACHE to a writable folder")
+    # Several processes (accelerate launch): they split the data and train data parallel (launch.py).
+    launch = start_launch(recipe.target.device)
+    if not launch.is_main:  # the main process reports for all
+        emit = lambda e: None  # noqa: E731
     if target is None:
         t = recipe.target
         emit({"event": "load", "model": t.model})
-        target = load_target(TargetSpec(model=t.model, dtype=t.dtype, device=t.device, quantize=t.quantize))
+        target = load_target(TargetSpec(model=t.model, dtype=t.dtype, device=launch.device(t.device), quantize=t.quantize))
     if recipe.drafter.draft_vocab_size and recipe.drafter.draft_vocab_size > target.vocab_size:
         raise BadInputError(f"--draft-vocab {recipe.drafter.draft_vocab_size} is larger than {target.name}'s vocabulary "
                             f"of {target.vocab_size} tokens")
     apply_chat_template(target, recipe.target.chat_template)
-    if not data_only:
+    if not data_only and launch.is_main:
         out.mkdir(parents=True, exist_ok=True)
         saved = recipe.to_dict()
         if target.tokenizer.chat_template and recipe.target.chat_template not in (None, *NAMED_TEMPLATES):
@@ -195,16 +202,16 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     if seen is not None:
         # A short run needs only the held-out slice and max_steps batches: generate just those shards.
         max_shards = -(-(d.held_out + seen) // d.shard_size)
-    examples = _answers(target, recipe.name, convs, data_dir, gen_cfg, max_shards, generate, emit, "greedy")
+    examples = _answers(target, launch, recipe.name, convs, data_dir, gen_cfg, max_shards, generate, emit, "greedy")
     held = [e for e in examples if e["conv_index"] < d.held_out]
     train_set = [e for e in examples if e["conv_index"] >= d.held_out]
     if d.cache_hidden:
-        _attach_hidden_states(target, examples, data_dir, recipe, emit, greedy=False)
+        _attach_hidden_states(target, launch, examples, data_dir, recipe, emit, greedy=False)
     # The extra sets are sized for the run: when it is shorter than one pass over the greedy set, each
     # extra example is seen about once, and one forward while training costs no more than caching it.
     cache_extra = d.cache_hidden and (seen is None or seen > len(train_set))
-    sampled = _sampled_answers(target, recipe, convs[d.held_out:], gen_cfg, data_dir, generate, emit, cache_extra)
-    written = _written_prompts(target, recipe, gen_cfg, data_dir, generate, emit, cache_extra)
+    sampled = _sampled_answers(target, launch, recipe, convs[d.held_out:], gen_cfg, data_dir, generate, emit, cache_extra)
+    written = _written_prompts(target, launch, recipe, gen_cfg, data_dir, generate, emit, cache_extra)
     train_set += sampled + written
     train_tokens = sum(int(e["loss_mask"].sum()) for e in train_set)
     emit({"event": "data_done", "train": len(train_set) - len(sampled) - len(written), "sampled": len(sampled),
@@ -212,7 +219,7 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     if data_only:
         return DistillResult(out, {"recipe": recipe.name, "model": target.name, "data_only": True, "data_dir": str(data_dir),
                                    "data": {"train_conversations": len(train_set), "held_out_conversations": len(held),
-                                            "train_generated_tokens": train_tokens}})
+                                            "train_generated_tokens": train_tokens}}, main=launch.is_main)
 
     # 2. The drafter, then training.
     dr = recipe.drafter
@@ -236,6 +243,8 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     # Greedy self-distillation data holds the target's argmax tokens already; sampled data does not.
     state = train_drafter(target, drafter, train_set, held, recipe.train, out, dr.predict_tokens, resume=resume,
                           on_event=emit, compare_target_argmax=d.temperature > 0)
+    if not launch.is_main:  # the final files, the datastore and the bench are the main process's
+        return DistillResult(out, {"recipe": recipe.name, "process": launch.rank, "steps": state.step}, main=False)
 
     # 3. The final drafter = the best by held-out agreement.
     best = out / "best"
@@ -278,11 +287,12 @@ def _check_writable(path: Path, message: str, hint: str = "") -> None:
         raise BadInputError(message.format(path=path) + f": {exc.strerror or exc}{hint}") from exc
 
 
-def _answers(target: Target, package_name: str, convs: list[list[str]], data_dir: Path, gen_cfg: GenerationConfig,
-             max_shards: int | None, generate: bool, emit: EventFn, kind: str, required: bool = True) -> list[dict]:
+def _answers(target: Target, launch: Launch, package_name: str, convs: list[list[str]], data_dir: Path,
+             gen_cfg: GenerationConfig, max_shards: int | None, generate: bool, emit: EventFn, kind: str,
+             required: bool = True) -> list[dict]:
     """One set of answers to `convs`: seeded from the package, generated (or resumed) unless
     generate=False, then loaded; with max_shards, only the conversations of those shards."""
-    seed_from_package(package_name, data_dir, convs, gen_cfg)
+    launch.main_only(lambda: seed_from_package(package_name, data_dir, convs, gen_cfg))
     manifest = read_manifest(data_dir)
     if not generate:
         if manifest is None or not manifest.get("shards"):
@@ -293,9 +303,8 @@ def _answers(target: Target, package_name: str, convs: list[list[str]], data_dir
             emit({"event": "data_partial", "set": kind, "dir": str(data_dir),
                   "done": sum(s["conversations"] for s in manifest["shards"]), "total": len(convs)})
     elif not _has_shards(manifest, max_shards, len(convs)):
-        _generation_in_one_process("greedy answers" if kind == "greedy" else kind, data_dir)
         emit({"event": "data_start", "set": kind, "conversations": len(convs), "dir": str(data_dir)})
-        generate_dataset(target, convs, data_dir, gen_cfg, max_shards=max_shards,
+        generate_dataset(target, convs, data_dir, gen_cfg, max_shards=max_shards, launch=launch,
                          progress=lambda done, total, tokens: emit({"event": "data", "set": kind, "done": done,
                                                                     "total": total, "tokens": tokens}))
     # A directory's set may be larger than `convs` (written prompts grow under one key): its first ones.
@@ -303,14 +312,6 @@ def _answers(target: Target, package_name: str, convs: list[list[str]], data_dir
     if max_shards is not None:  # a short run trains on the shards it asked for, not on all that exist
         examples = [e for e in examples if e["conv_index"] < max_shards * gen_cfg.shard_size]
     return examples
-
-
-def _generation_in_one_process(what: str, where: Path) -> None:
-    """Data is made by one process: under `accelerate launch` with several, every process would make
-    the same files at once. There, missing data is an error that says how to make it first."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise BadInputError(f"the {what} in {where} are not all made yet, and data is made in one process: run the "
-                            f"same redraft distill command with --data-only (not under accelerate launch) first")
 
 
 def _has_shards(manifest: dict | None, max_shards: int | None, conversations: int) -> bool:
@@ -351,7 +352,7 @@ def _settings_key(settings: Any) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _sampled_answers(target: Target, recipe: Recipe, train_convs: list[list[str]], gen_cfg: GenerationConfig,
+def _sampled_answers(target: Target, launch: Launch, recipe: Recipe, train_convs: list[list[str]], gen_cfg: GenerationConfig,
                      data_dir: Path, generate: bool, emit: EventFn, cache: bool) -> list[dict]:
     """The recipe's sampled answers to the training conversations (data.sampled_*), every example
     carrying `greedy`: the target's greedy token per position (from the hidden-state cache, or
@@ -366,11 +367,11 @@ def _sampled_answers(target: Target, recipe: Recipe, train_convs: list[list[str]
         cfg = replace(gen_cfg, temperature=d.sampled_temperature, top_p=d.sampled_top_p, seed=d.seed + s,
                       max_new_tokens=d.sampled_max_new_tokens or d.max_new_tokens)
         sdir = data_dir / f"sampled-{_settings_key(cfg.fingerprint())}"
-        found = _answers(target, f"{recipe.name}-sampled-{s}", train_convs, sdir, cfg, shards, generate, emit,
+        found = _answers(target, launch, f"{recipe.name}-sampled-{s}", train_convs, sdir, cfg, shards, generate, emit,
                          f"sampled answers {s}", required=False)
         found = [e for e in found if e["conv_index"] < n]
         if cache:
-            _attach_hidden_states(target, found, sdir, recipe, emit, greedy=True)
+            _attach_hidden_states(target, launch, found, sdir, recipe, emit, greedy=True)
         else:
             for e in found:
                 e["greedy"] = torch.full_like(e["input_ids"], -1)
@@ -378,7 +379,7 @@ def _sampled_answers(target: Target, recipe: Recipe, train_convs: list[list[str]
     return examples
 
 
-def _written_prompts(target: Target, recipe: Recipe, gen_cfg: GenerationConfig, data_dir: Path,
+def _written_prompts(target: Target, launch: Launch, recipe: Recipe, gen_cfg: GenerationConfig, data_dir: Path,
                      generate: bool, emit: EventFn, cache: bool) -> list[dict]:
     """data.written_prompts: prompts the target writes (written.py), answered like the recipe's own.
     Prompts, answer shards and their hidden states live in data_dir/written-KEY/."""
@@ -389,40 +390,41 @@ def _written_prompts(target: Target, recipe: Recipe, gen_cfg: GenerationConfig, 
                          seed=d.seed, system=d.system)
     wdir = data_dir / f"written-{_settings_key([wcfg.fingerprint(), gen_cfg.fingerprint()])}"
     shipped = _shipped_data(f"{recipe.name}-written")
-    if ((shipped / WRITTEN_PROMPTS).is_file() and not (wdir / WRITTEN_PROMPTS).is_file()
-            and json.loads((shipped / WRITTEN_STATE).read_text()).get("config") == json.loads(json.dumps(wcfg.fingerprint()))):
-        wdir.mkdir(parents=True, exist_ok=True)
-        for name in (WRITTEN_PROMPTS, WRITTEN_STATE):
-            shutil.copyfile(shipped / name, wdir / name)
+
+    def seed() -> None:
+        if ((shipped / WRITTEN_PROMPTS).is_file() and not (wdir / WRITTEN_PROMPTS).is_file() and json.loads(
+                (shipped / WRITTEN_STATE).read_text()).get("config") == json.loads(json.dumps(wcfg.fingerprint()))):
+            wdir.mkdir(parents=True, exist_ok=True)
+            for name in (WRITTEN_PROMPTS, WRITTEN_STATE):
+                shutil.copyfile(shipped / name, wdir / name)
+
+    launch.main_only(seed)
     shards = _shards_to_answer(recipe, d.written_prompts)  # (the prompt set is written whole)
     state = wdir / WRITTEN_STATE
     written = json.loads(state.read_text()).get("kept", 0) if state.is_file() else 0
     if generate:
-        if written < d.written_prompts:
-            _generation_in_one_process("prompts the target writes", wdir)
         emit({"event": "writing_start", "prompts": d.written_prompts, "dir": str(wdir)})
-        prompts = write_prompts(target, wdir, wcfg,
-                                progress=lambda kept, wanted: emit({"event": "writing", "done": kept, "total": wanted}))
+        # One list for all: the main process writes it, the others then read it.
+        prompts = launch.main_first(lambda: write_prompts(
+            target, wdir, wcfg, progress=lambda kept, wanted: emit({"event": "writing", "done": kept, "total": wanted})))
     elif written >= d.written_prompts:
         prompts = [c[0] for c in load_conversations(wdir / WRITTEN_PROMPTS)][: d.written_prompts]
     else:
         return []  # --no-generate before the prompt set is whole: the answers would not match it
-    examples = _answers(target, f"{recipe.name}-written", [[p] for p in prompts], wdir, gen_cfg, shards, generate, emit,
+    examples = _answers(target, launch, f"{recipe.name}-written", [[p] for p in prompts], wdir, gen_cfg, shards, generate, emit,
                         "written prompts", required=False)
     if cache:
-        _attach_hidden_states(target, examples, wdir, recipe, emit, greedy=False)
+        _attach_hidden_states(target, launch, examples, wdir, recipe, emit, greedy=False)
     return examples
 
 
-def _attach_hidden_states(target: Target, examples: list[dict], data_dir: Path, recipe: Recipe, emit: EventFn,
-                          greedy: bool) -> None:
+def _attach_hidden_states(target: Target, launch: Launch, examples: list[dict], data_dir: Path, recipe: Recipe,
+                          emit: EventFn, greedy: bool) -> None:
     """Small targets: one forward over the data, stored, instead of one per epoch. One cache per
     target dtype; chunks are keyed by their examples, so it grows with the data."""
     hidden_dir = data_dir / f"hidden-{target.compute_dtype}".replace("torch.", "")
-    if not is_cached(examples, hidden_dir, target.name, greedy=greedy):
-        _generation_in_one_process("hidden states", hidden_dir)
     emit({"event": "hidden_start", "examples": len(examples), "dir": str(hidden_dir)})
-    build_hidden_cache(target, examples, hidden_dir, batch_size=recipe.train.batch_size, greedy=greedy,
+    build_hidden_cache(target, examples, hidden_dir, batch_size=recipe.train.batch_size, greedy=greedy, launch=launch,
                        progress=lambda done, total: emit({"event": "hidden", "done": done, "total": total}))
     attach_hidden(examples, hidden_dir, target.name)
 
