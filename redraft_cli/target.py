@@ -168,16 +168,32 @@ def _from_gguf(directory: Path, filename: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _convert_embedded(alias: str) -> Path:
-    """Dequantise the embedded GGUF once and cache it as a normal HF directory (~20 s -> <1 s)."""
+def _convert_embedded(alias: str, damaged: bool = False) -> Path:
+    """Dequantise the embedded GGUF once and cache it as a normal HF directory (~20 s -> <1 s).
+
+    Several processes at once (an accelerate launch, two commands on a fresh machine): one
+    converts under a file lock while the others wait, then all load its result. damaged=True:
+    the cached conversion failed to load; convert again if its files are unreadable."""
+    from filelock import FileLock
+
     out = cache_dir() / "models" / alias
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    done = lambda: (out / "config.json").is_file() and (out / "model.safetensors").is_file()  # noqa: E731
+    if done() and not damaged:
         return out
     try:  # find out before the ~20 s conversion whether its result can be kept
         writable_dir(out.parent)
     except OSError as exc:
         raise ModelLoadError(f"cannot cache the converted model in {out}: {exc.strerror or exc}; set REDRAFT_CACHE "
                              "to a writable folder") from exc
+    with FileLock(str(out.parent / f".{alias}.lock")):
+        if done() and not (damaged and _damaged_conversion(out)):  # converted while this process waited
+            return out
+        _convert_into(alias, out)
+    return out
+
+
+def _convert_into(alias: str, out: Path) -> None:
+    """The conversion itself: out/ replaced whole, atomically (the caller holds the lock)."""
     directory, filename = embedded_gguf(alias)
     model, tokenizer = _from_gguf(directory, filename)
     if hasattr(model.config, "quantization_config"):
@@ -187,6 +203,12 @@ def _convert_embedded(alias: str) -> Path:
     try:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        if not (tmp / "model.safetensors").is_file():  # transformers saves on torch.distributed rank 0 only
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ModelLoadError(f"cannot cache the converted model in {out}: transformers wrote no weights (a process "
+                                 "other than rank 0 of a torch.distributed group); load the model in rank 0 first")
         if out.exists():
             import shutil
 
@@ -194,7 +216,6 @@ def _convert_embedded(alias: str) -> Path:
         os.replace(tmp, out)
     except OSError as exc:
         raise ModelLoadError(f"cannot cache the converted model in {out}: {exc}") from exc
-    return out
 
 
 def _damaged_conversion(directory: Path) -> bool:
@@ -317,10 +338,7 @@ def load_target(spec: TargetSpec | str = DEFAULT_MODEL, **overrides: Any) -> "Ta
         except ModelLoadError:  # a damaged cached conversion (a full disk, a bad copy): convert again
             if not _damaged_conversion(Path(source)):
                 raise  # the files are whole: the failure is elsewhere (an import cut short by Ctrl-C, memory)
-            import shutil
-
-            shutil.rmtree(source, ignore_errors=True)
-            model, tokenizer = _load_hf(str(_convert_embedded(name)), spec, device, dtype)
+            model, tokenizer = _load_hf(str(_convert_embedded(name, damaged=True)), spec, device, dtype)
     elif name.endswith(".gguf"):
         path = Path(name)
         if not path.is_file():

@@ -537,3 +537,44 @@ def test_only_a_damaged_cached_conversion_is_converted_again(tmp_path):
     (d / "model.safetensors").write_bytes(whole)
     (d / "tokenizer.json").write_text('{"version": ')
     assert _damaged_conversion(d)
+
+
+def test_processes_converting_the_embedded_default_at_once_convert_it_once(tmp_path, monkeypatch):
+    """On a fresh cache, processes that load the embedded default together (an accelerate launch)
+    wait for one conversion instead of replacing each other's folder while another reads it; a
+    damaged folder is converted again, a whole one is not."""
+    import threading
+    import time
+
+    from redraft_cli import target as target_mod
+
+    monkeypatch.setenv("REDRAFT_CACHE", str(tmp_path))
+    calls = []
+
+    def slow_convert(alias, out):
+        calls.append(alias)
+        time.sleep(0.5)
+        tmp = out.with_name(out.name + f".tmp{len(calls)}")
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text(f'{{"conversion": {len(calls)}}}')
+        (tmp / "tokenizer.json").write_text("{}")
+        (tmp / "model.safetensors").write_bytes(b"not read here")
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        tmp.rename(out)
+
+    monkeypatch.setattr(target_mod, "_convert_into", slow_convert)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(target_mod._convert_embedded("smollm2-135m"))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = tmp_path / "models" / "smollm2-135m"
+    assert calls == ["smollm2-135m"] and got == [out] * 3
+    # Its model file is unreadable (as written here): a load that failed converts it again, once.
+    assert target_mod._convert_embedded("smollm2-135m", damaged=True) == out and len(calls) == 2
+    monkeypatch.setattr(target_mod, "_damaged_conversion", lambda d: False)
+    assert target_mod._convert_embedded("smollm2-135m", damaged=True) == out and len(calls) == 2

@@ -180,7 +180,9 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     if target is None:
         t = recipe.target
         emit({"event": "load", "model": t.model})
-        target = load_target(TargetSpec(model=t.model, dtype=t.dtype, device=launch.device(t.device), quantize=t.quantize))
+        spec = TargetSpec(model=t.model, dtype=t.dtype, device=launch.device(t.device), quantize=t.quantize)
+        # The main process first: it downloads or converts the model once, the others then load that.
+        target = launch.main_first(lambda: load_target(spec))
     if recipe.drafter.draft_vocab_size and recipe.drafter.draft_vocab_size > target.vocab_size:
         raise BadInputError(f"--draft-vocab {recipe.drafter.draft_vocab_size} is larger than {target.name}'s vocabulary "
                             f"of {target.vocab_size} tokens")
