@@ -38,7 +38,12 @@ def cache_dir() -> Path:
     """Where converted models and measurements are cached: $REDRAFT_CACHE (`~` expanded), else
     $XDG_CACHE_HOME/redraft when that is an absolute path (the XDG rule), else ~/.cache/redraft."""
     if os.environ.get("REDRAFT_CACHE"):
-        return Path(os.environ["REDRAFT_CACHE"]).expanduser()
+        try:
+            return Path(os.environ["REDRAFT_CACHE"]).expanduser()
+        except RuntimeError as exc:  # ~nouser/...
+            from .errors import BadInputError
+
+            raise BadInputError(f"REDRAFT_CACHE={os.environ['REDRAFT_CACHE']}: {exc}; set it to a folder path") from exc
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     return Path(xdg if os.path.isabs(xdg) else os.path.expanduser("~/.cache")) / "redraft"
 

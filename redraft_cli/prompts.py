@@ -162,6 +162,11 @@ def load_conversations(path: str | Path, skipped: list[str] | None = None) -> li
                 except json.JSONDecodeError as exc:
                     raise PromptError(f"{p}:{n}: is not a JSON object ({exc.msg}, column {exc.colno})") from exc
     else:
+        if p.suffix.lower() in (".json", ".jsonl") and stripped:  # JSON that is not prompts: not a text file either
+            raise PromptError(f"{p} is a {p.suffix} file but holds no JSON object or array of prompts "
+                              f"(it starts with {stripped[:20]!r})")
+        if "\x00" in raw:
+            raise PromptError(f"{p} holds NUL bytes: a binary file, not prompts")
         records = [(None, line) for line in raw.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     convs = []
     for where, rec in records:

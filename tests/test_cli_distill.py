@@ -305,3 +305,90 @@ def test_distill_writes_no_report_over_its_inputs_or_outputs(tiny_recipe, tmp_pa
         result = runner.invoke(app, ["distill", str(recipe), *args])
         assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output, result.output
     assert recipe.read_text() == before and not (tmp_path / "o").exists()
+
+
+def test_distill_refuses_what_would_lose_or_mix_work(tiny_recipe, tmp_path, monkeypatch):
+    """A report over the data, a resume for another target, a diverged run, a lost best/ or a checkpoint
+    caught between its two renames: each is refused clearly or repaired, never a traceback."""
+    import shutil
+
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache-guard"))
+    flat = lambda r: " ".join(r.output.split())  # noqa: E731
+    out = tmp_path / "out"
+    first = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "2", "--no-bench"])
+    assert first.exit_code == 0, first.output
+    manifest = next((root / "cache-guard" / "distill-data").glob("*/manifest.json"))
+    before = manifest.read_bytes()
+    over = runner.invoke(app, ["distill", str(recipe), "--out", str(tmp_path / "o2"), "--max-steps", "2", "--no-bench",
+                               "--json", str(manifest)])
+    assert over.exit_code == 2 and "inside the distillation data" in flat(over) and manifest.read_bytes() == before
+    # Another target of the same shape: refused before recipe.yaml changes.
+    other_model = root / "tiny-model-other"
+    if not other_model.exists():
+        shutil.copytree(root / "tiny-model", other_model)
+    other = tmp_path / "other.yaml"
+    other.write_text(recipe.read_text().replace(str(root / "tiny-model"), str(other_model)))
+    saved = (out / "recipe.yaml").read_text()
+    mixed = runner.invoke(app, ["distill", str(other), "--out", str(out), "--max-steps", "4", "--resume", "--no-bench"])
+    assert mixed.exit_code == 2 and "target_model" in flat(mixed) and "Traceback" not in mixed.output
+    assert (out / "recipe.yaml").read_text() == saved
+    # best/ lost: the resumed run evaluates again and writes a final drafter that loads.
+    shutil.rmtree(out / "best")
+    again = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "3", "--resume", "--no-bench"])
+    assert again.exit_code == 0 and "writes it again" in flat(again), again.output
+    assert Drafter.load(out).config.target_model and (out / "best" / "config.json").is_file()
+    # Stopped between the checkpoint's two renames: the old one is put back and the run resumes.
+    (out / "checkpoint").rename(out / ".checkpoint.old999")
+    back = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "4", "--resume", "--no-bench"])
+    assert back.exit_code == 0, back.output
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+    # A learning rate that makes the loss overflow stops the run with a one-line error.
+    wild = runner.invoke(app, ["distill", str(recipe), "--out", str(tmp_path / "wild"), "--max-steps", "6", "--no-bench",
+                               "--lr", "1e30"])
+    assert wild.exit_code == 2 and "diverged" in flat(wild) and "Traceback" not in wild.output
+    # The recipe's device counts unless --device is given; a bad one is named by its field before any work.
+    bad_device = tmp_path / "tpu.yaml"
+    bad_device.write_text(recipe.read_text().replace("dtype: float32}", "dtype: float32, device: tpu}"))
+    tpu = runner.invoke(app, ["distill", str(bad_device), "--out", str(tmp_path / "tpu"), "--max-steps", "1"])
+    assert tpu.exit_code == 2 and "target.device" in flat(tpu) and "loading target" not in tpu.output
+    on_cpu = tmp_path / "cpu.yaml"
+    on_cpu.write_text(recipe.read_text().replace("dtype: float32}", "dtype: float32, device: cpu}"))
+    for flags, device in (([], "cpu"), (["--device", "auto"], "auto")):
+        run = runner.invoke(app, ["distill", str(on_cpu), *flags, "--out", str(tmp_path / device), "--max-steps", "1",
+                                  "--no-bench"])
+        assert run.exit_code == 0, run.output
+        assert load_recipe(str(tmp_path / device / "recipe.yaml")).target.device == device
+    # Every prompt too long for the room the answers leave: said plainly.
+    long = runner.invoke(app, ["distill", str(recipe), "--out", str(tmp_path / "long"), "--max-steps", "1",
+                               "--no-bench", "--max-new-tokens", "250"])
+    assert long.exit_code == 2 and "no prompt fits in 6 tokens" in flat(long), long.output
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    world = runner.invoke(app, ["distill", str(recipe), "--out", str(tmp_path / "w"), "--max-steps", "1"])
+    assert world.exit_code == 2 and "WORLD_SIZE='abc'" in flat(world) and "loading target" not in world.output
+
+
+def test_damaged_distillation_data_is_named_or_computed_again(tiny_recipe, tmp_path, monkeypatch):
+    """A garbled data manifest or shard is a one-line error naming the folder to delete; a damaged
+    hidden-state chunk is computed again."""
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cached.yaml"
+    cached.write_text(recipe.read_text().replace("shard_size: 4}", "shard_size: 4, cache_hidden: true}"))
+    made = runner.invoke(app, ["distill", str(cached), "--data-only"])
+    assert made.exit_code == 0, made.output
+    data = next((tmp_path / "cache" / "distill-data").glob("*/manifest.json")).parent
+    chunk = next((data / "hidden-float32").glob("hidden-*.safetensors"))
+    chunk.write_bytes(chunk.read_bytes()[:200])
+    redo = runner.invoke(app, ["distill", str(cached), "--out", str(tmp_path / "o"), "--epochs", "1", "--no-bench"])
+    assert redo.exit_code == 0 and "computing it again" in " ".join(redo.output.split()), redo.output
+    shard = data / "shard-00001.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(shard))
+    save_file({k: v for k, v in tensors.items() if k != "offsets"}, str(shard))
+    broken = runner.invoke(app, ["distill", str(cached), "--out", str(tmp_path / "o2"), "--max-steps", "1"])
+    assert broken.exit_code == 2 and "is damaged" in broken.output and "Traceback" not in broken.output
+    (data / "manifest.json").write_text("[]")
+    garbled = runner.invoke(app, ["distill", str(cached), "--out", str(tmp_path / "o3"), "--max-steps", "1"])
+    assert garbled.exit_code == 2 and "is damaged" in garbled.output and str(data) in " ".join(garbled.output.split())

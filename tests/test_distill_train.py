@@ -120,15 +120,37 @@ def test_recipes_load_and_validate(tmp_path):
                                  ({"drafter": {"context_window": -4}}, "context_window"),
                                  ({"drafter": {"weight_storage": "int4"}}, "weight_storage"),
                                  ({"data": {"held_out": -5}}, "data.held_out must be a number >= 0"),
-                                 ({"train": {"lr": "abc"}}, "train.lr must be a number > 0, got 'abc'"),
+                                 ({"train": {"lr": "abc"}}, "train.lr must be a number, got 'abc'"),
                                  ({"train": {"lr": float("nan")}}, "train.lr"),
                                  ({"train": {"mixed_precision": "fp8"}}, "mixed_precision"),
                                  ({"train": {"max_steps": 0}}, "train.max_steps"),
                                  ({"data": {"top_p": 1.5}}, "data.top_p must be a number > 0 and <= 1.0"),
                                  ({"eval": {"bench_prompts": -1}}, "eval.bench_prompts"),
-                                 ({"train": {"batch_size": True}}, "train.batch_size")):
+                                 ({"train": {"batch_size": True}}, "train.batch_size"),
+                                 # Whole numbers where counts go, strings where names go, caught before any work.
+                                 ({"train": {"batch_size": 2.5}}, "train.batch_size must be a whole number, got 2.5"),
+                                 ({"data": {"num_prompts": 10.5}}, "data.num_prompts must be a whole number or null"),
+                                 ({"drafter": {"num_layers": 1.5}}, "drafter.num_layers must be a whole number"),
+                                 ({"eval": {"bench_max_new_tokens": 3.5}}, "eval.bench_max_new_tokens"),
+                                 ({"target": {"model": 5}}, "target.model must be a string, got 5"),
+                                 ({"target": {"dtype": ["float32"]}}, "target.dtype must be a string"),
+                                 ({"target": {"device": "tpu"}}, "target.device must be one of"),
+                                 ({"data": {"source": ["a", "b"]}}, "data.source must be a string"),
+                                 ({"data": {"cache_hidden": "notabool"}}, "data.cache_hidden must be true or false"),
+                                 ({"data": {"sampled_answers": 1, "sampled_top_p": 5}}, "data.sampled_top_p"),
+                                 ({"data": {"written_prompts": 2, "written_temperature": float("inf")}},
+                                  "data.written_temperature"),
+                                 ({"drafter": {"head": "own", "draft_vocab_size": 1}}, "smaller than beam.width"),
+                                 ({"beam": {"width": 2, "length": 3, "lookup": 1, "lookup_length": 1000}},
+                                  "beam.lookup_length"),
+                                 ({"name": "/tmp/victim"}, "recipe name must be"),
+                                 ({"name": "../../evil"}, "recipe name must be"),
+                                 ({"name": None}, "recipe name must be a string"),
+                                 ({"name": ["a", "b"]}, "recipe name must be a string")):
         with pytest.raises(BadInputError, match=fragment):
             recipe_from_dict(bad_fields)
+    # A model path or id names its recipe by its last part, made safe for a folder name.
+    assert load_recipe("/tmp/my model/").name == "my-model" and load_recipe("Org/Model-7B").name == "Model-7B"
 
 
 def test_distill_pipeline_end_to_end(tmp_path):

@@ -13,9 +13,10 @@ from rich.table import Table
 
 from ..distill.pipeline import OUTPUT_NAMES
 from ..distill.pipeline import distill as run_distill
+from ..distill.launch import launched_rank
 from ..distill.recipe import check_recipe, load_recipe
 from ..errors import BadInputError
-from ..files import write_text
+from ..files import cache_dir, write_text
 from . import options as o
 from ._errors import fail, handle_errors
 from .common import model_inputs, check_output_paths, console, err, quiet_libraries
@@ -46,7 +47,7 @@ def distill(
     no_bench: Annotated[bool, typer.Option("--no-bench", help="Skip the short bench on held-out prompts at the end.")] = False,
     no_generate: Annotated[bool, typer.Option("--no-generate", help="Train on the data generated so far; generate no more (a later run without it resumes generation).")] = False,
     data_only: Annotated[bool, typer.Option("--data-only", help="Make the data (answers, hidden states) and stop; under accelerate launch the processes share it.")] = False,
-    device: o.Device = o.DEFAULTS["device"],
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps (default: the recipe's)."),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 (default: the recipe's)."),
     quantize: Optional[str] = typer.Option(None, help="none | 8bit | 4bit (default: the recipe's)."),
     json_path: o.JsonOut = None,
@@ -68,7 +69,8 @@ def distill(
     for (section, name), value in overrides.items():
         if value is not None:
             setattr(getattr(recipe, section), name, value)
-    recipe.target.device = device
+    if device is not None:
+        recipe.target.device = device
     recipe.data, recipe.train = dataclasses.replace(recipe.data), dataclasses.replace(recipe.train)  # validation
     if recipe.drafter.head not in ("own", "tied"):
         raise BadInputError(f"--head must be own or tied, got {recipe.drafter.head!r}")
@@ -88,11 +90,22 @@ def distill(
     check_output_paths({"--json": json_path}, inputs={"data.source": recipe.data.source, "RECIPE": recipe_file, **files},
                        folders={**folders, "--init-from": recipe.drafter.init_from})
     view = _DistillView()
+    rank = launched_rank()  # under accelerate launch the main process (rank 0) speaks for all
     try:
         result = run_distill(recipe, out, resume=resume, on_event=view.on_event, bench=not no_bench,
                              generate=not no_generate, data_only=data_only)
     except KeyboardInterrupt:
+        if rank != 0:  # the main process says what was kept
+            raise typer.Exit(130) from None
         raise fail(view.interrupted(out), 130) from None
+    except RuntimeError as exc:
+        import torch.distributed as dist
+
+        if rank == 0 or not (dist.is_available() and dist.is_initialized()):
+            raise
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise fail(f"process {rank} of the launch stopped: another process stopped first (its message says why): "
+                   f"{first}", 1) from None
     finally:
         if view.tasks:  # started with its first bar, so an error before any prints no blank line
             view.progress.stop()
@@ -121,6 +134,10 @@ def check_out_folder(out: Path, json_path: Path | None) -> None:
         report = Path(json_path).resolve()
         if report.is_relative_to(where) and report.relative_to(where).parts[0] in OUTPUT_NAMES:
             raise BadInputError(f"--json {json_path} is a file distill writes in --out {out}; name another file")
+        data = (cache_dir() / "distill-data").resolve()
+        if report.is_relative_to(data):
+            raise BadInputError(f"--json {json_path} is inside the distillation data ({data}), which distill reads "
+                                f"and writes; name a file elsewhere")
 
 
 class _DistillView:

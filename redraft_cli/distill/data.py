@@ -339,9 +339,43 @@ def read_manifest(out_dir: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"cannot read {path}: {exc}") from exc
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise BadInputError(f"cannot read {path}: {exc}; delete {path.parent} to generate the data again") from exc
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise BadInputError(f"{path} is damaged ({problem}); delete {path.parent} to generate the data again")
+    return manifest
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _shard_record_ok(shard: Any) -> bool:
+    """Whether a shard's record (manifest entry or part file) has the fields loading reads, well typed."""
+    return (isinstance(shard, dict) and all(_count(shard.get(k, 0)) for k in ("index", "conversations", "skipped"))
+            and "index" in shard and "conversations" in shard
+            and (shard.get("file") is None or (isinstance(shard["file"], str) and "/" not in shard["file"])))
+
+
+def _manifest_problem(m: Any) -> str | None:
+    """What is wrong with a data manifest's structure, or None."""
+    count = _count
+    if not isinstance(m, dict):
+        return f"a {type(m).__name__}, not a mapping"
+    for key, ok in (("config", lambda v: isinstance(v, dict)), ("num_conversations", count), ("num_shards", count),
+                    ("conversations_sha256", lambda v: isinstance(v, str)), ("shards", lambda v: isinstance(v, list))):
+        if not ok(m.get(key)):
+            return f"{key} is {m.get(key)!r}"
+    seen = set()
+    for shard in m["shards"]:
+        if not _shard_record_ok(shard):
+            return f"a shard record is {shard!r:.80}"
+        if shard["index"] in seen or shard["index"] >= m["num_shards"]:
+            return f"shard {shard['index']} is listed twice or past num_shards"
+        seen.add(shard["index"])
+    return None
 
 
 def _totals(shards: list[dict]) -> dict[str, int]:
@@ -510,9 +544,11 @@ def _parts(out: Path, manifest: dict) -> list[dict]:
     for path in sorted(out.glob(PART_GLOB)):
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
-            index = int(entry["index"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError):
             continue
+        if not _shard_record_ok(entry):
+            continue
+        index = entry["index"]
         if (entry.pop("of", None) == manifest["conversations_sha256"] and index not in recorded
                 and 0 <= index < int(manifest["num_shards"])
                 and (entry.get("file") is None or (out / str(entry["file"])).is_file())):
@@ -568,8 +604,17 @@ def load_dataset(out_dir: str | Path) -> list[dict]:
         if not shard.get("file"):
             continue
         t = _shard_tensors(out, shard["file"])
-        ids, mask, offsets = t["input_ids"].long(), t["loss_mask"].bool(), t["offsets"].tolist()
-        for j, conv in enumerate(t["conv_index"].tolist()):
+        try:
+            ids, mask, offsets = t["input_ids"].long(), t["loss_mask"].bool(), t["offsets"].tolist()
+            convs = t["conv_index"].tolist()
+            if (ids.dim() != 1 or mask.shape != ids.shape or len(offsets) != len(convs) + 1 or offsets[0] != 0
+                    or offsets[-1] != ids.numel() or any(b <= a for a, b in zip(offsets, offsets[1:]))
+                    or (ids.numel() and int(ids.min()) < 0)):
+                raise ValueError("its tensors do not fit together")
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise BadInputError(f"distillation shard {out / shard['file']} is damaged ({exc}); delete the folder {out} "
+                                f"to generate the data again") from exc
+        for j, conv in enumerate(convs):
             a, b = offsets[j], offsets[j + 1]
             examples.append({"input_ids": ids[a:b], "loss_mask": mask[a:b], "conv_index": int(conv)})
     return examples

@@ -39,6 +39,24 @@ from .launch import Launch
 MANIFEST = "manifest.json"
 
 
+class DamagedChunk(BadInputError):
+    """A recorded chunk file that does not load (a full disk, a bad copy); `forget` drops it so that
+    build_hidden_cache computes it again."""
+
+    def __init__(self, path: Path, exc: Exception) -> None:
+        super().__init__(f"hidden-state chunk {path} is damaged ({' '.join(str(exc).split())[:200]}); delete it to "
+                         f"compute it again")
+        self.path = path
+
+    def forget(self) -> None:
+        manifest = _read(self.path.parent)
+        self.path.unlink(missing_ok=True)
+        if manifest is not None:
+            manifest["files"] = {fp: n for fp, n in _files(manifest).items() if n != self.path.name}
+            manifest["chunks"] = {c: fp for c, fp in manifest.get("chunks", {}).items() if fp in manifest["files"]}
+            _write(self.path.parent, manifest)
+
+
 def data_fingerprint(examples: list[dict]) -> str:
     h = hashlib.sha256()
     for e in examples:
@@ -210,8 +228,15 @@ def attach_hidden(examples: list[dict], cache_dir: Path, model_name: str) -> Non
     for c, chunk, fp in _chunks(examples, manifest["chunk_size"]):
         if fp not in files or not (Path(cache_dir) / files[fp]).is_file():
             raise BadInputError(f"hidden-state cache {cache_dir} does not match this data; delete it to rebuild")
-        t = load_file(str(Path(cache_dir) / files[fp]))
-        offs = t["offsets"].tolist()
+        path = Path(cache_dir) / files[fp]
+        try:
+            t = load_file(str(path))
+            offs = t["offsets"].tolist()
+            if (len(offs) != len(chunk) + 1 or offs[0] != 0 or offs[-1] != t["hidden"].shape[0]
+                    or any(offs[j + 1] - offs[j] != int(e["input_ids"].numel()) for j, e in enumerate(chunk))):
+                raise ValueError("its offsets do not fit its examples")
+        except Exception as exc:  # truncated, garbled, keys missing: computed again by the caller
+            raise DamagedChunk(path, exc) from exc
         for j, e in enumerate(chunk):
             e["hidden"] = t["hidden"][offs[j] : offs[j + 1]]
             if "greedy" in t:
@@ -245,8 +270,15 @@ def _files(manifest: dict) -> dict[str, str]:
 
 
 def _read(cache_dir: Path) -> dict | None:
+    """The manifest, or None when there is none or it is unreadable (the chunks' files are found by
+    their names and recorded again)."""
     p = cache_dir / MANIFEST
-    return json.loads(p.read_text()) if p.is_file() else None
+    try:
+        manifest = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(manifest, dict) and isinstance(manifest.get("chunks", {}), dict) and isinstance(manifest.get("files", {}), dict)
+    return manifest if ok else None
 
 
 def _write(cache_dir: Path, manifest: dict) -> None:

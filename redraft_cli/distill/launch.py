@@ -33,10 +33,26 @@ BARRIER_TIMEOUT = timedelta(hours=72)
 
 def launched_processes() -> int:
     """How many processes the launcher started (WORLD_SIZE; 1 without a launcher)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def launched_rank() -> int:
+    """This process's rank in the launch (RANK; 0, the main process, without a launcher)."""
+    return _env_int("RANK", 0)
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
     try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        value = int(text)
     except ValueError:
-        return 1
+        value = -1
+    if value < 0:
+        raise BadInputError(f"{name}={os.environ[name]!r} is not a process count or rank; unset it, or start several "
+                            f"processes with accelerate launch -m redraft_cli distill ...")
+    return max(value, 1) if name == "WORLD_SIZE" else value
 
 
 @dataclass(frozen=True)

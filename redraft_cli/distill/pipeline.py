@@ -36,12 +36,12 @@ from ..errors import BadInputError, ModelLoadError
 from ..prompts import builtin_conversations, load_conversations
 from ..files import writable_dir
 from ..target import Target, TargetSpec, _hub_reachable, cache_dir, load_target
-from .hidden_cache import attach_hidden, build_hidden_cache
-from .launch import Launch, start_launch
+from .hidden_cache import DamagedChunk, attach_hidden, build_hidden_cache
+from .launch import Launch, launched_processes, launched_rank, start_launch
 from .data import GenerationConfig, conversations_sha256, generate_dataset, load_dataset, read_manifest
 from .recipe import Recipe, builtin_recipes, check_recipe
 from .written import PROMPTS as WRITTEN_PROMPTS, STATE as WRITTEN_STATE, WritingConfig, write_prompts
-from .train import CHECKPOINT, train_drafter
+from .train import CHECKPOINT, recover_checkpoint, check_resumable, train_drafter
 
 EventFn = Callable[[dict[str, Any]], None]
 RECIPE_NAME, METRICS_NAME = "recipe.yaml", "metrics.json"
@@ -109,6 +109,8 @@ def check_offline_needs(recipe: Recipe) -> None:
         if not cached:
             needs.append(f"the model {model}")
     if recipe.data.source.startswith("hf://"):
+        if len([part for part in recipe.data.source[5:].split("/", 2) if part]) != 3:
+            raise BadInputError(f"dataset source must look like hf://owner/name/file.json, got {recipe.data.source!r}")
         needs.append(f"the data set {recipe.data.source[5:]}")
     if needs and not _hub_reachable():
         if needs[0] == f"the model {model}" and recipe.name == model and "/" not in model:
@@ -143,6 +145,8 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     check_recipe(recipe)
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out} is a file; give a directory for the drafter")
+    if out.is_dir():
+        recover_checkpoint(out)
     if (out / CHECKPOINT).exists() and not resume and not data_only:
         raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
     # A run that failed before training (no model, no chat template, no network) leaves only recipe.yaml:
@@ -174,6 +178,9 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     _check_writable(Path(data_dir) if data_dir else cache_dir() / "distill-data",
                     "cannot write the distillation data in {path}", "; set REDRAFT_CACHE to a writable folder")
     # Several processes (accelerate launch): they split the data and train data parallel (launch.py).
+    if launched_processes() > 1 and launched_rank() == 0:  # (it waits until every process has joined)
+        emit({"event": "note", "text": f"joining a launch of {launched_processes()} processes at "
+                                       f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"})
     launch = start_launch(recipe.target.device)
     if not launch.is_main:  # the main process reports for all
         emit = lambda e: None  # noqa: E731
@@ -187,6 +194,18 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         raise BadInputError(f"--draft-vocab {recipe.drafter.draft_vocab_size} is larger than {target.name}'s vocabulary "
                             f"of {target.vocab_size} tokens")
     apply_chat_template(target, recipe.target.chat_template)
+    dr = recipe.drafter
+    drafter = Drafter.for_target(target, seed=recipe.train.seed, head=dr.head, num_draft_layers=dr.num_layers,
+                                 predict_tokens=dr.predict_tokens, draft_vocab_size=dr.draft_vocab_size,
+                                 beam_width=recipe.beam.width, beam_length=recipe.beam.length,
+                                 lookup_beams=recipe.beam.lookup, lookup_length=recipe.beam.lookup_length,
+                                 datastore_beams=recipe.beam.datastore, tree_nodes=recipe.beam.nodes,
+                                 context_window=dr.context_window)
+    drafter.config.target_model = target.name
+    if dr.init_from:  # its shape fits this drafter's: found now, not after the data is made
+        warm_start(drafter, Path(dr.init_from).expanduser(), copy=False)
+    if resume and not data_only and (out / CHECKPOINT).exists():
+        check_resumable(out, drafter)  # before this run's recipe.yaml replaces the one of the run that wrote it
     if not data_only and launch.is_main:
         out.mkdir(parents=True, exist_ok=True)
         saved = recipe.to_dict()
@@ -198,6 +217,11 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     gen_cfg = GenerationConfig(max_new_tokens=d.max_new_tokens, batch_size=d.gen_batch_size, temperature=d.temperature,
                                top_p=d.top_p, seed=d.seed, shard_size=d.shard_size, system=d.system,
                                max_prompt_tokens=d.max_prompt_tokens)
+    context = int(getattr(target, "max_context", 1 << 30))
+    prompt_room = min(d.max_prompt_tokens, context - d.max_new_tokens)  # (data._generate_shard's limit)
+    if prompt_room < 1:
+        raise BadInputError(f"data.max_new_tokens {d.max_new_tokens} leaves no room for a prompt in {target.name}'s "
+                            f"context of {context} tokens; lower it (--max-new-tokens)")
     data_dir = Path(data_dir) if data_dir else default_data_dir(recipe, target.name, convs, gen_cfg)
     seen = _sequences_seen(recipe)
     max_shards = None
@@ -215,6 +239,11 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     sampled = _sampled_answers(target, launch, recipe, convs[d.held_out:], gen_cfg, data_dir, generate, emit, cache_extra)
     written = _written_prompts(target, launch, recipe, gen_cfg, data_dir, generate, emit, cache_extra)
     train_set += sampled + written
+    if not train_set and generate and _has_shards(read_manifest(data_dir), max_shards, len(convs)):
+        raise BadInputError(f"every training conversation was skipped: no prompt fits in {prompt_room} tokens "
+                            f"(data.max_prompt_tokens {d.max_prompt_tokens}, and {target.name}'s context of {context} "
+                            f"less data.max_new_tokens {d.max_new_tokens}); raise data.max_prompt_tokens or lower "
+                            f"--max-new-tokens")
     train_tokens = sum(int(e["loss_mask"].sum()) for e in train_set)
     emit({"event": "data_done", "train": len(train_set) - len(sampled) - len(written), "sampled": len(sampled),
           "written": len(written), "held_out": len(held), "train_tokens": train_tokens})
@@ -223,15 +252,7 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
                                    "data": {"train_conversations": len(train_set), "held_out_conversations": len(held),
                                             "train_generated_tokens": train_tokens}}, main=launch.is_main)
 
-    # 2. The drafter, then training.
-    dr = recipe.drafter
-    drafter = Drafter.for_target(target, seed=recipe.train.seed, head=dr.head, num_draft_layers=dr.num_layers,
-                                 predict_tokens=dr.predict_tokens, draft_vocab_size=dr.draft_vocab_size,
-                                 beam_width=recipe.beam.width, beam_length=recipe.beam.length,
-                                 lookup_beams=recipe.beam.lookup, lookup_length=recipe.beam.lookup_length,
-                                 datastore_beams=recipe.beam.datastore, tree_nodes=recipe.beam.nodes,
-                                 context_window=dr.context_window)
-    drafter.config.target_model = target.name
+    # 2. The drafter (built above), then training.
     if dr.draft_vocab_size:
         coverage = set_draft_vocab(drafter, train_set, dr.draft_vocab_size)
         emit({"event": "draft_vocab", "size": dr.draft_vocab_size, "coverage": coverage})
@@ -274,7 +295,7 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     }
     if held and d.temperature == 0 and all("hidden" in e for e in held):
         metrics["simulated"] = _simulate_held_out(target, out, held, recipe)
-    if bench and held:
+    if bench and held and recipe.eval.bench_prompts > 0:  # (eval.bench_prompts 0: no bench)
         metrics["bench"] = _held_out_bench(target, out, convs[: d.held_out], recipe, emit)
     (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
     emit({"event": "finished", "out": str(out), **{k: metrics[k] for k in ("steps", "best_step", "best_mean_agreement")}})
@@ -311,6 +332,9 @@ def _answers(target: Target, launch: Launch, package_name: str, convs: list[list
                                                                     "total": total, "tokens": tokens}))
     # A directory's set may be larger than `convs` (written prompts grow under one key): its first ones.
     examples = [e for e in load_dataset(data_dir) if e["conv_index"] < len(convs)]
+    if examples and max(int(e["input_ids"].max()) for e in examples) >= target.vocab_size:
+        raise BadInputError(f"the data in {data_dir} holds token ids outside {target.name}'s vocabulary of "
+                            f"{target.vocab_size}; delete that folder to generate the data again")
     if max_shards is not None:  # a short run trains on the shards it asked for, not on all that exist
         examples = [e for e in examples if e["conv_index"] < max_shards * gen_cfg.shard_size]
     return examples
@@ -426,9 +450,18 @@ def _attach_hidden_states(target: Target, launch: Launch, examples: list[dict], 
     target dtype; chunks are keyed by their examples, so it grows with the data."""
     hidden_dir = data_dir / f"hidden-{target.compute_dtype}".replace("torch.", "")
     emit({"event": "hidden_start", "examples": len(examples), "dir": str(hidden_dir)})
-    build_hidden_cache(target, examples, hidden_dir, batch_size=recipe.train.batch_size, greedy=greedy, launch=launch,
-                       progress=lambda done, total: emit({"event": "hidden", "done": done, "total": total}))
-    attach_hidden(examples, hidden_dir, target.name)
+    for attempt in range(2):
+        build_hidden_cache(target, examples, hidden_dir, batch_size=recipe.train.batch_size, greedy=greedy,
+                           launch=launch, progress=lambda done, total: emit({"event": "hidden", "done": done, "total": total}))
+        try:
+            attach_hidden(examples, hidden_dir, target.name)
+            return
+        except DamagedChunk as exc:  # computed again, once
+            if attempt:
+                raise
+            emit({"event": "note", "text": f"{exc.path} is damaged; computing it again"})
+            launch.barrier()  # (every process has read it before the main one deletes it)
+            launch.main_only(exc.forget)
 
 
 def default_data_dir(recipe: Recipe, model_name: str, convs: list[list[str]], gen_cfg: GenerationConfig) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -142,7 +143,14 @@ class BeamSection:
 
     def __post_init__(self) -> None:
         """Fail on an impossible shape when the recipe loads, not after training."""
-        self.decode_config()
+        try:
+            self.decode_config()
+        except BadInputError as exc:  # named by the recipe's fields, not bench's flags
+            message = str(exc)
+            for flag, name in (("--beam-width", "width"), ("--beam-length", "length"), ("--lookup-length", "lookup_length"),
+                               ("--lookup", "lookup"), ("--datastore", "datastore"), ("--nodes", "nodes")):
+                message = message.replace(flag, f"beam.{name}")
+            raise BadInputError(message) from exc
 
     def fit_to(self, predict_tokens: int) -> str | None:
         """Shorten the recommended beams to what a drafter predicting `predict_tokens` tokens learned.
@@ -191,10 +199,12 @@ def _build(cls: type, data: Any, where: str) -> Any:
         return cls()
     if not isinstance(data, dict):
         raise BadInputError(f"recipe section {where!r} must be a mapping")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    known = {f.name: str(f.type) for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise BadInputError(f"recipe section {where!r} has unknown field(s) {unknown}; known: {sorted(known)}")
+    for name, value in data.items():  # before the section's own checks compare them
+        _check_type(where, name, value, known[name])
     return cls(**data)
 
 
@@ -208,10 +218,52 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     unknown = sorted(set(data) - set(section_types) - {"name", "description"})
     if unknown:
         raise BadInputError(f"recipe has unknown section(s) {unknown}")
+    for key in ("name", "description"):
+        if key in data and not isinstance(data[key], str):
+            raise BadInputError(f"recipe {key} must be a string, got {data[key]!r}")
     kwargs = {k: _build(cls, data.get(k), k) for k, cls in section_types.items()}
-    recipe = Recipe(name=str(data.get("name", "custom")), description=str(data.get("description", "")), **kwargs)
+    recipe = Recipe(name=data.get("name", "custom"), description=data.get("description", ""), **kwargs)
     check_recipe(recipe)
     return recipe
+
+
+# A recipe's name names its data folder and its default --out (drafters/NAME): one path component.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
+def safe_name(text: str) -> str:
+    """A recipe name made from a model id or path (its last part, other characters as '-')."""
+    name = re.sub(r"[^A-Za-z0-9._+-]", "-", text.rstrip("/\\").replace("\\", "/").split("/")[-1]).lstrip("._+-")[:100]
+    return name or "custom"
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    """Whether value fits a field annotated `annotation` ("int", "float", "str | None", ...); an int
+    fits a float field, a bool fits only a bool field."""
+    kinds = {k.strip() for k in annotation.split("|")}
+    if value is None:
+        return "None" in kinds
+    if isinstance(value, bool):
+        return "bool" in kinds
+    if isinstance(value, int):
+        return bool(kinds & {"int", "float"})
+    if isinstance(value, float):
+        return "float" in kinds
+    return isinstance(value, str) and "str" in kinds
+
+
+def _check_type(section: str, name: str, value: Any, annotation: str) -> None:
+    if not _type_ok(value, annotation):
+        kinds = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false"}
+        wanted = " or ".join(kinds.get(k.strip(), "null") for k in annotation.split("|"))
+        raise BadInputError(f"{section}.{name} must be {wanted}, got {value!r}")
+
+
+def _check_types(recipe: Recipe) -> None:
+    for section in ("target", "data", "drafter", "train", "eval", "beam"):
+        part = getattr(recipe, section)
+        for f in fields(part):
+            _check_type(section, f.name, getattr(part, f.name), str(f.type))
 
 
 # (section, field): (smallest value, whether the smallest value itself is allowed); None passes where the field allows it.
@@ -228,13 +280,25 @@ _LOWER_BOUNDS: dict[tuple[str, str], tuple[float, bool]] = {
     ("train", "positions_per_sequence"): (1, True), ("train", "kl_weight"): (0, True),
     ("train", "eval_every"): (1, True), ("train", "save_every"): (1, True), ("train", "seed"): (0, True),
     ("eval", "bench_prompts"): (0, True), ("eval", "bench_max_new_tokens"): (1, True),
+    ("data", "sampled_temperature"): (0, False), ("data", "sampled_top_p"): (0, False),
+    ("data", "written_temperature"): (0, False), ("data", "sampled_answers"): (0, True),
+    ("data", "sampled_prompts"): (1, True), ("data", "written_prompts"): (0, True),
+    ("drafter", "context_window"): (0, True),
 }
-_UPPER_BOUNDS = {("data", "top_p"): 1.0, ("train", "warmup_ratio"): 1.0}
+_UPPER_BOUNDS = {("data", "top_p"): 1.0, ("train", "warmup_ratio"): 1.0, ("data", "sampled_top_p"): 1.0}
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 def check_recipe(recipe: Recipe) -> None:
     """BadInputError, naming the field, for any value that would only fail (or be ignored) after the model loads."""
+    if not isinstance(recipe.name, str) or not NAME.fullmatch(recipe.name):
+        raise BadInputError(f"recipe name must be letters, digits, '.', '_', '+' or '-' (it names the data folder and "
+                            f"drafters/NAME), starting with a letter or digit, got {recipe.name!r}")
+    _check_types(recipe)
+    for section, name in (("target", "model"), ("data", "source")):
+        if not getattr(getattr(recipe, section), name).strip():
+            raise BadInputError(f"{section}.{name} is empty" + (" (--data needs a prompt file, 'builtin' or hf://owner/"
+                                                                  "name/file.json)" if name == "source" else ""))
     for (section, name), (low, inclusive) in _LOWER_BOUNDS.items():
         part = getattr(recipe, section)
         value = getattr(part, name)
@@ -249,6 +313,17 @@ def check_recipe(recipe: Recipe) -> None:
                                 + f", got {value!r}")
     if recipe.train.mixed_precision not in MIXED_PRECISION:
         raise BadInputError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {recipe.train.mixed_precision!r}")
+    from ..target import TargetSpec
+
+    t = recipe.target
+    try:
+        TargetSpec(model=t.model, dtype=t.dtype, device=t.device, quantize=t.quantize)
+    except BadInputError as exc:  # "--dtype must be ..." -> "target.dtype must be ..."
+        raise BadInputError(re.sub(r"--(dtype|device|quantize)\b", r"target.\1", str(exc))) from exc
+    vocab, width = recipe.drafter.draft_vocab_size, recipe.beam.width
+    if vocab is not None and vocab < width:
+        raise BadInputError(f"drafter.draft_vocab_size {vocab} is smaller than beam.width {width}: each beam needs its "
+                            f"own token")
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -268,13 +343,15 @@ def load_recipe(name_or_path_or_model: str) -> Recipe:
     arg = name_or_path_or_model
     path = Path(arg)
     if arg.endswith((".yaml", ".yml")):
+        if path.is_dir():
+            raise BadInputError(f"recipe {path} is a directory, not a YAML file")
         if not path.is_file():
             raise BadInputError(f"recipe file not found: {path}")
         return _read_yaml(path)
     recipes = builtin_recipes()
     if arg in recipes:
         return _read_yaml(recipes[arg])
-    recipe = Recipe(name=Path(arg).name or arg)
+    recipe = Recipe(name=safe_name(arg))
     recipe.target.model = arg
     return recipe
 

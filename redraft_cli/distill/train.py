@@ -269,24 +269,53 @@ def save_checkpoint(out: Path, drafter: Drafter, optimizer: Any, scheduler: Any,
         shutil.rmtree(old)
 
 
-def load_checkpoint(out: Path, drafter: Drafter, optimizer: Any, scheduler: Any) -> TrainState:
+# What a checkpoint must share with the run that resumes it (the drafter's shape, what it learns, and from whom).
+RESUME_FIELDS = ("hidden_size", "vocab_size", "num_draft_layers", "head", "draft_vocab_size", "context_window",
+                 "predict_tokens", "target_model")
+
+
+def check_resumable(out: Path, drafter: Drafter) -> None:
+    """BadInputError when out's checkpoint was written for another drafter shape or target; call it
+    before writing anything in out (the recipe.yaml of a refused resume stays the old one)."""
     ckpt = out / CHECKPOINT
     try:
         loaded = Drafter.load(ckpt, map_location="cpu")
-        shape = ("hidden_size", "vocab_size", "num_draft_layers", "head", "draft_vocab_size", "context_window")
-        differ = [f"{k} {getattr(loaded.config, k)} (this run: {getattr(drafter.config, k)})" for k in shape
-                  if getattr(loaded.config, k) != getattr(drafter.config, k)]
-        if differ:
-            raise BadInputError(f"cannot resume from {ckpt}: its drafter has {', '.join(differ)}; resume with the "
-                                "settings of the run that wrote it, or use another --out")
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise BadInputError(f"cannot resume from {ckpt}: {' '.join(str(exc).split())[:300]}") from exc
+    differ = [f"{k} {getattr(loaded.config, k)!r} (this run: {getattr(drafter.config, k)!r})" for k in RESUME_FIELDS
+              if getattr(loaded.config, k) != getattr(drafter.config, k)]
+    if differ:
+        raise BadInputError(f"cannot resume from {ckpt}: its drafter has {', '.join(differ)}; resume with the "
+                            "settings of the run that wrote it, or use another --out")
+
+
+def recover_checkpoint(out: Path) -> None:
+    """A run stopped between save_checkpoint's two renames left only .checkpoint.oldPID: put it back."""
+    final = out / CHECKPOINT
+    if not final.exists():
+        old = sorted(out.glob(f".{CHECKPOINT}.old*"), key=lambda p: p.stat().st_mtime)
+        if old and (old[-1] / "trainer_state.json").is_file():
+            os.replace(old[-1], final)
+
+
+def load_checkpoint(out: Path, drafter: Drafter, optimizer: Any, scheduler: Any) -> TrainState:
+    ckpt = out / CHECKPOINT
+    check_resumable(out, drafter)
+    try:
+        loaded = Drafter.load(ckpt, map_location="cpu")
         drafter.load_state_dict(loaded.state_dict())
         opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(opt["optimizer"])
         scheduler.load_state_dict(opt["scheduler"])
         data = json.loads((ckpt / "trainer_state.json").read_text())
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        state = TrainState(**data)
+        numbers = (state.step, state.best_step, state.best_agreement, state.seconds)
+        if (not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or state.step < 0
+                or not isinstance(state.step, int) or not isinstance(state.best_step, int) or not isinstance(state.history, list)):
+            raise ValueError(f"trainer_state.json holds {data!r:.120}")
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise BadInputError(f"cannot resume from {ckpt}: {' '.join(str(exc).split())[:300]}") from exc
-    return TrainState(**data)
+    return state
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -333,9 +362,12 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
         if not resume:
             raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
         state = load_checkpoint(out, drafter, optimizer, scheduler)
+    emit = on_event or (lambda e: None)
+    if state.best_step >= 0 and not _loads(out / "best"):  # deleted or damaged since: the next evaluation writes it
+        emit({"event": "note", "text": f"{out / 'best'} is missing or damaged; the next evaluation writes it again"})
+        state.best_step, state.best_agreement = -1, -1.0
     model, optimizer, scheduler = acc.prepare(drafter, optimizer, scheduler)
     model.train()
-    emit = on_event or (lambda e: None)
     if state.step >= total:
         emit({"event": "note", "text": f"the checkpoint is at step {state.step}, at or past the {total} steps asked "
                                        "for: nothing left to train (raise --max-steps or --epochs to train on)"})
@@ -359,6 +391,10 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
                 with acc.autocast():
                     loss, stats = batch_loss(target, model, drafter, ids, attn, mask, K, cfg.positions_per_sequence, gen,
                                              kl_weight=cfg.kl_weight, hidden=hidden, greedy=greedy)
+                if not torch.isfinite(loss.detach()):
+                    raise BadInputError(f"training diverged at step {step + 1}: the loss is {float(loss):.4g}; lower the "
+                                        f"learning rate (--lr, now {cfg.lr:g}) and run again (--resume continues from "
+                                        f"the last checkpoint, before it diverged)")
                 acc.backward(loss / cfg.grad_accum)
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0) + v.float().cpu()
@@ -376,6 +412,10 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
                 _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, running, emit,
                                         compare_target_argmax)
             if acc.is_main_process and (state.step % cfg.save_every == 0 or last):
+                if not all(bool(torch.isfinite(p).all()) for p in drafter.parameters()):
+                    raise BadInputError(f"training diverged by step {state.step}: the drafter's weights are not finite; "
+                                        f"lower the learning rate (--lr, now {cfg.lr:g}) (--resume continues from the "
+                                        f"last checkpoint)")
                 save_checkpoint(out, drafter, optimizer, scheduler, state)
             acc.wait_for_everyone()
     except KeyboardInterrupt:
@@ -385,9 +425,21 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
         raise
     finally:
         drafter.dropout = 0.0
+    if state.best_step < 0:  # nothing evaluated since best/ was lost (a resume at the last step)
+        _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, running, emit, compare_target_argmax)
+    acc.wait_for_everyone()
     emit({"event": "done", "step": state.step, "seconds": state.seconds, "best_step": state.best_step,
           "best_agreement": state.best_agreement})
     return state
+
+
+def _loads(path: Path) -> bool:
+    """Whether a saved drafter is there and loads."""
+    try:
+        Drafter.load(path)
+        return True
+    except Exception:  # missing, truncated, garbled: any reason means write it again
+        return False
 
 
 def _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, running, emit, compare) -> None:

@@ -87,10 +87,16 @@ def write_prompts(target: Any, out_dir: str | Path, cfg: WritingConfig,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path, prompts_path = out / STATE, out / PROMPTS
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"batches": 0, "config": cfg.fingerprint()}
+    try:
+        state = json.loads(state_path.read_text()) if state_path.is_file() else {"batches": 0, "config": cfg.fingerprint()}
+        prompts = [json.loads(line)["turns"][0] for line in prompts_path.read_text().splitlines()] if prompts_path.is_file() else []
+        if (not isinstance(state, dict) or not isinstance(state.get("batches"), int) or state["batches"] < 0
+                or not all(isinstance(p, str) for p in prompts)):
+            raise ValueError("unexpected contents")
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise BadInputError(f"the written prompts in {out} are damaged ({exc}); delete that folder to write them again")
     if state.get("config") != cfg.fingerprint():
         raise BadInputError(f"{out} holds prompts written with other settings; use another data directory")
-    prompts = [json.loads(line)["turns"][0] for line in prompts_path.read_text().splitlines()] if prompts_path.is_file() else []
     prompts = prompts[: state.get("kept", len(prompts))]
     seen = {_key(p) for p in prompts}
     prefix = user_turn_prefix(target, cfg.system)
