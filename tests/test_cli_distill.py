@@ -343,6 +343,9 @@ def test_distill_refuses_what_would_lose_or_mix_work(tiny_recipe, tmp_path, monk
     back = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "4", "--resume", "--no-bench"])
     assert back.exit_code == 0, back.output
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+    (out / "checkpoint" / "optimizer.pt").write_bytes(b"garbage bytes")
+    garbage = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "5", "--resume", "--no-bench"])
+    assert garbage.exit_code == 2 and "cannot resume from" in flat(garbage) and "Traceback" not in garbage.output
     # A learning rate that makes the loss overflow stops the run with a one-line error.
     wild = runner.invoke(app, ["distill", str(recipe), "--out", str(tmp_path / "wild"), "--max-steps", "6", "--no-bench",
                                "--lr", "1e30"])

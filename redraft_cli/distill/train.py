@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -313,8 +314,9 @@ def load_checkpoint(out: Path, drafter: Drafter, optimizer: Any, scheduler: Any)
         if (not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or state.step < 0
                 or not isinstance(state.step, int) or not isinstance(state.best_step, int) or not isinstance(state.history, list)):
             raise ValueError(f"trainer_state.json holds {data!r:.120}")
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise BadInputError(f"cannot resume from {ckpt}: {' '.join(str(exc).split())[:300]}") from exc
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+        raise BadInputError(f"cannot resume from {ckpt}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}; "
+                            f"its files are damaged: delete {ckpt} to start again, or use another --out") from exc
     return state
 
 
