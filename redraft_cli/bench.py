@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from .decode import BatchGeneration, BatchRun, DecodeConfig, Generator
+from .errors import BadInputError
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -55,6 +56,12 @@ class BenchConfig:
     hf_baseline: bool = True
     chat_template: bool = True
     batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.decode, DecodeConfig):
+            raise BadInputError(f"BenchConfig.decode must be a DecodeConfig, got {type(self.decode).__name__}")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise BadInputError(f"BenchConfig.batch_size must be a whole number >= 1, got {self.batch_size!r}")
 
 
 @dataclass

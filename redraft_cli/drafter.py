@@ -200,11 +200,17 @@ class DrafterConfig:
         # A checkpoint from the reference implementation has no "redraft" block: own head.
         kwargs.setdefault("head", "own")
         reserved = {"model_type", "vocab_size", "hidden_size", "exit_dim", "num_draft_layers", "rnn", "redraft"}
+        # Sizes are whole numbers in a range a real model has (a garbled 1e20 must not reach an allocation).
+        for key, top in (("hidden_size", 1 << 17), ("vocab_size", 1 << 24), ("num_draft_layers", 64)):
+            value = data.get(key, 2)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+                raise DrafterLoadError(f"invalid drafter config: {key} must be a whole number from 0 to {top:,}, "
+                                       f"got {value!r}")
         try:
             return cls(
-                hidden_size=int(data["hidden_size"]),
-                vocab_size=int(data["vocab_size"]),
-                num_draft_layers=int(data.get("num_draft_layers", 2)),
+                hidden_size=data["hidden_size"],
+                vocab_size=data["vocab_size"],
+                num_draft_layers=data.get("num_draft_layers", 2),
                 extra={k: v for k, v in data.items() if k not in reserved},
                 **kwargs,
             )
@@ -517,10 +523,13 @@ class Drafter(nn.Module):
             raise BadInputError(f"Drafter.load's map_location must be a device (\"cpu\", \"cuda\", a torch.device), "
                                 f"got {type(map_location).__name__}")
         try:
-            torch.device(map_location)
+            where = torch.device(map_location)
         except RuntimeError:
             raise BadInputError(f"Drafter.load's map_location must be a device (\"cpu\", \"cuda\", a torch.device), "
                                 f"got {map_location!r}") from None
+        if where.type == "meta" or (where.type == "cuda" and not torch.cuda.is_available()) or (
+                where.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())):
+            raise BadInputError(f"Drafter.load's map_location {map_location!r} is not a device this machine has")
         src = Path(path)
         if not src.is_dir():
             raise DrafterLoadError(f"drafter not found: {src} is not a directory")
@@ -529,9 +538,10 @@ class Drafter(nn.Module):
             if not p.is_file():
                 raise DrafterLoadError(f"drafter checkpoint {src} lacks {p.name}")
         try:
-            config = DrafterConfig.from_json_dict(json.loads(cfg_path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise DrafterLoadError(f"drafter config {cfg_path} is not valid JSON: {exc}") from exc
+            config = DrafterConfig.from_json_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
+        except (ValueError, RecursionError, OverflowError) as exc:  # (JSONDecodeError, UnicodeDecodeError: ValueErrors)
+            raise DrafterLoadError(f"drafter config {cfg_path} is not valid JSON: {type(exc).__name__}: "
+                                   f"{str(exc)[:200]}") from exc
         try:
             state = load_file(str(weights_path), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -543,6 +553,10 @@ class Drafter(nn.Module):
                 raise DrafterLoadError(
                     f"own head has {rows.shape[0]} rows but vocab_size is {config.vocab_size}"
                 )
+        ints = [k for k, v in state.items() if not v.is_floating_point() and k != "draft_vocab"
+                and not (v.dtype == torch.int8 and k + SCALE_SUFFIX in state)]
+        if ints:
+            raise DrafterLoadError(f"drafter weights {weights_path}: {ints[0]} is {state[ints[0]].dtype}, not floating point")
         scaled = [k for k in state if k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in state]
         floats = [v.dtype for k, v in state.items() if v.is_floating_point() and not k.endswith(SCALE_SUFFIX)]
         for k in scaled:  # int8 rows: dequantise to the dtype of the float tensors (norms, biases)
@@ -571,6 +585,8 @@ class Drafter(nn.Module):
         if "draft_vocab" in state and state["draft_vocab"].numel() and int(state["draft_vocab"].max()) >= config.vocab_size:
             raise DrafterLoadError(f"drafter {src}: config.json says vocab_size {config.vocab_size}, but its draft "
                                    f"vocabulary holds token id {int(state['draft_vocab'].max())}; its files do not match")
+        if "draft_vocab" in state and state["draft_vocab"].numel() and int(state["draft_vocab"].min()) < 0:
+            raise DrafterLoadError(f"drafter {src}: its draft vocabulary holds a negative token id; its files are damaged")
         drafter = cls(config)
         drafter.load_state_dict(state)
         if (src / DATASTORE_NAME).is_file():
@@ -649,6 +665,10 @@ def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
     if kind not in ("cpu",) + SHAPE_DEVICES:
         raise BadInputError(f"write_beam_shape keeps shapes for cpu, {', '.join(SHAPE_DEVICES)}; got device {device!r}")
     check_beam_shape(beam_width, beam_length, tree_nodes=tree_nodes or 0)
+    from .decode import DecodeConfig  # every range bench checks, so that bench accepts what is written
+
+    DecodeConfig(beam_width=beam_width, beam_length=beam_length, lookup_beams=lookup_beams or 0,
+                 lookup_length=lookup_length or 0, datastore_beams=datastore_beams or 0, tree_nodes=tree_nodes or 0)
     cfg_path = Path(path) / CONFIG_NAME
     if not cfg_path.is_file():
         raise DrafterLoadError(f"drafter checkpoint {Path(path)} lacks {CONFIG_NAME}")

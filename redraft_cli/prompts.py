@@ -71,7 +71,7 @@ def _conversation(conv: Any, key: str) -> list[str] | None:
                 raise ValueError("with neither 'from' nor 'role'")
             if not isinstance(m[role_key], str):
                 raise ValueError(f"whose '{role_key}' is not a string (got {_kind(m[role_key])})")
-            if m[role_key] in HUMAN_ROLES:
+            if m[role_key].strip().lower() in HUMAN_ROLES:
                 text = _message_text(m, role_key)
                 if text.strip():
                     users.append(text)
@@ -125,6 +125,21 @@ def _array_item_line(raw: str, index: int) -> int:
     return _line_at(raw, _WS.match(raw, pos).end())
 
 
+def _parses(text: str) -> bool:
+    """Whether text is JSON: one document, or JSON lines (its first non-blank line)."""
+    try:
+        json.loads(text)
+        return True
+    except (ValueError, RecursionError):
+        pass
+    first = next((line for line in text.split("\n") if line.strip()), "")
+    try:
+        json.loads(first)
+        return True
+    except (ValueError, RecursionError):
+        return False
+
+
 def load_conversations(path: str | Path, skipped: list[str] | None = None) -> list[list[str]]:
     """Every prompt in the file as its list of user turns. A record that is not a prompt is a
     PromptError, or, when a `skipped` list is given (large community dumps), left out and its
@@ -142,32 +157,40 @@ def load_conversations(path: str | Path, skipped: list[str] | None = None) -> li
         raise PromptError(f"cannot read prompt file {p}: {exc}") from exc
     stripped = raw.lstrip()
     records: list[tuple[Any, Any]]  # (where: a line number, or a JSON array index; record)
+    lines = [line.removesuffix("\r") for line in raw.split("\n")]  # (not splitlines: U+2028 and friends are text)
+    json_file = p.suffix.lower() in (".json", ".jsonl")
+    if stripped.startswith(("[", "{")) and not json_file and not _parses(stripped):
+        stripped = ""  # a text file whose first prompt starts with a bracket: "[Verse 1] ...", "{name} ..."
     if stripped.startswith("["):
         try:
             items = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise PromptError(f"{p}:{exc.lineno}: looks like a JSON array but does not parse "
                               f"({exc.msg}, column {exc.colno})") from exc
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit number, nesting past Python's stack
+            raise PromptError(f"{p}: cannot read its JSON ({type(exc).__name__}: {str(exc)[:80]})") from exc
         records = [(("item", i), r) for i, r in enumerate(items)]
     elif stripped.startswith("{"):
         try:  # one object, pretty-printed or not: it starts on the line of its '{'
-            records = [(("line", _line_at(raw, len(raw) - len(stripped))), json.loads(raw))]
-        except json.JSONDecodeError:
+            records = [(("line", _line_at(raw, len(raw) - len(raw.lstrip()))), json.loads(raw))]
+        except (ValueError, RecursionError):
             records = []
-            for n, line in enumerate(raw.splitlines(), 1):
+            for n, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 try:
                     records.append((("line", n), json.loads(line)))
                 except json.JSONDecodeError as exc:
                     raise PromptError(f"{p}:{n}: is not a JSON object ({exc.msg}, column {exc.colno})") from exc
+                except (ValueError, RecursionError) as exc:
+                    raise PromptError(f"{p}:{n}: cannot read its JSON ({type(exc).__name__}: {str(exc)[:80]})") from exc
     else:
-        if p.suffix.lower() in (".json", ".jsonl") and stripped:  # JSON that is not prompts: not a text file either
+        if json_file and stripped:  # JSON that is not prompts: not a text file either
             raise PromptError(f"{p} is a {p.suffix} file but holds no JSON object or array of prompts "
                               f"(it starts with {stripped[:20]!r})")
         if "\x00" in raw:
             raise PromptError(f"{p} holds NUL bytes: a binary file, not prompts")
-        records = [(None, line) for line in raw.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        records = [(None, line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
     convs = []
     for where, rec in records:
         try:

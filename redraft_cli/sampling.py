@@ -14,6 +14,9 @@ import torch
 from .errors import BadInputError, check_field_types
 
 
+MIN_TEMPERATURE = 1e-4  # the smallest non-zero temperature: below it, sampling is greedy in all but name
+
+
 @dataclass
 class SamplingConfig:
     """temperature 0 means greedy (argmax); top_k 0 and top_p 1.0 disable those filters."""
@@ -27,6 +30,9 @@ class SamplingConfig:
         check_field_types(self)
         if not self.temperature >= 0 or self.temperature == float("inf"):
             raise BadInputError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / T would overflow float32 long before T reaches 0
+            raise BadInputError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got "
+                                f"{self.temperature:g}; use 0 (--accept greedy) for the target's argmax")
         if self.top_k < 0:
             raise BadInputError(f"top-k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:  # also rejects NaN

@@ -83,9 +83,18 @@ class SweepConfig:
     batch_size: int = 1  # rows decoded at once in every cell (bench's --batch-size)
 
     def __post_init__(self) -> None:
-        self.beam_widths = sorted(set(int(w) for w in self.beam_widths))
-        self.beam_lengths = sorted(set(int(v) for v in self.beam_lengths))
-        self.tree_nodes = sorted(set(int(n) for n in self.tree_nodes))
+        for name in ("beam_widths", "beam_lengths", "tree_nodes"):
+            values = getattr(self, name)
+            if not isinstance(values, (list, tuple)) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise BadInputError(f"SweepConfig.{name} must be a list of whole numbers, got {values!r}")
+        if not isinstance(self.decode, DecodeConfig):
+            raise BadInputError(f"SweepConfig.decode must be a DecodeConfig, got {type(self.decode).__name__}")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise BadInputError(f"SweepConfig.batch_size must be a whole number >= 1, got {self.batch_size!r}")
+        self.beam_widths = sorted(set(self.beam_widths))
+        self.beam_lengths = sorted(set(self.beam_lengths))
+        self.tree_nodes = sorted(set(self.tree_nodes))
         if not self.beam_widths or not self.beam_lengths or not self.tree_nodes:
             raise BadInputError("the sweep needs at least one beam width, beam length and node budget")
         if self.tree_nodes[0] < 0:
@@ -187,7 +196,10 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
 
         cell_cfg = replace(d, beam_width=w, beam_length=length, tree_nodes=n)
         bench_cfg = BenchConfig(cell_cfg, warmup=False, hf_baseline=False, batch_size=cfg.batch_size)
-        cell = cell_from_bench(run_bench(gen, prompts, bench_cfg, cell_progress))
+        measured = run_bench(gen, prompts, bench_cfg, cell_progress)
+        if measured.get("interrupted"):  # Ctrl-C inside the cell: it is not measured; the finished cells stand
+            raise KeyboardInterrupt
+        cell = cell_from_bench(measured)
         tick.done = offset + per_cell
         cells.append(cell)
         if on_cell is not None:

@@ -11,6 +11,7 @@ instead: a preallocated per-row KV cache, batched rows.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import numbers
@@ -72,6 +73,13 @@ class TargetSpec:
     device_map: str | None = None  # spread the layers over the GPUs (accelerate), e.g. "auto"; None: one device
 
     def __post_init__(self) -> None:
+        for name in ("dtype", "device", "quantize"):
+            if not isinstance(getattr(self, name), str):
+                raise BadInputError(f"TargetSpec.{name} must be a str, got {getattr(self, name)!r}")
+        if self.device_map is not None and not isinstance(self.device_map, str):
+            raise BadInputError(f"TargetSpec.device_map must be a str or None, got {self.device_map!r}")
+        if not isinstance(self.trust_remote_code, bool):
+            raise BadInputError(f"TargetSpec.trust_remote_code must be True or False, got {self.trust_remote_code!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise BadInputError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
@@ -322,7 +330,13 @@ def load_target(spec: TargetSpec | str = DEFAULT_MODEL, **overrides: Any) -> "Ta
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     if isinstance(spec, str):
+        known = {f.name for f in dataclasses.fields(TargetSpec)} - {"model"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise BadInputError(f"load_target got {unknown[0]!r}, which is not a TargetSpec field ({', '.join(sorted(known))})")
         spec = TargetSpec(model=spec, **overrides)
+    elif overrides:
+        raise BadInputError("load_target takes keyword settings only with a model string, not with a TargetSpec")
     if not isinstance(spec, TargetSpec) or not isinstance(spec.model, str) or not spec.model.strip():
         got = spec.model if isinstance(spec, TargetSpec) else spec
         raise BadInputError(f"load_target needs a model: a hub id, a folder, a .gguf path or smollm2-135m (a str or "
@@ -556,6 +570,8 @@ class Target:
         return encode_messages(self.tokenizer, messages)
 
     def encode_raw(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise BadInputError(f"encode_raw takes a text (str), got {type(text).__name__}")
         return self.tokenizer(_valid_text(text))["input_ids"]
 
     def check_prompt(self, prompt_ids: list[int]) -> None:

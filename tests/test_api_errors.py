@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from redraft_cli import DecodeConfig, Drafter, DrafterConfig, Generator
 from redraft_cli.errors import BadInputError, DrafterLoadError
@@ -179,3 +180,54 @@ def test_environment_switches_read_one_way(monkeypatch, value, expected):
         monkeypatch.setenv("REDRAFT_TEST_SWITCH", value)
     assert env_flag("REDRAFT_TEST_SWITCH", True) is expected
     assert env_flag("REDRAFT_TEST_SWITCH", False) is (expected if value else False)
+
+
+def test_specs_configs_and_texts_of_the_wrong_kind(tiny_target, drafter, tmp_path):
+    """Battery 9: each wrong argument is a redraft error naming it, not a TypeError from deep inside."""
+    from redraft_cli.bench import BenchConfig
+    from redraft_cli.sampling import SamplingConfig
+    from redraft_cli.target import TargetSpec, load_target
+
+    refused(lambda: TargetSpec(device=None), "TargetSpec.device must be a str")
+    refused(lambda: TargetSpec(device=1), "TargetSpec.device must be a str")
+    refused(lambda: load_target("smollm2-135m", device=None), "TargetSpec.device must be a str")
+    refused(lambda: load_target("smollm2-135m", foo=1), "'foo', which is not a TargetSpec field")
+    refused(lambda: load_target(TargetSpec(), dtype="float32"), "only with a model string")
+    for text in (123, None, b"x"):
+        refused(lambda text=text: tiny_target.encode_raw(text), "encode_raw takes a text")
+    refused(lambda: BenchConfig(batch_size=0), "BenchConfig.batch_size")
+    refused(lambda: BenchConfig(decode=None), "BenchConfig.decode must be a DecodeConfig")
+    path = drafter.save(tmp_path / "d")
+    refused(lambda: Drafter.load(path, map_location="meta"), "not a device this machine has")
+    if not torch.cuda.is_available():
+        refused(lambda: Drafter.load(path, map_location="cuda"), "not a device this machine has")
+    # A temperature so small that logits / T overflow: refused, with the way to the argmax.
+    refused(lambda: SamplingConfig(temperature=1e-40), r"temperature must be 0 \(greedy\) or at least 0.0001")
+    assert SamplingConfig(temperature=1e-4).temperature == 1e-4
+
+
+def test_damaged_drafter_files_are_load_errors(tiny_target, tmp_path):
+    """A draft vocabulary with negative ids, integer weights, a config.json that is not UTF-8 or
+    nests past Python's stack: DrafterLoadError, before anything decodes."""
+    from safetensors.torch import load_file, save_file
+
+    good = Drafter.for_target(tiny_target, seed=0, head="own", draft_vocab_size=16).save(tmp_path / "good")
+    cases = {
+        "negative": lambda s: {**s, "draft_vocab": s["draft_vocab"] - 1},
+        "ints": lambda s: {k: (v.to(torch.int32) if v.is_floating_point() else v) for k, v in s.items()},
+    }
+    for name, edit in cases.items():
+        import shutil
+
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        state = load_file(str(d / "model.safetensors"))
+        save_file(edit(state), str(d / "model.safetensors"))
+        refused(lambda d=d: Drafter.load(d), {"negative": "negative token id", "ints": "not floating point"}[name],
+                DrafterLoadError)
+    d = tmp_path / "latin1"
+    shutil.copytree(good, d)
+    (d / "config.json").write_bytes(b'{"hidden_size": 32, "vocab_size": 64, "x": "\xe9"}')
+    refused(lambda: Drafter.load(d), "not valid JSON", DrafterLoadError)
+    (d / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused(lambda: Drafter.load(d), "not valid JSON", DrafterLoadError)

@@ -578,3 +578,29 @@ def test_processes_converting_the_embedded_default_at_once_convert_it_once(tmp_p
     assert target_mod._convert_embedded("smollm2-135m", damaged=True) == out and len(calls) == 2
     monkeypatch.setattr(target_mod, "_damaged_conversion", lambda d: False)
     assert target_mod._convert_embedded("smollm2-135m", damaged=True) == out and len(calls) == 2
+
+
+def test_outputs_never_overwrite_the_chat_template_or_block_on_a_pipe(tmp_path, prompt_file):
+    """--json / --csv naming the --chat-template file are refused; a named pipe nobody reads is refused
+    at once instead of blocking; a --nodes value of one's own is not blamed on the drafter."""
+    import os
+
+    model_dir, _, _ = tiny_model_dir(tmp_path / "tiny", layers=1)
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    common = ["--model", model_dir, "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 1,
+              "--max-new-tokens", 4, "--no-hf-baseline", "--no-warmup", "--chat-template", template]
+    r = invoke("bench", *common, "--json", template)
+    assert r.exit_code == 2 and "--chat-template and --json both name" in r.output, r.output
+    r = invoke("sweep", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 1,
+               "--max-new-tokens", 4, "--no-warmup", "--chat-template", template, "--beam-widths", 1,
+               "--beam-lengths", 2, "--csv", template)
+    assert r.exit_code == 2 and "--chat-template and --csv both name" in r.output, r.output
+    assert template.read_text().startswith("{% for")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    r = invoke("bench", *common, "--json", fifo)
+    assert r.exit_code == 2 and "named pipe that no process reads" in r.output, r.output
+    r = invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 1,
+               "--max-new-tokens", 4, "--beam-width", 2, "--beam-length", 2, "--nodes", 100)
+    assert r.exit_code == 2 and "config.json recommends" not in r.output, r.output

@@ -127,9 +127,14 @@ def test_bad_checkpoints(tiny_target, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("num_draft_layers", 10**9, "blocks"),
-    ("hidden_size", 10**8, "shape"),
-    ("vocab_size", 10**10, "rows"),
+    ("num_draft_layers", 10**9, "num_draft_layers must be a whole number from 0 to 64"),
+    ("num_draft_layers", 3, "blocks"),
+    ("hidden_size", 10**8, "hidden_size must be a whole number"),
+    ("hidden_size", 1024, "shape"),
+    ("hidden_size", 576.9, "hidden_size must be a whole number"),
+    ("hidden_size", float("inf"), "hidden_size must be a whole number"),
+    ("vocab_size", 10**10, "vocab_size must be a whole number"),
+    ("vocab_size", 10**6, "rows"),
 ])
 def test_config_claiming_huge_sizes_fails_before_allocating(tiny_target, tmp_path, field, value, match):
     """A config.json whose sizes disagree with its weights fails from the weights' shapes alone

@@ -196,3 +196,29 @@ def test_a_skipped_list_leaves_malformed_records_out(tmp_path):
     skipped: list[str] = []
     assert load_conversations(p, skipped) == [["one"], ["two", "three"]]
     assert len(skipped) == 1 and ":2: record has 'prompt' that is not a string (got int)" in skipped[0]
+
+
+def test_awkward_but_valid_files_and_unreadable_json(tmp_path):
+    """Only \\n (or \\r\\n) ends a line (U+2028 or a form feed inside a prompt is text); a .txt file whose
+    first prompt starts with a bracket is text; ShareGPT roles match in any case; JSON that Python cannot
+    read (a 5,000-digit number, nesting past its stack) is a PromptError."""
+    u = tmp_path / "u2028.jsonl"
+    u.write_text(json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False) + "\n" + json.dumps({"prompt": "c"}) + "\n",
+                 encoding="utf-8")
+    assert load_prompts(u) == ["a\u2028b", "c"]
+    ff = tmp_path / "ff.txt"
+    ff.write_text("first line\x0cstill first\r\nsecond\n")
+    assert load_prompts(ff) == ["first line\x0cstill first", "second"]
+    for text in ("[Verse 1] Write a song.\nhi\n", "{name} is a placeholder: fill it.\nhi\n"):
+        (tmp_path / "bracket.txt").write_text(text)
+        assert load_prompts(tmp_path / "bracket.txt") == [text.split("\n")[0], "hi"]
+    roles = tmp_path / "roles.json"
+    roles.write_text(json.dumps([{"conversations": [{"from": "USER", "value": "loud"}, {"from": "GPT", "value": "x"}]}]))
+    assert load_prompts(roles) == ["loud"]
+    big = tmp_path / "bigint.jsonl"
+    big.write_text('{"prompt": ' + "9" * 5000 + "}\n")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    for bad in (big, deep):
+        with pytest.raises(PromptError, match="cannot read its JSON"):
+            load_prompts(bad)

@@ -386,3 +386,44 @@ def test_the_title_names_the_copied_beams_as_the_readme_does():
          "max_new_tokens": 128, "lookup_beams": 1, "lookup_length": 32, "datastore_beams": 0}
     title = render(r, [(2, 4, 0)], []).title
     assert title.endswith("| 5 prompts x 128 tokens | 1 lookup up to 32"), title
+
+
+def test_ctrl_c_inside_a_cell_stops_the_sweep(tiny, monkeypatch):
+    """bench keeps a Ctrl-C'd cell's finished prompts; the sweep must not count that cell as measured
+    (nor save its shape), but stop, as bench does, with the cells before it."""
+    import redraft_cli.sweep as sweep_mod
+
+    target, drafter = tiny
+    calls, real = [], sweep_mod.run_bench
+
+    def cut_second_cell(*args, **kwargs):
+        calls.append(1)
+        result = real(*args, **kwargs)
+        return {**result, "interrupted": True} if len(calls) == 2 else result
+
+    monkeypatch.setattr(sweep_mod, "run_bench", cut_second_cell)
+    cells = []
+    cfg = SweepConfig(beam_widths=[1, 2], beam_lengths=[2], decode=DecodeConfig(max_new_tokens=4), warmup=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(Generator(target, drafter), random_prompts(2, target.vocab_size), cfg, on_cell=cells.append)
+    assert len(cells) == 1 and len(calls) == 2
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"beam_widths": ["a"]}, "beam_widths must be a list of whole numbers"),
+    ({"beam_widths": 4}, "beam_widths must be a list"),
+    ({"decode": None}, "decode must be a DecodeConfig"),
+    ({"batch_size": 0}, "batch_size must be a whole number >= 1"),
+])
+def test_sweep_config_checks_its_fields(kwargs, fragment):
+    with pytest.raises(BadInputError, match=fragment):
+        SweepConfig(**kwargs)
+
+
+def test_write_beam_shape_refuses_what_bench_would(tiny, tmp_path):
+    _, drafter = tiny
+    path = drafter.save(tmp_path / "d")
+    before = (path / CONFIG_NAME).read_text()
+    with pytest.raises(BadInputError, match="lookup"):
+        write_beam_shape(path, 2, 2, lookup_beams=100, lookup_length=1)
+    assert (path / CONFIG_NAME).read_text() == before

@@ -55,7 +55,7 @@ def bench(
     """Measure ReDrafter against plain decoding on the same prompts, alternating, after a warm-up."""
     # Validate everything cheap before loading models.
     cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup, lookup_length, datastore, nodes)
-    files, folders = model_inputs(model, drafter)
+    files, folders = model_inputs(model, drafter, chat_template)
     check_output_paths({"--json": json_path}, inputs={"--prompts": prompts, **files}, folders=folders)
     check_batch_size(batch_size)
     texts = load_prompts(prompts, limit=num_prompts)

@@ -173,9 +173,14 @@ def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | No
             datastore_beams=datastore,
             tree_nodes=nodes,
         )
-    except BadInputError as exc:  # the options alone were checked before: a recommended value is out of range
-        raise BadInputError(f"{exc} (a value the drafter's config.json recommends; set the option to override it)"
-                            ) from exc
+    except BadInputError as exc:  # the options alone were checked before: with the recommended values, out of range
+        taken = [f"{flag} {rec[key]}" for flag, key, given in (
+            ("--beam-width", "beam_width", beam_width), ("--beam-length", "beam_length", beam_length),
+            ("--lookup", "lookup_beams", lookup), ("--lookup-length", "lookup_length", lookup_length)) if given is None]
+        if not taken:
+            raise
+        raise BadInputError(f"{exc} (with {', '.join(taken)} as the drafter's config.json recommends; set those "
+                            f"options to override them)") from exc
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -214,6 +219,12 @@ def check_output_paths(outputs: dict, inputs: dict | None = None, folders: dict 
         seen[key] = option
         if p.is_dir():
             raise BadInputError(f"output {p} is a directory, expected a file path")
+        if p.is_fifo():  # opening a pipe nobody reads would block below, for ever
+            try:
+                os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                raise BadInputError(f"output {p} is a named pipe that no process reads; start its reader first "
+                                    f"or name a file") from None
         if not p.parent.is_dir():
             raise BadInputError(f"cannot write {p}: folder {p.parent} does not exist")
         existed = p.exists()
@@ -226,12 +237,18 @@ def check_output_paths(outputs: dict, inputs: dict | None = None, folders: dict 
             p.unlink(missing_ok=True)
 
 
-def model_inputs(model: str, drafter: str | None = None) -> tuple[dict, dict]:
+def model_inputs(model: str, drafter: str | None = None, chat_template: str | None = None) -> tuple[dict, dict]:
     """What a run reads, for check_output_paths: (files, folders) keyed by option. A model folder or
-    .gguf file, the embedded model's cached conversion, a drafter folder (the shipped one for auto)."""
+    .gguf file, the embedded model's cached conversion, a drafter folder (the shipped one for auto),
+    a --chat-template file."""
     from ..target import EMBEDDED, cache_dir
 
     files, folders = {}, {}
+    try:  # (a template given as Jinja text is no path: too long a name, or none that exists)
+        if chat_template and Path(chat_template).expanduser().is_file():
+            files["--chat-template"] = Path(chat_template).expanduser()
+    except (OSError, ValueError):
+        pass
     path = Path(model)
     if path.is_file():
         files["--model"] = path

@@ -79,7 +79,7 @@ def sweep(
     check_batch_size(batch_size)
     cfg = SweepConfig(beam_widths=widths, beam_lengths=lengths, decode=base, warmup=warmup, tree_nodes=budgets,
                       batch_size=batch_size)
-    files, folders = model_inputs(model, drafter)
+    files, folders = model_inputs(model, drafter, chat_template)
     check_output_paths({"--json": json_path, "--csv": csv_path, "--plot": plot_path},
                        inputs={"--prompts": prompts, **files}, folders=folders)
     if plot_path is not None and plot_path.suffix.lower() not in PLOT_SUFFIXES:
