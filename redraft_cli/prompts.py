@@ -8,6 +8,10 @@ Formats (detected from content, not only the extension):
 - a JSON file holding a list of such objects or of strings (ShareGPT dumps);
 - plain text, one prompt a line (blank lines and lines starting with `#` skipped).
 
+Lines end at \n (or \r\n) only: U+2028, a form feed and the like are text inside a
+prompt. A .json / .jsonl file must hold JSON; any other file that starts with `[` or `{`
+but does not parse as JSON is text ("[Verse 1] Write a song.").
+
 A record that is not a prompt is an error naming its line (and, in a JSON
 array, its record number) and the field; an empty text or a conversation
 without user turns is skipped.
