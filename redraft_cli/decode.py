@@ -144,6 +144,25 @@ class Proposer(Protocol):
     def __call__(self, h: torch.Tensor, g0: torch.Tensor, beam_width: int, beam_length: int, context: Any) -> DraftBeams: ...
 
 
+def _checked(beams: Any, g0: torch.Tensor, W: int, L: int, vocab_size: int) -> DraftBeams:
+    """A proposer's beams, checked: DraftBeams with tokens (B, W, L) starting with g0, token ids in the
+    target's vocabulary, logprobs (B, W, L-1). A custom proposer that breaks this would change the
+    output (its first column is what the target already chose) or fail deep in verification."""
+    B = g0.shape[0]
+    if not isinstance(beams, DraftBeams) or not isinstance(beams.tokens, torch.Tensor) or not isinstance(
+            beams.logprobs, torch.Tensor):
+        raise BadInputError(f"the proposer must return DraftBeams(tokens, logprobs), got {type(beams).__name__}")
+    if tuple(beams.tokens.shape) != (B, W, L) or tuple(beams.logprobs.shape) != (B, W, L - 1):
+        raise BadInputError(f"the proposer returned tokens {tuple(beams.tokens.shape)} and logprobs "
+                            f"{tuple(beams.logprobs.shape)}; expected {(B, W, L)} and {(B, W, L - 1)}")
+    tokens = beams.tokens.to(g0.device)
+    if not bool((tokens[:, :, 0] == g0.view(B, 1)).all()):
+        raise BadInputError("the proposer's beams must start with g0 (tokens[:, :, 0]), the token the target chose")
+    if bool(((tokens < 0) | (tokens >= vocab_size)).any()):
+        raise BadInputError(f"the proposer returned token ids outside the target's vocabulary (0..{vocab_size - 1})")
+    return beams
+
+
 class DrafterProposer:
     """The ReDrafter proposer: beam search over the recurrent drafter, all rows at once."""
 
@@ -483,8 +502,9 @@ class Generator:
         if tree_nodes:  # only the drafter's proposer prunes its search to a node budget
             return self.proposer(h, g0, W, L, contexts, tree_nodes=tree_nodes)
         if getattr(self.proposer, "batched", False):
-            return self.proposer(h, g0, W, L, contexts)
-        parts = [self.proposer(h[i : i + 1], g0[i : i + 1], W, L, ctx) for i, ctx in enumerate(contexts)]
+            return _checked(self.proposer(h, g0, W, L, contexts), g0, W, L, self.target.vocab_size)
+        parts = [_checked(self.proposer(h[i : i + 1], g0[i : i + 1], W, L, ctx), g0[i : i + 1], W, L,
+                          self.target.vocab_size) for i, ctx in enumerate(contexts)]
         return DraftBeams(torch.cat([p.tokens for p in parts]), torch.cat([p.logprobs for p in parts]))
 
     def _accept(self, beams: DraftBeams, logits, unpack, cfg: DecodeConfig, gen):

@@ -231,3 +231,28 @@ def test_damaged_drafter_files_are_load_errors(tiny_target, tmp_path):
     refused(lambda: Drafter.load(d), "not valid JSON", DrafterLoadError)
     (d / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     refused(lambda: Drafter.load(d), "not valid JSON", DrafterLoadError)
+
+
+def test_a_custom_proposer_that_breaks_the_beam_contract_is_refused(tiny_target):
+    """Beams not starting with g0 would change the output silently; wrong shapes, ids outside the
+    vocabulary or no DraftBeams at all would fail deep in verification. Each is a one-line error."""
+    from redraft_cli.beam_search import DraftBeams
+
+    def make(edit):
+        def propose(h, g0, W, L, context):
+            tokens = g0.view(-1, 1, 1).repeat(1, W, L).clone()
+            return edit(DraftBeams(tokens, torch.zeros(tokens.shape[0], W, L - 1)))
+        return propose
+
+    cfg = DecodeConfig(max_new_tokens=4, beam_width=2, beam_length=3)
+    cases = {
+        "start with g0": lambda b: DraftBeams(torch.where(torch.arange(3) == 0, b.tokens + 1, b.tokens) % 64, b.logprobs),
+        "outside the target's vocabulary": lambda b: DraftBeams(torch.cat([b.tokens[..., :1], b.tokens[..., 1:] + 10**6], -1),
+                                                                b.logprobs),
+        "expected": lambda b: DraftBeams(b.tokens[:, :1], b.logprobs[:, :1]),
+        "must return DraftBeams": lambda b: None,
+    }
+    for fragment, edit in cases.items():
+        gen = Generator(tiny_target, proposer=make(edit))
+        refused(lambda gen=gen: gen.generate(IDS, cfg), fragment)
+    assert len(Generator(tiny_target, proposer=make(lambda b: b)).generate(IDS, cfg).tokens) == 4

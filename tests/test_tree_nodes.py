@@ -158,7 +158,7 @@ def test_sweep_caps_the_budget_per_cell_and_recipes_check_it_on_load():
     with pytest.raises(BadInputError, match="--nodes must be >= 0"):
         SweepConfig(tree_nodes=[-1])
     assert recipe_from_dict({"beam": {"width": 8, "length": 5, "nodes": 12}}).beam.decode_config().tree_nodes == 12
-    with pytest.raises(BadInputError, match="--nodes 40"):
+    with pytest.raises(BadInputError, match="beam.nodes 40"):
         recipe_from_dict({"beam": {"width": 8, "length": 5, "nodes": 40}})
 
 

@@ -296,7 +296,10 @@ def recover_checkpoint(out: Path) -> None:
     if not final.exists():
         old = sorted(out.glob(f".{CHECKPOINT}.old*"), key=lambda p: p.stat().st_mtime)
         if old and (old[-1] / "trainer_state.json").is_file():
-            os.replace(old[-1], final)
+            try:
+                os.replace(old[-1], final)
+            except OSError:  # another process of a launch put it back first
+                pass
 
 
 def load_checkpoint(out: Path, drafter: Drafter, optimizer: Any, scheduler: Any) -> TrainState:
