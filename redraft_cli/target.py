@@ -572,7 +572,9 @@ class Target:
     def encode_raw(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise BadInputError(f"encode_raw takes a text (str), got {type(text).__name__}")
-        return self.tokenizer(_valid_text(text))["input_ids"]
+        # Text stays text: a control token's string ("<|endoftext|>") is tokenized as characters, as in
+        # encode_chat's messages (the tokenizer's own BOS, if it adds one, is still added).
+        return self.tokenizer(_valid_text(text), split_special_tokens=True)["input_ids"]
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not isinstance(prompt_ids, (list, tuple)) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)

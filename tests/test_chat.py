@@ -210,6 +210,9 @@ def test_interactive_terminal(model_dir):
 def test_text_that_was_not_utf8_is_encoded(target):
     """Bytes that were not UTF-8 (a Latin-1 terminal) reach Python as lone surrogates; they encode as U+FFFD."""
     assert target.encode_raw("caf\udce9") == target.encode_raw("caf\ufffd")
+    # Raw text stays text: a control token's string is characters, not the token.
+    eos = target.tokenizer.eos_token
+    assert target.tokenizer.convert_tokens_to_ids(eos) not in target.encode_raw(f"hi {eos} there")
     assert target.encode_chat("caf\udce9 \ud800") == target.encode_chat("caf\ufffd \ufffd")
 
 
