@@ -38,9 +38,12 @@ def resolve_template(value: str) -> str:
         return _checked(value, "the chat template")
     try:
         path = Path(value).expanduser()
-        is_file = path.is_file()
+        is_file, is_dir = path.is_file(), path.is_dir()
     except (OSError, RuntimeError, ValueError):  # a name too long for a path, ~user of no such user, a NUL
-        is_file = False
+        is_file = is_dir = False
+    if is_dir:
+        raise BadInputError(f"chat template {path} is a folder; give a Jinja file, a name ({', '.join(NAMED)}) "
+                            f"or Jinja text")
     if is_file:
         try:
             text = path.read_text(encoding="utf-8-sig")

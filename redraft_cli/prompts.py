@@ -148,6 +148,8 @@ def load_conversations(path: str | Path, skipped: list[str] | None = None) -> li
     """Every prompt in the file as its list of user turns. A record that is not a prompt is a
     PromptError, or, when a `skipped` list is given (large community dumps), left out and its
     one-line reason appended there."""
+    if not str(path).strip():
+        raise PromptError("the prompt file path is empty; give a prompt file")
     p = Path(path)
     if p.is_dir():
         raise PromptError(f"{p} is a directory, not a prompt file")

@@ -21,6 +21,8 @@ def test_a_template_is_a_name_a_jinja_file_or_jinja_text(tmp_path):
         resolve_template(str(tmp_path / "plain.txt"))
     with pytest.raises(BadInputError, match="unknown chat template 'vicunna'"):
         resolve_template("vicunna")
+    with pytest.raises(BadInputError, match="is a folder"):
+        resolve_template(str(tmp_path))
 
 
 def test_a_recipe_with_a_bad_template_fails_when_it_is_read():

@@ -222,3 +222,8 @@ def test_awkward_but_valid_files_and_unreadable_json(tmp_path):
     for bad in (big, deep):
         with pytest.raises(PromptError, match="cannot read its JSON"):
             load_prompts(bad)
+
+
+def test_an_empty_path_is_named_as_such():
+    with pytest.raises(PromptError, match="path is empty"):
+        load_conversations("")
