@@ -354,17 +354,16 @@ def _count(v: Any) -> bool:
 
 def _shard_record_ok(shard: Any) -> bool:
     """Whether a shard's record (manifest entry or part file) has the fields loading reads, well typed."""
-    return (isinstance(shard, dict) and all(_count(shard.get(k, 0)) for k in ("index", "conversations", "skipped"))
-            and "index" in shard and "conversations" in shard
+    return (isinstance(shard, dict) and _count(shard.get("index")) and _count(shard.get("conversations"))
+            and _count(shard.get("skipped", 0))
             and (shard.get("file") is None or (isinstance(shard["file"], str) and "/" not in shard["file"])))
 
 
 def _manifest_problem(m: Any) -> str | None:
     """What is wrong with a data manifest's structure, or None."""
-    count = _count
     if not isinstance(m, dict):
         return f"a {type(m).__name__}, not a mapping"
-    for key, ok in (("config", lambda v: isinstance(v, dict)), ("num_conversations", count), ("num_shards", count),
+    for key, ok in (("config", lambda v: isinstance(v, dict)), ("num_conversations", _count), ("num_shards", _count),
                     ("conversations_sha256", lambda v: isinstance(v, str)), ("shards", lambda v: isinstance(v, list))):
         if not ok(m.get(key)):
             return f"{key} is {m.get(key)!r}"

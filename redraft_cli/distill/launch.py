@@ -33,7 +33,7 @@ BARRIER_TIMEOUT = timedelta(hours=72)
 
 def launched_processes() -> int:
     """How many processes the launcher started (WORLD_SIZE; 1 without a launcher)."""
-    return _env_int("WORLD_SIZE", 1)
+    return max(_env_int("WORLD_SIZE", 1), 1)  # (0 reads as one process)
 
 
 def launched_rank() -> int:
@@ -52,7 +52,7 @@ def _env_int(name: str, default: int) -> int:
     if value < 0:
         raise BadInputError(f"{name}={os.environ[name]!r} is not a process count or rank; unset it, or start several "
                             f"processes with accelerate launch -m redraft_cli distill ...")
-    return max(value, 1) if name == "WORLD_SIZE" else value
+    return value
 
 
 @dataclass(frozen=True)

@@ -275,9 +275,10 @@ RESUME_FIELDS = ("hidden_size", "vocab_size", "num_draft_layers", "head", "draft
                  "predict_tokens", "target_model")
 
 
-def check_resumable(out: Path, drafter: Drafter) -> None:
-    """BadInputError when out's checkpoint was written for another drafter shape or target; call it
-    before writing anything in out (the recipe.yaml of a refused resume stays the old one)."""
+def check_resumable(out: Path, drafter: Drafter) -> Drafter:
+    """out's checkpointed drafter; BadInputError when it was written for another drafter shape or
+    target. Call it before writing anything in out (the recipe.yaml of a refused resume stays the
+    old one)."""
     ckpt = out / CHECKPOINT
     try:
         loaded = Drafter.load(ckpt, map_location="cpu")
@@ -288,6 +289,7 @@ def check_resumable(out: Path, drafter: Drafter) -> None:
     if differ:
         raise BadInputError(f"cannot resume from {ckpt}: its drafter has {', '.join(differ)}; resume with the "
                             "settings of the run that wrote it, or use another --out")
+    return loaded
 
 
 def recover_checkpoint(out: Path) -> None:
@@ -304,9 +306,8 @@ def recover_checkpoint(out: Path) -> None:
 
 def load_checkpoint(out: Path, drafter: Drafter, optimizer: Any, scheduler: Any) -> TrainState:
     ckpt = out / CHECKPOINT
-    check_resumable(out, drafter)
+    loaded = check_resumable(out, drafter)
     try:
-        loaded = Drafter.load(ckpt, map_location="cpu")
         drafter.load_state_dict(loaded.state_dict())
         opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(opt["optimizer"])
