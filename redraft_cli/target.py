@@ -373,7 +373,67 @@ def load_target(spec: TargetSpec | str = DEFAULT_MODEL, **overrides: Any) -> "Ta
     model.requires_grad_(False)
     target = Target(model, tokenizer, name=name)
     _check_causal(target)
+    if target.lean is None:
+        _check_tree_pass(target)
     return target
+
+
+def _decoder_of(model: Any, name: str) -> Any:
+    """The model's decoder stack (the module that returns `last_hidden_state`), under its base-model
+    prefix, else `model.model`, else `get_decoder()`; never the causal-LM wrapper itself."""
+    prefix = getattr(model, "base_model_prefix", "model")
+    for candidate in (getattr(model, prefix, None), getattr(model, "model", None), model.get_decoder()):
+        if isinstance(candidate, torch.nn.Module) and candidate is not model:
+            return candidate
+    raise ModelLoadError(f"{name} ({type(model).__name__}) has no decoder module under "
+                         f"{prefix!r}, 'model' or get_decoder(); redraft needs one that returns hidden states")
+
+
+def _check_attention_only(target: "Target") -> None:
+    """ModelLoadError if a cache layer of the generic path holds a recurrent state (state-space or
+    linear-attention layers: Mamba and its hybrids): a tree pass would advance it through every
+    branch at once."""
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    layers = getattr(target.new_cache(), "layers", [])
+    recurrent = sorted({type(layer).__name__ for layer in layers if isinstance(layer, LinearAttentionCacheLayerMixin)})
+    if recurrent:
+        raise ModelLoadError(f"{target.name} ({target.config.model_type}) has recurrent layers "
+                             f"({', '.join(recurrent)}): a tree pass cannot verify several branches through one "
+                             f"recurrent state; redraft needs an attention-only decoder")
+
+
+@torch.no_grad()
+def _check_tree_pass(target: "Target") -> None:
+    """ModelLoadError unless the model's own attention (the generic path) honours a tree mask.
+
+    After a 2-token prefix, one pass over the tree c -> {d, e} (positions 2, 3, 3; e must not see
+    its sibling d) must give the hidden states of the sequential passes over [a, b, c, d] and
+    [a, b, c, e]. A model that builds its positions or biases from a 2D mask (ALiBi in Bloom)
+    fails the pass; one that ignored the mask would verify every node against the wrong context
+    and lose exactness silently. Three passes of at most 4 tokens.
+    """
+    a, b, c, d, e = (torch.arange(5, device=target.device) * 7 + 3) % max(target.vocab_size, 1)
+    tree = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool, device=target.device)
+    positions = torch.arange(4, device=target.device)[None]
+    try:
+        cache = target.new_cache()
+        target.forward(torch.stack([a, b])[None], positions[:, :2], cache)
+        nodes = target.forward(torch.stack([c, d, e])[None], torch.tensor([[2, 3, 3]], device=target.device), cache,
+                               attention_bias(tree, 2, target.compute_dtype))[0].float()
+        seq = [target.forward(torch.stack([a, b, c, x])[None], positions, target.new_cache())[0, 2:].float()
+               for x in (d, e)]
+    except _LOAD_ERRORS as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelLoadError(f"{target.name} ({target.config.model_type}) cannot run a tree pass: its attention "
+                             f"does not take a 4D mask ({type(exc).__name__}: {first}); redraft verifies drafts "
+                             f"with one") from exc
+    want = torch.stack([seq[0][0], seq[0][1], seq[1][1]])  # (3, H)
+    # Rounding moves a node by well under 1% (0 on CPU); seeing its sibling moved e by 11% in SmolLM2.
+    error = (nodes - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-6)  # (3,)
+    if not bool(error.max() <= 0.03):
+        raise ModelLoadError(f"{target.name} ({target.config.model_type}) does not honour a tree attention mask "
+                             f"(a node saw its sibling); its drafts could not be verified exactly")
 
 
 @torch.no_grad()
@@ -407,8 +467,7 @@ class Target:
         self.tokenizer = tokenizer
         self.name = name
         self.config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-        prefix = getattr(model, "base_model_prefix", "model")
-        self.base = getattr(model, prefix, None) or model.get_decoder()
+        self.base = _decoder_of(model, name)
         self.lm_head = model.get_output_embeddings()
         if self.lm_head is None:
             raise ModelLoadError(f"{name} has no output embedding (LM head); is it a causal LM?")
@@ -444,6 +503,8 @@ class Target:
         # REDRAFT_GENERIC=1 forces the generic Hugging Face path (for comparisons).
         use_lean = lean_supported(model) and not self.spread and not env_flag("REDRAFT_GENERIC", False)
         self.lean = LeanLlama(model) if use_lean else None
+        if self.lean is None:
+            _check_attention_only(self)
         if self.window and self.lean is None:  # the generic path's cache trims sliding layers, which a tree pass
             # must not: its context stops one short of the window, where a sliding layer attends to everything
             self.max_context = min(self.max_context, self.window - 1)

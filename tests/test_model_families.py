@@ -1,0 +1,91 @@
+"""Hugging Face families beyond the lean Llama path: the generic path runs them through the model's own
+attention with a 4D tree mask. Each tiny random model must verify trees exactly (greedy output equal to
+plain decoding's, with an oracle proposer so that trees do get accepted); families whose attention cannot
+take a tree (ALiBi built from a 2D mask, recurrent state-space layers, a mask ignored) are refused at load
+with one line."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import transformers as T
+
+from conftest import tiny_model_dir
+from redraft_cli import DecodeConfig, Generator
+from redraft_cli.errors import ModelLoadError
+from redraft_cli.target import Target, _check_tree_pass, load_target
+from test_decode_greedy import OracleProposer
+
+V = 96
+SMALL = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=256)
+GQA = dict(SMALL, num_key_value_heads=2)
+FAMILIES = {
+    "gpt2": (T.GPT2Config, dict(n_layer=2, n_embd=32, n_head=2, n_positions=256)),
+    "gpt_neox": (T.GPTNeoXConfig, SMALL),
+    "phi3": (T.Phi3Config, dict(GQA, pad_token_id=0)),
+    "gemma2": (T.Gemma2Config, dict(GQA, head_dim=8, sliding_window=512)),
+    "falcon": (T.FalconConfig, dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4)),
+    "opt": (T.OPTConfig, dict(SMALL, ffn_dim=64, word_embed_proj_dim=32)),
+    "mixtral": (T.MixtralConfig, dict(GQA, num_local_experts=4, num_experts_per_tok=2)),
+    "llama4_text": (T.Llama4TextConfig, dict(GQA, head_dim=8, intermediate_size_mlp=64, num_local_experts=2)),
+}
+
+
+def _tiny(family: str) -> Target:
+    config_class, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config_class(vocab_size=V, **kwargs)).eval()
+    return Target(model, tokenizer=None, name=family)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_generic_families_verify_trees_exactly(family, one_thread):
+    target = _tiny(family)
+    assert target.lean is None
+    _check_tree_pass(target)  # what load_target runs for the generic path
+    cfg = DecodeConfig(max_new_tokens=16, beam_width=3, beam_length=4)
+    prompt = [7, 3, 44, 2, 8]
+    plain = Generator(target).generate(prompt, cfg, "plain")
+    out = Generator(target, proposer=OracleProposer(target, seed=1)).generate(prompt, cfg, "redraft")
+    assert out.tokens == plain.tokens
+    assert len(out.steps) < len(out.tokens)  # trees were accepted, not just the bonus token
+
+
+def test_a_recurrent_model_is_refused(one_thread):
+    """Mamba's cache holds a recurrent state: one tree pass would run every branch through it."""
+    model = T.AutoModelForCausalLM.from_config(T.MambaConfig(vocab_size=V, num_hidden_layers=2, hidden_size=32))
+    with pytest.raises(ModelLoadError, match="recurrent layers .*attention-only"):
+        Target(model.eval(), tokenizer=None, name="mamba")
+
+
+def test_alibi_from_a_2d_mask_is_refused_at_load(tmp_path, one_thread):
+    """Bloom builds ALiBi from a 2D attention mask, so a 4D tree mask fails inside its forward."""
+    _, tok, _ = tiny_model_dir(tmp_path / "llama", layers=1)
+    bloom = tmp_path / "bloom"
+    T.BloomForCausalLM(T.BloomConfig(vocab_size=len(tok), n_layer=1, hidden_size=32, n_head=4)).save_pretrained(bloom)
+    tok.save_pretrained(bloom)
+    with pytest.raises(ModelLoadError, match=r"cannot run a tree pass: its attention does not take a 4D mask"):
+        load_target(str(bloom), device="cpu")
+
+
+def test_a_model_that_ignores_the_tree_mask_is_refused(tmp_path, monkeypatch, one_thread):
+    """A model whose attention drops the 4D mask would let a node see its siblings: every verification
+    would check a draft against the wrong context. The load-time probe catches it."""
+    from transformers.models.llama import modeling_llama
+
+    model_dir, _, _ = tiny_model_dir(tmp_path / "llama", layers=2)
+    monkeypatch.setenv("REDRAFT_GENERIC", "1")
+    assert load_target(str(model_dir), device="cpu").lean is None  # the generic path passes the probe
+
+    forward = modeling_llama.LlamaModel.forward
+
+    @functools.wraps(forward)
+    def without_mask(self, *args, **kwargs):
+        kwargs["attention_mask"] = None
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaModel, "forward", without_mask)
+    with pytest.raises(ModelLoadError, match="does not honour a tree attention mask"):
+        load_target(str(model_dir), device="cpu")
