@@ -2,7 +2,8 @@
 
 Formats (detected from content, not only the extension):
 - JSONL, one object a line, with `turns` (MT-Bench: the first turn is used),
-  `prompt`, `text`, `instruction`, `question`, or ShareGPT `conversations`
+  `prompt`, `text`, `instruction` (with its Alpaca `input` or Dolly `context`
+  after a blank line), `question`, or ShareGPT `conversations`
   (`from`/`value`) or OpenAI `messages` (`role`/`content`, where `content` may
   also be a list of text parts, joined with newlines);
 - a JSON file holding a list of such objects or of strings (ShareGPT dumps);
@@ -10,7 +11,8 @@ Formats (detected from content, not only the extension):
 
 Lines end at \n (or \r\n) only: U+2028, a form feed and the like are text inside a
 prompt. A .json / .jsonl file must hold JSON; any other file that starts with `[` or `{`
-but does not parse as JSON is text ("[Verse 1] Write a song.").
+but does not parse as JSON is text ("[Verse 1] Write a song."). A .yaml / .yml file
+is refused: read as text, its every line was a prompt (a recipe passed as prompts).
 
 A record that is not a prompt is an error naming its line (and, in a JSON
 array, its record number) and the field; an empty text or a conversation
@@ -28,6 +30,7 @@ from typing import Any
 from .errors import PromptError
 
 TEXT_KEYS = ("prompt", "text", "instruction", "question", "input", "content")
+INSTRUCTION_INPUTS = ("input", "context")  # what an instruction is about: Alpaca, Dolly
 HUMAN_ROLES = ("human", "user")
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 
@@ -84,6 +87,18 @@ def _conversation(conv: Any, key: str) -> list[str] | None:
     return users or None
 
 
+def _with_input(rec: dict) -> str:
+    """An `instruction` record's prompt: the instruction, then its Alpaca `input` (Dolly: `context`), the
+    text it is about, after a blank line. ValueError when that field is not text."""
+    parts = [rec["instruction"]]
+    for key in INSTRUCTION_INPUTS:
+        if rec.get(key) is not None:
+            if not isinstance(rec[key], str):
+                raise ValueError(f"has '{key}' that is not a string (got {_kind(rec[key])})")
+            parts.append(rec[key])
+    return "\n\n".join(p for p in parts if p.strip())
+
+
 def _from_record(rec: Any) -> list[str] | None:
     """All user turns of one record; None when it is a prompt record that holds nothing (an empty
     text or a conversation without user turns, common in ShareGPT dumps). ValueError (saying why,
@@ -108,7 +123,8 @@ def _from_record(rec: Any) -> list[str] | None:
         if key in rec:
             if not isinstance(rec[key], str):
                 raise ValueError(f"has '{key}' that is not a string (got {_kind(rec[key])})")
-            return [rec[key]] if rec[key].strip() else None
+            text = _with_input(rec) if key == "instruction" else rec[key]
+            return [text] if text.strip() else None
     found = ", ".join(repr(k) for k in list(rec)[:5]) + (", ..." if len(rec) > 5 else "")
     raise ValueError(f"has none of the keys turns, conversations, messages, {', '.join(TEXT_KEYS)} "
                      f"(its keys: {found or 'none'})")
@@ -157,6 +173,9 @@ def load_conversations(path: str | Path, skipped: list[str] | None = None) -> li
         raise PromptError(f"{p} is not a regular file (a pipe or a device?); give a prompt file")
     if not p.is_file():
         raise PromptError(f"prompt file not found: {p}")
+    if p.suffix.lower() in (".yaml", ".yml"):  # read as text, each line ("name: ...", "- ...") became a prompt
+        raise PromptError(f"{p} is a YAML file, not prompts (JSONL, JSON or text lines); a distillation recipe is "
+                          f"distill's first argument")
     try:
         raw = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not text
     except (OSError, UnicodeDecodeError) as exc:

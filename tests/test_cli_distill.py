@@ -298,6 +298,7 @@ def test_distill_writes_no_report_over_its_inputs_or_outputs(tiny_recipe, tmp_pa
         (["--out", str(tmp_path / "o"), "--json", str(recipe)], "RECIPE and --json both name"),
         (["--out", str(tmp_path / "o"), "--json", str(tmp_path / "o" / "config.json")], "a file distill writes"),
         (["--out", str(tmp_path / "o"), "--json", str(tmp_path / "o" / "checkpoint" / "x.json")], "a file distill writes"),
+        (["--out", str(tmp_path / "o"), "--json", str(tmp_path / "o")], "the --out folder itself"),  # was an IndexError
         (["--out", str(tmp_path / "o"), "--json", str(root / "tiny-model" / "config.json")], "file of the --model folder"),
         (["--out", str(Path(redraft_cli.__file__).parent / "data" / "drafters" / "x")], "inside the redraft package"),
     ]
@@ -395,3 +396,75 @@ def test_damaged_distillation_data_is_named_or_computed_again(tiny_recipe, tmp_p
     (data / "manifest.json").write_text("[]")
     garbled = runner.invoke(app, ["distill", str(cached), "--out", str(tmp_path / "o3"), "--max-steps", "1"])
     assert garbled.exit_code == 2 and "is damaged" in garbled.output and str(data) in " ".join(garbled.output.split())
+
+
+def test_two_runs_never_write_one_out_at_once(tiny_recipe, tmp_path, monkeypatch):
+    """While a run holds --out (another process, or this one), a second distill there is a one-line
+    error before the model loads; the folder is free again once the run ends."""
+    import fcntl
+    import os
+
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache-lock"))
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running distill holds
+        busy = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "1", "--no-bench"])
+    finally:
+        os.close(fd)
+    flat = " ".join(busy.output.split())
+    assert busy.exit_code == 2 and "another redraft distill is writing --out" in flat, busy.output
+    assert "loading target" not in busy.output and "Traceback" not in busy.output and not any(out.iterdir())
+    free = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "1", "--no-bench"])
+    assert free.exit_code == 0, free.output
+
+
+def test_a_tilde_in_out_or_data_is_the_home_folder(tiny_recipe, tmp_path, monkeypatch):
+    """`--out=~/x` reaches redraft unexpanded (the shell expands ~ only at a word's start): distill wrote the
+    drafter into a folder named '~' in the working directory. A recipe's data.source: ~/p.txt was 'not found'."""
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache-tilde"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "p.txt").write_text((root / "prompts.txt").read_text())
+    homed = tmp_path / "homed.yaml"
+    homed.write_text(recipe.read_text().replace(str(root / "prompts.txt"), "~/p.txt"))
+    r = runner.invoke(app, ["distill", str(homed), "--out=~/drafter", "--max-steps", "1", "--no-bench"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "home" / "drafter" / "config.json").is_file() and not (tmp_path / "~").exists()
+
+
+def test_a_resume_that_changes_the_recommended_beam_writes_it_into_the_drafter(tiny_recipe, tmp_path, monkeypatch):
+    """The beam section may change on --resume (recipe.yaml takes it), but the final config.json was copied from
+    best/, saved before the resume with the old shape: the drafter recommended 2x3 + 1 datastore beam while its
+    recipe.yaml (and the held-out bench) said 3x2 best 2 nodes."""
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache"))
+    out = tmp_path / "out"
+    first = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "1", "--no-bench"])
+    assert first.exit_code == 0, first.output
+    other = tmp_path / "beam.yaml"
+    other.write_text(recipe.read_text().replace("beam: {width: 2, length: 3, datastore: 1, lookup_length: 4}",
+                                                "beam: {width: 3, length: 2, nodes: 2}"))
+    again = runner.invoke(app, ["distill", str(other), "--out", str(out), "--max-steps", "1", "--resume", "--no-bench"])
+    assert again.exit_code == 0 and "nothing left to train" in " ".join(again.output.split()), again.output
+    c = Drafter.load(out).config
+    assert (c.beam_width, c.beam_length, c.datastore_beams, c.lookup_length, c.tree_nodes) == (3, 2, 0, 0, 2)
+
+
+def test_held_out_prompts_that_are_also_training_prompts_are_noted(tiny_recipe, tmp_path, monkeypatch):
+    """Duplicates in the data put held-out conversations into training too: the held-out scores (which pick
+    the best checkpoint) were silently training scores. Now a note says how many."""
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache"))
+    dup = tmp_path / "dup.txt"
+    dup.write_text("Tell me fact number 1 about the sea.\n" + (root / "prompts.txt").read_text())
+    r = runner.invoke(app, ["distill", str(recipe), "--data", str(dup), "--out", str(tmp_path / "o"), "--max-steps", "1",
+                            "--no-bench"])
+    assert r.exit_code == 0, r.output
+    assert "note: 1 of the 2 held-out conversations are also training conversations" in " ".join(r.output.split())
+    clean = runner.invoke(app, ["distill", str(recipe), "--out", str(tmp_path / "o2"), "--max-steps", "1", "--no-bench"])
+    assert clean.exit_code == 0 and "held-out conversations are also" not in clean.output, clean.output

@@ -452,3 +452,37 @@ def test_a_chat_template_file_is_saved_into_the_drafters_recipe(tmp_path):
     assert target.tokenizer.decode(target.encode_chat("Hi.")) == "<|user|>Hi.\n<|assistant|>"
     path.unlink()
     assert template_for_drafter(tmp_path / "out") == template
+
+
+def test_a_max_seq_len_that_cuts_every_answer_is_refused_and_one_that_cuts_some_is_noted(tmp_path):
+    """train.max_seq_len below every prompt's length trained on nothing (loss 0.000, a drafter 'written');
+    now a one-line error naming the field. One that cuts part of the answers says how much."""
+    target = tiny_chat_llama(seed=2)
+    base = tiny_recipe(max_steps=1).to_dict()
+    short = recipe_from_dict({**base, "train": {**base["train"], "max_seq_len": 8}})
+    with pytest.raises(BadInputError, match="train.max_seq_len 8 cuts every training conversation"):
+        distill_events(short, target, tmp_path)
+    from redraft_cli.distill.data import load_dataset
+
+    starts = [int(e["loss_mask"].nonzero()[0, 0]) for e in load_dataset(tmp_path / "data") if e["conv_index"] >= 2]
+    assert min(starts) < max(starts)  # the longest prompt's answer is cut, the shortest's kept
+    partial = recipe_from_dict({**base, "train": {**base["train"], "max_seq_len": max(starts) + 1}})
+    events, _ = distill_events(partial, target, tmp_path, out="out2")
+    assert any(e["event"] == "note" and "leaves" in e["text"] and "max_seq_len" in e["text"] for e in events)
+
+
+def test_resume_takes_this_runs_learning_rate_and_weight_decay(tmp_path):
+    """The checkpoint's optimizer and scheduler states restored the old peak lr, so `--resume --lr` (what a
+    diverged run's message advises) changed nothing; now the new values count from the resumed step, and say so."""
+    target = tiny_llama(vocab_size=64, seed=5)
+    data = synthetic_examples(target, 6, seed=2)
+    cfg = dict(batch_size=2, warmup_ratio=0.0, eval_every=100, save_every=100)
+    fresh = lambda: Drafter.for_target(target, seed=0)  # noqa: E731
+    train_drafter(target, fresh(), data[1:], data[:1], TrainSection(max_steps=2, lr=1e-3, **cfg), tmp_path, 2)
+    events = []
+    cut = TrainSection(max_steps=4, lr=1e-5, weight_decay=0.1, **cfg)
+    train_drafter(target, fresh(), data[1:], data[:1], cut, tmp_path, 2, resume=True, on_event=events.append)
+    lrs = [e["lr"] for e in events if e["event"] == "step"]
+    assert len(lrs) == 2 and 0 < lrs[0] <= 1e-5, lrs  # cosine from step 2 of 4 at a peak of 1e-5, not 1e-3
+    notes = [e["text"] for e in events if e["event"] == "note"]
+    assert any("resuming with lr 1e-05 and weight_decay 0.1" in n for n in notes), notes

@@ -227,3 +227,29 @@ def test_awkward_but_valid_files_and_unreadable_json(tmp_path):
 def test_an_empty_path_is_named_as_such():
     with pytest.raises(PromptError, match="path is empty"):
         load_conversations("")
+
+
+def test_an_instruction_keeps_the_text_it_is_about(tmp_path):
+    """Alpaca's `input` (Dolly's `context`) is part of the prompt: it was dropped, leaving
+    'Translate this sentence.' without the sentence. An empty one adds nothing; one that is not text is named."""
+    f = tmp_path / "alpaca.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"instruction": "Translate this sentence.", "input": "Bonjour.", "output": "Hello."},
+        {"instruction": "Name a colour.", "input": "", "output": "Red."},
+        {"instruction": "Summarise.", "context": "A long text.", "response": "Short."},
+        {"instruction": "", "input": "Only the input."},
+    ]) + "\n")
+    assert load_prompts(f) == ["Translate this sentence.\n\nBonjour.", "Name a colour.", "Summarise.\n\nA long text.",
+                               "Only the input."]
+    f.write_text(json.dumps({"instruction": "Add them.", "input": [1, 2]}) + "\n")
+    with pytest.raises(PromptError, match=r"alpaca.jsonl:1: record has 'input' that is not a string \(got list\)"):
+        load_prompts(f)
+
+
+def test_a_yaml_file_is_not_read_as_prompt_lines(tmp_path):
+    """`distill --data recipe.yaml` trained on 'name: tiny', 'target: {...}' as prompts; now refused."""
+    for name in ("recipe.yaml", "prompts.YML"):
+        f = tmp_path / name
+        f.write_text("name: tiny\ndata: {held_out: 2}\n- a list item\n")
+        with pytest.raises(PromptError, match=f"{name} is a YAML file, not prompts"):
+            load_prompts(f)

@@ -427,3 +427,55 @@ def test_write_beam_shape_refuses_what_bench_would(tiny, tmp_path):
     with pytest.raises(BadInputError, match="lookup"):
         write_beam_shape(path, 2, 2, lookup_beams=100, lookup_length=1)
     assert (path / CONFIG_NAME).read_text() == before
+
+
+def test_cli_slower_note_advises_the_batch_that_ran(tmp_path, monkeypatch):
+    """A sweep's --batch-size above its prompts runs as many rows as prompts: the note's advice names that.
+    And it never advises the sweep that has just run (`redraft sweep --save-best` finds the shape...)."""
+    from redraft_cli.cli.common import slower_note
+
+    import redraft_cli.cli.sweep as sweep_cli
+    from conftest import tiny_model_dir
+
+    model_dir, _, _ = tiny_model_dir(tmp_path / "tiny", layers=1)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Name a colour.\nName a sea.\n")
+    seen = []
+    monkeypatch.setattr(sweep_cli, "slower_note", lambda *a, **k: seen.append((a[2], k.get("swept"))))
+    r = runner.invoke(app, ["sweep", "--model", str(model_dir), "--drafter", "random", "--prompts", str(prompts),
+                            "--max-new-tokens", "4", "--beam-widths", "1", "--beam-lengths", "2", "--no-warmup",
+                            "--batch-size", "64"])
+    assert r.exit_code == 0 and seen == [(2, True)], (r.output, seen)
+    for batch, graphed in ((1, False), (2, False), (1, True)):
+        note = slower_note(0.5, 2.0, batch, "/some/drafter", subject="the fastest shape tried", graphed=graphed,
+                           swept=True)
+        assert note.startswith("note: the fastest shape tried ran at 0.50x") and "redraft sweep" not in note, note
+        assert "redraft sweep" in slower_note(0.5, 2.0, batch, "/some/drafter", graphed=graphed)
+
+
+def test_cli_save_best_saves_no_shape_that_no_draft_step_measured(tmp_path):
+    """Answers that end at their first token take no draft step: each cell's 'speedup' compares prompt passes
+    only (noise), and --save-best wrote that noise's 'best' shape into config.json. Now --max-new-tokens 1 is
+    refused before loading; a run whose answers all ended at once says so and saves nothing."""
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_model_dir
+
+    assert_clean_error(invoke("--model", "no-such-org/never-loaded", "--drafter", tmp_path / "d", "--save-best",
+                              "--max-new-tokens", 1), "--save-best needs --max-new-tokens 2 or more")
+    model_dir, _, _ = tiny_model_dir(tmp_path / "eos-at-once", layers=1)
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()  # every logit 0: greedy picks token 0, made the end of text
+    model.config.eos_token_id = model.generation_config.eos_token_id = 0
+    model.save_pretrained(model_dir)
+    drafter = tmp_path / "drafter"
+    Drafter.for_target(tiny_llama(vocab_size=model.config.vocab_size, hidden_size=32), seed=0).save(drafter)
+    before = (drafter / CONFIG_NAME).read_text()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Name a colour.\n")
+    r = invoke("--model", model_dir, "--drafter", drafter, "--prompts", prompts, "--max-new-tokens", 4,
+               "--beam-widths", "1,2", "--beam-lengths", 2, "--no-warmup", "--save-best")
+    assert r.exit_code == 0, r.output
+    assert "no cell took a draft step" in " ".join(r.output.split()) and "saved nothing" in " ".join(r.output.split())
+    assert (drafter / CONFIG_NAME).read_text() == before

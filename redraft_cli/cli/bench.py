@@ -85,7 +85,7 @@ def bench(
     if not result["redraft"].get("steps"):
         err.print("note: ReDrafter took no draft step (every answer ended at its first token), so the speedup "
                   "compares prompt passes only")
-    elif (why := slower_note(result["speedup"], result["redraft"]["tokens_per_step"], batch_size,
+    elif (why := slower_note(result["speedup"], result["redraft"]["tokens_per_step"], min(batch_size, len(ids)),
                              loaded.drafter_name, graphed=target.graphs is not None)) is not None:
         err.print(why)
     graphs = result.get("cuda_graphs") or {}

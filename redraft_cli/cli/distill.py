@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -83,11 +84,12 @@ def distill(
     if recipe.train.freeze_init and not recipe.drafter.init_from:
         raise BadInputError("train.freeze_init needs a drafter to start from (--init-from or drafter.init_from)")
     check_recipe(recipe)  # every other value, before the model loads (--max-steps 0, --lr nan, ...)
-    out = out or Path("drafters") / recipe.name
+    out = Path(os.path.expanduser(out or Path("drafters") / recipe.name))  # (--out=~/x comes unexpanded)
     check_out_folder(out, json_path)
     files, folders = model_inputs(recipe.target.model)
     recipe_file = recipe_or_model if recipe_or_model.endswith((".yaml", ".yml")) else None
-    check_output_paths({"--json": json_path}, inputs={"data.source": recipe.data.source, "RECIPE": recipe_file, **files},
+    source = os.path.expanduser(recipe.data.source)
+    check_output_paths({"--json": json_path}, inputs={"data.source": source, "RECIPE": recipe_file, **files},
                        folders={**folders, "--init-from": recipe.drafter.init_from})
     view = _DistillView()
     rank = launched_rank()  # under accelerate launch the main process (rank 0) speaks for all
@@ -132,6 +134,8 @@ def check_out_folder(out: Path, json_path: Path | None) -> None:
                             f"(it loads from any folder with --drafter)")
     if json_path is not None:
         report = Path(json_path).resolve()
+        if report == where:
+            raise BadInputError(f"--json {json_path} is the --out folder itself; name a file for the report")
         if report.is_relative_to(where) and report.relative_to(where).parts[0] in OUTPUT_NAMES:
             raise BadInputError(f"--json {json_path} is a file distill writes in --out {out}; name another file")
         data = (cache_dir() / "distill-data").resolve()

@@ -87,6 +87,9 @@ def sweep(
     if save_best and drafter == "random":
         raise BadInputError("--save-best needs a saved drafter (a directory, or --drafter auto with a shipped one); "
                              "--drafter random has no config.json to write the shape into")
+    if save_best and max_new_tokens < 2:
+        raise BadInputError("--save-best needs --max-new-tokens 2 or more: with 1, ReDrafter takes no draft step, so no "
+                            "cell measures its beam shape")
     texts = load_prompts(prompts, limit=num_prompts)
     if save_best and batch_size > len(texts):
         raise BadInputError(f"--save-best --batch-size {batch_size} needs at least {batch_size} prompts to measure "
@@ -163,8 +166,9 @@ def sweep(
                    + (f"; the finished cells are in {' and '.join(written)}" if written else ""), 130) from None
     result = {**head, **result}
 
+    drafted = any(c["steps"] for c in result["cells"])  # (every answer may end at its first token)
     saved = None
-    if save_best and drafter_dir is not None and result["best"] is not None:
+    if save_best and drafter_dir is not None and result["best"] is not None and drafted:
         saved = save_best_shape(result, drafter_dir)
     result["saved_best"] = str(saved) if saved else None
 
@@ -178,9 +182,12 @@ def sweep(
 
         console.print(f"wrote {save_sweep_plot(result, plot_path)}")
     best = result["best"]
-    if best is not None and (why := slower_note(best["speedup"], best["tokens_per_step"], batch_size,
-                                                loaded.drafter_name, subject="the fastest shape tried",
-                                                graphed=loaded.target.graphs is not None)):
+    if not drafted:
+        err.print("note: no cell took a draft step (every answer ended at its first token), so the speedups compare "
+                  "prompt passes only" + (" and --save-best saved nothing" if save_best else ""))
+    elif best is not None and (why := slower_note(best["speedup"], best["tokens_per_step"], min(batch_size, len(ids)),
+                                                  loaded.drafter_name, subject="the fastest shape tried",
+                                                  graphed=loaded.target.graphs is not None, swept=True)):
         err.print(why)
     if saved is not None:
         on = "" if loaded.target.device.type == "cpu" else f" on {loaded.target.device.type}"  # device_shapes

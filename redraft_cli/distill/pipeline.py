@@ -21,9 +21,10 @@ import json
 import os
 import shutil
 from importlib import resources
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -31,7 +32,7 @@ import yaml
 from ..chat_templates import NAMED as NAMED_TEMPLATES
 from ..chat_templates import apply_chat_template
 from ..datastore import DATASTORE_NAME, Datastore
-from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter
+from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter, write_beam_shape
 from ..errors import BadInputError, ModelLoadError
 from ..prompts import builtin_conversations, load_conversations
 from ..files import writable_dir
@@ -64,7 +65,7 @@ def resolve_conversations(source: str, num_prompts: int | None, skipped: list[st
     elif source.startswith("hf://"):
         convs = load_conversations(_download_dataset_file(source), skipped)
     else:
-        convs = load_conversations(source, skipped)
+        convs = load_conversations(os.path.expanduser(source), skipped)
     return convs[:num_prompts] if num_prompts else convs
 
 
@@ -141,7 +142,7 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     emit = on_event or (lambda e: None)
     if data_only and not generate:
         raise BadInputError("--data-only generates the data; it cannot be combined with --no-generate")
-    out = Path(out)
+    out = Path(os.path.expanduser(out))  # (--out=~/x comes unexpanded: not a folder named ~ in the cwd)
     check_recipe(recipe)
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out} is a file; give a directory for the drafter")
@@ -172,11 +173,24 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     if len(convs) <= d.held_out:
         raise BadInputError(f"{len(convs)} conversations but held_out is {d.held_out}: nothing left to train on "
                             f"(give more prompts, or fewer with --held-out)")
+    leaked = _held_out_in_training(convs, d.held_out)
+    if leaked:
+        emit({"event": "note", "text": f"{leaked} of the {d.held_out} held-out conversations are also training "
+                                       f"conversations (duplicates in the data): held-out agreement and the bench "
+                                       f"overstate the drafter on new prompts; deduplicate the prompts"})
     # Where it will write, before the model loads.
     if not data_only:  # a data-only run writes nothing in --out
         _check_writable(out, f"cannot write the drafter to --out {out}")
     _check_writable(Path(data_dir) if data_dir else cache_dir() / "distill-data",
                     "cannot write the distillation data in {path}", "; set REDRAFT_CACHE to a writable folder")
+    with _holding(out, hold=not data_only and launched_rank() == 0):  # (a launch's main process holds it for all)
+        return _distill(recipe, out, convs, resume, emit, data_dir, bench, target, generate, data_only)
+
+
+def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, emit: EventFn, data_dir: Path | None,
+             bench: bool, target: Target | None, generate: bool, data_only: bool) -> DistillResult:
+    """`distill` past its checks of the recipe, the prompts and --out, while it holds --out."""
+    d = recipe.data
     # Several processes (accelerate launch): they split the data and train data parallel (launch.py).
     if launched_processes() > 1 and launched_rank() == 0:  # (it waits until every process has joined)
         emit({"event": "note", "text": f"joining a launch of {launched_processes()} processes at "
@@ -251,6 +265,7 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         return DistillResult(out, {"recipe": recipe.name, "model": target.name, "data_only": True, "data_dir": str(data_dir),
                                    "data": {"train_conversations": len(train_set), "held_out_conversations": len(held),
                                             "train_generated_tokens": train_tokens}}, main=launch.is_main)
+    _check_seq_len(train_set, recipe.train.max_seq_len, train_tokens, emit)
 
     # 2. The drafter (built above), then training.
     if dr.draft_vocab_size:
@@ -275,6 +290,8 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         tmp = out / f".{name}.tmp{os.getpid()}"
         shutil.copyfile(best / name, tmp)
         os.replace(tmp, out / name)
+    b = recipe.beam  # this run's recommended shape: best/ may be older than a --resume that changed it
+    write_beam_shape(out, b.width, b.length, b.lookup, b.lookup_length, b.datastore, b.nodes)
     if dr.weight_storage != "float":  # only the final drafter: checkpoints keep full precision for --resume
         final = Drafter.load(out)
         final.config.weight_storage = dr.weight_storage
@@ -300,6 +317,51 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
     emit({"event": "finished", "out": str(out), **{k: metrics[k] for k in ("steps", "best_step", "best_mean_agreement")}})
     return DistillResult(out, metrics)
+
+
+def _held_out_in_training(convs: list[list[str]], held_out: int) -> int:
+    """How many of the first `held_out` conversations (kept out for evaluation) recur among the training ones."""
+    training = {tuple(c) for c in convs[held_out:]}
+    return sum(tuple(c) in training for c in convs[:held_out])
+
+
+def _check_seq_len(train_set: list[dict], max_seq_len: int, train_tokens: int, emit: EventFn) -> None:
+    """Training cuts every sequence at train.max_seq_len tokens: a BadInputError when that leaves no
+    answer token to learn (it would train on nothing), a note when it leaves some out."""
+    kept = sum(int(e["loss_mask"][:max_seq_len].sum()) for e in train_set)
+    if train_tokens and not kept:
+        shortest = min(int(e["loss_mask"].nonzero()[0, 0]) for e in train_set if e["loss_mask"].any())
+        raise BadInputError(f"train.max_seq_len {max_seq_len} cuts every training conversation before its answer "
+                            f"begins (the shortest prompt is {shortest} tokens): there is nothing to learn; raise it")
+    if kept < train_tokens:
+        emit({"event": "note", "text": f"train.max_seq_len {max_seq_len} leaves {1 - kept / train_tokens:.0%} of the "
+                                       f"answer tokens out of training (raise it to learn them)"})
+
+
+@contextmanager
+def _holding(out: Path, hold: bool) -> Iterator[None]:
+    """Hold the folder --out for this run (an exclusive lock, released when the run ends or its process
+    dies): a second distill into the same folder at once is a BadInputError instead of both writing its
+    checkpoint and drafter. hold=False (a data-only run, the other processes of a launch): nothing held."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows: no advisory locks on folders)
+        hold = False
+    if not hold:
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInputError(f"another redraft distill is writing --out {out} now; wait for it to end (--resume "
+                                f"then continues it) or use another --out") from None
+        except OSError:  # a file system without locks (some network mounts): the run goes on unguarded
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def _check_writable(path: Path, message: str, hint: str = "") -> None:

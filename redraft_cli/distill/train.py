@@ -304,6 +304,21 @@ def recover_checkpoint(out: Path) -> None:
                 pass
 
 
+def take_hyperparameters(optimizer: Any, scheduler: Any, cfg: TrainSection) -> str:
+    """After a resume, this run's peak learning rate and weight decay (a checkpoint's optimizer and scheduler
+    states restore the ones it was trained with, so `--resume --lr` after a diverged run changed nothing).
+    The schedule itself follows this run's steps already. Returns what changed ('' for nothing)."""
+    decay = optimizer.param_groups[0]  # (the other group never decays)
+    changed = [f"{name} {new:g}" for name, old, new in (("lr", scheduler.base_lrs[0], cfg.lr),
+                                                        ("weight_decay", decay["weight_decay"], cfg.weight_decay))
+               if old != new]
+    decay["weight_decay"] = cfg.weight_decay
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * factor(scheduler.last_epoch)
+    return " and ".join(changed)
+
+
 def load_checkpoint(out: Path, drafter: Drafter, optimizer: Any, scheduler: Any) -> TrainState:
     ckpt = out / CHECKPOINT
     loaded = check_resumable(out, drafter)
@@ -368,6 +383,9 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
         if not resume:
             raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
         state = load_checkpoint(out, drafter, optimizer, scheduler)
+        changed = take_hyperparameters(optimizer, scheduler, cfg)
+        if changed and on_event is not None:
+            on_event({"event": "note", "text": f"resuming with {changed} (the checkpoint's run used other values)"})
     emit = on_event or (lambda e: None)
     if state.best_step >= 0 and not _loads(out / "best"):  # deleted or damaged since: the next evaluation writes it
         emit({"event": "note", "text": f"{out / 'best'} is missing or damaged; the next evaluation writes it again"})
