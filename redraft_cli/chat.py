@@ -79,6 +79,11 @@ class ChatSession:
     totals: Totals = field(default_factory=Totals)
     last: Totals = field(default_factory=Totals)
     trimmed: int = 0  # turns dropped from the start of the history by the last ask()
+    cut: bool = False  # the last ask()'s answer stopped where the context ends (not at EOS or max_new_tokens)
+
+    def __post_init__(self) -> None:
+        if self.system is not None and not self.system.strip():
+            self.system = None  # a blank system prompt is none, as `/set system` with no text clears it
 
     def reset(self) -> None:
         self.messages.clear()
@@ -135,6 +140,12 @@ class ChatSession:
             )
         return ids
 
+    def _cut(self, ids: list[int], answer: list[int]) -> bool:
+        """Whether a finished answer stopped only because the context was full."""
+        target = self.gen.target
+        ended = bool(answer) and answer[-1] in target.eos_ids
+        return len(ids) + len(answer) >= target.max_context and len(answer) < self.cfg.max_new_tokens and not ended
+
     def ask(self, text: str) -> Iterator[Chunk]:
         """Add a user turn and stream the answer; the answer (even a partial one) joins the history."""
         if not text.strip():
@@ -143,7 +154,8 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         try:
             ids = self._prompt_ids()
-        except BadInputError:  # too long, or a chat template that fails on it: the history stays as it was
+            self.gen.target.check_prompt(ids)  # ids outside the model's vocabulary (a tokenizer of another model)
+        except BadInputError:  # too long, a template that fails on it, ids the model lacks: the history stays as it was
             self.messages[:] = history
             self.trimmed = 0
             raise
@@ -155,6 +167,7 @@ class ChatSession:
         # count, `shown` the text shown since. Decoding the whole answer each step was quadratic.
         line, shown = 0, ""
         stats = Totals(answers=1)
+        self.cut = False
         start = time.perf_counter()
         try:
             for step in loop(ids, self.cfg):
@@ -167,12 +180,13 @@ class ChatSession:
                     stats.steps += 1
                     stats.step_tokens += len(step.tokens)
                     stats.accepted += step.accepted
-                    stats.draftable += max(self.cfg.beam_length - 1, 0) if self.draft else 0
+                    stats.draftable += max(self.cfg.beam_length - 1, 0) if self.draft else 0  # (bench.py's rate)
                 drafted = with_drafts[len(shown):] if with_drafts.startswith(shown) and full.startswith(with_drafts) else ""
                 yield Chunk(drafted, full[len(shown) + len(drafted):], step)
                 shown = full
                 if full.endswith("\n"):
                     line, shown = len(answer), ""
+            self.cut = self._cut(ids, answer)
         finally:
             stats.tokens = len(answer)
             stats.seconds = time.perf_counter() - start

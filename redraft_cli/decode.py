@@ -236,6 +236,7 @@ class Generator:
         self.proposer = proposer or (DrafterProposer(drafter) if drafter is not None else None)
         self.cache: Any = None
         self.draft_context: Any = None  # the drafter's context-attention cache of the latest generation
+        self._run: object = None  # the generation that owns the caches (the one started last)
 
     def check(self, cfg: DecodeConfig) -> None:
         """Raise BadInputError when ReDrafter decoding with `cfg` cannot run with this drafter."""
@@ -372,6 +373,7 @@ class Generator:
         if t.graphs is not None:  # one cache shape for many generations: their CUDA graphs are reused
             capacity = graph_capacity(capacity)
         self.cache = self.draft_context = None  # the last generation's caches go before this one's are made
+        self._run = run = object()
         h = g0 = None
         while rows.active or rows.waiting:
             ids = rows.admit()
@@ -380,6 +382,7 @@ class Generator:
                                                                            capacity, context)
                 out, keep = self._record(rows, ids, stats, cfg)
                 yield out
+                self._check_owner(run)
                 if not rows.active:  # the first rows (or a batch that had emptied): their cache replaces the last
                     self.cache, self.draft_context = cache, draft_context
                     h, g0 = self._select(keep, len(ids), h_new, g0_new, cache, draft_context)
@@ -396,8 +399,17 @@ class Generator:
             stats, h, g0 = step(rows, h, g0, cfg, gen)
             out, keep = self._record(rows, rows.active, stats, cfg)
             yield out
+            self._check_owner(run)
             h, g0 = self._select(keep, len(rows.active), h, g0, self.cache, self.draft_context)
             rows.active = [rows.active[i] for i in keep]
+
+    def _check_owner(self, run: object) -> None:
+        """BadInputError when a generation resumes after another one of this Generator started: the caches
+        are the newer one's now (interleaved streams would decode each other's context)."""
+        if self._run is not run:
+            raise BadInputError("this Generator started another generation before this one finished; they share "
+                                "its KV cache, so this one cannot go on: finish a stream before starting the next, or "
+                                "make one Generator(target, drafter) per stream")
 
     def _select(self, keep: list[int], n: int, h: torch.Tensor, g0: torch.Tensor, cache: Any = None,
                 draft_context: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -547,9 +559,13 @@ class Generator:
 
 
 def _check_config(method: str, cfg: Any) -> None:
+    """A DecodeConfig, checked again: its fields may have changed since it was made (`cfg.sampling.temperature
+    = -1` sampled from the inverted distribution, `cfg.accept = "foo"` was ignored)."""
     if not isinstance(cfg, DecodeConfig):
         raise BadInputError(f"{method} needs a DecodeConfig as cfg (DecodeConfig(...) or drafter.decode_config(...)), "
                             f"got {type(cfg).__name__}")
+    cfg.__post_init__()
+    cfg.sampling.__post_init__()
 
 
 def _check_single(method: str, prompt_ids: Any, cfg: Any) -> None:

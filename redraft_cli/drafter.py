@@ -530,7 +530,7 @@ class Drafter(nn.Module):
         if where.type == "meta" or (where.type == "cuda" and not torch.cuda.is_available()) or (
                 where.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())):
             raise BadInputError(f"Drafter.load's map_location {map_location!r} is not a device this machine has")
-        src = Path(path)
+        src = Path(path).expanduser()
         if not src.is_dir():
             raise DrafterLoadError(f"drafter not found: {src} is not a directory")
         cfg_path, weights_path = src / CONFIG_NAME, src / WEIGHTS_NAME

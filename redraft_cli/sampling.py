@@ -39,6 +39,9 @@ class SamplingConfig:
             raise BadInputError(f"top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.seed < 2**63:
             raise BadInputError(f"seed must be between 0 and 2^63 - 1, got {self.seed}")
+        # Python numbers from here on: a NumPy seed fails torch's manual_seed, NumPy values fail json.dumps.
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        self.top_k, self.seed = int(self.top_k), int(self.seed)
 
     @property
     def greedy(self) -> bool:

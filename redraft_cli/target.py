@@ -293,6 +293,13 @@ def _load_hf(source: str, spec: TargetSpec, device: torch.device, dtype: torch.d
             first = "its config.json is invalid: " + " ".join(lines[:2]).split(". Errors:")[0]
         elif first.endswith(":"):  # a message whose details were on the following lines
             first = first.rstrip(":") + " (its files are missing or unreadable)"
+        elif isinstance(exc, KeyError):  # a JSON file without an entry its reader needs: "'added_tokens'"
+            first = (f"one of its files (tokenizer.json, model.safetensors.index.json, ...) lacks the entry {first}: "
+                     f"damaged or hand-edited?")
+        elif first.startswith("Unrecognized configuration class") and "AutoModelForCausalLM" in first:
+            kind = re.search(r"\.(\w+)'>", first)  # a seq2seq model (T5, BART), an encoder, a vision model
+            first = (f"{kind.group(1) if kind else 'its config'} has no causal language model (AutoModelForCausalLM); "
+                     f"redraft needs a decoder-only LM")
         if gguf_file and isinstance(exc, struct.error):  # the GGUF reader ran past the end of the file
             first = "not a valid GGUF file (truncated or corrupt)"
         raise ModelLoadError(f"cannot load model {shown!r}: {first}") from exc
@@ -321,8 +328,27 @@ def _load_hf_files(source: str, kwargs: dict[str, Any], gguf_file: str | None, l
     tokenizer = AutoTokenizer.from_pretrained(
         source, local_files_only=local_only, trust_remote_code=kwargs["trust_remote_code"], **tok_kwargs
     )
-    model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, **kwargs)
+    # Mismatched shapes are loaded (as random values) and reported here, not by an error that points at a log.
+    model, info = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, output_loading_info=True,
+                                                       ignore_mismatched_sizes=True, **kwargs)
+    _check_loaded_weights(str(Path(source) / gguf_file) if gguf_file else source, info)
     return model, tokenizer
+
+
+def _check_loaded_weights(shown: str, info: dict[str, Any]) -> None:
+    """ModelLoadError when the checkpoint lacks a weight that the config.json asks for, or holds one of
+    another shape: transformers would give it random values (saying so only in its log), a config.json
+    of another model (more layers, another hidden size)."""
+    mismatched = sorted(info.get("mismatched_keys") or (), key=str)
+    missing = sorted(info.get("missing_keys") or ())
+    if mismatched:
+        key, saved, wanted = mismatched[0]
+        raise ModelLoadError(f"cannot load model {shown!r}: its weight {key} is {list(saved)}, but its config.json "
+                             f"makes it {list(wanted)} ({len(mismatched)} weight(s) differ): the config.json is not "
+                             f"that of these weights")
+    if missing:
+        raise ModelLoadError(f"cannot load model {shown!r}: its weights lack {len(missing)} tensor(s) that its "
+                             f"config.json asks for ({missing[0]}, ...): the config.json is not that of these weights")
 
 
 def load_target(spec: TargetSpec | str = DEFAULT_MODEL, **overrides: Any) -> "Target":
@@ -342,7 +368,7 @@ def load_target(spec: TargetSpec | str = DEFAULT_MODEL, **overrides: Any) -> "Ta
         raise BadInputError(f"load_target needs a model: a hub id, a folder, a .gguf path or smollm2-135m (a str or "
                             f"a TargetSpec), got {got!r}")
     device = resolve_device(spec.device)
-    name = spec.model
+    name = os.path.expanduser(spec.model) if spec.model.startswith("~") else spec.model  # a quoted or --model=~/x
     auto = spec.dtype == "auto" and device.type == "cpu"  # bfloat16 when the lean path runs it (quantised too)
     if name in EMBEDDED:
         source = str(_convert_embedded(name))
@@ -389,13 +415,67 @@ def _decoder_of(model: Any, name: str) -> Any:
                          f"{prefix!r}, 'model' or get_decoder(); redraft needs one that returns hidden states")
 
 
+@torch.no_grad()
+def _takes_layer_masks(target: "Target") -> bool:
+    """Whether the generic path's model takes one 4D mask per layer type, as a dict
+    {"full_attention": ..., "sliding_attention": ...} (`layer_type_masks`), and applies each to its
+    layers: a 4-token pass with the sliding entry hiding the first token from the last must change
+    the last token's state and nothing else, and a dict of two causal masks must give the model's own
+    causal pass. Two or three passes of 4 tokens; False on any error (the context is then capped)."""
+    types = set(getattr(target.config, "layer_types", None) or [])
+    if types != {"full_attention", "sliding_attention"}:
+        return False
+    ids = (torch.arange(4, device=target.device)[None] * 5 + 2) % max(target.vocab_size, 1)
+    positions = torch.arange(4, device=target.device)[None]
+    causal = attention_bias(torch.ones(1, 4, 4, dtype=torch.bool, device=target.device).tril(), 0, target.compute_dtype)
+    hidden = causal.clone()
+    hidden[..., 3, 0] = torch.finfo(target.compute_dtype).min
+
+    def run(mask):
+        return target.base(input_ids=ids, position_ids=positions, attention_mask=mask,
+                           use_cache=False).last_hidden_state[0].float()
+
+    try:
+        own = run(None)
+        both = run({"full_attention": causal, "sliding_attention": causal})
+        slid = run({"full_attention": causal, "sliding_attention": hidden})
+    except _LOAD_ERRORS:
+        return False
+    scale = own.norm(dim=-1).clamp_min(1e-6)
+    same = lambda a, b: bool(((a - b).norm(dim=-1) / scale[: len(a)]).max() <= 0.03)  # noqa: E731
+    moved = not same(slid[3:], both[3:])
+    return same(both, own) and same(slid[:3], both[:3]) and moved
+
+
+def layer_type_masks(tree_mask: torch.Tensor, cache_len: int, position_ids: torch.Tensor, window: int,
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Additive masks per layer type for a generic-path pass whose cache keeps every key.
+
+    tree_mask (B, n, n) bool and position_ids (B, n) of the new tokens, after `cache_len` committed
+    tokens at positions 0 .. cache_len-1. "full_attention": `attention_bias`; "sliding_attention"
+    also hides keys `window` or more positions before the query (Hugging Face's
+    `kv_idx > q_idx - window`). Each (B, 1, n, cache_len + n).
+
+    Example, window 2, cache_len 2, one new token at position 2: full [0, 0, 0], sliding
+    [min, 0, 0] (position 0 is 2 back).
+    """
+    full = attention_bias(tree_mask, cache_len, dtype)
+    B = tree_mask.shape[0]
+    keys = torch.cat([torch.arange(cache_len, device=position_ids.device).expand(B, cache_len), position_ids], 1)
+    far = position_ids.unsqueeze(-1) - keys.unsqueeze(1) >= window  # (B, n, cache_len + n)
+    return {"full_attention": full, "sliding_attention": full.masked_fill(far.unsqueeze(1), torch.finfo(dtype).min)}
+
+
 def _check_attention_only(target: "Target") -> None:
     """ModelLoadError if a cache layer of the generic path holds a recurrent state (state-space or
     linear-attention layers: Mamba and its hybrids): a tree pass would advance it through every
     branch at once."""
     from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
-    layers = getattr(target.new_cache(), "layers", [])
+    try:
+        layers = getattr(target.new_cache(), "layers", [])
+    except _LOAD_ERRORS:  # a config its cache cannot read: _check_causal's first pass names the error
+        return
     recurrent = sorted({type(layer).__name__ for layer in layers if isinstance(layer, LinearAttentionCacheLayerMixin)})
     if recurrent:
         raise ModelLoadError(f"{target.name} ({target.config.model_type}) has recurrent layers "
@@ -489,6 +569,9 @@ class Target:
         self.max_context = int(
             getattr(self.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 4096)
         )
+        if self.max_context < 2:  # a prompt token and an answer token
+            raise ModelLoadError(f"{name}'s config.json has max_position_embeddings {self.max_context}; a context "
+                                 f"holds at least 2 positions (a prompt token and an answer)")
         window = getattr(self.config, "sliding_window", None)
         if isinstance(window, int) and not isinstance(window, bool) and window < 0:
             raise ModelLoadError(f"{name}'s config.json has sliding_window {window}; a window is a positive number of "
@@ -498,15 +581,23 @@ class Target:
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos_ids.add(int(tokenizer.eos_token_id))
-        self.eos_ids = frozenset(int(e) for e in eos_ids)
+        try:
+            self.eos_ids = frozenset(int(e) for e in eos_ids)
+        except (TypeError, ValueError):
+            raise ModelLoadError(f"{name}'s generation_config.json has eos_token_id {eos!r}; it takes a token id or a "
+                                 f"list of them") from None
         # The lean Llama-family forward (static KV cache, batched rows) where the layout allows;
         # REDRAFT_GENERIC=1 forces the generic Hugging Face path (for comparisons).
         use_lean = lean_supported(model) and not self.spread and not env_flag("REDRAFT_GENERIC", False)
         self.lean = LeanLlama(model) if use_lean else None
         if self.lean is None:
             _check_attention_only(self)
-        if self.window and self.lean is None:  # the generic path's cache trims sliding layers, which a tree pass
-            # must not: its context stops one short of the window, where a sliding layer attends to everything
+        # Sliding-window layers on the generic path: their cache keeps every key (new_cache), and each
+        # layer type gets its own mask where the model's forward takes a dict of them (Gemma-2/3,
+        # GPT-OSS, Cohere-2, ...: `layer_masks`). Otherwise the context stops one short of the window,
+        # where a sliding layer attends to everything.
+        self.layer_masks = bool(self.window) and self.lean is None and _takes_layer_masks(self)
+        if self.window and self.lean is None and not self.layer_masks:
             self.max_context = min(self.max_context, self.window - 1)
         # On CUDA the lean pass replays CUDA graphs (cuda_graphs.py); REDRAFT_CUDA_GRAPHS=0 turns them off.
         # bitsandbytes layers are left eager.
@@ -530,8 +621,8 @@ class Target:
         """A Hugging Face DynamicCache (the generic path's cache)."""
         from transformers import DynamicCache
 
-        if self.window:  # the context stops short of the window (max_context): the sliding
-            return DynamicCache()          # layers attend to all of it, and a tree pass must not trim their keys
+        if self.window:  # a tree pass must not trim the sliding layers' keys: every key is kept, and
+            return DynamicCache()  # their masks hide the old ones (layer_type_masks), or the context stops short
         return DynamicCache(config=self.model.config)
 
     def new_tree_cache(self, batch: int = 1, capacity: int | None = None) -> Any:
@@ -573,11 +664,15 @@ class Target:
         prefix = cache.get_seq_length()
         causal = n == 1 or (prefix == 0 and bool(torch.equal(tree_mask[0], torch.ones(n, n, dtype=torch.bool,
                                                                                       device=tree_mask.device).tril())))
-        bias = None if causal else attention_bias(tree_mask, prefix, self.compute_dtype)
+        if self.layer_masks and prefix + n > self.window:
+            bias = layer_type_masks(tree_mask, prefix, position_ids, self.window, self.compute_dtype)
+        else:
+            bias = None if causal else attention_bias(tree_mask, prefix, self.compute_dtype)
         return self.forward(input_ids, position_ids, cache.hf, bias)
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any,
+                attn_bias: torch.Tensor | dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         out = self.base(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -620,6 +715,8 @@ class Target:
                 for m in messages):
             raise BadInputError("encode_chat takes a text, or a non-empty list of messages "
                                 "({'role': 'user', 'content': 'text'}, ...)")
+        if system is not None and not isinstance(system, str):
+            raise BadInputError(f"encode_chat's system prompt must be a text (str) or None, got {type(system).__name__}")
         if system:
             messages = [{"role": "system", "content": system}, *messages]
         if not getattr(self.tokenizer, "chat_template", None):
@@ -627,7 +724,7 @@ class Target:
                 f"{self.name} has no chat template: pass --chat-template (a name such as vicuna, a Jinja "
                 f"file or text), or send raw text with --no-chat-template (bench, sweep)"
             )
-        messages = [{**m, "content": _valid_text(m.get("content", ""))} for m in messages]
+        messages = [{**m, "content": valid_text(m.get("content", ""))} for m in messages]
         return encode_messages(self.tokenizer, messages)
 
     def encode_raw(self, text: str) -> list[int]:
@@ -635,7 +732,7 @@ class Target:
             raise BadInputError(f"encode_raw takes a text (str), got {type(text).__name__}")
         # Text stays text: a control token's string ("<|endoftext|>") is tokenized as characters, as in
         # encode_chat's messages (the tokenizer's own BOS, if it adds one, is still added).
-        return self.tokenizer(_valid_text(text), split_special_tokens=True)["input_ids"]
+        return self.tokenizer(valid_text(text), split_special_tokens=True)["input_ids"]
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not isinstance(prompt_ids, (list, tuple)) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
@@ -659,7 +756,7 @@ class Target:
         return f"{self.name} ({self.config.model_type}, {self.compute_dtype}, {where})".replace("torch.", "")
 
 
-def _valid_text(text: str) -> str:
+def valid_text(text: str) -> str:
     """Text a tokenizer accepts: bytes that were not UTF-8 (read from a terminal or argv, they arrive as
     lone surrogates) become U+FFFD instead of failing inside the tokenizer."""
     return _SURROGATES.sub("\ufffd", text) if isinstance(text, str) else text

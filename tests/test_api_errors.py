@@ -51,6 +51,21 @@ def test_a_config_that_is_not_a_decode_config(gen, method, bad_cfg):
     assert message.startswith("Generator.check" if method == "check" else method)
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: setattr(c.sampling, "temperature", -1.0), "temperature must be a finite number >= 0"),
+    (lambda c: setattr(c, "accept", "foo"), "--accept must be one of"),
+    (lambda c: setattr(c, "max_new_tokens", -3), "--max-new-tokens must be >= 1"),
+    (lambda c: setattr(c, "sampling", None), "DecodeConfig.sampling must be a SamplingConfig"),
+], ids=["temperature", "accept", "max_new_tokens", "sampling"])
+@pytest.mark.parametrize("method", list(CALLS))
+def test_a_config_changed_after_it_was_made_is_checked_again(gen, method, edit, match):
+    """A notebook's `cfg.sampling.temperature = -1` sampled from the inverted distribution; `cfg.accept = "foo"`
+    was ignored; a negative max_new_tokens overflowed the plain path's cache."""
+    cfg = DecodeConfig(max_new_tokens=4, beam_width=2, beam_length=3)
+    edit(cfg)
+    refused(lambda: CALLS[method](gen, cfg), match)
+
+
 def test_checks_run_when_the_method_is_called_not_on_first_iteration(gen):
     for call in (lambda: gen.plain_batch([IDS], None), lambda: gen.redraft(IDS, None), lambda: gen.plain(IDS, None)):
         refused(call, "needs a DecodeConfig")
@@ -256,3 +271,56 @@ def test_a_custom_proposer_that_breaks_the_beam_contract_is_refused(tiny_target)
         gen = Generator(tiny_target, proposer=make(edit))
         refused(lambda gen=gen: gen.generate(IDS, cfg), fragment)
     assert len(Generator(tiny_target, proposer=make(lambda b: b)).generate(IDS, cfg).tokens) == 4
+
+
+@pytest.mark.parametrize("mode", ["redraft", "plain"])
+def test_two_streams_of_one_generator_cannot_interleave(tiny_target, drafter, mode):
+    """Battery 10: the streams of one Generator share its KV cache. Stepping an older stream after a newer
+    one started decoded the newer one's context (or overflowed its cache): it is refused; the newer stream
+    and a second Generator's are whole."""
+    cfg = DecodeConfig(max_new_tokens=6, beam_width=2, beam_length=3)
+    gen = Generator(tiny_target, drafter)
+    a, b = [1, 2, 3], [4, 5, 6, 7, 8, 9]
+    want_b = gen.generate(b, cfg, mode=mode).tokens
+    older, newer = getattr(gen, mode)(a, cfg), getattr(gen, mode)(b, cfg)
+    next(older)
+    got_b = next(newer).tokens
+    refused(lambda: next(older), "started another generation before this one finished")
+    assert got_b + [t for s in newer for t in s.tokens] == want_b
+    from itertools import zip_longest
+
+    other = Generator(tiny_target, drafter)
+    mine, theirs = getattr(gen, mode)(a, cfg), getattr(other, mode)(b, cfg)
+    assert [t for _, s in zip_longest(mine, theirs) if s is not None for t in s.tokens] == want_b
+
+
+def test_numbers_of_numpy_and_misplaced_arguments(tiny_target, drafter):
+    """A NumPy seed (np.random.randint) failed torch's manual_seed with a TypeError; a non-str system prompt
+    or model name failed inside the template or pathlib."""
+    import numpy as np
+
+    from conftest import tiny_chat_llama
+    from redraft_cli import shipped_drafter_dir
+    from redraft_cli.sampling import SamplingConfig
+
+    sampling = SamplingConfig(temperature=np.float32(0.5), top_k=np.int64(5), seed=np.int64(3))
+    assert (type(sampling.temperature), type(sampling.top_k), type(sampling.seed)) == (float, int, int)
+    cfg = DecodeConfig(max_new_tokens=3, beam_width=2, beam_length=3, sampling=sampling)
+    assert len(Generator(tiny_target, drafter).generate(IDS, cfg).tokens) == 3
+    refused(lambda: tiny_chat_llama().encode_chat("hi", system=5), "system prompt must be a text")
+    refused(lambda: shipped_drafter_dir(tiny_target), "shipped_drafter_dir takes a model name")
+
+
+def test_paths_under_the_home_folder(tiny_target, tmp_path, monkeypatch):
+    """A quoted "~/..." (or --model=~/x, which the shell leaves as it is) names the home folder; it was
+    "model path not found" and "drafter not found" for folders that exist."""
+    from conftest import tiny_model_dir
+    from redraft_cli import load_target
+    from redraft_cli.files import cache_dir
+
+    tiny_model_dir(tmp_path / "model", layers=1)
+    Drafter.for_target(tiny_target, seed=0).save(tmp_path / "drafter")
+    monkeypatch.setenv("REDRAFT_CACHE", str(cache_dir()))  # (the cache stays where it was)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_target("~/model", device="cpu").name == str(tmp_path / "model")
+    assert Drafter.load("~/drafter").config.hidden_size == tiny_target.hidden_size

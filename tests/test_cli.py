@@ -171,6 +171,10 @@ def test_accept_auto_samples_and_typical_settings_are_recorded(tmp_path, prompt_
     assert typical.exit_code == 0 and (data["typical_epsilon"], data["typical_delta"]) == (0.2, 0.3)
     greedy = invoke(*args, "--accept", "typical")
     assert greedy.exit_code == 0 and "--accept typical change(s) nothing" in " ".join(greedy.output.split())
+    # --epsilon / --delta without --accept typical were ignored without a word (said before the model loads).
+    ignored = invoke(*args, "--temperature", 0.7, "--epsilon", 0.2, "--delta", 0.5, "--json", tmp_path / "no" / "x.json")
+    assert ignored.exit_code == 2 and "loading" not in ignored.output.lower(), ignored.output
+    assert "with --accept auto, --epsilon and --delta change nothing" in " ".join(ignored.output.split())
 
 
 @pytest.mark.parametrize("args,fragments", [
@@ -335,6 +339,30 @@ def test_an_encoder_is_refused_as_a_target(tmp_path, prompt_file):
                        "is not a causal language model")
 
 
+def test_a_seq2seq_model_and_an_unreadable_eos_are_one_line(tmp_path, prompt_file):
+    """A T5 has no causal LM (was: "Unrecognized configuration class <class '...'> for this kind of AutoModel");
+    an eos_token_id that is no token id was a ValueError reported as a bug (exit 1); a file without an entry
+    its reader needs was only the entry's name."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model_dir, tok, _ = tiny_model_dir(tmp_path / "llama", layers=1)
+    t5 = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                        d_kv=16)).save_pretrained(t5)
+    tok.save_pretrained(t5)
+    args = ("--prompts", prompt_file, "--num-prompts", 1, "--max-new-tokens", 2, "--no-hf-baseline", "--device", "cpu")
+    assert_clean_error(invoke("bench", "--model", t5, *args), "T5Config has no causal language model",
+                       "decoder-only")
+    generation = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": "two"}))
+    assert_clean_error(invoke("bench", "--model", model_dir, "--drafter", "random", *args),
+                       "generation_config.json has eos_token_id 'two'; it takes a token id")
+    # A tokenizer.json without its entries was "cannot load model ...: 'added_tokens'".
+    (model_dir / "tokenizer.json").write_text("{}")
+    assert_clean_error(invoke("bench", "--model", model_dir, "--drafter", "random", *args),
+                       "lacks the entry 'added_tokens': damaged or hand-edited?")
+
+
 MISTRAL = {"model_type": "mistral", "architectures": ["MistralForCausalLM"]}
 
 
@@ -342,6 +370,10 @@ MISTRAL = {"model_type": "mistral", "architectures": ["MistralForCausalLM"]}
     ({**MISTRAL, "sliding_window": "8"}, "its config.json is invalid: Validation error for field 'sliding_window'"),
     ({**MISTRAL, "sliding_window": -1}, "has sliding_window -1; a window is a positive number"),
     ({"layer_types": ["chunked_attention"]}, "fails its first forward pass: AttributeError"),
+    # A config.json of another model size: transformers gave the missing or misshapen weights random values.
+    ({"num_hidden_layers": 2}, "its weights lack 9 tensor(s) that its config.json asks for (model.layers.1."),
+    ({"hidden_size": 64}, "makes it [49152, 64] (12 weight(s) differ): the config.json is not that of these weights"),
+    ({"max_position_embeddings": -5}, "has max_position_embeddings -5; a context holds at least 2 positions"),
 ])
 def test_a_model_config_the_model_cannot_run_is_one_line(tmp_path, prompt_file, edit, fragment):
     """config.json values that transformers rejects, that its code cannot run, or that would mask every
@@ -604,3 +636,16 @@ def test_outputs_never_overwrite_the_chat_template_or_block_on_a_pipe(tmp_path, 
     r = invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 1,
                "--max-new-tokens", 4, "--beam-width", 2, "--beam-length", 2, "--nodes", 100)
     assert r.exit_code == 2 and "config.json recommends" not in r.output, r.output
+
+
+def test_the_slower_note_advises_the_batch_that_ran(tmp_path, prompt_file, monkeypatch):
+    """--batch-size above the prompts runs as many rows as prompts: the note's advice (`sweep --batch-size B
+    --save-best`, which needs B prompts) names that, not the size asked for."""
+    import redraft_cli.cli.bench as bench_cli
+
+    model_dir, _, _ = tiny_model_dir(tmp_path / "tiny", layers=1)
+    seen = []
+    monkeypatch.setattr(bench_cli, "slower_note", lambda *a, **k: seen.append(a[2]))
+    r = invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file, "--max-new-tokens", 4,
+               "--no-hf-baseline", "--no-warmup", "--batch-size", 64)
+    assert r.exit_code == 0 and seen == [2], (r.output, seen)

@@ -89,3 +89,47 @@ def test_a_model_that_ignores_the_tree_mask_is_refused(tmp_path, monkeypatch, on
     monkeypatch.setattr(modeling_llama.LlamaModel, "forward", without_mask)
     with pytest.raises(ModelLoadError, match="does not honour a tree attention mask"):
         load_target(str(model_dir), device="cpu")
+
+
+WINDOWED = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                intermediate_size=64, max_position_embeddings=256, sliding_window=8,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+WINDOWED_FAMILIES = {
+    "gemma2": (T.Gemma2Config, WINDOWED),
+    "gemma3_text": (T.Gemma3TextConfig, WINDOWED),
+    "gpt_oss": (T.GptOssConfig, dict(WINDOWED, num_local_experts=4, num_experts_per_tok=2)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(WINDOWED_FAMILIES))
+def test_sliding_window_families_decode_past_the_window(family, one_thread):
+    """Sliding-window layers on the generic path: the cache keeps every key and each layer type gets
+    its own mask (a dict the model's forward takes), so the context is the model's, not the window's.
+    Plain decoding equals Hugging Face's own generate() far past the window of 8 (a window off by one
+    does not), and greedy ReDrafter with accepted trees equals plain decoding."""
+    config_class, kwargs = WINDOWED_FAMILIES[family]
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config_class(vocab_size=V, **kwargs)).eval()
+    model.generation_config.eos_token_id = None
+    target = Target(model, tokenizer=None, name=family)
+    assert target.lean is None and target.window == 8 and target.layer_masks and target.max_context == 256
+    _check_tree_pass(target)
+    cfg = DecodeConfig(max_new_tokens=40, beam_width=3, beam_length=4)
+    prompt = [7, 3, 44, 2, 8, 19, 33, 1, 5, 9, 12, 60, 61, 70]
+    plain = Generator(target).generate(prompt, cfg, "plain").tokens
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    assert plain == hf[0, len(prompt):].tolist()
+    out = Generator(target, proposer=OracleProposer(target, seed=1)).generate(prompt, cfg, "redraft")
+    assert out.tokens == plain and len(out.steps) < 20
+
+
+def test_layer_type_masks_hide_keys_a_window_back():
+    """Worked example: window 2, two committed tokens, a tree of two siblings at position 2."""
+    from redraft_cli.target import layer_type_masks
+
+    tree = torch.tensor([[[1, 0], [0, 1]]], dtype=torch.bool)
+    masks = layer_type_masks(tree, 2, torch.tensor([[2, 2]]), window=2, dtype=torch.float32)
+    low = torch.finfo(torch.float32).min
+    assert masks["full_attention"][0, 0].tolist() == [[0, 0, 0, low], [0, 0, low, 0]]
+    assert masks["sliding_attention"][0, 0].tolist() == [[low, 0, 0, low], [low, 0, low, 0]]

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
 from typing import Annotated, Optional
 
+import torch
 import typer
+from rich.markup import escape
 from rich.text import Text
 
 from ..chat import ChatSession
 from ..decode import Generator
 from ..errors import BadInputError, RedraftError
+from ..target import valid_text
 from . import options as o
 from ._errors import handle_errors
 from .common import console, decode_config, err, load_models, beams_label, with_drafter_shape
@@ -60,9 +64,13 @@ def chat(
 ) -> None:
     """Talk to a model with ReDrafter decoding (multi-turn, streamed)."""
     cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup=lookup, lookup_length=lookup_length, datastore=datastore, nodes=nodes)
-    one_shot = prompt is not None or not sys.stdin.isatty()
+    stdin = sys.stdin  # None when the shell closed it (<&-): no text to read
+    one_shot = prompt is not None or stdin is None or not stdin.isatty()
+    if json_out and not one_shot:
+        raise BadInputError("--json prints one answer: pass --prompt TEXT or text on stdin (an interactive chat "
+                            "prints no JSON)")
     if prompt is None and one_shot:
-        prompt = sys.stdin.read().strip()
+        prompt = stdin.read().removeprefix("\ufeff").strip() if stdin is not None else ""  # (a BOM is not text)
     if one_shot and not (prompt or "").strip():
         raise BadInputError("no prompt: pass --prompt TEXT or text on stdin")
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template)
@@ -70,9 +78,10 @@ def chat(
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes)
     session = ChatSession(Generator(loaded.target, dr), cfg, system=system, draft=not no_draft)
     if one_shot:
-        _one_shot(session, prompt or "", json_out, show_drafts)
+        _one_shot(session, prompt or "", json_out, show_drafts, loaded.drafter_name)
         return
-    err.print(f"[bold]redraft chat[/] - {loaded.target.describe()}, drafter {loaded.drafter_name}, "
+    loaded.target.encode_chat("Hello", system=system)  # no chat template, or one that fails: now, not at every message
+    err.print(f"[bold]redraft chat[/] - {escape(loaded.target.describe())}, drafter {escape(loaded.drafter_name)}, "
               f"beams {beams_label(vars(cfg))}, {cfg.rule}. /help for commands, Ctrl-D to leave.")
     _interactive(session, show_drafts)
 
@@ -125,7 +134,7 @@ def _status(session: ChatSession) -> str:
             f"acceptance {s['acceptance_rate']:.0%}, {mode}]")
 
 
-def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bool) -> None:
+def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bool, drafter_name: str) -> None:
     """Answer once; a Ctrl-C keeps the partial answer (printed, and marked in the JSON) and exits 130."""
     finished = _stream(session, prompt, show_drafts, quiet=json_out)
     if json_out:
@@ -135,14 +144,26 @@ def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bo
                     "typical_delta": c.typical_delta, "beam_width": c.beam_width,
                     "beam_length": c.beam_length, "lookup_beams": c.lookup_beams,
                     "lookup_length": c.lookup_length or c.beam_length, "datastore_beams": c.datastore_beams, "tree_nodes": c.tree_nodes}
-        console.print_json(json.dumps({"prompt": prompt, "response": session.messages[-1]["content"],
+        target = session.gen.target
+        settings = {"model": target.name, "drafter": drafter_name, "device": str(target.device),
+                    "dtype": str(target.compute_dtype).removeprefix("torch."), "system": session.system,
+                    "max_new_tokens": c.max_new_tokens, **settings}
+        console.print_json(json.dumps({"prompt": valid_text(prompt), "response": session.messages[-1]["content"],
                                        "draft": session.draft, "interrupted": not finished, **settings,
                                        **session.last.summary()}))
     else:
         console.print()
         err.print(_status(session) + ("" if finished else " (stopped)"), style="dim")
+    _note_cut(session)
     if not finished:
         raise typer.Exit(130)
+
+
+def _note_cut(session: ChatSession) -> None:
+    """Say so when the last answer stopped only because the context was full."""
+    if session.cut:
+        err.print(f"[yellow]note:[/] the answer stopped where the model's {session.gen.target.max_context}-token "
+                  f"context ends")
 
 
 def _interactive(session: ChatSession, show_drafts: bool) -> None:
@@ -169,17 +190,33 @@ def _interactive(session: ChatSession, show_drafts: bool) -> None:
         try:
             finished = _stream(session, line, show_drafts)
         except RedraftError as exc:
-            err.print(f"[bold red]error:[/] {exc}")
+            err.print(f"[bold red]error:[/] {escape(str(exc))}")
+            continue
+        except Exception as exc:  # out of memory, a bug: the conversation so far is not lost with it
+            if os.environ.get("REDRAFT_DEBUG"):
+                raise
+            console.print()
+            err.print(f"[bold red]error:[/] {escape(_unexpected(exc))}; the conversation so far is kept (a partial "
+                      f"answer too): go on, /reset, or Ctrl-D")
             continue
         console.print()
         err.print(_status(session) + ("" if finished else " (stopped)"), style="dim")
+        _note_cut(session)
+
+
+def _unexpected(exc: Exception) -> str:
+    """One line for an error that is not the user's: out of memory, or a bug."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "out of memory: try a smaller beam shape (/set), --quantize 8bit/4bit or a smaller dtype"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first} (a bug in redraft; REDRAFT_DEBUG=1 shows the traceback)"
 
 
 def _command(session: ChatSession, line: str) -> bool:
     """Run a slash command; True means leave."""
     name, _, rest = line[1:].partition(" ")
     if rest.strip() and name in ("quit", "exit", "q", "reset", "stats", "help"):
-        err.print(f"[bold red]error:[/] /{name} takes no arguments")
+        err.print(f"[bold red]error:[/] /{escape(name)} takes no arguments")
         return False
     if name in ("quit", "exit", "q"):
         return True
@@ -197,11 +234,11 @@ def _command(session: ChatSession, line: str) -> bool:
             err.print("usage: /set NAME VALUE (/help lists the names)")
             return False
         try:
-            err.print(session.set(key, value.strip()))
+            err.print(session.set(key, value.strip()), markup=False)
         except RedraftError as exc:
-            err.print(f"[bold red]error:[/] {exc}")
+            err.print(f"[bold red]error:[/] {escape(str(exc))}")
     elif name == "help":
         err.print(HELP, markup=False)
     else:
-        err.print(f"unknown command /{name}; /help lists them")
+        err.print(f"unknown command /{name}; /help lists them", markup=False)
     return False

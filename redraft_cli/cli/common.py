@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from ..chat_templates import NAMED as NAMED_TEMPLATES
 from ..chat_templates import apply_chat_template, resolve_template, template_for_drafter
@@ -64,7 +65,7 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
     spec = TargetSpec(model=model, dtype=dtype, device=device, quantize=quantize, device_map=device_map)
     if device_map and not torch.cuda.is_available():
         err.print(f"note: --device-map {device_map}: no CUDA GPU here, so accelerate places every layer on the CPU")
-    with err.status(f"Loading {model} ..."):
+    with err.status(f"Loading {escape(model)} ..."):
         target = load_target(spec)
     if target.device.type == "cpu" and not target.batch_invariant:
         dtype = str(target.compute_dtype).replace("torch.", "")
@@ -81,11 +82,11 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
             apply_chat_template(target, saved)
         except BadInputError as exc:  # e.g. a Jinja file named by a path that was relative elsewhere
             saved = None
-            err.print(f"note: the drafter's recipe.yaml names a chat template that cannot be used here ({exc})")
+            err.print(f"note: the drafter's recipe.yaml names a chat template that cannot be used here ({escape(str(exc))})")
         else:
             if saved:
                 label = saved if saved in NAMED_TEMPLATES else "from its recipe.yaml"
-                err.print(f"note: {target.name} has no chat template; prompts use the one its drafter was "
+                err.print(f"note: {escape(target.name)} has no chat template; prompts use the one its drafter was "
                           f"distilled with ({label})")
     return loaded
 
@@ -94,19 +95,20 @@ def resolve_drafter(target: Target, drafter: str, seed: int) -> tuple[Drafter, s
     if drafter == "auto":
         shipped = shipped_drafter_dir(target.name)
         if shipped is None:
-            err.print(f"[yellow]note:[/] no trained drafter ships for {target.name}; using an untrained one (--drafter random)")
+            err.print(f"[yellow]note:[/] no trained drafter ships for {escape(target.name)}; using an untrained one (--drafter random)")
             drafter = "random"
         else:
             drafter = str(shipped)
     if drafter == "random":
         return Drafter.for_target(target, seed=seed), f"random (seed {seed})"
+    drafter = os.path.expanduser(drafter)  # a quoted or --drafter=~/x
     if Path(drafter).is_file():
         raise BadInputError(f"--drafter {drafter} is a file; pass the drafter's folder ({Path(drafter).parent})")
     loaded = Drafter.load(drafter, map_location=target.device)
     loaded.check_target(target.hidden_size, target.vocab_size, target.name)
     made_for = loaded.config.target_model
     if made_for and Path(made_for).name.lower() != Path(target.name).name.lower():
-        err.print(f"note: this drafter was distilled for {made_for}, not {target.name}; its shapes match, but "
+        err.print(f"note: this drafter was distilled for {escape(str(made_for))}, not {escape(target.name)}; its shapes match, but "
                   f"it predicts another model's tokens unless both name the same weights")
     return loaded.to(dtype=drafter_dtype(loaded, target)).attach(target.embed_weight, target.lm_head_weight), drafter
 
@@ -134,6 +136,12 @@ def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int 
     if temperature == 0 and (unused or accept in ("rejection", "typical")):
         what = " and ".join(unused + ([f"--accept {accept}"] if accept in ("rejection", "typical") else []))
         err.print(f"note: at --temperature 0 decoding is greedy, so {what} change(s) nothing")
+    typical = [o for o, v, off in (("--epsilon", epsilon, DecodeConfig.typical_epsilon),
+                                   ("--delta", delta, DecodeConfig.typical_delta)) if v != off]
+    if typical and accept != "typical":
+        one = len(typical) == 1
+        err.print(f"note: with --accept {accept}, {' and '.join(typical)} change{'s' if one else ''} nothing "
+                  f"({'it tunes' if one else 'they tune'} --accept typical only)")
     if beam_width is None or beam_length is None:
         nodes = None  # the shape comes (in part) from the drafter: checked in with_drafter_shape
     return DecodeConfig(
@@ -249,7 +257,7 @@ def model_inputs(model: str, drafter: str | None = None, chat_template: str | No
             files["--chat-template"] = Path(chat_template).expanduser()
     except (OSError, ValueError):
         pass
-    path = Path(model)
+    path = Path(model).expanduser()
     if path.is_file():
         files["--model"] = path
     elif path.is_dir():
@@ -259,7 +267,7 @@ def model_inputs(model: str, drafter: str | None = None, chat_template: str | No
     if drafter == "auto":
         folders["--drafter"] = shipped_drafter_dir(model)
     elif drafter not in (None, "random"):
-        folders["--drafter"] = drafter
+        folders["--drafter"] = os.path.expanduser(drafter)
     return files, folders
 
 
@@ -296,9 +304,10 @@ def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int)
 
 
 def slower_note(speedup: float | None, tokens_per_step: float, batch_size: int, drafter_name: str,
-                subject: str = "ReDrafter", graphed: bool = False) -> str | None:
+                subject: str = "ReDrafter", graphed: bool = False, swept: bool = False) -> str | None:
     """Why ReDrafter ran slower than plain decoding, and what to try; None when it did not.
-    graphed: the target's passes replayed CUDA graphs (cuda_graphs.py)."""
+    graphed: the target's passes replayed CUDA graphs (cuda_graphs.py). swept: the note ends a sweep,
+    so it advises smaller trees, not the sweep that has just run."""
     if speedup is None or speedup >= 1.0:
         return None
     head = f"note: {subject} ran at {speedup:.2f}x of plain decoding here: "
@@ -307,12 +316,14 @@ def slower_note(speedup: float | None, tokens_per_step: float, batch_size: int, 
     if tokens_per_step < 1.5:
         return head + (f"its drafter rarely predicts this text ({tokens_per_step:.2f} tokens per step); "
                        "a drafter distilled for this target and this kind of prompt helps (redraft distill)")
+    smaller = "smaller trees (node budgets: --nodes 1,2,3) may pay, else decode plainly"
     if batch_size > 1:
-        return head + (f"a batched tree costs compute in every row; `redraft sweep --batch-size {batch_size} "
-                       "--save-best` with small node budgets (--nodes 1,2,3) finds the cheapest tree, or decode plainly")
+        return head + "a batched tree costs compute in every row; " + (smaller if swept else (
+            f"`redraft sweep --batch-size {batch_size} --save-best` with small node budgets (--nodes 1,2,3) finds "
+            "the cheapest tree, or decode plainly"))
     if graphed:
         return head + ("with CUDA graphs a pass of this target costs only a few ms, about what the drafter's "
-                       "step (not graphed) costs, so plain decoding wins on a target this small; wider trees "
-                       "cost little here (`redraft sweep --save-best`)")
-    return head + ("a tree pass costs more than its extra tokens save on this machine; "
-                   "`redraft sweep --save-best` finds the shape that pays")
+                       "step (not graphed) costs, so plain decoding wins on a target this small"
+                       + ("" if swept else "; wider trees cost little here (`redraft sweep --save-best`)"))
+    return head + "a tree pass costs more than its extra tokens save on this machine; " + (
+        smaller if swept else "`redraft sweep --save-best` finds the shape that pays")
