@@ -423,7 +423,7 @@ def _takes_layer_masks(target: "Target") -> bool:
     the last token's state and nothing else, and a dict of two causal masks must give the model's own
     causal pass. Two or three passes of 4 tokens; False on any error (the context is then capped)."""
     types = set(getattr(target.config, "layer_types", None) or [])
-    if types != {"full_attention", "sliding_attention"}:
+    if "sliding_attention" not in types or not types <= {"full_attention", "sliding_attention"}:
         return False
     ids = (torch.arange(4, device=target.device)[None] * 5 + 2) % max(target.vocab_size, 1)
     positions = torch.arange(4, device=target.device)[None]

@@ -98,6 +98,7 @@ WINDOWED_FAMILIES = {
     "gemma2": (T.Gemma2Config, WINDOWED),
     "gemma3_text": (T.Gemma3TextConfig, WINDOWED),
     "gpt_oss": (T.GptOssConfig, dict(WINDOWED, num_local_experts=4, num_experts_per_tok=2)),
+    "gemma3_text, every layer sliding": (T.Gemma3TextConfig, dict(WINDOWED, layer_types=["sliding_attention"] * 3)),
 }
 
 
