@@ -468,3 +468,21 @@ def test_held_out_prompts_that_are_also_training_prompts_are_noted(tiny_recipe, 
     assert "note: 1 of the 2 held-out conversations are also training conversations" in " ".join(r.output.split())
     clean = runner.invoke(app, ["distill", str(recipe), "--out", str(tmp_path / "o2"), "--max-steps", "1", "--no-bench"])
     assert clean.exit_code == 0 and "held-out conversations are also" not in clean.output, clean.output
+
+
+def test_recipe_values_that_do_less_than_they_say_are_noted():
+    """predict_tokens past the answers' length leaves drafter steps untrained (agreement 0, averaged in);
+    eval.bench_prompts above data.held_out benches fewer prompts than asked. Both run, with a note."""
+    from redraft_cli.distill.pipeline import _shape_notes
+    from redraft_cli.distill.recipe import recipe_from_dict
+
+    def notes(**sections):
+        return " ".join(_shape_notes(recipe_from_dict({"name": "t", **sections})))
+
+    assert notes() == ""  # the defaults: 4 drafter steps, 256-token answers
+    said = notes(data={"max_new_tokens": 6}, drafter={"predict_tokens": 8})
+    assert "predict_tokens 8" in said and "steps 1-5" in said
+    longer = {"max_new_tokens": 6, "sampled_answers": 1, "sampled_max_new_tokens": 16}
+    assert "predict_tokens" not in notes(data=longer, drafter={"predict_tokens": 8})
+    assert "predict_tokens" in notes(data={**longer, "sampled_answers": 0}, drafter={"predict_tokens": 8})
+    assert "the bench after training runs 2" in notes(data={"held_out": 2}, eval={"bench_prompts": 5})
