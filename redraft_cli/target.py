@@ -527,8 +527,10 @@ def _check_causal(target: "Target") -> None:
         hidden = target.base(input_ids=ids, use_cache=False).last_hidden_state[:, 0].float()
     except _LOAD_ERRORS as exc:  # a config the model's own code cannot run (an unknown layer type, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        hint = ("check its config.json, or load it unquantized (bitsandbytes kernels have their own limits on "
+                "layer sizes)") if bnb_quantized(target.model) else "check its config.json"
         raise ModelLoadError(f"{target.name} ({target.config.model_type}) fails its first forward pass: "
-                             f"{type(exc).__name__}: {first}; check its config.json") from exc
+                             f"{type(exc).__name__}: {first}; {hint}") from exc
     if not torch.allclose(hidden[0], hidden[1], rtol=1e-2, atol=1e-3 * (1 + hidden[0].abs().max().item())):
         raise ModelLoadError(f"{target.name} ({target.config.model_type}) is not a causal language model: its "
                              f"first position sees the tokens after it (an encoder?); redraft needs a decoder-only LM")

@@ -649,3 +649,11 @@ def test_the_slower_note_advises_the_batch_that_ran(tmp_path, prompt_file, monke
     r = invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file, "--max-new-tokens", 4,
                "--no-hf-baseline", "--no-warmup", "--batch-size", 64)
     assert r.exit_code == 0 and seen == [2], (r.output, seen)
+
+
+def test_a_quantized_model_that_fails_its_first_pass_does_not_blame_only_its_config(tmp_path, prompt_file):
+    """bitsandbytes 4-bit cannot run a 32-wide toy model: the message says the quantization may be why."""
+    model_dir, _, _ = tiny_model_dir(tmp_path / "tiny", layers=1)
+    assert_clean_error(invoke("bench", "--model", model_dir, "--quantize", "4bit", "--drafter", "random",
+                              "--prompts", prompt_file, "--num-prompts", 1, "--max-new-tokens", 4),
+                       "fails its first forward pass", "load it unquantized")
