@@ -666,10 +666,12 @@ class Target:
         prefix = cache.get_seq_length()
         causal = n == 1 or (prefix == 0 and bool(torch.equal(tree_mask[0], torch.ones(n, n, dtype=torch.bool,
                                                                                       device=tree_mask.device).tril())))
-        if self.layer_masks and prefix + n > self.window:
+        if causal:  # the model's own masks, sliding layers included (no (n, n) float mask for a long prompt)
+            bias = None
+        elif self.layer_masks and prefix + n > self.window:  # a tree: each layer type's mask, built here
             bias = layer_type_masks(tree_mask, prefix, position_ids, self.window, self.compute_dtype)
         else:
-            bias = None if causal else attention_bias(tree_mask, prefix, self.compute_dtype)
+            bias = attention_bias(tree_mask, prefix, self.compute_dtype)
         return self.forward(input_ids, position_ids, cache.hf, bias)
 
     @torch.no_grad()
