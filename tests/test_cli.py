@@ -405,6 +405,16 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path, prompt_file):
     assert (drafter / "config.json").read_text() == config
     assert_clean_error(invoke("bench", "--model", tmp_path, "--json", drafter / "config.json"), "file of the --model folder")
     assert_clean_error(invoke("bench", "--json", ""), "--json needs a file path")
+    # Nor a file of the package's data, such as the built-in prompts a run without --prompts reads.
+    from pathlib import Path
+
+    import redraft_cli
+    builtin = Path(redraft_cli.__file__).parent / "data" / "bench_prompts.jsonl"
+    shipped = builtin.read_bytes()
+    assert_clean_error(invoke("bench", "--drafter", "random", "--json", builtin), "file of the built-in data folder")
+    assert_clean_error(invoke("sweep", "--drafter", "random", "--beam-widths", 1, "--beam-lengths", 2, "--csv", builtin),
+                       "file of the built-in data folder")
+    assert builtin.read_bytes() == shipped
     linked = tmp_path / "linked.json"
     linked.hardlink_to(prompt_file)
     assert_clean_error(invoke("bench", "--json", linked), "is a hard link")

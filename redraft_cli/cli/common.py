@@ -248,7 +248,7 @@ def check_output_paths(outputs: dict, inputs: dict | None = None, folders: dict 
 def model_inputs(model: str, drafter: str | None = None, chat_template: str | None = None) -> tuple[dict, dict]:
     """What a run reads, for check_output_paths: (files, folders) keyed by option. A model folder or
     .gguf file, the embedded model's cached conversion, a drafter folder (the shipped one for auto),
-    a --chat-template file."""
+    a --chat-template file, and the package's data folder (the built-in prompts bench and sweep read)."""
     from ..target import EMBEDDED, cache_dir
 
     files, folders = {}, {}
@@ -268,6 +268,8 @@ def model_inputs(model: str, drafter: str | None = None, chat_template: str | No
         folders["--drafter"] = shipped_drafter_dir(model)
     elif drafter not in (None, "random"):
         folders["--drafter"] = os.path.expanduser(drafter)
+    # The package's own data (built-in prompts, shipped drafters and distillation data, recipes): every run may read it.
+    folders["built-in data"] = Path(__file__).resolve().parent.parent / "data"
     return files, folders
 
 
