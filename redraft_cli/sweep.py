@@ -73,7 +73,8 @@ class SweepConfig:
 
     tree_nodes: node budgets to try in every W x L cell (0 = every beam), each
     capped at the W*(L-1) tokens that cell's search drafts; budgets that cap
-    to the same value are run once."""
+    to the same value are run once, and a one-beam cell's full budget (L-1)
+    is not run beside 0: both verify its one beam."""
 
     beam_widths: list[int] = field(default_factory=lambda: list(DEFAULT_BEAM_WIDTHS))
     beam_lengths: list[int] = field(default_factory=lambda: list(DEFAULT_BEAM_LENGTHS))
@@ -112,7 +113,11 @@ class SweepConfig:
         cells = []
         for w in self.beam_widths:
             for length in self.beam_lengths:
-                budgets = sorted({min(n, w * (length - 1)) for n in self.tree_nodes})
+                drafted = w * (length - 1)
+                budgets = {min(n, drafted) for n in self.tree_nodes}
+                if w == 1 and 0 in budgets:  # one beam: its L-1 prefixes are every node, the tree of budget 0
+                    budgets.discard(drafted)
+                budgets = sorted(budgets)
                 cells += [(w, length, n) for n in budgets]
         return cells
 

@@ -479,3 +479,12 @@ def test_cli_save_best_saves_no_shape_that_no_draft_step_measured(tmp_path):
     assert r.exit_code == 0, r.output
     assert "no cell took a draft step" in " ".join(r.output.split()) and "saved nothing" in " ".join(r.output.split())
     assert (drafter / CONFIG_NAME).read_text() == before
+
+
+def test_budgets_that_make_the_same_tree_run_once():
+    """A budget capped at W x (L-1) runs once; for one beam that full budget is the every-beam tree (0)."""
+    from redraft_cli.sweep import SweepConfig
+
+    cfg = SweepConfig(beam_widths=[1, 2], beam_lengths=[3], tree_nodes=[0, 2, 4, 9])
+    assert cfg.shapes == [(1, 3, 0), (2, 3, 0), (2, 3, 2), (2, 3, 4)]
+    assert SweepConfig(beam_widths=[1], beam_lengths=[3], tree_nodes=[2]).shapes == [(1, 3, 2)]  # as asked
