@@ -486,3 +486,14 @@ def test_resume_takes_this_runs_learning_rate_and_weight_decay(tmp_path):
     assert len(lrs) == 2 and 0 < lrs[0] <= 1e-5, lrs  # cosine from step 2 of 4 at a peak of 1e-5, not 1e-3
     notes = [e["text"] for e in events if e["event"] == "note"]
     assert any("resuming with lr 1e-05 and weight_decay 0.1" in n for n in notes), notes
+
+
+def test_a_context_too_short_for_every_prompt_is_named_with_cached_hidden_states(tmp_path):
+    """A target whose context leaves no room for any prompt (a generic model capped one short of its
+    sliding window, say) once failed on the empty hidden-state cache ('does not match this data;
+    delete it'), which no deletion fixes; now the one line that names the room and the fields."""
+    target = tiny_chat_llama(seed=2, max_positions=24)
+    recipe = tiny_recipe(max_steps=1)
+    assert recipe.data.cache_hidden
+    with pytest.raises(BadInputError, match="every training conversation was skipped: no prompt fits in 16 tokens"):
+        distill_events(recipe, target, tmp_path)

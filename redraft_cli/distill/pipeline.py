@@ -527,6 +527,8 @@ def _attach_hidden_states(target: Target, launch: Launch, examples: list[dict], 
                           emit: EventFn, greedy: bool) -> None:
     """Small targets: one forward over the data, stored, instead of one per epoch. One cache per
     target dtype; chunks are keyed by their examples, so it grows with the data."""
+    if not examples:  # every prompt was skipped: nothing to cache (the caller says why)
+        return
     hidden_dir = data_dir / f"hidden-{target.compute_dtype}".replace("torch.", "")
     emit({"event": "hidden_start", "examples": len(examples), "dir": str(hidden_dir)})
     for attempt in range(2):
