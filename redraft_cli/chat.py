@@ -137,6 +137,7 @@ class ChatSession:
             what = "the system prompt and the message are" if self.system else "the message is"
             raise ContextOverflowError(
                 f"{what} {len(ids)} tokens with the chat template; the context is {target.max_context}"
+                f"{getattr(target, 'context_cap', '')}"
             )
         return ids
 

@@ -599,8 +599,11 @@ class Target:
         # GPT-OSS, Cohere-2, ...: `layer_masks`). Otherwise the context stops one short of the window,
         # where a sliding layer attends to everything.
         self.layer_masks = bool(self.window) and self.lean is None and _takes_layer_masks(self)
-        if self.window and self.lean is None and not self.layer_masks:
-            self.max_context = min(self.max_context, self.window - 1)
+        self.context_cap = ""  # why max_context is below the model's own (said with every context error)
+        if self.window and self.lean is None and not self.layer_masks and self.window - 1 < self.max_context:
+            self.context_cap = (f" ({name} takes {self.max_context} positions, but redraft's generic path stops one "
+                                f"short of its sliding window of {self.window})")
+            self.max_context = self.window - 1
         # On CUDA the lean pass replays CUDA graphs (cuda_graphs.py); REDRAFT_CUDA_GRAPHS=0 turns them off.
         # bitsandbytes layers are left eager.
         self.graphs = (GraphedForward(self.lean) if graphs_wanted(self.device) and self.lean is not None
@@ -748,7 +751,8 @@ class Target:
             raise BadInputError("the prompt is empty")
         if len(prompt_ids) >= self.max_context:
             raise ContextOverflowError(
-                f"the prompt is {len(prompt_ids)} tokens but {self.name}'s context is {self.max_context}; shorten it"
+                f"the prompt is {len(prompt_ids)} tokens but {self.name}'s context is {self.max_context}"
+                f"{self.context_cap}; shorten it"
             )
         if max(prompt_ids) >= self.vocab_size or min(prompt_ids) < 0:
             bad = max(prompt_ids) if max(prompt_ids) >= self.vocab_size else min(prompt_ids)

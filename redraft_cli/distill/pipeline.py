@@ -237,7 +237,7 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
     prompt_room = min(d.max_prompt_tokens, context - d.max_new_tokens)  # (data._generate_shard's limit)
     if prompt_room < 1:
         raise BadInputError(f"data.max_new_tokens {d.max_new_tokens} leaves no room for a prompt in {target.name}'s "
-                            f"context of {context} tokens; lower it (--max-new-tokens)")
+                            f"context of {context} tokens{getattr(target, 'context_cap', '')}; lower it (--max-new-tokens)")
     data_dir = Path(data_dir) if data_dir else default_data_dir(recipe, target.name, convs, gen_cfg)
     seen = _sequences_seen(recipe)
     max_shards = None
@@ -257,8 +257,9 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
     train_set += sampled + written
     if not train_set and generate and _has_shards(read_manifest(data_dir), max_shards, len(convs)):
         raise BadInputError(f"every training conversation was skipped: no prompt fits in {prompt_room} tokens "
-                            f"(data.max_prompt_tokens {d.max_prompt_tokens}, and {target.name}'s context of {context} "
-                            f"less data.max_new_tokens {d.max_new_tokens}); raise data.max_prompt_tokens or lower "
+                            f"(data.max_prompt_tokens {d.max_prompt_tokens}, and {target.name}'s context of {context}"
+                            f"{getattr(target, 'context_cap', '')} less data.max_new_tokens {d.max_new_tokens}); raise "
+                            f"data.max_prompt_tokens or lower "
                             f"--max-new-tokens")
     train_tokens = sum(int(e["loss_mask"].sum()) for e in train_set)
     emit({"event": "data_done", "train": len(train_set) - len(sampled) - len(written), "sampled": len(sampled),
