@@ -371,9 +371,11 @@ def test_cli_ctrl_c_keeps_the_finished_cells(tmp_path, smollm2, monkeypatch):
 
     monkeypatch.setattr(cli_sweep, "run_sweep", stop_after_two)
     result = invoke("--drafter", "random", "--beam-widths", "1,2,3", "--beam-lengths", "2", "--num-prompts", 1,
-                    "--max-new-tokens", 4, "--no-warmup", "--json", tmp_path / "s.json", "--csv", tmp_path / "s.csv")
+                    "--max-new-tokens", 4, "--no-warmup", "--json", tmp_path / "s.json", "--csv", tmp_path / "s.csv",
+                    "--plot", tmp_path / "s.png")
     assert result.exit_code == 130, result.output
     assert "interrupted after 2 of 3 cells" in result.output and "Traceback" not in result.output
+    assert "s.png" in result.output and (tmp_path / "s.png").stat().st_size > 0  # the plot of the finished cells
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["interrupted"] is True and [c["beam_width"] for c in data["cells"]] == [1, 2]
     assert data["best"] in data["cells"] and len(read_csv(tmp_path / "s.csv")) == 2

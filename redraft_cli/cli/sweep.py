@@ -160,8 +160,10 @@ def sweep(
             raise
         partial = {**head, **info, **sweep_result(cfg, cells, len(ids), time.perf_counter() - start, interrupted=True)}
         console.print(render(partial, cfg.shapes, cells, None, final=True))
-        written = [str(write(partial, path)) for write, path in ((write_json, json_path), (write_csv, csv_path))
-                   if path is not None]
+        from ..plots import save_sweep_plot
+
+        written = [str(write(partial, path)) for write, path in ((write_json, json_path), (write_csv, csv_path),
+                                                                  (save_sweep_plot, plot_path)) if path is not None]
         raise fail(f"interrupted after {len(cells)} of {len(cfg.shapes)} cells"
                    + (f"; the finished cells are in {' and '.join(written)}" if written else ""), 130) from None
     result = {**head, **result}
