@@ -497,3 +497,25 @@ def test_a_context_too_short_for_every_prompt_is_named_with_cached_hidden_states
     assert recipe.data.cache_hidden
     with pytest.raises(BadInputError, match="every training conversation was skipped: no prompt fits in 16 tokens"):
         distill_events(recipe, target, tmp_path)
+
+
+def test_a_resume_on_other_data_reports_the_coverage_of_the_vocabulary_it_keeps(tmp_path, one_thread):
+    """A resume restores the checkpoint's draft vocabulary; the coverage it reports is that vocabulary's
+    share of this run's labels (it described a vocabulary picked from the new data and then dropped)."""
+    from redraft_cli.distill.data import load_dataset
+    from redraft_cli.distill.pipeline import _label_counts
+
+    target = tiny_chat_llama(seed=2)
+    base = tiny_recipe(max_steps=2).to_dict()
+    base["drafter"] = {**base["drafter"], "draft_vocab_size": 40}
+    first, _ = distill_events(recipe_from_dict(base), target, tmp_path)
+    vocab = Drafter.load(tmp_path / "out" / "checkpoint").draft_vocab.clone()
+    other = recipe_from_dict({**base, "data": {**base["data"], "num_prompts": 14, "max_new_tokens": 12},
+                              "train": {**base["train"], "max_steps": 4}})
+    events, _ = distill_events(other, target, tmp_path / "second", out="../out", resume=True)
+    reported = next(e for e in events if e["event"] == "draft_vocab")["coverage"]
+    assert torch.equal(Drafter.load(tmp_path / "out").draft_vocab, vocab)  # the resumed run kept it
+    # This run's training labels, counted again.
+    train = [e for e in load_dataset(tmp_path / "second" / "data") if e["conv_index"] >= other.data.held_out]
+    counts = _label_counts(train, target.vocab_size)
+    assert reported == pytest.approx(float(counts[vocab].sum()) / float(counts.sum()))

@@ -272,7 +272,11 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
 
     # 2. The drafter (built above), then training.
     if dr.draft_vocab_size:
-        coverage = set_draft_vocab(drafter, train_set, dr.draft_vocab_size)
+        kept = _checkpoint_draft_vocab(out) if resume else None  # a resume trains on the checkpoint's vocabulary
+        if kept is None or kept.shape != drafter.draft_vocab.shape:  # (another size: the resume is refused)
+            coverage = set_draft_vocab(drafter, train_set, dr.draft_vocab_size)
+        else:
+            coverage = draft_vocab_coverage(drafter, train_set, kept)
         emit({"event": "draft_vocab", "size": dr.draft_vocab_size, "coverage": coverage})
         drafter.config.extra["draft_vocab_coverage"] = round(coverage, 4)
     if dr.init_from:
@@ -636,16 +640,41 @@ def freeze_copied(drafter: Drafter, copied: dict[str, torch.Tensor | None]) -> i
     return trainable
 
 
-def set_draft_vocab(drafter: Drafter, examples: list[dict], size: int) -> float:
-    """Keep the `size` most frequent target tokens of the training labels; return their share of them
-    (labels: the generated tokens, or for sampled answers the target's greedy tokens where known)."""
-    counts = torch.zeros(drafter.config.vocab_size, dtype=torch.long)
+def _label_counts(examples: list[dict], vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) how often each token is a training label (the generated tokens, or for sampled
+    answers the target's greedy tokens where known)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
     for e in examples:
         labels = e.get("greedy", e["input_ids"])[e["loss_mask"]]
-        counts += torch.bincount(labels[labels >= 0], minlength=drafter.config.vocab_size)
+        counts += torch.bincount(labels[labels >= 0], minlength=vocab_size)
+    return counts
+
+
+def set_draft_vocab(drafter: Drafter, examples: list[dict], size: int) -> float:
+    """Keep the `size` most frequent target tokens of the training labels; return their share of them."""
+    counts = _label_counts(examples, drafter.config.vocab_size)
     top = torch.topk(counts, size).indices.sort().values
     drafter.draft_vocab.copy_(top.to(drafter.draft_vocab.device))
     return float(counts[top].sum()) / max(int(counts.sum()), 1)
+
+
+def draft_vocab_coverage(drafter: Drafter, examples: list[dict], vocab: torch.Tensor) -> float:
+    """Take `vocab` (V_d,) token ids as the drafter's draft vocabulary; return its share of the labels."""
+    counts = _label_counts(examples, drafter.config.vocab_size)
+    drafter.draft_vocab.copy_(vocab.to(drafter.draft_vocab.device))
+    return float(counts[vocab.long()].sum()) / max(int(counts.sum()), 1)
+
+
+def _checkpoint_draft_vocab(out: Path) -> torch.Tensor | None:
+    """The draft vocabulary of out's training checkpoint, which a resume restores (None: no readable
+    one; resuming then names the problem)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(out / CHECKPOINT / WEIGHTS_NAME), framework="pt") as f:
+            return f.get_tensor("draft_vocab") if "draft_vocab" in f.keys() else None
+    except (OSError, SafetensorError):  # missing or damaged: load_checkpoint says so
+        return None
 
 
 def _simulate_held_out(target: Target, out: Path, held: list[dict], recipe: Recipe) -> dict[str, Any]:
