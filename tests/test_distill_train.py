@@ -519,3 +519,28 @@ def test_a_resume_on_other_data_reports_the_coverage_of_the_vocabulary_it_keeps(
     train = [e for e in load_dataset(tmp_path / "second" / "data") if e["conv_index"] >= other.data.held_out]
     counts = _label_counts(train, target.vocab_size)
     assert reported == pytest.approx(float(counts[vocab].sum()) / float(counts.sum()))
+
+
+def test_a_run_waits_while_another_makes_the_same_data(tmp_path, one_thread):
+    """Two runs into different --out folders share one data folder; the second waits for the first's
+    data (saying so), then uses it, instead of making it again and overwriting the first's manifest."""
+    from filelock import FileLock
+
+    from redraft_cli.distill.pipeline import distill
+
+    target = tiny_chat_llama(seed=2)
+    data = tmp_path / "data"
+    data.mkdir()
+    other_run = FileLock(str(data / ".lock"))
+    other_run.acquire()
+    events: list[dict] = []
+
+    def on_event(e):
+        events.append(e)
+        if e.get("event") == "note" and "is making the data" in e["text"]:
+            other_run.release()  # the other run is done: this one goes on
+
+    distill(tiny_recipe(max_steps=1), tmp_path / "out", on_event=on_event, target=target, data_dir=data, bench=False)
+    notes = [e["text"] for e in events if e["event"] == "note"]
+    assert any("another redraft distill is making the data" in n for n in notes)
+    assert not other_run.is_locked and (tmp_path / "out" / "model.safetensors").exists()

@@ -244,16 +244,18 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
     if seen is not None:
         # A short run needs only the held-out slice and max_steps batches: generate just those shards.
         max_shards = -(-(d.held_out + seen) // d.shard_size)
-    examples = _answers(target, launch, recipe.name, convs, data_dir, gen_cfg, max_shards, generate, emit, "greedy")
-    held = [e for e in examples if e["conv_index"] < d.held_out]
-    train_set = [e for e in examples if e["conv_index"] >= d.held_out]
-    if d.cache_hidden:
-        _attach_hidden_states(target, launch, examples, data_dir, recipe, emit, greedy=False)
-    # The extra sets are sized for the run: when it is shorter than one pass over the greedy set, each
-    # extra example is seen about once, and one forward while training costs no more than caching it.
-    cache_extra = d.cache_hidden and (seen is None or seen > len(train_set))
-    sampled = _sampled_answers(target, launch, recipe, convs[d.held_out:], gen_cfg, data_dir, generate, emit, cache_extra)
-    written = _written_prompts(target, launch, recipe, gen_cfg, data_dir, generate, emit, cache_extra)
+    with _making_data(data_dir, launch.world, emit):
+        examples = _answers(target, launch, recipe.name, convs, data_dir, gen_cfg, max_shards, generate, emit, "greedy")
+        held = [e for e in examples if e["conv_index"] < d.held_out]
+        train_set = [e for e in examples if e["conv_index"] >= d.held_out]
+        if d.cache_hidden:
+            _attach_hidden_states(target, launch, examples, data_dir, recipe, emit, greedy=False)
+        # The extra sets are sized for the run: when it is shorter than one pass over the greedy set, each
+        # extra example is seen about once, and one forward while training costs no more than caching it.
+        cache_extra = d.cache_hidden and (seen is None or seen > len(train_set))
+        sampled = _sampled_answers(target, launch, recipe, convs[d.held_out:], gen_cfg, data_dir, generate, emit,
+                                   cache_extra)
+        written = _written_prompts(target, launch, recipe, gen_cfg, data_dir, generate, emit, cache_extra)
     train_set += sampled + written
     if not train_set and generate and _has_shards(read_manifest(data_dir), max_shards, len(convs)):
         raise BadInputError(f"every training conversation was skipped: no prompt fits in {prompt_room} tokens "
@@ -358,6 +360,36 @@ def _check_seq_len(train_set: list[dict], max_seq_len: int, train_tokens: int, e
     if kept < train_tokens:
         emit({"event": "note", "text": f"train.max_seq_len {max_seq_len} leaves {1 - kept / train_tokens:.0%} of the "
                                        f"answer tokens out of training (raise it to learn them)"})
+
+
+@contextmanager
+def _making_data(data_dir: Path, processes: int, emit: EventFn) -> Iterator[None]:
+    """One run at a time makes a data folder's answers and hidden states. Runs into other --out folders
+    share it (an `own` and a `tied` head distilled side by side from one recipe): the second says so,
+    waits, and then reuses what the first made, where both used to make it twice and overwrite each
+    other's manifest. The processes of one launch split the work instead (launch.py): no lock. A folder
+    where no lock file can be made (read-only data) is used unlocked."""
+    from filelock import FileLock, Timeout
+
+    if processes > 1:
+        yield
+        return
+    lock = FileLock(str(data_dir / ".lock"))
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            emit({"event": "note", "text": f"another redraft distill is making the data in {data_dir}; this run "
+                                           f"waits for it, then uses that data"})
+            lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextmanager
