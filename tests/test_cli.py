@@ -667,3 +667,23 @@ def test_a_quantized_model_that_fails_its_first_pass_does_not_blame_only_its_con
     assert_clean_error(invoke("bench", "--model", model_dir, "--quantize", "4bit", "--drafter", "random",
                               "--prompts", prompt_file, "--num-prompts", 1, "--max-new-tokens", 4),
                        "fails its first forward pass", "load it unquantized")
+
+
+def test_a_ctrl_c_after_the_command_finished_exits_with_its_code(tmp_path):
+    """A Ctrl-C while Python shuts down after a finished command (atexit callbacks) printed "Exception
+    ignored in atexit callback ... KeyboardInterrupt" and ended with -2; now it exits with the command's
+    own code and no traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import atexit, os, signal, sys, time\n"
+              "import redraft_cli.cli.app as app\n"
+              "def run(): print('done', flush=True); sys.exit(0)\n"
+              "app.main = run\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(1)))\n"
+              "from redraft_cli.entry import main\n"
+              "main()\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "done", (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr, r.stderr

@@ -544,3 +544,122 @@ def test_a_run_waits_while_another_makes_the_same_data(tmp_path, one_thread):
     notes = [e["text"] for e in events if e["event"] == "note"]
     assert any("another redraft distill is making the data" in n for n in notes)
     assert not other_run.is_locked and (tmp_path / "out" / "model.safetensors").exists()
+
+
+from pathlib import Path
+
+
+def _history(state):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in state.history]
+
+
+@pytest.mark.parametrize("stop_at", ["evaluate", "save_best"])
+def test_an_interrupted_evaluation_is_made_again_by_the_resume(tmp_path, monkeypatch, stop_at):
+    from redraft_cli.distill import train
+
+    target = tiny_llama(vocab_size=64, seed=5)
+    data = synthetic_examples(target, 16, seed=1)
+    train_set, held = data[4:], data[:4]
+    cfg = TrainSection(max_steps=6, batch_size=4, lr=3e-2, eval_every=2, save_every=4, positions_per_sequence=8)
+
+    def fresh():
+        return Drafter.for_target(target, seed=0, head="tied", num_draft_layers=1)
+
+    full = train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "full", 3)
+    real_evaluate, real_save = train.evaluate, Drafter.save
+
+    def stop_in_evaluate(*a, **kw):
+        raise KeyboardInterrupt
+
+    def stop_in_save(self, path, *a, **kw):
+        if Path(path).name == "best":  # best/ half written (its new weights, the old config)
+            real_save(self, path, *a, **kw)
+            (path / "model.safetensors").write_bytes(b"cut")
+            raise KeyboardInterrupt
+        return real_save(self, path, *a, **kw)
+
+    calls = []
+    if stop_at == "evaluate":
+        monkeypatch.setattr(train, "evaluate", lambda *a, **kw: calls.append(1) or (
+            stop_in_evaluate() if len(calls) == 2 else real_evaluate(*a, **kw)))
+    else:
+        monkeypatch.setattr(Drafter, "save", stop_in_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "cut", 3)
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    monkeypatch.setattr(Drafter, "save", real_save)
+    resumed = train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "cut", 3, resume=True)
+    assert _history(resumed) == _history(full)
+    assert resumed.best_step == full.best_step
+    a = Drafter.load(tmp_path / "full" / "best").state_dict()
+    b = Drafter.load(tmp_path / "cut" / "best").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+
+
+def test_a_resume_reports_the_same_training_loss_as_an_uninterrupted_run(tmp_path):
+    target = tiny_llama(vocab_size=64, seed=5)
+    data = synthetic_examples(target, 16, seed=1)
+    train_set, held = data[4:], data[:4]
+    cfg = TrainSection(max_steps=6, batch_size=4, lr=3e-2, eval_every=3, save_every=3, positions_per_sequence=8)
+
+    def fresh():
+        return Drafter.for_target(target, seed=0, head="tied", num_draft_layers=1)
+
+    full = train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "full", 3)
+
+    def interrupt_at_4(e):
+        if e["event"] == "step" and e["step"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "cut", 3, on_event=interrupt_at_4)
+    resumed = train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "cut", 3, resume=True)
+    assert _history(resumed) == _history(full)
+
+
+def test_ctrl_c_during_the_optimizers_step_stops_after_the_step(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    target = tiny_llama(vocab_size=64, seed=5)
+    data = synthetic_examples(target, 16, seed=1)
+    train_set, held = data[4:], data[:4]
+    cfg = TrainSection(max_steps=5, batch_size=4, lr=3e-2, eval_every=5, save_every=5, positions_per_sequence=8)
+
+    def fresh():
+        return Drafter.for_target(target, seed=0, head="tied", num_draft_layers=1)
+
+    train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "full", 3)
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step_then_ctrl_c(self, *a, **kw):
+        result = real_step(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the weights changed
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "cut", 3)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "cut", 3, resume=True)
+    a = Drafter.load(tmp_path / "full" / "best").state_dict()
+    b = Drafter.load(tmp_path / "cut" / "best").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+
+
+def test_a_checkpoint_half_written_by_a_killed_run_is_removed(tmp_path, one_thread):
+    """kill -9 inside save_checkpoint leaves .checkpoint.tmp<PID>; the next run (holding --out, so no
+    other writes there) removes it instead of keeping it forever."""
+    from redraft_cli.distill.pipeline import distill
+
+    out = tmp_path / "out"
+    stale = out / ".checkpoint.tmp99999"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    distill(tiny_recipe(max_steps=1), out, target=tiny_chat_llama(seed=2), data_dir=tmp_path / "data", bench=False)
+    assert not stale.exists() and (out / "model.safetensors").exists()

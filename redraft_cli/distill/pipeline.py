@@ -150,10 +150,10 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         recover_checkpoint(out)
     if (out / CHECKPOINT).exists() and not resume and not data_only:
         raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
-    # A run that failed before training (no model, no chat template, no network) leaves only recipe.yaml:
-    # that folder is still ours to retry in.
+    # A run that failed before training (no model, no chat template, no network) leaves only recipe.yaml,
+    # one killed before its first checkpoint also best/ or a half-written checkpoint: still ours to retry in.
     if (not data_only and out.is_dir() and not (out / CHECKPOINT).exists()
-            and any(p.name != RECIPE_NAME for p in out.iterdir())):
+            and any(not _left_by_a_run(p.name) for p in out.iterdir())):
         raise BadInputError(f"--out {out} already holds files and no training checkpoint; the drafter's files would "
                             "replace them: use a new or empty directory")
     check_offline_needs(recipe)
@@ -343,6 +343,11 @@ def _shape_notes(recipe: Recipe) -> list[str]:
     return notes
 
 
+def _left_by_a_run(name: str) -> bool:
+    """Whether a file of --out is what a distill stopped before its first checkpoint leaves there."""
+    return name in (RECIPE_NAME, "best") or name.startswith(f".{CHECKPOINT}.")
+
+
 def _held_out_in_training(convs: list[list[str]], held_out: int) -> int:
     """How many of the first `held_out` conversations (kept out for evaluation) recur among the training ones."""
     training = {tuple(c) for c in convs[held_out:]}
@@ -413,6 +418,9 @@ def _holding(out: Path, hold: bool) -> Iterator[None]:
                                 f"then continues it) or use another --out") from None
         except OSError:  # a file system without locks (some network mounts): the run goes on unguarded
             pass
+        else:  # no other run writes here: a checkpoint half-written by a killed one (kill -9) is stale
+            for stale in out.glob(f".{CHECKPOINT}.tmp*"):
+                shutil.rmtree(stale, ignore_errors=True)
         yield
     finally:
         os.close(fd)

@@ -33,7 +33,10 @@ import math
 import os
 import pickle
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -57,6 +60,7 @@ class TrainState:
     best_agreement: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    recent_losses: list[float] = field(default_factory=list)  # the last 50 steps' losses: a resume reports the same means
 
 
 # -- batches ---------------------------------------------------------------------
@@ -397,12 +401,18 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
                                        "for: nothing left to train (raise --max-steps or --epochs to train on)"})
     emit({"event": "start", "total_steps": total, "step": state.step, "examples": len(train_set), "processes": world})
     start = time.perf_counter() - state.seconds
-    running: list[float] = []
+    running: list[float] = list(state.recent_losses)
     try:
+        if 0 < state.step and (state.step % cfg.eval_every == 0 or state.step == total) and \
+                not any(row["step"] == state.step for row in state.history):
+            # Stopped during this step's evaluation: make it, as the uninterrupted run did.
+            _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, running, emit,
+                                    compare_target_argmax)
         while state.step < total:
             step = state.step
             optimizer.zero_grad(set_to_none=True)
             stats_sum: dict[str, torch.Tensor] = {}
+            losses: list[float] = []
             for micro in range(cfg.grad_accum):
                 # Global micro-batch number -> (epoch, batch in epoch) for this process.
                 g = step * cfg.grad_accum + micro
@@ -422,11 +432,14 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
                 acc.backward(loss / cfg.grad_accum)
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0) + v.float().cpu()
-                running.append(float(loss.detach()))
+                losses.append(float(loss.detach()))
             acc.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            state.step += 1
+            with _ctrl_c_after():  # the weights and the step count change together (a checkpoint of both)
+                optimizer.step()
+                scheduler.step()
+                state.step += 1
+                running += losses
+                state.recent_losses = running[-50:]
             state.seconds = time.perf_counter() - start
             train_acc = (stats_sum["correct"] / stats_sum["labelled"].clamp_min(1)).tolist()
             emit({"event": "step", "step": state.step, "total_steps": total, "loss": sum(running[-20:]) / len(running[-20:]),
@@ -457,6 +470,23 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
     return state
 
 
+@contextmanager
+def _ctrl_c_after() -> Any:
+    """Ctrl-C inside the block stops the run at its end instead."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def _loads(path: Path) -> bool:
     """Whether a saved drafter is there and loads."""
     try:
@@ -477,8 +507,8 @@ def _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, 
         score = row["mean_agreement"]
     else:
         score = -row["train_loss"]
-    state.history.append(row)
     if state.best_step < 0 or score > state.best_agreement:  # (without held-out data the score is -loss < -1)
+        drafter.save(out / "best")  # before the state says so: a run stopped here evaluates again on --resume
         state.best_agreement, state.best_step = score, state.step
-        drafter.save(out / "best")
+    state.history.append(row)
     emit({"event": "eval", **row, "best_step": state.best_step})
