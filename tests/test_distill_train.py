@@ -553,17 +553,21 @@ def _history(state):
     return [{k: v for k, v in row.items() if k != "seconds"} for row in state.history]
 
 
+def _resume_setup(max_steps: int, eval_every: int, save_every: int):
+    """A tiny target, its synthetic data (12 to train on, 4 held out), a training config with a high
+    learning rate (so that the best step is not a tie) and a maker of identical fresh drafters."""
+    target = tiny_llama(vocab_size=64, seed=5)
+    data = synthetic_examples(target, 16, seed=1)
+    cfg = TrainSection(max_steps=max_steps, batch_size=4, lr=3e-2, eval_every=eval_every, save_every=save_every,
+                       positions_per_sequence=8)
+    return target, data[4:], data[:4], cfg, lambda: Drafter.for_target(target, seed=0, head="tied", num_draft_layers=1)
+
+
 @pytest.mark.parametrize("stop_at", ["evaluate", "save_best"])
 def test_an_interrupted_evaluation_is_made_again_by_the_resume(tmp_path, monkeypatch, stop_at):
     from redraft_cli.distill import train
 
-    target = tiny_llama(vocab_size=64, seed=5)
-    data = synthetic_examples(target, 16, seed=1)
-    train_set, held = data[4:], data[:4]
-    cfg = TrainSection(max_steps=6, batch_size=4, lr=3e-2, eval_every=2, save_every=4, positions_per_sequence=8)
-
-    def fresh():
-        return Drafter.for_target(target, seed=0, head="tied", num_draft_layers=1)
+    target, train_set, held, cfg, fresh = _resume_setup(max_steps=6, eval_every=2, save_every=4)
 
     full = train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "full", 3)
     real_evaluate, real_save = train.evaluate, Drafter.save
@@ -598,13 +602,7 @@ def test_an_interrupted_evaluation_is_made_again_by_the_resume(tmp_path, monkeyp
 
 
 def test_a_resume_reports_the_same_training_loss_as_an_uninterrupted_run(tmp_path):
-    target = tiny_llama(vocab_size=64, seed=5)
-    data = synthetic_examples(target, 16, seed=1)
-    train_set, held = data[4:], data[:4]
-    cfg = TrainSection(max_steps=6, batch_size=4, lr=3e-2, eval_every=3, save_every=3, positions_per_sequence=8)
-
-    def fresh():
-        return Drafter.for_target(target, seed=0, head="tied", num_draft_layers=1)
+    target, train_set, held, cfg, fresh = _resume_setup(max_steps=6, eval_every=3, save_every=3)
 
     full = train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "full", 3)
 
@@ -622,13 +620,7 @@ def test_ctrl_c_during_the_optimizers_step_stops_after_the_step(tmp_path, monkey
     import os
     import signal
 
-    target = tiny_llama(vocab_size=64, seed=5)
-    data = synthetic_examples(target, 16, seed=1)
-    train_set, held = data[4:], data[:4]
-    cfg = TrainSection(max_steps=5, batch_size=4, lr=3e-2, eval_every=5, save_every=5, positions_per_sequence=8)
-
-    def fresh():
-        return Drafter.for_target(target, seed=0, head="tied", num_draft_layers=1)
+    target, train_set, held, cfg, fresh = _resume_setup(max_steps=5, eval_every=5, save_every=5)
 
     train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "full", 3)
     real_step, calls = torch.optim.AdamW.step, []
