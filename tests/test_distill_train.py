@@ -621,6 +621,8 @@ def test_ctrl_c_during_the_optimizers_step_stops_after_the_step(tmp_path, monkey
     import signal
 
     target, train_set, held, cfg, fresh = _resume_setup(max_steps=5, eval_every=5, save_every=5)
+    # Python's own Ctrl-C handler, as in the command (a test run before may have left another one).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "full", 3)
     real_step, calls = torch.optim.AdamW.step, []
@@ -633,8 +635,11 @@ def test_ctrl_c_during_the_optimizers_step_stops_after_the_step(tmp_path, monkey
         return result
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "cut", 3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "cut", 3)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
     train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "cut", 3, resume=True)
