@@ -441,10 +441,19 @@ def _takes_layer_masks(target: "Target") -> bool:
         slid = run({"full_attention": causal, "sliding_attention": hidden})
     except _LOAD_ERRORS:
         return False
-    scale = own.norm(dim=-1).clamp_min(1e-6)
-    same = lambda a, b: bool(((a - b).norm(dim=-1) / scale[: len(a)]).max() <= 0.03)  # noqa: E731
-    moved = not same(slid[3:], both[3:])
-    return same(both, own) and same(slid[:3], both[:3]) and moved
+    return _same_states(both, own) and _same_states(slid[:3], both[:3]) and not _same_states(slid[3:], both[3:])
+
+
+def _same_states(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether hidden states (n, H) of two passes are the same up to rounding, for the load-time probes:
+    every row within 3% of its norm. Rounding moves a row by well under 1% (0 on CPU); a token seen or
+    hidden by mistake moved one by 11% in SmolLM2."""
+    return bool(((got - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-6)).max() <= 0.03)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error's first line, for one-line messages ('' when it has none)."""
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def layer_type_masks(tree_mask: torch.Tensor, cache_len: int, position_ids: torch.Tensor, window: int,
@@ -504,14 +513,10 @@ def _check_tree_pass(target: "Target") -> None:
         seq = [target.forward(torch.stack([a, b, c, x])[None], positions, target.new_cache())[0, 2:].float()
                for x in (d, e)]
     except _LOAD_ERRORS as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ModelLoadError(f"{target.name} ({target.config.model_type}) cannot run a tree pass: its attention "
-                             f"does not take a 4D mask ({type(exc).__name__}: {first}); redraft verifies drafts "
-                             f"with one") from exc
-    want = torch.stack([seq[0][0], seq[0][1], seq[1][1]])  # (3, H)
-    # Rounding moves a node by well under 1% (0 on CPU); seeing its sibling moved e by 11% in SmolLM2.
-    error = (nodes - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-6)  # (3,)
-    if not bool(error.max() <= 0.03):
+                             f"does not take a 4D mask ({type(exc).__name__}: {_first_line(exc)}); redraft verifies "
+                             f"drafts with one") from exc
+    if not _same_states(nodes, torch.stack([seq[0][0], seq[0][1], seq[1][1]])):  # (3, H) each
         raise ModelLoadError(f"{target.name} ({target.config.model_type}) does not honour a tree attention mask "
                              f"(a node saw its sibling); its drafts could not be verified exactly")
 
@@ -526,7 +531,7 @@ def _check_causal(target: "Target") -> None:
             target.new_cache()  # the generic path's cache reads per-layer settings of the config too
         hidden = target.base(input_ids=ids, use_cache=False).last_hidden_state[:, 0].float()
     except _LOAD_ERRORS as exc:  # a config the model's own code cannot run (an unknown layer type, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = _first_line(exc)
         hint = ("check its config.json, or load it unquantized (bitsandbytes kernels have their own limits on "
                 "layer sizes)") if bnb_quantized(target.model) else "check its config.json"
         raise ModelLoadError(f"{target.name} ({target.config.model_type}) fails its first forward pass: "

@@ -15,6 +15,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+OUT_OF_MEMORY = "out of memory: try a smaller beam shape, --quantize 8bit/4bit or a smaller dtype"
+
+
+def bug_line(exc: BaseException) -> str:
+    """One line for an error no check foresaw: its type, its first line, and how to see the traceback."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first} (a bug in redraft; REDRAFT_DEBUG=1 shows the traceback)"
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {message}", markup=True)
     return typer.Exit(code)
@@ -33,7 +42,7 @@ def handle_errors(fn: F) -> F:
             where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
             raise fail(f"{exc.strerror or exc}{where}", 2) from None
         except torch.OutOfMemoryError:
-            raise fail("out of memory: try a smaller beam shape, --quantize 8bit/4bit or a smaller dtype", 3) from None
+            raise fail(OUT_OF_MEMORY, 3) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
 

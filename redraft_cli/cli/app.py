@@ -51,7 +51,7 @@ def main() -> None:
 
     from rich.markup import escape
 
-    from ._errors import err_console
+    from ._errors import bug_line, err_console
 
     try:
         rc = app(standalone_mode=False)
@@ -70,8 +70,6 @@ def main() -> None:
     except Exception as exc:  # a bug: one line, and the traceback on request
         if os.environ.get("REDRAFT_DEBUG"):
             raise
-        first = (str(exc).strip().splitlines() or [""])[0]
-        err_console.print(f"[bold red]error:[/] {escape(f'{type(exc).__name__}: {first}')} (a bug in redraft; "
-                          f"REDRAFT_DEBUG=1 shows the traceback)", markup=True, highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(bug_line(exc))}", markup=True, highlight=False)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -19,7 +19,7 @@ from ..decode import Generator
 from ..errors import BadInputError, RedraftError
 from ..target import valid_text
 from . import options as o
-from ._errors import handle_errors
+from ._errors import OUT_OF_MEMORY, bug_line, handle_errors
 from .common import console, decode_config, err, load_models, beams_label, with_drafter_shape
 
 D = o.DEFAULTS
@@ -196,20 +196,13 @@ def _interactive(session: ChatSession, show_drafts: bool) -> None:
             if os.environ.get("REDRAFT_DEBUG"):
                 raise
             console.print()
-            err.print(f"[bold red]error:[/] {escape(_unexpected(exc))}; the conversation so far is kept (a partial "
-                      f"answer too): go on, /reset, or Ctrl-D")
+            what = OUT_OF_MEMORY if isinstance(exc, torch.OutOfMemoryError) else bug_line(exc)
+            err.print(f"[bold red]error:[/] {escape(what)}; the conversation so far is kept (a partial answer too): "
+                      f"go on, /reset, or Ctrl-D")
             continue
         console.print()
         err.print(_status(session) + ("" if finished else " (stopped)"), style="dim")
         _note_cut(session)
-
-
-def _unexpected(exc: Exception) -> str:
-    """One line for an error that is not the user's: out of memory, or a bug."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return "out of memory: try a smaller beam shape (/set), --quantize 8bit/4bit or a smaller dtype"
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first} (a bug in redraft; REDRAFT_DEBUG=1 shows the traceback)"
 
 
 def _command(session: ChatSession, line: str) -> bool:

@@ -220,8 +220,9 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
     drafter.config.target_model = target.name
     if dr.init_from:  # its shape fits this drafter's: found now, not after the data is made
         warm_start(drafter, Path(dr.init_from).expanduser(), copy=False)
+    resumed = None  # the checkpointed drafter a resume continues
     if resume and not data_only and (out / CHECKPOINT).exists():
-        check_resumable(out, drafter)  # before this run's recipe.yaml replaces the one of the run that wrote it
+        resumed = check_resumable(out, drafter)  # before this run's recipe.yaml replaces the one of the run that wrote it
     if not data_only and launch.is_main:
         out.mkdir(parents=True, exist_ok=True)
         saved = recipe.to_dict()
@@ -274,11 +275,9 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
 
     # 2. The drafter (built above), then training.
     if dr.draft_vocab_size:
-        kept = _checkpoint_draft_vocab(out) if resume else None  # a resume trains on the checkpoint's vocabulary
-        if kept is None or kept.shape != drafter.draft_vocab.shape:  # (another size: the resume is refused)
-            coverage = set_draft_vocab(drafter, train_set, dr.draft_vocab_size)
-        else:
-            coverage = draft_vocab_coverage(drafter, train_set, kept)
+        # A resume trains on the checkpoint's vocabulary (check_resumable: of the same size).
+        coverage = set_draft_vocab(drafter, train_set, dr.draft_vocab_size,
+                                   keep=resumed.draft_vocab if resumed is not None else None)
         emit({"event": "draft_vocab", "size": dr.draft_vocab_size, "coverage": coverage})
         drafter.config.extra["draft_vocab_coverage"] = round(coverage, 4)
     if dr.init_from:
@@ -379,7 +378,7 @@ def _making_data(data_dir: Path, processes: int, emit: EventFn) -> Iterator[None
     if processes > 1:
         yield
         return
-    lock = FileLock(str(data_dir / ".lock"))
+    lock: FileLock | None = FileLock(str(data_dir / ".lock"))
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -389,12 +388,12 @@ def _making_data(data_dir: Path, processes: int, emit: EventFn) -> Iterator[None
                                            f"waits for it, then uses that data"})
             lock.acquire()
     except OSError:
-        yield
-        return
+        lock = None
     try:
         yield
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 @contextmanager
@@ -690,31 +689,13 @@ def _label_counts(examples: list[dict], vocab_size: int) -> torch.Tensor:
     return counts
 
 
-def set_draft_vocab(drafter: Drafter, examples: list[dict], size: int) -> float:
-    """Keep the `size` most frequent target tokens of the training labels; return their share of them."""
+def set_draft_vocab(drafter: Drafter, examples: list[dict], size: int, keep: torch.Tensor | None = None) -> float:
+    """Keep the `size` most frequent target tokens of the training labels as the draft vocabulary, or
+    `keep` (V_d,) token ids (a resumed checkpoint's); return their share of the labels."""
     counts = _label_counts(examples, drafter.config.vocab_size)
-    top = torch.topk(counts, size).indices.sort().values
+    top = torch.topk(counts, size).indices.sort().values if keep is None else keep.long().cpu()
     drafter.draft_vocab.copy_(top.to(drafter.draft_vocab.device))
     return float(counts[top].sum()) / max(int(counts.sum()), 1)
-
-
-def draft_vocab_coverage(drafter: Drafter, examples: list[dict], vocab: torch.Tensor) -> float:
-    """Take `vocab` (V_d,) token ids as the drafter's draft vocabulary; return its share of the labels."""
-    counts = _label_counts(examples, drafter.config.vocab_size)
-    drafter.draft_vocab.copy_(vocab.to(drafter.draft_vocab.device))
-    return float(counts[vocab.long()].sum()) / max(int(counts.sum()), 1)
-
-
-def _checkpoint_draft_vocab(out: Path) -> torch.Tensor | None:
-    """The draft vocabulary of out's training checkpoint, which a resume restores (None: no readable
-    one; resuming then names the problem)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(out / CHECKPOINT / WEIGHTS_NAME), framework="pt") as f:
-            return f.get_tensor("draft_vocab") if "draft_vocab" in f.keys() else None
-    except (OSError, SafetensorError):  # missing or damaged: load_checkpoint says so
-        return None
 
 
 def _simulate_held_out(target: Target, out: Path, held: list[dict], recipe: Recipe) -> dict[str, Any]:

@@ -60,7 +60,7 @@ class TrainState:
     best_agreement: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
-    recent_losses: list[float] = field(default_factory=list)  # the last 50 steps' losses: a resume reports the same means
+    recent_losses: list[float] = field(default_factory=list)  # the last 50 micro-batch losses (means in the reports)
 
 
 # -- batches ---------------------------------------------------------------------
@@ -401,13 +401,11 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
                                        "for: nothing left to train (raise --max-steps or --epochs to train on)"})
     emit({"event": "start", "total_steps": total, "step": state.step, "examples": len(train_set), "processes": world})
     start = time.perf_counter() - state.seconds
-    running: list[float] = list(state.recent_losses)
     try:
-        if 0 < state.step and (state.step % cfg.eval_every == 0 or state.step == total) and \
+        if 0 < state.step and _evaluates_at(state.step, cfg, total) and \
                 not any(row["step"] == state.step for row in state.history):
             # Stopped during this step's evaluation: make it, as the uninterrupted run did.
-            _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, running, emit,
-                                    compare_target_argmax)
+            _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, emit, compare_target_argmax)
         while state.step < total:
             step = state.step
             optimizer.zero_grad(set_to_none=True)
@@ -438,17 +436,15 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
                 optimizer.step()
                 scheduler.step()
                 state.step += 1
-                running += losses
-                state.recent_losses = running[-50:]
+                state.recent_losses = (state.recent_losses + losses)[-50:]
             state.seconds = time.perf_counter() - start
             train_acc = (stats_sum["correct"] / stats_sum["labelled"].clamp_min(1)).tolist()
-            emit({"event": "step", "step": state.step, "total_steps": total, "loss": sum(running[-20:]) / len(running[-20:]),
+            recent = state.recent_losses[-20:]
+            emit({"event": "step", "step": state.step, "total_steps": total, "loss": sum(recent) / len(recent),
                   "lr": scheduler.get_last_lr()[0], "train_agreement": train_acc, "epoch": (step * cfg.grad_accum) / per_process})
-            last = state.step == total
-            if state.step % cfg.eval_every == 0 or last:
-                _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, running, emit,
-                                        compare_target_argmax)
-            if acc.is_main_process and (state.step % cfg.save_every == 0 or last):
+            if _evaluates_at(state.step, cfg, total):
+                _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, emit, compare_target_argmax)
+            if acc.is_main_process and (state.step % cfg.save_every == 0 or state.step == total):
                 if not all(bool(torch.isfinite(p).all()) for p in drafter.parameters()):
                     raise BadInputError(f"training diverged by step {state.step}: the drafter's weights are not finite; "
                                         f"lower the learning rate (--lr, now {cfg.lr:g}) (--resume continues from the "
@@ -463,7 +459,7 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
     finally:
         drafter.dropout = 0.0
     if state.best_step < 0:  # nothing evaluated since best/ was lost (a resume at the last step)
-        _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, running, emit, compare_target_argmax)
+        _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, emit, compare_target_argmax)
     acc.wait_for_everyone()
     emit({"event": "done", "step": state.step, "seconds": state.seconds, "best_step": state.best_step,
           "best_agreement": state.best_agreement})
@@ -496,10 +492,16 @@ def _loads(path: Path) -> bool:
         return False
 
 
-def _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, running, emit, compare) -> None:
+def _evaluates_at(step: int, cfg: TrainSection, total: int) -> bool:
+    """Whether training evaluates (and may keep best/) after `step`: every eval_every steps and at the end."""
+    return step % cfg.eval_every == 0 or step == total
+
+
+def _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, emit, compare) -> None:
     if not acc.is_main_process:
         return
-    row: dict[str, Any] = {"step": state.step, "train_loss": round(sum(running[-50:]) / max(len(running[-50:]), 1), 4),
+    losses = state.recent_losses
+    row: dict[str, Any] = {"step": state.step, "train_loss": round(sum(losses) / max(len(losses), 1), 4),
                            "seconds": round(state.seconds, 1)}
     if eval_set:
         row.update(evaluate(target, drafter, eval_set, K, cfg.batch_size, cfg.max_seq_len,
