@@ -331,16 +331,25 @@ def _load_hf_files(source: str, kwargs: dict[str, Any], gguf_file: str | None, l
     # Mismatched shapes are loaded (as random values) and reported here, not by an error that points at a log.
     model, info = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, output_loading_info=True,
                                                        ignore_mismatched_sizes=True, **kwargs)
-    _check_loaded_weights(str(Path(source) / gguf_file) if gguf_file else source, info)
+    _check_loaded_weights(str(Path(source) / gguf_file) if gguf_file else source, info, model)
     return model, tokenizer
 
 
-def _check_loaded_weights(shown: str, info: dict[str, Any]) -> None:
-    """ModelLoadError when the checkpoint lacks a weight that the config.json asks for, or holds one of
-    another shape: transformers would give it random values (saying so only in its log), a config.json
-    of another model (more layers, another hidden size)."""
+def _check_loaded_weights(shown: str, info: dict[str, Any], model: torch.nn.Module) -> None:
+    """ModelLoadError when the checkpoint lacks a weight that the config.json asks for, holds one of
+    another shape, or holds one that a module of this model lacks (a bias the config turns off) or of a
+    layer past the config's count: transformers would give the missing ones random values and drop the
+    others (saying so only in its log): a config.json of another model (more or fewer layers, another
+    hidden size, another family). Extra weights of modules the model does not build (a vision tower in a
+    multimodal checkpoint, multi-token-prediction heads) are what loading a text-only LM drops by design."""
     mismatched = sorted(info.get("mismatched_keys") or (), key=str)
     missing = sorted(info.get("missing_keys") or ())
+    modules = {name for name, _ in model.named_modules()}
+    layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    extra = sorted(
+        key for key in info.get("unexpected_keys") or () if key.rpartition(".")[0] in modules
+        or (isinstance(layers, int) and any(int(i) >= layers for i in re.findall(r"\blayers\.(\d+)\.", key)))
+    )
     if mismatched:
         key, saved, wanted = mismatched[0]
         raise ModelLoadError(f"cannot load model {shown!r}: its weight {key} is {list(saved)}, but its config.json "
@@ -349,6 +358,10 @@ def _check_loaded_weights(shown: str, info: dict[str, Any]) -> None:
     if missing:
         raise ModelLoadError(f"cannot load model {shown!r}: its weights lack {len(missing)} tensor(s) that its "
                              f"config.json asks for ({missing[0]}, ...): the config.json is not that of these weights")
+    if extra:
+        raise ModelLoadError(f"cannot load model {shown!r}: its weights hold {len(extra)} tensor(s) that its "
+                             f"config.json has no place for ({extra[0]}, ...): the config.json is not that of "
+                             f"these weights")
 
 
 def load_target(spec: TargetSpec | str = DEFAULT_MODEL, **overrides: Any) -> "Target":

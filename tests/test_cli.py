@@ -386,6 +386,24 @@ def test_a_model_config_the_model_cannot_run_is_one_line(tmp_path, prompt_file, 
                        fragment)
 
 
+@pytest.mark.parametrize("layers,edit,fragment", [
+    (2, {"num_hidden_layers": 1}, "its weights hold 9 tensor(s) that its config.json has no place for (model.layers.1."),
+    (1, {"attention_bias": False}, "has no place for (model.layers.0.self_attn.k_proj.bias, ...)"),
+])
+def test_weights_the_config_has_no_place_for_are_one_line(tmp_path, prompt_file, layers, edit, fragment):
+    """Weights of a layer past the config's count, or a bias the config turns off, were dropped silently:
+    transformers loaded a different model than the checkpoint (fewer layers, no attention biases)."""
+    model_dir, _, _ = tiny_model_dir(tmp_path / "llama", layers=layers)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if "attention_bias" in edit:  # save the model with biases, then a config.json without them
+        from transformers import LlamaConfig, LlamaForCausalLM
+        LlamaForCausalLM(LlamaConfig(**{**cfg, "attention_bias": True})).save_pretrained(model_dir)
+    (model_dir / "config.json").write_text(json.dumps({**cfg, **edit}))
+    assert_clean_error(invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file,
+                              "--num-prompts", 1, "--max-new-tokens", 2, "--no-hf-baseline", "--device", "cpu"),
+                       fragment)
+
+
 def test_outputs_never_overwrite_inputs_or_each_other(tmp_path, prompt_file):
     before = prompt_file.read_text()
     assert_clean_error(invoke("bench", "--prompts", prompt_file, "--json", prompt_file), "--prompts and --json both name")

@@ -180,7 +180,7 @@ def test_distill_pipeline_end_to_end(tmp_path):
 @pytest.mark.parametrize("greedy", [False, True])
 def test_hidden_cache_interrupted_mid_chunk_resumes_at_the_next_batch(tmp_path, greedy):
     """Ctrl-C inside a chunk keeps its finished batches; the rerun computes only the rest, and the
-    chunk equals one written without interruption."""
+    chunk equals one written without interruption. A temporary left by a kill in mid-save is removed."""
     from redraft_cli.distill.hidden_cache import attach_hidden, build_hidden_cache
 
     target = tiny_llama(vocab_size=64, seed=7)
@@ -199,11 +199,13 @@ def test_hidden_cache_interrupted_mid_chunk_resumes_at_the_next_batch(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         build_hidden_cache(target, data, tmp_path / "h", batch_size=2, chunk_size=8, greedy=greedy, progress=interrupt)
     assert len(list((tmp_path / "h").glob("*.partial.safetensors"))) == 1
+    stale = tmp_path / "h" / ".hidden-00000.safetensors.tmp99999"  # what a kill -9 in the middle of a save leaves
+    stale.write_bytes(b"\0" * 64)
     seen.clear()
     build_hidden_cache(target, data, tmp_path / "h", batch_size=2, chunk_size=8, greedy=greedy,
                        progress=lambda done, total: seen.append(done))
     assert seen == [8, 10]  # the first chunk's last batch, then the second chunk
-    assert not list((tmp_path / "h").glob("*.partial.safetensors"))
+    assert not list((tmp_path / "h").glob("*.partial.safetensors")) and not stale.exists()
     attach_hidden(data, tmp_path / "h", target.name)
     for e, (hidden, labels) in zip(data, whole):
         assert torch.equal(e["hidden"], hidden)
@@ -635,13 +637,16 @@ def test_ctrl_c_during_the_optimizers_step_stops_after_the_step(tmp_path, monkey
         return result
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_then_ctrl_c)
+    events = []
     try:
         with pytest.raises(KeyboardInterrupt):
-            train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "cut", 3)
+            train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "cut", 3, on_event=events.append)
     finally:
         signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    # The last event names the step saved (the command's message said step 2: the last "step" event).
+    assert events[-1] == {"event": "interrupted", "step": 3}
     train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "cut", 3, resume=True)
     a = Drafter.load(tmp_path / "full" / "best").state_dict()
     b = Drafter.load(tmp_path / "cut" / "best").state_dict()

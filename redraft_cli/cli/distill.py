@@ -188,7 +188,7 @@ class _DistillView:
         kind = e["event"]
         if kind in ("data_start", "writing_start", "hidden_start"):
             self.phase = (kind.removesuffix("_start"), e["dir"])
-        elif kind in ("start", "step"):
+        elif kind in ("start", "step", "interrupted"):
             self.phase = ("train", str(e["step"]))
         elif kind == "bench_start":
             self.phase = ("bench", "")

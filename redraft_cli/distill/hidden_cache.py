@@ -88,6 +88,10 @@ def build_hidden_cache(target: Target, examples: list[dict], cache_dir: Path, ba
     launch = launch or Launch()
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if launch.is_main:  # temporaries of a run killed mid-save (the data folder's lock keeps other runs out)
+        for stale in cache_dir.glob(".*.tmp*"):
+            stale.unlink(missing_ok=True)
+    launch.barrier()  # (before any process writes new ones)
     manifest = _manifest(cache_dir, target.name, chunk_size, dtype, greedy)
     files = _files(manifest)
     chunks = _chunks(examples, chunk_size)

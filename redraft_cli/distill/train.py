@@ -455,6 +455,7 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
         if acc.is_main_process:
             state.seconds = time.perf_counter() - start
             save_checkpoint(out, drafter, optimizer, scheduler, state)
+        emit({"event": "interrupted", "step": state.step})  # (a Ctrl-C held over a step ends after its event)
         raise
     finally:
         drafter.dropout = 0.0
