@@ -1,8 +1,8 @@
 """Chat templates for targets whose tokenizer has none (e.g. Vicuna v1.3).
 
 A template is given by name (`NAMED`), as a Jinja file, or as Jinja text:
-a recipe's `target.chat_template`, or `--chat-template` on bench, chat and
-sweep. A drafter remembers the template it was distilled with (its
+a recipe's `target.chat_template`, or `--chat-template` on distill, bench,
+chat and sweep. A drafter remembers the template it was distilled with (its
 `recipe.yaml`), so decoding with it renders prompts the way its training
 data was rendered: `template_for_drafter` reads it back.
 """

@@ -534,14 +534,24 @@ class Drafter(nn.Module):
         if not src.is_dir():
             raise DrafterLoadError(f"drafter not found: {src} is not a directory")
         cfg_path, weights_path = src / CONFIG_NAME, src / WEIGHTS_NAME
+        if not cfg_path.is_file() and (src / "checkpoint").is_dir():
+            raise DrafterLoadError(f"drafter folder {src} holds no finished drafter: its distillation stopped before "
+                                   f"the end (run the same distill command with --resume to finish it)")
+        if not cfg_path.is_file() and (src / "recipe.yaml").is_file():
+            raise DrafterLoadError(f"drafter folder {src} holds no drafter: its distillation failed before training "
+                                   f"(only its recipe.yaml is there); run the distill command again")
         for p in (cfg_path, weights_path):
             if not p.is_file():
                 raise DrafterLoadError(f"drafter checkpoint {src} lacks {p.name}")
         try:
-            config = DrafterConfig.from_json_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
+            data = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (ValueError, RecursionError, OverflowError) as exc:  # (JSONDecodeError, UnicodeDecodeError: ValueErrors)
             raise DrafterLoadError(f"drafter config {cfg_path} is not valid JSON: {type(exc).__name__}: "
                                    f"{str(exc)[:200]}") from exc
+        if isinstance(data, dict) and data.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+            raise DrafterLoadError(f"{src} is not a redraft drafter: its config.json is a {data.get('model_type')!r} "
+                                   f"(a model folder? it goes to --model)")
+        config = DrafterConfig.from_json_dict(data)
         try:
             state = load_file(str(weights_path), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as exc:

@@ -438,7 +438,7 @@ def _takes_layer_masks(target: "Target") -> bool:
     types = set(getattr(target.config, "layer_types", None) or [])
     if "sliding_attention" not in types or not types <= {"full_attention", "sliding_attention"}:
         return False
-    ids = (torch.arange(4, device=target.device)[None] * 5 + 2) % max(target.vocab_size, 1)
+    ids = _probe_ids(target, 4)[None]
     positions = torch.arange(4, device=target.device)[None]
     causal = attention_bias(torch.ones(1, 4, 4, dtype=torch.bool, device=target.device).tril(), 0, target.compute_dtype)
     hidden = causal.clone()
@@ -455,6 +455,30 @@ def _takes_layer_masks(target: "Target") -> bool:
     except _LOAD_ERRORS:
         return False
     return _same_states(both, own) and _same_states(slid[:3], both[:3]) and not _same_states(slid[3:], both[3:])
+
+
+def _probe_ids(target: "Target", n: int) -> torch.Tensor:
+    """n distinct ordinary token ids (n,) for the load-time probes, spread from a third of the way into
+    the vocabulary: no special token and no all-zero embedding row (a pad token's row often is), whose
+    hiding or showing would move no state and fool a probe (Gemma-2 with pad id 2 lost its per-layer
+    masks, and a tree probe over such tokens could pass a model that ignores the mask)."""
+    vocab = max(target.vocab_size, 1)
+    special = {int(i) for i in getattr(target.tokenizer, "all_special_ids", None) or () if isinstance(i, int)}
+    try:
+        rows = target.model.get_input_embeddings().weight
+        zero = None if rows.is_meta else rows
+    except (AttributeError, NotImplementedError, TypeError):
+        zero = None
+    picks: list[int] = []
+    for k in range(vocab):
+        i = (vocab // 3 + 7 * k) % vocab
+        if i in special or i in picks or (zero is not None and i < zero.shape[0] and not bool(zero[i].any())):
+            continue
+        picks.append(i)
+        if len(picks) == n:
+            break
+    picks += [k % vocab for k in range(n - len(picks))]  # a vocabulary of mostly special tokens
+    return torch.tensor(picks, device=target.device)
 
 
 def _same_states(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -515,7 +539,7 @@ def _check_tree_pass(target: "Target") -> None:
     fails the pass; one that ignored the mask would verify every node against the wrong context
     and lose exactness silently. Three passes of at most 4 tokens.
     """
-    a, b, c, d, e = (torch.arange(5, device=target.device) * 7 + 3) % max(target.vocab_size, 1)
+    a, b, c, d, e = _probe_ids(target, 5)
     tree = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool, device=target.device)
     positions = torch.arange(4, device=target.device)[None]
     try:

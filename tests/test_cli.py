@@ -62,6 +62,10 @@ def test_bench_random_drafter_json(tmp_path, prompt_file):
     assert all(1.0 <= r["tokens_per_step"] <= 3.0 for r in data["per_prompt"])  # at most g0 + 2 drafted per step
     assert "ReDrafter" in result.output
     assert "2 prompts x 8 tokens" in " ".join(result.output.split())
+    # No terminal here: the progress bar is a line per path instead (it printed nothing for minutes in a log).
+    logged = [line for line in result.output.splitlines() if line.startswith("bench: ")]
+    assert logged[-1].startswith("bench: 9/9 runs ("), logged  # 3 paths x (2 prompts + a warm-up)
+    assert any("redraft" in line for line in logged) and len(logged) <= 9, logged
 
 
 def test_a_slower_redrafter_is_explained():

@@ -50,6 +50,9 @@ def test_distill_tiny_recipe_and_resume_rules(tiny_recipe, monkeypatch):
     first = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "2", "--json", str(report)])
     assert first.exit_code == 0, first.output
     assert "drafter written to" in first.output
+    # No terminal: log lines, not the bars' last frame squeezed into the log ("training ━━ 5… 0… 0… loss").
+    assert not [line for line in first.output.splitlines() if "━" in line and "┃" not in line and "┏" not in line
+                and "┡" not in line and "└" not in line and "┗" not in line], first.output
     metrics = json.loads(report.read_text())
     assert metrics["steps"] == 2 and metrics["bench"]["identical_outputs"] == 1
     assert metrics["bench"]["datastore_beams"] == 1
@@ -148,12 +151,31 @@ def test_distill_offline_names_what_it_needs(monkeypatch, tmp_path):
     (["smollm2-135m", "--num-prompts", "0"], "data.num_prompts"),
     (["smollm2-135m", "--draft-vocab", "-1"], "drafter.draft_vocab_size"),
     (["nosuch-recipe"], "is not a recipe"),
+    (["smollm2-135m", "--chat-template", "no-such-template"], "target.chat_template: unknown chat template"),
 ])
 def test_distill_bad_input(args, fragment, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a name that is no recipe would otherwise be looked up on the hub
     result = runner.invoke(app, ["distill", *args, "--out", str(tmp_path / "o")])
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output
+
+
+def test_a_model_without_a_chat_template_distills_with_chat_template(tiny_recipe, tmp_path, monkeypatch):
+    """--chat-template on distill (it took a recipe file): the drafter keeps the template for bench and chat."""
+    root, _ = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(tmp_path / "cache"))
+    bare = tmp_path / "no-template"
+    target = tiny_chat_llama(seed=4)
+    target.model.save_pretrained(bare)
+    target.tokenizer.chat_template = None
+    target.tokenizer.save_pretrained(bare)
+    run = ["distill", str(bare), "--data", str(root / "prompts.txt"), "--held-out", "2", "--max-new-tokens", "4",
+           "--max-steps", "1", "--no-bench", "--dtype", "float32"]
+    refused = runner.invoke(app, [*run, "--out", str(tmp_path / "refused")])
+    assert refused.exit_code == 2 and "--chat-template" in refused.output, refused.output
+    made = runner.invoke(app, [*run, "--out", str(tmp_path / "d"), "--chat-template", "vicuna"])
+    assert made.exit_code == 0, made.output
+    assert "chat_template: vicuna" in (tmp_path / "d" / "recipe.yaml").read_text()
 
 
 def test_a_bad_init_from_drafter_fails_before_any_data(tmp_path, monkeypatch):
@@ -486,3 +508,5 @@ def test_recipe_values_that_do_less_than_they_say_are_noted():
     assert "predict_tokens" not in notes(data=longer, drafter={"predict_tokens": 8})
     assert "predict_tokens" in notes(data={**longer, "sampled_answers": 0}, drafter={"predict_tokens": 8})
     assert "the bench after training runs 2" in notes(data={"held_out": 2}, eval={"bench_prompts": 5})
+    no_bench = recipe_from_dict({"name": "t", "data": {"held_out": 2}, "eval": {"bench_prompts": 5}})
+    assert _shape_notes(no_bench, bench=False) == []  # --no-bench: no note about a bench that will not run

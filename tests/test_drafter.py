@@ -89,6 +89,27 @@ def test_mismatched_target_is_a_clear_error(tiny_target):
         Generator(tiny_target, d)
 
 
+def test_a_folder_that_holds_no_drafter_says_what_it_holds(tmp_path):
+    """A distill's --out before its end, a failed distill's --out, a model folder given as a drafter: each
+    was 'lacks config.json' or "config.json is a 'llama'" without the folder or what to do."""
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoint").mkdir(parents=True)
+    (stopped / "recipe.yaml").write_text("name: x\n")
+    with pytest.raises(DrafterLoadError, match="stopped before the end .*--resume"):
+        Drafter.load(stopped)
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "recipe.yaml").write_text("name: x\n")
+    with pytest.raises(DrafterLoadError, match="failed before training"):
+        Drafter.load(failed)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "vocab_size": 10}))
+    (model / "model.safetensors").write_bytes(b"")
+    with pytest.raises(DrafterLoadError, match=f"{model} is not a redraft drafter: its config.json is a 'llama'"):
+        Drafter.load(model)
+
+
 def test_bad_checkpoints(tiny_target, tmp_path):
     with pytest.raises(DrafterLoadError, match="not a directory"):
         Drafter.load(tmp_path / "missing")

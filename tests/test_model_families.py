@@ -125,6 +125,19 @@ def test_sliding_window_families_decode_past_the_window(family, one_thread):
     assert out.tokens == plain and len(out.steps) < 20
 
 
+@pytest.mark.parametrize("pad", [2, V // 3])
+def test_the_load_time_probes_skip_a_zero_pad_row(pad, one_thread):
+    """A pad token's embedding row is zero: a probe that hid it moved no state, and the per-layer masks
+    were refused (a Gemma-2 with pad id 2, SmolLM2's tokenizer, had its context cut to the window)."""
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(T.Gemma2Config(vocab_size=V, pad_token_id=pad, **WINDOWED)).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[pad] = 0
+    target = Target(model, tokenizer=None, name="gemma2")
+    assert target.layer_masks and target.max_context == 256
+    _check_tree_pass(target)
+
+
 def test_layer_type_masks_hide_keys_a_window_back():
     """Worked example: window 2, two committed tokens, a tree of two siblings at position 2."""
     from redraft_cli.target import layer_type_masks

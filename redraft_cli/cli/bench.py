@@ -74,8 +74,14 @@ def bench(
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("bench", total=None)
 
+        last: list = [None, 0]  # the label and count last logged
+
         def progress(done: int, total: int, label: str) -> None:
             bar.update(task, completed=done, total=total, description=label)
+            # Without a terminal (a log, nohup) the bar does not draw: a line at each path, and every tenth.
+            if not err.is_terminal and (label != last[0] or done - last[1] >= max(1, total // 10) or done == total):
+                err.print(f"bench: {done}/{total} runs ({label})")
+                last[:] = [label, done]
 
         result = run_bench(gen, ids, BenchConfig(cfg, warmup=warmup, hf_baseline=hf_baseline, batch_size=batch_size), progress)
     result = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),

@@ -51,6 +51,7 @@ def distill(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps (default: the recipe's)."),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 (default: the recipe's)."),
     quantize: Optional[str] = typer.Option(None, help="none | 8bit | 4bit (default: the recipe's)."),
+    chat_template: Annotated[Optional[str], typer.Option("--chat-template", help="Render conversations with this chat template: a name (vicuna), a Jinja file or Jinja text, for tokenizers without one (default: the recipe's; the drafter keeps it).")] = None,
     json_path: o.JsonOut = None,
 ) -> None:
     """Distill a drafter: the target answers prompts (self-distillation), the drafter learns to predict it."""
@@ -65,7 +66,7 @@ def distill(
         ("data", "sampled_answers"): sampled_answers, ("data", "written_prompts"): written_prompts,
         ("train", "dropout"): dropout, ("drafter", "context_window"): context_window,
         ("drafter", "init_from"): None if init_from is None else str(init_from),
-        ("target", "dtype"): dtype, ("target", "quantize"): quantize,
+        ("target", "dtype"): dtype, ("target", "quantize"): quantize, ("target", "chat_template"): chat_template,
     }
     for (section, name), value in overrides.items():
         if value is not None:
@@ -73,6 +74,7 @@ def distill(
     if device is not None:
         recipe.target.device = device
     recipe.data, recipe.train = dataclasses.replace(recipe.data), dataclasses.replace(recipe.train)  # validation
+    recipe.target = dataclasses.replace(recipe.target)
     if recipe.drafter.head not in ("own", "tied"):
         raise BadInputError(f"--head must be own or tied, got {recipe.drafter.head!r}")
     if recipe.drafter.predict_tokens < 1 or recipe.drafter.num_layers < 0:
@@ -150,10 +152,11 @@ class _DistillView:
     def __init__(self) -> None:
         cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-        self.progress = Progress(*cols, console=err)
-        self.tasks: dict[str, int] = {}
-        # Without a terminal (nohup, CI logs) the bars do not draw: log a line now and then instead.
+        # Without a terminal (nohup, CI logs) the bars do not draw: log a line now and then instead (and
+        # no bars at all: Rich would print their last frame into the log, squeezed to its width).
         self.log_lines = not err.is_terminal
+        self.progress = Progress(*cols, console=err, disable=self.log_lines)
+        self.tasks: dict[str, int] = {}
         self._last_logged: dict[str, int] = {}
         self.phase: tuple[str, str] = ("load", "")  # what runs now, and where its progress is kept
 
@@ -249,7 +252,8 @@ class _DistillView:
 
 
 def _summary(m: dict) -> Table:
-    t = Table(title=f"redraft distill: {m['recipe']} on {m['model']}", title_justify="left")
+    what = m["model"] if m["recipe"] == m["model"] else f"{m['recipe']} on {m['model']}"  # (a model, no recipe)
+    t = Table(title=f"redraft distill: {what}", title_justify="left")
     t.add_column("step", justify="right")
     t.add_column("train loss", justify="right")
     t.add_column("held-out loss", justify="right")

@@ -91,8 +91,8 @@ class _Chat:
         self.controls = control_strings(self.tok) if self.tok is not None else []
         if self.tok is None or not getattr(self.tok, "chat_template", None):
             raise ChatTemplateError(f"{target.name} has no chat template; self-distillation renders conversations "
-                                    f"with it (set target.chat_template in the recipe: a name such as vicuna, a "
-                                    f"Jinja file or text)")
+                                    f"with it (--chat-template, or target.chat_template in the recipe: a name such as "
+                                    f"vicuna, a Jinja file or text)")
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """Template text ready for the assistant turn (the same text Target.encode_chat tokenises)."""

@@ -178,7 +178,7 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         emit({"event": "note", "text": f"{leaked} of the {d.held_out} held-out conversations are also training "
                                        f"conversations (duplicates in the data): held-out agreement and the bench "
                                        f"overstate the drafter on new prompts; deduplicate the prompts"})
-    for note in _shape_notes(recipe):
+    for note in _shape_notes(recipe, bench and not data_only):
         emit({"event": "note", "text": note})
     # Where it will write, before the model loads.
     if not data_only:  # a data-only run writes nothing in --out
@@ -327,16 +327,16 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
     return DistillResult(out, metrics)
 
 
-def _shape_notes(recipe: Recipe) -> list[str]:
+def _shape_notes(recipe: Recipe, bench: bool = True) -> list[str]:
     """Recipe values that run but do less than they say: drafter steps no answer is long enough to
-    train, and a held-out bench asked for more prompts than are held out."""
+    train, and a held-out bench (when it runs) asked for more prompts than are held out."""
     d, k, notes = recipe.data, recipe.drafter.predict_tokens, []
     longest = max(d.max_new_tokens, (d.sampled_max_new_tokens or 0) if d.sampled_answers else 0)
     if k >= longest:  # drafter step j learns the answer token j after g0: answers of `longest` tokens end first
         notes.append(f"drafter.predict_tokens {k}: answers of at most {longest} tokens (data.max_new_tokens) train "
                      f"only drafter steps 1-{longest - 1}; the rest stay untrained (agreement 0): lower predict_tokens "
                      f"or raise data.max_new_tokens")
-    if recipe.eval.bench_prompts > d.held_out > 0:
+    if bench and recipe.eval.bench_prompts > d.held_out > 0:
         notes.append(f"eval.bench_prompts {recipe.eval.bench_prompts}: only {d.held_out} conversations are held out "
                      f"(data.held_out), so the bench after training runs {d.held_out}")
     return notes
