@@ -7,6 +7,8 @@ Formats (detected from content, not only the extension):
   (`from`/`value`) or OpenAI `messages` (`role`/`content`, where `content` may
   also be a list of text parts, joined with newlines);
 - a JSON file holding a list of such objects or of strings (ShareGPT dumps);
+- a .csv or .tsv file with a header line, one prompt a row, its text in a column named
+  as the JSONL fields above (`prompt`, `text`, `instruction`, `question`);
 - plain text, one prompt a line (blank lines and lines starting with `#` skipped).
 
 Lines end at \n (or \r\n) only: U+2028, a form feed and the like are text inside a
@@ -21,6 +23,7 @@ without user turns is skipped.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from importlib import resources
@@ -176,8 +179,8 @@ def load_conversations(path: str | Path, skipped: list[str] | None = None) -> li
     if p.suffix.lower() in (".yaml", ".yml"):  # read as text, each line ("name: ...", "- ...") became a prompt
         raise PromptError(f"{p} is a YAML file, not prompts (JSONL, JSON or text lines); a distillation recipe is "
                           f"distill's first argument")
-    try:
-        raw = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not text
+    try:  # (bytes: read_text's universal newlines would end a line at a lone \r too)
+        raw = p.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is not text
     except (OSError, UnicodeDecodeError) as exc:
         raise PromptError(f"cannot read prompt file {p}: {exc}") from exc
     stripped = raw.lstrip()
@@ -186,7 +189,9 @@ def load_conversations(path: str | Path, skipped: list[str] | None = None) -> li
     json_file = p.suffix.lower() in (".json", ".jsonl")
     if stripped.startswith(("[", "{")) and not json_file and not _parses(stripped):
         stripped = ""  # a text file whose first prompt starts with a bracket: "[Verse 1] ...", "{name} ..."
-    if stripped.startswith("["):
+    if p.suffix.lower() in (".csv", ".tsv"):
+        records = _table_records(p, raw)
+    elif stripped.startswith("["):
         try:
             items = json.loads(raw)
         except json.JSONDecodeError as exc:
@@ -234,6 +239,22 @@ def load_conversations(path: str | Path, skipped: list[str] | None = None) -> li
     if not convs:
         raise PromptError(f"{p} holds no prompts (expected JSONL with turns/prompt/text, ShareGPT JSON or text lines)")
     return convs
+
+
+def _table_records(p: Path, raw: str) -> list[tuple[Any, Any]]:
+    """The rows of a .csv / .tsv file with a header line, as records keyed by its column names (a
+    `prompt`, `text`, `instruction` or `question` column, as in JSONL): (("line", n), row) each."""
+    import csv
+
+    reader = csv.DictReader(io.StringIO(raw, newline=""), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+    try:
+        rows = [(("line", reader.line_num), {k: v for k, v in row.items() if k is not None}) for row in reader]
+    except csv.Error as exc:
+        raise PromptError(f"{p}:{reader.line_num}: cannot read it as {p.suffix[1:].upper()} ({exc})") from exc
+    if not reader.fieldnames:
+        raise PromptError(f"{p} holds no prompts (a {p.suffix[1:].upper()} file needs a header line naming its "
+                          f"prompt column: prompt, text, instruction or question)")
+    return rows
 
 
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:

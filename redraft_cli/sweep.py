@@ -113,9 +113,11 @@ class SweepConfig:
         cells = []
         for w in self.beam_widths:
             for length in self.beam_lengths:
+                if length == 1 and w != self.beam_widths[0]:  # beams of g0 alone draft nothing: one cell for all widths
+                    continue
                 drafted = w * (length - 1)
                 budgets = {min(n, drafted) for n in self.tree_nodes}
-                if w == 1 and 0 in budgets:  # one beam: its L-1 prefixes are every node, the tree of budget 0
+                if w == 1 and 0 in budgets and drafted:  # one beam: its L-1 prefixes are every node, the tree of budget 0
                     budgets.discard(drafted)
                 budgets = sorted(budgets)
                 cells += [(w, length, n) for n in budgets]

@@ -159,12 +159,14 @@ def test_distill_pipeline_end_to_end(tmp_path):
 
     target = tiny_chat_llama(seed=2)
     recipe = tiny_recipe()
+    recipe.drafter.weight_storage = "bfloat16"  # the shipped recipe's: the final file in bfloat16
     events = []
     result = distill(recipe, tmp_path / "out", on_event=events.append, target=target, data_dir=tmp_path / "data")
     out = result.out
     for name in ("config.json", "model.safetensors", "recipe.yaml", "metrics.json"):
         assert (out / name).is_file(), name
     d = Drafter.load(out)
+    assert d.rnn_w.weight.dtype == torch.bfloat16 and Drafter.load(out / "best").rnn_w.weight.dtype == torch.float32
     assert (d.config.beam_width, d.config.beam_length, d.config.predict_tokens) == (2, 3, 2)
     d.check_target(target.hidden_size, target.vocab_size)
     m = json.loads((out / "metrics.json").read_text())

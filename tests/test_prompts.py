@@ -209,6 +209,9 @@ def test_awkward_but_valid_files_and_unreadable_json(tmp_path):
     ff = tmp_path / "ff.txt"
     ff.write_text("first line\x0cstill first\r\nsecond\n")
     assert load_prompts(ff) == ["first line\x0cstill first", "second"]
+    cr = tmp_path / "cr.txt"  # a lone \r (old Mac text) is no line end either (universal newlines made it one)
+    cr.write_bytes(b"Name a\rcolour.\r\nsecond\n")
+    assert load_prompts(cr) == ["Name a\rcolour.", "second"]
     for text in ("[Verse 1] Write a song.\nhi\n", "{name} is a placeholder: fill it.\nhi\n"):
         (tmp_path / "bracket.txt").write_text(text)
         assert load_prompts(tmp_path / "bracket.txt") == [text.split("\n")[0], "hi"]
@@ -253,3 +256,21 @@ def test_a_yaml_file_is_not_read_as_prompt_lines(tmp_path):
         f.write_text("name: tiny\ndata: {held_out: 2}\n- a list item\n")
         with pytest.raises(PromptError, match=f"{name} is a YAML file, not prompts"):
             load_prompts(f)
+
+
+def test_csv_and_tsv_files_read_their_prompt_column(tmp_path):
+    """A spreadsheet export: its header names the prompt column (as JSONL's keys); quoted commas and
+    line breaks stay in the prompt. Read as text lines, the header and the quotes were prompts."""
+    table = tmp_path / "p.csv"
+    table.write_text('id,prompt\n1,"Name a colour."\n2,"Say hi, please."\n3,"two\nlines"\n4,\n')
+    assert load_prompts(table) == ["Name a colour.", "Say hi, please.", "two\nlines"]  # (an empty cell: skipped)
+    tabs = tmp_path / "p.tsv"
+    tabs.write_text("question\tsource\nWhy is the sky blue?\tme\n")
+    assert load_prompts(tabs) == ["Why is the sky blue?"]
+    other = tmp_path / "q.csv"
+    other.write_text("query,id\nhello,1\n")
+    with pytest.raises(PromptError, match=r"q.csv:2: record has none of the keys .* \(its keys: 'query', 'id'\)"):
+        load_prompts(other)
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(PromptError, match="needs a header line naming its prompt column"):
+        load_prompts(tmp_path / "e.csv")

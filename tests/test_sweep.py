@@ -490,3 +490,9 @@ def test_budgets_that_make_the_same_tree_run_once():
     cfg = SweepConfig(beam_widths=[1, 2], beam_lengths=[3], tree_nodes=[0, 2, 4, 9])
     assert cfg.shapes == [(1, 3, 0), (2, 3, 0), (2, 3, 2), (2, 3, 4)]
     assert SweepConfig(beam_widths=[1], beam_lengths=[3], tree_nodes=[2]).shapes == [(1, 3, 2)]  # as asked
+    # Beams of length 1 (g0 alone, lookup beams only) are one tree whatever the width: one cell, never none
+    # (the 1x1 cell was dropped: an empty sweep).
+    assert SweepConfig(beam_widths=[1], beam_lengths=[1], tree_nodes=[0]).shapes == [(1, 1, 0)]
+    assert SweepConfig(beam_widths=[1, 2], beam_lengths=[1, 2], tree_nodes=[0]).shapes == [
+        (1, 1, 0), (1, 2, 0), (2, 2, 0)]
+    assert SweepConfig(beam_widths=[2, 4], beam_lengths=[1], tree_nodes=[0, 3]).shapes == [(2, 1, 0)]

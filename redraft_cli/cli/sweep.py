@@ -170,7 +170,8 @@ def sweep(
 
     drafted = any(c["steps"] for c in result["cells"])  # (every answer may end at its first token)
     saved = None
-    if save_best and drafter_dir is not None and result["best"] is not None and drafted:
+    best = result["best"]
+    if save_best and drafter_dir is not None and best is not None and drafted:
         saved = save_best_shape(result, drafter_dir)
     result["saved_best"] = str(saved) if saved else None
 
@@ -183,7 +184,6 @@ def sweep(
         from ..plots import save_sweep_plot
 
         console.print(f"wrote {save_sweep_plot(result, plot_path)}")
-    best = result["best"]
     if not drafted:
         err.print("note: no cell took a draft step (every answer ended at its first token), so the speedups compare "
                   "prompt passes only" + (" and --save-best saved nothing" if save_best else ""))
@@ -193,8 +193,9 @@ def sweep(
         err.print(why)
     if saved is not None:
         on = "" if loaded.target.device.type == "cpu" else f" on {loaded.target.device.type}"  # device_shapes
+        pace = f", {best['speedup']:.2f}x plain decoding" if best["speedup"] is not None else ""
         console.print(f"saved beam shape {best['beam_width']}x{best['beam_length']}"
-                      + (f" (best {best['tree_nodes']} nodes)" if best.get("tree_nodes") else "") + f" to {saved} "
+                      + (f" (best {best['tree_nodes']} nodes)" if best.get("tree_nodes") else "") + pace + f" to {saved} "
                       + (f"(the default of bench and chat with this drafter{on})" if batch_size == 1 else
                          f"(the default of bench --batch-size {batch_size} and larger with this drafter)"))
 

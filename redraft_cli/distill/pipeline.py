@@ -302,7 +302,10 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
     write_beam_shape(out, b.width, b.length, b.lookup, b.lookup_length, b.datastore, b.nodes)
     if dr.weight_storage != "float":  # only the final drafter: checkpoints keep full precision for --resume
         final = Drafter.load(out)
-        final.config.weight_storage = dr.weight_storage
+        if dr.weight_storage == "bfloat16":  # half the file; decoding runs the drafter in bfloat16 on CPU anyway
+            final = final.to(torch.bfloat16)
+        else:
+            final.config.weight_storage = dr.weight_storage
         final.save(out)
     # The training answers, for datastore beams (2 bytes a token with a vocabulary under 65,536).
     datastore = Datastore.from_examples(train_set, target.vocab_size).save(out / DATASTORE_NAME)

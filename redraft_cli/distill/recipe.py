@@ -91,11 +91,11 @@ class DrafterSection:
     draft_vocab_size: int | None = None
     context_window: int = 0  # > 0: the head attends over the last N positions (context_attention.py)
     init_from: str | None = None  # a drafter directory to start from (same shape; context attention may be new)
-    weight_storage: str = "float"  # the final drafter's weight matrices on disk: float | int8 (checkpoints stay float)
+    weight_storage: str = "float"  # the final drafter on disk: float (as trained) | bfloat16 | int8 (checkpoints stay float)
 
     def __post_init__(self) -> None:
-        if self.weight_storage not in ("float", "int8"):
-            raise BadInputError(f"drafter.weight_storage must be float or int8, got {self.weight_storage!r}")
+        if self.weight_storage not in ("float", "bfloat16", "int8"):
+            raise BadInputError(f"drafter.weight_storage must be float, bfloat16 or int8, got {self.weight_storage!r}")
         if self.context_window < 0:
             raise BadInputError(f"drafter.context_window must be >= 0, got {self.context_window}")
 
