@@ -114,7 +114,7 @@ class Datastore:
         shifted = self.tokens + 1  # SEP -> 0
         stored = shifted.to(torch.uint16) if self.vocab_size < 2**16 else shifted.to(torch.int32)
         meta = {"format": "pt", "vocab_size": str(self.vocab_size), "answers": str(self.answers)}
-        return atomic_write(path, lambda tmp: save_file({"tokens": stored}, tmp, metadata=meta), mode=0o644)
+        return atomic_write(path, lambda tmp: save_file({"tokens": stored}, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs) -> "Datastore":

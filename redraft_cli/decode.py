@@ -92,8 +92,10 @@ class DecodeConfig:
         if self.lookup_length != 0 and not 2 <= self.lookup_length <= MAX_LOOKUP_LENGTH:
             raise BadInputError(f"--lookup-length must be 0 (the beam length) or 2..{MAX_LOOKUP_LENGTH}, "
                                 f"got {self.lookup_length}")
-        if not 0 < self.typical_epsilon <= 1 or not 0 < self.typical_delta < float("inf"):  # NaN fails both
-            raise BadInputError("typical acceptance needs 0 < epsilon <= 1 and a finite delta > 0")
+        if not 0 < self.typical_epsilon <= 1:  # (NaN fails)
+            raise BadInputError(f"--epsilon (typical acceptance) must be in (0, 1], got {self.typical_epsilon}")
+        if not 0 < self.typical_delta < float("inf"):
+            raise BadInputError(f"--delta (typical acceptance) must be a finite number > 0, got {self.typical_delta}")
 
     @property
     def rule(self) -> str:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .context_attention import ContextAttention, ContextCache
 from .datastore import DATASTORE_NAME, Datastore
 from .errors import BadInputError, DrafterLoadError, DrafterMismatchError, check_field_types
-from .files import atomic_write
+from .files import atomic_write, file_mode
 
 if TYPE_CHECKING:  # decode.py imports this module
     from .decode import DecodeConfig
@@ -506,6 +506,7 @@ class Drafter(nn.Module):
             self.datastore.save(out / DATASTORE_NAME)
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             save_file(self.state_to_save(), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+            os.chmod(os.path.join(tmp, WEIGHTS_NAME), file_mode())  # (save_file makes it 0o600)
             with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
                 json.dump(self.config.to_json_dict(), f, indent=2)
             os.replace(os.path.join(tmp, WEIGHTS_NAME), out / WEIGHTS_NAME)

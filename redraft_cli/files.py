@@ -9,15 +9,22 @@ from pathlib import Path
 from typing import Callable
 
 
+def file_mode() -> int:
+    """The mode a new file gets from open() here (0o666 less the umask). safetensors' save_file makes
+    its files 0o600, unreadable to the other users of a shared drafter or cache: chmod them to this."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: int | None = None) -> Path:
-    """Call `write(tmp_path)`, then move the result onto `path` (chmod `mode` first when given).
+    """Call `write(tmp_path)`, then move the result onto `path` with `mode` (default: `file_mode()`).
     On any error the temporary file is removed and `path` is untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, file_mode() if mode is None else mode)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

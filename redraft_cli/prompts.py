@@ -170,6 +170,8 @@ def load_conversations(path: str | Path, skipped: list[str] | None = None) -> li
     if not str(path).strip():
         raise PromptError("the prompt file path is empty; give a prompt file")
     p = Path(path)
+    if str(path) == ".":  # (what the command line makes of an empty --prompts "")
+        raise PromptError("the prompt file path is empty (or '.', a folder); give a prompt file")
     if p.is_dir():
         raise PromptError(f"{p} is a directory, not a prompt file")
     if p.exists() and not p.is_file():
@@ -236,8 +238,11 @@ def load_conversations(path: str | Path, skipped: list[str] | None = None) -> li
             continue
         if conv:
             convs.append(conv)
+    if not convs and skipped:  # every record was left out: say why the first was
+        raise PromptError(f"{p} holds no prompts: every record was skipped; the first, {skipped[0]}")
     if not convs:
-        raise PromptError(f"{p} holds no prompts (expected JSONL with turns/prompt/text, ShareGPT JSON or text lines)")
+        raise PromptError(f"{p} holds no prompts (expected JSONL with turns/prompt/text, ShareGPT JSON, CSV with a "
+                          f"prompt column or text lines)")
     return convs
 
 

@@ -393,3 +393,14 @@ def test_a_blank_system_prompt_is_none_both_ways(target):
     s = session(target, system="Be brief.")
     s.set("system", "")
     assert s.system is None
+
+
+def test_an_empty_prompt_option_is_named_and_no_draft_notes_the_options_it_ignores():
+    """`chat -p ""` said "pass --prompt TEXT" to a user who had; --no-draft took beam options silently."""
+    empty = subprocess.run([REDRAFT, "chat", "-p", " ", "--model", "/nonexistent"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert empty.returncode == 2 and empty.stderr.strip() == "error: --prompt is empty: give it the text to answer"
+    noted = subprocess.run([REDRAFT, "chat", "-p", "hi", "--no-draft", "-w", "8", "--model", "/nonexistent"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           timeout=60)
+    assert noted.returncode == 2 and noted.stderr.startswith("note: --no-draft decodes plainly"), noted.stderr

@@ -196,7 +196,10 @@ def test_accept_auto_samples_and_typical_settings_are_recorded(tmp_path, prompt_
     (["--json", "/no/such/folder/out.json"], ["does not exist"]),
     (["--json", "/proc/redraft-out.json"], ["cannot write /proc/redraft-out.json"]),  # refused before the run
     (["--accept", "rejection", "--temperature", "0.7", "--seed", "99999999999999999999"], ["seed must be between"]),
-    (["--accept", "typical", "--temperature", "0.7", "--delta", "nan"], ["finite delta"]),
+    (["--accept", "typical", "--temperature", "0.7", "--delta", "nan"], ["--delta (typical acceptance) must be a finite"]),
+    # A bad value is the error, with no note before it that the option changes nothing here.
+    (["--epsilon", "-1"], ["--epsilon (typical acceptance) must be in (0, 1], got -1.0"]),
+    (["--top-p", "0"], ["top-p must be in (0, 1], got 0.0"]),
 ])
 def test_bad_options(args, fragments, prompt_file):
     assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", prompt_file, *args), *fragments)

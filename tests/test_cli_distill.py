@@ -70,6 +70,7 @@ def test_distill_tiny_recipe_and_resume_rules(tiny_recipe, monkeypatch):
     assert other.exit_code == 2 and "num_draft_layers 1 (this run: 2)" in " ".join(other.output.split())
     done = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "2", "--resume", "--no-bench"])
     assert done.exit_code == 0 and "nothing left to train" in " ".join(done.output.split()), done.output
+    assert "resuming training at step 3 of 2" not in " ".join(done.output.split()), done.output
     ok = runner.invoke(app, ["bench", "--model", str(root / "tiny-model"), "--drafter", str(out), "--prompts",
                              str(root / "prompts.txt"), "--num-prompts", "1", "--max-new-tokens", "4", "--no-hf-baseline"])
     assert ok.exit_code == 0, ok.output

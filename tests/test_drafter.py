@@ -110,6 +110,18 @@ def test_a_folder_that_holds_no_drafter_says_what_it_holds(tmp_path):
         Drafter.load(model)
 
 
+def test_saved_files_are_readable_as_any_new_file(tiny_target, tmp_path):
+    """safetensors made model.safetensors 0o600 while config.json got 0o644: a drafter shared with
+    other users (a team folder) could not be read by them."""
+    import stat
+
+    from redraft_cli.files import file_mode
+
+    Drafter.for_target(tiny_target).save(tmp_path / "d")
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((tmp_path / "d" / name).stat().st_mode) == file_mode(), name
+
+
 def test_bad_checkpoints(tiny_target, tmp_path):
     with pytest.raises(DrafterLoadError, match="not a directory"):
         Drafter.load(tmp_path / "missing")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -196,6 +197,11 @@ def test_a_skipped_list_leaves_malformed_records_out(tmp_path):
     skipped: list[str] = []
     assert load_conversations(p, skipped) == [["one"], ["two", "three"]]
     assert len(skipped) == 1 and ":2: record has 'prompt' that is not a string (got int)" in skipped[0]
+    bad = tmp_path / "keys.jsonl"  # every record skipped: the error says why (it said only "holds no prompts")
+    bad.write_text('{"query": "one"}\n{"query": "two"}\n')
+    with pytest.raises(PromptError, match=r"every record was skipped; the first, .*keys.jsonl:1: record has none "
+                                          r"of the keys .* \(its keys: 'query'\)"):
+        load_conversations(bad, [])
 
 
 def test_awkward_but_valid_files_and_unreadable_json(tmp_path):
@@ -230,6 +236,8 @@ def test_awkward_but_valid_files_and_unreadable_json(tmp_path):
 def test_an_empty_path_is_named_as_such():
     with pytest.raises(PromptError, match="path is empty"):
         load_conversations("")
+    with pytest.raises(PromptError, match="path is empty"):  # --prompts "" arrives as Path("")
+        load_conversations(Path(""))
 
 
 def test_an_instruction_keeps_the_text_it_is_about(tmp_path):

@@ -69,10 +69,16 @@ def chat(
     if json_out and not one_shot:
         raise BadInputError("--json prints one answer: pass --prompt TEXT or text on stdin (an interactive chat "
                             "prints no JSON)")
+    if prompt is not None and not prompt.strip():
+        raise BadInputError("--prompt is empty: give it the text to answer")
     if prompt is None and one_shot:
         prompt = stdin.read().removeprefix("\ufeff").strip() if stdin is not None else ""  # (a BOM is not text)
     if one_shot and not (prompt or "").strip():
         raise BadInputError("no prompt: pass --prompt TEXT or text on stdin")
+    if no_draft and (show_drafts or any(v is not None for v in (beam_width, beam_length, lookup, lookup_length,
+                                                                  datastore, nodes))):
+        err.print("note: --no-draft decodes plainly, so the drafting options (beam shape, lookup, datastore, nodes, "
+                  "--show-drafts) change nothing")
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template)
     dr = loaded.drafter
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes)

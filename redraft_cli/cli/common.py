@@ -132,19 +132,9 @@ def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int 
     a node budget is checked against the beam shape once that is known, see `with_drafter_shape`)."""
     if nodes is not None and nodes < 0:
         raise BadInputError(f"--nodes must be >= 0, got {nodes}")
-    unused = [o for o, v, off in (("--top-k", top_k, 0), ("--top-p", top_p, 1.0)) if v != off]
-    if temperature == 0 and (unused or accept in ("rejection", "typical")):
-        what = " and ".join(unused + ([f"--accept {accept}"] if accept in ("rejection", "typical") else []))
-        err.print(f"note: at --temperature 0 decoding is greedy, so {what} change(s) nothing")
-    typical = [o for o, v, off in (("--epsilon", epsilon, DecodeConfig.typical_epsilon),
-                                   ("--delta", delta, DecodeConfig.typical_delta)) if v != off]
-    if typical and accept != "typical":
-        one = len(typical) == 1
-        err.print(f"note: with --accept {accept}, {' and '.join(typical)} change{'s' if one else ''} nothing "
-                  f"({'it tunes' if one else 'they tune'} --accept typical only)")
     if beam_width is None or beam_length is None:
         nodes = None  # the shape comes (in part) from the drafter: checked in with_drafter_shape
-    return DecodeConfig(
+    cfg = DecodeConfig(  # (every range checked before any note about what an option changes)
         max_new_tokens=max_new_tokens,
         beam_width=beam_width if beam_width is not None else DecodeConfig.beam_width,
         beam_length=beam_length if beam_length is not None else DecodeConfig.beam_length,
@@ -157,6 +147,17 @@ def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int 
         datastore_beams=datastore or 0,
         tree_nodes=nodes or 0,
     )
+    unused = [o for o, v, off in (("--top-k", top_k, 0), ("--top-p", top_p, 1.0)) if v != off]
+    if temperature == 0 and (unused or accept in ("rejection", "typical")):
+        what = " and ".join(unused + ([f"--accept {accept}"] if accept in ("rejection", "typical") else []))
+        err.print(f"note: at --temperature 0 decoding is greedy, so {what} change(s) nothing")
+    typical = [o for o, v, off in (("--epsilon", epsilon, DecodeConfig.typical_epsilon),
+                                   ("--delta", delta, DecodeConfig.typical_delta)) if v != off]
+    if typical and accept != "typical":
+        one = len(typical) == 1
+        err.print(f"note: with --accept {accept}, {' and '.join(typical)} change{'s' if one else ''} nothing "
+                  f"({'it tunes' if one else 'they tune'} --accept typical only)")
+    return cfg
 
 
 def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | None, beam_length: int | None,

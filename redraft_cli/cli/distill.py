@@ -77,8 +77,10 @@ def distill(
     recipe.target = dataclasses.replace(recipe.target)
     if recipe.drafter.head not in ("own", "tied"):
         raise BadInputError(f"--head must be own or tied, got {recipe.drafter.head!r}")
-    if recipe.drafter.predict_tokens < 1 or recipe.drafter.num_layers < 0:
-        raise BadInputError("--predict-tokens must be >= 1 and --num-layers >= 0")
+    if recipe.drafter.predict_tokens < 1:
+        raise BadInputError(f"--predict-tokens must be >= 1, got {recipe.drafter.predict_tokens}")
+    if recipe.drafter.num_layers < 0:
+        raise BadInputError(f"--num-layers must be >= 0, got {recipe.drafter.num_layers}")
     if recipe.drafter.context_window < 0:
         raise BadInputError(f"--context-window must be >= 0, got {recipe.drafter.context_window}")
     if recipe.drafter.init_from and not Path(recipe.drafter.init_from).expanduser().is_dir():
@@ -230,6 +232,8 @@ class _DistillView:
         elif kind == "freeze":
             err.print(f"training only what it lacked: {e['trainable']:,} parameters")
         elif kind == "start":
+            if e["step"] >= e["total_steps"]:  # (the note above says so): no bar of 250/5
+                return
             if e["step"]:
                 err.print(f"resuming training at step {e['step']} of {e['total_steps']} (from the checkpoint)")
             t = self._task("train", "training", e["total_steps"])
@@ -258,7 +262,7 @@ def _summary(m: dict) -> Table:
     t.add_column("train loss", justify="right")
     t.add_column("held-out loss", justify="right")
     t.add_column("top-1 per position", justify="left")
-    t.add_column("est. tokens/step", justify="right")
+    t.add_column("tokens/step, 1 beam (est.)", justify="right")  # 1 + sum of agreement products; no tree, no lookup
     for row in m["history"]:
         t.add_row(str(row["step"]), f"{row['train_loss']:.3f}", f"{row.get('loss', float('nan')):.3f}",
                   " ".join(f"{a:.2f}" for a in row.get("agreement", [])), f"{row.get('est_tokens_per_step', 0):.2f}")
@@ -267,8 +271,10 @@ def _summary(m: dict) -> Table:
                f"best step {m['best_step']} (no held-out conversations: lowest training loss)") + f"; {m['seconds']:.0f} s training"
     if "simulated" in m:
         sim = m["simulated"]
-        caption += (f" | simulated greedy: {sim['tokens_per_step']:.2f} tokens/step on {sim['answers']} held-out answers"
-                    f" x {sim['max_new_tokens']} tokens")
+        mean = sim["tokens"] / max(sim["answers"], 1) + 1  # (+ the prefill's token)
+        caption += (f" | simulated greedy at the recommended shape: {sim['tokens_per_step']:.2f} tokens/step on "
+                    f"{sim['answers']} held-out answer{'s' * (sim['answers'] != 1)} ({mean:.0f} tokens on average, "
+                    f"at most {sim['max_new_tokens']})")
     if "bench" in m:
         b = m["bench"]["redraft"]
         caption += f" | held-out bench: {b['tokens_per_step']:.2f} tokens/step, speedup {m['bench']['speedup']:.2f}x"

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from ..errors import BadInputError
+from ..files import file_mode
 from ..target import Target
 from .launch import Launch
 
@@ -180,6 +181,7 @@ def _save(path: Path, out: list, labels: list, greedy: bool, extra: dict | None 
         tensors["greedy"] = torch.cat([t for t in labels if t is not None]).contiguous()
     tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
     save_file({**tensors, **(extra or {})}, str(tmp))
+    os.chmod(tmp, file_mode())  # (save_file makes it 0o600)
     os.replace(tmp, path)
 
 
