@@ -178,7 +178,7 @@ def test_interactive_terminal(model_dir):
         child.expect(r"tokens/step")
         child.expect(">>> ")
         child.sendline("/stats")
-        child.expect("session: 1 answers")
+        child.expect("session: 1 answer,")
         child.expect(">>> ")
         child.sendline("/reset now")
         child.expect("/reset takes no arguments")

@@ -72,6 +72,7 @@ def test_a_slower_redrafter_is_explained():
     from redraft_cli.cli.common import slower_note
 
     assert slower_note(1.2, 1.1, 1, "d") is None and slower_note(None, 1.0, 1, "d") is None
+    assert "beams of length 1 (g0 alone) draft nothing" in slower_note(0.9, 1.0, 1, "d", beam_length=1)
     assert "rarely predicts this text (1.10 tokens per step)" in slower_note(0.7, 1.1, 4, "d")
     assert "sweep --batch-size 16 --save-best" in slower_note(0.63, 1.94, 16, "d")
     assert "ran at 0.90x" in slower_note(0.9, 2.5, 1, "d") and "sweep --save-best" in slower_note(0.9, 2.5, 1, "d")

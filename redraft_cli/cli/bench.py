@@ -15,7 +15,7 @@ from ..files import write_text
 from ..prompts import load_prompts
 from . import options as o
 from ._errors import handle_errors
-from .common import model_inputs, check_batch_size, check_prompts_fit, check_output_paths, console, decode_config, err, load_models, beams_label, note_short_prompt_set, slower_note, with_drafter_shape
+from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, console, decode_config, err, load_models, beams_label, note_short_prompt_set, slower_note, with_drafter_shape
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -92,7 +92,8 @@ def bench(
         err.print("note: ReDrafter took no draft step (every answer ended at its first token), so the speedup "
                   "compares prompt passes only")
     elif (why := slower_note(result["speedup"], result["redraft"]["tokens_per_step"], min(batch_size, len(ids)),
-                             loaded.drafter_name, graphed=target.graphs is not None)) is not None:
+                             loaded.drafter_name, graphed=target.graphs is not None,
+                             beam_length=cfg.beam_length)) is not None:
         err.print(why)
     graphs = result.get("cuda_graphs") or {}
     if graphs.get("failed"):
@@ -112,7 +113,7 @@ def render(r: dict) -> Table:
     """The bench table: one row per path, then the ReDrafter statistics."""
     red, base = r["redraft"], r["baseline"]
     title = (f"redraft bench: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
-             f"beams {beams_label(r)} | {r['num_prompts']} prompts x {r['max_new_tokens']} tokens"
+             f"beams {beams_label(r)} | {counted(r['num_prompts'], 'prompt')} x {r['max_new_tokens']} tokens"
              + (f" | batch {r['batch_size']}" if r.get("batch_size", 1) > 1 else ""))
     t = Table(title=title, title_justify="left")
     for col in ("path", "tokens", "seconds", "tokens/s", "speedup"):

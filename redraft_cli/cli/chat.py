@@ -20,7 +20,7 @@ from ..errors import BadInputError, RedraftError
 from ..target import valid_text
 from . import options as o
 from ._errors import OUT_OF_MEMORY, bug_line, handle_errors
-from .common import console, decode_config, err, load_models, beams_label, with_drafter_shape
+from .common import counted, console, decode_config, err, load_models, beams_label, with_drafter_shape
 
 D = o.DEFAULTS
 HELP = """commands:
@@ -224,7 +224,7 @@ def _command(session: ChatSession, line: str) -> bool:
         err.print("conversation cleared")
     elif name == "stats":
         s = session.totals.summary()
-        err.print(f"session: {s['answers']} answers, {s['tokens']} tokens in {s['seconds']:.1f} s "
+        err.print(f"session: {counted(s['answers'], 'answer')}, {s['tokens']} tokens in {s['seconds']:.1f} s "
                   f"({s['tokens_per_s']:.1f} tokens/s), {s['tokens_per_step']:.2f} tokens/step, "
                   f"acceptance {s['acceptance_rate']:.0%}, beams {session.cfg.beam_width}x{session.cfg.beam_length}")
     elif name == "set":

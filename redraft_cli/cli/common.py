@@ -25,6 +25,11 @@ console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 prompt', '2 prompts': a count and its noun, for the lines the commands print."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def quiet_libraries() -> None:
     """No progress bars or deprecation chatter from transformers/hub on our output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -307,13 +312,17 @@ def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int)
 
 
 def slower_note(speedup: float | None, tokens_per_step: float, batch_size: int, drafter_name: str,
-                subject: str = "ReDrafter", graphed: bool = False, swept: bool = False) -> str | None:
+                subject: str = "ReDrafter", graphed: bool = False, swept: bool = False,
+                beam_length: int = 2) -> str | None:
     """Why ReDrafter ran slower than plain decoding, and what to try; None when it did not.
     graphed: the target's passes replayed CUDA graphs (cuda_graphs.py). swept: the note ends a sweep,
-    so it advises smaller trees, not the sweep that has just run."""
+    so it advises smaller trees, not the sweep that has just run. beam_length: the shape's (1 drafts nothing)."""
     if speedup is None or speedup >= 1.0:
         return None
     head = f"note: {subject} ran at {speedup:.2f}x of plain decoding here: "
+    if beam_length == 1 and tokens_per_step < 1.5:
+        return head + "beams of length 1 (g0 alone) draft nothing, so only lookup beams propose; a beam length of " \
+                      "2 or more lets the drafter propose"
     if drafter_name.startswith("random") and tokens_per_step < 1.5:
         return head + "the drafter is untrained (--drafter random), so it pays for drafts that are never accepted"
     if tokens_per_step < 1.5:

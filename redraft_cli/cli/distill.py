@@ -20,7 +20,7 @@ from ..errors import BadInputError
 from ..files import cache_dir, write_text
 from . import options as o
 from ._errors import fail, handle_errors
-from .common import model_inputs, check_output_paths, console, err, quiet_libraries
+from .common import counted, model_inputs, check_output_paths, console, err, quiet_libraries
 
 
 @handle_errors
@@ -252,7 +252,7 @@ class _DistillView:
             self.progress.update(t, completed=e["done"], total=e["total"])
             self._log("bench", e["done"], 1, f"held-out bench: {e['done']}/{e['total']} runs")
         if kind == "bench_start" and self.log_lines:
-            err.print(f"held-out bench: {e['prompts']} prompts, plain decoding and ReDrafter (--no-bench skips it)")
+            err.print(f"held-out bench: {counted(e['prompts'], 'prompt')}, plain decoding and ReDrafter (--no-bench skips it)")
 
 
 def _summary(m: dict) -> Table:
@@ -273,7 +273,7 @@ def _summary(m: dict) -> Table:
         sim = m["simulated"]
         mean = sim["tokens"] / max(sim["answers"], 1) + 1  # (+ the prefill's token)
         caption += (f" | simulated greedy at the recommended shape: {sim['tokens_per_step']:.2f} tokens/step on "
-                    f"{sim['answers']} held-out answer{'s' * (sim['answers'] != 1)} ({mean:.0f} tokens on average, "
+                    f"{counted(sim['answers'], 'held-out answer')} ({mean:.0f} tokens on average, "
                     f"at most {sim['max_new_tokens']})")
     if "bench" in m:
         b = m["bench"]["redraft"]

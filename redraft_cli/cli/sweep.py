@@ -22,7 +22,7 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      run_sweep, save_best as save_best_shape, sweep_result, write_csv, write_json)
 from . import options as o
 from ._errors import fail, handle_errors
-from .common import model_inputs, check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape
+from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -189,7 +189,8 @@ def sweep(
                   "prompt passes only" + (" and --save-best saved nothing" if save_best else ""))
     elif best is not None and (why := slower_note(best["speedup"], best["tokens_per_step"], min(batch_size, len(ids)),
                                                   loaded.drafter_name, subject="the fastest shape tried",
-                                                  graphed=loaded.target.graphs is not None, swept=True)):
+                                                  graphed=loaded.target.graphs is not None, swept=True,
+                                                  beam_length=best["beam_length"])):
         err.print(why)
     if saved is not None:
         on = "" if loaded.target.device.type == "cpu" else f" on {loaded.target.device.type}"  # device_shapes
@@ -222,7 +223,7 @@ def render(r: dict[str, Any], shapes: list[tuple[int, int, int]], cells: list[di
     A `best` column (each cell's node budget) appears when the sweep tries one."""
     copied = lookup_label(r)
     title = (f"redraft sweep: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
-             f"{r['num_prompts']} prompts x {r['max_new_tokens']} tokens"
+             f"{counted(r['num_prompts'], 'prompt')} x {r['max_new_tokens']} tokens"
              + (f" | {copied.lstrip(' +')}" if copied else "")
              + (f" | batch {r['batch_size']}" if r.get("batch_size", 1) > 1 else ""))
     t = Table(title=title, title_justify="left", caption_justify="left")
