@@ -179,7 +179,7 @@ def load_conversations(path: str | Path, skipped: list[str] | None = None) -> li
     if not p.is_file():
         raise PromptError(f"prompt file not found: {p}")
     if p.suffix.lower() in (".yaml", ".yml"):  # read as text, each line ("name: ...", "- ...") became a prompt
-        raise PromptError(f"{p} is a YAML file, not prompts (JSONL, JSON or text lines); a distillation recipe is "
+        raise PromptError(f"{p} is a YAML file, not prompts (JSONL, JSON, CSV or text lines); a distillation recipe is "
                           f"distill's first argument")
     try:  # (bytes: read_text's universal newlines would end a line at a lone \r too)
         raw = p.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is not text
