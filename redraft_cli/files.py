@@ -32,6 +32,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
     return path
 
 
+def remove_temporaries(folder: str | os.PathLike) -> None:
+    """Remove the temporaries (`.NAME.tmpPID`) that `atomic_write` leaves when its process is killed
+    mid-write. Only while no other process writes in `folder` (a lock or the main process of a launch)."""
+    for stale in Path(folder).glob(".*.tmp*"):
+        stale.unlink(missing_ok=True)
+
+
 def writable_dir(path: str | os.PathLike) -> Path:
     """Create the folder `path` (and its parents) and make and remove an entry in it, so that a later
     write fails here, before the work (read-only, /proc, a file in the way); OSError otherwise."""

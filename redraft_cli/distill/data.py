@@ -39,7 +39,7 @@ import torch
 from ..chat_templates import control_strings, encode_messages
 from ..chat_templates import render as render_chat
 from ..errors import BadInputError, ChatTemplateError
-from ..files import atomic_write
+from ..files import atomic_write, remove_temporaries
 from .launch import Launch
 
 MANIFEST = "manifest.json"
@@ -441,9 +441,8 @@ def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str |
     if out.exists() and not out.is_dir():
         raise BadInputError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    if launch.is_main:
-        for stale in out.glob(".*.tmp*"):  # temporaries of an interrupted run
-            stale.unlink(missing_ok=True)
+    if launch.is_main:  # an interrupted run's
+        remove_temporaries(out)
     launch.barrier()  # (before any process writes new ones)
     chat = _Chat(target, cfg.system)
     fresh = {

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..errors import BadInputError
-from ..files import file_mode
+from ..files import atomic_write, remove_temporaries
 from ..target import Target
 from .launch import Launch
 
@@ -89,9 +88,8 @@ def build_hidden_cache(target: Target, examples: list[dict], cache_dir: Path, ba
     launch = launch or Launch()
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    if launch.is_main:  # temporaries of a run killed mid-save (the data folder's lock keeps other runs out)
-        for stale in cache_dir.glob(".*.tmp*"):
-            stale.unlink(missing_ok=True)
+    if launch.is_main:  # a run killed mid-save (the data folder's lock keeps other runs out)
+        remove_temporaries(cache_dir)
     launch.barrier()  # (before any process writes new ones)
     manifest = _manifest(cache_dir, target.name, chunk_size, dtype, greedy)
     files = _files(manifest)
@@ -179,10 +177,7 @@ def _save(path: Path, out: list, labels: list, greedy: bool, extra: dict | None 
     tensors = {"hidden": torch.cat(states).contiguous(), "offsets": torch.tensor([0] + [t.shape[0] for t in states]).cumsum(0)}
     if greedy:
         tensors["greedy"] = torch.cat([t for t in labels if t is not None]).contiguous()
-    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-    save_file({**tensors, **(extra or {})}, str(tmp))
-    os.chmod(tmp, file_mode())  # (save_file makes it 0o600)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({**tensors, **(extra or {})}, tmp))
 
 
 def _save_partial(path: Path, order: list[int], batch_size: int, out: list, labels: list, greedy: bool) -> None:
@@ -288,6 +283,4 @@ def _read(cache_dir: Path) -> dict | None:
 
 
 def _write(cache_dir: Path, manifest: dict) -> None:
-    tmp = cache_dir / f".{MANIFEST}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, cache_dir / MANIFEST)
+    atomic_write(cache_dir / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest)))
