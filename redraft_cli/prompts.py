@@ -11,6 +11,8 @@ Formats (detected from content, not only the extension):
   as the JSONL fields above (`prompt`, `text`, `instruction`, `question`);
 - plain text, one prompt a line (blank lines and lines starting with `#` skipped).
 
+The path `-` reads standard input, in any of these formats but CSV/TSV (told from its content).
+
 Lines end at \n (or \r\n) only: U+2028, a form feed and the like are text inside a
 prompt. A .json / .jsonl file must hold JSON; any other file that starts with `[` or `{`
 but does not parse as JSON is text ("[Verse 1] Write a song."). A .yaml / .yml file
@@ -164,35 +166,57 @@ def _parses(text: str) -> bool:
 
 
 def load_conversations(path: str | Path, skipped: list[str] | None = None) -> list[list[str]]:
-    """Every prompt in the file as its list of user turns. A record that is not a prompt is a
-    PromptError, or, when a `skipped` list is given (large community dumps), left out and its
-    one-line reason appended there."""
+    """Every prompt in the file (or, for '-', standard input) as its list of user turns. A record
+    that is not a prompt is a PromptError, or, when a `skipped` list is given (large community
+    dumps), left out and its one-line reason appended there."""
+    raw, p, suffix = _read_source(path)
+    return _parse(raw, p, suffix, skipped)
+
+
+def _read_source(path: str | Path) -> tuple[str, str, str]:
+    """(text, name for messages, lower-case extension) of a prompt file, or of standard input for
+    '-' (its format is told from its content, as for a file without a known extension)."""
     if not str(path).strip():
         raise PromptError("the prompt file path is empty; give a prompt file")
+    if str(path) == "-":
+        import sys
+
+        if sys.stdin is None or sys.stdin.closed:
+            raise PromptError("--prompts - reads standard input, but there is none")
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        try:
+            return data.decode("utf-8-sig"), "<stdin>", ""
+        except UnicodeDecodeError as exc:
+            raise PromptError(f"cannot read prompts from standard input: {exc}") from exc
     p = Path(path)
     if str(path) == ".":  # (what the command line makes of an empty --prompts "")
         raise PromptError("the prompt file path is empty (or '.', a folder); give a prompt file")
     if p.is_dir():
         raise PromptError(f"{p} is a directory, not a prompt file")
     if p.exists() and not p.is_file():
-        raise PromptError(f"{p} is not a regular file (a pipe or a device?); give a prompt file")
+        raise PromptError(f"{p} is not a regular file (a pipe or a device?); give a prompt file, or - for "
+                          f"standard input")
     if not p.is_file():
         raise PromptError(f"prompt file not found: {p}")
     if p.suffix.lower() in (".yaml", ".yml"):  # read as text, each line ("name: ...", "- ...") became a prompt
         raise PromptError(f"{p} is a YAML file, not prompts (JSONL, JSON, CSV or text lines); a distillation recipe is "
                           f"distill's first argument")
     try:  # (bytes: read_text's universal newlines would end a line at a lone \r too)
-        raw = p.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is not text
+        return p.read_bytes().decode("utf-8-sig"), str(p), p.suffix.lower()  # (a byte-order mark is not text)
     except (OSError, UnicodeDecodeError) as exc:
         raise PromptError(f"cannot read prompt file {p}: {exc}") from exc
+
+
+def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None) -> list[list[str]]:
+    """The conversations in `raw`, the text of the source named `p` whose extension is `suffix`."""
     stripped = raw.lstrip()
     records: list[tuple[Any, Any]]  # (where: a line number, or a JSON array index; record)
     lines = [line.removesuffix("\r") for line in raw.split("\n")]  # (not splitlines: U+2028 and friends are text)
-    json_file = p.suffix.lower() in (".json", ".jsonl")
+    json_file = suffix in (".json", ".jsonl")
     if stripped.startswith(("[", "{")) and not json_file and not _parses(stripped):
         stripped = ""  # a text file whose first prompt starts with a bracket: "[Verse 1] ...", "{name} ..."
-    if p.suffix.lower() in (".csv", ".tsv"):
-        records = _table_records(p, raw)
+    if suffix in (".csv", ".tsv"):
+        records = _table_records(p, suffix, raw)
     elif stripped.startswith("["):
         try:
             items = json.loads(raw)
@@ -218,7 +242,7 @@ def load_conversations(path: str | Path, skipped: list[str] | None = None) -> li
                     raise PromptError(f"{p}:{n}: cannot read its JSON ({type(exc).__name__}: {str(exc)[:80]})") from exc
     else:
         if json_file and stripped:  # JSON that is not prompts: not a text file either
-            raise PromptError(f"{p} is a {p.suffix} file but holds no JSON object or array of prompts "
+            raise PromptError(f"{p} is a {suffix} file but holds no JSON object or array of prompts "
                               f"(it starts with {stripped[:20]!r})")
         if "\x00" in raw:
             raise PromptError(f"{p} holds NUL bytes: a binary file, not prompts")
@@ -246,18 +270,18 @@ def load_conversations(path: str | Path, skipped: list[str] | None = None) -> li
     return convs
 
 
-def _table_records(p: Path, raw: str) -> list[tuple[Any, Any]]:
+def _table_records(p: str, suffix: str, raw: str) -> list[tuple[Any, Any]]:
     """The rows of a .csv / .tsv file with a header line, as records keyed by its column names (a
     `prompt`, `text`, `instruction` or `question` column, as in JSONL): (("line", n), row) each."""
     import csv
 
-    reader = csv.DictReader(io.StringIO(raw, newline=""), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+    reader = csv.DictReader(io.StringIO(raw, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
     try:
         rows = [(("line", reader.line_num), {k: v for k, v in row.items() if k is not None}) for row in reader]
     except csv.Error as exc:
-        raise PromptError(f"{p}:{reader.line_num}: cannot read it as {p.suffix[1:].upper()} ({exc})") from exc
+        raise PromptError(f"{p}:{reader.line_num}: cannot read it as {suffix[1:].upper()} ({exc})") from exc
     if not reader.fieldnames:
-        raise PromptError(f"{p} holds no prompts (a {p.suffix[1:].upper()} file needs a header line naming its "
+        raise PromptError(f"{p} holds no prompts (a {suffix[1:].upper()} file needs a header line naming its "
                           f"prompt column: prompt, text, instruction or question)")
     return rows
 

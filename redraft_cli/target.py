@@ -168,12 +168,27 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _from_gguf(directory: Path, filename: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _gguf_bar_on_terminals_only()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=filename, dtype=torch.float32)
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(f"cannot read GGUF file {directory / filename}: {str(exc).splitlines()[0]}") from exc
     return model, tokenizer
+
+
+def _gguf_bar_on_terminals_only() -> None:
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors"),
+    which hub settings do not turn off: a terminal keeps it (~20 s), a log file gets no bar frames."""
+    from functools import partial
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None and not isinstance(bar, partial):
+        gguf_utils.tqdm = partial(bar, disable=None)  # tqdm's None: off where the stream is not a terminal
 
 
 def _convert_embedded(alias: str, damaged: bool = False) -> Path:
@@ -245,6 +260,7 @@ def _load_hf(source: str, spec: TargetSpec, device: torch.device, dtype: torch.d
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+        _gguf_bar_on_terminals_only()
     if spec.quantize != "none":
         if gguf_file:
             raise BadInputError("--quantize cannot be combined with a .gguf file; use a safetensors checkpoint")

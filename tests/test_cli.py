@@ -80,6 +80,28 @@ def test_a_slower_redrafter_is_explained():
     assert "CUDA graphs" in slower_note(0.68, 3.0, 1, "d", graphed=True)  # the H200's case: drafting is the cost
     assert slower_note(0.8, 2.0, 1, "d", subject="the fastest shape tried").startswith(
         "note: the fastest shape tried ran at 0.80x")
+    # Answers the context (or the end of text) cut to a step or two: their length is the reason, not the drafter.
+    short = slower_note(0.6, 1.0, 1, "d", steps_per_answer=1.0)
+    assert "took 1.0 decode steps each" in short and "rarely predicts" not in short
+    assert "rarely predicts" in slower_note(0.6, 1.0, 1, "d", steps_per_answer=40.0)
+
+
+def test_bench_names_answers_the_context_cut_short(tmp_path, monkeypatch):
+    """A prompt that leaves 3 tokens of the context: the answer takes a step or two, and the note on a
+    slower ReDrafter is given that length (it blamed the drafter's predictions)."""
+    import redraft_cli.cli.bench as bench_cli
+
+    model_dir, tok, _ = tiny_model_dir(tmp_path / "tiny-ctx", layers=1)
+    text = " ".join(["word"] * 600)
+    ids = tok(text, add_special_tokens=False)["input_ids"][:509]
+    (tmp_path / "long.txt").write_text(tok.decode(ids) + "\n")
+    seen = []
+    monkeypatch.setattr(bench_cli, "slower_note", lambda *a, **k: seen.append(k["steps_per_answer"]))
+    r = invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", tmp_path / "long.txt",
+               "--max-new-tokens", 32, "--no-hf-baseline", "--no-warmup", "--no-chat-template")
+    assert r.exit_code == 0, r.output
+    assert "answers stop where the context ends" in r.output
+    assert seen and seen[0] <= 2, seen
 
 
 def test_bench_ctrl_c_keeps_the_finished_prompts(tmp_path, prompt_file, monkeypatch):
@@ -648,6 +670,29 @@ def test_processes_converting_the_embedded_default_at_once_convert_it_once(tmp_p
     assert target_mod._convert_embedded("smollm2-135m", damaged=True) == out and len(calls) == 2
 
 
+def test_the_gguf_readers_bar_is_drawn_on_terminals_only():
+    """transformers' GGUF reader has its own tqdm bar, which hub settings leave on: a log file (a stream
+    that is not a terminal) gets no bar frames, a terminal keeps the bar of the ~20 s conversion."""
+    import io
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    import redraft_cli.target as target_mod
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    target_mod._gguf_bar_on_terminals_only()
+    target_mod._gguf_bar_on_terminals_only()  # once is enough: not wrapped twice
+    log, terminal = io.StringIO(), Terminal()
+    for stream in (log, terminal):
+        for _ in gguf_utils.tqdm(range(3), desc="Converting", file=stream):
+            pass
+    assert log.getvalue() == "" and "Converting" in terminal.getvalue()
+    assert gguf_utils.tqdm.func is not gguf_utils.tqdm and "partial" not in repr(gguf_utils.tqdm.func)
+
+
 def test_outputs_never_overwrite_the_chat_template_or_block_on_a_pipe(tmp_path, prompt_file):
     """--json / --csv naming the --chat-template file are refused; a named pipe nobody reads is refused
     at once instead of blocking; a --nodes value of one's own is not blamed on the drafter."""
@@ -713,3 +758,22 @@ def test_a_ctrl_c_after_the_command_finished_exits_with_its_code(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "done", (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr, r.stderr
+
+
+def test_prompts_from_stdin_and_json_to_stdout(tmp_path):
+    """`--prompts -` reads standard input; `--json -` makes standard output the JSON report alone, with
+    the table on standard error (`... --json - | jq`), and the next command prints to stdout again."""
+    model_dir, _, _ = tiny_model_dir(tmp_path / "tiny-stdin", layers=1)
+    args = ["bench", "--model", str(model_dir), "--drafter", "random", "--prompts", "-", "--max-new-tokens", "4",
+            "--no-hf-baseline", "--no-warmup"]
+    result = runner.invoke(app, [*args, "--json", "-"], input="Name three colours.\nWhat is 2 + 2?\n")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)  # nothing else on stdout
+    assert data["num_prompts"] == 2 and data["redraft"]["tokens"] == 8
+    assert "ReDrafter" in result.stderr and "wrote" not in result.output
+    again = runner.invoke(app, args, input='{"prompt": "Say hi."}\n')
+    assert again.exit_code == 0 and "ReDrafter" in again.stdout, again.output
+    assert "1 prompt x 4 tokens" in " ".join(again.stdout.split())
+    assert_clean_error(runner.invoke(app, args, input=""), "<stdin> holds no prompts")
+    for_distill = runner.invoke(app, ["distill", str(model_dir), "--data", "-", "--out", str(tmp_path / "d")], input="x\n")
+    assert_clean_error(for_distill, "standard input", "save the prompts to a file")

@@ -496,3 +496,31 @@ def test_budgets_that_make_the_same_tree_run_once():
     assert SweepConfig(beam_widths=[1, 2], beam_lengths=[1, 2], tree_nodes=[0]).shapes == [
         (1, 1, 0), (1, 2, 0), (2, 2, 0)]
     assert SweepConfig(beam_widths=[2, 4], beam_lengths=[1], tree_nodes=[0, 3]).shapes == [(2, 1, 0)]
+
+
+def test_cli_json_to_stdout_and_prompts_from_stdin(tmp_path, monkeypatch):
+    """`--json -`: standard output is the report alone (the table goes to standard error), after a full
+    sweep and after a Ctrl-C (whose message says where the finished cells went)."""
+    import redraft_cli.cli.sweep as cli_sweep
+    from conftest import tiny_model_dir
+
+    model_dir, _, _ = tiny_model_dir(tmp_path / "tiny", layers=1)
+    args = ["sweep", "--model", str(model_dir), "--drafter", "random", "--prompts", "-", "--max-new-tokens", "4",
+            "--beam-widths", "1,2", "--beam-lengths", "2", "--no-warmup", "--json", "-"]
+    r = runner.invoke(app, args, input="Name a colour.\nName a sea.\n")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert len(data["cells"]) == 2 and data["num_prompts"] == 2
+    assert "redraft sweep" in r.stderr and "wrote" not in r.output
+    real = cli_sweep.run_sweep
+
+    def stop_after_one(gen, ids, cfg, progress, on_cell):
+        def cell(c):
+            on_cell(c)
+            raise KeyboardInterrupt
+        return real(gen, ids, cfg, progress, on_cell=cell)
+
+    monkeypatch.setattr(cli_sweep, "run_sweep", stop_after_one)
+    r = runner.invoke(app, args, input="Name a colour.\n")
+    assert r.exit_code == 130 and "finished cells are in standard output" in r.stderr, r.output
+    assert json.loads(r.stdout)["interrupted"] is True

@@ -11,11 +11,10 @@ from rich.table import Table
 
 from ..bench import BenchConfig, run_bench
 from ..decode import Generator
-from ..files import write_text
 from ..prompts import load_prompts
 from . import options as o
 from ._errors import handle_errors
-from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, console, decode_config, err, load_models, beams_label, note_short_prompt_set, slower_note, with_drafter_shape
+from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, console, decode_config, err, load_models, beams_label, note_short_prompt_set, slower_note, with_drafter_shape, write_report
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -93,7 +92,8 @@ def bench(
                   "compares prompt passes only")
     elif (why := slower_note(result["speedup"], result["redraft"]["tokens_per_step"], min(batch_size, len(ids)),
                              loaded.drafter_name, graphed=target.graphs is not None,
-                             beam_length=cfg.beam_length)) is not None:
+                             beam_length=cfg.beam_length,
+                             steps_per_answer=result["redraft"]["steps"] / result["num_prompts"])) is not None:
         err.print(why)
     graphs = result.get("cuda_graphs") or {}
     if graphs.get("failed"):
@@ -101,8 +101,8 @@ def bench(
     if graphs.get("draft_failed"):
         err.print(f"note: CUDA graphs were turned off and the drafter ran eagerly: {graphs['draft_failed']}")
     if json_path is not None:
-        write_text(json_path, json.dumps(result, indent=2) + "\n")
-        console.print(f"wrote {json_path}")
+        if (written := write_report(json_path, json.dumps(result, indent=2) + "\n")) is not None:
+            console.print(f"wrote {written}")
     if result.get("interrupted"):
         err.print(f"interrupted: the results above cover the {result['num_prompts']} of {result['prompts_asked']} "
                   f"prompts that finished" + (" (written to --json, marked \"interrupted\")" if json_path else ""))

@@ -25,6 +25,34 @@ console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
+def json_to_stdout(path: Path | str | None) -> Path | str | None:
+    """--json's callback: with '-' the JSON report is standard output's only content, so the tables and
+    messages go to standard error (`redraft bench --json - | jq .speedup`). Any other value restores
+    standard output for them (the callback runs on every invocation, the tests' included)."""
+    import sys
+
+    console.file = sys.stderr if is_stdout(path) else None
+    return path
+
+
+def is_stdout(path: Path | str | None) -> bool:
+    """Whether an output path is '-' (standard output)."""
+    return path is not None and str(path) == "-"
+
+
+def write_report(path: Path | str, text: str) -> str | None:
+    """Write a result file, or to standard output for '-'; the path written, None for standard output."""
+    import sys
+
+    if is_stdout(path):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return None
+    from ..files import write_text
+
+    return str(write_text(path, text))
+
+
 def counted(n: int, noun: str) -> str:
     """'1 prompt', '2 prompts': a count and its noun, for the lines the commands print."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
@@ -215,7 +243,7 @@ def check_output_paths(outputs: dict, inputs: dict | None = None, folders: dict 
     read = [(option, Path(f).resolve()) for option, f in (folders or {}).items()
             if f is not None and str(f) and Path(f).is_dir()]
     for option, p in outputs.items():
-        if p is None:
+        if p is None or (option == "--json" and is_stdout(p)):
             continue
         p = Path(p)
         if p == Path("."):  # what an empty argument becomes
@@ -311,15 +339,22 @@ def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int)
                   f"{target.max_context}-token context; their answers stop where the context ends")
 
 
+SHORT_ANSWER_STEPS = 4  # decode steps per answer under which slower_note blames the answers' length
+
+
 def slower_note(speedup: float | None, tokens_per_step: float, batch_size: int, drafter_name: str,
                 subject: str = "ReDrafter", graphed: bool = False, swept: bool = False,
-                beam_length: int = 2) -> str | None:
+                beam_length: int = 2, steps_per_answer: float | None = None) -> str | None:
     """Why ReDrafter ran slower than plain decoding, and what to try; None when it did not.
     graphed: the target's passes replayed CUDA graphs (cuda_graphs.py). swept: the note ends a sweep,
-    so it advises smaller trees, not the sweep that has just run. beam_length: the shape's (1 drafts nothing)."""
+    so it advises smaller trees, not the sweep that has just run. beam_length: the shape's (1 drafts nothing).
+    steps_per_answer: decode steps per answer (a few: the answers ended early, so drafting had no room)."""
     if speedup is None or speedup >= 1.0:
         return None
     head = f"note: {subject} ran at {speedup:.2f}x of plain decoding here: "
+    if steps_per_answer is not None and steps_per_answer < SHORT_ANSWER_STEPS:
+        return head + (f"its answers took {steps_per_answer:.1f} decode steps each (they ended early, at the end of "
+                       "text or of the context), too few to pay for building the tree; compare on longer answers")
     if beam_length == 1 and tokens_per_step < 1.5:
         return head + "beams of length 1 (g0 alone) draft nothing, so only lookup beams propose; a beam length of " \
                       "2 or more lets the drafter propose"

@@ -17,10 +17,10 @@ from ..distill.pipeline import distill as run_distill
 from ..distill.launch import launched_rank
 from ..distill.recipe import check_recipe, load_recipe
 from ..errors import BadInputError
-from ..files import cache_dir, write_text
+from ..files import cache_dir
 from . import options as o
 from ._errors import fail, handle_errors
-from .common import counted, model_inputs, check_output_paths, console, err, quiet_libraries
+from .common import counted, model_inputs, check_output_paths, console, err, is_stdout, quiet_libraries, write_report
 
 
 @handle_errors
@@ -125,7 +125,7 @@ def distill(
         console.print(_summary(m))
         console.print(f"drafter written to {result.out} (load it with --drafter {result.out})")
     if json_path is not None:
-        write_text(json_path, json.dumps(m, indent=2) + "\n")
+        write_report(json_path, json.dumps(m, indent=2) + "\n")
 
 
 def check_out_folder(out: Path, json_path: Path | None) -> None:
@@ -136,7 +136,7 @@ def check_out_folder(out: Path, json_path: Path | None) -> None:
     if where == package or where.is_relative_to(package):
         raise BadInputError(f"--out {out} is inside the redraft package ({package}); write the drafter elsewhere "
                             f"(it loads from any folder with --drafter)")
-    if json_path is not None:
+    if json_path is not None and not is_stdout(json_path):
         report = Path(json_path).resolve()
         if report == where:
             raise BadInputError(f"--json {json_path} is the --out folder itself; name a file for the report")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      run_sweep, save_best as save_best_shape, sweep_result, write_csv, write_json)
 from . import options as o
 from ._errors import fail, handle_errors
-from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape
+from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape, is_stdout, write_report
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -162,7 +163,7 @@ def sweep(
         console.print(render(partial, cfg.shapes, cells, None, final=True))
         from ..plots import save_sweep_plot
 
-        written = [str(write(partial, path)) for write, path in ((write_json, json_path), (write_csv, csv_path),
+        written = [str(write(partial, path)) for write, path in ((_write_json, json_path), (write_csv, csv_path),
                                                                   (save_sweep_plot, plot_path)) if path is not None]
         raise fail(f"interrupted after {len(cells)} of {len(cfg.shapes)} cells"
                    + (f"; the finished cells are in {' and '.join(written)}" if written else ""), 130) from None
@@ -176,8 +177,8 @@ def sweep(
     result["saved_best"] = str(saved) if saved else None
 
     console.print(render(result, cfg.shapes, result["cells"], None, final=True))
-    if json_path is not None:
-        console.print(f"wrote {write_json(result, json_path)}")
+    if json_path is not None and (written := _write_json(result, json_path)) != STDOUT:
+        console.print(f"wrote {written}")
     if csv_path is not None:
         console.print(f"wrote {write_csv(result, csv_path)}")
     if plot_path is not None:
@@ -190,7 +191,8 @@ def sweep(
     elif best is not None and (why := slower_note(best["speedup"], best["tokens_per_step"], min(batch_size, len(ids)),
                                                   loaded.drafter_name, subject="the fastest shape tried",
                                                   graphed=loaded.target.graphs is not None, swept=True,
-                                                  beam_length=best["beam_length"])):
+                                                  beam_length=best["beam_length"],
+                                                  steps_per_answer=best["steps"] / result["num_prompts"])):
         err.print(why)
     if saved is not None:
         on = "" if loaded.target.device.type == "cpu" else f" on {loaded.target.device.type}"  # device_shapes
@@ -199,6 +201,17 @@ def sweep(
                       + (f" (best {best['tree_nodes']} nodes)" if best.get("tree_nodes") else "") + pace + f" to {saved} "
                       + (f"(the default of bench and chat with this drafter{on})" if batch_size == 1 else
                          f"(the default of bench --batch-size {batch_size} and larger with this drafter)"))
+
+
+STDOUT = "standard output"
+
+
+def _write_json(result: dict[str, Any], path: Path) -> str:
+    """The --json report, to its file or, for '-', standard output (common.json_to_stdout): where it went."""
+    if is_stdout(path):
+        write_report(path, json.dumps(result, indent=2) + "\n")
+        return STDOUT
+    return str(write_json(result, path))
 
 
 def _drafter_dir(option: str, loaded: Loaded) -> Path | None:

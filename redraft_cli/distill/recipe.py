@@ -299,6 +299,9 @@ def check_recipe(recipe: Recipe) -> None:
         if not getattr(getattr(recipe, section), name).strip():
             raise BadInputError(f"{section}.{name} is empty" + (" (--data needs a prompt file, 'builtin' or hf://owner/"
                                                                   "name/file.json)" if name == "source" else ""))
+    if recipe.data.source.strip() == "-":  # generation resumes shard by shard and reads its prompts again
+        raise BadInputError("data.source '-' (standard input) cannot be read again when distill resumes; save the "
+                            "prompts to a file and give its path")
     for (section, name), (low, inclusive) in _LOWER_BOUNDS.items():
         part = getattr(recipe, section)
         value = getattr(part, name)
