@@ -43,13 +43,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from .errors import DrafterLoadError
 from .files import atomic_write
 from .lookup import PAD, append_beams, copy_length
+
+if TYPE_CHECKING:  # (beam_search imports this module)
+    from .beam_search import DraftBeams
 
 DATASTORE_NAME = "datastore.safetensors"
 SEP = -1

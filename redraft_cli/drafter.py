@@ -458,7 +458,7 @@ class Drafter(nn.Module):
     @classmethod
     def for_target(cls, target: Any, seed: int = 0, **config_kwargs: Any) -> "Drafter":
         """A freshly initialised drafter shaped for `target` (a `redraft_cli.target.Target`)."""
-        from .target import Target  # target.py imports this module
+        from .target import Target  # (target.py's cuda_graphs imports beam_search, which imports this module)
 
         if not isinstance(target, Target):
             raise BadInputError(f"Drafter.for_target needs a Target (from load_target), got {type(target).__name__}")

@@ -34,8 +34,13 @@ Worked example, sequence = [5, 8, 2, 9, 7, 5, 8] (ends with g0 = 8):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # (beam_search imports this module)
+    from .beam_search import DraftBeams
 
 PAD = -1  # a beam cell holding no token (a beam shorter than the tree's depth)
 MAX_MATCH = 64  # tokens compared backwards from the end when ranking matches

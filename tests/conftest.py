@@ -57,7 +57,7 @@ def tiny_target() -> Target:
 
 @pytest.fixture(scope="session")
 def smollm2() -> Target:
-    from redraft_cli.target import load_target
+    from redraft_cli.loading import load_target
 
     return load_target("smollm2-135m", device="cpu")
 
@@ -75,7 +75,7 @@ def tiny_chat_llama(hidden_size: int = 32, layers: int = 2, seed: int = 0, max_p
     """A tiny random Llama with SmolLM2's real tokenizer and chat template (vocabulary 49152)."""
     from transformers import AutoTokenizer
 
-    from redraft_cli.target import _convert_embedded
+    from redraft_cli.loading import _convert_embedded
 
     tok = AutoTokenizer.from_pretrained(str(_convert_embedded("smollm2-135m")))
     base = tiny_llama(vocab_size=len(tok), hidden_size=hidden_size, layers=layers, seed=seed,
@@ -87,7 +87,7 @@ def tiny_model_dir(model_dir, layers: int, hidden_size: int = 32):
     """A random tiny Llama saved with SmolLM2's tokenizer: (directory, tokenizer, config)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from redraft_cli.target import _convert_embedded
+    from redraft_cli.loading import _convert_embedded
 
     tok = AutoTokenizer.from_pretrained(str(_convert_embedded("smollm2-135m")))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,

@@ -168,7 +168,7 @@ def test_encode_chat_takes_text_or_messages(messages):
     ("cuda:0:0", "or cuda:N"),
 ])
 def test_a_malformed_device_is_refused(device, fragment):
-    from redraft_cli.target import TargetSpec
+    from redraft_cli.loading import TargetSpec
 
     refused(lambda: TargetSpec(device=device), fragment)
 
@@ -176,7 +176,7 @@ def test_a_malformed_device_is_refused(device, fragment):
 def test_a_cuda_device_on_a_machine_without_one_names_it():
     import torch
 
-    from redraft_cli.target import resolve_device
+    from redraft_cli.loading import resolve_device
 
     if torch.cuda.is_available():
         refused(lambda: resolve_device(f"cuda:{torch.cuda.device_count()}"), "CUDA device\\(s\\)")
@@ -201,7 +201,7 @@ def test_specs_configs_and_texts_of_the_wrong_kind(tiny_target, drafter, tmp_pat
     """Battery 9: each wrong argument is a redraft error naming it, not a TypeError from deep inside."""
     from redraft_cli.bench import BenchConfig
     from redraft_cli.sampling import SamplingConfig
-    from redraft_cli.target import TargetSpec, load_target
+    from redraft_cli.loading import TargetSpec, load_target
 
     refused(lambda: TargetSpec(device=None), "TargetSpec.device must be a str")
     refused(lambda: TargetSpec(device=1), "TargetSpec.device must be a str")

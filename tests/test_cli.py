@@ -317,7 +317,7 @@ def test_local_model_directory_and_missing_chat_template(tmp_path, prompt_file):
     named = invoke(*run, "--drafter", "random", "--chat-template", "vicuna")
     assert named.exit_code == 0, named.output
     from redraft_cli.cli.common import load_models
-    from redraft_cli.target import TargetSpec, load_target
+    from redraft_cli.loading import TargetSpec, load_target
 
     drafter_dir = tmp_path / "vicuna-drafter"
     Drafter.for_target(load_target(TargetSpec(str(model_dir))), seed=0).save(drafter_dir)
@@ -531,8 +531,8 @@ def test_answer_cut_by_the_context_is_noted(tmp_path):
 def test_device_map_spreads_a_checkpoint_with_accelerate(tmp_path, prompt_file, monkeypatch):
     """--device-map loads through accelerate's placement (every layer on the CPU here: no GPU) and
     decodes with identical greedy output; impossible combinations are clear errors."""
-    import redraft_cli.target as target_module
-    from redraft_cli.target import TargetSpec, load_target
+    import redraft_cli.loading as target_module
+    from redraft_cli.loading import TargetSpec, load_target
 
     model_dir, _, _ = tiny_model_dir(tmp_path / "tiny-mapped", layers=2)
     seen = []
@@ -613,7 +613,7 @@ def test_only_a_damaged_cached_conversion_is_converted_again(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from redraft_cli.target import _damaged_conversion
+    from redraft_cli.loading import _damaged_conversion
 
     d = tmp_path / "conv"
     d.mkdir()
@@ -636,7 +636,7 @@ def test_processes_converting_the_embedded_default_at_once_convert_it_once(tmp_p
     import threading
     import time
 
-    from redraft_cli import target as target_mod
+    from redraft_cli import loading as target_mod
 
     monkeypatch.setenv("REDRAFT_CACHE", str(tmp_path))
     calls = []
@@ -677,7 +677,7 @@ def test_the_gguf_readers_bar_is_drawn_on_terminals_only():
 
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    import redraft_cli.target as target_mod
+    import redraft_cli.loading as target_mod
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -744,7 +744,6 @@ def test_a_ctrl_c_after_the_command_finished_exits_with_its_code(tmp_path):
     """A Ctrl-C while Python shuts down after a finished command (atexit callbacks) printed "Exception
     ignored in atexit callback ... KeyboardInterrupt" and ended with -2; now it exits with the command's
     own code and no traceback."""
-    import signal
     import subprocess
     import sys
 

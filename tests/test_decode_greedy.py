@@ -144,7 +144,7 @@ def test_quantized_targets_stay_lossless(tmp_path, quantize, dtype):
     llm_int8_threshold 0), 4-bit is dequantised for every pass of two or more rows, and the float
     matmuls around them get good row counts (invariance.py); nothing depends on the other tokens of
     a pass, so greedy ReDrafter output is plain decoding's."""
-    from redraft_cli.target import load_target
+    from redraft_cli.loading import load_target
 
     model_dir, _, _ = tiny_model_dir(tmp_path / "tiny", layers=2, hidden_size=64)
     target = load_target(str(model_dir), quantize=quantize, device="cpu", dtype=dtype)
@@ -167,7 +167,8 @@ def test_quantized_embedded_default_stays_lossless(dtype):
     float32 (before every pass was padded to a good row count, MKL's float32 GEMMs left plain
     decoding's output on 3 of 3 prompts at 8 bits)."""
     from redraft_cli.cli.common import resolve_drafter
-    from redraft_cli.target import cpu_has_native_bf16, load_target
+    from redraft_cli.lean_llama import cpu_has_native_bf16
+    from redraft_cli.loading import load_target
 
     for quantize in ("8bit", "4bit"):
         target = load_target("smollm2-135m", quantize=quantize, device="cpu", dtype=dtype)

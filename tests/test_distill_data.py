@@ -50,7 +50,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tok():
     from transformers import AutoTokenizer
 
-    from redraft_cli.target import _convert_embedded
+    from redraft_cli.loading import _convert_embedded
 
     return AutoTokenizer.from_pretrained(str(_convert_embedded("smollm2-135m")))
 

@@ -206,7 +206,7 @@ def test_int8_weight_storage_round_trip(tmp_path):
     assert size(tmp_path / "q") < 0.35 * size(tmp_path / "f")
     back = Drafter.load(tmp_path / "q").attach(d._embed, d._head)
     assert back.config.weight_storage == "int8" and back.lm_head[-1].weight.dtype == torch.float32
-    w, bw = d.lm_head[-1].weight, back.lm_head[-1].weight
+    bw = back.lm_head[-1].weight
     for name, p in d.named_parameters():
         q = dict(back.named_parameters())[name]
         if p.dim() == 2:

@@ -15,7 +15,8 @@ import transformers as T
 from conftest import tiny_model_dir
 from redraft_cli import DecodeConfig, Generator
 from redraft_cli.errors import ModelLoadError
-from redraft_cli.target import Target, _check_tree_pass, load_target
+from redraft_cli.loading import load_target
+from redraft_cli.target import Target, check_tree_pass
 from test_decode_greedy import OracleProposer
 
 V = 96
@@ -44,7 +45,7 @@ def _tiny(family: str) -> Target:
 def test_generic_families_verify_trees_exactly(family, one_thread):
     target = _tiny(family)
     assert target.lean is None
-    _check_tree_pass(target)  # what load_target runs for the generic path
+    check_tree_pass(target)  # what load_target runs for the generic path
     cfg = DecodeConfig(max_new_tokens=16, beam_width=3, beam_length=4)
     prompt = [7, 3, 44, 2, 8]
     plain = Generator(target).generate(prompt, cfg, "plain")
@@ -114,7 +115,7 @@ def test_sliding_window_families_decode_past_the_window(family, one_thread):
     model.generation_config.eos_token_id = None
     target = Target(model, tokenizer=None, name=family)
     assert target.lean is None and target.window == 8 and target.layer_masks and target.max_context == 256
-    _check_tree_pass(target)
+    check_tree_pass(target)
     cfg = DecodeConfig(max_new_tokens=40, beam_width=3, beam_length=4)
     prompt = [7, 3, 44, 2, 8, 19, 33, 1, 5, 9, 12, 60, 61, 70]
     plain = Generator(target).generate(prompt, cfg, "plain").tokens
@@ -135,7 +136,7 @@ def test_the_load_time_probes_skip_a_zero_pad_row(pad, one_thread):
         model.get_input_embeddings().weight[pad] = 0
     target = Target(model, tokenizer=None, name="gemma2")
     assert target.layer_masks and target.max_context == 256
-    _check_tree_pass(target)
+    check_tree_pass(target)
 
 
 def test_layer_type_masks_hide_keys_a_window_back():

@@ -19,7 +19,8 @@ from ..drafter import Drafter
 from ..errors import BadInputError
 from ..sampling import SamplingConfig
 from ..shipped import shipped_drafter_dir
-from ..target import Target, TargetSpec, load_target
+from ..loading import TargetSpec, load_target
+from ..target import Target
 
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -283,7 +284,8 @@ def model_inputs(model: str, drafter: str | None = None, chat_template: str | No
     """What a run reads, for check_output_paths: (files, folders) keyed by option. A model folder or
     .gguf file, the embedded model's cached conversion, a drafter folder (the shipped one for auto),
     a --chat-template file, and the package's data folder (the built-in prompts bench and sweep read)."""
-    from ..target import EMBEDDED, cache_dir
+    from ..files import cache_dir
+    from ..loading import EMBEDDED
 
     files, folders = {}, {}
     try:  # (a template given as Jinja text is no path: too long a name, or none that exists)

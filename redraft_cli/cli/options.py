@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..decode import DecodeConfig
-from ..target import DEFAULT_MODEL, TargetSpec
+from ..loading import DEFAULT_MODEL, TargetSpec
 from .common import json_to_stdout
 
 _D = DecodeConfig()

@@ -36,7 +36,9 @@ from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter, write_beam_shape
 from ..errors import BadInputError, ModelLoadError
 from ..prompts import builtin_conversations, load_conversations
 from ..files import writable_dir
-from ..target import Target, TargetSpec, _hub_reachable, cache_dir, load_target
+from ..files import cache_dir
+from ..loading import TargetSpec, _hub_reachable, load_target
+from ..target import Target
 from .hidden_cache import DamagedChunk, attach_hidden, build_hidden_cache
 from .launch import Launch, launched_processes, launched_rank, start_launch
 from .data import GenerationConfig, conversations_sha256, generate_dataset, load_dataset, read_manifest
@@ -95,7 +97,7 @@ def check_offline_needs(recipe: Recipe) -> None:
     """Fail early, naming everything that needs the network, when the hub is unreachable."""
     needs = []
     model = recipe.target.model
-    from ..target import EMBEDDED
+    from ..loading import EMBEDDED
 
     local = model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf")  # a path, not a hub id
     if model not in EMBEDDED and local and not Path(model).expanduser().exists():

@@ -21,12 +21,15 @@ import re
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ..chat_templates import resolve_template
 from ..errors import BadInputError
+
+if TYPE_CHECKING:  # (imported when called: decode loads torch)
+    from ..decode import DecodeConfig
 
 
 @dataclass
@@ -316,7 +319,7 @@ def check_recipe(recipe: Recipe) -> None:
                                 + f", got {value!r}")
     if recipe.train.mixed_precision not in MIXED_PRECISION:
         raise BadInputError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {recipe.train.mixed_precision!r}")
-    from ..target import TargetSpec
+    from ..loading import TargetSpec
 
     t = recipe.target
     try:
