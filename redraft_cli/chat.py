@@ -88,6 +88,11 @@ class ChatSession:
     def reset(self) -> None:
         self.messages.clear()
 
+    def withdraw(self) -> None:
+        """Take the last exchange back out of the history (a message stopped before its answer began)."""
+        if len(self.messages) >= 2 and self.messages[-1]["role"] == "assistant":
+            del self.messages[-2:]
+
     def set(self, name: str, value: str) -> str:
         """`/set NAME VALUE`: change a decoding option; raises BadInputError on bad names or values."""
         if name == "draft":
@@ -112,13 +117,22 @@ class ChatSession:
         except ValueError:
             noun = {"int": "an integer", "float": "a number"}.get(kind.__name__, f"a {kind.__name__}")
             raise BadInputError(f"{name} needs {noun}, got {value!r}") from None
+        changes: dict = {attr: parsed}
+        dropped = ""
+        if attr in ("beam_width", "beam_length") and parsed >= 1:
+            # A node budget (the drafter's recommendation, or /set nodes) that the new search cannot fill.
+            width = parsed if attr == "beam_width" else self.cfg.beam_width
+            length = parsed if attr == "beam_length" else self.cfg.beam_length
+            if self.cfg.tree_nodes > width * max(length - 1, 0):
+                changes["tree_nodes"] = 0
+                dropped = f"; nodes {self.cfg.tree_nodes} no longer fits a {width}x{length} search: nodes = 0 (every beam)"
         if attr in ("temperature", "top_p", "top_k", "seed"):
-            new = replace(self.cfg, sampling=replace(self.cfg.sampling, **{attr: parsed}))
+            new = replace(self.cfg, sampling=replace(self.cfg.sampling, **changes))
         else:
-            new = replace(self.cfg, **{attr: parsed})
+            new = replace(self.cfg, **changes)
         self.gen.check(new)
         self.cfg = new
-        return f"{name} = {parsed}"
+        return f"{name} = {parsed}{dropped}"
 
     def _prompt_ids(self) -> list[int]:
         """Encode the conversation, dropping the oldest turns until an answer fits the context."""

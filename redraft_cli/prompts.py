@@ -265,8 +265,9 @@ def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None) -> list[lis
     if not convs and skipped:  # every record was left out: say why the first was
         raise PromptError(f"{p} holds no prompts: every record was skipped; the first, {skipped[0]}")
     if not convs:
-        raise PromptError(f"{p} holds no prompts (expected JSONL with turns/prompt/text, ShareGPT JSON, CSV with a "
-                          f"prompt column or text lines)")
+        csv = "" if p == "<stdin>" else "CSV with a prompt column, "  # (standard input is never read as CSV)
+        raise PromptError(f"{p} holds no prompts (expected JSONL with turns/prompt/text, ShareGPT JSON, {csv}or text "
+                          f"lines)")
     return convs
 
 

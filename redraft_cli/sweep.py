@@ -264,15 +264,20 @@ def cell_key(cell: dict[str, Any]) -> tuple[Any, Any, Any]:
     return cell.get("beam_width"), cell.get("beam_length"), cell.get("tree_nodes") or 0
 
 
-def write_csv(result: dict[str, Any], path: str | Path) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+def csv_text(result: dict[str, Any]) -> str:
+    """The sweep's cells as CSV: a header line (CELL_FIELDS, then `best`) and a row per cell."""
     buf = io.StringIO(newline="")
     writer = csv.DictWriter(buf, fieldnames=[*CELL_FIELDS, "best"])
     writer.writeheader()
     for row in csv_rows(result):
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    return write_text(out, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_csv(result: dict[str, Any], path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_text(out, csv_text(result))
 
 
 def read_csv(path: str | Path) -> list[dict[str, Any]]:

@@ -92,6 +92,11 @@ def test_set_validates(target):
                         ("epsilon", "0"), ("epsilon", "1.5"), ("delta", "-1"), ("delta", "inf")):
         with pytest.raises(BadInputError):
             s.set(name, value)
+    # A node budget that a narrower search cannot fill is dropped, and said so; one that fits is kept.
+    s.set("beam-width", "4"), s.set("beam-length", "4"), s.set("nodes", "7")
+    assert s.set("beam-width", "3") == "beam-width = 3" and s.cfg.tree_nodes == 7  # 3 x 3 = 9 drafted tokens
+    said = s.set("beam-width", "2")
+    assert s.cfg.tree_nodes == 0 and "nodes 7 no longer fits a 2x4 search: nodes = 0" in said, said
 
 
 def test_a_turn_the_template_cannot_render_leaves_the_history_as_it_was(target):
@@ -404,3 +409,36 @@ def test_an_empty_prompt_option_is_named_and_no_draft_notes_the_options_it_ignor
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            timeout=60)
     assert noted.returncode == 2 and noted.stderr.startswith("note: --no-draft decodes plainly"), noted.stderr
+
+
+def test_a_message_stopped_in_its_prompt_pass_is_not_kept_and_double_slash_sends_a_slash(target, monkeypatch,
+                                                                                          capsys):
+    """Ctrl-C while the prompt is read (a long paste on a CPU takes many seconds) takes the message back:
+    kept with a one-token answer, every later turn paid for it. `//x` sends the message `/x`."""
+    import signal
+
+    from redraft_cli.cli import chat as chat_cli
+
+    s = session(target)
+    lines = iter(["a very long paste", "//usr/bin/env is what?"])
+    real_redraft = s.gen.redraft
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    def ctrl_c_in_prefill(ids, cfg):
+        for step in real_redraft(ids, cfg):
+            if step.prefill and "very long" in target.tokenizer.decode(ids):
+                os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends; _stream's handler takes it
+            yield step
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(s.gen, "redraft", ctrl_c_in_prefill)
+    chat_cli._interactive(s, show_drafts=False)
+    err = capsys.readouterr().err
+    assert "stopped before the answer began" in err, err
+    assert [m["role"] for m in s.messages] == ["user", "assistant"]
+    assert s.messages[0]["content"] == "/usr/bin/env is what?" and "unknown command" not in err

@@ -776,3 +776,34 @@ def test_prompts_from_stdin_and_json_to_stdout(tmp_path):
     assert_clean_error(runner.invoke(app, args, input=""), "<stdin> holds no prompts")
     for_distill = runner.invoke(app, ["distill", str(model_dir), "--data", "-", "--out", str(tmp_path / "d")], input="x\n")
     assert_clean_error(for_distill, "standard input", "save the prompts to a file")
+
+
+def test_a_ctrl_c_while_loading_is_interrupted_whatever_error_it_became(tmp_path, monkeypatch):
+    """A Ctrl-C while torch, transformers or accelerate import lazily can surface as an ImportError
+    ("cannot load module more than once"), a load error naming a circular import, or nothing at all.
+    The entry point remembers it until the models have loaded, and the command says "interrupted"."""
+    import signal
+
+    import redraft_cli.entry as entry
+
+    monkeypatch.setattr(entry, "_interrupted_at_startup", True)
+    # A load error after the Ctrl-C: "interrupted", 130, not "cannot load model".
+    r = invoke("bench", "--model", tmp_path / "no-such-model", "--drafter", "random", "--num-prompts", 1)
+    assert_clean_error(r, "interrupted", code=130)
+    assert "no-such-model" not in r.output
+    # A Ctrl-C that a library swallowed: the command stops once the models have loaded.
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        entry._remember_startup_sigint()
+        assert signal.getsignal(signal.SIGINT) is entry._startup_sigint
+        with pytest.raises(KeyboardInterrupt):
+            entry.startup_done()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # later ones reach the command
+        monkeypatch.setattr(entry, "_interrupted_at_startup", False)
+        entry.startup_done()  # nothing pending: returns
+        with pytest.raises(KeyboardInterrupt):
+            entry._startup_sigint(signal.SIGINT, None)
+        assert entry.interrupted_at_startup()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        entry._interrupted_at_startup = False

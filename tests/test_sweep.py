@@ -4,6 +4,7 @@ saving the best shape into a drafter, and `redraft sweep` through CliRunner."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -374,7 +375,7 @@ def test_cli_ctrl_c_keeps_the_finished_cells(tmp_path, smollm2, monkeypatch):
                     "--max-new-tokens", 4, "--no-warmup", "--json", tmp_path / "s.json", "--csv", tmp_path / "s.csv",
                     "--plot", tmp_path / "s.png")
     assert result.exit_code == 130, result.output
-    assert "interrupted after 2 of 3 cells" in result.output and "Traceback" not in result.output
+    assert "interrupted: the results above cover the 2 of 3 cells that finished" in result.output and "Traceback" not in result.output
     assert "s.png" in result.output and (tmp_path / "s.png").stat().st_size > 0  # the plot of the finished cells
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["interrupted"] is True and [c["beam_width"] for c in data["cells"]] == [1, 2]
@@ -522,5 +523,16 @@ def test_cli_json_to_stdout_and_prompts_from_stdin(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cli_sweep, "run_sweep", stop_after_one)
     r = runner.invoke(app, args, input="Name a colour.\n")
-    assert r.exit_code == 130 and "finished cells are in standard output" in r.stderr, r.output
+    assert r.exit_code == 130 and "(in standard output, marked \"interrupted\")" in " ".join(r.stderr.split()), r.output
     assert json.loads(r.stdout)["interrupted"] is True
+    # --csv - : the rows on standard output (the JSON in its file); both on standard output is refused.
+    monkeypatch.setattr(cli_sweep, "run_sweep", real)
+    csv_args = [a if a != "--json" else "--csv" for a in args]
+    r = runner.invoke(app, [*csv_args, "--json", str(tmp_path / "s.json")], input="Name a colour.\n")
+    assert r.exit_code == 0, r.output
+    rows = r.stdout.splitlines()
+    assert rows[0].startswith("beam_width,") and len(rows) == 3, r.stdout
+    assert json.loads((tmp_path / "s.json").read_text())["num_prompts"] == 1
+    assert not Path("-").exists()  # (no file named "-" in the current folder)
+    both = runner.invoke(app, [*args, "--csv", "-"], input="Name a colour.\n")
+    assert both.exit_code == 2 and "both name standard output" in both.output, both.output

@@ -9,6 +9,7 @@ import torch
 import typer
 from rich.console import Console
 
+from ..entry import interrupted_at_startup
 from ..errors import RedraftError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,6 +30,16 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _message(exc: BaseException) -> tuple[str, int]:
+    """The one line and exit code of an error a command expects: typed core errors, files, memory."""
+    if isinstance(exc, RedraftError):
+        return str(exc).replace("[", "\\["), exc.exit_code
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OUT_OF_MEMORY, 3
+    where = f": {exc.filename}" if getattr(exc, "filename", None) else ""  # files the user named: missing
+    return f"{exc.strerror or exc}{where}", 2  # folders, permissions, full disks
+
+
 def handle_errors(fn: F) -> F:
     """Decorator for commands: typed core errors, OOM and Ctrl-C become one line + exit code."""
 
@@ -36,13 +47,10 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except RedraftError as exc:
-            raise fail(str(exc).replace("[", "\\["), exc.exit_code) from None
-        except OSError as exc:  # files the user named: missing folders, permissions, full disks
-            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-            raise fail(f"{exc.strerror or exc}{where}", 2) from None
-        except torch.OutOfMemoryError:
-            raise fail(OUT_OF_MEMORY, 3) from None
+        except (RedraftError, OSError, torch.OutOfMemoryError) as exc:
+            if interrupted_at_startup():  # what a Ctrl-C in a library's lazy import became
+                raise fail("interrupted", 130) from None
+            raise fail(*_message(exc)) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
 

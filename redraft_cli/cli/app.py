@@ -36,6 +36,9 @@ def _print_version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """Runs before every command; `--version` is handled while parsing, so it needs no command."""
+    from .common import console
+
+    console.file = None  # standard output, until a report option's '-' claims it (common.report_to_stdout)
 
 
 def main() -> None:
@@ -51,6 +54,7 @@ def main() -> None:
 
     from rich.markup import escape
 
+    from ..entry import interrupted_at_startup
     from ._errors import bug_line, err_console
 
     try:
@@ -65,11 +69,17 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/] {escape(exc.format_message())}{hint}".replace("\n", " "), markup=True,
                           highlight=False)
         sys.exit(exc.exit_code)
-    except getattr(click, "Abort", ()):  # (not in every vendored Click)
+    except getattr(click, "Abort", ()) as exc:  # (not in every vendored Click)
+        if isinstance(exc.__context__, KeyboardInterrupt):  # Click's word for a Ctrl-C outside the commands
+            err_console.print("[bold red]error:[/] interrupted", markup=True, highlight=False)
+            sys.exit(130)
         sys.exit(1)
     except Exception as exc:  # a bug: one line, and the traceback on request
         if os.environ.get("REDRAFT_DEBUG"):
             raise
+        if interrupted_at_startup():  # a Ctrl-C that a library's lazy import turned into another error
+            err_console.print("[bold red]error:[/] interrupted", markup=True, highlight=False)
+            sys.exit(130)
         err_console.print(f"[bold red]error:[/] {escape(bug_line(exc))}", markup=True, highlight=False)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -10,10 +10,9 @@ from rich.table import Table
 
 from ..bench import BenchConfig, run_bench
 from ..decode import Generator
-from ..prompts import load_prompts
 from . import options as o
 from ._errors import handle_errors
-from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, console, decode_config, err, load_models, beams_label, note_short_prompt_set, slower_note, with_drafter_shape, write_report
+from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, console, decode_config, err, load_models, read_prompts, beams_label, note_short_prompt_set, slower_note, with_drafter_shape, write_report
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -56,7 +55,7 @@ def bench(
     files, folders = model_inputs(model, drafter, chat_template)
     check_output_paths({"--json": json_path}, inputs={"--prompts": prompts, **files}, folders=folders)
     check_batch_size(batch_size)
-    texts = load_prompts(prompts, limit=num_prompts)
+    texts = read_prompts(prompts, num_prompts)
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template,
                          templated=not no_chat_template)
     target, dr = loaded.target, loaded.drafter

@@ -20,7 +20,7 @@ from ..errors import BadInputError, RedraftError
 from ..target import valid_text
 from . import options as o
 from ._errors import OUT_OF_MEMORY, bug_line, handle_errors
-from .common import counted, console, decode_config, err, load_models, beams_label, with_drafter_shape
+from .common import counted, console, decode_config, err, load_models, beams_label, stdout_open, with_drafter_shape
 
 D = o.DEFAULTS
 HELP = """commands:
@@ -30,7 +30,8 @@ HELP = """commands:
                        max-new-tokens, accept, temperature, top-p, top-k, seed, epsilon, delta, draft on|off,
                        system TEXT
   /help                this help
-  /quit                leave (or Ctrl-D); Ctrl-C stops the current answer"""
+  /quit                leave (or Ctrl-D); Ctrl-C stops the current answer
+  //TEXT               send /TEXT as a message (a line that starts with a slash)"""
 
 
 @handle_errors
@@ -64,6 +65,8 @@ def chat(
 ) -> None:
     """Talk to a model with ReDrafter decoding (multi-turn, streamed)."""
     cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup=lookup, lookup_length=lookup_length, datastore=datastore, nodes=nodes)
+    if not stdout_open():
+        raise BadInputError("standard output is closed (>&-): the answer would go nowhere")
     stdin = sys.stdin  # None when the shell closed it (<&-): no text to read
     one_shot = prompt is not None or stdin is None or not stdin.isatty()
     if json_out and not one_shot:
@@ -136,7 +139,7 @@ def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = Fa
 def _status(session: ChatSession) -> str:
     s = session.last.summary()
     mode = "ReDrafter" if session.draft else "plain"
-    return (f"[{s['tokens']} tokens, {s['tokens_per_s']:.1f} tokens/s, {s['tokens_per_step']:.2f} tokens/step, "
+    return (f"[{counted(s['tokens'], 'token')}, {s['tokens_per_s']:.1f} tokens/s, {s['tokens_per_step']:.2f} tokens/step, "
             f"acceptance {s['acceptance_rate']:.0%}, {mode}]")
 
 
@@ -155,7 +158,8 @@ def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bo
                     "dtype": str(target.compute_dtype).removeprefix("torch."), "system": session.system,
                     "max_new_tokens": c.max_new_tokens, **settings}
         console.print_json(json.dumps({"prompt": valid_text(prompt), "response": session.messages[-1]["content"],
-                                       "draft": session.draft, "interrupted": not finished, **settings,
+                                       "draft": session.draft, "interrupted": not finished,
+                                       "cut_by_context": session.cut, **settings,
                                        **session.last.summary()}))
     else:
         console.print()
@@ -189,7 +193,9 @@ def _interactive(session: ChatSession, show_drafts: bool) -> None:
         line = line.strip()
         if not line:
             continue
-        if line.startswith("/"):
+        if line.startswith("//"):  # a message that starts with a slash ("//usr/bin/env": "/usr/bin/env")
+            line = line[1:]
+        elif line.startswith("/"):
             if _command(session, line):
                 return
             continue
@@ -205,6 +211,10 @@ def _interactive(session: ChatSession, show_drafts: bool) -> None:
             what = OUT_OF_MEMORY if isinstance(exc, torch.OutOfMemoryError) else bug_line(exc)
             err.print(f"[bold red]error:[/] {escape(what)}; the conversation so far is kept (a partial answer too): "
                       f"go on, /reset, or Ctrl-D")
+            continue
+        if not finished and not session.last.steps:  # stopped in the prompt pass: nothing answered yet
+            session.withdraw()
+            err.print("(stopped before the answer began: the message is not kept)", style="dim", markup=False)
             continue
         console.print()
         err.print(_status(session) + ("" if finished else " (stopped)"), style="dim")
@@ -239,5 +249,5 @@ def _command(session: ChatSession, line: str) -> bool:
     elif name == "help":
         err.print(HELP, markup=False)
     else:
-        err.print(f"unknown command /{name}; /help lists them", markup=False)
+        err.print(f"unknown command /{name}; /help lists them (//{name} sends /{name} as a message)", markup=False)
     return False

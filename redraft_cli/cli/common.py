@@ -16,6 +16,7 @@ from ..chat_templates import NAMED as NAMED_TEMPLATES
 from ..chat_templates import apply_chat_template, resolve_template, template_for_drafter
 from ..decode import DecodeConfig, check_datastore
 from ..drafter import Drafter
+from ..entry import startup_done
 from ..errors import BadInputError
 from ..sampling import SamplingConfig
 from ..shipped import shipped_drafter_dir
@@ -26,18 +27,30 @@ console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
-def json_to_stdout(path: Path | str | None) -> Path | str | None:
-    """--json's callback: with '-' the JSON report is standard output's only content, so the tables and
-    messages go to standard error (`redraft bench --json - | jq .speedup`). Any other value restores
-    standard output for them (the callback runs on every invocation, the tests' included)."""
+def report_to_stdout(path: Path | str | None) -> Path | str | None:
+    """The callback of --json and sweep's --csv: with '-' the report is standard output's only content,
+    so the tables and messages go to standard error (`redraft bench --json - | jq .speedup`). (The app's
+    root callback sends them back to standard output before each command's options are read.)"""
     import sys
 
-    console.file = sys.stderr if is_stdout(path) else None
+    if is_dash(path):
+        if not stdout_open():
+            import typer
+
+            raise typer.BadParameter("'-' writes the report to standard output, which is closed here; name a file")
+        console.file = sys.stderr
     return path
 
 
-def is_stdout(path: Path | str | None) -> bool:
-    """Whether an output path is '-' (standard output)."""
+def stdout_open() -> bool:
+    """Whether standard output can be written (`cmd >&-` leaves Python's sys.stdout None)."""
+    import sys
+
+    return sys.stdout is not None and not getattr(sys.stdout, "closed", False)
+
+
+def is_dash(path: Path | str | None) -> bool:
+    """Whether a path option is '-': standard output for a report, standard input for --prompts."""
     return path is not None and str(path) == "-"
 
 
@@ -45,13 +58,25 @@ def write_report(path: Path | str, text: str) -> str | None:
     """Write a result file, or to standard output for '-'; the path written, None for standard output."""
     import sys
 
-    if is_stdout(path):
+    if is_dash(path):
         sys.stdout.write(text)
         sys.stdout.flush()
         return None
     from ..files import write_text
 
     return str(write_text(path, text))
+
+
+def read_prompts(path: Path | None, limit: int) -> list[str]:
+    """--prompts (a file, '-' for standard input, None for the built-in set) as prompt texts; at a
+    terminal, '-' first says what it waits for (a blank screen looked hung)."""
+    import sys
+
+    from ..prompts import load_prompts
+
+    if is_dash(path) and sys.stdin is not None and sys.stdin.isatty():
+        err.print("reading prompts from standard input, one a line (or JSONL); end with Ctrl-D")
+    return load_prompts(path, limit=limit)
 
 
 def counted(n: int, noun: str) -> str:
@@ -122,6 +147,7 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
                 label = saved if saved in NAMED_TEMPLATES else "from its recipe.yaml"
                 err.print(f"note: {escape(target.name)} has no chat template; prompts use the one its drafter was "
                           f"distilled with ({label})")
+    startup_done()  # a Ctrl-C a library swallowed while loading stops here; later ones reach the command
     return loaded
 
 
@@ -244,7 +270,7 @@ def check_output_paths(outputs: dict, inputs: dict | None = None, folders: dict 
     read = [(option, Path(f).resolve()) for option, f in (folders or {}).items()
             if f is not None and str(f) and Path(f).is_dir()]
     for option, p in outputs.items():
-        if p is None or (option == "--json" and is_stdout(p)):
+        if p is None or (option in ("--json", "--csv") and is_dash(p)):
             continue
         p = Path(p)
         if p == Path("."):  # what an empty argument becomes

@@ -20,7 +20,7 @@ from ..errors import BadInputError
 from ..files import cache_dir
 from . import options as o
 from ._errors import fail, handle_errors
-from .common import counted, model_inputs, check_output_paths, console, err, is_stdout, quiet_libraries, write_report
+from .common import counted, model_inputs, check_output_paths, console, err, is_dash, quiet_libraries, write_report
 
 
 @handle_errors
@@ -136,7 +136,7 @@ def check_out_folder(out: Path, json_path: Path | None) -> None:
     if where == package or where.is_relative_to(package):
         raise BadInputError(f"--out {out} is inside the redraft package ({package}); write the drafter elsewhere "
                             f"(it loads from any folder with --drafter)")
-    if json_path is not None and not is_stdout(json_path):
+    if json_path is not None and not is_dash(json_path):
         report = Path(json_path).resolve()
         if report == where:
             raise BadInputError(f"--json {json_path} is the --out folder itself; name a file for the report")

@@ -9,7 +9,7 @@ import typer
 
 from ..decode import DecodeConfig
 from ..loading import DEFAULT_MODEL, TargetSpec
-from .common import json_to_stdout
+from .common import report_to_stdout
 
 _D = DecodeConfig()
 _T = TargetSpec()
@@ -37,7 +37,7 @@ Delta = Annotated[float, typer.Option(help="Typical acceptance: delta.")]
 PromptsFile = Annotated[Optional[Path], typer.Option("--prompts", help="JSONL (turns/prompt/text), ShareGPT JSON, CSV/TSV with a prompt column, or text lines; default: built-in chat prompts.")]
 NumPrompts = Annotated[int, typer.Option(help="How many prompts to use.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Rows decoded at once on every path: continuous batching, a finished row's slot goes to the next prompt (HF generate: groups of B).")]
-JsonOut = Annotated[Optional[Path], typer.Option("--json", callback=json_to_stdout, help="Write the results as one JSON object to this file ('-': to standard output; the tables then go to standard error).")]
+JsonOut = Annotated[Optional[Path], typer.Option("--json", callback=report_to_stdout, help="Write the results as one JSON object to this file ('-': to standard output; the tables then go to standard error).")]
 NoChatTemplate = Annotated[bool, typer.Option("--no-chat-template", help="Send prompts as raw text (models without a chat template).")]
 ChatTemplate = Annotated[Optional[str], typer.Option("--chat-template", help="Render prompts with this chat template: a name (vicuna), a Jinja file or Jinja text (default: the tokenizer's own; without one, the template the drafter was distilled with).")]
 

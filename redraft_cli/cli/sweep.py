@@ -17,13 +17,12 @@ from rich.table import Table
 from ..decode import Generator
 from ..drafter import CONFIG_NAME
 from ..errors import BadInputError
-from ..prompts import load_prompts
 from ..shipped import shipped_drafter_dir
 from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, best_cell, cell_key, parse_int_list,
-                     run_sweep, save_best as save_best_shape, sweep_result, write_csv, write_json)
+                     run_sweep, save_best as save_best_shape, sweep_result, csv_text, write_csv, write_json)
 from . import options as o
-from ._errors import fail, handle_errors
-from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape, is_stdout, write_report
+from ._errors import handle_errors
+from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape, is_dash, report_to_stdout, write_report
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -32,7 +31,7 @@ LARGE_GRID = 64  # more cells than this get a note of how much work the sweep is
 
 BeamWidths = Annotated[str, typer.Option("--beam-widths", help="Beam widths to try, comma-separated.")]
 BeamLengths = Annotated[str, typer.Option("--beam-lengths", help="Beam lengths to try (tokens per beam, counting g0), comma-separated.")]
-CsvOut = Annotated[Optional[Path], typer.Option("--csv", help="Write one row per cell to this CSV file.")]
+CsvOut = Annotated[Optional[Path], typer.Option("--csv", callback=report_to_stdout, help="Write one row per cell to this CSV file ('-': to standard output; the tables then go to standard error).")]
 PlotOut = Annotated[Optional[Path], typer.Option("--plot", help="Write speedup and tokens-per-step heatmaps to this .png (or .svg/.pdf).")]
 SaveBest = Annotated[bool, typer.Option("--save-best", help="Write the fastest shape into the drafter's config.json (the default of bench and chat).")]
 
@@ -81,6 +80,8 @@ def sweep(
     cfg = SweepConfig(beam_widths=widths, beam_lengths=lengths, decode=base, warmup=warmup, tree_nodes=budgets,
                       batch_size=batch_size)
     files, folders = model_inputs(model, drafter, chat_template)
+    if is_dash(json_path) and is_dash(csv_path):
+        raise BadInputError("--json - and --csv - both name standard output; write one of them to a file")
     check_output_paths({"--json": json_path, "--csv": csv_path, "--plot": plot_path},
                        inputs={"--prompts": prompts, **files}, folders=folders)
     if plot_path is not None and plot_path.suffix.lower() not in PLOT_SUFFIXES:
@@ -91,7 +92,7 @@ def sweep(
     if save_best and max_new_tokens < 2:
         raise BadInputError("--save-best needs --max-new-tokens 2 or more: with 1, ReDrafter takes no draft step, so no "
                             "cell measures its beam shape")
-    texts = load_prompts(prompts, limit=num_prompts)
+    texts = read_prompts(prompts, num_prompts)
     if save_best and batch_size > len(texts):
         raise BadInputError(f"--save-best --batch-size {batch_size} needs at least {batch_size} prompts to measure "
                             f"batches of that size, got {len(texts)} (raise --num-prompts)")
@@ -163,10 +164,11 @@ def sweep(
         console.print(render(partial, cfg.shapes, cells, None, final=True))
         from ..plots import save_sweep_plot
 
-        written = [str(write(partial, path)) for write, path in ((_write_json, json_path), (write_csv, csv_path),
+        written = [str(write(partial, path)) for write, path in ((_write_json, json_path), (_write_csv, csv_path),
                                                                   (save_sweep_plot, plot_path)) if path is not None]
-        raise fail(f"interrupted after {len(cells)} of {len(cfg.shapes)} cells"
-                   + (f"; the finished cells are in {' and '.join(written)}" if written else ""), 130) from None
+        err.print(f"interrupted: the results above cover the {len(cells)} of {len(cfg.shapes)} cells that finished"
+                  + (f" (in {' and '.join(written)}, marked \"interrupted\")" if written else ""))  # (as bench says it)
+        raise typer.Exit(130) from None
     result = {**head, **result}
 
     drafted = any(c["steps"] for c in result["cells"])  # (every answer may end at its first token)
@@ -179,8 +181,8 @@ def sweep(
     console.print(render(result, cfg.shapes, result["cells"], None, final=True))
     if json_path is not None and (written := _write_json(result, json_path)) != STDOUT:
         console.print(f"wrote {written}")
-    if csv_path is not None:
-        console.print(f"wrote {write_csv(result, csv_path)}")
+    if csv_path is not None and (written := _write_csv(result, csv_path)) != STDOUT:
+        console.print(f"wrote {written}")
     if plot_path is not None:
         from ..plots import save_sweep_plot
 
@@ -207,11 +209,19 @@ STDOUT = "standard output"
 
 
 def _write_json(result: dict[str, Any], path: Path) -> str:
-    """The --json report, to its file or, for '-', standard output (common.json_to_stdout): where it went."""
-    if is_stdout(path):
+    """The --json report, to its file or, for '-', standard output (common.report_to_stdout): where it went."""
+    if is_dash(path):
         write_report(path, json.dumps(result, indent=2) + "\n")
         return STDOUT
     return str(write_json(result, path))
+
+
+def _write_csv(result: dict[str, Any], path: Path) -> str:
+    """The --csv rows, to their file or, for '-', standard output: where they went."""
+    if is_dash(path):
+        write_report(path, csv_text(result))
+        return STDOUT
+    return str(write_csv(result, path))
 
 
 def _drafter_dir(option: str, loaded: Loaded) -> Path | None:
