@@ -141,6 +141,8 @@ def test_distill_offline_names_what_it_needs(monkeypatch, tmp_path):
     (["no-such-recipe.yaml"], "not found"),
     (["smollm2-135m", "--head", "huge"], "--head"),
     (["smollm2-135m", "--predict-tokens", "0"], "--predict-tokens"),
+    (["smollm2-135m", "--predict-tokens", "1000"], "<= 63"),
+    (["smollm2-135m", "--num-layers", "20000"], "drafter.num_layers must be a number >= 0 and <= 64"),
     (["smollm2-135m", "--sampled-answers", "-1"], "sampled_answers"),
     (["smollm2-135m", "--dropout", "1.5"], "dropout"),
     (["smollm2-135m", "--context-window", "-1"], "--context-window"),
@@ -357,6 +359,11 @@ def test_distill_refuses_what_would_lose_or_mix_work(tiny_recipe, tmp_path, monk
     mixed = runner.invoke(app, ["distill", str(other), "--out", str(out), "--max-steps", "4", "--resume", "--no-bench"])
     assert mixed.exit_code == 2 and "target_model" in flat(mixed) and "Traceback" not in mixed.output
     assert (out / "recipe.yaml").read_text() == saved
+    # Another held-out slice: the checkpoint would train on what it is evaluated on. Refused the same way.
+    held = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "4", "--resume", "--no-bench",
+                               "--held-out", "1"])
+    assert held.exit_code == 2 and "data.held_out" in flat(held) and "other conversations" in flat(held), held.output
+    assert (out / "recipe.yaml").read_text() == saved
     # best/ lost: the resumed run evaluates again and writes a final drafter that loads.
     shutil.rmtree(out / "best")
     again = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "3", "--resume", "--no-bench"])
@@ -511,3 +518,21 @@ def test_recipe_values_that_do_less_than_they_say_are_noted():
     assert "the bench after training runs 2" in notes(data={"held_out": 2}, eval={"bench_prompts": 5})
     no_bench = recipe_from_dict({"name": "t", "data": {"held_out": 2}, "eval": {"bench_prompts": 5}})
     assert _shape_notes(no_bench, bench=False) == []  # --no-bench: no note about a bench that will not run
+
+
+def test_recipe_yaml_reads_exponents_as_numbers_and_refuses_duplicate_keys(tmp_path):
+    """PyYAML's YAML 1.1 rules read `lr: 1e-3` as the string '1e-3' (then refused: "must be a number");
+    a key given twice silently kept the last value."""
+    from redraft_cli.distill.recipe import load_recipe
+
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("name: r1\ntarget:\n  model: smollm2-135m\ntrain:\n  lr: 1e-3\n  weight_decay: 5E-2\n")
+    recipe = load_recipe(str(ok))
+    assert recipe.train.lr == 0.001 and recipe.train.weight_decay == 0.05
+    for text, line in (("name: r1\ntrain:\n  lr: 1e-3\n  max_steps: 1\n  lr: 2e-3\n", 5),
+                       ("name: r1\ntrain:\n  lr: 0.1\ntrain:\n  lr: 0.2\n", 4)):
+        bad = tmp_path / "dup.yaml"
+        bad.write_text(text)
+        result = runner.invoke(app, ["distill", str(bad), "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2 and f"dup.yaml:{line}:" in result.output and "duplicate key" in result.output, \
+            result.output

@@ -379,6 +379,13 @@ def test_distill_pipeline_with_sampled_answers(tmp_path):
     events, done = distill_events(recipe, target, tmp_path, out="out2")
     assert not [e for e in events if e["event"] in ("data_start", "data")]
     assert done["sampled"] == 5
+    # Another held-out count trains on other conversations: their sampled answers are another set (they
+    # shared one folder, whose check then refused the run as "a different prompt set").
+    import dataclasses
+
+    other = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, held_out=3))
+    events, done = distill_events(other, target, tmp_path, out="out3")
+    assert (done["train"], done["held_out"]) == (7, 3) and len(list((tmp_path / "data").glob("sampled-*"))) == 2
     with pytest.raises(BadInputError, match="sampled_temperature"):
         recipe_from_dict({"data": {"sampled_answers": 1, "sampled_temperature": 0}})
 

@@ -536,3 +536,15 @@ def test_cli_json_to_stdout_and_prompts_from_stdin(tmp_path, monkeypatch):
     assert not Path("-").exists()  # (no file named "-" in the current folder)
     both = runner.invoke(app, [*args, "--csv", "-"], input="Name a colour.\n")
     assert both.exit_code == 2 and "both name standard output" in both.output, both.output
+
+
+def test_save_best_never_rewrites_the_drafter_shipped_in_the_package(tmp_path):
+    """`sweep --save-best` with the default drafter would rewrite the package's own config.json (one
+    short sweep replaced the shipped shape): refused, with the copy to make instead."""
+    from redraft_cli.shipped import shipped_drafter_dir
+
+    shipped = shipped_drafter_dir("smollm2-135m") / CONFIG_NAME
+    before = shipped.read_bytes()
+    r = invoke("--save-best", "--beam-widths", "1", "--beam-lengths", "2", "--num-prompts", 1, "--max-new-tokens", 4)
+    assert_clean_error(r, "inside the redraft package", "cp -r")
+    assert shipped.read_bytes() == before

@@ -80,6 +80,10 @@ def main() -> None:
         if interrupted_at_startup():  # a Ctrl-C that a library's lazy import turned into another error
             err_console.print("[bold red]error:[/] interrupted", markup=True, highlight=False)
             sys.exit(130)
+        if "No space left on device" in str(exc):  # a library's own error for a full disk (safetensors)
+            err_console.print(f"[bold red]error:[/] no space left on device ({type(exc).__name__} while writing); free "
+                              f"some space or write elsewhere", markup=True, highlight=False)
+            sys.exit(2)
         err_console.print(f"[bold red]error:[/] {escape(bug_line(exc))}", markup=True, highlight=False)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)

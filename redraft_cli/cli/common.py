@@ -1,14 +1,18 @@
-"""Loading shared by the commands: quiet third-party logging, target + drafter from options."""
+"""What the commands share: loading the target and drafter from their options, quiet third-party
+logging, input checks before any work (output paths, prompts that fit), the notes they print,
+and the report options' '-' (standard output)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import typer
 from rich.console import Console
 from rich.markup import escape
 
@@ -18,9 +22,11 @@ from ..decode import DecodeConfig, check_datastore
 from ..drafter import Drafter
 from ..entry import startup_done
 from ..errors import BadInputError
+from ..files import cache_dir, write_text
+from ..loading import EMBEDDED, TargetSpec, load_target
+from ..prompts import load_prompts
 from ..sampling import SamplingConfig
 from ..shipped import shipped_drafter_dir
-from ..loading import TargetSpec, load_target
 from ..target import Target
 
 console = Console(highlight=False)
@@ -31,12 +37,8 @@ def report_to_stdout(path: Path | str | None) -> Path | str | None:
     """The callback of --json and sweep's --csv: with '-' the report is standard output's only content,
     so the tables and messages go to standard error (`redraft bench --json - | jq .speedup`). (The app's
     root callback sends them back to standard output before each command's options are read.)"""
-    import sys
-
     if is_dash(path):
         if not stdout_open():
-            import typer
-
             raise typer.BadParameter("'-' writes the report to standard output, which is closed here; name a file")
         console.file = sys.stderr
     return path
@@ -44,8 +46,6 @@ def report_to_stdout(path: Path | str | None) -> Path | str | None:
 
 def stdout_open() -> bool:
     """Whether standard output can be written (`cmd >&-` leaves Python's sys.stdout None)."""
-    import sys
-
     return sys.stdout is not None and not getattr(sys.stdout, "closed", False)
 
 
@@ -56,24 +56,16 @@ def is_dash(path: Path | str | None) -> bool:
 
 def write_report(path: Path | str, text: str) -> str | None:
     """Write a result file, or to standard output for '-'; the path written, None for standard output."""
-    import sys
-
     if is_dash(path):
         sys.stdout.write(text)
         sys.stdout.flush()
         return None
-    from ..files import write_text
-
     return str(write_text(path, text))
 
 
 def read_prompts(path: Path | None, limit: int) -> list[str]:
     """--prompts (a file, '-' for standard input, None for the built-in set) as prompt texts; at a
     terminal, '-' first says what it waits for (a blank screen looked hung)."""
-    import sys
-
-    from ..prompts import load_prompts
-
     if is_dash(path) and sys.stdin is not None and sys.stdin.isatty():
         err.print("reading prompts from standard input, one a line (or JSONL); end with Ctrl-D")
     return load_prompts(path, limit=limit)
@@ -310,9 +302,6 @@ def model_inputs(model: str, drafter: str | None = None, chat_template: str | No
     """What a run reads, for check_output_paths: (files, folders) keyed by option. A model folder or
     .gguf file, the embedded model's cached conversion, a drafter folder (the shipped one for auto),
     a --chat-template file, and the package's data folder (the built-in prompts bench and sweep read)."""
-    from ..files import cache_dir
-    from ..loading import EMBEDDED
-
     files, folders = {}, {}
     try:  # (a template given as Jinja text is no path: too long a name, or none that exists)
         if chat_template and Path(chat_template).expanduser().is_file():
@@ -381,8 +370,9 @@ def slower_note(speedup: float | None, tokens_per_step: float, batch_size: int, 
         return None
     head = f"note: {subject} ran at {speedup:.2f}x of plain decoding here: "
     if steps_per_answer is not None and steps_per_answer < SHORT_ANSWER_STEPS:
-        return head + (f"its answers took {steps_per_answer:.1f} decode steps each (they ended early, at the end of "
-                       "text or of the context), too few to pay for building the tree; compare on longer answers")
+        return head + (f"its answers took only {steps_per_answer:.1f} decode steps each (short answers: "
+                       "--max-new-tokens, the end of the text or of the context), too few to pay back the prompt pass "
+                       "and the first drafts; compare on longer answers")
     if beam_length == 1 and tokens_per_step < 1.5:
         return head + "beams of length 1 (g0 alone) draft nothing, so only lookup beams propose; a beam length of " \
                       "2 or more lets the drafter propose"

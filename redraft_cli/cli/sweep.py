@@ -235,6 +235,10 @@ def _check_writable(drafter_dir: Path | None, model: str) -> None:
     if drafter_dir is None:
         raise BadInputError(f"--save-best needs a saved drafter, but no trained drafter ships for {model} "
                             "(--drafter auto fell back to an untrained one); pass --drafter DIR")
+    package = Path(__file__).resolve().parents[1]
+    if drafter_dir.resolve().is_relative_to(package):  # (as distill refuses an --out there)
+        raise BadInputError(f"--save-best would rewrite the drafter shipped inside the redraft package "
+                            f"({drafter_dir}); copy it (cp -r {drafter_dir} my-drafter) and sweep --drafter my-drafter")
     cfg_path = drafter_dir / CONFIG_NAME
     if not os.access(drafter_dir, os.W_OK) or not os.access(cfg_path, os.W_OK):
         raise BadInputError(f"--save-best cannot write {cfg_path} (read-only)")

@@ -33,7 +33,7 @@ from ..chat_templates import NAMED as NAMED_TEMPLATES
 from ..chat_templates import apply_chat_template
 from ..datastore import DATASTORE_NAME, Datastore
 from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter, write_beam_shape
-from ..errors import BadInputError, ModelLoadError
+from ..errors import BadInputError, ModelLoadError, PromptError
 from ..prompts import builtin_conversations, load_conversations
 from ..files import writable_dir
 from ..files import cache_dir
@@ -69,6 +69,27 @@ def resolve_conversations(source: str, num_prompts: int | None, skipped: list[st
     else:
         convs = load_conversations(os.path.expanduser(source), skipped)
     return convs[:num_prompts] if num_prompts else convs
+
+
+def _check_same_held_out(out: Path, recipe: Recipe) -> None:
+    """--resume keeps the held-out conversations of the run it continues (its recipe.yaml in out): with
+    another data.source or data.held_out, the checkpoint would go on training on conversations it is
+    evaluated on, and the best one would be chosen by them. (Other data settings may change: more
+    prompts, longer answers.)"""
+    try:
+        before = yaml.safe_load((out / RECIPE_NAME).read_text()).get("data") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return
+    for key in ("source", "held_out"):
+        old, new = before.get(key), getattr(recipe.data, key)
+        if key == "source" and isinstance(old, str) and isinstance(new, str) and not new.startswith("hf://"):
+            same = old == new or os.path.abspath(os.path.expanduser(old)) == os.path.abspath(os.path.expanduser(new))
+        else:
+            same = old == new
+        if old is not None and not same:
+            raise BadInputError(f"cannot resume {out}: its run had data.{key} {old!r}, this one {new!r}, so other "
+                                f"conversations would be held out (some already trained on); resume with {old!r} or "
+                                f"use another --out")
 
 
 def _download_dataset_file(source: str) -> str:
@@ -152,6 +173,8 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         recover_checkpoint(out)
     if (out / CHECKPOINT).exists() and not resume and not data_only:
         raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
+    if (out / CHECKPOINT).exists() and resume and not data_only:
+        _check_same_held_out(out, recipe)
     # A run that failed before training (no model, no chat template, no network) leaves only recipe.yaml,
     # one killed before its first checkpoint also best/ or a half-written checkpoint: still ours to retry in.
     if (not data_only and out.is_dir() and not (out / CHECKPOINT).exists()
@@ -169,7 +192,12 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     # The prompts first: a missing file or too few prompts fails before the model loads.
     d = recipe.data
     skipped: list[str] = []  # a data set of thousands of conversations keeps going past a malformed one
-    convs = resolve_conversations(d.source, d.num_prompts, skipped)
+    try:
+        convs = resolve_conversations(d.source, d.num_prompts, skipped)
+    except PromptError as exc:  # name the field (a recipe's relative path is read from the current folder)
+        where = "" if os.path.isabs(os.path.expanduser(d.source)) or "://" in d.source else \
+            f" (a relative path, read from the current folder {os.getcwd()})"
+        raise PromptError(f"data.source: {exc}{where if 'not found' in str(exc) else ''}") from exc
     if skipped:
         emit({"event": "note", "text": f"skipped {len(skipped)} record(s) that are not prompts; the first: {skipped[0]}"})
     if len(convs) <= d.held_out:
@@ -520,7 +548,8 @@ def _sampled_answers(target: Target, launch: Launch, recipe: Recipe, train_convs
     for s in range(1, d.sampled_answers + 1):
         cfg = replace(gen_cfg, temperature=d.sampled_temperature, top_p=d.sampled_top_p, seed=d.seed + s,
                       max_new_tokens=d.sampled_max_new_tokens or d.max_new_tokens)
-        sdir = data_dir / f"sampled-{_settings_key(cfg.fingerprint())}"
+        # (keyed by where the training conversations start too: another data.held_out answers other ones)
+        sdir = data_dir / f"sampled-{_settings_key([cfg.fingerprint(), d.held_out])}"
         found = _answers(target, launch, f"{recipe.name}-sampled-{s}", train_convs, sdir, cfg, shards, generate, emit,
                          f"sampled answers {s}", required=False)
         found = [e for e in found if e["conv_index"] < n]

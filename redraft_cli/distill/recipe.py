@@ -288,7 +288,9 @@ _LOWER_BOUNDS: dict[tuple[str, str], tuple[float, bool]] = {
     ("data", "sampled_prompts"): (1, True), ("data", "written_prompts"): (0, True),
     ("drafter", "context_window"): (0, True),
 }
-_UPPER_BOUNDS = {("data", "top_p"): 1.0, ("train", "warmup_ratio"): 1.0, ("data", "sampled_top_p"): 1.0}
+_UPPER_BOUNDS = {("data", "top_p"): 1.0, ("train", "warmup_ratio"): 1.0, ("data", "sampled_top_p"): 1.0,
+                 # a drafter is a small head: 20,000 blocks filled the memory before any message
+                 ("drafter", "num_layers"): 64, ("drafter", "predict_tokens"): 63}  # (beams of at most 64 tokens)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -362,9 +364,27 @@ def load_recipe(name_or_path_or_model: str) -> Recipe:
     return recipe
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML as a recipe's author means it: `1e-3` is a number (YAML 1.2; PyYAML's 1.1 rules read an
+    exponent without a dot as a string), and a key given twice is an error (the last one silently won)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_RecipeLoader.add_implicit_resolver(  # (after PyYAML's own: only what they leave a string, 1e-3 and 2E5)
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def _read_yaml(path: Path) -> Recipe:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_RecipeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
