@@ -36,6 +36,19 @@ def model_dir(tmp_path_factory, target):
     return d
 
 
+def typed(lines: list[str]):
+    """An `input()` that returns `lines` one by one, then raises EOFError (Ctrl-D)."""
+    it = iter(lines)
+
+    def fake_input(prompt: str = "") -> str:
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+
+    return fake_input
+
+
 def session(target, **kw) -> ChatSession:
     gen = Generator(target, Drafter.for_target(target, seed=0))
     return ChatSession(gen, DecodeConfig(max_new_tokens=12, beam_width=2, beam_length=3), **kw)
@@ -271,13 +284,7 @@ def test_interactive_errors_and_commands_with_brackets_are_printed_as_text(targe
     from redraft_cli.cli import chat as chat_cli
 
     s = session(target)
-    lines = iter(["/set foo[/] 1", "/[/]x", "/reset [/b]", "/set accept [bold]x", "[/] hello", "/set seed 3"])
-
-    def fake_input(prompt=""):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
+    fake_input = typed(["/set foo[/] 1", "/[/]x", "/reset [/b]", "/set accept [bold]x", "[/] hello", "/set seed 3"])
 
     def refuse(text):
         raise BadInputError(f"cannot answer {text!r}")
@@ -356,15 +363,9 @@ def test_an_unexpected_error_mid_answer_keeps_the_interactive_conversation(targe
     from redraft_cli.cli import chat as chat_cli
 
     s = session(target)
-    lines = iter(["first question", "second question"])
+    fake_input = typed(["first question", "second question"])
     real_redraft = s.gen.redraft
     calls = []
-
-    def fake_input(prompt=""):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
 
     def failing_once(ids, cfg):
         calls.append(len(ids))
@@ -420,14 +421,8 @@ def test_a_message_stopped_in_its_prompt_pass_is_not_kept_and_double_slash_sends
     from redraft_cli.cli import chat as chat_cli
 
     s = session(target)
-    lines = iter(["a very long paste", "//usr/bin/env is what?"])
+    fake_input = typed(["a very long paste", "//usr/bin/env is what?"])
     real_redraft = s.gen.redraft
-
-    def fake_input(prompt=""):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
 
     def ctrl_c_in_prefill(ids, cfg):
         for step in real_redraft(ids, cfg):
