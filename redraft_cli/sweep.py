@@ -117,7 +117,9 @@ class SweepConfig:
                     continue
                 drafted = w * (length - 1)
                 budgets = {min(n, drafted) for n in self.tree_nodes}
-                if w == 1 and 0 in budgets and drafted:  # one beam: its L-1 prefixes are every node, the tree of budget 0
+                # One beam (its L-1 prefixes are every node) or one draft step (the budget chooses among the W
+                # tokens of that step only): a budget of every drafted token is the tree of budget 0.
+                if (w == 1 or length == 2) and 0 in budgets and drafted:
                     budgets.discard(drafted)
                 budgets = sorted(budgets)
                 cells += [(w, length, n) for n in budgets]

@@ -415,3 +415,17 @@ def test_per_cell_redraw_is_detected(env):
     # The bias sits on the first drafted token: its marginal rejects by a wide margin.
     stat, df, pval = report["token 2"]
     assert stat > 3 * chi2_critical(df) and pval < 1e-12
+
+
+def test_inverse_cdf_never_draws_a_token_of_probability_zero(monkeypatch):
+    """u = rand x total is a float32 product that can round up to the total itself: searchsorted then
+    runs past the end, and the last vocabulary token was returned even with probability 0 (a tail that
+    top-k or top-p cut). The last token with p > 0 is returned instead; interior zeros are never chosen."""
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda n, m, **kw: torch.ones(n, m))  # u == the total exactly
+    assert sample(probs, None).tolist() == [3, 1]
+    monkeypatch.setattr(torch, "rand", lambda n, m, **kw: torch.full((n, m), 0.2))  # u on a cdf step: past the zero
+    assert sample(probs, None).tolist() == [2, 1]
+    monkeypatch.undo()
+    draws = sample(probs.repeat(2000, 1), torch.Generator().manual_seed(0))
+    assert set(draws[0::2].tolist()) == {0, 2, 3} and set(draws[1::2].tolist()) == {1}

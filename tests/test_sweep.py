@@ -499,6 +499,23 @@ def test_budgets_that_make_the_same_tree_run_once():
     assert SweepConfig(beam_widths=[2, 4], beam_lengths=[1], tree_nodes=[0, 3]).shapes == [(2, 1, 0)]
 
 
+def test_a_full_budget_over_one_draft_step_is_the_every_beam_tree(tiny):
+    """Beams of length 2 draft one step: a budget of all W tokens keeps the same W nodes as budget 0, so
+    `--nodes 0,2` at 2x2 runs one cell (it ran both, and their timing noise could pick `best`)."""
+    from redraft_cli.beam_search import draft_beams
+    from redraft_cli.sweep import SweepConfig
+
+    assert SweepConfig(beam_widths=[2], beam_lengths=[2, 3], tree_nodes=[0, 1, 2]).shapes == [
+        (2, 2, 0), (2, 2, 1), (2, 3, 0), (2, 3, 1), (2, 3, 2)]
+    target, drafter = tiny
+    drafter.attach(target.embed_weight, target.lm_head_weight)
+    torch.manual_seed(0)
+    h, g0 = torch.randn(3, target.hidden_size), torch.randint(0, target.vocab_size, (3,))
+    every, budget = draft_beams(drafter, h, g0, 2, 2), draft_beams(drafter, h, g0, 2, 2, tree_nodes=2)
+    as_set = lambda b: [sorted(map(tuple, row.tolist())) for row in b.tokens]  # noqa: E731
+    assert as_set(every) == as_set(budget)
+
+
 def test_cli_json_to_stdout_and_prompts_from_stdin(tmp_path, monkeypatch):
     """`--json -`: standard output is the report alone (the table goes to standard error), after a full
     sweep and after a Ctrl-C (whose message says where the finished cells went)."""
