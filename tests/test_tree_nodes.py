@@ -152,9 +152,9 @@ def test_sweep_caps_the_budget_per_cell_and_recipes_check_it_on_load():
     from redraft_cli.sweep import SweepConfig
 
     cfg = SweepConfig(beam_widths=[1, 4], beam_lengths=[2, 5], tree_nodes=[6, 0, 3, 6])
-    # Budgets capped at the W*(L-1) tokens a cell drafts; those that cap alike run once, and a one-beam
-    # cell's full budget (its every node) does not run again beside 0.
-    assert cfg.shapes == [(1, 2, 0), (1, 5, 0), (1, 5, 3), (4, 2, 0), (4, 2, 3), (4, 2, 4),
+    # Budgets capped at the W*(L-1) tokens a cell drafts; those that cap alike run once, and the full
+    # budget of a one-beam cell or of one draft step (length 2: 4x2 keeps all 4) does not run again beside 0.
+    assert cfg.shapes == [(1, 2, 0), (1, 5, 0), (1, 5, 3), (4, 2, 0), (4, 2, 3),
                           (4, 5, 0), (4, 5, 3), (4, 5, 6)]
     with pytest.raises(BadInputError, match="--nodes must be >= 0"):
         SweepConfig(tree_nodes=[-1])
