@@ -83,7 +83,7 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     cdf = torch.cumsum(flat, dim=-1)  # (N, V)
     u = torch.rand(flat.shape[0], 1, generator=generator, device=flat.device) * cdf[:, -1:]
     idx = torch.searchsorted(cdf, u, right=True)  # (N, 1); V when u rounded up to the total
-    last = flat.shape[-1] - 1 - torch.argmax((flat.flip(-1) > 0).to(torch.uint8), dim=-1, keepdim=True)  # last p > 0
+    last = torch.searchsorted(cdf, cdf[:, -1:])  # (N, 1): where the cdf reaches the total, the last token with p > 0
     return torch.minimum(idx, last).view(probs.shape[:-1])
 
 

@@ -19,7 +19,7 @@ from ..drafter import CONFIG_NAME
 from ..errors import BadInputError
 from ..shipped import shipped_drafter_dir
 from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, best_cell, cell_key, parse_int_list,
-                     run_sweep, save_best as save_best_shape, sweep_result, csv_text, write_csv, write_json)
+                     run_sweep, save_best as save_best_shape, sweep_result, csv_text)
 from . import options as o
 from ._errors import handle_errors
 from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape, is_dash, report_to_stdout, write_report
@@ -164,8 +164,9 @@ def sweep(
         console.print(render(partial, cfg.shapes, cells, None, final=True))
         from ..plots import save_sweep_plot
 
-        written = [str(write(partial, path)) for write, path in ((_write_json, json_path), (_write_csv, csv_path),
-                                                                  (save_sweep_plot, plot_path)) if path is not None]
+        reports = [(kind, path) for kind, path in (("json", json_path), ("csv", csv_path)) if path is not None]
+        written = [_write(partial, path, kind) or "standard output" for kind, path in reports]
+        written += [str(save_sweep_plot(partial, plot_path))] if plot_path is not None else []
         err.print(f"interrupted: the results above cover the {len(cells)} of {len(cfg.shapes)} cells that finished"
                   + (f" (in {' and '.join(written)}, marked \"interrupted\")" if written else ""))  # (as bench says it)
         raise typer.Exit(130) from None
@@ -179,10 +180,9 @@ def sweep(
     result["saved_best"] = str(saved) if saved else None
 
     console.print(render(result, cfg.shapes, result["cells"], None, final=True))
-    if json_path is not None and (written := _write_json(result, json_path)) != STDOUT:
-        console.print(f"wrote {written}")
-    if csv_path is not None and (written := _write_csv(result, csv_path)) != STDOUT:
-        console.print(f"wrote {written}")
+    for kind, path in (("json", json_path), ("csv", csv_path)):
+        if path is not None and (written := _write(result, path, kind)) is not None:
+            console.print(f"wrote {written}")
     if plot_path is not None:
         from ..plots import save_sweep_plot
 
@@ -205,23 +205,10 @@ def sweep(
                          f"(the default of bench --batch-size {batch_size} and larger with this drafter)"))
 
 
-STDOUT = "standard output"
-
-
-def _write_json(result: dict[str, Any], path: Path) -> str:
-    """The --json report, to its file or, for '-', standard output (common.report_to_stdout): where it went."""
-    if is_dash(path):
-        write_report(path, json.dumps(result, indent=2) + "\n")
-        return STDOUT
-    return str(write_json(result, path))
-
-
-def _write_csv(result: dict[str, Any], path: Path) -> str:
-    """The --csv rows, to their file or, for '-', standard output: where they went."""
-    if is_dash(path):
-        write_report(path, csv_text(result))
-        return STDOUT
-    return str(write_csv(result, path))
+def _write(result: dict[str, Any], path: Path, kind: str) -> str | None:
+    """The --json (kind "json") or --csv report, to its file (whose folder check_output_paths found) or,
+    for '-', to standard output (common.report_to_stdout): the file written, None for standard output."""
+    return write_report(path, json.dumps(result, indent=2) + "\n" if kind == "json" else csv_text(result))
 
 
 def _drafter_dir(option: str, loaded: Loaded) -> Path | None:
