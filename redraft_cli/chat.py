@@ -2,8 +2,10 @@
 
 The session keeps the conversation, trims the oldest turns when the prompt
 would not leave room for an answer inside the context window, and keeps
-per-answer and session statistics. It knows nothing about terminals: the
-CLI prints the `Chunk`s it yields.
+per-answer and session statistics. Each turn goes on from the KV cache the
+last answer left (`Generator`'s reuse_cache): only the tokens after the part
+of the conversation the target has already read are run again. It knows
+nothing about terminals: the CLI prints the `Chunk`s it yields.
 """
 
 from __future__ import annotations
@@ -34,9 +36,12 @@ class Totals:
     step_tokens: int = 0
     accepted: int = 0
     draftable: int = 0  # steps x (tree depth - 1)
+    prompt_tokens: int = 0  # the conversation as the target read it, template included
+    reused_tokens: int = 0  # of those, tokens whose KV the previous answer left (not run again)
 
     def add(self, other: "Totals") -> None:
-        for f in ("answers", "tokens", "seconds", "steps", "step_tokens", "accepted", "draftable"):
+        for f in ("answers", "tokens", "seconds", "steps", "step_tokens", "accepted", "draftable", "prompt_tokens",
+                  "reused_tokens"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
 
     def summary(self) -> dict[str, float]:
@@ -48,6 +53,8 @@ class Totals:
             "steps": self.steps,
             "tokens_per_step": round(self.step_tokens / self.steps, 3) if self.steps else 0.0,
             "acceptance_rate": round(self.accepted / self.draftable, 4) if self.draftable else 0.0,
+            "prompt_tokens": self.prompt_tokens,
+            "reused_tokens": self.reused_tokens,
         }
 
 
@@ -175,7 +182,7 @@ class ChatSession:
             self.trimmed = 0
             raise
         tok = self.gen.target.tokenizer
-        loop = self.gen.redraft if self.draft else self.gen.plain
+        loop = self.gen.redraft if self.draft else self.gen.plain  # (both go on from the last answer's KV cache)
         answer: list[int] = []
         # Only the answer's current line is decoded again at each step (its text can still change
         # as tokens join it); tokens up to the last line break are shown for good: `line` is their
@@ -185,7 +192,9 @@ class ChatSession:
         self.cut = False
         start = time.perf_counter()
         try:
-            for step in loop(ids, self.cfg):
+            for step in loop(ids, self.cfg, reuse_cache=True):
+                if step.prefill:
+                    stats.prompt_tokens, stats.reused_tokens = len(ids), step.reused
                 drafted_ids = step.tokens[: step.accepted]
                 # A character whose bytes are not all there yet decodes to U+FFFD: held back until they are.
                 with_drafts = tok.decode(answer[line:] + drafted_ids, skip_special_tokens=True).rstrip("\ufffd")

@@ -137,6 +137,7 @@ class StepStats:
     accept_s: float = 0.0
     prefill: bool = False
     finished: bool = False
+    reused: int = 0  # a prefill's prompt tokens whose KV the previous generation left (reuse_cache)
 
 
 class Proposer(Protocol):
@@ -239,6 +240,8 @@ class Generator:
         self.cache: Any = None
         self.draft_context: Any = None  # the drafter's context-attention cache of the latest generation
         self._run: object = None  # the generation that owns the caches (the one started last)
+        # What a one-prompt generation left for the next one (reuse_cache): its rows and cache.
+        self._held: tuple[_Rows, Any] | None = None
 
     def check(self, cfg: DecodeConfig) -> None:
         """Raise BadInputError when ReDrafter decoding with `cfg` cannot run with this drafter."""
@@ -260,17 +263,19 @@ class Generator:
         return torch.Generator(device=dev if dev.type != "mps" else "cpu").manual_seed(cfg.sampling.seed)
 
     def _prefill(self, prompts: list[list[int]], cfg: DecodeConfig, gen: torch.Generator | None, capacity: int,
-                 context: bool = False):
+                 context: bool = False, reuse: tuple[Any, int] | None = None):
         """Run the prompts (right-padded into one batch) into a fresh cache of `capacity` slots per row.
 
         Returns (h (B, H), g0 (B,), per-row StepStats, cache, context cache or None).
         context=True (a drafter with context attention) also starts its cache and
-        returns its context c in place of h."""
+        returns its context c in place of h. reuse=(cache, k) (one prompt): that cache
+        already holds the prompt's first k tokens, and only the rest is run, after them."""
         t = self.target
         start = time.perf_counter()
+        cache, k = reuse if reuse is not None else (t.new_tree_cache(len(prompts), capacity), 0)
+        prompts = [p[k:] for p in prompts]
         B, lengths = len(prompts), [len(p) for p in prompts]
         P = max(lengths)
-        cache = t.new_tree_cache(B, capacity)
         ids = torch.zeros(B, P, dtype=torch.long)
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = torch.tensor(p)
@@ -280,7 +285,7 @@ class Generator:
         causal = torch.ones(P, P, dtype=torch.bool, device=t.device).tril()
         real = positions < lens.unsqueeze(1)  # (B, P): False on the right padding of shorter prompts
         mask = causal & real.unsqueeze(1)  # (B, P, P): pads are never seen
-        hidden = t.forward_tree(ids, positions, cache, mask, real, graph=False)
+        hidden = t.forward_tree(ids, positions + k, cache, mask, real, graph=False)
         cache.commit(positions, lens)
         h = hidden[torch.arange(B, device=t.device), lens - 1]  # (B, H)
         g0 = choose_tokens(t.logits(h), cfg.sampling, gen)  # (B,)
@@ -289,8 +294,33 @@ class Generator:
             h, draft_context = self._start_context(hidden, ids, g0, lens)
         _sync(t.device)
         seconds = time.perf_counter() - start
-        stats = [StepStats([int(g0[b])], tree_nodes=lengths[b], verify_s=seconds, prefill=True) for b in range(B)]
+        stats = [StepStats([int(g0[b])], tree_nodes=lengths[b], verify_s=seconds, prefill=True, reused=k)
+                 for b in range(B)]
         return h, g0, stats, cache, draft_context
+
+    def _reusable(self, prompt: list[int], capacity: int) -> tuple[Any, int] | None:
+        """(cache, k): the cache the last one-prompt generation left, holding the first k tokens of
+        `prompt` (the longest prefix it shares with that generation's prompt and output, at most all
+        but the prompt's last token, whose hidden state the first token needs), or None when it holds
+        none of them. A cache with fewer than `capacity` slots is copied into a larger one."""
+        held, self._held = self._held, None
+        if held is None:
+            return None
+        rows, cache = held
+        done = rows.context[0][: min(cache.get_seq_length(), len(rows.context[0]))]  # tokens whose KV it holds
+        k = 0
+        limit = min(len(done), len(prompt) - 1)
+        if limit > 0:
+            same = torch.tensor(done[:limit]) != torch.tensor(prompt[:limit])
+            k = int(same.int().argmax()) if bool(same.any()) else limit
+        if k == 0:
+            return None
+        cache.truncate(k)
+        if getattr(cache, "capacity", capacity) < capacity:  # a preallocated cache too small for this prompt
+            grown = self.target.new_tree_cache(1, capacity)
+            grown.load_prefix(cache, k)
+            cache = grown
+        return cache, k
 
     # -- the drafter's context attention (context_attention.py) ------------------------------
     def _start_context(self, hidden: torch.Tensor, ids: torch.Tensor, g0: torch.Tensor, lens: torch.Tensor):
@@ -351,7 +381,7 @@ class Generator:
         return out, keep
 
     def _rows(self, prompts: list[list[int]], cfg: DecodeConfig, slots: int | None, margin: int, step,
-              context: bool = False) -> Iterator[list[tuple[int, StepStats]]]:
+              context: bool = False, reuse: bool = False) -> Iterator[list[tuple[int, StepStats]]]:
         """The batched loop of both paths, with continuous batching.
 
         At most `slots` rows decode at once (default: every prompt). Waiting prompts are
@@ -361,6 +391,7 @@ class Generator:
         `step(rows, h, g0, cfg, gen)` runs one pass over the active rows and returns
         (per-row StepStats, h (R, H), g0 (R,)). Yields, per pass, the (row, StepStats)
         pairs of the rows that took part; a prefill pass yields the admitted rows.
+        reuse: one prompt starts from the KV the last one-prompt generation left (`_reusable`).
         """
         if not prompts:
             raise BadInputError("no prompts to decode")
@@ -374,6 +405,8 @@ class Generator:
         capacity = min(max(map(len, prompts)) + cfg.max_new_tokens, t.max_context) + margin
         if t.graphs is not None:  # one cache shape for many generations: their CUDA graphs are reused
             capacity = graph_capacity(capacity)
+        reused = self._reusable(prompts[0], capacity) if reuse and len(prompts) == 1 and not context else None
+        self._held = None
         self.cache = self.draft_context = None  # the last generation's caches go before this one's are made
         self._run = run = object()
         h = g0 = None
@@ -381,7 +414,10 @@ class Generator:
             ids = rows.admit()
             if ids:
                 h_new, g0_new, stats, cache, draft_context = self._prefill([prompts[r] for r in ids], cfg, gen,
-                                                                           capacity, context)
+                                                                           capacity, context, reused)
+                reused = None
+                if len(prompts) == 1 and not context:
+                    self._held = (rows, cache)
                 out, keep = self._record(rows, ids, stats, cfg)
                 yield out
                 self._check_owner(run)
@@ -427,10 +463,10 @@ class Generator:
         return h.index_select(0, idx), g0.index_select(0, idx)
 
     # -- plain decoding -------------------------------------------------------------
-    def plain(self, prompt_ids: list[int], cfg: DecodeConfig) -> Iterator[StepStats]:
-        """Autoregressive decoding of one prompt, one target pass per token."""
+    def plain(self, prompt_ids: list[int], cfg: DecodeConfig, reuse_cache: bool = False) -> Iterator[StepStats]:
+        """Autoregressive decoding of one prompt, one target pass per token. reuse_cache: see `redraft`."""
         _check_single("plain", prompt_ids, cfg)
-        return (step[0][1] for step in self.plain_batch([prompt_ids], cfg))
+        return (step[0][1] for step in self._rows([prompt_ids], cfg, None, 1, self._plain_step, reuse=reuse_cache))
 
     def plain_batch(self, prompts: list[list[int]], cfg: DecodeConfig, slots: int | None = None
                     ) -> Iterator[list[tuple[int, StepStats]]]:
@@ -454,22 +490,31 @@ class Generator:
         return [StepStats([int(x)], verify_s=seconds) for x in tok.tolist()], hidden, tok
 
     # -- ReDrafter ------------------------------------------------------------------
-    def redraft(self, prompt_ids: list[int], cfg: DecodeConfig) -> Iterator[StepStats]:
-        """Speculative decoding of one prompt with beam drafts and dynamic tree attention."""
+    def redraft(self, prompt_ids: list[int], cfg: DecodeConfig, reuse_cache: bool = False) -> Iterator[StepStats]:
+        """Speculative decoding of one prompt with beam drafts and dynamic tree attention.
+
+        reuse_cache: start from the KV cache the last one-prompt generation of this Generator
+        (`plain` or `redraft`) left, where its prompt and output begin this prompt: a chat's next
+        turn runs only its new tokens through the target (the first StepStats' `reused` counts
+        the others). A drafter with context attention starts afresh."""
         _check_single("redraft", prompt_ids, cfg)
-        return (step[0][1] for step in self.redraft_batch([prompt_ids], cfg))
+        return (step[0][1] for step in self._redraft_rows([prompt_ids], cfg, None, reuse_cache))
 
     def redraft_batch(self, prompts: list[list[int]], cfg: DecodeConfig, slots: int | None = None
                       ) -> Iterator[list[tuple[int, StepStats]]]:
         """Speculative decoding of several prompts, at most `slots` at once (default: all):
         one draft and one tree pass per step for all active rows."""
         _check_batch("redraft_batch", prompts, cfg, slots)
+        return self._redraft_rows(prompts, cfg, slots)
+
+    def _redraft_rows(self, prompts: list[list[int]], cfg: DecodeConfig, slots: int | None, reuse: bool = False
+                      ) -> Iterator[list[tuple[int, StepStats]]]:
         if self.proposer is None:
             raise BadInputError("ReDrafter decoding needs a drafter")
         self.check(cfg)
         has_context = getattr(self.drafter, "context", None) is not None
         margin = (cfg.beam_width + cfg.copied_beams) * cfg.tree_depth + 1
-        return self._rows(prompts, cfg, slots, margin, self._redraft_step, context=has_context)
+        return self._rows(prompts, cfg, slots, margin, self._redraft_step, context=has_context, reuse=reuse)
 
     def _redraft_step(self, rows: _Rows, h: torch.Tensor, g0: torch.Tensor, cfg: DecodeConfig,
                       gen: torch.Generator | None):

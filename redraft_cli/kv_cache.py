@@ -68,6 +68,13 @@ class TreeCache:
         """Keep the n new tokens of the last forward (they are already at the end of the cache)."""
         self.lengths += n
 
+    def truncate(self, n: int) -> None:
+        """Keep only the first n committed tokens (and drop any tentative ones after them)."""
+        if not 0 <= n <= int(self.lengths[0]):
+            raise ValueError(f"cannot truncate a cache of {int(self.lengths[0])} tokens to {n}")
+        commit_path(self.hf, n, torch.zeros(0, dtype=torch.long))
+        self.lengths.fill_(n)
+
     def keep(self, rows: torch.Tensor) -> None:
         if rows.numel() != 1 or int(rows[0]) != 0:
             raise ValueError("a generic-path cache holds one row")

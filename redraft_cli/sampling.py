@@ -81,9 +81,10 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     """
     flat = probs.reshape(-1, probs.shape[-1]).float()
     cdf = torch.cumsum(flat, dim=-1)  # (N, V)
-    u = torch.rand(flat.shape[0], 1, generator=generator, device=flat.device) * cdf[:, -1:]
+    total = cdf[:, -1:].contiguous()  # (N, 1) (searchsorted warns on a strided view)
+    u = torch.rand(flat.shape[0], 1, generator=generator, device=flat.device) * total
     idx = torch.searchsorted(cdf, u, right=True)  # (N, 1); V when u rounded up to the total
-    last = torch.searchsorted(cdf, cdf[:, -1:])  # (N, 1): where the cdf reaches the total, the last token with p > 0
+    last = torch.searchsorted(cdf, total)  # (N, 1): where the cdf reaches the total, the last token with p > 0
     return torch.minimum(idx, last).view(probs.shape[:-1])
 
 

@@ -175,6 +175,23 @@ class StaticKVCache:
         if self._longest is not None:
             self._longest += n
 
+    def truncate(self, n: int) -> None:
+        """Keep only the first n committed tokens of a one-row cache (a new prompt that starts
+        with them: `Generator`'s reuse_cache). The slots after them become stale."""
+        if self.lengths.numel() != 1 or not 0 <= n <= int(self.lengths[0]):
+            raise ValueError(f"cannot truncate a cache of lengths {self.lengths.tolist()} to {n}")
+        self.lengths = torch.full_like(self.lengths, n)
+
+    def load_prefix(self, other: "StaticKVCache", n: int) -> None:
+        """Copy the first n committed slots of one-row `other` (any capacity, same layers and heads)
+        into this empty one-row cache: a cache too small for the next prompt, grown."""
+        if self.lengths.numel() != 1 or other.lengths.numel() != 1 or n > min(self.capacity, int(other.lengths[0])):
+            raise ValueError(f"cannot copy {n} slots of a cache of lengths {other.lengths.tolist()} into one of "
+                             f"capacity {self.capacity}")
+        self.keys[:, :, :, :n] = other.keys[:, :, :, :n]
+        self.values[:, :, :, :n] = other.values[:, :, :, :n]
+        self.lengths = torch.full_like(self.lengths, n)
+
     def keep(self, rows: torch.Tensor) -> None:
         """Drop finished rows: keep `rows` (R,) int64, in that order, as rows 0..R-1. Only the
         rows whose place changes are copied; the places after R are free for `append`."""

@@ -58,8 +58,12 @@ def test_multi_turn_history_and_stats(target):
     s = session(target)
     first = "".join(c.drafted + c.text for c in s.ask("Hello there"))
     assert s.messages[-1] == {"role": "assistant", "content": first}
+    first_prompt = s.last.prompt_tokens
     list(s.ask("And then?"))
     assert [m["role"] for m in s.messages] == ["user", "assistant", "user", "assistant"]
+    # The second turn goes on from the first one's KV cache: its prompt and most of its answer are not run again.
+    assert first_prompt < s.last.reused_tokens < s.last.prompt_tokens
+    assert s.totals.reused_tokens == s.last.reused_tokens and s.totals.summary()["prompt_tokens"] > 2 * first_prompt
     assert s.totals.answers == 2 and s.totals.tokens == 24
     plain = session(target, draft=False)
     assert "".join(c.drafted + c.text for c in plain.ask("Hello there")) == first  # greedy: identical text
@@ -85,7 +89,7 @@ def test_streamed_text_equals_the_decoded_answer_across_lines_and_split_characte
             break
         steps.append(StepStats(tokens=ids[i : i + n], accepted=max(0, min(n, len(ids) - i) - 1)))
         i += n
-    s.gen.redraft = lambda prompt, cfg: iter(steps)
+    s.gen.redraft = lambda prompt, cfg, reuse_cache: iter(steps)
     chunks = list(s.ask("Say it"))
     assert "".join(c.drafted + c.text for c in chunks) == text
     assert s.messages[-1]["content"] == text
@@ -197,6 +201,13 @@ def test_interactive_terminal(model_dir):
         child.expect(">>> ")
         child.sendline("/stats")
         child.expect("session: 1 answer,")
+        child.expect(r"0 of them reused")
+        child.expect(">>> ")
+        child.sendline("And?")
+        child.expect(r"tokens/step")
+        child.expect(">>> ")
+        child.sendline("/stats")
+        child.expect(r"session: 2 answers,.* [1-9]\d* of them reused from the KV cache")
         child.expect(">>> ")
         child.sendline("/reset now")
         child.expect("/reset takes no arguments")
@@ -259,8 +270,12 @@ def test_a_turn_the_model_cannot_take_leaves_the_history_as_it_was(target):
     finally:
         target.vocab_size = vocab
     assert s.messages == before and s.totals.answers == 1
+    first_prompt = s.last.prompt_tokens
     list(s.ask("And then?"))
     assert [m["role"] for m in s.messages] == ["user", "assistant", "user", "assistant"]
+    # The second turn goes on from the first one's KV cache: its prompt and most of its answer are not run again.
+    assert first_prompt < s.last.reused_tokens < s.last.prompt_tokens
+    assert s.totals.reused_tokens == s.last.reused_tokens and s.totals.summary()["prompt_tokens"] > 2 * first_prompt
 
 
 def test_an_answer_cut_short_by_the_context_is_marked(target):
@@ -325,7 +340,7 @@ def test_acceptance_is_benchs_share_of_the_drafted_beam(target):
 
     gen = Generator(target, Drafter.for_target(target, seed=0))
     s = ChatSession(gen, DecodeConfig(max_new_tokens=12, beam_width=2, beam_length=3, lookup_beams=1, lookup_length=16))
-    s.gen.redraft = lambda prompt, cfg: iter([StepStats(tokens=[42], prefill=True),
+    s.gen.redraft = lambda prompt, cfg, reuse_cache: iter([StepStats(tokens=[42], prefill=True),
                                               StepStats(tokens=[43] * 11, accepted=10)])
     list(s.ask("Say it"))
     assert s.last.summary()["acceptance_rate"] == round(10 / 2, 4)
@@ -367,9 +382,9 @@ def test_an_unexpected_error_mid_answer_keeps_the_interactive_conversation(targe
     real_redraft = s.gen.redraft
     calls = []
 
-    def failing_once(ids, cfg):
+    def failing_once(ids, cfg, reuse_cache):
         calls.append(len(ids))
-        for n, step in enumerate(real_redraft(ids, cfg)):
+        for n, step in enumerate(real_redraft(ids, cfg, reuse_cache)):
             if len(calls) == 1 and n == 2:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             yield step
@@ -424,8 +439,8 @@ def test_a_message_stopped_in_its_prompt_pass_is_not_kept_and_double_slash_sends
     fake_input = typed(["a very long paste", "//usr/bin/env is what?"])
     real_redraft = s.gen.redraft
 
-    def ctrl_c_in_prefill(ids, cfg):
-        for step in real_redraft(ids, cfg):
+    def ctrl_c_in_prefill(ids, cfg, reuse_cache):
+        for step in real_redraft(ids, cfg, reuse_cache):
             if step.prefill and "very long" in target.tokenizer.decode(ids):
                 os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends; _stream's handler takes it
             yield step

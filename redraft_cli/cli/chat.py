@@ -236,7 +236,8 @@ def _command(session: ChatSession, line: str) -> bool:
         s = session.totals.summary()
         err.print(f"session: {counted(s['answers'], 'answer')}, {s['tokens']} tokens in {s['seconds']:.1f} s "
                   f"({s['tokens_per_s']:.1f} tokens/s), {s['tokens_per_step']:.2f} tokens/step, "
-                  f"acceptance {s['acceptance_rate']:.0%}, beams {session.cfg.beam_width}x{session.cfg.beam_length}")
+                  f"acceptance {s['acceptance_rate']:.0%}, beams {session.cfg.beam_width}x{session.cfg.beam_length}; "
+                  f"prompts {s['prompt_tokens']} tokens, {s['reused_tokens']} of them reused from the KV cache")
     elif name == "set":
         key, _, value = rest.strip().partition(" ")
         if not key:
