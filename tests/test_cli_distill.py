@@ -101,14 +101,27 @@ def test_a_folder_left_with_only_the_recipe_by_a_failed_run_can_be_retried(tmp_p
     """A run that stopped before training leaves recipe.yaml alone; the retry may use the folder."""
     from redraft_cli.distill.pipeline import distill
 
+    from redraft_cli.distill.pipeline import RECIPE_HEADER
+
     out = tmp_path / "out"
     out.mkdir()
-    (out / "recipe.yaml").write_text("name: earlier\n")
+    (out / "recipe.yaml").write_text(RECIPE_HEADER + "name: earlier\n")
     recipe = load_recipe("smollm2-135m")
     recipe.data.source = str(tmp_path / "missing.jsonl")
     with pytest.raises(BadInputError) as info:
         distill(recipe, out, target=object(), data_dir=tmp_path / "data", bench=False)
     assert "already holds files" not in str(info.value)  # it failed later, on the missing prompt file
+
+
+def test_a_users_own_recipe_in_out_is_not_replaced(tmp_path):
+    """`redraft distill out/recipe.yaml --out out`: the run would write its recipe.yaml over the user's."""
+    own = "# my notes\ntarget: {model: smollm2-135m}\ntrain: {max_steps: 1}\n"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "recipe.yaml").write_text(own)
+    result = runner.invoke(app, ["distill", str(out / "recipe.yaml"), "--out", str(out)])
+    assert result.exit_code == 2 and "a recipe redraft did not write" in " ".join(result.output.split()), result.output
+    assert (out / "recipe.yaml").read_text() == own
 
 
 def test_distill_offline_data_set_is_named(monkeypatch, tmp_path):

@@ -48,6 +48,8 @@ from .train import CHECKPOINT, recover_checkpoint, check_resumable, train_drafte
 
 EventFn = Callable[[dict[str, Any]], None]
 RECIPE_NAME, METRICS_NAME = "recipe.yaml", "metrics.json"
+# The first line of the recipe.yaml a run writes in --out: a recipe.yaml without it is the user's own.
+RECIPE_HEADER = "# The recipe of this drafter as `redraft distill` ran it (flags applied).\n"
 # Everything distill writes in --out (a --json report must not take one of these names).
 OUTPUT_NAMES = (CONFIG_NAME, WEIGHTS_NAME, DATASTORE_NAME, RECIPE_NAME, METRICS_NAME, CHECKPOINT)
 
@@ -178,9 +180,11 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     # A run that failed before training (no model, no chat template, no network) leaves only recipe.yaml,
     # one killed before its first checkpoint also best/ or a half-written checkpoint: still ours to retry in.
     if (not data_only and out.is_dir() and not (out / CHECKPOINT).exists()
-            and any(not _left_by_a_run(p.name) for p in out.iterdir())):
+            and any(not _left_by_a_run(p) for p in out.iterdir())):
+        mine = _left_by_a_run(out / RECIPE_NAME) or not (out / RECIPE_NAME).is_file()
         raise BadInputError(f"--out {out} already holds files and no training checkpoint; the drafter's files would "
-                            "replace them: use a new or empty directory")
+                            f"replace them{'' if mine else f' ({RECIPE_NAME} among them, a recipe redraft did not write)'}"
+                            f": use a new or empty directory")
     check_offline_needs(recipe)
     if recipe.drafter.init_from:  # a drafter that cannot load fails now, not after hours of data generation
         Drafter.load(Path(recipe.drafter.init_from).expanduser())
@@ -258,7 +262,7 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
         saved = recipe.to_dict()
         if target.tokenizer.chat_template and recipe.target.chat_template not in (None, *NAMED_TEMPLATES):
             saved["target"]["chat_template"] = target.tokenizer.chat_template  # a file's text: the drafter carries it
-        (out / RECIPE_NAME).write_text(yaml.safe_dump(saved, sort_keys=False))
+        (out / RECIPE_NAME).write_text(RECIPE_HEADER + yaml.safe_dump(saved, sort_keys=False))
 
     # 1. Data: the target's own answers, held-out conversations first.
     gen_cfg = GenerationConfig(max_new_tokens=d.max_new_tokens, batch_size=d.gen_batch_size, temperature=d.temperature,
@@ -375,9 +379,16 @@ def _shape_notes(recipe: Recipe, bench: bool = True) -> list[str]:
     return notes
 
 
-def _left_by_a_run(name: str) -> bool:
-    """Whether a file of --out is what a distill stopped before its first checkpoint leaves there."""
-    return name in (RECIPE_NAME, "best") or name.startswith(f".{CHECKPOINT}.")
+def _left_by_a_run(path: Path) -> bool:
+    """Whether a file of --out is what a distill stopped before its first checkpoint leaves there
+    (a recipe.yaml only with the header a run writes: the user's own recipe is not replaced)."""
+    if path.name == RECIPE_NAME:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return f.readline() == RECIPE_HEADER
+        except OSError:
+            return False
+    return path.name == "best" or path.name.startswith(f".{CHECKPOINT}.")
 
 
 def _held_out_in_training(convs: list[list[str]], held_out: int) -> int:
