@@ -90,7 +90,7 @@ class ChatSession:
 
     def __post_init__(self) -> None:
         if self.system is not None and not self.system.strip():
-            self.system = None  # a blank system prompt is none, as `/set system` with no text clears it
+            self.system = ""  # `--system ""`: an empty system turn, in place of the template's default one
 
     def reset(self) -> None:
         self.messages.clear()
@@ -109,13 +109,17 @@ class ChatSession:
                 raise BadInputError("no drafter loaded")
             self.draft = value == "on"
             return f"draft {value}"
-        if name == "system":
+        if name == "system":  # TEXT; nothing: the template's default; "" (or ''): an empty one
             target = self.gen.target
-            if value and len(target.encode_chat("", system=value)) + 16 > target.max_context:
+            system = "" if value in ('""', "''") else value or None
+            if system and len(target.encode_chat("", system=system)) + 16 > target.max_context:
                 raise ContextOverflowError(f"the system prompt leaves no room for a message in the context of "
                                            f"{target.max_context} tokens; shorten it")
-            self.system = value or None
-            return "system prompt set" if value else "system prompt cleared"
+            if system is not None:
+                target.encode_chat("", system=system)  # a template that refuses a system turn: refused here
+            self.system = system
+            return ("system prompt set" if system else "system prompt empty (none of the template's either)"
+                    if system == "" else "system prompt cleared (the chat template's default, if it has one)")
         if name not in SETTABLE:
             raise BadInputError(f"unknown setting {name!r}; one of: draft, system, {', '.join(SETTABLE)}")
         attr, kind = SETTABLE[name]

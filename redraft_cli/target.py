@@ -379,7 +379,8 @@ class Target:
 
     # -- text -----------------------------------------------------------------
     def encode_chat(self, messages: str | list[dict[str, str]], system: str | None = None) -> list[int]:
-        """Token ids of a conversation through the chat template, ready for the assistant turn."""
+        """Token ids of a conversation through the chat template, ready for the assistant turn. system:
+        None leaves the template's default system prompt (where it has one); "" sends an empty one."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         if not isinstance(messages, (list, tuple)) or not messages or not all(
@@ -389,7 +390,7 @@ class Target:
                                 "({'role': 'user', 'content': 'text'}, ...)")
         if system is not None and not isinstance(system, str):
             raise BadInputError(f"encode_chat's system prompt must be a text (str) or None, got {type(system).__name__}")
-        if system:
+        if system is not None:  # "" is an empty system turn: no template default in its place
             messages = [{"role": "system", "content": system}, *messages]
         if not getattr(self.tokenizer, "chat_template", None):
             raise ChatTemplateError(

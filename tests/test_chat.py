@@ -407,13 +407,18 @@ def test_one_shot_json_records_the_model_drafter_and_system_prompt(model_dir):
     assert data["max_new_tokens"] == 4 and data["device"] == "cpu" and data["dtype"] in ("float32", "bfloat16")
 
 
-def test_a_blank_system_prompt_is_none_both_ways(target):
-    """`--system "   "` and `/set system` with no text both leave the template's default system prompt."""
+def test_an_empty_system_prompt_replaces_the_templates_default(target):
+    """`--system ""` (or blank) and `/set system ""` send an empty system turn: SmolLM2's template otherwise adds
+    its own ("You are a helpful AI assistant named SmolLM..."); `/set system` alone brings that default back."""
+    decode = target.tokenizer.decode
     blank = session(target, system="   ")
-    assert blank.system is None
+    assert blank.system == ""
+    assert "SmolLM" in decode(target.encode_chat("Hi")) and "SmolLM" not in decode(target.encode_chat("Hi", system=""))
     s = session(target, system="Be brief.")
-    s.set("system", "")
-    assert s.system is None
+    assert "empty" in s.set("system", '""') and s.system == ""
+    list(s.ask("Hi"))
+    assert "SmolLM" not in decode(target.encode_chat(s.messages, system=s.system))
+    assert "default" in s.set("system", "") and s.system is None
 
 
 def test_an_empty_prompt_option_is_named_and_no_draft_notes_the_options_it_ignores():

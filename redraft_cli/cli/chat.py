@@ -28,7 +28,7 @@ HELP = """commands:
   /stats               session totals
   /set NAME VALUE      change a setting: beam-width, beam-length, nodes, lookup, lookup-length, datastore,
                        max-new-tokens, accept, temperature, top-p, top-k, seed, epsilon, delta, draft on|off,
-                       system TEXT
+                       system TEXT (system alone: the template's default; system "": an empty one)
   /help                this help
   /quit                leave (or Ctrl-D); Ctrl-C stops the current answer
   //TEXT               send /TEXT as a message (a line that starts with a slash)"""
@@ -51,7 +51,8 @@ def chat(
     seed: o.Seed = D["seed"],
     epsilon: o.Epsilon = D["epsilon"],
     delta: o.Delta = D["delta"],
-    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt (\"\": an empty one, in place of the chat "
+                                                       "template's default).")] = None,
     max_new_tokens: o.MaxNewTokens = 512,
     no_draft: Annotated[bool, typer.Option("--no-draft", help="Plain decoding, for comparison.")] = False,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this once and exit. Text piped on stdin is one prompt too (all of it, slash commands included).")] = None,

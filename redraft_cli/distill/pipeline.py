@@ -765,7 +765,7 @@ def _held_out_bench(target: Target, out: Path, held_convs: list[list[str]], reci
 
     drafter = Drafter.load(out, map_location=target.device).to(dtype=target.compute_dtype)
     gen = Generator(target, drafter)
-    prompts = [target.encode_chat(c[0], system=recipe.data.system) for c in held_convs[: recipe.eval.bench_prompts]]
+    prompts = [target.encode_chat(c[0], system=recipe.data.system or None) for c in held_convs[: recipe.eval.bench_prompts]]
     cfg = recipe.beam.decode_config(max_new_tokens=recipe.eval.bench_max_new_tokens)
     emit({"event": "bench_start", "prompts": len(prompts)})
     result = run_bench(gen, prompts, BenchConfig(cfg, warmup=True, hf_baseline=False),
