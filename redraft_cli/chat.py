@@ -39,10 +39,10 @@ class Totals:
     prompt_tokens: int = 0  # the conversation as the target read it, template included
     reused_tokens: int = 0  # of those, tokens whose KV the previous answer left (not run again)
 
-    def add(self, other: "Totals") -> None:
+    def add(self, other: "Totals", sign: int = 1) -> None:
         for f in ("answers", "tokens", "seconds", "steps", "step_tokens", "accepted", "draftable", "prompt_tokens",
                   "reused_tokens"):
-            setattr(self, f, getattr(self, f) + getattr(other, f))
+            setattr(self, f, getattr(self, f) + sign * getattr(other, f))
 
     def summary(self) -> dict[str, float]:
         return {
@@ -86,6 +86,7 @@ class ChatSession:
     totals: Totals = field(default_factory=Totals)
     last: Totals = field(default_factory=Totals)
     trimmed: int = 0  # turns dropped from the start of the history by the last ask()
+    _before: list[dict[str, str]] = field(default_factory=list)  # the history before the last ask()
     cut: bool = False  # the last ask()'s answer stopped where the context ends (not at EOS or max_new_tokens)
 
     def __post_init__(self) -> None:
@@ -96,9 +97,16 @@ class ChatSession:
         self.messages.clear()
 
     def withdraw(self) -> None:
-        """Take the last exchange back out of the history (a message stopped before its answer began)."""
+        """Take the last exchange back (a message stopped before its answer began): the history is again what
+        it was before it, turns trimmed to make room for it included; its statistics leave the totals; and
+        the next turn reuses only the KV the target held before that message (not the keys of its prompt
+        pass, which a pass of another length computes with other rounding)."""
         if len(self.messages) >= 2 and self.messages[-1]["role"] == "assistant":
-            del self.messages[-2:]
+            self.messages[:] = self._before
+            self.trimmed = 0
+            self.totals.add(self.last, sign=-1)
+            self.gen.limit_reuse(self.last.reused_tokens)
+            self.last = Totals()
 
     def set(self, name: str, value: str) -> str:
         """`/set NAME VALUE`: change a decoding option; raises BadInputError on bad names or values."""
@@ -111,7 +119,9 @@ class ChatSession:
             return f"draft {value}"
         if name == "system":  # TEXT; nothing: the template's default; "" (or ''): an empty one
             target = self.gen.target
-            system = "" if value in ('""', "''") else value or None
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":  # /set system "Be brief."
+                value = value[1:-1] if value[1:-1].strip() else '""'
+            system = "" if value == '""' else value or None
             if system and len(target.encode_chat("", system=system)) + 16 > target.max_context:
                 raise ContextOverflowError(f"the system prompt leaves no room for a message in the context of "
                                            f"{target.max_context} tokens; shorten it")
@@ -146,14 +156,20 @@ class ChatSession:
         return f"{name} = {parsed}{dropped}"
 
     def _prompt_ids(self) -> list[int]:
-        """Encode the conversation, dropping the oldest turns until an answer fits the context."""
+        """Encode the conversation, dropping the oldest turns when the answer would not have room for
+        max_new_tokens (or half the context, if that is less). Turns go until a quarter of the context
+        is free (or that room), so that the turns after it go on from the KV cache again for a while
+        (a trimmed history starts a new prefix, read again whole)."""
         target = self.gen.target
         self.trimmed = 0
+        needed = min(self.cfg.max_new_tokens, target.max_context // 2)
+        wanted = needed
         while True:
             ids = target.encode_chat(self.messages, system=self.system)
             room = target.max_context - len(ids)
-            if room >= min(self.cfg.max_new_tokens, 16) or len(self.messages) <= 1:
+            if room >= wanted or len(self.messages) <= 1:
                 break
+            wanted = max(needed, target.max_context // 4)  # trimming at all: make room for the next turns too
             # Drop the oldest user turn and the assistant answer after it.
             cut = 2 if len(self.messages) > 2 and self.messages[1]["role"] == "assistant" else 1
             del self.messages[:cut]
@@ -176,7 +192,7 @@ class ChatSession:
         """Add a user turn and stream the answer; the answer (even a partial one) joins the history."""
         if not text.strip():
             raise BadInputError("empty message")
-        history = list(self.messages)
+        history = self._before = list(self.messages)
         self.messages.append({"role": "user", "content": text})
         try:
             ids = self._prompt_ids()

@@ -298,6 +298,12 @@ class Generator:
                  for b in range(B)]
         return h, g0, stats, cache, draft_context
 
+    def limit_reuse(self, n: int) -> None:
+        """Let the next reuse_cache generation reuse at most the first n tokens this one left."""
+        if self._held is not None:
+            rows, cache = self._held
+            cache.truncate(min(n, cache.get_seq_length()))
+
     def _reusable(self, prompt: list[int], capacity: int) -> tuple[Any, int] | None:
         """(cache, k): the cache the last one-prompt generation left, holding the first k tokens of
         `prompt` (the longest prefix it shares with that generation's prompt and output, at most all

@@ -629,6 +629,12 @@ class Drafter(nn.Module):
         shape = self.config.shape_for(batch_size, kind)
         if self.datastore is None:
             shape["datastore_beams"] = 0
+        window = self.config.context_window
+        if window:  # decoding refuses beams longer than the window (a shape saved before distill fitted it)
+            shape["beam_length"] = min(shape["beam_length"], window)
+            shape["tree_nodes"] = min(shape["tree_nodes"], shape["beam_width"] * (shape["beam_length"] - 1))
+            if shape["lookup_length"] > window:
+                shape["lookup_length"] = window if window >= 2 else 0  # (0: as long as the beams)
         return shape
 
     def decode_config(self, batch_size: int = 1, device: str | torch.device | None = None,

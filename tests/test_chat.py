@@ -457,3 +457,37 @@ def test_a_message_stopped_in_its_prompt_pass_is_not_kept_and_double_slash_sends
     assert "stopped before the answer began" in err, err
     assert [m["role"] for m in s.messages] == ["user", "assistant"]
     assert s.messages[0]["content"] == "/usr/bin/env is what?" and "unknown command" not in err
+
+
+def test_a_withdrawn_message_leaves_history_totals_and_cache_as_they_were(target):
+    """A message stopped in its prompt pass (Ctrl-C) is taken back whole: the turns trimmed to make room for it
+    come back, its statistics leave the totals, and the next turn reuses only the KV held before it."""
+    s = session(target)
+    limit = target.max_context
+    target.max_context = 200
+    try:
+        for i in range(3):
+            list(s.ask(f"Tell me about {i}."))
+        before, answers, tokens = list(s.messages), s.totals.answers, s.totals.tokens
+        stream = s.ask("word " * 110)  # too long for the whole history: the oldest turns are trimmed for it
+        next(stream)  # its prompt pass
+        stream.close()
+        assert s.trimmed >= 1 and s.last.steps == 0
+        reused = s.last.reused_tokens
+        s.withdraw()
+        assert s.messages == before and (s.totals.answers, s.totals.tokens) == (answers, tokens)
+        assert s.gen._held[1].get_seq_length() == reused  # (the cache the withdrawn prompt pass left)
+        list(s.ask("Hi"))
+        assert s.last.reused_tokens <= reused
+    finally:
+        target.max_context = limit
+
+
+def test_set_system_takes_quoted_text(target):
+    s = session(target)
+    s.set("system", '"Be brief."')
+    assert s.system == "Be brief."
+    s.set("system", "'  '")
+    assert s.system == ""
+    s.set("system", 'Say "hi"')
+    assert s.system == 'Say "hi"'

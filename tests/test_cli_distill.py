@@ -273,7 +273,8 @@ def test_the_recommended_shape_fits_the_predicted_tokens(tiny_recipe, monkeypatc
     ok = runner.invoke(app, ["distill", str(recipe), "--out", str(root / "fit"), "--predict-tokens", "1",
                              "--max-steps", "1", "--no-bench"])
     assert ok.exit_code == 0, ok.output
-    assert "recommended beam shape is 2x2 (the recipe said 2x3)" in " ".join(ok.output.split())
+    text = " ".join(ok.output.split())
+    assert "recommended beam shape is 2x2 " in text and "(the recipe said 2x3 " in text
     config = Drafter.load(root / "fit").config
     assert (config.predict_tokens, config.beam_width, config.beam_length) == (1, 2, 2)
 
@@ -284,6 +285,15 @@ def test_fitting_the_beam_shape_caps_the_node_budget():
     beam = BeamSection(width=4, length=5, nodes=9)
     assert beam.fit_to(4) is None and (beam.length, beam.nodes) == (5, 9)
     assert "4x3 --nodes 8" in beam.fit_to(2) and (beam.length, beam.nodes) == (3, 8)
+    # A context-attention drafter refuses beams longer than its window: copies of 32 tokens too.
+    beam = BeamSection(width=4, length=5, lookup=1, lookup_length=32)
+    note = beam.fit_to(4, context_window=8)
+    assert "attends over 8 positions" in note and "--lookup-length 8" in note
+    assert (beam.length, beam.lookup_length) == (5, 8)
+    beam.decode_config().__post_init__()
+    assert beam.fit_to(4, context_window=8) is None  # fitted once, nothing more to change
+    beam = BeamSection(width=2, length=4, lookup=1, lookup_length=6)
+    assert beam.fit_to(4, context_window=1) and (beam.length, beam.lookup, beam.lookup_length) == (1, 1, 0)
 
 
 def test_data_only_then_several_processes_read_it(tiny_recipe, monkeypatch):

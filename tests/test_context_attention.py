@@ -237,3 +237,20 @@ def test_freeze_copied_trains_only_new_rows_and_blocks(tmp_path, tiny_target):
     assert torch.equal(after["lm_head.2.weight"][:8], before["lm_head.2.weight"][:8])
     assert not torch.equal(after["lm_head.2.weight"][8:], before["lm_head.2.weight"][8:])
     assert not torch.equal(after["context.out.weight"], before["context.out.weight"])  # zero at first: it moves first
+
+
+def test_a_saved_shape_longer_than_the_window_is_recommended_within_it(tiny_target):
+    """A drafter saved with copies of 32 tokens and a window of 8 (distill before it fitted the shape) decodes
+    at its recommended shape rather than being refused by it."""
+    from redraft_cli import Generator
+
+    d = Drafter.for_target(tiny_target, seed=2, head="own", context_window=8, beam_width=3, beam_length=10,
+                           lookup_beams=1, lookup_length=32, tree_nodes=20)
+    shape = d.recommended_shape()
+    assert (shape["beam_length"], shape["lookup_length"], shape["tree_nodes"]) == (8, 8, 20)
+    cfg = d.decode_config(max_new_tokens=6)
+    Generator(tiny_target, d).check(cfg)
+    tiny = Drafter.for_target(tiny_target, seed=2, context_window=1, beam_length=4, lookup_beams=1, lookup_length=6)
+    shape = tiny.recommended_shape()
+    assert (shape["beam_length"], shape["lookup_length"]) == (1, 0)
+    Generator(tiny_target, tiny).check(tiny.decode_config())

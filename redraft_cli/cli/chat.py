@@ -140,6 +140,8 @@ def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = Fa
 def _status(session: ChatSession) -> str:
     s = session.last.summary()
     mode = "ReDrafter" if session.draft else "plain"
+    if not s["steps"]:  # one token, from the prompt pass: no decoding step to measure
+        return f"[{counted(s['tokens'], 'token')}, {s['tokens_per_s']:.1f} tokens/s, from the prompt pass alone, {mode}]"
     return (f"[{counted(s['tokens'], 'token')}, {s['tokens_per_s']:.1f} tokens/s, {s['tokens_per_step']:.2f} tokens/step, "
             f"acceptance {s['acceptance_rate']:.0%}, {mode}]")
 

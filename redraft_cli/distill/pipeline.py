@@ -188,7 +188,7 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     check_offline_needs(recipe)
     if recipe.drafter.init_from:  # a drafter that cannot load fails now, not after hours of data generation
         Drafter.load(Path(recipe.drafter.init_from).expanduser())
-    fitted = recipe.beam.fit_to(recipe.drafter.predict_tokens)
+    fitted = recipe.beam.fit_to(recipe.drafter.predict_tokens, recipe.drafter.context_window)
     if fitted:
         emit({"event": "note", "text": fitted})
     if resume and not data_only and not (out / CHECKPOINT).exists():

@@ -155,20 +155,31 @@ class BeamSection:
                 message = message.replace(flag, f"beam.{name}")
             raise BadInputError(message) from exc
 
-    def fit_to(self, predict_tokens: int) -> str | None:
-        """Shorten the recommended beams to what a drafter predicting `predict_tokens` tokens learned.
+    def fit_to(self, predict_tokens: int, context_window: int = 0) -> str | None:
+        """Shorten the recommended beams to what a drafter predicting `predict_tokens` tokens learned,
+        and, for a drafter with context attention over `context_window` positions, to that window.
 
         A beam of length L drafts L - 1 tokens after g0; positions past `predict_tokens` were never
         trained, so the recommended length becomes predict_tokens + 1 and the node budget at most
-        width x (length - 1). Returns a one-line note when it changed anything, else None."""
-        if self.length <= predict_tokens + 1:
-            return None
-        before = f"{self.width}x{self.length}" + (f" --nodes {self.nodes}" if self.nodes else "")
-        self.length = predict_tokens + 1
+        width x (length - 1). No beam, drafted or copied, may be longer than the context window
+        (decoding refuses it). Returns a one-line note when it changed anything, else None."""
+        before = self._label()
+        longest = min(predict_tokens + 1, context_window or predict_tokens + 1)
+        self.length = min(self.length, longest)
         self.nodes = min(self.nodes, self.width * (self.length - 1))
-        after = f"{self.width}x{self.length}" + (f" --nodes {self.nodes}" if self.nodes else "")
-        return (f"the drafter predicts {predict_tokens} token(s), so its recommended beam shape is {after} "
-                f"(the recipe said {before})")
+        if context_window and self.lookup_length > context_window:
+            self.lookup_length = context_window if context_window >= 2 else 0  # (0: as long as the beams)
+        after = self._label()
+        if after == before:
+            return None
+        why = f"predicts {predict_tokens} token(s)" + (f" and attends over {context_window} positions"
+                                                       if context_window else "")
+        return f"the drafter {why}, so its recommended beam shape is {after} (the recipe said {before})"
+
+    def _label(self) -> str:
+        return (f"{self.width}x{self.length}" + (f" --nodes {self.nodes}" if self.nodes else "")
+                + (f" --lookup {self.lookup}" if self.lookup else "") + (f" --datastore {self.datastore}" if self.datastore else "")
+                + (f" --lookup-length {self.lookup_length}" if self.lookup_length and (self.lookup or self.datastore) else ""))
 
     def decode_config(self, **kwargs: Any) -> "DecodeConfig":
         """This shape as decoding settings (greedy unless kwargs say otherwise)."""
