@@ -105,7 +105,7 @@ class ChatSession:
             self.messages[:] = self._before
             self.trimmed = 0
             self.totals.add(self.last, sign=-1)
-            self.gen.limit_reuse(self.last.reused_tokens)
+            self.gen.limit_reuse(self.gen.last_reused)
             self.last = Totals()
 
     def set(self, name: str, value: str) -> str:

@@ -53,6 +53,9 @@ from .verify import ACCEPT_RULES, accept_greedy, accept_rejection, accept_typica
 
 
 MAX_LOOKUP_LENGTH = 32
+# A prompt of one row longer than this is read in passes of this many tokens: `Generator.interrupt` is
+# asked between them (a chat's Ctrl-C during a long paste), and no pass holds activations for all of it.
+PREFILL_CHUNK = 512
 
 
 @dataclass
@@ -242,6 +245,10 @@ class Generator:
         self._run: object = None  # the generation that owns the caches (the one started last)
         # What a one-prompt generation left for the next one (reuse_cache): its rows and cache.
         self._held: tuple[_Rows, Any] | None = None
+        self.last_reused = 0  # prompt tokens the latest generation took from the cache (reuse_cache)
+        # Asked between the passes of a long prompt (PREFILL_CHUNK); True stops the generation there with a
+        # KeyboardInterrupt, leaving the cache holding the part read (a chat's Ctrl-C handler sets it).
+        self.interrupt: Callable[[], bool] | None = None
 
     def check(self, cfg: DecodeConfig) -> None:
         """Raise BadInputError when ReDrafter decoding with `cfg` cannot run with this drafter."""
@@ -262,17 +269,17 @@ class Generator:
         dev = self.target.device
         return torch.Generator(device=dev if dev.type != "mps" else "cpu").manual_seed(cfg.sampling.seed)
 
-    def _prefill(self, prompts: list[list[int]], cfg: DecodeConfig, gen: torch.Generator | None, capacity: int,
-                 context: bool = False, reuse: tuple[Any, int] | None = None):
-        """Run the prompts (right-padded into one batch) into a fresh cache of `capacity` slots per row.
+    def _prefill(self, prompts: list[list[int]], cfg: DecodeConfig, gen: torch.Generator | None, cache: Any,
+                 k: int = 0, context: bool = False):
+        """Run the prompts (right-padded into one batch) into `cache` (fresh, or for one prompt one
+        that already holds its first k tokens: only the rest is run, after them).
 
-        Returns (h (B, H), g0 (B,), per-row StepStats, cache, context cache or None).
+        Returns (h (B, H), g0 (B,), per-row StepStats, context cache or None).
         context=True (a drafter with context attention) also starts its cache and
-        returns its context c in place of h. reuse=(cache, k) (one prompt): that cache
-        already holds the prompt's first k tokens, and only the rest is run, after them."""
+        returns its context c in place of h. One row of more than PREFILL_CHUNK tokens
+        (without context attention) runs in passes of that many, `interrupt` asked between."""
         t = self.target
         start = time.perf_counter()
-        cache, k = reuse if reuse is not None else (t.new_tree_cache(len(prompts), capacity), 0)
         prompts = [p[k:] for p in prompts]
         B, lengths = len(prompts), [len(p) for p in prompts]
         P = max(lengths)
@@ -281,13 +288,18 @@ class Generator:
             ids[b, : len(p)] = torch.tensor(p)
         ids = ids.to(t.device)
         lens = torch.tensor(lengths, device=t.device)
-        positions = torch.arange(P, device=t.device).expand(B, P)
-        causal = torch.ones(P, P, dtype=torch.bool, device=t.device).tril()
-        real = positions < lens.unsqueeze(1)  # (B, P): False on the right padding of shorter prompts
-        mask = causal & real.unsqueeze(1)  # (B, P, P): pads are never seen
-        hidden = t.forward_tree(ids, positions + k, cache, mask, real, graph=False)
-        cache.commit(positions, lens)
-        h = hidden[torch.arange(B, device=t.device), lens - 1]  # (B, H)
+        chunk = PREFILL_CHUNK if B == 1 and not context else P
+        for s in range(0, P, chunk):  # (one pass unless chunked)
+            if s and self.interrupt is not None and self.interrupt():
+                raise KeyboardInterrupt
+            n = min(chunk, P - s)
+            positions = torch.arange(n, device=t.device).expand(B, n)
+            causal = torch.ones(n, n, dtype=torch.bool, device=t.device).tril()
+            real = positions < (lens - s).unsqueeze(1)  # (B, n): False on the right padding of shorter prompts
+            mask = causal & real.unsqueeze(1)  # (B, n, n): pads are never seen
+            hidden = t.forward_tree(ids[:, s : s + n], positions + k + s, cache, mask, real, graph=False)
+            cache.commit(positions, (lens - s).clamp_max(n))
+        h = hidden[torch.arange(B, device=t.device), lens - 1 - (P - n)]  # (B, H): each row's last token
         g0 = choose_tokens(t.logits(h), cfg.sampling, gen)  # (B,)
         draft_context = None
         if context:
@@ -296,7 +308,7 @@ class Generator:
         seconds = time.perf_counter() - start
         stats = [StepStats([int(g0[b])], tree_nodes=lengths[b], verify_s=seconds, prefill=True, reused=k)
                  for b in range(B)]
-        return h, g0, stats, cache, draft_context
+        return h, g0, stats, draft_context
 
     def limit_reuse(self, n: int) -> None:
         """Let the next reuse_cache generation reuse at most the first n tokens this one left."""
@@ -413,17 +425,19 @@ class Generator:
             capacity = graph_capacity(capacity)
         reused = self._reusable(prompts[0], capacity) if reuse and len(prompts) == 1 and not context else None
         self._held = None
+        self.last_reused = reused[1] if reused else 0
         self.cache = self.draft_context = None  # the last generation's caches go before this one's are made
         self._run = run = object()
         h = g0 = None
         while rows.active or rows.waiting:
             ids = rows.admit()
             if ids:
-                h_new, g0_new, stats, cache, draft_context = self._prefill([prompts[r] for r in ids], cfg, gen,
-                                                                           capacity, context, reused)
+                cache, k = reused or (t.new_tree_cache(len(ids), capacity), 0)
                 reused = None
-                if len(prompts) == 1 and not context:
+                if len(prompts) == 1 and not context:  # held from now: a prompt pass stopped midway leaves its part
                     self._held = (rows, cache)
+                h_new, g0_new, stats, draft_context = self._prefill([prompts[r] for r in ids], cfg, gen, cache, k,
+                                                                    context)
                 out, keep = self._record(rows, ids, stats, cfg)
                 yield out
                 self._check_owner(run)

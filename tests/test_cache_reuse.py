@@ -140,3 +140,46 @@ def test_the_generic_path_truncates_its_dynamic_cache():
         ref = Generator(target)
         list(ref.plain(prompt[:4] + [60], DecodeConfig(max_new_tokens=1)))
         assert torch.allclose(ref.cache.hf.layers[0].keys[:, :, :4], gen.cache.hf.layers[0].keys[:, :, :4], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def long_target() -> Target:
+    return tiny_llama(vocab_size=64, seed=5, max_positions=4096)
+
+
+def test_a_long_prompt_is_read_in_chunks_as_in_one_pass(long_target, monkeypatch):
+    import redraft_cli.decode as decode
+
+    prompt = random_prompts(1, 64, seed=7, min_len=1300, max_len=1300)[0]
+    chunked = Generator(long_target, Drafter.for_target(long_target, seed=0))
+    out = chunked.generate(prompt, CFG).tokens
+    assert chunked.cache.get_seq_length() >= len(prompt)
+    monkeypatch.setattr(decode, "PREFILL_CHUNK", 1 << 20)
+    whole = Generator(long_target, Drafter.for_target(long_target, seed=0))
+    assert whole.generate(prompt, CFG).tokens == out
+    n = len(prompt)
+    for a, b in ((chunked.cache.keys, whole.cache.keys), (chunked.cache.values, whole.cache.values)):
+        assert torch.allclose(a[:, :1, :, :n], b[:, :1, :, :n], atol=1e-5, rtol=1e-4)
+
+
+def test_an_interrupted_prompt_pass_stops_between_chunks_and_keeps_what_it_read(long_target):
+    import redraft_cli.decode as decode
+
+    gen = Generator(long_target, Drafter.for_target(long_target, seed=0))
+    prompt = random_prompts(1, 64, seed=8, min_len=1300, max_len=1300)[0]
+    asked = []
+    gen.interrupt = lambda: asked.append(1) or len(asked) >= 2  # a Ctrl-C during the second chunk
+    with pytest.raises(KeyboardInterrupt):
+        run(gen, prompt)
+    assert len(asked) == 2
+    gen.interrupt = None
+    out, first = run(gen, prompt + [1, 2])
+    assert first.reused == 2 * decode.PREFILL_CHUNK and out == fresh(long_target, prompt + [1, 2])
+    gen.interrupt = lambda: True
+    with pytest.raises(KeyboardInterrupt):
+        run(gen, prompt[:5] + [9] * 1200)
+    assert gen.last_reused == 5
+    gen.limit_reuse(gen.last_reused)  # what a chat does when it takes the message back
+    gen.interrupt = None
+    _, first = run(gen, prompt[:5] + [9] * 1200)
+    assert first.reused == 5

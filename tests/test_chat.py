@@ -491,3 +491,29 @@ def test_set_system_takes_quoted_text(target):
     assert s.system == ""
     s.set("system", 'Say "hi"')
     assert s.system == 'Say "hi"'
+
+
+def test_ctrl_c_during_a_long_paste_stops_between_its_passes(target, monkeypatch, capsys):
+    """A paste of thousands of tokens is read in passes of PREFILL_CHUNK: a Ctrl-C stops it after the pass it
+    falls in, not at the end of the whole paste, and the message is taken back."""
+    import signal
+
+    from redraft_cli.cli import chat as chat_cli
+    from redraft_cli.decode import PREFILL_CHUNK
+
+    s = session(target)
+    passes = []
+    real_forward = target.forward_tree
+
+    def forward(ids, *args, **kw):
+        passes.append(ids.shape[1])
+        if len(passes) == 1 and ids.shape[1] == PREFILL_CHUNK:
+            os.kill(os.getpid(), signal.SIGINT)  # during the paste's first pass
+        return real_forward(ids, *args, **kw)
+
+    monkeypatch.setattr("builtins.input", typed(["word " * (3 * PREFILL_CHUNK)]))
+    monkeypatch.setattr(target, "forward_tree", forward)
+    chat_cli._interactive(s, show_drafts=False)
+    err = capsys.readouterr().err
+    assert "stopped before the answer began" in err and "Traceback" not in err, err
+    assert passes == [PREFILL_CHUNK] and s.messages == [] and s.totals.answers == 0

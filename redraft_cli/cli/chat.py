@@ -99,15 +99,17 @@ def chat(
 def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = False) -> bool:
     """Print an answer as it streams; returns False if interrupted by Ctrl-C.
 
-    Ctrl-C sets a flag that is checked after every target pass, rather than
-    raising wherever the interpreter happens to be: a KeyboardInterrupt raised
-    inside a finaliser (tensors are freed all the time while decoding) is
-    swallowed by Python, and the answer would then run on.
+    Ctrl-C sets a flag that is checked after every target pass (and between
+    the passes of a long prompt: `Generator.interrupt`), rather than raising
+    wherever the interpreter happens to be: a KeyboardInterrupt raised inside a
+    finaliser (tensors are freed all the time while decoding) is swallowed by
+    Python, and the answer would then run on.
     """
     stop: list[int] = []
     main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
     answer = session.ask(text)  # (a generator: its errors come while it runs, inside the try below)
     previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum)) if main else None
+    session.gen.interrupt = lambda: bool(stop)
     noted = False
     try:
         for chunk in answer:
@@ -133,6 +135,7 @@ def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = Fa
         err.print("[interrupted]", style="yellow", markup=False)
         return False
     finally:
+        session.gen.interrupt = None
         if main:
             signal.signal(signal.SIGINT, previous)
 
