@@ -198,10 +198,21 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
     for i, group in enumerate(groups):
         order = paths if i % 2 == 0 else list(reversed(paths))
         outputs: dict[str, list[list[int]]] = {}
+        finished = range(len(group))  # the rows of `group` every path finished
         try:
-            runs = (_run_paths(gen, order, group, d, B, tick, f"prompt {i + 1}/{len(prompts)}") if B == 1 else
-                    _run_interleaved(gen, group, d, B, tick)
-                    + _run_paths(gen, [p for p in order if p == "hf"], group, d, B, tick, f"{B} slots"))
+            if B == 1:
+                runs = _run_paths(gen, order, group, d, B, tick, f"prompt {i + 1}/{len(prompts)}")
+            else:
+                runs, finished = _run_interleaved(gen, group, d, B, tick)
+                if len(finished) < len(group):  # Ctrl-C: the rows both paths finished, at the throughput so far
+                    interrupted, paths = True, [p for p in paths if p != "hf"]
+                    if not finished:
+                        raise KeyboardInterrupt
+                elif "hf" in order:
+                    try:
+                        runs += _run_paths(gen, ["hf"], group, d, B, tick, f"{B} slots")
+                    except KeyboardInterrupt:  # the two paths' result stands, without the HF baseline
+                        interrupted, paths = True, [p for p in paths if p != "hf"]
         except KeyboardInterrupt:  # Ctrl-C: the prompts whose paths all finished are the result
             if not rows:
                 raise
@@ -218,7 +229,8 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
             else:
                 red.add(generation)
                 red_rows = generation.rows
-        for ids, plain, fast, row in zip(group, outputs["plain"], outputs["redraft"], red_rows):
+        for r in finished:
+            ids, plain, fast, row = group[r], outputs["plain"][r], outputs["redraft"][r], red_rows[r]
             identical += plain == fast
             steps = row.decode_steps
             rows.append({"prompt_tokens": len(ids), "plain_tokens": len(plain), "redraft_tokens": len(fast),
@@ -254,7 +266,7 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
         result.update(typical_epsilon=d.typical_epsilon, typical_delta=d.typical_delta)
     if interrupted:
         result.update(interrupted=True, prompts_asked=len(prompts))
-    if cfg.hf_baseline:
+    if "hf" in paths:
         result["baseline_hf"] = hf.to_dict()
         result["speedup_vs_hf"] = round(red.tokens_per_s / hf.tokens_per_s, 4) if hf.tokens_per_s else None
     graphs, drafts = gen.target.graphs, getattr(gen.proposer, "graphs", None)
@@ -289,16 +301,24 @@ def _run_paths(gen: Generator, paths: list[str], group: list[list[int]], d: Deco
 
 
 def _run_interleaved(gen: Generator, group: list[list[int]], d: DecodeConfig, slots: int,
-                     tick: Callable[[str], None]) -> list[tuple[str, list[list[int]], float, BatchGeneration]]:
+                     tick: Callable[[str], None]
+                     ) -> tuple[list[tuple[str, list[list[int]], float, BatchGeneration]], list[int]]:
     """Plain and ReDrafter on `group` through `slots` rows each, one pass of one, then one of the
-    other (the one left runs alone at the end); each counts only its own passes' seconds."""
+    other (the one left runs alone at the end); each counts only its own passes' seconds.
+    Returns the runs and the rows both finished: all of them, or after a Ctrl-C those that had
+    (the runs then hold every token decoded so far, and the seconds of the passes so far)."""
     runs = {path: BatchRun(Generator(gen.target) if path == "plain" else gen, group, d, path, slots,
                            lambda *_, path=path: tick(f"{path}, {slots} slots, passes interleaved"))
             for path in ("plain", "redraft")}
-    while any([run.step() for run in runs.values()]):  # a list: every run steps each round
+    try:
+        while any([run.step() for run in runs.values()]):  # a list: every run steps each round
+            pass
+    except KeyboardInterrupt:
         pass
     results = {path: run.result() for path, run in runs.items()}
-    return [(path, g.tokens, g.seconds, g) for path, g in results.items()]
+    finished = [r for r in range(len(group))
+                if all(g.rows[r].steps and g.rows[r].steps[-1].finished for g in results.values())]
+    return [(path, g.tokens, g.seconds, g) for path, g in results.items()], finished
 
 
 def _run_path(gen: Generator, path: str, group: list[list[int]], d: DecodeConfig, slots: int,

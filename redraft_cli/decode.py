@@ -161,12 +161,17 @@ def _checked(beams: Any, g0: torch.Tensor, W: int, L: int, vocab_size: int) -> D
     if tuple(beams.tokens.shape) != (B, W, L) or tuple(beams.logprobs.shape) != (B, W, L - 1):
         raise BadInputError(f"the proposer returned tokens {tuple(beams.tokens.shape)} and logprobs "
                             f"{tuple(beams.logprobs.shape)}; expected {(B, W, L)} and {(B, W, L - 1)}")
-    tokens = beams.tokens.to(g0.device)
+    if beams.tokens.is_floating_point() or beams.tokens.is_complex() or beams.tokens.dtype == torch.bool:
+        raise BadInputError(f"the proposer's tokens must be integer token ids (torch.long), got "
+                            f"{str(beams.tokens.dtype).removeprefix('torch.')}")
+    if not beams.logprobs.is_floating_point():
+        raise BadInputError(f"the proposer's logprobs must be floats, got {str(beams.logprobs.dtype).removeprefix('torch.')}")
+    tokens = beams.tokens.to(g0.device, torch.long)
     if not bool((tokens[:, :, 0] == g0.view(B, 1)).all()):
         raise BadInputError("the proposer's beams must start with g0 (tokens[:, :, 0]), the token the target chose")
     if bool(((tokens < 0) | (tokens >= vocab_size)).any()):
         raise BadInputError(f"the proposer returned token ids outside the target's vocabulary (0..{vocab_size - 1})")
-    return beams
+    return DraftBeams(tokens, beams.logprobs.to(g0.device))
 
 
 class DrafterProposer:
@@ -485,7 +490,7 @@ class Generator:
     # -- plain decoding -------------------------------------------------------------
     def plain(self, prompt_ids: list[int], cfg: DecodeConfig, reuse_cache: bool = False) -> Iterator[StepStats]:
         """Autoregressive decoding of one prompt, one target pass per token. reuse_cache: see `redraft`."""
-        _check_single("plain", prompt_ids, cfg)
+        _check_single("plain", prompt_ids, cfg, reuse_cache)
         return (step[0][1] for step in self._rows([prompt_ids], cfg, None, 1, self._plain_step, reuse=reuse_cache))
 
     def plain_batch(self, prompts: list[list[int]], cfg: DecodeConfig, slots: int | None = None
@@ -517,7 +522,7 @@ class Generator:
         (`plain` or `redraft`) left, where its prompt and output begin this prompt: a chat's next
         turn runs only its new tokens through the target (the first StepStats' `reused` counts
         the others). A drafter with context attention starts afresh."""
-        _check_single("redraft", prompt_ids, cfg)
+        _check_single("redraft", prompt_ids, cfg, reuse_cache)
         return (step[0][1] for step in self._redraft_rows([prompt_ids], cfg, None, reuse_cache))
 
     def redraft_batch(self, prompts: list[list[int]], cfg: DecodeConfig, slots: int | None = None
@@ -635,9 +640,11 @@ def _check_config(method: str, cfg: Any) -> None:
     cfg.sampling.__post_init__()
 
 
-def _check_single(method: str, prompt_ids: Any, cfg: Any) -> None:
+def _check_single(method: str, prompt_ids: Any, cfg: Any, reuse_cache: Any = False) -> None:
     """The entry checks of a one-prompt method (the prompt's ids are checked by Target.check_prompt)."""
     _check_config(method, cfg)
+    if not isinstance(reuse_cache, bool):
+        raise BadInputError(f"{method}'s reuse_cache must be True or False, got {reuse_cache!r}")
     if isinstance(prompt_ids, (list, tuple)) and prompt_ids and isinstance(prompt_ids[0], (list, tuple)):
         raise BadInputError(f"{method} takes one prompt (a list of token ids), got a list of lists; "
                             f"for several prompts use {method}_batch")

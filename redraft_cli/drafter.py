@@ -500,17 +500,22 @@ class Drafter(nn.Module):
         from safetensors.torch import save_file
 
         _check_path("Drafter.save", path, BadInputError)
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        if self.datastore is not None:
-            self.datastore.save(out / DATASTORE_NAME)
-        with tempfile.TemporaryDirectory(dir=out) as tmp:
-            save_file(self.state_to_save(), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-            os.chmod(os.path.join(tmp, WEIGHTS_NAME), file_mode())  # (save_file makes it 0o600)
-            with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-                json.dump(self.config.to_json_dict(), f, indent=2)
-            os.replace(os.path.join(tmp, WEIGHTS_NAME), out / WEIGHTS_NAME)
-            os.replace(os.path.join(tmp, CONFIG_NAME), out / CONFIG_NAME)
+        out = Path(path).expanduser()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            if self.datastore is not None:
+                self.datastore.save(out / DATASTORE_NAME)
+            with tempfile.TemporaryDirectory(dir=out) as tmp:
+                save_file(self.state_to_save(), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+                os.chmod(os.path.join(tmp, WEIGHTS_NAME), file_mode())  # (save_file makes it 0o600)
+                with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+                    json.dump(self.config.to_json_dict(), f, indent=2)
+                os.replace(os.path.join(tmp, WEIGHTS_NAME), out / WEIGHTS_NAME)
+                os.replace(os.path.join(tmp, CONFIG_NAME), out / CONFIG_NAME)
+        except (FileExistsError, NotADirectoryError):
+            raise BadInputError(f"cannot save the drafter to {out}: it (or a folder above it) is a file") from None
+        except OSError as exc:
+            raise BadInputError(f"cannot save the drafter to {out}: {exc.strerror or exc}") from None
         return out
 
     @classmethod
@@ -538,7 +543,7 @@ class Drafter(nn.Module):
         if not cfg_path.is_file() and (src / "checkpoint").is_dir():
             raise DrafterLoadError(f"drafter folder {src} holds no finished drafter: its distillation stopped before "
                                    f"the end (run the same distill command with --resume to finish it)")
-        if not cfg_path.is_file() and (src / "recipe.yaml").is_file():
+        if not cfg_path.is_file() and (src / "recipe.yaml").is_file() and not weights_path.exists():
             raise DrafterLoadError(f"drafter folder {src} holds no drafter: its distillation failed before training "
                                    f"(only its recipe.yaml is there); run the distill command again")
         for p in (cfg_path, weights_path):

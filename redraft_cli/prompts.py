@@ -276,7 +276,8 @@ def _table_records(p: str, suffix: str, raw: str) -> list[tuple[Any, Any]]:
     `prompt`, `text`, `instruction` or `question` column, as in JSONL): (("line", n), row) each."""
     import csv
 
-    reader = csv.DictReader(io.StringIO(raw, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+    # strict: a quote left open swallowed the rest of the file into one prompt
+    reader = csv.DictReader(io.StringIO(raw, newline=""), delimiter="\t" if suffix == ".tsv" else ",", strict=True)
     try:
         rows = [(("line", reader.line_num), {k: v for k, v in row.items() if k is not None}) for row in reader]
     except csv.Error as exc:
@@ -284,6 +285,10 @@ def _table_records(p: str, suffix: str, raw: str) -> list[tuple[Any, Any]]:
     if not reader.fieldnames:
         raise PromptError(f"{p} holds no prompts (a {suffix[1:].upper()} file needs a header line naming its "
                           f"prompt column: prompt, text, instruction or question)")
+    if not set(TEXT_KEYS) & set(reader.fieldnames):
+        columns = ", ".join(repr(c) for c in reader.fieldnames[:8]) + (", ..." if len(reader.fieldnames) > 8 else "")
+        raise PromptError(f"{p}:1: the header names no prompt column (one of prompt, text, instruction, question; "
+                          f"its columns: {columns})")
     return rows
 
 

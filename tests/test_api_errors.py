@@ -266,11 +266,15 @@ def test_a_custom_proposer_that_breaks_the_beam_contract_is_refused(tiny_target)
                                                                 b.logprobs),
         "expected": lambda b: DraftBeams(b.tokens[:, :1], b.logprobs[:, :1]),
         "must return DraftBeams": lambda b: None,
+        "integer token ids": lambda b: DraftBeams(b.tokens.float(), b.logprobs),
+        "logprobs must be floats": lambda b: DraftBeams(b.tokens, b.logprobs.long()),
     }
     for fragment, edit in cases.items():
         gen = Generator(tiny_target, proposer=make(edit))
         refused(lambda gen=gen: gen.generate(IDS, cfg), fragment)
     assert len(Generator(tiny_target, proposer=make(lambda b: b)).generate(IDS, cfg).tokens) == 4
+    int32 = make(lambda b: DraftBeams(b.tokens.int(), b.logprobs))  # any integer dtype: taken as long
+    assert len(Generator(tiny_target, proposer=int32).generate(IDS, cfg).tokens) == 4
 
 
 @pytest.mark.parametrize("mode", ["redraft", "plain"])

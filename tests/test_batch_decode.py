@@ -173,3 +173,40 @@ def test_batch_runs_stepped_in_turn_keep_their_own_time(eos_target):
     assert 0 < plain.seconds and 0 < fast.seconds and plain.seconds + fast.seconds <= wall
     assert all(0 < g.seconds <= plain.seconds for g in plain.rows)
     assert not runs[0].step() and runs[0].result().passes == plain.passes  # a finished run stays finished
+
+
+@pytest.mark.parametrize("stop_at", [40, 10_000])
+def test_bench_at_a_batch_size_keeps_the_prompts_both_paths_finished_on_ctrl_c(eos_target, monkeypatch, stop_at):
+    """A Ctrl-C during `bench --batch-size B`: the prompts both paths had finished are the result (marked
+    interrupted), their tokens identical; before any had finished it is an interruption with nothing to report.
+    stop_at 10_000: a Ctrl-C in the HF baseline after both paths finished keeps them, without the baseline."""
+    from redraft_cli import bench
+    from redraft_cli.decode import BatchRun
+
+    target = eos_target
+    prompts = random_prompts(6, target.vocab_size, seed=12, min_len=2, max_len=30)
+    cfg = bench.BenchConfig(DecodeConfig(max_new_tokens=12, beam_width=2, beam_length=3), warmup=False,
+                            hf_baseline=True, batch_size=2)
+    real_step, steps = BatchRun.step, []
+
+    def step(self):
+        steps.append(1)
+        if len(steps) == stop_at:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(BatchRun, "step", step)
+    if stop_at == 10_000:
+        monkeypatch.setattr(bench, "hf_generate", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    gen = Generator(target, proposer=OracleProposer(target, seed=4, oracle_beam=1))
+    result = bench.run_bench(gen, prompts, cfg)
+    assert result["interrupted"] and result["prompts_asked"] == 6
+    assert 0 < result["num_prompts"] == len(result["per_prompt"]) <= 6
+    assert result["identical_outputs"] == result["num_prompts"]
+    assert "baseline_hf" not in result and result["baseline"]["tokens"] > 0
+    if stop_at == 10_000:
+        assert result["num_prompts"] == 6
+    steps.clear()
+    monkeypatch.setattr(BatchRun, "step", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(gen, prompts, cfg)

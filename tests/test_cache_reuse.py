@@ -183,3 +183,12 @@ def test_an_interrupted_prompt_pass_stops_between_chunks_and_keeps_what_it_read(
     gen.interrupt = None
     _, first = run(gen, prompt[:5] + [9] * 1200)
     assert first.reused == 5
+
+
+def test_reuse_cache_takes_a_bool(target):
+    from redraft_cli.errors import BadInputError
+
+    gen = Generator(target, Drafter.for_target(target, seed=0))
+    for method in (gen.redraft, gen.plain):
+        with pytest.raises(BadInputError, match="reuse_cache must be True or False"):
+            method([1, 2, 3], CFG, reuse_cache="yes")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
 from redraft_cli.drafter import Drafter, DrafterConfig
-from redraft_cli.errors import DrafterLoadError, DrafterMismatchError
+from redraft_cli.errors import BadInputError, DrafterLoadError, DrafterMismatchError
 
 
 @pytest.mark.parametrize("head", ["own", "tied"])
@@ -101,6 +102,9 @@ def test_a_folder_that_holds_no_drafter_says_what_it_holds(tmp_path):
     failed.mkdir()
     (failed / "recipe.yaml").write_text("name: x\n")
     with pytest.raises(DrafterLoadError, match="failed before training"):
+        Drafter.load(failed)
+    (failed / "model.safetensors").write_bytes(b"")  # a finished drafter that lost its config.json
+    with pytest.raises(DrafterLoadError, match="lacks config.json"):
         Drafter.load(failed)
     model = tmp_path / "model"
     model.mkdir()
@@ -266,3 +270,17 @@ def test_decode_config_is_the_recommended_shape(tiny_target):
     assert (drafter.decode_config(batch_size=8).beam_width, drafter.decode_config(batch_size=8).tree_nodes) == (2, 0)
     drafter.datastore = Datastore.from_answers([[1, 2, 3]], tiny_target.vocab_size)
     assert drafter.decode_config(accept="typical").datastore_beams == 2
+
+
+def test_save_where_it_cannot_is_one_line(tmp_path, tiny_target):
+    d = Drafter.for_target(tiny_target, seed=0)
+    (tmp_path / "a.csv").write_text("x")
+    with pytest.raises(BadInputError, match="is a file"):
+        d.save(tmp_path / "a.csv")
+    with pytest.raises(BadInputError, match="is a file"):
+        d.save(tmp_path / "a.csv" / "drafter")
+    if os.geteuid() != 0:  # (root writes anywhere)
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(BadInputError, match="cannot save the drafter"):
+            d.save(ro / "drafter")

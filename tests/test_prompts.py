@@ -277,8 +277,14 @@ def test_csv_and_tsv_files_read_their_prompt_column(tmp_path):
     assert load_prompts(tabs) == ["Why is the sky blue?"]
     other = tmp_path / "q.csv"
     other.write_text("query,id\nhello,1\n")
-    with pytest.raises(PromptError, match=r"q.csv:2: record has none of the keys .* \(its keys: 'query', 'id'\)"):
+    with pytest.raises(PromptError, match=r"q.csv:1: the header names no prompt column .*its columns: 'query', 'id'\)"):
         load_prompts(other)
+    (tmp_path / "t.csv").write_text("turns\nhello\n")  # a JSONL key that is no CSV column: a list of turns
+    with pytest.raises(PromptError, match="the header names no prompt column"):
+        load_prompts(tmp_path / "t.csv")
+    (tmp_path / "open.csv").write_text('prompt\n"Name a colour.\nSay hi.\n')  # a quote left open
+    with pytest.raises(PromptError, match="cannot read it as CSV"):
+        load_prompts(tmp_path / "open.csv")
     (tmp_path / "e.csv").write_text("")
     with pytest.raises(PromptError, match="needs a header line naming its prompt column"):
         load_prompts(tmp_path / "e.csv")

@@ -102,8 +102,10 @@ def bench(
         if (written := write_report(json_path, json.dumps(result, indent=2) + "\n")) is not None:
             console.print(f"wrote {written}")
     if result.get("interrupted"):
+        batched = result["batch_size"] > 1  # tokens/s: every token the batch decoded before the Ctrl-C
         err.print(f"interrupted: the results above cover the {result['num_prompts']} of {result['prompts_asked']} "
-                  f"prompts that finished" + (" (written to --json, marked \"interrupted\")" if json_path else ""))
+                  f"prompts that finished" + (" (tokens/s: all the batch decoded so far)" if batched else "")
+                  + (" (written to --json, marked \"interrupted\")" if json_path else ""))
         raise typer.Exit(130)
 
 
