@@ -517,3 +517,27 @@ def test_ctrl_c_during_a_long_paste_stops_between_its_passes(target, monkeypatch
     err = capsys.readouterr().err
     assert "stopped before the answer began" in err and "Traceback" not in err, err
     assert passes == [PREFILL_CHUNK] and s.messages == [] and s.totals.answers == 0
+
+
+def test_an_answer_stopped_by_ctrl_c_keeps_what_was_shown(target, monkeypatch, capsys):
+    """The pass a Ctrl-C falls in is shown before the answer stops: the answer kept in the conversation is the
+    text on the screen. A Ctrl-C in the last pass stops nothing: the answer is whole."""
+    import signal
+
+    from redraft_cli.cli import chat as chat_cli
+
+    for at, whole in ((3, False), (None, True)):
+        s = session(target)
+        real_redraft = s.gen.redraft
+
+        def ctrl_c_at(ids, cfg, reuse_cache, at=at):
+            steps = list(real_redraft(ids, cfg, reuse_cache))
+            for n, step in enumerate(steps):
+                if n == (len(steps) - 1 if at is None else at):
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield step
+
+        monkeypatch.setattr(s.gen, "redraft", ctrl_c_at)
+        finished = chat_cli._stream(s, "Hello there", show_drafts=False)
+        shown = capsys.readouterr().out
+        assert finished == whole and shown.strip() == s.messages[-1]["content"].strip() != ""

@@ -113,22 +113,21 @@ def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = Fa
     noted = False
     try:
         for chunk in answer:
-            if stop:
+            if stop and chunk.step.prefill:  # stopped in the prompt pass: the message is taken back, nothing shown
                 raise KeyboardInterrupt
             if session.trimmed and not noted:  # before the answer, not on its line
                 noted = True
                 err.print(f"[yellow]note:[/] dropped the {session.trimmed} oldest turn(s) to fit the context window")
-            if quiet:
-                continue
-            if show_drafts and chunk.drafted:
-                console.print(Text(chunk.drafted, style="bold cyan"), end="", soft_wrap=True)
-            elif chunk.drafted:
-                console.print(Text(chunk.drafted), end="", soft_wrap=True)
-            console.print(Text(chunk.text), end="", soft_wrap=True)
-            console.file.flush()
-        if stop:
-            raise KeyboardInterrupt
-        return True
+            if not quiet:
+                if show_drafts and chunk.drafted:
+                    console.print(Text(chunk.drafted, style="bold cyan"), end="", soft_wrap=True)
+                elif chunk.drafted:
+                    console.print(Text(chunk.drafted), end="", soft_wrap=True)
+                console.print(Text(chunk.text), end="", soft_wrap=True)
+                console.file.flush()
+            if stop and not chunk.step.finished:  # after showing the pass: the answer kept is the answer shown
+                raise KeyboardInterrupt
+        return True  # (a Ctrl-C in or after the last pass stops nothing: the answer is whole)
     except KeyboardInterrupt:
         answer.close()  # the partial answer joins the history
         console.print()
@@ -242,7 +241,7 @@ def _command(session: ChatSession, line: str) -> bool:
         s = session.totals.summary()
         err.print(f"session: {counted(s['answers'], 'answer')}, {s['tokens']} tokens in {s['seconds']:.1f} s "
                   f"({s['tokens_per_s']:.1f} tokens/s), {s['tokens_per_step']:.2f} tokens/step, "
-                  f"acceptance {s['acceptance_rate']:.0%}, beams {session.cfg.beam_width}x{session.cfg.beam_length}; "
+                  f"acceptance {s['acceptance_rate']:.0%}, beams {beams_label(vars(session.cfg))}; "
                   f"prompts {s['prompt_tokens']} tokens, {s['reused_tokens']} of them reused from the KV cache")
     elif name == "set":
         key, _, value = rest.strip().partition(" ")

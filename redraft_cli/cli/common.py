@@ -21,8 +21,10 @@ from ..chat_templates import apply_chat_template, resolve_template, template_for
 from ..decode import DecodeConfig, check_datastore
 from ..drafter import Drafter
 from ..entry import startup_done
+from ..env import env_flag
 from ..errors import BadInputError
 from ..files import cache_dir, write_text
+from ..lean_llama import lean_supported
 from ..loading import EMBEDDED, TargetSpec, load_target
 from ..prompts import load_prompts
 from ..sampling import SamplingConfig
@@ -121,6 +123,8 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
     if target.device.type == "cpu" and not target.batch_invariant:
         dtype = str(target.compute_dtype).replace("torch.", "")
         why = (f"this CPU's {dtype} matmuls round differently for every row count tried" if target.lean
+               else "REDRAFT_GENERIC=1 puts it on the generic Hugging Face path"
+               if env_flag("REDRAFT_GENERIC", False) and lean_supported(target.model) and not target.spread
                else f"{target.config.model_type} models run the generic Hugging Face path")
         err.print(f"note: {why}, so a tree pass can round differently from a one-token pass and greedy ReDrafter "
                   "output can differ from plain decoding at near-ties (README, Performance)")

@@ -149,7 +149,8 @@ def check_offline_needs(recipe: Recipe) -> None:
         what = f"distilling for {model}" if given_model else f"recipe {recipe.name!r}"
         raise ModelLoadError(
             f"{what} needs {' and '.join(needs)} from the Hugging Face hub, which cannot be reached "
-            "(no network); download them where there is network (huggingface-cli download ...) or pass local paths "
+            f"(no network); download {'them' if len(needs) > 1 else 'it'} where there is network (huggingface-cli "
+            "download ...) or pass local paths "
             + ("(a model directory, --data FILE)" if given_model else "(--data FILE, a model directory in the recipe)")
         )
 
