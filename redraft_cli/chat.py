@@ -38,10 +38,11 @@ class Totals:
     draftable: int = 0  # steps x (tree depth - 1)
     prompt_tokens: int = 0  # the conversation as the target read it, template included
     reused_tokens: int = 0  # of those, tokens whose KV the previous answer left (not run again)
+    prompt_s: float = 0.0  # the prompt pass (part of `seconds`)
 
     def add(self, other: "Totals", sign: int = 1) -> None:
         for f in ("answers", "tokens", "seconds", "steps", "step_tokens", "accepted", "draftable", "prompt_tokens",
-                  "reused_tokens"):
+                  "reused_tokens", "prompt_s"):
             setattr(self, f, getattr(self, f) + sign * getattr(other, f))
 
     def summary(self) -> dict[str, float]:
@@ -55,6 +56,7 @@ class Totals:
             "acceptance_rate": round(self.accepted / self.draftable, 4) if self.draftable else 0.0,
             "prompt_tokens": self.prompt_tokens,
             "reused_tokens": self.reused_tokens,
+            "prompt_s": round(self.prompt_s, 3),
         }
 
 
@@ -214,7 +216,7 @@ class ChatSession:
         try:
             for step in loop(ids, self.cfg, reuse_cache=True):
                 if step.prefill:
-                    stats.prompt_tokens, stats.reused_tokens = len(ids), step.reused
+                    stats.prompt_tokens, stats.reused_tokens, stats.prompt_s = len(ids), step.reused, step.verify_s
                 drafted_ids = step.tokens[: step.accepted]
                 # A character whose bytes are not all there yet decodes to U+FFFD: held back until they are.
                 with_drafts = tok.decode(answer[line:] + drafted_ids, skip_special_tokens=True).rstrip("\ufffd")

@@ -541,3 +541,17 @@ def test_an_answer_stopped_by_ctrl_c_keeps_what_was_shown(target, monkeypatch, c
         finished = chat_cli._stream(s, "Hello there", show_drafts=False)
         shown = capsys.readouterr().out
         assert finished == whole and shown.strip() == s.messages[-1]["content"].strip() != ""
+
+
+def test_the_status_line_names_a_long_prompt_pass(target):
+    """tokens/s counts the prompt pass: when it took a second or more, the status line says so."""
+    from redraft_cli.chat import Totals
+    from redraft_cli.cli import chat as chat_cli
+
+    s = session(target)
+    s.last = Totals(answers=1, tokens=20, seconds=3.0, steps=8, step_tokens=19, prompt_tokens=2600,
+                    reused_tokens=65, prompt_s=2.5)
+    assert chat_cli._status(s).endswith("ReDrafter; read 2535 new prompt tokens in 2.5 s]")
+    s.last.prompt_s = 0.2
+    assert "read" not in chat_cli._status(s)
+    assert s.last.summary()["prompt_s"] == 0.2

@@ -142,10 +142,13 @@ def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = Fa
 def _status(session: ChatSession) -> str:
     s = session.last.summary()
     mode = "ReDrafter" if session.draft else "plain"
+    # A long prompt pass (a paste; the first turn of a long --system) is named: it is in tokens/s too.
+    read = (f"; read {counted(s['prompt_tokens'] - s['reused_tokens'], 'new prompt token')} in {s['prompt_s']:.1f} s"
+            if s["prompt_s"] >= 1.0 else "")
     if not s["steps"]:  # one token, from the prompt pass: no decoding step to measure
-        return f"[{counted(s['tokens'], 'token')}, {s['tokens_per_s']:.1f} tokens/s, from the prompt pass alone, {mode}]"
+        return f"[{counted(s['tokens'], 'token')}, {s['tokens_per_s']:.1f} tokens/s, from the prompt pass alone, {mode}{read}]"
     return (f"[{counted(s['tokens'], 'token')}, {s['tokens_per_s']:.1f} tokens/s, {s['tokens_per_step']:.2f} tokens/step, "
-            f"acceptance {s['acceptance_rate']:.0%}, {mode}]")
+            f"acceptance {s['acceptance_rate']:.0%}, {mode}{read}]")
 
 
 def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bool, drafter_name: str) -> None:
