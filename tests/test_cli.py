@@ -834,3 +834,17 @@ def test_a_full_disk_is_one_line_not_a_bug(monkeypatch, capsys):
         err = capsys.readouterr().err
         assert exit_.value.code == code and said in err and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1, err
+
+
+def test_the_cached_conversion_of_the_default_finds_its_shipped_drafter(tmp_path, monkeypatch):
+    """`--model ~/.cache/redraft/models/smollm2-135m` (the default's converted folder) is the default model:
+    `--drafter auto` takes its shipped drafter, not an untrained one."""
+    from redraft_cli.cli.common import converted_alias
+    from redraft_cli.shipped import shipped_drafter_dir
+
+    monkeypatch.setenv("REDRAFT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "models" / "smollm2-135m"
+    folder.mkdir(parents=True)
+    assert converted_alias(str(folder)) == "smollm2-135m" and shipped_drafter_dir(converted_alias(str(folder)))
+    assert converted_alias(str(tmp_path / "smollm2-135m")) is None  # a folder of that name elsewhere: not it
+    assert converted_alias("smollm2-135m") is None and converted_alias("Qwen/Qwen2.5-7B") is None

@@ -147,9 +147,20 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
     return loaded
 
 
+def converted_alias(model: str) -> str | None:
+    """The embedded default's alias when `model` is the folder its conversion is cached in
+    (`<cache>/models/smollm2-135m`, given as --model): its shipped drafter is the alias's."""
+    try:
+        path = Path(os.path.expanduser(model)).resolve()
+        models = (cache_dir() / "models").resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return path.name if path.parent == models and path.name in EMBEDDED else None
+
+
 def resolve_drafter(target: Target, drafter: str, seed: int) -> tuple[Drafter, str]:
     if drafter == "auto":
-        shipped = shipped_drafter_dir(target.name)
+        shipped = shipped_drafter_dir(target.name) or shipped_drafter_dir(converted_alias(target.name))
         if shipped is None:
             err.print(f"[yellow]note:[/] no trained drafter ships for {escape(target.name)}; using an untrained one (--drafter random)")
             drafter = "random"
