@@ -194,13 +194,13 @@ class ChatSession:
         """Add a user turn and stream the answer; the answer (even a partial one) joins the history."""
         if not text.strip():
             raise BadInputError("empty message")
-        history = self._before = list(self.messages)
+        self._before = list(self.messages)
         self.messages.append({"role": "user", "content": text})
         try:
             ids = self._prompt_ids()
             self.gen.target.check_prompt(ids)  # ids outside the model's vocabulary (a tokenizer of another model)
         except BadInputError:  # too long, a template that fails on it, ids the model lacks: the history stays as it was
-            self.messages[:] = history
+            self.messages[:] = self._before
             self.trimmed = 0
             raise
         tok = self.gen.target.tokenizer

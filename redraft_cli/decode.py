@@ -318,7 +318,7 @@ class Generator:
     def limit_reuse(self, n: int) -> None:
         """Let the next reuse_cache generation reuse at most the first n tokens this one left."""
         if self._held is not None:
-            rows, cache = self._held
+            cache = self._held[1]
             cache.truncate(min(n, cache.get_seq_length()))
 
     def _reusable(self, prompt: list[int], capacity: int) -> tuple[Any, int] | None:
@@ -326,10 +326,9 @@ class Generator:
         `prompt` (the longest prefix it shares with that generation's prompt and output, at most all
         but the prompt's last token, whose hidden state the first token needs), or None when it holds
         none of them. A cache with fewer than `capacity` slots is copied into a larger one."""
-        held, self._held = self._held, None
-        if held is None:
+        if self._held is None:
             return None
-        rows, cache = held
+        rows, cache = self._held
         done = rows.context[0][: min(cache.get_seq_length(), len(rows.context[0]))]  # tokens whose KV it holds
         k = 0
         limit = min(len(done), len(prompt) - 1)
