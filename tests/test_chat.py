@@ -322,14 +322,32 @@ def test_json_needs_a_one_shot_prompt():
     assert child.exitstatus == 2 and "--json prints one answer: pass --prompt TEXT or text on stdin" in child.before
 
 
-def test_json_of_a_prompt_that_was_not_utf8_is_utf8(model_dir):
-    """Bytes that were not UTF-8 went into the JSON as they were (not UTF-8, so not JSON); a byte-order
-    mark (a file from a Windows editor) went to the model as a character."""
+def test_stdin_and_options_that_are_not_utf8_are_refused_and_a_bom_is_not_text(model_dir):
+    """Bytes that were not UTF-8 are refused with a one-line error, as `bench --prompts -` refuses them
+    (before, they reached the model as U+FFFD); a byte-order mark (a file from a Windows editor) is not text."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([REDRAFT, "chat", "--model", str(model_dir), "--drafter", "random", "--max-new-tokens", "2",
-                        "--json"], input=b"\xef\xbb\xbfcaf\xe9", capture_output=True, timeout=240, env=env)
+    base = [REDRAFT, "chat", "--model", str(model_dir), "--drafter", "random", "--max-new-tokens", "2", "--json"]
+    r = subprocess.run(base, input="\ufeffcafé".encode(), capture_output=True, timeout=240, env=env)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.decode("utf-8"))["prompt"] == "caf\ufffd"
+    assert json.loads(r.stdout.decode("utf-8"))["prompt"] == "café"
+    r = subprocess.run(base, input=b"caf\xe9 au lait", capture_output=True, timeout=240, env=env)
+    assert r.returncode == 2 and r.stdout == b""
+    assert b"standard input is not UTF-8 text (byte 0xe9 at offset 3)" in r.stderr and b"Traceback" not in r.stderr
+    for option in ("--prompt", "--system"):
+        args = [*base, option, os.fsdecode(b"caf\xe9")] + (["--prompt", "hi"] if option == "--system" else [])
+        r = subprocess.run(args, capture_output=True, timeout=240, env=env)
+        assert r.returncode == 2 and f"{option} is not UTF-8 text (byte 0xe9 at character 3)".encode() in r.stderr
+
+
+def test_an_interactive_line_that_is_not_utf8_is_not_sent(target, monkeypatch, capsys):
+    from redraft_cli.cli import chat as chat_cli
+
+    s = session(target)
+    monkeypatch.setattr("builtins.input", typed(["caf\udce9", "/set system \udcff"]))
+    chat_cli._interactive(s, show_drafts=False)
+    err = capsys.readouterr().err
+    assert "not UTF-8 text (byte 0xe9 at character 3); nothing was sent" in err and "byte 0xff" in err
+    assert s.messages == [] and s.system is None
 
 
 def test_acceptance_is_benchs_share_of_the_drafted_beam(target):

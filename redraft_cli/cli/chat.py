@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -75,8 +76,11 @@ def chat(
                             "prints no JSON)")
     if prompt is not None and not prompt.strip():
         raise BadInputError("--prompt is empty: give it the text to answer")
+    for name, text in (("--prompt", prompt), ("--system", system)):
+        if text is not None and (bad := not_utf8(text)):
+            raise BadInputError(f"{name} is not UTF-8 text ({bad}); give it in UTF-8")
     if prompt is None and one_shot:
-        prompt = stdin.read().removeprefix("\ufeff").strip() if stdin is not None else ""  # (a BOM is not text)
+        prompt = _read_stdin(stdin).removeprefix("\ufeff").strip() if stdin is not None else ""  # (a BOM is not text)
     if one_shot and not (prompt or "").strip():
         raise BadInputError("no prompt: pass --prompt TEXT or text on stdin")
     if no_draft and (show_drafts or any(v is not None for v in (beam_width, beam_length, lookup, lookup_length,
@@ -94,6 +98,37 @@ def chat(
     err.print(f"[bold]redraft chat[/] - {escape(loaded.target.describe())}, drafter {escape(loaded.drafter_name)}, "
               f"beams {beams_label(vars(cfg))}, {cfg.rule}. /help for commands, Ctrl-D to leave.")
     _interactive(session, show_drafts)
+
+
+def _read_stdin(stdin) -> str:
+    """All of standard input as UTF-8 text; other bytes are refused, as `bench --prompts -` refuses them
+    (the answer to text the model never saw would be worthless)."""
+    buffer = getattr(stdin, "buffer", None)
+    if buffer is None:  # (a text stream without bytes under it: a test's StringIO)
+        text = stdin.read()
+    else:
+        try:
+            text = buffer.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadInputError(f"standard input is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                                f"{exc.start}); give the prompt in UTF-8") from exc
+    if bad := not_utf8(text):
+        raise BadInputError(f"standard input is not UTF-8 text ({bad}); give the prompt in UTF-8")
+    return text
+
+
+def not_utf8(text: str) -> str:
+    """'' for text that came from valid UTF-8; else where it did not: bytes that were not UTF-8, read from a
+    terminal or argv, arrive as lone surrogates (U+DC80-U+DCFF for byte 0x80-0xff)."""
+    match = _SURROGATE.search(text)
+    if match is None:
+        return ""
+    code = ord(match.group())
+    what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+    return f"{what} at character {match.start()}"
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = False) -> bool:
@@ -200,6 +235,9 @@ def _interactive(session: ChatSession, show_drafts: bool) -> None:
             continue
         line = line.strip()
         if not line:
+            continue
+        if bad := not_utf8(line):  # (the terminal's encoding is not UTF-8, or a paste held other bytes)
+            err.print(f"[bold red]error:[/] that line is not UTF-8 text ({bad}); nothing was sent")
             continue
         if line.startswith("//"):  # a message that starts with a slash ("//usr/bin/env": "/usr/bin/env")
             line = line[1:]
