@@ -674,3 +674,35 @@ def test_a_checkpoint_half_written_by_a_killed_run_is_removed(tmp_path, one_thre
     (stale / "model.safetensors").write_bytes(b"half")
     distill(tiny_recipe(max_steps=1), out, target=tiny_chat_llama(seed=2), data_dir=tmp_path / "data", bench=False)
     assert not stale.exists() and (out / "model.safetensors").exists()
+
+
+def test_a_recipes_relative_paths_are_read_beside_it_from_any_folder(tmp_path, monkeypatch):
+    """data.source, target.model, target.chat_template and drafter.init_from name files beside the recipe
+    (as a config file's paths do); values that name nothing there (aliases, hub ids, named templates,
+    a path from the current folder) stay as they were."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
+    (project / "model").mkdir()
+    (project / "chat.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (project / "start").mkdir()
+    (project / "vicuna").write_text("not a template")  # a file named like a named template: the name wins
+    recipe = project / "r.yaml"
+    recipe.write_text("data: {source: data/prompts.jsonl}\ntarget: {model: ./model, chat_template: chat.jinja}\n"
+                      "drafter: {init_from: start}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = load_recipe(str(recipe))
+    assert r.data.source == str(project / "data" / "prompts.jsonl")
+    assert r.target.model == str(project / "model") and r.target.chat_template == str(project / "chat.jinja")
+    assert r.drafter.init_from == str(project / "start")
+    (elsewhere / "mine.jsonl").write_text('{"prompt": "hi"}\n')
+    recipe.write_text("data: {source: mine.jsonl}\ntarget: {model: smollm2-135m, chat_template: vicuna}\n"
+                      "drafter: {init_from: data/prompts.jsonl}\n")  # (a file, not a drafter folder: left alone)
+    r = load_recipe(str(recipe))
+    assert (r.data.source, r.target.model, r.target.chat_template) == ("mine.jsonl", "smollm2-135m", "vicuna")
+    assert r.drafter.init_from == "data/prompts.jsonl"
+    recipe.write_text("target: {model: some-org/some-model}\ndata: {source: builtin}\n")
+    r = load_recipe(str(recipe))
+    assert (r.target.model, r.data.source) == ("some-org/some-model", "builtin")

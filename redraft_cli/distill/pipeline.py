@@ -199,9 +199,10 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     skipped: list[str] = []  # a data set of thousands of conversations keeps going past a malformed one
     try:
         convs = resolve_conversations(d.source, d.num_prompts, skipped)
-    except PromptError as exc:  # name the field (a recipe's relative path is read from the current folder)
+    except PromptError as exc:  # name the field and where a relative path was looked for
         where = "" if os.path.isabs(os.path.expanduser(d.source)) or "://" in d.source else \
-            f" (a relative path, read from the current folder {os.getcwd()})"
+            f" (a relative path: looked for in the current folder {os.getcwd()}, and beside the recipe file " \
+            f"for a recipe's own data.source)"
         raise PromptError(f"data.source: {exc}{where if 'not found' in str(exc) else ''}") from exc
     if skipped:
         emit({"event": "note", "text": f"skipped {len(skipped)} record(s) that are not prompts; the first: {skipped[0]}"})

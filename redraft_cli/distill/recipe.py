@@ -404,6 +404,45 @@ def _read_yaml(path: Path) -> Recipe:
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInputError(f"cannot read recipe {path}: {exc}") from exc
     try:
-        return recipe_from_dict(data)
+        return recipe_from_dict(_beside(data, path.parent))
     except TypeError as exc:
         raise BadInputError(f"invalid recipe {path}: {exc}") from exc
+
+
+# The fields that may name a file or folder: (section, field, whether it names a folder rather than a file).
+_PATH_FIELDS = (("data", "source", False), ("target", "model", None), ("target", "chat_template", False),
+                ("drafter", "init_from", True))
+
+
+def _not_paths() -> set[str]:
+    from ..chat_templates import NAMED
+    from ..loading import EMBEDDED
+
+    return {"builtin", "-", *NAMED, *EMBEDDED}
+
+
+def _beside(data: Any, folder: Path) -> Any:
+    """`data` (a recipe's YAML) with each relative path that names something in `folder` (the recipe's
+    own folder) made absolute, so that a recipe and the files beside it work from any folder, as a
+    config file's paths do. A value that names nothing there (a hub id, 'builtin', Jinja text, a path
+    from the current folder as before) is left as it is. Flags (--data ...) stay relative to the
+    current folder."""
+    if not isinstance(data, dict):
+        return data
+    data, not_paths = dict(data), _not_paths()
+    for section, name, is_dir in _PATH_FIELDS:
+        part = data.get(section)
+        value = part.get(name) if isinstance(part, dict) else None
+        if not isinstance(value, str) or not value.strip() or "\n" in value or value.strip() in not_paths:
+            continue
+        try:
+            candidate = Path(value.strip()).expanduser()
+            if candidate.is_absolute():
+                continue
+            candidate = folder / candidate
+            found = candidate.is_dir() if is_dir else candidate.is_file() if is_dir is False else candidate.exists()
+        except (OSError, RuntimeError, ValueError):  # (a name too long for a path, a NUL byte: not a path)
+            continue
+        if found:
+            data[section] = {**part, name: str(candidate.resolve())}
+    return data
