@@ -505,7 +505,7 @@ class Drafter(nn.Module):
             out.mkdir(parents=True, exist_ok=True)
             if self.datastore is not None:
                 self.datastore.save(out / DATASTORE_NAME)
-            with tempfile.TemporaryDirectory(dir=out) as tmp:
+            with tempfile.TemporaryDirectory(dir=out, prefix=".save.tmp") as tmp:  # (a kill leaves it: remove_temporaries)
                 save_file(self.state_to_save(), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
                 os.chmod(os.path.join(tmp, WEIGHTS_NAME), file_mode())  # (save_file makes it 0o600)
                 with open(os.path.join(tmp, CONFIG_NAME), "w") as f:

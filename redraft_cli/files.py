@@ -4,6 +4,7 @@ half a file), result files whose write errors name them, and the cache directory
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -33,10 +34,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
 
 
 def remove_temporaries(folder: str | os.PathLike) -> None:
-    """Remove the temporaries (`.NAME.tmpPID`) that `atomic_write` leaves when its process is killed
-    mid-write. Only while no other process writes in `folder` (a lock or the main process of a launch)."""
+    """Remove the temporaries (`.NAME.tmpPID`, files or folders) that `atomic_write` and the other atomic
+    saves leave when their process is killed mid-write. Only while no other process writes in `folder`
+    (a lock or the main process of a launch)."""
     for stale in Path(folder).glob(".*.tmp*"):
-        stale.unlink(missing_ok=True)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def writable_dir(path: str | os.PathLike) -> Path:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_chat_llama
@@ -231,6 +232,9 @@ def test_an_interrupt_says_what_was_kept_and_where(tmp_path):
 
     view = _DistillView()
     assert "before any work was saved" in view.interrupted(tmp_path)
+    (tmp_path / "checkpoint").mkdir()  # a --resume stopped while the model loads: its checkpoint is kept
+    assert "the checkpoint in" in view.interrupted(tmp_path) and "--resume" in view.interrupted(tmp_path)
+    (tmp_path / "checkpoint").rmdir()
     view.on_event({"event": "hidden_start", "examples": 10, "dir": "/cache/hidden-bfloat16"})
     msg = view.interrupted(tmp_path)
     assert "hidden states" in msg and "/cache/hidden-bfloat16" in msg and "--resume" not in msg
@@ -426,8 +430,9 @@ def test_distill_refuses_what_would_lose_or_mix_work(tiny_recipe, tmp_path, monk
 
 
 def test_damaged_distillation_data_is_named_or_computed_again(tiny_recipe, tmp_path, monkeypatch):
-    """A garbled data manifest or shard is a one-line error naming the folder to delete; a damaged
-    hidden-state chunk is computed again."""
+    """A garbled data manifest is a one-line error naming the folder to delete; a damaged hidden-state
+    chunk is computed again, and so is a shard that is damaged, truncated or missing (the same answers
+    as before: only that shard is generated)."""
     root, recipe = tiny_recipe
     monkeypatch.setenv("REDRAFT_CACHE", str(tmp_path / "cache"))
     cached = tmp_path / "cached.yaml"
@@ -443,9 +448,17 @@ def test_damaged_distillation_data_is_named_or_computed_again(tiny_recipe, tmp_p
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(shard))
-    save_file({k: v for k, v in tensors.items() if k != "offsets"}, str(shard))
-    broken = runner.invoke(app, ["distill", str(cached), "--out", str(tmp_path / "o2"), "--max-steps", "1"])
-    assert broken.exit_code == 2 and "is damaged" in broken.output and "Traceback" not in broken.output
+    others = {p.name: p.stat().st_mtime_ns for p in data.glob("shard-*") if p != shard}
+    for n, damage in enumerate((lambda: save_file({k: v for k, v in tensors.items() if k != "offsets"}, str(shard)),
+                                lambda: shard.write_bytes(shard.read_bytes()[:-40]), shard.unlink)):
+        damage()
+        again = runner.invoke(app, ["distill", str(cached), "--out", str(tmp_path / f"o2-{n}"), "--max-steps", "1",
+                                    "--no-bench"])
+        flat = " ".join(again.output.split())
+        assert again.exit_code == 0 and "1 shard(s) of" in flat and "shard-00001.safetensors): made again" in flat, flat
+        remade = load_file(str(shard))
+        assert remade.keys() == tensors.keys() and all(torch.equal(remade[k], tensors[k]) for k in tensors)
+        assert {p.name: p.stat().st_mtime_ns for p in data.glob("shard-*") if p != shard} == others
     (data / "manifest.json").write_text("[]")
     garbled = runner.invoke(app, ["distill", str(cached), "--out", str(tmp_path / "o3"), "--max-steps", "1"])
     assert garbled.exit_code == 2 and "is damaged" in garbled.output and str(data) in " ".join(garbled.output.split())
@@ -472,6 +485,14 @@ def test_two_runs_never_write_one_out_at_once(tiny_recipe, tmp_path, monkeypatch
     assert "loading target" not in busy.output and "Traceback" not in busy.output and not any(out.iterdir())
     free = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "1", "--no-bench"])
     assert free.exit_code == 0, free.output
+    # A folder with a checkpoint, held: the second run is told another writes it (not "pass --resume").
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--max-steps", "2", "--no-bench"])
+    finally:
+        os.close(fd)
+    assert busy.exit_code == 2 and "another redraft distill is writing --out" in " ".join(busy.output.split())
 
 
 def test_a_tilde_in_out_or_data_is_the_home_folder(tiny_recipe, tmp_path, monkeypatch):
@@ -559,3 +580,73 @@ def test_recipe_yaml_reads_exponents_as_numbers_and_refuses_duplicate_keys(tmp_p
         result = runner.invoke(app, ["distill", str(bad), "--out", str(tmp_path / "o")])
         assert result.exit_code == 2 and f"dup.yaml:{line}:" in result.output and "duplicate key" in result.output, \
             result.output
+
+
+def test_a_resume_on_edited_prompts_and_a_stop_in_the_bench_keep_the_work_honest(tiny_recipe, tmp_path, monkeypatch):
+    """The held-out conversations are checked by content, not by the prompt file's name: a file edited
+    in place (its held-out prompts now others) is refused before the model loads, even when out's
+    recipe.yaml is damaged. A Ctrl-C in the bench keeps metrics.json and the --json report (without the
+    bench), and --resume then finishes it."""
+    import redraft_cli.distill.pipeline as pipeline
+
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache-held"))
+    prompts = tmp_path / "p.txt"
+    lines = (root / "prompts.txt").read_text().splitlines()
+    prompts.write_text("\n".join(lines) + "\n")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(recipe.read_text().replace(str(root / "prompts.txt"), str(prompts)))
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    real_bench = pipeline._held_out_bench
+
+    def stopped(target, out, held_convs, recipe, emit):
+        emit({"event": "bench_start", "prompts": 1})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_held_out_bench", stopped)
+    cut = runner.invoke(app, ["distill", str(mine), "--out", str(out), "--max-steps", "2", "--json", str(report)])
+    flat = " ".join(cut.output.split())
+    assert cut.exit_code == 130 and "interrupted during the held-out bench" in flat and "metrics.json" in flat, flat
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["bench"].startswith("not finished")
+    assert json.loads(report.read_text()) == metrics
+    monkeypatch.setattr(pipeline, "_held_out_bench", real_bench)
+    prompts.write_text("\n".join(lines[3:] + lines[:3]) + "\n")  # edited in place: other held-out prompts
+    (out / "recipe.yaml").write_text((out / "recipe.yaml").read_text()[:30])  # (and a recipe.yaml that cannot tell)
+    edited = runner.invoke(app, ["distill", str(mine), "--out", str(out), "--max-steps", "2", "--resume"])
+    flat = " ".join(edited.output.split())
+    assert edited.exit_code == 2 and "held out other conversations" in flat and "loading target" not in flat, flat
+    prompts.write_text("\n".join(lines) + "\n")
+    done = runner.invoke(app, ["distill", str(mine), "--out", str(out), "--max-steps", "2", "--resume"])
+    flat = " ".join(done.output.split())
+    assert done.exit_code == 0 and "the final files are written from it" in flat, flat
+    assert json.loads((out / "metrics.json").read_text())["bench"]["identical_outputs"] == 1
+
+
+def test_sigterm_saves_the_checkpoint_and_says_so(tiny_recipe, tmp_path):
+    """`kill` (SIGTERM, what `timeout` and job schedulers send) stops training as Ctrl-C does: the
+    checkpoint of the last whole step is saved, one line says so, and the exit code is 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, recipe = tiny_recipe
+    out = tmp_path / "out"
+    env = {**os.environ, "REDRAFT_CACHE": str(root / "cache-term"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("redraft")), "distill", str(recipe), "--out", str(out),
+                             "--max-steps", "100000", "--no-bench"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoint" / "trainer_state.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    flat = " ".join(stderr.split())
+    assert proc.returncode == 143 and "terminated (SIGTERM) at training step" in flat and "Traceback" not in flat, flat
+    step = int(flat.split("terminated (SIGTERM) at training step ")[1].split(";")[0])
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == step >= 1

@@ -706,3 +706,90 @@ def test_a_recipes_relative_paths_are_read_beside_it_from_any_folder(tmp_path, m
     recipe.write_text("target: {model: some-org/some-model}\ndata: {source: builtin}\n")
     r = load_recipe(str(recipe))
     assert (r.target.model, r.data.source) == ("some-org/some-model", "builtin")
+
+
+def test_with_dropout_a_resumed_run_equals_an_uninterrupted_one_and_other_held_out_prompts_are_refused(tmp_path):
+    """Dropout draws from a generator seeded per micro-batch (it drew from the process's, so a resumed
+    run differed from an uninterrupted one); the checkpoint keeps what identifies its held-out
+    conversations, and a resume with others is refused. A longer schedule on resume is noted."""
+    target = tiny_llama(vocab_size=64, seed=5)
+    data = synthetic_examples(target, 24, seed=1)
+    train, held = data[4:], data[:4]
+    cfg = TrainSection(max_steps=6, batch_size=4, lr=3e-3, eval_every=100, save_every=100, positions_per_sequence=8,
+                       dropout=0.3)
+
+    def fresh():
+        return Drafter.for_target(target, seed=0, head="tied", num_draft_layers=1)
+
+    torch.manual_seed(1)
+    train_drafter(target, fresh(), train, held, cfg, tmp_path / "full", 3, held_out_key="k")
+
+    def interrupt_at_3(e):
+        if e["event"] == "step" and e["step"] == 3:
+            torch.manual_seed(123)  # (whatever the process's generator does in between changes nothing)
+            raise KeyboardInterrupt
+
+    torch.manual_seed(2)
+    with pytest.raises(KeyboardInterrupt):
+        train_drafter(target, fresh(), train, held, cfg, tmp_path / "cut", 3, on_event=interrupt_at_3, held_out_key="k")
+    with pytest.raises(BadInputError, match="held out other conversations"):
+        train_drafter(target, fresh(), train, held, cfg, tmp_path / "cut", 3, resume=True, held_out_key="other")
+    train_drafter(target, fresh(), train, held, cfg, tmp_path / "cut", 3, resume=True, held_out_key="k")
+    a = Drafter.load(tmp_path / "full" / "checkpoint").state_dict()
+    b = Drafter.load(tmp_path / "cut" / "checkpoint").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["held_out_key"] == "k" and state["total_steps"] == 6
+    events = []
+    longer = TrainSection(**{**cfg.__dict__, "max_steps": 8})
+    train_drafter(target, fresh(), train, held, longer, tmp_path / "cut", 3, resume=True, held_out_key="k",
+                  on_event=events.append)
+    assert any("schedule now runs to step 8 (the checkpoint's run: 6)" in e.get("text", "") for e in events)
+
+
+def test_a_checkpoint_caught_between_its_renames_comes_back_as_the_latest_complete_one(tmp_path):
+    """kill -9 between save_checkpoint's two renames: no checkpoint/, the previous one as .checkpoint.old*
+    and the new, complete one as .checkpoint.tmp*. The folder's holder takes the newer complete one and
+    removes the rest; without holding it, only .old* (a .tmp* may be another process's, half written)."""
+    from redraft_cli.distill.train import recover_checkpoint
+
+    def save(name: str, step: int | None) -> None:
+        (tmp_path / name).mkdir()
+        if step is not None:
+            (tmp_path / name / "trainer_state.json").write_text(json.dumps({"step": step}))
+
+    save(".checkpoint.old11", 20)
+    save(".checkpoint.tmp11", 30)
+    save(".checkpoint.tmp12", None)  # half written: no trainer_state.json
+    recover_checkpoint(tmp_path)
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["step"] == 20
+    (tmp_path / "checkpoint").rename(tmp_path / ".checkpoint.old11")
+    recover_checkpoint(tmp_path, clean=True)
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["step"] == 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_a_sigterm_during_the_optimizers_step_stops_after_it(monkeypatch):
+    """`redraft distill` turns SIGTERM into KeyboardInterrupt (a checkpoint is saved, as for Ctrl-C); inside
+    the optimizer's step it waits for the step to end, as Ctrl-C does."""
+    import os
+    import signal
+
+    from redraft_cli.distill.train import _ctrl_c_after
+
+    seen = []
+
+    def stop(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _ctrl_c_after():
+                os.kill(os.getpid(), signal.SIGTERM)
+                seen.append("step done")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == ["step done", signal.SIGTERM]

@@ -5,14 +5,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..distill.pipeline import OUTPUT_NAMES
+from ..distill.train import CHECKPOINT
 from ..distill.pipeline import distill as run_distill
 from ..distill.launch import launched_rank
 from ..distill.recipe import check_recipe, load_recipe
@@ -97,13 +101,19 @@ def distill(
                        folders={**folders, "--init-from": recipe.drafter.init_from})
     view = _DistillView()
     rank = launched_rank()  # under accelerate launch the main process (rank 0) speaks for all
+    terminated: list[int] = []
     try:
-        result = run_distill(recipe, out, resume=resume, on_event=view.on_event, bench=not no_bench,
-                             generate=not no_generate, data_only=data_only)
+        with _sigterm_stops(terminated):
+            result = run_distill(recipe, out, resume=resume, on_event=view.on_event, bench=not no_bench,
+                                 generate=not no_generate, data_only=data_only)
     except KeyboardInterrupt:
+        code = 143 if terminated else 130  # (the shell's codes for SIGTERM and SIGINT)
         if rank != 0:  # the main process says what was kept
-            raise typer.Exit(130) from None
-        raise fail(view.interrupted(out), 130) from None
+            raise typer.Exit(code) from None
+        if view.phase[0] == "bench" and json_path is not None and (out / "metrics.json").is_file():
+            write_report(json_path, (out / "metrics.json").read_text())  # (the report without its bench)
+        message = view.interrupted(out)
+        raise fail(message.replace("interrupted", "terminated (SIGTERM)", 1) if terminated else message, code) from None
     except RuntimeError as exc:
         import torch.distributed as dist
 
@@ -126,6 +136,26 @@ def distill(
         console.print(f"drafter written to {result.out} (load it with --drafter {result.out})")
     if json_path is not None:
         write_report(json_path, json.dumps(m, indent=2) + "\n")
+
+
+@contextmanager
+def _sigterm_stops(terminated: list[int]) -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a job scheduler's stop) ends the run as Ctrl-C does: the step in
+    progress finishes and the checkpoint is saved, instead of the process dying with the work since
+    the last save. `terminated` records that it came."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_out_folder(out: Path, json_path: Path | None) -> None:
@@ -174,7 +204,10 @@ class _DistillView:
             return (f"interrupted; {what} made so far are kept in {where}: run the same command to continue "
                     f"from there")
         if phase == "bench":
-            return f"interrupted during the held-out bench; the trained drafter is in {out}"
+            return (f"interrupted during the held-out bench; the trained drafter and its metrics.json are in {out} "
+                    f"(measure it with redraft bench --drafter {out})")
+        if (out / CHECKPOINT).is_dir():  # (a --resume stopped while the model loaded)
+            return f"interrupted; the checkpoint in {out} is kept: run the same command with --resume to continue"
         return "interrupted before any work was saved; run the same command to start again"
 
     def _log(self, kind: str, count: int, every: int, line: str) -> None:

@@ -587,6 +587,39 @@ def _shard_tensors(out: Path, name: str) -> dict[str, torch.Tensor]:
         raise BadInputError(f"cannot read distillation shard {path}: {exc}") from exc
 
 
+def drop_damaged_shards(out_dir: str | Path) -> list[str]:
+    """The shards the manifest lists whose file is missing or does not read (truncated by a crash, or
+    damaged since): taken out of the manifest (no longer complete) and deleted, so that generating the
+    set again makes just those, as before (each shard's answers depend only on its conversations and
+    the settings). Returns their file names. Only while no other process writes in `out_dir`."""
+    from safetensors import SafetensorError, safe_open
+
+    out = Path(out_dir)
+    manifest = read_manifest(out)
+    if manifest is None:
+        return []
+    damaged = []
+    for shard in manifest["shards"]:
+        if not shard.get("file"):
+            continue
+        try:
+            with safe_open(str(out / shard["file"]), "pt") as f:  # (reads the header: a truncated file fails)
+                whole = {"input_ids", "loss_mask", "offsets", "conv_index"} <= set(f.keys())
+        except (OSError, SafetensorError):
+            whole = False
+        if not whole:
+            damaged.append(shard)
+    if damaged:
+        manifest["shards"] = [s for s in manifest["shards"] if s not in damaged]
+        manifest["totals"] = _totals(manifest["shards"])
+        manifest["skipped"] = manifest["totals"]["skipped"]
+        manifest["complete"] = False
+        _write_json(out / MANIFEST, manifest)
+        for shard in damaged:
+            (out / shard["file"]).unlink(missing_ok=True)
+    return [s["file"] for s in damaged]
+
+
 def load_dataset(out_dir: str | Path) -> list[dict]:
     """All examples of the completed shards listed in the manifest, in conversation order.
 

@@ -35,16 +35,18 @@ from ..datastore import DATASTORE_NAME, Datastore
 from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter, write_beam_shape
 from ..errors import BadInputError, ModelLoadError, PromptError
 from ..prompts import builtin_conversations, load_conversations
-from ..files import writable_dir
+from ..files import atomic_write, remove_temporaries, writable_dir
 from ..files import cache_dir
 from ..loading import TargetSpec, _hub_reachable, load_target
 from ..target import Target
 from .hidden_cache import DamagedChunk, attach_hidden, build_hidden_cache
 from .launch import Launch, launched_processes, launched_rank, start_launch
-from .data import GenerationConfig, conversations_sha256, generate_dataset, load_dataset, read_manifest
+from .data import (GenerationConfig, conversations_sha256, drop_damaged_shards, generate_dataset, load_dataset,
+                   read_manifest)
 from .recipe import Recipe, builtin_recipes, check_recipe
 from .written import PROMPTS as WRITTEN_PROMPTS, STATE as WRITTEN_STATE, WritingConfig, write_prompts
-from .train import CHECKPOINT, recover_checkpoint, check_resumable, train_drafter
+from .train import (CHECKPOINT, check_resumable, check_same_held_out_key, checkpoint_held_out_key, recover_checkpoint,
+                    train_drafter)
 
 EventFn = Callable[[dict[str, Any]], None]
 RECIPE_NAME, METRICS_NAME = "recipe.yaml", "metrics.json"
@@ -172,7 +174,17 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     check_recipe(recipe)
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out} is a file; give a directory for the drafter")
-    if out.is_dir():
+    # A folder that exists is held from here (a second run into it is told another one writes it, before
+    # any check of what it holds); a new one once it is made, below.
+    early = out.is_dir() and not data_only and launched_rank() == 0
+    with _holding(out, hold=early):
+        return _checked(recipe, out, resume, emit, data_dir, bench, target, generate, data_only, held=early)
+
+
+def _checked(recipe: Recipe, out: Path, resume: bool, emit: EventFn, data_dir: Path | None, bench: bool,
+             target: Target | None, generate: bool, data_only: bool, held: bool) -> DistillResult:
+    """`distill`'s checks of --out, the recipe and the prompts (before the model loads), then the run."""
+    if out.is_dir() and not held:  # (a held folder was recovered when it was taken)
         recover_checkpoint(out)
     if (out / CHECKPOINT).exists() and not resume and not data_only:
         raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
@@ -209,6 +221,8 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     if len(convs) <= d.held_out:
         raise BadInputError(f"{len(convs)} conversations but held_out is {d.held_out}: nothing left to train on "
                             f"(give more prompts, or fewer with --held-out)")
+    if (out / CHECKPOINT).exists() and resume and not data_only:  # the same held-out prompts, by content
+        check_same_held_out_key(out, checkpoint_held_out_key(out), held_out_key(convs, d.held_out))
     leaked = _held_out_in_training(convs, d.held_out)
     if leaked:
         emit({"event": "note", "text": f"{leaked} of the {d.held_out} held-out conversations are also training "
@@ -221,8 +235,13 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
         _check_writable(out, f"cannot write the drafter to --out {out}")
     _check_writable(Path(data_dir) if data_dir else cache_dir() / "distill-data",
                     "cannot write the distillation data in {path}", "; set REDRAFT_CACHE to a writable folder")
-    with _holding(out, hold=not data_only and launched_rank() == 0):  # (a launch's main process holds it for all)
-        return _distill(recipe, out, convs, resume, emit, data_dir, bench, target, generate, data_only)
+    with _holding(out, hold=not held and not data_only and launched_rank() == 0):  # (a launch's main process
+        return _distill(recipe, out, convs, resume, emit, data_dir, bench, target, generate, data_only)  # holds it)
+
+
+def held_out_key(convs: list[list[str]], held_out: int) -> str:
+    """What identifies a run's held-out conversations (the first `held_out`), kept in its checkpoint."""
+    return conversations_sha256(convs[:held_out])
 
 
 def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, emit: EventFn, data_dir: Path | None,
@@ -264,7 +283,8 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
         saved = recipe.to_dict()
         if target.tokenizer.chat_template and recipe.target.chat_template not in (None, *NAMED_TEMPLATES):
             saved["target"]["chat_template"] = target.tokenizer.chat_template  # a file's text: the drafter carries it
-        (out / RECIPE_NAME).write_text(RECIPE_HEADER + yaml.safe_dump(saved, sort_keys=False))
+        text = RECIPE_HEADER + yaml.safe_dump(saved, sort_keys=False)
+        atomic_write(out / RECIPE_NAME, lambda tmp: Path(tmp).write_text(text))
 
     # 1. Data: the target's own answers, held-out conversations first.
     gen_cfg = GenerationConfig(max_new_tokens=d.max_new_tokens, batch_size=d.gen_batch_size, temperature=d.temperature,
@@ -324,7 +344,8 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
     drafter.float()
     # Greedy self-distillation data holds the target's argmax tokens already; sampled data does not.
     state = train_drafter(target, drafter, train_set, held, recipe.train, out, dr.predict_tokens, resume=resume,
-                          on_event=emit, compare_target_argmax=d.temperature > 0)
+                          on_event=emit, compare_target_argmax=d.temperature > 0,
+                          held_out_key=held_out_key(convs, d.held_out))
     if not launch.is_main:  # the final files, the datastore and the bench are the main process's
         return DistillResult(out, {"recipe": recipe.name, "process": launch.rank, "steps": state.step}, main=False)
 
@@ -360,10 +381,17 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
     if held and d.temperature == 0 and all("hidden" in e for e in held):
         metrics["simulated"] = _simulate_held_out(target, out, held, recipe)
     if bench and held and recipe.eval.bench_prompts > 0:  # (eval.bench_prompts 0: no bench)
+        # The metrics first: a run stopped during the bench keeps them (its bench: `redraft bench --drafter`).
+        _write_metrics(out, {**metrics, "bench": "not finished (the run stopped during it)"})
         metrics["bench"] = _held_out_bench(target, out, convs[: d.held_out], recipe, emit)
-    (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_metrics(out, metrics)
     emit({"event": "finished", "out": str(out), **{k: metrics[k] for k in ("steps", "best_step", "best_mean_agreement")}})
     return DistillResult(out, metrics)
+
+
+def _write_metrics(out: Path, metrics: dict[str, Any]) -> None:
+    text = json.dumps(metrics, indent=2) + "\n"
+    atomic_write(out / METRICS_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
 def _shape_notes(recipe: Recipe, bench: bool = True) -> list[str]:
@@ -463,9 +491,9 @@ def _holding(out: Path, hold: bool) -> Iterator[None]:
                                 f"then continues it) or use another --out") from None
         except OSError:  # a file system without locks (some network mounts): the run goes on unguarded
             pass
-        else:  # no other run writes here: a checkpoint half-written by a killed one (kill -9) is stale
-            for stale in out.glob(f".{CHECKPOINT}.tmp*"):
-                shutil.rmtree(stale, ignore_errors=True)
+        else:  # no other run writes here: what a killed one (kill -9) left half-written is stale
+            recover_checkpoint(out, clean=True)  # (first: a complete new checkpoint left beside the old one counts)
+            remove_temporaries(out)
         yield
     finally:
         os.close(fd)
@@ -485,6 +513,12 @@ def _answers(target: Target, launch: Launch, package_name: str, convs: list[list
     """One set of answers to `convs`: seeded from the package, generated (or resumed) unless
     generate=False, then loaded; with max_shards, only the conversations of those shards."""
     launch.main_only(lambda: seed_from_package(package_name, data_dir, convs, gen_cfg))
+    damaged: list[str] = []
+    launch.main_only(lambda: damaged.extend(drop_damaged_shards(data_dir)))
+    if damaged:
+        again = "made again" if generate else "left out (run without --no-generate to make them again)"
+        emit({"event": "note", "text": f"{len(damaged)} shard(s) of {data_dir} were missing or damaged "
+                                       f"({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}): {again}"})
     manifest = read_manifest(data_dir)
     if not generate:
         if manifest is None or not manifest.get("shards"):

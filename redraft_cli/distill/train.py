@@ -61,6 +61,8 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     recent_losses: list[float] = field(default_factory=list)  # the last 50 micro-batch losses (means in the reports)
+    total_steps: int = 0  # the schedule's length (0: a checkpoint from before it was recorded)
+    held_out_key: str = ""  # what identifies the held-out conversations (pipeline: their sha256; "": not recorded)
 
 
 # -- batches ---------------------------------------------------------------------
@@ -287,7 +289,8 @@ def check_resumable(out: Path, drafter: Drafter) -> Drafter:
     try:
         loaded = Drafter.load(ckpt, map_location="cpu")
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise BadInputError(f"cannot resume from {ckpt}: {' '.join(str(exc).split())[:300]}") from exc
+        raise BadInputError(f"cannot resume from {ckpt}: {' '.join(str(exc).split())[:300]}; delete {ckpt} to start "
+                            f"training again (the data is kept), or use another --out") from exc
     differ = [f"{k} {getattr(loaded.config, k)!r} (this run: {getattr(drafter.config, k)!r})" for k in RESUME_FIELDS
               if getattr(loaded.config, k) != getattr(drafter.config, k)]
     if differ:
@@ -296,16 +299,52 @@ def check_resumable(out: Path, drafter: Drafter) -> Drafter:
     return loaded
 
 
-def recover_checkpoint(out: Path) -> None:
-    """A run stopped between save_checkpoint's two renames left only .checkpoint.oldPID: put it back."""
+def check_same_held_out_key(out: Path, before: str, now: str) -> None:
+    """BadInputError when the checkpoint in `out` was trained with other held-out conversations than this
+    run's (keys as train_drafter's held_out_key; "" on either side: unknown, nothing to compare)."""
+    if before and now and before != now:
+        raise BadInputError(f"cannot resume {out}: its run held out other conversations than this one (the prompts "
+                            f"changed: data.source edited, reordered or replaced), so some of them were trained on; "
+                            f"resume with the prompts it was trained on, or use another --out")
+
+
+def checkpoint_held_out_key(out: Path) -> str:
+    """The held_out_key recorded in out's checkpoint ("" when there is none, or it cannot be read)."""
+    try:
+        key = json.loads((out / CHECKPOINT / "trainer_state.json").read_text()).get("held_out_key", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return key if isinstance(key, str) else ""
+
+
+def recover_checkpoint(out: Path, clean: bool = False) -> None:
+    """A run stopped between save_checkpoint's two renames left no checkpoint/, only .checkpoint.oldPID
+    (the one before) and, if the new one was complete, .checkpoint.tmpPID: put back the latest complete
+    one. clean=True (this process holds --out, so no other run writes these): the newer complete
+    .checkpoint.tmpPID counts too, and what is left of older saves is removed."""
     final = out / CHECKPOINT
     if not final.exists():
-        old = sorted(out.glob(f".{CHECKPOINT}.old*"), key=lambda p: p.stat().st_mtime)
-        if old and (old[-1] / "trainer_state.json").is_file():
+        found = [(_saved_step(p), p.stat().st_mtime, p) for p in out.glob(f".{CHECKPOINT}.old*")]
+        if clean:
+            found += [(_saved_step(p), p.stat().st_mtime, p) for p in out.glob(f".{CHECKPOINT}.tmp*")]
+        found = [f for f in found if f[0] >= 0]
+        if found:
             try:
-                os.replace(old[-1], final)
+                os.replace(max(found)[2], final)
             except OSError:  # another process of a launch put it back first
                 pass
+    if clean and final.exists():
+        for stale in [*out.glob(f".{CHECKPOINT}.old*"), *out.glob(f".{CHECKPOINT}.tmp*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _saved_step(folder: Path) -> int:
+    """The step of a complete checkpoint folder (trainer_state.json, written last, reads), else -1."""
+    try:
+        step = json.loads((folder / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+    return step if isinstance(step, int) and not isinstance(step, bool) else -1
 
 
 def take_hyperparameters(optimizer: Any, scheduler: Any, cfg: TrainSection) -> str:
@@ -335,7 +374,9 @@ def load_checkpoint(out: Path, drafter: Drafter, optimizer: Any, scheduler: Any)
         state = TrainState(**data)
         numbers = (state.step, state.best_step, state.best_agreement, state.seconds)
         if (not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or state.step < 0
-                or not isinstance(state.step, int) or not isinstance(state.best_step, int) or not isinstance(state.history, list)):
+                or not isinstance(state.step, int) or not isinstance(state.best_step, int) or not isinstance(state.history, list)
+                or not isinstance(state.total_steps, int) or isinstance(state.total_steps, bool)
+                or not isinstance(state.held_out_key, str)):
             raise ValueError(f"trainer_state.json holds {data!r:.120}")
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, EOFError, pickle.UnpicklingError) as exc:
         raise BadInputError(f"cannot resume from {ckpt}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}; "
@@ -353,11 +394,14 @@ def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
 
 def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_set: list[dict], cfg: TrainSection,
                   out: Path, predict_tokens: int, resume: bool = False, on_event: EventFn | None = None,
-                  accelerator: Any = None, compare_target_argmax: bool = False) -> TrainState:
+                  accelerator: Any = None, compare_target_argmax: bool = False, held_out_key: str = "") -> TrainState:
     """Train `drafter` (attached to `target`) and keep the best checkpoint by held-out agreement.
 
     Writes out/best (the best drafter, interoperable format), out/checkpoint
-    (for --resume) and returns the final TrainState (with history).
+    (for --resume) and returns the final TrainState (with history). held_out_key names the held-out
+    conversations (kept in the checkpoint): a resume whose key differs is refused, since it would
+    train on conversations it is evaluated on. Dropout draws from a generator seeded per micro-batch,
+    so a resumed run equals an uninterrupted one with dropout too.
     """
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
@@ -382,15 +426,22 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     out.mkdir(parents=True, exist_ok=True)
-    state = TrainState()
+    state = TrainState(total_steps=total, held_out_key=held_out_key)
+    emit = on_event or (lambda e: None)
     if (out / CHECKPOINT).exists():
         if not resume:
             raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
         state = load_checkpoint(out, drafter, optimizer, scheduler)
+        check_same_held_out_key(out, state.held_out_key, held_out_key)
+        state.held_out_key = held_out_key or state.held_out_key
         changed = take_hyperparameters(optimizer, scheduler, cfg)
-        if changed and on_event is not None:
-            on_event({"event": "note", "text": f"resuming with {changed} (the checkpoint's run used other values)"})
-    emit = on_event or (lambda e: None)
+        if changed:
+            emit({"event": "note", "text": f"resuming with {changed} (the checkpoint's run used other values)"})
+        if state.total_steps and state.total_steps != total and state.step < total:
+            emit({"event": "note", "text": f"the learning-rate schedule now runs to step {total} (the checkpoint's "
+                                           f"run: {state.total_steps}); the steps left follow it, so the result is not "
+                                           f"that of an uninterrupted {total}-step run"})
+        state.total_steps = total
     if state.best_step >= 0 and not _loads(out / "best"):  # deleted or damaged since: the next evaluation writes it
         emit({"event": "note", "text": f"{out / 'best'} is missing or damaged; the next evaluation writes it again"})
         state.best_step, state.best_agreement = -1, -1.0
@@ -398,7 +449,8 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
     model.train()
     if state.step >= total:
         emit({"event": "note", "text": f"the checkpoint is at step {state.step}, at or past the {total} steps asked "
-                                       "for: nothing left to train (raise --max-steps or --epochs to train on)"})
+                                       "for: nothing left to train; the final files are written from it (raise "
+                                       "--max-steps or --epochs to train on)"})
     emit({"event": "start", "total_steps": total, "step": state.step, "examples": len(train_set), "processes": world})
     start = time.perf_counter() - state.seconds
     try:
@@ -420,6 +472,8 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
                 idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size] or order[: cfg.batch_size]
                 ids, attn, mask, hidden, greedy = collate([train_set[i] for i in idx], cfg.max_seq_len)
                 gen = torch.Generator().manual_seed(cfg.seed * 7_919 + g * 31 + rank)
+                if cfg.dropout > 0:  # (dropout draws from the global generator: seeded per micro-batch, as gen)
+                    torch.manual_seed(cfg.seed * 7_919 + g * 31 + rank + 1)
                 with acc.autocast():
                     loss, stats = batch_loss(target, model, drafter, ids, attn, mask, K, cfg.positions_per_sequence, gen,
                                              kl_weight=cfg.kl_weight, hidden=hidden, greedy=greedy)
@@ -469,18 +523,27 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
 
 @contextmanager
 def _ctrl_c_after() -> Any:
-    """Ctrl-C inside the block stops the run at its end instead."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    """Ctrl-C (or a SIGTERM that a handler turns into KeyboardInterrupt, as `redraft distill`'s does)
+    inside the block stops the run at its end instead."""
+    deferred: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if handler is signal.default_int_handler or (sig == signal.SIGTERM and callable(handler)):
+                deferred[sig] = handler
+    if not deferred:
         yield
         return
     caught: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    for sig in deferred:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, handler in deferred.items():
+            signal.signal(sig, handler)
     if caught:
+        deferred[caught[0]](caught[0], None)  # (raises KeyboardInterrupt, after what its handler records)
         raise KeyboardInterrupt
 
 
