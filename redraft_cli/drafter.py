@@ -501,10 +501,13 @@ class Drafter(nn.Module):
 
         _check_path("Drafter.save", path, BadInputError)
         out = Path(path).expanduser()
+        self._check_save_over(out)
         try:
             out.mkdir(parents=True, exist_ok=True)
             if self.datastore is not None:
                 self.datastore.save(out / DATASTORE_NAME)
+            elif (out / DATASTORE_NAME).is_file():  # the drafter saved here before had one: not this drafter's
+                (out / DATASTORE_NAME).unlink()
             with tempfile.TemporaryDirectory(dir=out, prefix=".save.tmp") as tmp:  # (a kill leaves it: remove_temporaries)
                 save_file(self.state_to_save(), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
                 os.chmod(os.path.join(tmp, WEIGHTS_NAME), file_mode())  # (save_file makes it 0o600)
@@ -517,6 +520,30 @@ class Drafter(nn.Module):
         except OSError as exc:
             raise BadInputError(f"cannot save the drafter to {out}: {exc.strerror or exc}") from None
         return out
+
+    def _check_save_over(self, out: Path) -> None:
+        """BadInputError when the folder `out` holds something the drafter's files would wrongly replace
+        or join: a model (a config.json of another model_type, a tokenizer), or a drafter for another
+        target with the files its distillation left beside it (datastore, recipe.yaml, metrics.json)."""
+        if not out.is_dir():
+            return
+        try:
+            data = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):  # none, or a damaged one: replaced
+            data = None
+        kind = data.get("model_type", MODEL_TYPE) if isinstance(data, dict) else MODEL_TYPE
+        if kind != MODEL_TYPE or (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file():
+            what = f"its config.json is a {kind!r}" if kind != MODEL_TYPE else "a tokenizer is there"
+            raise BadInputError(f"cannot save the drafter to {out}: that folder holds a model ({what}), whose "
+                                f"config.json the drafter's would replace; save it to a folder of its own")
+        ours = data.get("redraft") if isinstance(data, dict) else None
+        theirs = ours.get("target_model") if isinstance(ours, dict) else None
+        mine = self.config.target_model
+        left = [n for n in (DATASTORE_NAME, "recipe.yaml", "metrics.json") if (out / n).exists()]
+        if isinstance(theirs, str) and mine and theirs != mine and left:
+            raise BadInputError(f"cannot save the drafter to {out}: that folder holds a drafter for {theirs} with its "
+                                f"{', '.join(left)}, which would stay beside this drafter for {mine}; save it to "
+                                f"another folder, or empty that one first")
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Drafter":

@@ -304,11 +304,11 @@ class Target:
             return maker.new_cache(batch, capacity, self.compute_dtype, self.device)
         if batch != 1 and self.spread:
             raise BadInputError(f"batched decoding needs the target on one device; {self.name} is spread over "
-                                f"{', '.join(self.devices)} (--device-map): use --batch-size 1")
+                                f"{', '.join(self.devices)} (--device-map): decode one prompt at a time (--batch-size 1)")
         if batch != 1:
             raise BadInputError(
                 f"batched decoding needs a Llama-family target ({', '.join(LEAN_MODEL_TYPES)}); "
-                f"{self.name} is a {self.config.model_type!r}: use --batch-size 1"
+                f"{self.name} is a {self.config.model_type!r}: decode one prompt at a time (--batch-size 1)"
             )
         return TreeCache(self.new_cache(), self.device)
 
@@ -394,8 +394,9 @@ class Target:
             messages = [{"role": "system", "content": system}, *messages]
         if not getattr(self.tokenizer, "chat_template", None):
             raise ChatTemplateError(
-                f"{self.name} has no chat template: pass --chat-template (a name such as vicuna, a Jinja "
-                f"file or text), or send raw text with --no-chat-template (bench, sweep)"
+                f"{self.name} has no chat template: give it one (--chat-template, a name such as vicuna, a Jinja "
+                f"file or text; in Python chat_templates.apply_chat_template(target, ...)), or send raw text "
+                f"(--no-chat-template in bench and sweep; target.encode_raw)"
             )
         messages = [{**m, "content": valid_text(m.get("content", ""))} for m in messages]
         return encode_messages(self.tokenizer, messages)

@@ -650,3 +650,17 @@ def test_sigterm_saves_the_checkpoint_and_says_so(tiny_recipe, tmp_path):
     assert proc.returncode == 143 and "terminated (SIGTERM) at training step" in flat and "Traceback" not in flat, flat
     step = int(flat.split("terminated (SIGTERM) at training step ")[1].split(";")[0])
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == step >= 1
+
+
+def test_conversations_left_out_for_their_length_are_noted(tiny_recipe, tmp_path, monkeypatch):
+    """A prompt too long for the room the answers leave was dropped from the data without a word (the run
+    trained on fewer conversations than the file holds)."""
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text((root / "prompts.txt").read_text() + "word " * 300 + "\n")
+    r = runner.invoke(app, ["distill", str(recipe), "--data", str(prompts), "--out", str(tmp_path / "o"),
+                            "--epochs", "1", "--no-bench"])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 0 and "note: 1 conversation(s) left out: a prompt does not fit in" in flat, flat
+    assert "cut short" not in flat

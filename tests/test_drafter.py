@@ -284,3 +284,34 @@ def test_save_where_it_cannot_is_one_line(tmp_path, tiny_target):
         ro.mkdir(mode=0o500)
         with pytest.raises(BadInputError, match="cannot save the drafter"):
             d.save(ro / "drafter")
+
+
+def test_save_refuses_a_model_folder_and_another_targets_drafter_and_drops_a_stale_datastore(tiny_target, tmp_path):
+    """Drafter.save into the target's own folder replaced the model's config.json and weights (the model was
+    lost); into another target's distilled drafter it left that drafter's datastore and recipe beside it
+    (the new one then loaded with another model's datastore)."""
+    from redraft_cli.datastore import Datastore
+
+    model_dir = tmp_path / "model"
+    tiny_target.model.save_pretrained(model_dir)
+    before = (model_dir / "config.json").read_text()
+    drafter = Drafter.for_target(tiny_target, seed=0)
+    with pytest.raises(BadInputError, match="holds a model .*'llama'"):
+        drafter.save(model_dir)
+    assert (model_dir / "config.json").read_text() == before
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    with pytest.raises(BadInputError, match="a tokenizer is there"):
+        drafter.save(tmp_path / "tok")
+    other = Drafter.for_target(tiny_target, seed=1)
+    other.config.target_model = "another/model"
+    other.datastore = Datastore.from_answers([[1, 2, 3, 4]], tiny_target.vocab_size)
+    other.save(tmp_path / "d")
+    (tmp_path / "d" / "recipe.yaml").write_text("name: x\n")
+    with pytest.raises(BadInputError, match="holds a drafter for another/model with its datastore.safetensors, recipe"):
+        drafter.save(tmp_path / "d")
+    other.datastore = None  # the same target's drafter saved again without one: the old one is not kept
+    other.save(tmp_path / "d")
+    assert Drafter.load(tmp_path / "d").datastore is None
+    drafter.save(tmp_path / "d2")
+    drafter.save(tmp_path / "d2")  # (over itself: fine)

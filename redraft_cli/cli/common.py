@@ -22,7 +22,7 @@ from ..decode import DecodeConfig, check_datastore
 from ..drafter import Drafter
 from ..entry import startup_done
 from ..env import env_flag
-from ..errors import BadInputError
+from ..errors import BadInputError, ContextOverflowError
 from ..files import cache_dir, write_text
 from ..lean_llama import lean_supported
 from ..loading import EMBEDDED, TargetSpec, load_target
@@ -363,8 +363,14 @@ def note_short_prompt_set(texts: list[str], num_prompts: int, default: int) -> N
 
 def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int) -> None:
     """Refuse a prompt longer than the context; note prompts whose answer the context will cut short."""
-    for p in ids:
-        target.check_prompt(p)
+    for i, p in enumerate(ids):
+        try:
+            target.check_prompt(p)
+        except ContextOverflowError as exc:  # which prompt of the file (the run measures them all, or none)
+            if len(ids) == 1:
+                raise
+            raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}: {exc} (or leave it out of the prompt "
+                                       f"file)") from None
     cut = sum(len(p) + max_new_tokens > target.max_context for p in ids)
     if cut:
         err.print(f"note: {cut} prompt(s) leave fewer than --max-new-tokens {max_new_tokens} tokens of the "

@@ -303,6 +303,13 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
         max_shards = -(-(d.held_out + seen) // d.shard_size)
     with _making_data(data_dir, launch.world, emit):
         examples = _answers(target, launch, recipe.name, convs, data_dir, gen_cfg, max_shards, generate, emit, "greedy")
+        totals = (read_manifest(data_dir) or {}).get("totals") or {}
+        lost = [f"{n} {what}" for n, what in ((totals.get("skipped", 0), "conversation(s) left out"),
+                                              (totals.get("truncated", 0), "cut short at a later turn")) if n]
+        if lost:  # (said, not silently fewer)
+            emit({"event": "note", "text": f"{' and '.join(lost)}: a prompt does not fit in {prompt_room} tokens "
+                                           f"(data.max_prompt_tokens {d.max_prompt_tokens}; {target.name}'s "
+                                           f"context of {context} less data.max_new_tokens {d.max_new_tokens})"})
         held = [e for e in examples if e["conv_index"] < d.held_out]
         train_set = [e for e in examples if e["conv_index"] >= d.held_out]
         if d.cache_hidden:
