@@ -221,7 +221,8 @@ class ChatSession:
                 # A character whose bytes are not all there yet decodes to U+FFFD: held back until they are.
                 with_drafts = tok.decode(answer[line:] + drafted_ids, skip_special_tokens=True).rstrip("\ufffd")
                 answer.extend(step.tokens)
-                full = tok.decode(answer[line:], skip_special_tokens=True).rstrip("\ufffd")
+                raw = tok.decode(answer[line:], skip_special_tokens=True)
+                full = raw.rstrip("\ufffd")
                 if not step.prefill:
                     stats.steps += 1
                     stats.step_tokens += len(step.tokens)
@@ -230,7 +231,7 @@ class ChatSession:
                 drafted = with_drafts[len(shown):] if with_drafts.startswith(shown) and full.startswith(with_drafts) else ""
                 yield Chunk(drafted, full[len(shown) + len(drafted):], step)
                 shown = full
-                if full.endswith("\n"):
+                if raw.endswith("\n"):  # (not when a character's first bytes follow it: its tokens stay in the line)
                     line, shown = len(answer), ""
             self.cut = self._cut(ids, answer)
         finally:

@@ -46,7 +46,14 @@ def main() -> None:
         if isinstance(exc, KeyboardInterrupt) or _interrupted_at_startup:
             sys.stderr.write("error: interrupted\n")
             raise SystemExit(130) from None
-        raise
+        if isinstance(exc, SystemExit) or os.environ.get("REDRAFT_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        hint = ("out of memory while the libraries loaded (a memory limit, ulimit -v?)"
+                if isinstance(exc, MemoryError) or "failed to map segment" in first
+                else "the installation is broken: reinstall (make install); REDRAFT_DEBUG=1 shows the traceback")
+        sys.stderr.write(f"error: cannot load redraft's libraries: {type(exc).__name__}: {first} ({hint})\n")
+        raise SystemExit(1) from None
     try:
         run()
     except KeyboardInterrupt:  # one the command's own handlers did not see (while its options were read)
@@ -69,20 +76,12 @@ def _remember_startup_sigint() -> None:
 
 def _quiet_shutdown(code: object) -> None:
     """The command has finished: a Ctrl-C while Python shuts down (atexit callbacks of torch and the
-    libraries, a second or so) ends the process with the command's own exit code, instead of a
-    traceback ("Exception ignored in atexit callback") and exit code -2."""
-    status = code if isinstance(code, int) else 0 if code is None else 1
-
-    def leave(signum: int, frame: object) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(status)
-
+    libraries, a second or so) leaves the command's own exit code, instead of a traceback ("Exception
+    ignored in atexit callback") and exit code -2."""
+    # Ignored, not handled: a Python handler cannot run once the interpreter's finalisation has begun,
+    # and a Ctrl-C then killed the process (-2) after it had printed its whole result.
     if hasattr(signal, "SIGINT"):
         try:
-            signal.signal(signal.SIGINT, leave)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         except ValueError:  # not the main thread (an embedding caller): leave its handler alone
             pass

@@ -62,7 +62,8 @@ def cache_dir() -> Path:
         except RuntimeError as exc:  # ~nouser/...
             from .errors import BadInputError
 
-            raise BadInputError(f"REDRAFT_CACHE={os.environ['REDRAFT_CACHE']}: {exc}; set it to a folder path") from exc
+            raise BadInputError(f"REDRAFT_CACHE={os.environ['REDRAFT_CACHE']}: {str(exc).rstrip('.')}; set it to a "
+                                f"folder path") from exc
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     return Path(xdg if os.path.isabs(xdg) else os.path.expanduser("~/.cache")) / "redraft"
 

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import socket
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from .drafter import MODEL_TYPE as DRAFTER_MODEL_TYPE
 from .errors import BadInputError, ModelLoadError
-from .files import cache_dir, writable_dir
+from .files import cache_dir, file_mode, writable_dir
 from .lean_llama import cpu_has_native_bf16, lean_config_supported
 from .target import LOAD_ERRORS, StrictDataclassError, Target, check_causal, check_tree_pass
 
@@ -188,6 +189,9 @@ def _convert_embedded(alias: str, damaged: bool = False) -> Path:
         raise ModelLoadError(f"cannot cache the converted model in {out}: {exc.strerror or exc}; set REDRAFT_CACHE "
                              "to a writable folder") from exc
     with FileLock(str(out.parent / f".{alias}.lock")):
+        # What a conversion killed mid-way left (~0.5 GB each): stale, since its process let the lock go.
+        for stale in [*out.parent.glob(f".{alias}.tmp*"), *out.parent.glob(f"{alias}.tmp*")]:
+            shutil.rmtree(stale, ignore_errors=True)
         if done() and not (damaged and _damaged_conversion(out)):  # converted while this process waited
             return out
         _convert_into(alias, out)
@@ -201,19 +205,17 @@ def _convert_into(alias: str, out: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the weights are dequantised already
     model.hf_quantizer = None
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         if not (tmp / "model.safetensors").is_file():  # transformers saves on torch.distributed rank 0 only
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
             raise ModelLoadError(f"cannot cache the converted model in {out}: transformers wrote no weights (a process "
                                  "other than rank 0 of a torch.distributed group); load the model in rank 0 first")
+        for weights in tmp.glob("*.safetensors"):  # (safetensors makes them 0o600: a shared cache's users read them)
+            os.chmod(weights, file_mode())
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         os.replace(tmp, out)
     except OSError as exc:

@@ -93,6 +93,16 @@ def test_streamed_text_equals_the_decoded_answer_across_lines_and_split_characte
     chunks = list(s.ask("Say it"))
     assert "".join(c.drafted + c.text for c in chunks) == text
     assert s.messages[-1]["content"] == text
+    # A step that ends a line and begins a character of several tokens ("\n\n" then the first bytes of
+    # an emoji): the line's end was taken as shown for good, and the character came out as two U+FFFD.
+    text = "Here:\n\n\U0001F449\U0001F3FC point\n\u00e9t\u00e9\n"
+    ids = tok.encode(text, add_special_tokens=False)
+    for cut in range(1, len(ids)):
+        for first in (1, cut):
+            steps = [StepStats(tokens=ids[a:b], accepted=0) for a, b in ((0, first), (first, cut), (cut, len(ids))) if b > a]
+            s = session(target)
+            s.gen.redraft = lambda prompt, cfg, reuse_cache: iter(steps)
+            assert "".join(c.drafted + c.text for c in s.ask("Say it")) == text, (cut, first)
 
 
 def test_set_validates(target):

@@ -11,7 +11,7 @@ from rich.table import Table
 from ..bench import BenchConfig, run_bench
 from ..decode import Generator
 from . import options as o
-from ._errors import handle_errors
+from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
 from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, console, decode_config, err, load_models, read_prompts, beams_label, note_short_prompt_set, slower_note, with_drafter_shape, write_report
 
 D = o.DEFAULTS
@@ -80,7 +80,9 @@ def bench(
                 err.print(f"bench: {done}/{total} runs ({label})")
                 last[:] = [label, done]
 
-        result = run_bench(gen, ids, BenchConfig(cfg, warmup=warmup, hf_baseline=hf_baseline, batch_size=batch_size), progress)
+        with stop_signals():  # (SIGTERM keeps the finished prompts, as Ctrl-C does)
+            result = run_bench(gen, ids, BenchConfig(cfg, warmup=warmup, hf_baseline=hf_baseline, batch_size=batch_size),
+                               progress)
     result = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
               "dtype": str(target.compute_dtype).replace("torch.", ""), "quantize": quantize,
               "device_map": device_map, **result}
@@ -103,10 +105,10 @@ def bench(
             console.print(f"wrote {written}")
     if result.get("interrupted"):
         batched = result["batch_size"] > 1  # tokens/s: every token the batch decoded before the Ctrl-C
-        err.print(f"interrupted: the results above cover the {result['num_prompts']} of {result['prompts_asked']} "
+        err.print(f"{stopped_word()}: the results above cover the {result['num_prompts']} of {result['prompts_asked']} "
                   f"prompts that finished" + (" (tokens/s: all the batch decoded so far)" if batched else "")
                   + (" (written to --json, marked \"interrupted\")" if json_path else ""))
-        raise typer.Exit(130)
+        raise typer.Exit(interrupt_code())
 
 
 def render(r: dict) -> Table:

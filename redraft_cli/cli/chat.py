@@ -69,6 +69,10 @@ def chat(
     cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup=lookup, lookup_length=lookup_length, datastore=datastore, nodes=nodes)
     if not stdout_open():
         raise BadInputError("standard output is closed (>&-): the answer would go nowhere")
+    if not utf8_output():  # (PYTHONIOENCODING=ascii, a latin-1 terminal): what it cannot show becomes '?'
+        for stream in (sys.stdout, sys.stderr):
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="replace")
     stdin = sys.stdin  # None when the shell closed it (<&-): no text to read
     one_shot = prompt is not None or stdin is None or not stdin.isatty()
     if json_out and not one_shot:
@@ -98,6 +102,12 @@ def chat(
     err.print(f"[bold]redraft chat[/] - {escape(loaded.target.describe())}, drafter {escape(loaded.drafter_name)}, "
               f"beams {beams_label(vars(cfg))}, {cfg.rule}. /help for commands, Ctrl-D to leave.")
     _interactive(session, show_drafts)
+
+
+def utf8_output() -> bool:
+    """Whether standard output encodes any text (UTF-8); the JSON is then ASCII with \\u escapes."""
+    encoding = (getattr(sys.stdout, "encoding", None) or "utf-8").lower().replace("_", "-")
+    return encoding in ("utf-8", "utf8", "utf-8-sig")
 
 
 def _read_stdin(stdin) -> str:
@@ -203,7 +213,7 @@ def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bo
         console.print_json(json.dumps({"prompt": valid_text(prompt), "response": session.messages[-1]["content"],
                                        "draft": session.draft, "interrupted": not finished,
                                        "cut_by_context": session.cut, **settings,
-                                       **session.last.summary()}))
+                                       **session.last.summary()}), ensure_ascii=not utf8_output())
     else:
         console.print()
         err.print(_status(session) + ("" if finished else " (stopped)"), style="dim")

@@ -23,6 +23,7 @@ from ..drafter import Drafter
 from ..entry import startup_done
 from ..env import env_flag
 from ..errors import BadInputError, ContextOverflowError
+from ._errors import STDERR
 from ..files import cache_dir, write_text
 from ..lean_llama import lean_supported
 from ..loading import EMBEDDED, TargetSpec, load_target
@@ -32,7 +33,7 @@ from ..shipped import shipped_drafter_dir
 from ..target import Target
 
 console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+err = Console(file=STDERR, highlight=False)
 
 
 def report_to_stdout(path: Path | str | None) -> Path | str | None:
@@ -42,7 +43,7 @@ def report_to_stdout(path: Path | str | None) -> Path | str | None:
     if is_dash(path):
         if not stdout_open():
             raise typer.BadParameter("'-' writes the report to standard output, which is closed here; name a file")
-        console.file = sys.stderr
+        console.file = STDERR
     return path
 
 
@@ -59,8 +60,11 @@ def is_dash(path: Path | str | None) -> bool:
 def write_report(path: Path | str, text: str) -> str | None:
     """Write a result file, or to standard output for '-'; the path written, None for standard output."""
     if is_dash(path):
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # (`--json - | head -c 10`): quietly, exit 1, as Rich ends a table's closed pipe
+            console.on_broken_pipe()
         return None
     return str(write_text(path, text))
 
@@ -302,6 +306,9 @@ def check_output_paths(outputs: dict, inputs: dict | None = None, folders: dict 
                 raise BadInputError(f"output {p} is a named pipe that no process reads; start its reader first "
                                     f"or name a file") from None
         if not p.parent.is_dir():
+            above = next((a for a in p.parents if a.exists()), None)
+            if above is not None and not above.is_dir():
+                raise BadInputError(f"cannot write {p}: {above} is a file, not a folder")
             raise BadInputError(f"cannot write {p}: folder {p.parent} does not exist")
         existed = p.exists()
         try:  # the file system may still refuse (read-only, /proc): find out now, not after the run

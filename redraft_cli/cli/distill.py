@@ -5,11 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -23,7 +20,7 @@ from ..distill.recipe import check_recipe, load_recipe
 from ..errors import BadInputError
 from ..files import cache_dir
 from . import options as o
-from ._errors import fail, handle_errors
+from ._errors import fail, handle_errors, interrupt_code, stop_signals, stopped_word
 from .common import counted, model_inputs, check_output_paths, console, err, is_dash, quiet_libraries, write_report
 
 
@@ -101,19 +98,17 @@ def distill(
                        folders={**folders, "--init-from": recipe.drafter.init_from})
     view = _DistillView()
     rank = launched_rank()  # under accelerate launch the main process (rank 0) speaks for all
-    terminated: list[int] = []
     try:
-        with _sigterm_stops(terminated):
+        with stop_signals():
             result = run_distill(recipe, out, resume=resume, on_event=view.on_event, bench=not no_bench,
                                  generate=not no_generate, data_only=data_only)
     except KeyboardInterrupt:
-        code = 143 if terminated else 130  # (the shell's codes for SIGTERM and SIGINT)
+        code = interrupt_code()  # (130 for Ctrl-C, 143 for SIGTERM)
         if rank != 0:  # the main process says what was kept
             raise typer.Exit(code) from None
         if view.phase[0] == "bench" and json_path is not None and (out / "metrics.json").is_file():
             write_report(json_path, (out / "metrics.json").read_text())  # (the report without its bench)
-        message = view.interrupted(out)
-        raise fail(message.replace("interrupted", "terminated (SIGTERM)", 1) if terminated else message, code) from None
+        raise fail(view.interrupted(out).replace("interrupted", stopped_word(), 1), code) from None
     except RuntimeError as exc:
         import torch.distributed as dist
 
@@ -136,26 +131,6 @@ def distill(
         console.print(f"drafter written to {result.out} (load it with --drafter {result.out})")
     if json_path is not None:
         write_report(json_path, json.dumps(m, indent=2) + "\n")
-
-
-@contextmanager
-def _sigterm_stops(terminated: list[int]) -> Iterator[None]:
-    """SIGTERM (`kill`, `timeout`, a job scheduler's stop) ends the run as Ctrl-C does: the step in
-    progress finishes and the checkpoint is saved, instead of the process dying with the work since
-    the last save. `terminated` records that it came."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        terminated.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def check_out_folder(out: Path, json_path: Path | None) -> None:

@@ -21,7 +21,7 @@ from ..shipped import shipped_drafter_dir
 from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, best_cell, cell_key, parse_int_list,
                      run_sweep, save_best as save_best_shape, sweep_result, csv_text)
 from . import options as o
-from ._errors import handle_errors
+from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
 from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape, is_dash, report_to_stdout, write_report
 
 D = o.DEFAULTS
@@ -155,7 +155,7 @@ def sweep(
                   f"the finished cells")
     start = time.perf_counter()
     try:
-        with Live(View(), console=err, transient=True, refresh_per_second=4):
+        with stop_signals(), Live(View(), console=err, transient=True, refresh_per_second=4):
             result = run_sweep(gen, ids, cfg, progress, on_cell=on_cell)
     except KeyboardInterrupt:
         if not cells:
@@ -167,9 +167,9 @@ def sweep(
         reports = [(kind, path) for kind, path in (("json", json_path), ("csv", csv_path)) if path is not None]
         written = [_write(partial, path, kind) or "standard output" for kind, path in reports]
         written += [str(save_sweep_plot(partial, plot_path))] if plot_path is not None else []
-        err.print(f"interrupted: the results above cover the {len(cells)} of {len(cfg.shapes)} cells that finished"
+        err.print(f"{stopped_word()}: the results above cover the {len(cells)} of {len(cfg.shapes)} cells that finished"
                   + (f" (in {' and '.join(written)}, marked \"interrupted\")" if written else ""))  # (as bench says it)
-        raise typer.Exit(130) from None
+        raise typer.Exit(interrupt_code()) from None
     result = {**head, **result}
 
     drafted = any(c["steps"] for c in result["cells"])  # (every answer may end at its first token)

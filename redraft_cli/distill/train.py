@@ -523,13 +523,13 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
 
 @contextmanager
 def _ctrl_c_after() -> Any:
-    """Ctrl-C (or a SIGTERM that a handler turns into KeyboardInterrupt, as `redraft distill`'s does)
-    inside the block stops the run at its end instead."""
+    """Ctrl-C (or a SIGTERM / SIGHUP that a handler turns into KeyboardInterrupt, as `redraft distill`'s
+    does) inside the block stops the run at its end instead."""
     deferred: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, *(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))):
             handler = signal.getsignal(sig)
-            if handler is signal.default_int_handler or (sig == signal.SIGTERM and callable(handler)):
+            if handler is signal.default_int_handler or (sig != signal.SIGINT and callable(handler)):
                 deferred[sig] = handler
     if not deferred:
         yield
