@@ -99,3 +99,11 @@ def test_a_conversion_killed_mid_way_leaves_nothing_behind(tmp_path, monkeypatch
     monkeypatch.setattr(loading, "_convert_into", lambda alias, out: None)
     loading._convert_embedded("smollm2-135m")
     assert sorted(p.name for p in models.iterdir() if not p.name.endswith(".lock")) == []
+
+
+def test_bench_and_sweep_with_standard_output_closed_need_a_report_file(tmp_path):
+    """`bench >&-` ran to the end and exited 0 with its table gone nowhere."""
+    for command in (["bench", *SMALL], ["sweep", "--num-prompts", "1", "--max-new-tokens", "4"]):
+        r = subprocess.run([REDRAFT, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
+                           timeout=240, preexec_fn=lambda: os.close(1))
+        assert r.returncode == 2 and b"standard output is closed" in r.stderr, r.stderr

@@ -10,9 +10,10 @@ from rich.table import Table
 
 from ..bench import BenchConfig, run_bench
 from ..decode import Generator
+from ..errors import BadInputError
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, console, decode_config, err, load_models, read_prompts, beams_label, note_short_prompt_set, slower_note, with_drafter_shape, write_report
+from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, note_short_prompt_set, slower_note, with_drafter_shape, write_report
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -51,6 +52,8 @@ def bench(
 ) -> None:
     """Measure ReDrafter against plain decoding on the same prompts, alternating, after a warm-up."""
     # Validate everything cheap before loading models.
+    if not stdout_open() and json_path is None:
+        raise BadInputError("standard output is closed (>&-): the results would go nowhere; pass --json FILE")
     cfg = decode_config(max_new_tokens, beam_width, beam_length, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup, lookup_length, datastore, nodes)
     files, folders = model_inputs(model, drafter, chat_template)
     check_output_paths({"--json": json_path}, inputs={"--prompts": prompts, **files}, folders=folders)

@@ -22,7 +22,7 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      run_sweep, save_best as save_best_shape, sweep_result, csv_text)
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape, is_dash, report_to_stdout, write_report
+from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -72,6 +72,8 @@ def sweep(
     """Measure every beam width x beam length on the same prompts; each cell's speedup is against
     plain decoding interleaved with it prompt by prompt."""
     # Validate everything cheap before loading models.
+    if not stdout_open() and json_path is None and csv_path is None:
+        raise BadInputError("standard output is closed (>&-): the results would go nowhere; pass --json or --csv FILE")
     widths = parse_int_list(beam_widths, "--beam-widths")
     lengths = parse_int_list(beam_lengths, "--beam-lengths")
     base = decode_config(max_new_tokens, None, None, accept, temperature, top_k, top_p, seed, epsilon, delta, lookup, lookup_length, datastore)
