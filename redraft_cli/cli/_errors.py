@@ -81,7 +81,8 @@ _stopped_by: list[int] = []  # the signals stop_signals turned into KeyboardInte
 def stop_signals() -> Iterator[None]:
     """SIGTERM and SIGHUP (`kill`, `timeout`, a job scheduler, a closed terminal) end a run as Ctrl-C
     does: its finished work is kept (bench's prompts, sweep's cells, distill's checkpoint) instead of
-    the process dying with it. `interrupt_exit` then gives the signal's exit code (143, 129)."""
+    the process dying with it. `interrupt_code` then gives the signal's exit code (143, 129)."""
+    _stopped_by.clear()  # (a new run: what stopped an earlier one in this process does not count)
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -116,6 +117,7 @@ def handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _stopped_by.clear()
         try:
             return fn(*args, **kwargs)
         except (RedraftError, OSError, torch.OutOfMemoryError, MemoryError) as exc:
