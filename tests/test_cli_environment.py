@@ -107,3 +107,11 @@ def test_bench_and_sweep_with_standard_output_closed_need_a_report_file(tmp_path
         r = subprocess.run([REDRAFT, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
                            timeout=240, preexec_fn=lambda: os.close(1))
         assert r.returncode == 2 and b"standard output is closed" in r.stderr, r.stderr
+
+
+def test_a_full_standard_output_is_named():
+    if not os.path.exists("/dev/full"):
+        return  # (not Linux: nothing to write into)
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([REDRAFT, "bench", *SMALL], stdout=full, stderr=subprocess.PIPE, env=ENV, timeout=240)
+    assert r.returncode == 2 and b"no space left on device while writing the output" in r.stderr, r.stderr

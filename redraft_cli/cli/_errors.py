@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import signal
 import sys
@@ -70,6 +71,9 @@ def _message(exc: BaseException) -> tuple[str, int]:
         return str(exc).replace("[", "\\["), exc.exit_code
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return OUT_OF_MEMORY, 3
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not exc.filename:  # (`> /dev/full`, a full disk)
+        return "no space left on device while writing the output (standard output or a result file); free some " \
+               "space or write elsewhere", 2
     where = f": {exc.filename}" if getattr(exc, "filename", None) else ""  # files the user named: missing
     return f"{exc.strerror or exc}{where}", 2  # folders, permissions, full disks
 

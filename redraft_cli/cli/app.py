@@ -36,16 +36,11 @@ def _print_version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """Runs before every command; `--version` is handled while parsing, so it needs no command."""
-    from .common import console, err
+    from .common import console, err, fit_width
 
     console.file = None  # standard output, until a report option's '-' claims it (common.report_to_stdout)
-    for c in (console, err):  # a file or a pipe gets whole tables: a narrow COLUMNS inherited from a terminal cut
-        c.width = None  # (back to what the environment says) their numbers to "0.…"
-        if not c.is_terminal and c.width < MIN_FILE_WIDTH:
-            c.width = MIN_FILE_WIDTH
-
-
-MIN_FILE_WIDTH = 80
+    for c in (console, err):
+        fit_width(c)
 
 
 def main() -> None:

@@ -44,7 +44,19 @@ def report_to_stdout(path: Path | str | None) -> Path | str | None:
         if not stdout_open():
             raise typer.BadParameter("'-' writes the report to standard output, which is closed here; name a file")
         console.file = STDERR
+        fit_width(console)
     return path
+
+
+MIN_FILE_WIDTH = 80
+
+
+def fit_width(c: Console) -> None:
+    """The width of what `c` writes to now: its terminal's, and at least MIN_FILE_WIDTH for a file or
+    a pipe (a narrow COLUMNS inherited from a terminal cut a saved table's numbers to "0.…")."""
+    c.width = None  # (back to what the file and the environment say)
+    if not c.is_terminal and c.width < MIN_FILE_WIDTH:
+        c.width = MIN_FILE_WIDTH
 
 
 def stdout_open() -> bool:
