@@ -438,3 +438,15 @@ def valid_text(text: str) -> str:
 
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def not_utf8(text: str) -> str:
+    """'' for text that came from valid UTF-8; else where it did not: bytes that were not UTF-8, read from a
+    terminal or argv, arrive as lone surrogates (U+DC80-U+DCFF for byte 0x80-0xff)."""
+    match = _SURROGATES.search(text)
+    if match is None:
+        return ""
+    code = ord(match.group())
+    what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+    return f"{what} at character {match.start()}"
+

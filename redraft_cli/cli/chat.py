@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -18,7 +17,7 @@ from rich.text import Text
 from ..chat import ChatSession
 from ..decode import Generator
 from ..errors import BadInputError, RedraftError
-from ..target import valid_text
+from ..target import not_utf8, valid_text
 from . import options as o
 from ._errors import OUT_OF_MEMORY, bug_line, handle_errors
 from .common import counted, console, decode_config, err, load_models, beams_label, stdout_open, with_drafter_shape
@@ -125,20 +124,6 @@ def _read_stdin(stdin) -> str:
     if bad := not_utf8(text):
         raise BadInputError(f"standard input is not UTF-8 text ({bad}); give the prompt in UTF-8")
     return text
-
-
-def not_utf8(text: str) -> str:
-    """'' for text that came from valid UTF-8; else where it did not: bytes that were not UTF-8, read from a
-    terminal or argv, arrive as lone surrogates (U+DC80-U+DCFF for byte 0x80-0xff)."""
-    match = _SURROGATE.search(text)
-    if match is None:
-        return ""
-    code = ord(match.group())
-    what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
-    return f"{what} at character {match.start()}"
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = False) -> bool:

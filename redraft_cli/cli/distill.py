@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..distill.pipeline import OUTPUT_NAMES
+from ..distill.pipeline import METRICS_NAME, OUTPUT_NAMES
 from ..distill.train import CHECKPOINT
 from ..distill.pipeline import distill as run_distill
 from ..distill.launch import launched_rank
@@ -106,8 +106,8 @@ def distill(
         code = interrupt_code()  # (130 for Ctrl-C, 143 for SIGTERM)
         if rank != 0:  # the main process says what was kept
             raise typer.Exit(code) from None
-        if view.phase[0] == "bench" and json_path is not None and (out / "metrics.json").is_file():
-            write_report(json_path, (out / "metrics.json").read_text())  # (the report without its bench)
+        if view.phase[0] == "bench" and json_path is not None and (out / METRICS_NAME).is_file():
+            write_report(json_path, (out / METRICS_NAME).read_text())  # (the report without its bench)
         raise fail(view.interrupted(out).replace("interrupted", stopped_word(), 1), code) from None
     except RuntimeError as exc:
         import torch.distributed as dist
