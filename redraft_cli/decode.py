@@ -276,14 +276,16 @@ class Generator:
 
     def _prefill(self, prompts: list[list[int]], cfg: DecodeConfig, gen: torch.Generator | None, cache: Any,
                  k: int = 0, context: bool = False):
-        """Run the prompts (right-padded into one batch) into `cache` (fresh, or for one prompt one
-        that already holds its first k tokens: only the rest is run, after them).
+        """Run the prompts into `cache` (fresh, or for one prompt one that already holds its first k
+        tokens: only the rest is run, after them); several prompts go one at a time (`_prefill_rows`).
 
         Returns (h (B, H), g0 (B,), per-row StepStats, context cache or None).
         context=True (a drafter with context attention) also starts its cache and
-        returns its context c in place of h. One row of more than PREFILL_CHUNK tokens
+        returns its context c in place of h. A prompt of more than PREFILL_CHUNK tokens
         (without context attention) runs in passes of that many, `interrupt` asked between."""
         t = self.target
+        if len(prompts) > 1:
+            return self._prefill_rows(prompts, cfg, gen, cache, context)
         start = time.perf_counter()
         prompts = [p[k:] for p in prompts]
         B, lengths = len(prompts), [len(p) for p in prompts]
@@ -293,7 +295,7 @@ class Generator:
             ids[b, : len(p)] = torch.tensor(p)
         ids = ids.to(t.device)
         lens = torch.tensor(lengths, device=t.device)
-        chunk = PREFILL_CHUNK if B == 1 and not context else P
+        chunk = P if context else PREFILL_CHUNK
         for s in range(0, P, chunk):  # (one pass unless chunked)
             if s and self.interrupt is not None and self.interrupt():
                 raise KeyboardInterrupt
@@ -314,6 +316,34 @@ class Generator:
         stats = [StepStats([int(g0[b])], tree_nodes=lengths[b], verify_s=seconds, prefill=True, reused=k)
                  for b in range(B)]
         return h, g0, stats, draft_context
+
+    def _prefill_rows(self, prompts: list[list[int]], cfg: DecodeConfig, gen: torch.Generator | None, cache: Any,
+                      context: bool):
+        """`_prefill` of several prompts, one pass (or one chunked run) per prompt, each exactly as if it
+        were alone, its KV then copied into its row of `cache` (B rows, empty). A batched pass would
+        run a short prompt padded to the longest one, whose attention (over 256 tokens: the fused
+        kernel, not the batch-invariant one) rounds differently: a row's greedy output would then
+        depend on which prompts share its batch. Returns what `_prefill` returns."""
+        start = time.perf_counter()
+        one = self.target.new_tree_cache(1, cache.capacity)  # one row, reused: a row starting at length 0
+        parts = []
+        for b, prompt in enumerate(prompts):
+            if b and self.interrupt is not None and self.interrupt():
+                raise KeyboardInterrupt
+            one.lengths = torch.zeros_like(one.lengths)
+            parts.append(self._prefill([prompt], cfg, gen, one, 0, context))
+            cache.put_row(b, one)
+        seconds = time.perf_counter() - start
+        stats = [s for part in parts for s in part[2]]
+        for s in stats:  # one prefill of the batch, as the rows' shared pass
+            s.verify_s = seconds
+        draft_context = None
+        if context:
+            draft_context = parts[0][3]
+            for part in parts[1:]:
+                draft_context.append(part[3])
+        return (torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]), stats,
+                draft_context)
 
     def limit_reuse(self, n: int) -> None:
         """Let the next reuse_cache generation reuse at most the first n tokens this one left."""

@@ -192,6 +192,16 @@ class StaticKVCache:
         self.values[:, :, :, :n] = other.values[:, :, :, :n]
         self.lengths = torch.full_like(self.lengths, n)
 
+    def put_row(self, row: int, other: "StaticKVCache") -> None:
+        """Copy one-row `other`'s committed slots (same layers, heads and capacity) into row `row`,
+        whose length becomes other's: a prompt prefilled alone joins a batch's cache."""
+        n = int(other.lengths[0])
+        self.keys[:, row, :, :n] = other.keys[:, 0, :, :n]
+        self.values[:, row, :, :n] = other.values[:, 0, :, :n]
+        lengths = self.lengths.clone()
+        lengths[row] = n
+        self.lengths = lengths
+
     def keep(self, rows: torch.Tensor) -> None:
         """Drop finished rows: keep `rows` (R,) int64, in that order, as rows 0..R-1. Only the
         rows whose place changes are copied; the places after R are free for `append`."""

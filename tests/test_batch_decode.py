@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from conftest import random_prompts, tiny_llama
 from redraft_cli import DecodeConfig, Drafter, Generator
@@ -210,3 +211,30 @@ def test_bench_at_a_batch_size_keeps_the_prompts_both_paths_finished_on_ctrl_c(e
     monkeypatch.setattr(BatchRun, "step", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         bench.run_bench(gen, prompts, cfg)
+
+
+def test_a_prompt_prefills_the_same_bits_whatever_shares_its_batch():
+    # A 300-token partner pads a batched pass past the 256 tokens up to which attention is the
+    # batch-invariant kind: the short prompt's prefill must still be its batch-1 prefill, bit for bit
+    # (a batched pass gave it the fused kernel's rounding, and SmolLM2 in bfloat16 another answer).
+    target = tiny_llama(seed=4, max_positions=400)
+    gen = Generator(target, Drafter.for_target(target, seed=0))
+    short, long = random_prompts(2, target.vocab_size, seed=8, min_len=5, max_len=5)[0], list(range(1, 301))
+    long = [t % (target.vocab_size - 1) + 1 for t in long]
+    cfg = DecodeConfig(max_new_tokens=8)
+    alone = {}
+    for name, prompt in (("short", short), ("long", long)):
+        cache = target.new_tree_cache(1, 320)
+        h, g0, _, _ = gen._prefill([prompt], cfg, None, cache)
+        alone[name] = (h[0], g0[0], cache.keys[:, 0, :, : len(prompt)].clone())
+    for order in (("short", "long"), ("long", "short")):
+        prompts = [short if name == "short" else long for name in order]
+        cache = target.new_tree_cache(2, 320)
+        h, g0, stats, _ = gen._prefill(prompts, cfg, None, cache)
+        assert cache.lengths.tolist() == [len(p) for p in prompts]
+        assert [s.tree_nodes for s in stats] == [len(p) for p in prompts]
+        for b, name in enumerate(order):
+            assert torch.equal(h[b], alone[name][0]) and int(g0[b]) == int(alone[name][1])
+            assert torch.equal(cache.keys[:, b, :, : len(prompts[b])], alone[name][2])
+    assert gen.generate_batch([short, long], cfg, "redraft").tokens == [gen.generate(p, cfg, "plain").tokens
+                                                                       for p in (short, long)]
