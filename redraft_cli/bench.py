@@ -184,7 +184,7 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
     result (see the CLI's --json); per-prompt rows under `per_prompt`.
     """
     d = cfg.decode
-    B = cfg.batch_size
+    B = min(cfg.batch_size, len(prompts))  # (a batch larger than the prompts runs as many rows as prompts)
     paths = ["plain", "redraft"] + (["hf"] if cfg.hf_baseline else [])
     groups = [[p] for p in prompts] if B == 1 else [prompts]
     tick = Ticker(len(prompts) * len(paths) + (len(paths) if cfg.warmup else 0), progress)

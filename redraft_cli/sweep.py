@@ -54,7 +54,8 @@ def parse_int_list(text: str, option: str = "list", minimum: int = 1) -> list[in
     """'1,2,4' -> [1, 2, 4]: integers >= minimum, deduplicated and sorted; BadInputError otherwise."""
     items = [t.strip() for t in str(text).split(",")]
     if not str(text).strip() or any(t == "" for t in items):
-        raise BadInputError(f"{option} must be comma-separated positive integers such as 1,2,4; got {text!r}")
+        kind = "positive integers" if minimum == 1 else f"integers >= {minimum}"
+        raise BadInputError(f"{option} must be comma-separated {kind} such as 1,2,4; got {text!r}")
     values = []
     for t in items:
         try:
@@ -166,8 +167,11 @@ def pooled_baseline(cells: list[dict[str, Any]]) -> dict[str, Any]:
     total = PathTotals(sum(c["baseline_tokens"] for c in cells), sum(c["baseline_seconds"] for c in cells))
     rates = [c["baseline_tokens_per_s"] for c in cells if c["baseline_tokens_per_s"]]
     lo, hi = (min(rates), max(rates)) if rates else (0.0, 0.0)
+    pooled = total.to_dict()
+    if rates:  # (a weighted mean of the cells' rates: inside their range but for the rounding of their seconds)
+        pooled["tokens_per_s"] = min(max(pooled["tokens_per_s"], lo), hi)
     return {
-        **total.to_dict(),
+        **pooled,
         "min_tokens_per_s": lo,
         "max_tokens_per_s": hi,
         "drift": round(hi / lo - 1, 4) if lo else None,  # relative spread of the cells' baselines
@@ -237,7 +241,7 @@ def sweep_result(cfg: SweepConfig, cells: list[dict[str, Any]], num_prompts: int
         "lookup_length": d.lookup_length,
         "datastore_beams": d.datastore_beams,
         "tree_nodes": list(cfg.tree_nodes),
-        "batch_size": cfg.batch_size,
+        "batch_size": min(cfg.batch_size, num_prompts),
         "warmup": cfg.warmup,
         "baseline": pooled_baseline(cells),
         "cells": cells,

@@ -732,9 +732,13 @@ def test_the_slower_note_advises_the_batch_that_ran(tmp_path, prompt_file, monke
     model_dir, _, _ = tiny_model_dir(tmp_path / "tiny", layers=1)
     seen = []
     monkeypatch.setattr(bench_cli, "slower_note", lambda *a, **k: seen.append(a[2]))
+    out = tmp_path / "r.json"
     r = invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file, "--max-new-tokens", 4,
-               "--no-hf-baseline", "--no-warmup", "--batch-size", 64)
+               "--no-hf-baseline", "--no-warmup", "--batch-size", 64, "--json", out)
     assert r.exit_code == 0 and seen == [2], (r.output, seen)
+    # ... and so do the note, the table's title and the report (they said 64 where 2 rows ran)
+    assert "--batch-size 64 with 2 prompts: batches of 2" in r.output and "| batch 2" in r.output, r.output
+    assert json.loads(out.read_text())["batch_size"] == 2
 
 
 def test_a_quantized_model_that_fails_its_first_pass_does_not_blame_only_its_config(tmp_path, prompt_file):
@@ -851,3 +855,20 @@ def test_the_cached_conversion_of_the_default_finds_its_shipped_drafter(tmp_path
     assert converted_alias(str(folder)) == "smollm2-135m" and shipped_drafter_dir(converted_alias(str(folder)))
     assert converted_alias(str(tmp_path / "smollm2-135m")) is None  # a folder of that name elsewhere: not it
     assert converted_alias("smollm2-135m") is None and converted_alias("Qwen/Qwen2.5-7B") is None
+
+
+def test_restating_the_recommended_shape_keeps_its_node_budget(tiny_target):
+    """-w 4 -l 4 with a drafter that recommends 4x4 best 7 runs 4x4 best 7, as plain bench does; another
+    shape verifies every beam unless --nodes says otherwise."""
+    from dataclasses import replace
+
+    from redraft_cli.cli.common import with_drafter_shape
+    from redraft_cli.decode import DecodeConfig
+
+    d = Drafter.for_target(tiny_target, seed=0)
+    d.config = replace(d.config, beam_width=4, beam_length=4, tree_nodes=7)
+    base = DecodeConfig(max_new_tokens=8)
+    for w, length, nodes, want in ((None, None, None, 7), (4, 4, None, 7), (4, None, None, 7), (None, 4, None, 7),
+                                   (4, 5, None, 0), (2, None, None, 0), (4, 4, 0, 0), (4, 5, 3, 3)):
+        got = with_drafter_shape(base, d, w, length, nodes=nodes)
+        assert got.tree_nodes == want, (w, length, nodes, got)

@@ -565,3 +565,33 @@ def test_save_best_never_rewrites_the_drafter_shipped_in_the_package(tmp_path):
     r = invoke("--save-best", "--beam-widths", "1", "--beam-lengths", "2", "--num-prompts", 1, "--max-new-tokens", 4)
     assert_clean_error(r, "inside the redraft package", "cp -r")
     assert shipped.read_bytes() == before
+
+
+def test_the_pooled_baseline_lies_within_its_cells_range():
+    """One cell of 8 tokens in 0.2529 s (rounded from 0.25291...): the pooled rate is the cell's, not
+    8 / 0.2529, which lay above the cell's own rate and so outside [min, max]."""
+    from redraft_cli.sweep import pooled_baseline
+
+    cell = {"baseline_tokens": 8, "baseline_seconds": 0.2529, "baseline_tokens_per_s": 31.628}
+    pooled = pooled_baseline([cell])
+    assert pooled["min_tokens_per_s"] <= pooled["tokens_per_s"] <= pooled["max_tokens_per_s"] == 31.628
+    two = pooled_baseline([cell, {"baseline_tokens": 8, "baseline_seconds": 0.5, "baseline_tokens_per_s": 16.0}])
+    assert 16.0 < two["tokens_per_s"] < 31.628
+
+
+def test_a_saved_batch_shape_names_the_batch_sizes_it_serves():
+    from redraft_cli.cli.sweep import _batch_sizes
+
+    assert _batch_sizes(2, {}) == "2 and larger"
+    assert _batch_sizes(2, {"2": {}, "4": {}}) == "2 to 3"
+    assert _batch_sizes(2, {"3": {}}) == "2"
+    assert _batch_sizes(8, {"4": {}}) == "8 and larger"
+
+
+def test_a_beam_too_wide_or_too_long_names_the_option_at_fault():
+    from redraft_cli.beam_search import check_beam_shape
+
+    with pytest.raises(BeamShapeError, match="beam width 257 is too large"):
+        check_beam_shape(257, 4)
+    with pytest.raises(BeamShapeError, match="beam length 65 is too large"):
+        check_beam_shape(2, 65)

@@ -13,7 +13,7 @@ from ..decode import Generator
 from ..errors import BadInputError
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, note_short_prompt_set, slower_note, with_drafter_shape, write_report
+from .common import counted, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, note_short_prompt_set, slower_note, with_drafter_shape, write_report
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -59,12 +59,11 @@ def bench(
     check_output_paths({"--json": json_path}, inputs={"--prompts": prompts, **files}, folders=folders)
     check_batch_size(batch_size)
     texts = read_prompts(prompts, num_prompts)
+    batch_size = fit_batch_size(batch_size, len(texts))
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template,
                          templated=not no_chat_template)
     target, dr = loaded.target, loaded.drafter
-    # The shape for the rows that decode at once (a batch larger than the prompts runs as many rows as prompts).
-    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes,
-                             min(batch_size, len(texts)))
+    cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes, batch_size)
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
     check_prompts_fit(target, ids, max_new_tokens)
@@ -93,7 +92,7 @@ def bench(
     if not result["redraft"].get("steps"):
         err.print("note: ReDrafter took no draft step (every answer ended at its first token), so the speedup "
                   "compares prompt passes only")
-    elif (why := slower_note(result["speedup"], result["redraft"]["tokens_per_step"], min(batch_size, len(ids)),
+    elif (why := slower_note(result["speedup"], result["redraft"]["tokens_per_step"], batch_size,
                              loaded.drafter_name, graphed=target.graphs is not None,
                              beam_length=cfg.beam_length,
                              steps_per_answer=result["redraft"]["steps"] / result["num_prompts"])) is not None:
@@ -136,7 +135,7 @@ def render(r: dict) -> Table:
         f"{red['verify_share']:.0%} / accept {red['accept_share']:.0%} | "
         f"per step {1000 * red['draft_s'] / max(red['passes'], 1):.1f} / {1000 * red['verify_s'] / max(red['passes'], 1):.1f} / "
         f"{1000 * red['accept_s'] / max(red['passes'], 1):.1f} ms"
-        + (f" | {red['steps'] / red['passes']:.1f} busy rows per pass of {min(r['batch_size'], r['num_prompts'])}"
+        + (f" | {red['steps'] / red['passes']:.1f} busy rows per pass of {r['batch_size']}"
            if r.get("batch_size", 1) > 1 and red["passes"] else "")
         + (f" | identical outputs {r['identical_outputs']}/{r['num_prompts']}" if r["identical_outputs"] is not None else "")
         + (f" | vs HF {r['speedup_vs_hf']:.2f}x" if r.get("speedup_vs_hf") else "")

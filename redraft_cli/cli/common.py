@@ -253,13 +253,15 @@ def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | No
     if datastore is None:
         datastore = rec["datastore_beams"]
     check_datastore(drafter, datastore)
-    if nodes is None:
-        nodes = rec["tree_nodes"] if beam_width is None and beam_length is None else 0
+    width = beam_width if beam_width is not None else rec["beam_width"]
+    length = beam_length if beam_length is not None else rec["beam_length"]
+    if nodes is None:  # (-w/-l that restate the recommended shape keep its budget)
+        nodes = rec["tree_nodes"] if (width, length) == (rec["beam_width"], rec["beam_length"]) else 0
     try:
         return replace(
             cfg,
-            beam_width=beam_width if beam_width is not None else rec["beam_width"],
-            beam_length=beam_length if beam_length is not None else rec["beam_length"],
+            beam_width=width,
+            beam_length=length,
             lookup_beams=lookup if lookup is not None else rec["lookup_beams"],
             lookup_length=lookup_length if lookup_length is not None else rec["lookup_length"],
             datastore_beams=datastore,
@@ -278,6 +280,16 @@ def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | No
 def check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise BadInputError(f"--batch-size must be >= 1, got {batch_size}")
+
+
+def fit_batch_size(batch_size: int, num_prompts: int) -> int:
+    """The rows that decode at once: --batch-size, or as many as there are prompts when fewer (noted),
+    which is also the batch whose recommended shape applies and the batch the report names."""
+    if batch_size <= num_prompts:
+        return batch_size
+    err.print(f"note: --batch-size {batch_size} with {counted(num_prompts, 'prompt')}: "
+              f"{'one prompt at a time' if num_prompts == 1 else f'batches of {num_prompts}'}")
+    return num_prompts
 
 
 def check_output_paths(outputs: dict, inputs: dict | None = None, folders: dict | None = None) -> None:

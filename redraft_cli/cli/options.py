@@ -25,7 +25,7 @@ BeamLength = Annotated[Optional[int], typer.Option("--beam-length", "-l", help="
 Lookup = Annotated[Optional[int], typer.Option("--lookup", help="Extra beams copied from earlier context (the longest earlier match of its last tokens), beside the drafted ones; 0 = off (default: the drafter's recommendation).")]
 LookupLength = Annotated[Optional[int], typer.Option("--lookup-length", help="Longest copy, counting g0: a match of m tokens copies 4 + 2m, up to this; may exceed the beam length (copies cost no drafting); 0 = the beam length (default: the drafter's recommendation).")]
 DatastoreBeams = Annotated[Optional[int], typer.Option("--datastore", help="Extra beams copied from the drafter's datastore (the target's own answers in its training data), up to --lookup-length tokens long; 0 = off (default: the drafter's recommendation).")]
-TreeNodes = Annotated[Optional[int], typer.Option("--nodes", help="Verify only the N most likely drafted tokens of the beam search (a node budget: the target's cost grows with the tree); 0 = every beam (default: the drafter's recommendation with its beam shape, else 0).")]
+TreeNodes = Annotated[Optional[int], typer.Option("--nodes", help="Verify only the N most likely drafted tokens of the beam search (a node budget: the target's cost grows with the tree); 0 = every beam (default: the drafter's recommendation when the beam shape is the one it recommends, else 0).")]
 Accept = Annotated[str, typer.Option(help="auto (greedy at temperature 0, else rejection) | greedy | rejection (lossless sampling) | typical (lossy, fast).")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")]
 TopK = Annotated[int, typer.Option(help="Top-k filter (0 = off).")]

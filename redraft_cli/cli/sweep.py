@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -22,7 +23,7 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      run_sweep, save_best as save_best_shape, sweep_result, csv_text)
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, model_inputs, check_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
+from .common import counted, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -98,6 +99,8 @@ def sweep(
     if save_best and batch_size > len(texts):
         raise BadInputError(f"--save-best --batch-size {batch_size} needs at least {batch_size} prompts to measure "
                             f"batches of that size, got {len(texts)} (raise --num-prompts)")
+    batch_size = fit_batch_size(batch_size, len(texts))
+    cfg = replace(cfg, batch_size=batch_size)
 
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template,
                          templated=not no_chat_template)
@@ -115,7 +118,7 @@ def sweep(
     cfg.check(dr.draft_vocab_size)
     # The drafter's recommended copied beams, the same in every cell (the beam shape is per cell).
     cfg.decode = with_drafter_shape(cfg.decode, dr, cfg.decode.beam_width, cfg.decode.beam_length,
-                                    lookup, lookup_length, datastore, nodes=0, batch_size=min(batch_size, len(texts)))
+                                    lookup, lookup_length, datastore, nodes=0, batch_size=batch_size)
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
     check_prompts_fit(target, ids, max_new_tokens)
@@ -192,7 +195,7 @@ def sweep(
     if not drafted:
         err.print("note: no cell took a draft step (every answer ended at its first token), so the speedups compare "
                   "prompt passes only" + (" and --save-best saved nothing" if save_best else ""))
-    elif best is not None and (why := slower_note(best["speedup"], best["tokens_per_step"], min(batch_size, len(ids)),
+    elif best is not None and (why := slower_note(best["speedup"], best["tokens_per_step"], batch_size,
                                                   loaded.drafter_name, subject="the fastest shape tried",
                                                   graphed=loaded.target.graphs is not None, swept=True,
                                                   beam_length=best["beam_length"],
@@ -204,7 +207,17 @@ def sweep(
         console.print(f"saved beam shape {best['beam_width']}x{best['beam_length']}"
                       + (f" (best {best['tree_nodes']} nodes)" if best.get("tree_nodes") else "") + pace + f" to {saved} "
                       + (f"(the default of bench and chat with this drafter{on})" if batch_size == 1 else
-                         f"(the default of bench --batch-size {batch_size} and larger with this drafter)"))
+                         f"(the default of bench --batch-size {_batch_sizes(batch_size, dr.config.batch_shapes)} "
+                         "with this drafter)"))
+
+
+def _batch_sizes(batch_size: int, batch_shapes: dict) -> str:
+    """The batch sizes a shape saved for `batch_size` serves: up to the next size with a shape of its own."""
+    larger = [int(s) for s in batch_shapes if int(s) > batch_size]
+    if not larger:
+        return f"{batch_size} and larger"
+    top = min(larger) - 1
+    return str(batch_size) if top == batch_size else f"{batch_size} to {top}"
 
 
 def _write(result: dict[str, Any], path: Path, kind: str) -> str | None:
