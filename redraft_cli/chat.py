@@ -10,6 +10,7 @@ nothing about terminals: the CLI prints the `Chunk`s it yields.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Iterator
@@ -149,11 +150,15 @@ class ChatSession:
             if self.cfg.tree_nodes > width * max(length - 1, 0):
                 changes["tree_nodes"] = 0
                 dropped = f"; nodes {self.cfg.tree_nodes} no longer fits a {width}x{length} search: nodes = 0 (every beam)"
-        if attr in ("temperature", "top_p", "top_k", "seed"):
-            new = replace(self.cfg, sampling=replace(self.cfg.sampling, **changes))
-        else:
-            new = replace(self.cfg, **changes)
-        self.gen.check(new)
+        try:
+            if attr in ("temperature", "top_p", "top_k", "seed"):
+                new = replace(self.cfg, sampling=replace(self.cfg.sampling, **changes))
+            else:
+                new = replace(self.cfg, **changes)
+            self.gen.check(new)
+        except BadInputError as exc:  # the checks name command-line flags: name the /set settings instead
+            names = set(SETTABLE) | {"draft", "system"}
+            raise type(exc)(re.sub(r"--([a-z-]+)", lambda m: m[1] if m[1] in names else m[0], str(exc))) from None
         self.cfg = new
         return f"{name} = {parsed}{dropped}"
 

@@ -206,6 +206,7 @@ def test_interactive_terminal(model_dir):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"}, encoding="utf-8", timeout=120)
     try:
         child.expect(">>> ")
+        assert "\x1b[?2004h" in child.before  # bracketed paste on: the terminal marks a paste's start and end
         child.sendline("Hello")
         child.expect(r"tokens/step")
         child.expect(">>> ")
@@ -218,6 +219,16 @@ def test_interactive_terminal(model_dir):
         child.expect(">>> ")
         child.sendline("/stats")
         child.expect(r"session: 2 answers,.* [1-9]\d* of them reused from the KV cache")
+        child.expect(">>> ")
+        child.send("\x1b[200~A pasted line.\nAnd its second line.\x1b[201~\r")  # one message, not two
+        child.expect(r"tokens/step")
+        child.expect(">>> ")
+        child.sendline("/stats")
+        child.expect(r"session: 3 answers,")
+        child.expect(">>> ")
+        child.sendline("/set max-new-tokens 0")
+        child.expect("max-new-tokens must be")  # the /set name, not the flag --max-new-tokens
+        assert "--max-new-tokens" not in child.before + child.after
         child.expect(">>> ")
         child.sendline("/reset now")
         child.expect("/reset takes no arguments")
@@ -583,3 +594,31 @@ def test_the_status_line_names_a_long_prompt_pass(target):
     s.last.prompt_s = 0.2
     assert "read" not in chat_cli._status(s)
     assert s.last.summary()["prompt_s"] == 0.2
+
+
+def test_one_shot_stopped_in_the_prompt_pass_answers_nothing(target, monkeypatch):
+    """Ctrl-C while a long --prompt is still being read: exit 130 and a line saying nothing was answered;
+    no status line claiming a token "from the prompt pass", no JSON of an answer with 0 prompt tokens."""
+    import signal
+
+    import typer
+
+    from redraft_cli.cli import chat as chat_cli
+
+    s = session(target)
+    real = target.forward_tree
+
+    def forward(*args, **kwargs):  # the first pass of the prompt gets a Ctrl-C; the next check stops it
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, "forward_tree", forward)
+    printed = []
+    monkeypatch.setattr(chat_cli.err, "print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+    monkeypatch.setattr(chat_cli.console, "print_json", lambda *a, **k: printed.append("JSON"))
+    prompt = " ".join(f"w{i}" for i in range(700))  # over 512 tokens: read in passes, Ctrl-C asked between
+    with pytest.raises(typer.Exit) as stopped:
+        chat_cli._one_shot(s, prompt, json_out=True, show_drafts=False, drafter_name="random")
+    assert stopped.value.exit_code == 130
+    assert any("stopped before the answer began" in line for line in printed), printed
+    assert "JSON" not in printed and not any("prompt pass alone" in line for line in printed), printed

@@ -184,6 +184,9 @@ def _status(session: ChatSession) -> str:
 def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bool, drafter_name: str) -> None:
     """Answer once; a Ctrl-C keeps the partial answer (printed, and marked in the JSON) and exits 130."""
     finished = _stream(session, prompt, show_drafts, quiet=json_out)
+    if not finished and not session.last.steps:  # stopped in the prompt pass: no answer, no statistics of one
+        err.print("(stopped before the answer began: nothing was answered)", style="dim", markup=False)
+        raise typer.Exit(130)
     if json_out:
         c = session.cfg
         settings = {"accept": c.rule, "temperature": c.sampling.temperature, "top_k": c.sampling.top_k,
@@ -200,7 +203,8 @@ def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bo
                                        "cut_by_context": session.cut, **settings,
                                        **session.last.summary()}), ensure_ascii=not utf8_output())
     else:
-        console.print()
+        if finished:  # (an interrupted answer's line was ended with its "[interrupted]")
+            console.print()
         err.print(_status(session) + ("" if finished else " (stopped)"), style="dim")
     _note_cut(session)
     if not finished:
@@ -216,7 +220,12 @@ def _note_cut(session: ChatSession) -> None:
 
 def _interactive(session: ChatSession, show_drafts: bool) -> None:
     try:  # line editing and history; without it a terminal cuts a typed line at 4,095 bytes
-        import readline  # noqa: F401
+        import readline
+
+        if "libedit" not in (readline.__doc__ or ""):
+            # A paste of several lines is one message (the terminal marks where it starts and ends;
+            # Python turns this off), not one message per line.
+            readline.parse_and_bind("set enable-bracketed-paste on")
     except ImportError:  # (Windows)
         pass
     while True:
@@ -257,7 +266,8 @@ def _interactive(session: ChatSession, show_drafts: bool) -> None:
             session.withdraw()
             err.print("(stopped before the answer began: the message is not kept)", style="dim", markup=False)
             continue
-        console.print()
+        if finished:  # (an interrupted answer's line was ended with its "[interrupted]")
+            console.print()
         err.print(_status(session) + ("" if finished else " (stopped)"), style="dim")
         _note_cut(session)
 
