@@ -8,10 +8,15 @@ Formats (detected from content, not only the extension):
   also be a list of text parts, joined with newlines);
 - a JSON file holding a list of such objects or of strings (ShareGPT dumps);
 - a .csv or .tsv file with a header line, one prompt a row, its text in a column named
-  as the JSONL fields above (`prompt`, `text`, `instruction`, `question`);
-- plain text, one prompt a line (blank lines and lines starting with `#` skipped).
+  as the JSONL fields above (`prompt`, `text`, `instruction`, `question`, `input`, `content`);
+- plain text, one prompt a line (blank lines and lines starting with `#` skipped, each
+  line's surrounding spaces dropped).
 
-The path `-` reads standard input, in any of these formats but CSV/TSV (told from its content).
+Only user turns are prompts: a conversation's system and assistant turns are not used
+(the target writes its own answers; a system prompt is `--system` / `data.system`).
+Any of these may be gzip-compressed, and UTF-16 text with its byte-order mark is read
+as well as UTF-8. The path `-` reads standard input, in any of these formats (CSV/TSV
+when its first line is a header naming a prompt column).
 
 Lines end at \n (or \r\n) only: U+2028, a form feed and the like are text inside a
 prompt. A .json / .jsonl file must hold JSON; any other file that starts with `[` or `{`
@@ -37,6 +42,7 @@ from .errors import PromptError
 TEXT_KEYS = ("prompt", "text", "instruction", "question", "input", "content")
 INSTRUCTION_INPUTS = ("input", "context")  # what an instruction is about: Alpaca, Dolly
 HUMAN_ROLES = ("human", "user")
+OTHER_ROLES = ("assistant", "gpt", "bot", "model", "chatgpt", "system", "tool", "function", "ipython", "developer")
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 
 
@@ -83,10 +89,14 @@ def _conversation(conv: Any, key: str) -> list[str] | None:
                 raise ValueError("with neither 'from' nor 'role'")
             if not isinstance(m[role_key], str):
                 raise ValueError(f"whose '{role_key}' is not a string (got {_kind(m[role_key])})")
-            if m[role_key].strip().lower() in HUMAN_ROLES:
+            role = m[role_key].strip().lower()
+            if role in HUMAN_ROLES:
                 text = _message_text(m, role_key)
                 if text.strip():
                     users.append(text)
+            elif role not in OTHER_ROLES:  # a typo'd "usr" would leave the conversation without its prompts
+                raise ValueError(f"whose '{role_key}' is {m[role_key]!r}: prompts are the messages of role "
+                                 f"{' or '.join(HUMAN_ROLES)} (others: {', '.join(OTHER_ROLES)})")
         except ValueError as exc:
             raise ValueError(f"has '{key}' message {i} {exc}") from None
     return users or None
@@ -184,10 +194,7 @@ def _read_source(path: str | Path) -> tuple[str, str, str]:
         if sys.stdin is None or sys.stdin.closed:
             raise PromptError("--prompts - reads standard input, but there is none")
         data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
-        try:
-            return data.decode("utf-8-sig"), "<stdin>", ""
-        except UnicodeDecodeError as exc:
-            raise PromptError(f"cannot read prompts from standard input: {exc}") from exc
+        return _decoded(data, "standard input"), "<stdin>", ""
     p = Path(path)
     if str(path) == ".":  # (what the command line makes of an empty --prompts "")
         raise PromptError("the prompt file path is empty (or '.', a folder); give a prompt file")
@@ -202,9 +209,37 @@ def _read_source(path: str | Path) -> tuple[str, str, str]:
         raise PromptError(f"{p} is a YAML file, not prompts (JSONL, JSON, CSV or text lines); a distillation recipe is "
                           f"distill's first argument")
     try:  # (bytes: read_text's universal newlines would end a line at a lone \r too)
-        return p.read_bytes().decode("utf-8-sig"), str(p), p.suffix.lower()  # (a byte-order mark is not text)
-    except (OSError, UnicodeDecodeError) as exc:
+        data = p.read_bytes()
+    except OSError as exc:
         raise PromptError(f"cannot read prompt file {p}: {exc}") from exc
+    suffix = p.suffix.lower()
+    if suffix == ".gz" or data[:2] == GZIP_MAGIC:
+        suffix = Path(p.stem).suffix.lower() if suffix == ".gz" else suffix  # prompts.jsonl.gz: JSONL
+    return _decoded(data, f"prompt file {p}"), str(p), suffix
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _decoded(data: bytes, what: str) -> str:
+    """The text of a prompt file's bytes: gunzipped when gzip-compressed, UTF-16 when it starts with
+    UTF-16's byte-order mark, else UTF-8 (a UTF-8 byte-order mark dropped). PromptError otherwise."""
+    import codecs
+    import gzip
+    import zlib
+
+    if data[:2] == GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise PromptError(f"cannot read {what}: it is gzip-compressed but does not decompress ({exc})") from exc
+    try:
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PromptError(f"cannot read {what}: it is not UTF-8 (nor UTF-16 with a byte-order mark) text: byte "
+                          f"0x{exc.object[exc.start]:02x} at offset {exc.start}") from exc
 
 
 def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None) -> list[list[str]]:
@@ -212,11 +247,13 @@ def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None) -> list[lis
     stripped = raw.lstrip()
     records: list[tuple[Any, Any]]  # (where: a line number, or a JSON array index; record)
     lines = [line.removesuffix("\r") for line in raw.split("\n")]  # (not splitlines: U+2028 and friends are text)
+    if p == "<stdin>" and not suffix:
+        suffix = _table_suffix(lines)
     json_file = suffix in (".json", ".jsonl")
     if stripped.startswith(("[", "{")) and not json_file and not _parses(stripped):
         stripped = ""  # a text file whose first prompt starts with a bracket: "[Verse 1] ...", "{name} ..."
     if suffix in (".csv", ".tsv"):
-        records = _table_records(p, suffix, raw)
+        records = _table_records(p, suffix, raw, skipped)
     elif stripped.startswith("["):
         try:
             items = json.loads(raw)
@@ -246,7 +283,7 @@ def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None) -> list[lis
                               f"(it starts with {stripped[:20]!r})")
         if "\x00" in raw:
             raise PromptError(f"{p} holds NUL bytes: a binary file, not prompts")
-        records = [(None, line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        records = [(None, line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
     convs = []
     for where, rec in records:
         try:
@@ -265,30 +302,59 @@ def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None) -> list[lis
     if not convs and skipped:  # every record was left out: say why the first was
         raise PromptError(f"{p} holds no prompts: every record was skipped; the first, {skipped[0]}")
     if not convs:
-        csv = "" if p == "<stdin>" else "CSV with a prompt column, "  # (standard input is never read as CSV)
-        raise PromptError(f"{p} holds no prompts (expected JSONL with turns/prompt/text, ShareGPT JSON, {csv}or text "
-                          f"lines)")
+        raise PromptError(f"{p} holds no prompts (expected JSONL with turns/prompt/text, ShareGPT JSON, CSV with a "
+                          f"prompt column, or text lines)")
     return convs
 
 
-def _table_records(p: str, suffix: str, raw: str) -> list[tuple[Any, Any]]:
+def _table_suffix(lines: list[str]) -> str:
+    """".tsv" or ".csv" when the first non-blank line is a header naming a prompt column (standard input,
+    which has no extension to say so), else ""."""
+    first = next((line for line in lines if line.strip()), "")
+    for delimiter, suffix in (("\t", ".tsv"), (",", ".csv")):
+        columns = [c.strip().strip('"') for c in first.split(delimiter)]
+        if len(columns) >= 2 and set(columns) & set(TEXT_KEYS):
+            return suffix
+    return ""
+
+
+def _table_records(p: str, suffix: str, raw: str, skipped: list[str] | None = None) -> list[tuple[Any, Any]]:
     """The rows of a .csv / .tsv file with a header line, as records keyed by its column names (a
-    `prompt`, `text`, `instruction` or `question` column, as in JSONL): (("line", n), row) each."""
+    column named as a JSONL text field: TEXT_KEYS): (("line", n), row) each, n the line where the
+    row starts. A row with fewer fields than the header is an error (or, with `skipped`, left out)."""
     import csv
 
+    kind = suffix[1:].upper()
     # strict: a quote left open swallowed the rest of the file into one prompt
     reader = csv.DictReader(io.StringIO(raw, newline=""), delimiter="\t" if suffix == ".tsv" else ",", strict=True)
+    rows = []
+    end = 0  # the last line read: a row starts on the next one
     try:
-        rows = [(("line", reader.line_num), {k: v for k, v in row.items() if k is not None}) for row in reader]
+        names = reader.fieldnames
+        end = reader.line_num
+        for row in reader:
+            where = ("line", end + 1)
+            end = reader.line_num
+            if None in row.values():  # (DictReader's filler for fields the row lacks)
+                why = (f"{p}:{where[1]}: record has {sum(v is not None for v in row.values())} field(s) where the "
+                       f"header names {len(names)}")
+                if skipped is None:
+                    raise PromptError(why)
+                skipped.append(why)
+                continue
+            rows.append((where, {k: v for k, v in row.items() if k is not None}))
     except csv.Error as exc:
-        raise PromptError(f"{p}:{reader.line_num}: cannot read it as {suffix[1:].upper()} ({exc})") from exc
-    if not reader.fieldnames:
-        raise PromptError(f"{p} holds no prompts (a {suffix[1:].upper()} file needs a header line naming its "
-                          f"prompt column: prompt, text, instruction or question)")
-    if not set(TEXT_KEYS) & set(reader.fieldnames):
-        columns = ", ".join(repr(c) for c in reader.fieldnames[:8]) + (", ..." if len(reader.fieldnames) > 8 else "")
-        raise PromptError(f"{p}:1: the header names no prompt column (one of prompt, text, instruction, question; "
+        raise PromptError(f"{p}:{end + 1}: cannot read it as {kind} ({exc})") from exc
+    if not names:
+        raise PromptError(f"{p} holds no prompts (a {kind} file needs a header line naming its "
+                          f"prompt column: {', '.join(TEXT_KEYS)})")
+    if not set(TEXT_KEYS) & set(names):
+        columns = ", ".join(repr(c) for c in names[:8]) + (", ..." if len(names) > 8 else "")
+        raise PromptError(f"{p}:1: the header names no prompt column (one of {', '.join(TEXT_KEYS)}; "
                           f"its columns: {columns})")
+    twice = sorted({c for c in names if names.count(c) > 1 and c in TEXT_KEYS})
+    if twice:
+        raise PromptError(f"{p}:1: the header names the column {twice[0]!r} twice; which one holds the prompts?")
     return rows
 
 

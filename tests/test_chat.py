@@ -622,3 +622,11 @@ def test_one_shot_stopped_in_the_prompt_pass_answers_nothing(target, monkeypatch
     assert stopped.value.exit_code == 130
     assert any("stopped before the answer began" in line for line in printed), printed
     assert "JSON" not in printed and not any("prompt pass alone" in line for line in printed), printed
+
+
+def test_a_prompt_from_standard_input_loses_windows_line_ends():
+    import io
+
+    from redraft_cli.cli.chat import _read_stdin
+
+    assert _read_stdin(io.TextIOWrapper(io.BytesIO(b"Line one\r\nLine two\r\n"))) == "Line one\nLine two\n"

@@ -872,3 +872,27 @@ def test_restating_the_recommended_shape_keeps_its_node_budget(tiny_target):
                                    (4, 5, None, 0), (2, None, None, 0), (4, 4, 0, 0), (4, 5, 3, 3)):
         got = with_drafter_shape(base, d, w, length, nodes=nodes)
         assert got.tree_nodes == want, (w, length, nodes, got)
+
+
+def test_a_drafter_distilled_with_a_template_brings_it_to_a_model_with_its_own(tmp_path, prompt_file):
+    """distill --chat-template vicuna on a model that has a template of its own: its data was rendered as
+    Vicuna, so bench and chat render prompts so too (noted), not silently with the model's own."""
+    from redraft_cli.cli.common import load_models
+    from redraft_cli.loading import TargetSpec, load_target
+
+    model_dir, _, _ = tiny_model_dir(tmp_path / "tiny", layers=1)
+    own = load_target(TargetSpec(str(model_dir)))
+    assert own.tokenizer.chat_template
+    drafter_dir = tmp_path / "vicuna-drafter"
+    Drafter.for_target(own, seed=0).save(drafter_dir)
+    (drafter_dir / "recipe.yaml").write_text("target:\n  model: x\n  chat_template: vicuna\n")
+    r = invoke("bench", "--model", model_dir, "--drafter", drafter_dir, "--prompts", prompt_file, "--num-prompts", 1,
+               "--max-new-tokens", 4, "--no-hf-baseline", "--no-warmup")
+    assert r.exit_code == 0 and "distilled with (vicuna), not" in " ".join(r.output.split()), r.output
+    loaded = load_models(str(model_dir), str(drafter_dir), "auto", "cpu", "none", 0)
+    assert loaded.target.tokenizer.decode(loaded.target.encode_chat("Hi.")).endswith("USER: Hi. ASSISTANT:")
+    # --chat-template overrides it; a recipe that names no template leaves the model's own
+    loaded = load_models(str(model_dir), str(drafter_dir), "auto", "cpu", "none", 0, chat_template="vicuna")
+    (drafter_dir / "recipe.yaml").write_text("target:\n  model: x\n")
+    loaded = load_models(str(model_dir), str(drafter_dir), "auto", "cpu", "none", 0)
+    assert loaded.target.tokenizer.chat_template == own.tokenizer.chat_template

@@ -793,3 +793,31 @@ def test_a_sigterm_during_the_optimizers_step_stops_after_it(monkeypatch):
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert seen == ["step done", signal.SIGTERM]
+
+
+def test_data_rendered_through_another_chat_template_is_cached_apart(tmp_path, monkeypatch):
+    """The data cache was keyed without the chat template: a run with --chat-template vicuna and one without
+    shared one folder, so the second trained on the first's Vicuna-rendered prompts. Data made with the
+    tokenizer's own template keeps the key it had (the shipped data still seeds it)."""
+    from dataclasses import replace
+
+    from redraft_cli.distill.data import GenerationConfig
+    from redraft_cli.distill.pipeline import default_data_dir
+    from redraft_cli.distill.recipe import recipe_from_dict
+
+    monkeypatch.setenv("REDRAFT_CACHE", str(tmp_path / "cache"))
+    recipe = tiny_recipe(max_steps=1)
+    base = GenerationConfig()
+    assert "chat_template" not in base.fingerprint()
+    assert default_data_dir(recipe, "m", [["Hi."]], replace(base, chat_template="ab" * 32)) != \
+        default_data_dir(recipe, "m", [["Hi."]], base)
+    dirs = []
+    for template in (None, "vicuna"):
+        target = tiny_chat_llama(seed=3)
+        r = recipe_from_dict({**recipe.to_dict(), "target": {"chat_template": template}})
+        events: list = []
+        from redraft_cli.distill.pipeline import distill
+
+        distill(r, tmp_path / f"out-{template}", on_event=events.append, target=target, bench=False, data_only=True)
+        dirs.append(sorted(p.name for p in (tmp_path / "cache" / "distill-data").iterdir()))
+    assert len(dirs[0]) == 1 and len(dirs[1]) == 2, dirs

@@ -288,3 +288,64 @@ def test_csv_and_tsv_files_read_their_prompt_column(tmp_path):
     (tmp_path / "e.csv").write_text("")
     with pytest.raises(PromptError, match="needs a header line naming its prompt column"):
         load_prompts(tmp_path / "e.csv")
+
+
+def test_csv_errors_name_the_line_where_the_bad_row_starts(tmp_path):
+    cases = {"bad.csv": ("id,prompt\n1,a\n2,b\n3,\"x\"y\n", ":4: cannot read it as CSV"),
+             "open.csv": ("id,prompt\n1,\"ok\"\n2,\"a\nb\"\n3,\"open\n4,z\n", ":5: cannot read it as CSV"),
+             "short.csv": ("id,prompt\n1\n2,ok row\n", ":2: record has 1 field(s) where the header names 2"),
+             "twice.csv": ("prompt,prompt\na,b\n", ":1: the header names the column 'prompt' twice"),
+             "none.csv": ("id,body\n1,a\n", "content; its columns")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(PromptError) as caught:
+            load_prompts(tmp_path / name)
+        assert message in str(caught.value), (name, str(caught.value))
+    skipped: list[str] = []  # (distill leaves a short row out, with its reason)
+    assert load_conversations(tmp_path / "short.csv", skipped) == [["ok row"]] and ":2:" in skipped[0]
+    # the record a later error names starts where its row does: the multi-line row of open.csv is 3-4
+    (tmp_path / "late.csv").write_text("id,prompt\n1,\"a\nb\"\n2,\n")
+    assert load_prompts(tmp_path / "late.csv") == ["a\nb"]
+
+
+def test_standard_input_in_csv_or_tsv_is_read_as_a_table(monkeypatch):
+    import io
+    import sys
+
+    for text, want in (('id,prompt,category\n1,"Hello, world",x\n2,"Line one\nline two",y\n',
+                        ["Hello, world", "Line one\nline two"]),
+                       ("prompt\tid\nA tab-separated prompt\t1\n", ["A tab-separated prompt"]),
+                       ("Just a line, with a comma\nAnother prompt\n", ["Just a line, with a comma", "Another prompt"])):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+        assert load_prompts("-") == want
+
+
+def test_gzip_utf16_and_padded_lines(tmp_path):
+    import gzip
+
+    rows = "\n".join(json.dumps({"prompt": p}) for p in ("gz one", "gz two"))
+    (tmp_path / "p.jsonl.gz").write_bytes(gzip.compress(rows.encode()))
+    assert load_prompts(tmp_path / "p.jsonl.gz") == ["gz one", "gz two"]
+    (tmp_path / "unnamed").write_bytes(gzip.compress(b"plain line\n"))  # told by its first bytes
+    assert load_prompts(tmp_path / "unnamed") == ["plain line"]
+    (tmp_path / "broken.gz").write_bytes(b"\x1f\x8b" + b"\x00" * 20)
+    with pytest.raises(PromptError, match="gzip-compressed but does not decompress"):
+        load_prompts(tmp_path / "broken.gz")
+    (tmp_path / "u16.txt").write_bytes("café ☕\nsecond\n".encode("utf-16"))
+    assert load_prompts(tmp_path / "u16.txt") == ["café ☕", "second"]
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    with pytest.raises(PromptError, match="not UTF-8 .* byte 0xe9 at offset 3"):
+        load_prompts(tmp_path / "latin1.txt")
+    (tmp_path / "padded.txt").write_text("First prompt   \n\tsecond indented\n")
+    assert load_prompts(tmp_path / "padded.txt") == ["First prompt", "second indented"]
+
+
+def test_a_message_of_an_unknown_role_is_an_error_not_a_silent_skip(tmp_path):
+    f = tmp_path / "m.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "usr", "content": "typo role"}]}) + "\n")
+    with pytest.raises(PromptError, match="'role' is 'usr': prompts are the messages of role human or user"):
+        load_prompts(f)
+    f.write_text(json.dumps({"messages": [{"role": "system", "content": "Be terse."},
+                                          {"role": "assistant", "content": "Hi."},
+                                          {"role": "user", "content": "kept"}]}) + "\n")
+    assert load_prompts(f) == ["kept"]

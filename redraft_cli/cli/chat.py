@@ -123,7 +123,7 @@ def _read_stdin(stdin) -> str:
                                 f"{exc.start}); give the prompt in UTF-8") from exc
     if bad := not_utf8(text):
         raise BadInputError(f"standard input is not UTF-8 text ({bad}); give the prompt in UTF-8")
-    return text
+    return text.replace("\r\n", "\n")  # (a file saved on Windows: its line ends are not the prompt's text)
 
 
 def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = False) -> bool:

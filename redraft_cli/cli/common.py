@@ -147,9 +147,12 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
     loaded = Loaded(target, *resolve_drafter(target, drafter, seed))
     if chat_template is not None:
         apply_chat_template(target, chat_template)
-    elif templated and not getattr(target.tokenizer, "chat_template", None) and Path(loaded.drafter_name).is_dir():
+    elif templated and Path(loaded.drafter_name).is_dir():  # the template the drafter's data was rendered with
+        own = getattr(target.tokenizer, "chat_template", None)
         try:
             saved = template_for_drafter(loaded.drafter_name)
+            if saved is not None and resolve_template(saved) == own:
+                saved = None  # (the model's own)
             apply_chat_template(target, saved)
         except BadInputError as exc:  # e.g. a Jinja file named by a path that was relative elsewhere
             saved = None
@@ -158,7 +161,9 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
             if saved:
                 label = saved if saved in NAMED_TEMPLATES else "from its recipe.yaml"
                 err.print(f"note: {escape(target.name)} has no chat template; prompts use the one its drafter was "
-                          f"distilled with ({label})")
+                          f"distilled with ({label})" if not own else
+                          f"note: prompts use the chat template its drafter was distilled with ({label}), not "
+                          f"{escape(target.name)}'s own (--chat-template overrides)")
     startup_done()  # a Ctrl-C a library swallowed while loading stops here; later ones reach the command
     return loaded
 

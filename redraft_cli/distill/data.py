@@ -62,6 +62,7 @@ class GenerationConfig:
     shard_size: int = 64  # conversations per shard file
     system: str | None = None
     max_prompt_tokens: int = 512  # longer prompts are skipped (counted in the manifest)
+    chat_template: str | None = None  # sha256 of a template that replaces the tokenizer's own (None: its own)
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size", "shard_size", "max_prompt_tokens"):
@@ -73,8 +74,10 @@ class GenerationConfig:
             raise BadInputError(f"top-p must be in (0, 1], got {self.top_p}")
 
     def fingerprint(self) -> dict[str, Any]:
-        """The fields that must match for a resumption."""
-        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_FIELDS}
+        """The fields that must match for a resumption (a chat template only when one replaced the tokenizer's
+        own: data made with the tokenizer's template keeps the key it always had)."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in RESUMABLE_FIELDS and not (k == "chat_template" and v is None)}
 
 
 # -- chat glue -----------------------------------------------------------------

@@ -218,6 +218,9 @@ def _checked(recipe: Recipe, out: Path, resume: bool, emit: EventFn, data_dir: P
         raise PromptError(f"data.source: {exc}{where if 'not found' in str(exc) else ''}") from exc
     if skipped:
         emit({"event": "note", "text": f"skipped {len(skipped)} record(s) that are not prompts; the first: {skipped[0]}"})
+    if d.num_prompts and len(convs) < d.num_prompts:
+        emit({"event": "note", "text": f"data.num_prompts is {d.num_prompts}, but {d.source} holds "
+                                       f"{len(convs)} conversations: all of them are used"})
     if len(convs) <= d.held_out:
         raise BadInputError(f"{len(convs)} conversations but held_out is {d.held_out}: nothing left to train on "
                             f"(give more prompts, or fewer with --held-out)")
@@ -289,7 +292,10 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
     # 1. Data: the target's own answers, held-out conversations first.
     gen_cfg = GenerationConfig(max_new_tokens=d.max_new_tokens, batch_size=d.gen_batch_size, temperature=d.temperature,
                                top_p=d.top_p, seed=d.seed, shard_size=d.shard_size, system=d.system,
-                               max_prompt_tokens=d.max_prompt_tokens)
+                               max_prompt_tokens=d.max_prompt_tokens,
+                               # (data rendered through another template is other data: its own cache folder)
+                               chat_template=None if recipe.target.chat_template is None else
+                               hashlib.sha256(target.tokenizer.chat_template.encode()).hexdigest())
     context = int(getattr(target, "max_context", 1 << 30))
     prompt_room = min(d.max_prompt_tokens, context - d.max_new_tokens)  # (data._generate_shard's limit)
     if prompt_room < 1:
