@@ -165,7 +165,7 @@ def test_datastore_beams_need_a_datastore(tiny_target):
     with pytest.raises(BadInputError, match="--datastore needs a drafter saved with a datastore"):
         gen.generate([1, 2, 3], cfg, "redraft")
     session = ChatSession(gen, DecodeConfig(beam_width=2, beam_length=3))
-    with pytest.raises(BadInputError, match="--datastore"):
+    with pytest.raises(BadInputError, match="^datastore needs a drafter saved with a datastore"):  # (/set's name)
         session.set("datastore", "2")
     assert session.cfg.datastore_beams == 0
     with pytest.raises(BadInputError, match="--datastore must be between 0 and 16"):

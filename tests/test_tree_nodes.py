@@ -170,7 +170,7 @@ def test_chat_sets_the_budget(tiny_target):
     session = ChatSession(Generator(tiny_target, Drafter.for_target(tiny_target, seed=0)),
                           DecodeConfig(beam_width=4, beam_length=4))
     assert session.set("nodes", "5") == "nodes = 5" and session.cfg.tree_nodes == 5
-    with pytest.raises(BadInputError, match="--nodes 13"):
+    with pytest.raises(BadInputError, match="^nodes 13"):
         session.set("nodes", "13")
     assert session.cfg.tree_nodes == 5
 
