@@ -128,10 +128,14 @@ class Datastore:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tokens = f.get_tensor("tokens")
+            if "vocab_size" not in meta:
+                raise ValueError("its metadata lacks vocab_size")
             vocab_size = int(meta["vocab_size"])
             answers = int(meta.get("answers", 0))
-        except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        except (SafetensorError, OSError, ValueError) as exc:
             raise DrafterLoadError(f"datastore {path} is corrupt: {exc}") from exc
+        except KeyError:
+            raise DrafterLoadError(f"datastore {path} is corrupt: it holds no 'tokens' tensor") from None
         if tokens.dim() != 1:
             raise DrafterLoadError(f"datastore {path} is corrupt: tokens have shape {tuple(tokens.shape)}")
         tokens = tokens.to(torch.long) - 1

@@ -103,8 +103,9 @@ class DrafterConfig:
             raise DrafterLoadError(f"weight_storage must be one of {WEIGHT_STORAGE}, got {self.weight_storage!r}")
         if self.context_window < 0:
             raise DrafterLoadError(f"context_window must be >= 0, got {self.context_window}")
-        if self.predict_tokens < 1 or self.beam_width < 1 or self.beam_length < 1:
-            raise DrafterLoadError("drafter config needs predict_tokens, beam_width and beam_length >= 1")
+        for name in ("predict_tokens", "beam_width", "beam_length"):
+            if getattr(self, name) < 1:
+                raise DrafterLoadError(f"drafter config: {name} must be >= 1, got {getattr(self, name)}")
         if min(self.lookup_beams, self.lookup_length, self.datastore_beams, self.tree_nodes) < 0:
             raise DrafterLoadError("drafter config has negative lookup_beams/lookup_length/datastore_beams/tree_nodes")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 1:

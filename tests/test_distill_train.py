@@ -119,12 +119,12 @@ def test_recipes_load_and_validate(tmp_path):
     for bad_fields, fragment in (({"train": {"freeze_init": True, "weight_decay": 0.1}}, "weight_decay 0"),
                                  ({"drafter": {"context_window": -4}}, "context_window"),
                                  ({"drafter": {"weight_storage": "int4"}}, "weight_storage"),
-                                 ({"data": {"held_out": -5}}, "data.held_out must be a number >= 0"),
+                                 ({"data": {"held_out": -5}}, "data.held_out must be a finite number >= 0"),
                                  ({"train": {"lr": "abc"}}, "train.lr must be a number, got 'abc'"),
                                  ({"train": {"lr": float("nan")}}, "train.lr"),
                                  ({"train": {"mixed_precision": "fp8"}}, "mixed_precision"),
                                  ({"train": {"max_steps": 0}}, "train.max_steps"),
-                                 ({"data": {"top_p": 1.5}}, "data.top_p must be a number > 0 and <= 1.0"),
+                                 ({"data": {"top_p": 1.5}}, "data.top_p must be a finite number > 0 and <= 1.0"),
                                  ({"eval": {"bench_prompts": -1}}, "eval.bench_prompts"),
                                  ({"train": {"batch_size": True}}, "train.batch_size"),
                                  # Whole numbers where counts go, strings where names go, caught before any work.
@@ -821,3 +821,40 @@ def test_data_rendered_through_another_chat_template_is_cached_apart(tmp_path, m
         distill(r, tmp_path / f"out-{template}", on_event=events.append, target=target, bench=False, data_only=True)
         dirs.append(sorted(p.name for p in (tmp_path / "cache" / "distill-data").iterdir()))
     assert len(dirs[0]) == 1 and len(dirs[1]) == 2, dirs
+
+
+def test_init_from_a_tied_drafter_with_another_draft_vocabulary_and_what_it_refuses(tmp_path):
+    """A tied head has no rows of its own: its draft vocabulary is the new run's (it was refused as
+    'tensor draft_vocab'). A context-attention drafter into a plain one names the window."""
+    from redraft_cli.distill.pipeline import warm_start
+
+    target = tiny_chat_llama(seed=3)
+    src = Drafter.for_target(target, seed=1, head="tied", draft_vocab_size=16)
+    src.save(tmp_path / "tied16")
+    mine = Drafter.for_target(target, seed=2, head="tied", draft_vocab_size=24)
+    vocab = mine.draft_vocab.clone()
+    copied = warm_start(mine, tmp_path / "tied16")
+    assert "draft_vocab" not in copied and torch.equal(mine.draft_vocab, vocab)
+    assert torch.equal(mine.rnn_w.weight, src.rnn_w.weight)
+    Drafter.for_target(target, seed=1, context_window=8).save(tmp_path / "cw8")
+    with pytest.raises(BadInputError, match="context window 8 vs none"):
+        warm_start(Drafter.for_target(target, seed=2), tmp_path / "cw8")
+
+
+def test_a_run_that_fails_before_writing_leaves_no_empty_out_folder(tmp_path):
+    from redraft_cli.distill.pipeline import distill
+    from redraft_cli.distill.recipe import recipe_from_dict
+
+    target = tiny_chat_llama(seed=3)
+    base = tiny_recipe(max_steps=1).to_dict()
+    bad = recipe_from_dict({**base, "drafter": {**base["drafter"], "draft_vocab_size": 10 ** 6}})
+    with pytest.raises(BadInputError, match="larger than"):
+        distill(bad, tmp_path / "new" / "out", target=target, data_dir=tmp_path / "data", bench=False)
+    assert not (tmp_path / "new" / "out").exists()
+    (tmp_path / "kept").mkdir()  # a folder the user made stays
+    with pytest.raises(BadInputError):
+        distill(bad, tmp_path / "kept", target=target, data_dir=tmp_path / "data", bench=False)
+    assert (tmp_path / "kept").is_dir()
+    with pytest.raises(BadInputError, match="context_window 1 keeps beams to g0 alone"):
+        distill(recipe_from_dict({**base, "drafter": {**base["drafter"], "context_window": 1}}), tmp_path / "o",
+                target=target, data_dir=tmp_path / "data", bench=False)

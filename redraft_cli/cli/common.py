@@ -156,7 +156,8 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
             apply_chat_template(target, saved)
         except BadInputError as exc:  # e.g. a Jinja file named by a path that was relative elsewhere
             saved = None
-            err.print(f"note: the drafter's recipe.yaml names a chat template that cannot be used here ({escape(str(exc))})")
+            err.print(f"note: the drafter's chat template (its recipe.yaml) cannot be used here ({escape(str(exc))})"
+                      + (f"; prompts use {escape(target.name)}'s own" if own else ""))
         else:
             if saved:
                 label = saved if saved in NAMED_TEMPLATES else "from its recipe.yaml"

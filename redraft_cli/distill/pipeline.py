@@ -177,8 +177,14 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     # A folder that exists is held from here (a second run into it is told another one writes it, before
     # any check of what it holds); a new one once it is made, below.
     early = out.is_dir() and not data_only and launched_rank() == 0
-    with _holding(out, hold=early):
-        return _checked(recipe, out, resume, emit, data_dir, bench, target, generate, data_only, held=early)
+    existed = out.exists()
+    try:
+        with _holding(out, hold=early):
+            return _checked(recipe, out, resume, emit, data_dir, bench, target, generate, data_only, held=early)
+    except BaseException:  # (an error or a Ctrl-C before anything was written: no empty --out left behind)
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def _checked(recipe: Recipe, out: Path, resume: bool, emit: EventFn, data_dir: Path | None, bench: bool,
@@ -278,6 +284,10 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
     drafter.config.target_model = target.name
     if dr.init_from:  # its shape fits this drafter's: found now, not after the data is made
         warm_start(drafter, Path(dr.init_from).expanduser(), copy=False)
+        made_for = Drafter.load(Path(dr.init_from).expanduser()).config.target_model
+        if made_for and Path(made_for).name.lower() != Path(target.name).name.lower():
+            emit({"event": "note", "text": f"drafter.init_from {dr.init_from} was distilled for {made_for}, not "
+                                           f"{target.name}: its shapes match, but it learnt another model's tokens"})
     resumed = None  # the checkpointed drafter a resume continues
     if resume and not data_only and (out / CHECKPOINT).exists():
         resumed = check_resumable(out, drafter)  # before this run's recipe.yaml replaces the one of the run that wrote it
@@ -727,16 +737,20 @@ def warm_start(drafter: Drafter, path: Path, copy: bool = True) -> dict[str, tor
     remap = drafter.config.head == "own" and source.config.head == "own" and head in theirs and (
         tuple(theirs[head].shape) != tuple(mine[head].shape) or "draft_vocab" not in theirs or "draft_vocab" not in mine
         or not torch.equal(theirs["draft_vocab"], mine["draft_vocab"].to(theirs["draft_vocab"].device)))
-    skip = {head, "draft_vocab"} if remap else set()
+    # The draft vocabulary is this run's (from its data): an `own` head's rows move to it by token id; a
+    # `tied` head has no rows of its own.
+    skip = {head, "draft_vocab"} if remap else {"draft_vocab"}
     a, b = source.config, drafter.config
     differ = [f"{name} {x} vs {y}" for name, x, y in (("head", a.head, b.head), ("layers", a.num_draft_layers, b.num_draft_layers),
                                                       ("hidden size", a.hidden_size, b.hidden_size),
                                                       ("vocabulary", a.vocab_size, b.vocab_size)) if x != y]
+    if a.context_window and not b.context_window:  # (adding a context block to a plain drafter is fine)
+        differ.append(f"context window {a.context_window} vs none: set drafter.context_window (--context-window)")
     wrong = [k for k, v in theirs.items() if k not in skip and (k not in mine or tuple(mine[k].shape) != tuple(v.shape))]
     if differ or wrong:
         raise BadInputError(f"drafter.init_from {path} does not fit this recipe's drafter ("
-                            f"{', '.join(differ) if differ else 'tensor ' + wrong[0]}); head, layers and vocabulary "
-                            f"must match")
+                            f"{', '.join(differ) if differ else 'tensor ' + wrong[0]}); head, layers, hidden size and "
+                            f"target vocabulary must match")
     copied: dict[str, torch.Tensor | None] = {k: None for k in theirs if k not in skip}
     with torch.no_grad():
         if copy:

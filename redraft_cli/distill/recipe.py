@@ -328,7 +328,7 @@ def check_recipe(recipe: Recipe) -> None:
         if not ok:
             bound = f">= {low}" if inclusive else f"> {low}"
             upper = _UPPER_BOUNDS.get((section, name))
-            raise BadInputError(f"{section}.{name} must be a number {bound}" + (f" and <= {upper}" if upper else "")
+            raise BadInputError(f"{section}.{name} must be a finite number {bound}" + (f" and <= {upper}" if upper else "")
                                 + f", got {value!r}")
     if recipe.train.mixed_precision not in MIXED_PRECISION:
         raise BadInputError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {recipe.train.mixed_precision!r}")
@@ -339,6 +339,9 @@ def check_recipe(recipe: Recipe) -> None:
         TargetSpec(model=t.model, dtype=t.dtype, device=t.device, quantize=t.quantize)
     except BadInputError as exc:  # "--dtype must be ..." -> "target.dtype must be ..."
         raise BadInputError(re.sub(r"--(dtype|device|quantize)\b", r"target.\1", str(exc))) from exc
+    if recipe.drafter.context_window == 1:
+        raise BadInputError("drafter.context_window 1 keeps beams to g0 alone (a beam may not outrun the window), so the "
+                            "drafter could never draft; use 2 or more, or 0 for no context attention")
     vocab, width = recipe.drafter.draft_vocab_size, recipe.beam.width
     if vocab is not None and vocab < width:
         raise BadInputError(f"drafter.draft_vocab_size {vocab} is smaller than beam.width {width}: each beam needs its "
