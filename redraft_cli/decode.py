@@ -325,7 +325,9 @@ class Generator:
         kernel, not the batch-invariant one) rounds differently: a row's greedy output would then
         depend on which prompts share its batch. Returns what `_prefill` returns."""
         start = time.perf_counter()
-        one = self.target.new_tree_cache(1, cache.capacity)  # one row, reused: a row starting at length 0
+        t = self.target  # one row, reused (a row starts at length 0); not from the CUDA graphs' buffer pool
+        one = t.lean.new_cache(1, cache.capacity, t.compute_dtype, t.device) if t.lean is not None else \
+            t.new_tree_cache(1, cache.capacity)
         parts = []
         for b, prompt in enumerate(prompts):
             if b and self.interrupt is not None and self.interrupt():
