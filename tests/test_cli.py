@@ -174,11 +174,15 @@ def test_bench_batch_takes_the_drafters_batch_shape(tmp_path, prompt_file, smoll
                        "got 99", "config.json recommends")
 
 
-def test_bench_rejection_sampling_runs(prompt_file):
-    result = invoke("bench", "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 1,
+def test_bench_rejection_sampling_runs(prompt_file, tmp_path):
+    out = tmp_path / "s.json"
+    result = invoke("bench", "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 2,
                     "--max-new-tokens", 6, "--accept", "rejection", "--temperature", 0.7, "--top-p", 0.9,
-                    "--no-hf-baseline", "--no-warmup")
+                    "--no-hf-baseline", "--no-warmup", "--batch-size", 2, "--json", out)
     assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())  # sampled outputs are not compared: null, not a failed comparison
+    assert data["identical_outputs"] is None and [r["identical"] for r in data["per_prompt"]] == [None, None]
+    assert "per pass" in result.output and "per step" not in result.output  # (a batched pass: several rows' steps)
     more = invoke("bench", "--drafter", "random", "--prompts", prompt_file, "--num-prompts", 5,
                   "--max-new-tokens", 2, "--no-hf-baseline", "--no-warmup")
     assert more.exit_code == 0 and "note: --num-prompts 5, but the prompts hold 2; using 2" in more.output, more.output

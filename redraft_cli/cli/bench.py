@@ -133,7 +133,8 @@ def render(r: dict) -> Table:
         f"tokens/step {red['tokens_per_step']:.2f} | acceptance {red['acceptance_rate']:.1%} | "
         f"tree nodes {red['mean_tree_nodes']:.1f} | split draft {red['draft_share']:.0%} / verify "
         f"{red['verify_share']:.0%} / accept {red['accept_share']:.0%} | "
-        f"per step {1000 * red['draft_s'] / max(red['passes'], 1):.1f} / {1000 * red['verify_s'] / max(red['passes'], 1):.1f} / "
+        f"per {'pass' if r.get('batch_size', 1) > 1 else 'step'} "  # (a batched pass holds several rows' steps)
+        f"{1000 * red['draft_s'] / max(red['passes'], 1):.1f} / {1000 * red['verify_s'] / max(red['passes'], 1):.1f} / "
         f"{1000 * red['accept_s'] / max(red['passes'], 1):.1f} ms"
         + (f" | {red['steps'] / red['passes']:.1f} busy rows per pass of {r['batch_size']}"
            if r.get("batch_size", 1) > 1 and red["passes"] else "")
