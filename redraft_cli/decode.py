@@ -262,7 +262,9 @@ class Generator:
             check_beam_shape(cfg.beam_width, cfg.beam_length, self.drafter.draft_vocab_size, cfg.tree_nodes)
             window = self.drafter.config.context_window
             if window and cfg.tree_depth > window:
-                raise BadInputError(f"beams of {cfg.tree_depth} tokens exceed the drafter's context window of {window}")
+                what = ("--beam-length" if cfg.beam_length > window else "--lookup-length (copied beams)")
+                raise BadInputError(f"beams of {cfg.tree_depth} tokens exceed the drafter's context window of {window}: "
+                                    f"lower {what} to {window} or less")
         check_datastore(self.drafter, cfg.datastore_beams)
         if cfg.tree_nodes and not isinstance(self.proposer, DrafterProposer):
             raise BadInputError("--nodes prunes the drafter's beam search; this generator drafts otherwise")
