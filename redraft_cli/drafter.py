@@ -687,6 +687,12 @@ class Drafter(nn.Module):
         return DecodeConfig(**{**self.recommended_shape(batch_size, device), **overrides})
 
 
+def made_for_another(made_for: str | None, target_name: str) -> bool:
+    """Whether a drafter's config.json names a target other than `target_name` (by the last part of
+    their names: a hub id and its local copy's folder count as the same)."""
+    return bool(made_for) and Path(made_for).name.lower() != Path(target_name).name.lower()
+
+
 def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
                      lookup_beams: int | None = None, lookup_length: int | None = None,
                      datastore_beams: int | None = None, tree_nodes: int | None = None,

@@ -44,6 +44,7 @@ INSTRUCTION_INPUTS = ("input", "context")  # what an instruction is about: Alpac
 HUMAN_ROLES = ("human", "user")
 OTHER_ROLES = ("assistant", "gpt", "bot", "model", "chatgpt", "system", "tool", "function", "ipython", "developer")
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
+GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of a gzip file
 
 
 def _kind(value: Any) -> str:
@@ -217,8 +218,6 @@ def _read_source(path: str | Path) -> tuple[str, str, str]:
         suffix = Path(p.stem).suffix.lower() if suffix == ".gz" else suffix  # prompts.jsonl.gz: JSONL
     return _decoded(data, f"prompt file {p}"), str(p), suffix
 
-
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _decoded(data: bytes, what: str) -> str:

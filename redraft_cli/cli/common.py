@@ -19,7 +19,7 @@ from rich.markup import escape
 from ..chat_templates import NAMED as NAMED_TEMPLATES
 from ..chat_templates import apply_chat_template, resolve_template, template_for_drafter
 from ..decode import DecodeConfig, check_datastore
-from ..drafter import Drafter
+from ..drafter import Drafter, made_for_another
 from ..entry import startup_done
 from ..env import env_flag
 from ..errors import BadInputError, ContextOverflowError
@@ -196,7 +196,7 @@ def resolve_drafter(target: Target, drafter: str, seed: int) -> tuple[Drafter, s
     loaded = Drafter.load(drafter, map_location=target.device)
     loaded.check_target(target.hidden_size, target.vocab_size, target.name)
     made_for = loaded.config.target_model
-    if made_for and Path(made_for).name.lower() != Path(target.name).name.lower():
+    if made_for_another(made_for, target.name):
         err.print(f"note: this drafter was distilled for {escape(str(made_for))}, not {escape(target.name)}; its shapes match, but "
                   f"it predicts another model's tokens unless both name the same weights")
     return loaded.to(dtype=drafter_dtype(loaded, target)).attach(target.embed_weight, target.lm_head_weight), drafter

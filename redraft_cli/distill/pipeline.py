@@ -32,7 +32,7 @@ import yaml
 from ..chat_templates import NAMED as NAMED_TEMPLATES
 from ..chat_templates import apply_chat_template
 from ..datastore import DATASTORE_NAME, Datastore
-from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter, write_beam_shape
+from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter, DrafterConfig, made_for_another, write_beam_shape
 from ..errors import BadInputError, ModelLoadError, PromptError
 from ..prompts import builtin_conversations, load_conversations
 from ..files import atomic_write, remove_temporaries, writable_dir
@@ -283,9 +283,10 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
                                  context_window=dr.context_window)
     drafter.config.target_model = target.name
     if dr.init_from:  # its shape fits this drafter's: found now, not after the data is made
-        warm_start(drafter, Path(dr.init_from).expanduser(), copy=False)
-        made_for = Drafter.load(Path(dr.init_from).expanduser()).config.target_model
-        if made_for and Path(made_for).name.lower() != Path(target.name).name.lower():
+        init = Path(dr.init_from).expanduser()
+        warm_start(drafter, init, copy=False)  # (which read its config.json: it parses)
+        made_for = DrafterConfig.from_json_dict(json.loads((init / CONFIG_NAME).read_text())).target_model
+        if made_for_another(made_for, target.name):
             emit({"event": "note", "text": f"drafter.init_from {dr.init_from} was distilled for {made_for}, not "
                                            f"{target.name}: its shapes match, but it learnt another model's tokens"})
     resumed = None  # the checkpointed drafter a resume continues
