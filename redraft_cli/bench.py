@@ -112,22 +112,24 @@ class RedraftTotals(PathTotals):
                 self.accept_s += p.accept_s
 
     def to_dict(self, beam_length: int = 2) -> dict[str, Any]:
-        steps = max(self.steps, 1)
+        """The totals as numbers; a ratio with nothing to divide (no draft step: every answer ended at its
+        first token) is None, not 0, so a report never shows 0 tokens per step for a step never taken."""
+        steps = self.steps
         split = self.draft_s + self.verify_s + self.accept_s
         return {
             **super().to_dict(),
             "steps": self.steps,
             "passes": self.passes,
-            "tokens_per_step": round(self.step_tokens / steps, 4),
-            "acceptance_rate": round(self.accepted / (steps * max(beam_length - 1, 1)), 4),
-            "mean_tree_nodes": round(self.tree_nodes / steps, 3),
+            "tokens_per_step": round(self.step_tokens / steps, 4) if steps else None,
+            "acceptance_rate": round(self.accepted / (steps * max(beam_length - 1, 1)), 4) if steps else None,
+            "mean_tree_nodes": round(self.tree_nodes / steps, 3) if steps else None,
             "draft_s": round(self.draft_s, 4),
             "verify_s": round(self.verify_s, 4),
             "accept_s": round(self.accept_s, 4),
             "prefill_s": round(self.prefill_s, 4),
-            "draft_share": round(self.draft_s / split, 4) if split else 0.0,
-            "verify_share": round(self.verify_s / split, 4) if split else 0.0,
-            "accept_share": round(self.accept_s / split, 4) if split else 0.0,
+            "draft_share": round(self.draft_s / split, 4) if split else None,
+            "verify_share": round(self.verify_s / split, 4) if split else None,
+            "accept_share": round(self.accept_s / split, 4) if split else None,
         }
 
 
@@ -234,7 +236,7 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
             identical += plain == fast
             steps = row.decode_steps
             rows.append({"prompt_tokens": len(ids), "plain_tokens": len(plain), "redraft_tokens": len(fast),
-                         "tokens_per_step": round(sum(len(s.tokens) for s in steps) / max(len(steps), 1), 4),
+                         "tokens_per_step": round(sum(len(s.tokens) for s in steps) / len(steps), 4) if steps else None,
                          "identical": plain == fast if d.rule == "greedy" else None,  # (sampling: not compared)
                          "plain_digest": output_digest(plain),
                          "redraft_digest": output_digest(fast)})

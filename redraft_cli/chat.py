@@ -46,15 +46,15 @@ class Totals:
                   "reused_tokens", "prompt_s"):
             setattr(self, f, getattr(self, f) + sign * getattr(other, f))
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | None]:
         return {
             "answers": self.answers,
             "tokens": self.tokens,
             "seconds": round(self.seconds, 3),
             "tokens_per_s": round(self.tokens / self.seconds, 2) if self.seconds else 0.0,
             "steps": self.steps,
-            "tokens_per_step": round(self.step_tokens / self.steps, 3) if self.steps else 0.0,
-            "acceptance_rate": round(self.accepted / self.draftable, 4) if self.draftable else 0.0,
+            "tokens_per_step": round(self.step_tokens / self.steps, 3) if self.steps else None,
+            "acceptance_rate": round(self.accepted / self.draftable, 4) if self.draftable else None,
             "prompt_tokens": self.prompt_tokens,
             "reused_tokens": self.reused_tokens,
             "prompt_s": round(self.prompt_s, 3),

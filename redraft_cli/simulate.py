@@ -46,12 +46,14 @@ class SimulationResult:
     answers: int
 
     @property
-    def tokens_per_step(self) -> float:
-        return self.tokens / self.steps if self.steps else 0.0
+    def tokens_per_step(self) -> float | None:
+        """None when no step was simulated (answers of one token): a ratio with nothing to divide."""
+        return self.tokens / self.steps if self.steps else None
 
     def to_dict(self) -> dict:
+        tps = self.tokens_per_step
         return {"steps": self.steps, "tokens": self.tokens, "answers": self.answers,
-                "tokens_per_step": round(self.tokens_per_step, 4)}
+                "tokens_per_step": round(tps, 4) if tps is not None else None}
 
 
 def answer_spans(example: dict, max_new_tokens: int | None = None) -> list[tuple[int, int]]:

@@ -480,10 +480,19 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path, prompt_file):
     assert_clean_error(invoke("bench", "--model", drafter / "config.json"), "is a file; pass the model's folder")
 
 
-def test_one_token_answers_say_the_speedup_means_little(prompt_file):
+def test_one_token_answers_say_the_speedup_means_little(prompt_file, tmp_path):
+    """No draft step: the ratios over steps are undefined, so the JSON has null and the table '-', never 0."""
+    report = tmp_path / "r.json"
     r = invoke("bench", "--prompts", prompt_file, "--num-prompts", 1, "--max-new-tokens", 1, "--no-hf-baseline",
-               "--no-warmup")
-    assert r.exit_code == 0 and "took no draft step" in " ".join(r.output.split()), r.output
+               "--no-warmup", "--json", report)
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "took no draft step" in text, r.output
+    assert "tokens/step - | acceptance - | tree nodes - | split draft - / verify - / accept - | per step -" in text
+    red = json.loads(report.read_text())["redraft"]
+    assert red["steps"] == 0 and red["tokens"] == 1
+    for key in ("tokens_per_step", "acceptance_rate", "mean_tree_nodes", "draft_share", "verify_share", "accept_share"):
+        assert red[key] is None, (key, red)
+    assert json.loads(report.read_text())["per_prompt"][0]["tokens_per_step"] is None
 
 
 def test_a_truncated_gguf_is_named_as_such(tmp_path):

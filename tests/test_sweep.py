@@ -478,9 +478,11 @@ def test_cli_save_best_saves_no_shape_that_no_draft_step_measured(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Name a colour.\n")
     r = invoke("--model", model_dir, "--drafter", drafter, "--prompts", prompts, "--max-new-tokens", 4,
-               "--beam-widths", "1,2", "--beam-lengths", 2, "--no-warmup", "--save-best")
+               "--beam-widths", "1,2", "--beam-lengths", 2, "--no-warmup", "--save-best", "--json", tmp_path / "s.json")
     assert r.exit_code == 0, r.output
     assert "no cell took a draft step" in " ".join(r.output.split()) and "saved nothing" in " ".join(r.output.split())
+    cells = json.loads((tmp_path / "s.json").read_text())["cells"]  # undefined ratios are null, not 0
+    assert len(cells) == 2 and all(c["steps"] == 0 and c["tokens_per_step"] is None for c in cells), cells
     assert (drafter / CONFIG_NAME).read_text() == before
 
 

@@ -13,7 +13,7 @@ from ..decode import Generator
 from ..errors import BadInputError
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, note_short_prompt_set, slower_note, with_drafter_shape, write_report
+from .common import counted, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, note_short_prompt_set, slower_note, shown, with_drafter_shape, write_report
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -130,12 +130,12 @@ def render(r: dict) -> Table:
     t.add_row("[bold]ReDrafter[/]", str(red["tokens"]), f"{red['seconds']:.2f}", f"{red['tokens_per_s']:.2f}",
               f"[bold]{r['speedup']:.2f}x[/]" if r["speedup"] is not None else "-")
     t.caption = (
-        f"tokens/step {red['tokens_per_step']:.2f} | acceptance {red['acceptance_rate']:.1%} | "
-        f"tree nodes {red['mean_tree_nodes']:.1f} | split draft {red['draft_share']:.0%} / verify "
-        f"{red['verify_share']:.0%} / accept {red['accept_share']:.0%} | "
+        f"tokens/step {shown(red['tokens_per_step'], '.2f')} | acceptance {shown(red['acceptance_rate'], '.1%')} | "
+        f"tree nodes {shown(red['mean_tree_nodes'], '.1f')} | split draft {shown(red['draft_share'], '.0%')} / verify "
+        f"{shown(red['verify_share'], '.0%')} / accept {shown(red['accept_share'], '.0%')} | "
         f"per {'pass' if r.get('batch_size', 1) > 1 else 'step'} "  # (a batched pass holds several rows' steps)
-        f"{1000 * red['draft_s'] / max(red['passes'], 1):.1f} / {1000 * red['verify_s'] / max(red['passes'], 1):.1f} / "
-        f"{1000 * red['accept_s'] / max(red['passes'], 1):.1f} ms"
+        + (" / ".join(f"{1000 * red[k] / red['passes']:.1f}" for k in ("draft_s", "verify_s", "accept_s")) + " ms"
+           if red["passes"] else "-")
         + (f" | {red['steps'] / red['passes']:.1f} busy rows per pass of {r['batch_size']}"
            if r.get("batch_size", 1) > 1 and red["passes"] else "")
         + (f" | identical outputs {r['identical_outputs']}/{r['num_prompts']}" if r["identical_outputs"] is not None else "")

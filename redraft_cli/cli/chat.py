@@ -20,7 +20,7 @@ from ..errors import BadInputError, RedraftError
 from ..target import not_utf8, valid_text
 from . import options as o
 from ._errors import OUT_OF_MEMORY, bug_line, handle_errors
-from .common import counted, console, decode_config, err, load_models, beams_label, stdout_open, with_drafter_shape
+from .common import counted, console, decode_config, err, load_models, beams_label, shown, stdout_open, with_drafter_shape
 
 D = o.DEFAULTS
 HELP = """commands:
@@ -178,7 +178,7 @@ def _status(session: ChatSession) -> str:
     if not s["steps"]:  # one token, from the prompt pass: no decoding step to measure
         return f"[{counted(s['tokens'], 'token')}, {s['tokens_per_s']:.1f} tokens/s, from the prompt pass alone, {mode}{read}]"
     return (f"[{counted(s['tokens'], 'token')}, {s['tokens_per_s']:.1f} tokens/s, {s['tokens_per_step']:.2f} tokens/step, "
-            f"acceptance {s['acceptance_rate']:.0%}, {mode}{read}]")
+            f"acceptance {shown(s['acceptance_rate'], '.0%')}, {mode}{read}]")
 
 
 def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bool, drafter_name: str) -> None:
@@ -286,8 +286,8 @@ def _command(session: ChatSession, line: str) -> bool:
     elif name == "stats":
         s = session.totals.summary()
         err.print(f"session: {counted(s['answers'], 'answer')}, {s['tokens']} tokens in {s['seconds']:.1f} s "
-                  f"({s['tokens_per_s']:.1f} tokens/s), {s['tokens_per_step']:.2f} tokens/step, "
-                  f"acceptance {s['acceptance_rate']:.0%}, beams {beams_label(vars(session.cfg))}; "
+                  f"({s['tokens_per_s']:.1f} tokens/s), {shown(s['tokens_per_step'], '.2f')} tokens/step, "
+                  f"acceptance {shown(s['acceptance_rate'], '.0%')}, beams {beams_label(vars(session.cfg))}; "
                   f"prompts {s['prompt_tokens']} tokens, {s['reused_tokens']} of them reused from the KV cache")
     elif name == "set":
         key, _, value = rest.strip().partition(" ")

@@ -94,6 +94,11 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def shown(value: float | None, spec: str) -> str:
+    """A measured ratio in a table or line ('2.78', '35.0%'); '-' where it is undefined (None: no draft step)."""
+    return "-" if value is None else format(value, spec)
+
+
 def quiet_libraries() -> None:
     """No progress bars or deprecation chatter from transformers/hub on our output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -417,7 +422,7 @@ def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int)
 SHORT_ANSWER_STEPS = 4  # decode steps per answer under which slower_note blames the answers' length
 
 
-def slower_note(speedup: float | None, tokens_per_step: float, batch_size: int, drafter_name: str,
+def slower_note(speedup: float | None, tokens_per_step: float | None, batch_size: int, drafter_name: str,
                 subject: str = "ReDrafter", graphed: bool = False, swept: bool = False,
                 beam_length: int = 2, steps_per_answer: float | None = None) -> str | None:
     """Why ReDrafter ran slower than plain decoding, and what to try; None when it did not.
@@ -427,6 +432,8 @@ def slower_note(speedup: float | None, tokens_per_step: float, batch_size: int, 
     if speedup is None or speedup >= 1.0:
         return None
     head = f"note: {subject} ran at {speedup:.2f}x of plain decoding here: "
+    if tokens_per_step is None:  # no decode step at all
+        steps_per_answer = 0.0
     if steps_per_answer is not None and steps_per_answer < SHORT_ANSWER_STEPS:
         return head + (f"its answers took only {steps_per_answer:.1f} decode steps each (short answers: "
                        "--max-new-tokens, the end of the text or of the context), too few to pay back the prompt pass "

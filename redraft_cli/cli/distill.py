@@ -21,7 +21,7 @@ from ..errors import BadInputError
 from ..files import cache_dir
 from . import options as o
 from ._errors import fail, handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, model_inputs, check_output_paths, console, err, is_dash, quiet_libraries, write_report
+from .common import counted, model_inputs, check_output_paths, console, err, is_dash, quiet_libraries, shown, write_report
 
 
 @handle_errors
@@ -273,19 +273,20 @@ def _summary(m: dict) -> Table:
     t.add_column("tokens/step, 1 beam (est.)", justify="right")  # 1 + sum of agreement products; no tree, no lookup
     for row in m["history"]:
         t.add_row(str(row["step"]), f"{row['train_loss']:.3f}", f"{row.get('loss', float('nan')):.3f}",
-                  " ".join(f"{a:.2f}" for a in row.get("agreement", [])), f"{row.get('est_tokens_per_step', 0):.2f}")
+                  " ".join(f"{a:.2f}" for a in row.get("agreement", [])), shown(row.get('est_tokens_per_step'), ".2f"))
     held = m.get("data", {}).get("held_out_conversations", 1)
     caption = (f"best step {m['best_step']} (mean held-out top-1 {m['best_mean_agreement']:.3f})" if held else
                f"best step {m['best_step']} (no held-out conversations: lowest training loss)") + f"; {m['seconds']:.0f} s training"
     if "simulated" in m:
         sim = m["simulated"]
         mean = sim["tokens"] / max(sim["answers"], 1) + 1  # (+ the prefill's token)
-        caption += (f" | simulated greedy at the recommended shape: {sim['tokens_per_step']:.2f} tokens/step on "
+        caption += (f" | simulated greedy at the recommended shape: {shown(sim['tokens_per_step'], '.2f')} tokens/step on "
                     f"{counted(sim['answers'], 'held-out answer')} ({mean:.0f} tokens on average, "
                     f"at most {sim['max_new_tokens']})")
     if "bench" in m:
         b = m["bench"]["redraft"]
-        caption += f" | held-out bench: {b['tokens_per_step']:.2f} tokens/step, speedup {m['bench']['speedup']:.2f}x"
+        caption += (f" | held-out bench: {shown(b['tokens_per_step'], '.2f')} tokens/step, speedup "
+                    f"{shown(m['bench']['speedup'], '.2f')}x")
     t.caption = caption
     t.caption_justify = "left"
     return t

@@ -23,7 +23,7 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      run_sweep, save_best as save_best_shape, sweep_result, csv_text)
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, note_short_prompt_set, slower_note, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
+from .common import counted, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, note_short_prompt_set, slower_note, shown, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -151,7 +151,7 @@ def sweep(
         if not err.is_terminal:  # no live table in a log: a line per cell
             err.print(f"cell {len(cells)}/{len(cfg.shapes)} {cell['beam_width']}x{cell['beam_length']}"
                       + (f" best {cell['tree_nodes']}" if cell.get("tree_nodes") else "")
-                      + f": {cell['tokens_per_step']:.2f} tokens/step, "
+                      + f": {shown(cell['tokens_per_step'], '.2f')} tokens/step, "
                       + (f"{cell['speedup']:.2f}x" if cell["speedup"] is not None else "no speedup measured"))
 
     note_short_prompt_set(texts, num_prompts, default=NUM_PROMPTS)
@@ -273,8 +273,8 @@ def render(r: dict[str, Any], shapes: list[tuple[int, int, int]], cells: list[di
             continue
         speed = f"{c['speedup']:.2f}x" if c["speedup"] is not None else "-"
         is_best = best is not None and cell_key(c) == cell_key(best)
-        t.add_row(*key, f"{c['tokens_per_step']:.2f}", f"{c['acceptance_rate']:.1%}",
-                  f"{c['mean_tree_nodes']:.1f}", f"{c['tokens_per_s']:.2f}", f"{c['baseline_tokens_per_s']:.2f}",
+        t.add_row(*key, shown(c['tokens_per_step'], ".2f"), shown(c['acceptance_rate'], ".1%"),
+                  shown(c['mean_tree_nodes'], ".1f"), f"{c['tokens_per_s']:.2f}", f"{c['baseline_tokens_per_s']:.2f}",
                   ("* " if is_best else "") + speed, style="bold green" if is_best else None)
     if final:
         base = r["baseline"]
@@ -284,7 +284,7 @@ def render(r: dict[str, Any], shapes: list[tuple[int, int, int]], cells: list[di
             parts.append(f"best {best['beam_width']}x{best['beam_length']}"
                          + (f" best {best['tree_nodes']} nodes" if best.get("tree_nodes") else "")
                          + f": {best['speedup']:.2f}x, "
-                         f"{best['tokens_per_step']:.2f} tokens/step")
+                         f"{shown(best['tokens_per_step'], '.2f')} tokens/step")
         identical = [c["identical_outputs"] for c in cells]
         if identical and all(v is not None for v in identical):
             parts.append(f"identical outputs {sum(identical)}/{len(identical) * r['num_prompts']}")
