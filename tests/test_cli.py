@@ -909,3 +909,27 @@ def test_a_drafter_distilled_with_a_template_brings_it_to_a_model_with_its_own(t
     (drafter_dir / "recipe.yaml").write_text("target:\n  model: x\n")
     loaded = load_models(str(model_dir), str(drafter_dir), "auto", "cpu", "none", 0)
     assert loaded.target.tokenizer.chat_template == own.tokenizer.chat_template
+
+
+def test_a_beam_longer_than_the_drafter_learned_is_noted(tmp_path, prompt_file):
+    """predict_tokens is what distill trained; a longer --beam-length (bench, chat) or --beam-lengths (sweep)
+    drafts past it, which is allowed (the target checks every draft) but noted once; the trained depth is not."""
+    from dataclasses import replace as dc_replace
+
+    model_dir, _, cfg = tiny_model_dir(tmp_path / "tiny", layers=1)
+    d = Drafter.for_target(tiny_llama(vocab_size=cfg.vocab_size, hidden_size=32), seed=0)
+    d.config = dc_replace(d.config, predict_tokens=2)
+    d.save(tmp_path / "d")
+    common = ("--model", model_dir, "--drafter", tmp_path / "d", "--prompts", prompt_file, "--max-new-tokens", 4)
+    past = "drafts 3 tokens a beam, but this drafter learned to predict 2 (a beam length of 3"
+    r = invoke("bench", *common, "--num-prompts", 1, "--no-hf-baseline", "--no-warmup", "-l", 4)
+    assert r.exit_code == 0 and f"--beam-length 4 {past}" in " ".join(r.output.split()), r.output
+    r = invoke("bench", *common, "--num-prompts", 1, "--no-hf-baseline", "--no-warmup", "-l", 3)
+    assert r.exit_code == 0 and "learned to predict" not in r.output, r.output
+    r = invoke("sweep", *common, "--num-prompts", 1, "--no-warmup", "--beam-widths", 1, "--beam-lengths", "2,4")
+    assert r.exit_code == 0 and "--beam-lengths up to 4 draft up to 3 tokens a beam" in " ".join(r.output.split())
+    r = runner.invoke(app, ["chat", *map(str, common[:4]), "--max-new-tokens", "2", "-l", "4"], input="Hi\n")
+    assert r.exit_code == 0 and f"--beam-length 4 {past}" in " ".join(r.output.split()), r.output
+    r = invoke("bench", "--model", model_dir, "--drafter", "random", "--prompts", prompt_file, "--max-new-tokens", 4,
+               "--num-prompts", 1, "--no-hf-baseline", "--no-warmup", "-l", 8)
+    assert r.exit_code == 0 and "learned to predict" not in r.output, r.output  # an untrained drafter learned nothing

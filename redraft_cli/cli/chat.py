@@ -20,7 +20,7 @@ from ..errors import BadInputError, RedraftError
 from ..target import not_utf8, valid_text
 from . import options as o
 from ._errors import OUT_OF_MEMORY, bug_line, handle_errors
-from .common import counted, console, decode_config, err, load_models, beams_label, shown, stdout_open, with_drafter_shape
+from .common import counted, console, decode_config, err, load_models, beams_label, note_past_training, shown, stdout_open, with_drafter_shape
 
 D = o.DEFAULTS
 HELP = """commands:
@@ -93,6 +93,8 @@ def chat(
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template)
     dr = loaded.drafter
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes)
+    if beam_length is not None and not no_draft:
+        note_past_training(dr, loaded.drafter_name, [beam_length])
     session = ChatSession(Generator(loaded.target, dr), cfg, system=system, draft=not no_draft)
     if one_shot:
         _one_shot(session, prompt or "", json_out, show_drafts, loaded.drafter_name)

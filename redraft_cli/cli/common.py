@@ -288,6 +288,17 @@ def with_drafter_shape(cfg: DecodeConfig, drafter: Drafter, beam_width: int | No
                             f"options to override them)") from exc
 
 
+def note_past_training(drafter: Drafter, drafter_name: str, lengths: list[int], flag: str = "--beam-length") -> None:
+    """A note when a beam length asked for drafts more tokens than the drafter learned to predict
+    (predict_tokens = its training's beam length - 1): those later drafts are its own untrained steps."""
+    deepest, trained = max(lengths, default=0), drafter.config.predict_tokens
+    if deepest - 1 > trained and not drafter_name.startswith("random"):
+        asked = f"{deepest} drafts" if len(lengths) == 1 else f"up to {deepest} draft up to"
+        err.print(f"note: {flag} {asked} {deepest - 1} tokens a beam, but this drafter learned to "
+                  f"predict {trained} (a beam length of {trained + 1}; distill --predict-tokens): drafts past that "
+                  f"are rarely accepted, though the target still checks every one")
+
+
 def check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise BadInputError(f"--batch-size must be >= 1, got {batch_size}")
