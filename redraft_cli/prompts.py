@@ -283,21 +283,24 @@ def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None) -> list[lis
         if "\x00" in raw:
             raise PromptError(f"{p} holds NUL bytes: a binary file, not prompts")
         records = [(None, line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    def at(where: tuple[str, int]) -> str:
+        if where[0] == "item":
+            return f"{p}:{_array_item_line(raw, where[1])}: record {where[1] + 1}"
+        return f"{p}:{where[1]}: record"
+
     convs = []
     for where, rec in records:
         try:
             conv = _from_record(rec)
         except ValueError as exc:
-            if where and where[0] == "item":
-                at = f"{p}:{_array_item_line(raw, where[1])}: record {where[1] + 1}"
-            else:
-                at = f"{p}:{where[1]}: record"
             if skipped is None:
-                raise PromptError(f"{at} {exc}") from exc
-            skipped.append(f"{at} {exc}")
+                raise PromptError(f"{at(where)} {exc}") from exc
+            skipped.append(f"{at(where)} {exc}")
             continue
         if conv:
             convs.append(conv)
+        elif skipped is not None and where:  # an empty prompt (common in dumps): left out, and counted
+            skipped.append(f"{at(where)} holds no prompt text")
     if not convs and skipped:  # every record was left out: say why the first was
         raise PromptError(f"{p} holds no prompts: every record was skipped; the first, {skipped[0]}")
     if not convs:

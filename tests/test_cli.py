@@ -615,7 +615,9 @@ def test_usage_errors_are_one_line_from_the_command_line():
 
     for args, expected in ((["bench", "--foo"], "No such option: --foo"),
                            (["nosuch"], "No such command 'nosuch'"),
-                           (["sweep", "--num-prompts", "abc"], "Invalid value for '--num-prompts'")):
+                           (["sweep", "--num-prompts", "abc"], "Invalid value for '--num-prompts'"),
+                           (["bench", "--datastore"], "Option '--datastore' requires an argument (see 'redraft bench "
+                                                      "--help')")):
         run = subprocess.run([sys.executable, "-m", "redraft_cli", *args], capture_output=True, text=True, timeout=120)
         assert run.returncode == 2, run.stderr
         lines = run.stderr.strip().splitlines()

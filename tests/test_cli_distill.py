@@ -147,8 +147,61 @@ def test_distill_offline_names_what_it_needs(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = runner.invoke(app, ["distill", "vicuna-7b", "--out", str(tmp_path / "v")])
     assert result.exit_code == 2, result.output
-    assert "lmsys/vicuna-7b-v1.3" in result.output and "ShareGPT" in result.output
-    assert "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert "lmsys/vicuna-7b-v1.3" in text and "ShareGPT" in text and "Traceback" not in text
+    assert "the model's directory as target.model in a copy of the recipe" in text and "--data FILE" in text
+    # Given local data, only the model is asked for; given a model id, no recipe copy is.
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hi\n")
+    text = " ".join(runner.invoke(app, ["distill", "vicuna-7b", "--data", str(prompts)]).output.split())
+    assert "lmsys/vicuna-7b-v1.3" in text and "--data" not in text and "ShareGPT" not in text, text
+    text = " ".join(runner.invoke(app, ["distill", "some-org/some-model", "--data", str(prompts)]).output.split())
+    assert text.endswith("or pass the model's directory"), text
+
+
+def test_a_prompt_file_given_as_the_recipe_is_named_and_leaves_no_folder(tmp_path, monkeypatch):
+    """`distill p.jsonl` (the data where the recipe or model goes): one line that points at --data, and
+    no drafters/ folder left in the working directory by a run that failed before its work."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    result = runner.invoke(app, ["distill", "p.jsonl"])
+    assert result.exit_code == 2 and "--data p.jsonl" in " ".join(result.output.split()), result.output
+    (tmp_path / "empty-model").mkdir()
+    result = runner.invoke(app, ["distill", "empty-model"])  # a folder that is no model fails at load
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty-model", "p.jsonl"]
+    assert not any((tmp_path / "empty-model").iterdir())
+
+
+def test_a_peer_process_lost_in_a_launch_names_the_checkpoint(tmp_path, monkeypatch):
+    """Under accelerate launch, rank 0 sees a killed peer as a gloo/NCCL error: one line saying so and
+    pointing at --resume of the last checkpoint, not a bug line; rank 0's own errors stay its own."""
+    import torch.distributed as dist
+
+    import redraft_cli.cli.distill as distill_cli
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(distill_cli, "launched_rank", lambda: 0)
+    (tmp_path / "o" / "checkpoint").mkdir(parents=True)
+
+    def lost(*a, **k):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1234: "
+                           "Connection reset by peer\nmore")
+
+    monkeypatch.setattr(distill_cli, "run_distill", lost)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = runner.invoke(app, ["distill", "smollm2-135m", "--out", str(tmp_path / "o")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "another process of the launch stopped" in text, result.output
+    assert "[../third_party/gloo/gloo/transport/tcp/pair.cc:537]" in text and "--resume" in text, text
+
+    def own(*a, **k):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(distill_cli, "run_distill", own)
+    result = runner.invoke(app, ["distill", "smollm2-135m", "--out", str(tmp_path / "o")])
+    assert "another process" not in result.output and "mat1 and mat2" in str(result.exception), result.output
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -168,6 +221,7 @@ def test_distill_offline_names_what_it_needs(monkeypatch, tmp_path):
     (["smollm2-135m", "--num-prompts", "0"], "data.num_prompts"),
     (["smollm2-135m", "--draft-vocab", "-1"], "drafter.draft_vocab_size"),
     (["nosuch-recipe"], "is not a recipe"),
+    (["smollm2-135m", "--head", "huge"], "drafter.head (--head) must be own or tied, got 'huge'"),
     (["smollm2-135m", "--chat-template", "no-such-template"], "target.chat_template: unknown chat template"),
 ])
 def test_distill_bad_input(args, fragment, tmp_path, monkeypatch):

@@ -126,7 +126,7 @@ def test_recipes_load_and_validate(tmp_path):
                                  ({"train": {"max_steps": 0}}, "train.max_steps"),
                                  ({"data": {"top_p": 1.5}}, "data.top_p must be a finite number > 0 and <= 1.0"),
                                  ({"eval": {"bench_prompts": -1}}, "eval.bench_prompts"),
-                                 ({"train": {"batch_size": True}}, "train.batch_size"),
+                                 ({"train": {"batch_size": True}}, "train.batch_size must be a whole number, got true"),
                                  # Whole numbers where counts go, strings where names go, caught before any work.
                                  ({"train": {"batch_size": 2.5}}, "train.batch_size must be a whole number, got 2.5"),
                                  ({"data": {"num_prompts": 10.5}}, "data.num_prompts must be a whole number or null"),

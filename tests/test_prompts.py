@@ -197,6 +197,12 @@ def test_a_skipped_list_leaves_malformed_records_out(tmp_path):
     skipped: list[str] = []
     assert load_conversations(p, skipped) == [["one"], ["two", "three"]]
     assert len(skipped) == 1 and ":2: record has 'prompt' that is not a string (got int)" in skipped[0]
+    empty = tmp_path / "empty.jsonl"  # empty prompts are left out too, and counted with the rest
+    empty.write_text('{"prompt": "one"}\n{"prompt": ""}\n{"prompt": "   "}\n')
+    skipped = []
+    assert load_conversations(empty, skipped) == [["one"]] and load_conversations(empty) == [["one"]]
+    assert [s.split(": ", 1)[0][-len("empty.jsonl:2"):] for s in skipped] == ["empty.jsonl:2", "empty.jsonl:3"]
+    assert all(s.endswith("record holds no prompt text") for s in skipped), skipped
     bad = tmp_path / "keys.jsonl"  # every record skipped: the error says why (it said only "holds no prompts")
     bad.write_text('{"query": "one"}\n{"query": "two"}\n')
     with pytest.raises(PromptError, match=r"every record was skipped; the first, .*keys.jsonl:1: record has none "

@@ -67,8 +67,13 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         ctx = getattr(exc, "ctx", None)
-        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        err_console.print(f"[bold red]error:[/] {escape(exc.format_message())}{hint}".replace("\n", " "), markup=True,
+        if ctx is not None:
+            hint = f" (see '{ctx.command_path} --help')"
+        else:  # (an option without its value is raised before its command's context exists)
+            known = {c.name or c.callback.__name__ for c in app.registered_commands}
+            command = next((a for a in sys.argv[1:] if a in known), None)
+            hint = f" (see 'redraft{' ' + command if command else ''} --help')"
+        err_console.print(f"[bold red]error:[/] {escape(exc.format_message().rstrip('.') if hint else exc.format_message())}{hint}".replace("\n", " "), markup=True,
                           highlight=False)
         sys.exit(exc.exit_code)
     except getattr(click, "Abort", ()) as exc:  # (not in every vendored Click)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -22,6 +23,10 @@ from ..files import cache_dir
 from . import options as o
 from ._errors import fail, handle_errors, interrupt_code, stop_signals, stopped_word
 from .common import counted, model_inputs, check_output_paths, console, err, is_dash, quiet_libraries, shown, write_report
+
+
+# Words of the collective backends' errors when a peer process is gone (gloo, NCCL, the store).
+PEER_LOST = ("Connection reset", "Connection closed", "Broken pipe", "peer", "NCCL", "gloo", "timed out", "Timeout")
 
 
 @handle_errors
@@ -77,15 +82,15 @@ def distill(
     recipe.data, recipe.train = dataclasses.replace(recipe.data), dataclasses.replace(recipe.train)  # validation
     recipe.target = dataclasses.replace(recipe.target)
     if recipe.drafter.head not in ("own", "tied"):
-        raise BadInputError(f"--head must be own or tied, got {recipe.drafter.head!r}")
+        raise BadInputError(f"drafter.head (--head) must be own or tied, got {recipe.drafter.head!r}")
     if recipe.drafter.predict_tokens < 1:
-        raise BadInputError(f"--predict-tokens must be >= 1, got {recipe.drafter.predict_tokens}")
+        raise BadInputError(f"drafter.predict_tokens (--predict-tokens) must be >= 1, got {recipe.drafter.predict_tokens}")
     if recipe.drafter.num_layers < 0:
-        raise BadInputError(f"--num-layers must be >= 0, got {recipe.drafter.num_layers}")
+        raise BadInputError(f"drafter.num_layers (--num-layers) must be >= 0, got {recipe.drafter.num_layers}")
     if recipe.drafter.context_window < 0:
-        raise BadInputError(f"--context-window must be >= 0, got {recipe.drafter.context_window}")
+        raise BadInputError(f"drafter.context_window (--context-window) must be >= 0, got {recipe.drafter.context_window}")
     if recipe.drafter.init_from and not Path(recipe.drafter.init_from).expanduser().is_dir():
-        raise BadInputError(f"--init-from {recipe.drafter.init_from} is not a drafter directory")
+        raise BadInputError(f"drafter.init_from (--init-from) {recipe.drafter.init_from} is not a drafter directory")
     if recipe.train.freeze_init and not recipe.drafter.init_from:
         raise BadInputError("train.freeze_init needs a drafter to start from (--init-from or drafter.init_from)")
     check_recipe(recipe)  # every other value, before the model loads (--max-steps 0, --lr nan, ...)
@@ -112,11 +117,18 @@ def distill(
     except RuntimeError as exc:
         import torch.distributed as dist
 
-        if rank == 0 or not (dist.is_available() and dist.is_initialized()):
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             raise
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise fail(f"process {rank} of the launch stopped: another process stopped first (its message says why): "
-                   f"{first}", 1) from None
+        first = escape(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)  # ("[../pair.cc:537]")
+        if rank != 0:
+            raise fail(f"process {rank} of the launch stopped: another process stopped first (its message says why): "
+                       f"{first}", 1) from None
+        if not any(sign in str(exc) for sign in PEER_LOST):  # rank 0's own error
+            raise
+        kept = (f"the last checkpoint in {out} is kept: run the launch again with --resume to continue from it"
+                if (out / CHECKPOINT).is_dir() else "run the launch again")
+        raise fail(f"another process of the launch stopped (killed, or out of memory?), so this one cannot go on: "
+                   f"{first}; {kept}", 1) from None
     finally:
         if view.tasks:  # started with its first bar, so an error before any prints no blank line
             view.progress.stop()

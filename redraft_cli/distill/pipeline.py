@@ -149,11 +149,16 @@ def check_offline_needs(recipe: Recipe) -> None:
             )
         given_model = recipe.name == Path(model).name  # the argument was a model id, not a recipe
         what = f"distilling for {model}" if given_model else f"recipe {recipe.name!r}"
+        local = []  # what to pass instead, for each thing needed
+        if needs[0] == f"the model {model}":
+            local.append("the model's directory" + ("" if given_model else
+                                                    " as target.model in a copy of the recipe (a .yaml path)"))
+        if recipe.data.source.startswith("hf://"):
+            local.append("--data FILE (a prompt file)")
         raise ModelLoadError(
             f"{what} needs {' and '.join(needs)} from the Hugging Face hub, which cannot be reached "
             f"(no network); download {'them' if len(needs) > 1 else 'it'} where there is network (huggingface-cli "
-            "download ...) or pass local paths "
-            + ("(a model directory, --data FILE)" if given_model else "(--data FILE, a model directory in the recipe)")
+            f"download ...) or pass {' and '.join(local)}"
         )
 
 
@@ -177,14 +182,26 @@ def distill(recipe: Recipe, out: Path, resume: bool = False, on_event: EventFn |
     # A folder that exists is held from here (a second run into it is told another one writes it, before
     # any check of what it holds); a new one once it is made, below.
     early = out.is_dir() and not data_only and launched_rank() == 0
-    existed = out.exists()
+    made = _missing_folders(out)  # (out and the parents this run may create: drafters/ of drafters/NAME)
     try:
         with _holding(out, hold=early):
             return _checked(recipe, out, resume, emit, data_dir, bench, target, generate, data_only, held=early)
     except BaseException:  # (an error or a Ctrl-C before anything was written: no empty --out left behind)
-        if not existed and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        for folder in made:
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
         raise
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """The folders of `out`'s path that do not exist yet, deepest first (out itself first; [] when it exists)."""
+    missing = []
+    folder = out.absolute()
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def _checked(recipe: Recipe, out: Path, resume: bool, emit: EventFn, data_dir: Path | None, bench: bool,
@@ -223,7 +240,7 @@ def _checked(recipe: Recipe, out: Path, resume: bool, emit: EventFn, data_dir: P
             f"for a recipe's own data.source)"
         raise PromptError(f"data.source: {exc}{where if 'not found' in str(exc) else ''}") from exc
     if skipped:
-        emit({"event": "note", "text": f"skipped {len(skipped)} record(s) that are not prompts; the first: {skipped[0]}"})
+        emit({"event": "note", "text": f"skipped {len(skipped)} record(s) that are not prompts or hold no text; the first: {skipped[0]}"})
     if d.num_prompts and len(convs) < d.num_prompts:
         emit({"event": "note", "text": f"data.num_prompts is {d.num_prompts}, but {d.source} holds "
                                        f"{len(convs)} conversations: all of them are used"})

@@ -266,11 +266,17 @@ def _type_ok(value: Any, annotation: str) -> bool:
     return isinstance(value, str) and "str" in kinds
 
 
+def _as_yaml(value: Any) -> str:
+    """A recipe value as its YAML spells it (true, null), for messages about it; other values as repr."""
+    return {True: "true", False: "false"}.get(value, repr(value)) if isinstance(value, bool) else (
+        "null" if value is None else repr(value))
+
+
 def _check_type(section: str, name: str, value: Any, annotation: str) -> None:
     if not _type_ok(value, annotation):
         kinds = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false"}
         wanted = " or ".join(kinds.get(k.strip(), "null") for k in annotation.split("|"))
-        raise BadInputError(f"{section}.{name} must be {wanted}, got {value!r}")
+        raise BadInputError(f"{section}.{name} must be {wanted}, got {_as_yaml(value)}")
 
 
 def _check_types(recipe: Recipe) -> None:
@@ -329,7 +335,7 @@ def check_recipe(recipe: Recipe) -> None:
             bound = f">= {low}" if inclusive else f"> {low}"
             upper = _UPPER_BOUNDS.get((section, name))
             raise BadInputError(f"{section}.{name} must be a finite number {bound}" + (f" and <= {upper}" if upper else "")
-                                + f", got {value!r}")
+                                + f", got {_as_yaml(value)}")
     if recipe.train.mixed_precision not in MIXED_PRECISION:
         raise BadInputError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {recipe.train.mixed_precision!r}")
     from ..loading import TargetSpec
@@ -373,6 +379,9 @@ def load_recipe(name_or_path_or_model: str) -> Recipe:
     recipes = builtin_recipes()
     if arg in recipes:
         return _read_yaml(recipes[arg])
+    if path.expanduser().is_file() and path.suffix.lower() != ".gguf":
+        raise BadInputError(f"{arg} is a file, not a recipe (a name or a .yaml file) or a model (a hub id, a folder or "
+                            f"a .gguf file); a prompt file goes to --data (redraft distill smollm2-135m --data {arg})")
     recipe = Recipe(name=safe_name(arg))
     recipe.target.model = arg
     return recipe
