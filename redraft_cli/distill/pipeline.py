@@ -157,8 +157,8 @@ def check_offline_needs(recipe: Recipe) -> None:
             local.append("--data FILE (a prompt file)")
         raise ModelLoadError(
             f"{what} needs {' and '.join(needs)} from the Hugging Face hub, which cannot be reached "
-            f"(no network); download {'them' if len(needs) > 1 else 'it'} where there is network (huggingface-cli "
-            f"download ...) or pass {' and '.join(local)}"
+            f"(no network); download {'them' if len(needs) > 1 else 'it'} where there is network (hf download "
+            f"..., which fills the Hugging Face cache) or pass {' and '.join(local)}"
         )
 
 
@@ -339,7 +339,7 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
         examples = _answers(target, launch, recipe.name, convs, data_dir, gen_cfg, max_shards, generate, emit, "greedy")
         totals = (read_manifest(data_dir) or {}).get("totals") or {}
         lost = [f"{n} {what}" for n, what in ((totals.get("skipped", 0), "conversation(s) left out"),
-                                              (totals.get("truncated", 0), "cut short at a later turn")) if n]
+                                              (totals.get("truncated", 0), "conversation(s) cut short at a later turn")) if n]
         if lost:  # (said, not silently fewer)
             emit({"event": "note", "text": f"{' and '.join(lost)}: a prompt does not fit in {prompt_room} tokens "
                                            f"(data.max_prompt_tokens {d.max_prompt_tokens}; {target.name}'s "
