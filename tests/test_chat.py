@@ -179,6 +179,11 @@ def test_one_shot_from_stdin_and_json(model_dir):
     assert data["interrupted"] is False
     # The settings it ran with: the random drafter's defaults, no copied beams.
     assert (data["beam_width"], data["beam_length"], data["lookup_beams"], data["datastore_beams"]) == (4, 5, 0, 0)
+    assert "typical_epsilon" not in data  # (greedy: only a typical run names its epsilon and delta)
+    typical = run_cli(["chat", "--model", str(model_dir), "--drafter", "random", "--max-new-tokens", "2", "--json",
+                       "--prompt", "Hi", "--accept", "typical", "--temperature", "0.7", "--epsilon", "0.2"])
+    assert typical.returncode == 0, typical.stderr
+    assert (json.loads(typical.stdout)["typical_epsilon"], json.loads(typical.stdout)["typical_delta"]) == (0.2, 0.3)
     bad = run_cli(["chat", "--model", str(model_dir), "--drafter", "random", "--beam-width", "0", "--prompt", "x"])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 

@@ -192,8 +192,10 @@ def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bo
     if json_out:
         c = session.cfg
         settings = {"accept": c.rule, "temperature": c.sampling.temperature, "top_k": c.sampling.top_k,
-                    "top_p": c.sampling.top_p, "seed": c.sampling.seed, "typical_epsilon": c.typical_epsilon,
-                    "typical_delta": c.typical_delta, "beam_width": c.beam_width,
+                    "top_p": c.sampling.top_p, "seed": c.sampling.seed,
+                    **({"typical_epsilon": c.typical_epsilon, "typical_delta": c.typical_delta}
+                       if c.rule == "typical" else {}),  # (as bench: only where that rule ran)
+                    "beam_width": c.beam_width,
                     "beam_length": c.beam_length, "lookup_beams": c.lookup_beams,
                     "lookup_length": c.lookup_length or c.beam_length, "datastore_beams": c.datastore_beams, "tree_nodes": c.tree_nodes}
         target = session.gen.target
