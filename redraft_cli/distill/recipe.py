@@ -268,8 +268,9 @@ def _type_ok(value: Any, annotation: str) -> bool:
 
 def _as_yaml(value: Any) -> str:
     """A recipe value as its YAML spells it (true, null), for messages about it; other values as repr."""
-    return {True: "true", False: "false"}.get(value, repr(value)) if isinstance(value, bool) else (
-        "null" if value is None else repr(value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else repr(value)
 
 
 def _check_type(section: str, name: str, value: Any, annotation: str) -> None:
