@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import torch
 
-from .errors import DrafterLoadError
+from .errors import BadInputError, DrafterLoadError
 from .files import atomic_write
 from .lookup import PAD, append_beams, copy_length
 
@@ -88,10 +88,23 @@ class Datastore:
     # -- construction, save and load -----------------------------------------
     @classmethod
     def from_answers(cls, answers: Iterable[torch.Tensor | list[int]], vocab_size: int, **kwargs) -> "Datastore":
-        """One datastore from answer token lists (each the target's tokens of one answer)."""
+        """One datastore from answer token lists (each the target's tokens of one answer: ids in
+        0..vocab_size-1). Anything else is a one-line BadInputError."""
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise BadInputError(f"Datastore.from_answers' vocab_size must be a positive int, got {vocab_size!r}")
         parts, n = [], 0
-        for a in answers:
-            a = torch.as_tensor(a, dtype=torch.long).flatten()
+        for i, a in enumerate(answers):
+            try:
+                a = torch.as_tensor(a)
+            except (TypeError, ValueError, RuntimeError):
+                raise BadInputError(f"Datastore.from_answers: answer {i + 1} is not a list of token ids") from None
+            if a.numel() and (a.is_floating_point() or a.is_complex() or a.dtype == torch.bool):
+                raise BadInputError(f"Datastore.from_answers: answer {i + 1} holds {a.dtype} values, not token ids")
+            a = a.to(torch.long).flatten()
+            if a.numel() and (int(a.min()) < 0 or int(a.max()) >= vocab_size):
+                bad = int(a.min()) if int(a.min()) < 0 else int(a.max())
+                raise BadInputError(f"Datastore.from_answers: answer {i + 1} holds token id {bad}, outside the "
+                                    f"vocabulary of {vocab_size} (ids 0..{vocab_size - 1})")
             if a.numel():
                 parts += [a, torch.tensor([SEP])]
                 n += 1

@@ -33,6 +33,7 @@ collect statistics; the first one is the prefill, which emits one token.
 from __future__ import annotations
 
 import numbers
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from .beam_search import DraftBeams, check_beam_shape, draft_beams
 from .cuda_graphs import GraphedDraft, graph_capacity, graphs_wanted
 from .drafter import Drafter
-from .datastore import with_datastore_beams
+from .datastore import SEP, Datastore, with_datastore_beams
 from .lookup import with_lookup_beams
 from .errors import BadInputError, check_field_types
 from .sampling import SamplingConfig, choose_tokens
@@ -120,10 +121,22 @@ class DecodeConfig:
 
 
 def check_datastore(drafter: Drafter | None, datastore_beams: int) -> None:
-    """Raise BadInputError when datastore beams are asked of a drafter without a datastore."""
-    if datastore_beams and getattr(drafter, "datastore", None) is None:
+    """Raise BadInputError when datastore beams are asked of a drafter without a datastore, or with one
+    (set from Python) that is not a Datastore of the drafter's vocabulary."""
+    if not datastore_beams:
+        return
+    store = getattr(drafter, "datastore", None)
+    if store is None:
         raise BadInputError("--datastore needs a drafter saved with a datastore (datastore.safetensors; "
                             "`redraft distill` writes one); this one has none")
+    if not isinstance(store, Datastore):
+        raise BadInputError(f"the drafter's datastore must be a Datastore (Datastore.from_answers), got "
+                            f"{type(store).__name__}")
+    vocab = drafter.config.vocab_size
+    if store.vocab_size != vocab or store.max_token >= vocab or int(store.tokens.min()) < SEP:
+        raise BadInputError(f"the drafter's datastore is for a vocabulary of {store.vocab_size} (its token ids span "
+                            f"{int(store.tokens.min())}..{store.max_token}, -1 between answers), but the drafter's "
+                            f"vocabulary is {vocab}")
 
 
 @dataclass
@@ -248,6 +261,7 @@ class Generator:
         self.cache: Any = None
         self.draft_context: Any = None  # the drafter's context-attention cache of the latest generation
         self._run: object = None  # the generation that owns the caches (the one started last)
+        self._lock = threading.Lock()  # held while a pass runs (_rows): one thread's passes at a time
         # What a one-prompt generation left for the next one (reuse_cache): its rows and cache.
         self._held: tuple[_Rows, Any] | None = None
         self.last_reused = 0  # prompt tokens the latest generation took from the cache (reuse_cache)
@@ -436,8 +450,26 @@ class Generator:
                 keep.append(i)
         return out, keep
 
-    def _rows(self, prompts: list[list[int]], cfg: DecodeConfig, slots: int | None, margin: int, step,
-              context: bool = False, reuse: bool = False) -> Iterator[list[tuple[int, StepStats]]]:
+    def _rows(self, *args, **kwargs) -> Iterator[list[tuple[int, StepStats]]]:
+        """`_rows_unlocked`, each of its passes run holding the Generator's lock: a generation that another
+        thread starts while one runs a pass is a BadInputError at once, not two passes writing one cache.
+        (Between passes the lock is free: the stream started last owns the caches, `_check_owner`.)"""
+        rows = self._rows_unlocked(*args, **kwargs)
+        while True:
+            if not self._lock.acquire(blocking=False):
+                rows.close()
+                raise BadInputError("this Generator is running a generation in another thread; they would share its "
+                                    "KV cache: make one Generator(target, drafter) per thread")
+            try:
+                out = next(rows)
+            except StopIteration:
+                return
+            finally:
+                self._lock.release()
+            yield out
+
+    def _rows_unlocked(self, prompts: list[list[int]], cfg: DecodeConfig, slots: int | None, margin: int, step,
+                       context: bool = False, reuse: bool = False) -> Iterator[list[tuple[int, StepStats]]]:
         """The batched loop of both paths, with continuous batching.
 
         At most `slots` rows decode at once (default: every prompt). Waiting prompts are

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .context_attention import ContextAttention, ContextCache
 from .datastore import DATASTORE_NAME, Datastore
 from .errors import BadInputError, DrafterLoadError, DrafterMismatchError, check_field_types
-from .files import atomic_write, file_mode
+from .files import PACKAGE_DIR, atomic_write, file_mode, inside_package
 
 if TYPE_CHECKING:  # decode.py imports this module
     from .decode import DecodeConfig
@@ -296,6 +296,7 @@ class Drafter(nn.Module):
         self._head: torch.Tensor | None = None
         # The target's answers from the training data, for datastore beams (datastore.py); saved beside the weights.
         self.datastore: Datastore | None = None
+        self.folder: Path | None = None  # the folder it was loaded from or last saved to (resolved): save() may write there
         # Training only (the trainer sets it; never saved): dropout on z and on every block's branch.
         self.dropout = 0.0
 
@@ -520,12 +521,18 @@ class Drafter(nn.Module):
             raise BadInputError(f"cannot save the drafter to {out}: it (or a folder above it) is a file") from None
         except OSError as exc:
             raise BadInputError(f"cannot save the drafter to {out}: {exc.strerror or exc}") from None
+        self.folder = out.resolve()
         return out
 
     def _check_save_over(self, out: Path) -> None:
-        """BadInputError when the folder `out` holds something the drafter's files would wrongly replace
-        or join: a model (a config.json of another model_type, a tokenizer), or a drafter for another
-        target with the files its distillation left beside it (datastore, recipe.yaml, metrics.json)."""
+        """BadInputError when `out` is inside the redraft package (its shipped drafters are data), or the
+        folder holds something the drafter's files would wrongly replace or join: a model (a config.json of
+        another model_type, a tokenizer), a drafter for another target with the files its distillation
+        left beside it (datastore, recipe.yaml, metrics.json), or a distilled drafter's recipe.yaml and
+        metrics.json, which would then describe this drafter (unless it was loaded from or saved to there)."""
+        if inside_package(out):
+            raise BadInputError(f"cannot save the drafter to {out}: it is inside the redraft package ({PACKAGE_DIR}), "
+                                f"whose drafters every run reads; save it to a folder of its own")
         if not out.is_dir():
             return
         try:
@@ -545,6 +552,12 @@ class Drafter(nn.Module):
             raise BadInputError(f"cannot save the drafter to {out}: that folder holds a drafter for {theirs} with its "
                                 f"{', '.join(left)}, which would stay beside this drafter for {mine}; save it to "
                                 f"another folder, or empty that one first")
+        run_files = [n for n in left if n != DATASTORE_NAME]
+        if run_files and self.folder != out.resolve():
+            raise BadInputError(f"cannot save the drafter to {out}: that folder holds a distilled drafter with its "
+                                f"{', '.join(run_files)}, which would then describe this one; save it to another "
+                                f"folder, or empty that one first (a drafter loaded from a folder may be saved "
+                                f"back there)")
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Drafter":
@@ -640,6 +653,7 @@ class Drafter(nn.Module):
                                        f"{DATASTORE_NAME} is for a vocabulary of {drafter.datastore.vocab_size}; "
                                        f"its files do not match")
         dtype = state["rnn_w.weight"].dtype
+        drafter.folder = src.resolve()
         return drafter.to(device=map_location, dtype=dtype)
 
     def check_target(self, hidden_size: int, vocab_size: int, target_name: str = "the target") -> None:

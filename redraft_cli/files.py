@@ -10,6 +10,16 @@ from pathlib import Path
 from typing import Callable
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent  # the installed redraft_cli: its data/ is read, never written
+
+
+def inside_package(path: str | os.PathLike) -> bool:
+    """Whether `path` (resolved) is the redraft package folder or lies inside it (its shipped drafters,
+    recipes and prompts are data that every run reads, not a workspace)."""
+    where = Path(path).expanduser().resolve()
+    return where == PACKAGE_DIR or where.is_relative_to(PACKAGE_DIR)
+
+
 def file_mode() -> int:
     """The mode a new file gets from open() here (0o666 less the umask). safetensors' save_file makes
     its files 0o600, unreadable to the other users of a shared drafter or cache: chmod them to this."""

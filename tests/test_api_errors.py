@@ -328,3 +328,30 @@ def test_paths_under_the_home_folder(tiny_target, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert load_target("~/model", device="cpu").name == str(tmp_path / "model")
     assert Drafter.load("~/drafter").config.hidden_size == tiny_target.hidden_size
+
+
+def test_a_generation_started_in_another_thread_during_a_pass_is_refused(tiny_target, drafter):
+    """Battery 14: a second thread's generation could clear the caches while the first ran a pass (only
+    the check after each pass stood between them). Passes hold the Generator's lock: a generation that
+    starts while another thread's pass runs is refused at once, and the running one is whole."""
+    import threading
+
+    cfg = DecodeConfig(max_new_tokens=6, beam_width=2, beam_length=3)
+    gen = Generator(tiny_target, drafter)
+    want = gen.generate([1, 2, 3], cfg).tokens
+    inside, release, got = threading.Event(), threading.Event(), {}
+
+    def slow_draft(*args, **kwargs):  # the first thread's first draft waits until the second has tried
+        inside.set()
+        release.wait(10)
+        return draft(*args, **kwargs)
+
+    draft = gen._propose
+    gen._propose = slow_draft
+    first = threading.Thread(target=lambda: got.setdefault("first", gen.generate([1, 2, 3], cfg).tokens))
+    first.start()
+    assert inside.wait(10)
+    refused(lambda: gen.generate([4, 5, 6], cfg), "running a generation in another thread")
+    release.set()
+    first.join(10)
+    assert got["first"] == want

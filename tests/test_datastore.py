@@ -159,6 +159,32 @@ def test_decoding_with_datastore_beams_stays_identical(tiny_target, accept):
         assert sum(len(s.tokens) for s in steps) / len(steps) > 2 * sum(len(s.tokens) for s in before) / len(before)
 
 
+def test_from_answers_refuses_what_is_not_a_token_id_of_the_vocabulary(tiny_target):
+    """Battery 14: ids past the vocabulary went in (and uint16 storage wrapped 10**6 to 16960 on save);
+    decoding with them ended in an IndexError from the embedding. Now from_answers refuses them, and a
+    datastore set from Python for another vocabulary is refused before decoding."""
+    v = tiny_target.vocab_size
+    for answers, match in (([[1, 2, v]], f"answer 1 holds token id {v}, outside the vocabulary of {v}"),
+                           ([[1], [3, -5]], "answer 2 holds token id -5"),
+                           ([[1.5, 2.0]], "float32 values, not token ids"),
+                           ([["a"]], "answer 1 is not a list of token ids")):
+        with pytest.raises(BadInputError, match=match):
+            Datastore.from_answers(answers, v)
+    with pytest.raises(BadInputError, match="vocab_size must be a positive int"):
+        Datastore.from_answers([[1]], 0)
+    drafter = Drafter.for_target(tiny_target, seed=0)
+    gen = Generator(tiny_target, drafter)
+    cfg = DecodeConfig(max_new_tokens=8, beam_width=2, beam_length=3, datastore_beams=1)
+    drafter.datastore = Datastore.from_answers([[1, 2, v + 5]], v + 10)
+    with pytest.raises(BadInputError, match=f"datastore is for a vocabulary of {v + 10}"):
+        gen.generate([1, 2, 3], cfg, "redraft")
+    drafter.datastore = [[1, 2, 3]]
+    with pytest.raises(BadInputError, match="datastore must be a Datastore"):
+        gen.generate([1, 2, 3], cfg, "redraft")
+    drafter.datastore = Datastore.from_answers([[1, 2, 3, 4]], v)
+    assert gen.generate([1, 2, 3], cfg, "redraft").tokens == gen.generate([1, 2, 3], cfg, "plain").tokens
+
+
 def test_datastore_beams_need_a_datastore(tiny_target):
     gen = Generator(tiny_target, Drafter.for_target(tiny_target, seed=0))
     cfg = DecodeConfig(max_new_tokens=8, beam_width=2, beam_length=3, datastore_beams=1)

@@ -315,3 +315,32 @@ def test_save_refuses_a_model_folder_and_another_targets_drafter_and_drops_a_sta
     assert Drafter.load(tmp_path / "d").datastore is None
     drafter.save(tmp_path / "d2")
     drafter.save(tmp_path / "d2")  # (over itself: fine)
+
+
+def test_save_refuses_the_package_and_another_drafters_distilled_folder(tiny_target, tmp_path):
+    """Battery 14: Drafter.save(shipped_drafter_dir(...)) replaced the shipped drafter's weights and dropped
+    its datastore, and a new drafter saved over a distilled one left that run's recipe.yaml and
+    metrics.json beside it, describing another drafter. The drafter a folder was loaded from (or saved
+    to) may still be saved back there."""
+    from redraft_cli.files import PACKAGE_DIR
+
+    drafter = Drafter.for_target(tiny_target, seed=0)
+    inside = PACKAGE_DIR / "data" / "drafters" / "no-such-drafter"
+    with pytest.raises(BadInputError, match="inside the redraft package"):
+        drafter.save(inside)
+    assert not inside.exists()
+    run = tmp_path / "run"
+    distilled = Drafter.for_target(tiny_target, seed=1)
+    distilled.save(run)
+    (run / "recipe.yaml").write_text("name: x\n")
+    (run / "metrics.json").write_text("{}")
+    weights = (run / "model.safetensors").read_bytes()
+    with pytest.raises(BadInputError, match="holds a distilled drafter with its recipe.yaml, metrics.json"):
+        drafter.save(run)
+    assert (run / "model.safetensors").read_bytes() == weights
+    distilled.save(run)  # saved there before: its own folder
+    loaded = Drafter.load(run)
+    loaded.save(run)  # loaded from there: saved back (a new datastore, a bfloat16 copy, ...)
+    drafter.save(tmp_path / "elsewhere")
+    with pytest.raises(BadInputError, match="holds a distilled drafter"):
+        drafter.save(run)

@@ -19,7 +19,7 @@ from ..distill.pipeline import distill as run_distill
 from ..distill.launch import launched_rank
 from ..distill.recipe import check_recipe, load_recipe
 from ..errors import BadInputError
-from ..files import cache_dir
+from ..files import PACKAGE_DIR, cache_dir, inside_package
 from . import options as o
 from ._errors import fail, handle_errors, interrupt_code, stop_signals, stopped_word
 from .common import counted, model_inputs, check_output_paths, console, err, is_dash, quiet_libraries, shown, write_report
@@ -148,11 +148,10 @@ def distill(
 def check_out_folder(out: Path, json_path: Path | None) -> None:
     """--out outside the installed package (its drafters are data, not a workspace), and a --json report
     that is not one of the files distill writes there."""
-    package = Path(__file__).resolve().parents[1]
     where = out.resolve()
-    if where == package or where.is_relative_to(package):
-        raise BadInputError(f"--out {out} is inside the redraft package ({package}); write the drafter elsewhere "
-                            f"(it loads from any folder with --drafter)")
+    if inside_package(where):
+        raise BadInputError(f"--out {out} is inside the redraft package ({PACKAGE_DIR}); write the drafter "
+                            f"elsewhere (it loads from any folder with --drafter)")
     if json_path is not None and not is_dash(json_path):
         report = Path(json_path).resolve()
         if report == where:
