@@ -151,6 +151,8 @@ class Datastore:
             raise DrafterLoadError(f"datastore {path} is corrupt: it holds no 'tokens' tensor") from None
         if tokens.dim() != 1:
             raise DrafterLoadError(f"datastore {path} is corrupt: tokens have shape {tuple(tokens.shape)}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise DrafterLoadError(f"datastore {path} is corrupt: its tokens are {tokens.dtype}, not token ids")
         tokens = tokens.to(torch.long) - 1
         if tokens.numel() and (int(tokens.min()) < SEP or int(tokens.max()) >= vocab_size):
             raise DrafterLoadError(f"datastore {path} holds token ids outside its vocabulary of {vocab_size}")

@@ -53,6 +53,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_TYPE = "recurrent_drafting_drafter"
 HEAD_KINDS = ("own", "tied")
+MAX_CONFIG_SIZE = 1024  # the most predict_tokens / beam_width / beam_length a config.json may say
 WEIGHT_STORAGE = ("float", "int8")
 # The recommended decoding settings of a drafter (top level: batch 1; `batch_shapes`: larger batches;
 # `device_shapes`: batch 1 on an accelerator, where a tree node costs far less than on a CPU).
@@ -104,8 +105,9 @@ class DrafterConfig:
         if self.context_window < 0:
             raise DrafterLoadError(f"context_window must be >= 0, got {self.context_window}")
         for name in ("predict_tokens", "beam_width", "beam_length"):
-            if getattr(self, name) < 1:
-                raise DrafterLoadError(f"drafter config: {name} must be >= 1, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= MAX_CONFIG_SIZE:
+                raise DrafterLoadError(f"drafter config: {name} must be from 1 to {MAX_CONFIG_SIZE:,}, "
+                                       f"got {getattr(self, name)}")
         if min(self.lookup_beams, self.lookup_length, self.datastore_beams, self.tree_nodes) < 0:
             raise DrafterLoadError("drafter config has negative lookup_beams/lookup_length/datastore_beams/tree_nodes")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
@@ -183,12 +185,19 @@ class DrafterConfig:
 
     @classmethod
     def from_json_dict(cls, data: dict[str, Any]) -> "DrafterConfig":
-        if not isinstance(data, dict) or "hidden_size" not in data or "vocab_size" not in data:
+        if not isinstance(data, dict):
+            raise DrafterLoadError(f"drafter config.json holds {type(data).__name__}, not an object of fields")
+        if "hidden_size" not in data or "vocab_size" not in data:
             raise DrafterLoadError("drafter config.json lacks hidden_size/vocab_size")
         if data.get("model_type", MODEL_TYPE) != MODEL_TYPE:
             raise DrafterLoadError(f"config.json is a {data.get('model_type')!r}, not a {MODEL_TYPE!r}")
-        if not data.get("rnn", True):
-            raise DrafterLoadError("only recurrent drafters (rnn: true) are supported")
+        if data.get("rnn", True) is not True:
+            raise DrafterLoadError(f"only recurrent drafters (rnn: true) are supported, got rnn {data['rnn']!r}")
+        coverage = data.get("draft_vocab_coverage")
+        if coverage is not None and not (isinstance(coverage, (int, float)) and not isinstance(coverage, bool)
+                                         and 0 <= coverage <= 1):
+            raise DrafterLoadError(f"invalid drafter config: draft_vocab_coverage must be a share from 0 to 1, "
+                                   f"got {coverage!r}")
         ours = data.get("redraft", {})
         if not isinstance(ours, dict):
             raise DrafterLoadError(f"invalid drafter config: 'redraft' must be a mapping, got {type(ours).__name__}")
@@ -207,6 +216,11 @@ class DrafterConfig:
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
                 raise DrafterLoadError(f"invalid drafter config: {key} must be a whole number from 0 to {top:,}, "
                                        f"got {value!r}")
+        hidden = data["hidden_size"]
+        if "exit_dim" in data and data["exit_dim"] != 2 * hidden:
+            # the reference's field: the MLP's input, [h; e] = 2 x hidden_size
+            raise DrafterLoadError(f"invalid drafter config: exit_dim must be 2 x hidden_size = {2 * hidden}, "
+                                   f"got {data['exit_dim']!r}")
         try:
             return cls(
                 hidden_size=data["hidden_size"],
@@ -598,7 +612,12 @@ class Drafter(nn.Module):
         if isinstance(data, dict) and data.get("model_type", MODEL_TYPE) != MODEL_TYPE:
             raise DrafterLoadError(f"{src} is not a redraft drafter: its config.json is a {data.get('model_type')!r} "
                                    f"(a model folder? it goes to --model)")
-        config = DrafterConfig.from_json_dict(data)
+        try:
+            config = DrafterConfig.from_json_dict(data)
+        except BadInputError as exc:  # which file, once
+            why = str(exc).removeprefix("invalid drafter config: ").removeprefix("drafter config: ")
+            why = why.removeprefix("drafter config.json ").removeprefix("config.json ")
+            raise DrafterLoadError(f"drafter config {cfg_path}: {why}") from None
         try:
             state = load_file(str(weights_path), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -608,7 +627,8 @@ class Drafter(nn.Module):
             rows = state.get(f"lm_head.{config.num_draft_layers}.weight")
             if rows is not None and rows.shape[0] != config.vocab_size:
                 raise DrafterLoadError(
-                    f"own head has {rows.shape[0]} rows but vocab_size is {config.vocab_size}"
+                    f"drafter {src}: its own head has {rows.shape[0]} rows, but its config.json says vocab_size "
+                    f"{config.vocab_size} and no draft vocabulary (redraft.draft_vocab_size); its files do not match"
                 )
         ints = [k for k, v in state.items() if not v.is_floating_point() and k != "draft_vocab"
                 and not (v.dtype == torch.int8 and k + SCALE_SUFFIX in state)]
@@ -633,12 +653,25 @@ class Drafter(nn.Module):
         if set(state) != set(expected):
             missing = sorted(set(expected) - set(state))
             unexpected = sorted(set(state) - set(expected))
+            hint = (" (a draft vocabulary: its config.json lacks redraft.draft_vocab_size)"
+                    if unexpected == ["draft_vocab"] else "")
             raise DrafterLoadError(
-                f"drafter weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
+                f"drafter {src}: its weights do not match its config.json (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}){hint}; the files are damaged or come from different drafters"
             )
         for k, v in state.items():
             if tuple(v.shape) != tuple(expected[k].shape):
-                raise DrafterLoadError(f"tensor {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
+                raise DrafterLoadError(f"drafter {src}: tensor {k} has shape {tuple(v.shape)}, but its config.json "
+                                       f"implies {tuple(expected[k].shape)}; its files do not match")
+        broken = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if broken:
+            raise DrafterLoadError(f"drafter weights {weights_path}: {broken} holds NaN or infinite values (a damaged "
+                                   f"file, or a training run that diverged); distill the drafter again")
+        if "draft_vocab" in state and (state["draft_vocab"].is_floating_point() or state["draft_vocab"].dtype == torch.bool):
+            raise DrafterLoadError(f"drafter {src}: its draft vocabulary is {state['draft_vocab'].dtype}, not token ids; "
+                                   f"its files are damaged")
+        if "draft_vocab" in state and state["draft_vocab"].unique().numel() != state["draft_vocab"].numel():
+            raise DrafterLoadError(f"drafter {src}: its draft vocabulary lists a token id twice; its files are damaged")
         if "draft_vocab" in state and state["draft_vocab"].numel() and int(state["draft_vocab"].max()) >= config.vocab_size:
             raise DrafterLoadError(f"drafter {src}: config.json says vocab_size {config.vocab_size}, but its draft "
                                    f"vocabulary holds token id {int(state['draft_vocab'].max())}; its files do not match")

@@ -171,6 +171,9 @@ def _gguf_bar_on_terminals_only() -> None:
         gguf_utils.tqdm = partial(bar, disable=None)  # tqdm's None: off where the stream is not a terminal
 
 
+CONVERSION_LIST = "redraft-conversion.json"  # the files a conversion of the embedded model wrote
+
+
 def _convert_embedded(alias: str, damaged: bool = False) -> Path:
     """Dequantise the embedded GGUF once and cache it as a normal HF directory (~20 s -> <1 s).
 
@@ -180,7 +183,7 @@ def _convert_embedded(alias: str, damaged: bool = False) -> Path:
     from filelock import FileLock
 
     out = cache_dir() / "models" / alias
-    done = lambda: (out / "config.json").is_file() and (out / "model.safetensors").is_file()  # noqa: E731
+    done = lambda: _conversion_listed(out)  # noqa: E731
     if done() and not damaged:
         return out
     try:  # find out before the ~20 s conversion whether its result can be kept
@@ -215,6 +218,8 @@ def _convert_into(alias: str, out: Path) -> None:
                                  "other than rank 0 of a torch.distributed group); load the model in rank 0 first")
         for weights in tmp.glob("*.safetensors"):  # (safetensors makes them 0o600: a shared cache's users read them)
             os.chmod(weights, file_mode())
+        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        (tmp / CONVERSION_LIST).write_text(json.dumps({"files": names}, indent=1), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -222,11 +227,26 @@ def _convert_into(alias: str, out: Path) -> None:
         raise ModelLoadError(f"cannot cache the converted model in {out}: {exc}") from exc
 
 
-def _damaged_conversion(directory: Path) -> bool:
-    """Whether a cached conversion's files are unreadable (so converting again can help)."""
-    from safetensors import safe_open
-
+def _conversion_listed(directory: Path) -> bool:
+    """Whether every file a conversion wrote (its CONVERSION_LIST, written last) is still there: a
+    deleted chat_template.jinja or tokenizer.json is a damaged cache, not a model without them."""
     try:
+        names = json.loads((directory / CONVERSION_LIST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(names, list) and all(isinstance(n, str) and (directory / n).is_file() for n in names)
+
+
+def _damaged_conversion(directory: Path) -> bool:
+    """Whether a cached conversion's files are missing or unreadable (so converting again can help):
+    a file it wrote is gone, or its config, tokenizer or weights do not read."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    if not _conversion_listed(directory):
+        return True
+    try:
+        AutoConfig.from_pretrained(str(directory))  # (a value of the wrong type fails here: "hidden_size": "576")
         for name in ("config.json", "tokenizer.json"):
             if not isinstance(json.loads((directory / name).read_text(encoding="utf-8")), dict):
                 return True

@@ -633,19 +633,33 @@ def test_only_a_damaged_cached_conversion_is_converted_again(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from redraft_cli.loading import _damaged_conversion
+    from redraft_cli.loading import CONVERSION_LIST, _damaged_conversion
 
     d = tmp_path / "conv"
     d.mkdir()
-    (d / "config.json").write_text('{"model_type": "llama"}')
+    (d / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
     (d / "tokenizer.json").write_text('{"version": "1.0"}')
+    (d / "chat_template.jinja").write_text("{{ messages }}")
     save_file({"w": torch.zeros(64)}, str(d / "model.safetensors"))
+    listed = json.dumps({"files": ["chat_template.jinja", "config.json", "model.safetensors", "tokenizer.json"]})
+    (d / CONVERSION_LIST).write_text(listed)
     assert not _damaged_conversion(d)
     whole = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(whole[:-40])
     assert _damaged_conversion(d)
     (d / "model.safetensors").write_bytes(whole)
     (d / "tokenizer.json").write_text('{"version": ')
+    assert _damaged_conversion(d)
+    (d / "tokenizer.json").write_text('{"version": "1.0"}')
+    # Battery 15: a deleted chat template read as a model without one ("give it one (--chat-template)"),
+    # and a config value of the wrong type failed every load without a word about the cache.
+    (d / "chat_template.jinja").unlink()
+    assert _damaged_conversion(d)
+    (d / "chat_template.jinja").write_text("{{ messages }}")
+    (d / "config.json").write_text('{"model_type": "llama", "hidden_size": "64"}')
+    assert _damaged_conversion(d)
+    (d / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
+    (d / CONVERSION_LIST).unlink()  # (a conversion by an older redraft, or one cut short: converted again)
     assert _damaged_conversion(d)
 
 
@@ -669,6 +683,7 @@ def test_processes_converting_the_embedded_default_at_once_convert_it_once(tmp_p
         (tmp / "config.json").write_text(f'{{"conversion": {len(calls)}}}')
         (tmp / "tokenizer.json").write_text("{}")
         (tmp / "model.safetensors").write_bytes(b"not read here")
+        (tmp / target_mod.CONVERSION_LIST).write_text('{"files": ["config.json", "model.safetensors"]}')
         if out.exists():
             import shutil
 

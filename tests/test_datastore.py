@@ -92,6 +92,11 @@ def test_corrupt_datastore_is_a_clear_error(tmp_path):
     Datastore.from_answers([[5, 6]], vocab_size=100).save(path)
     with pytest.raises(DrafterLoadError, match="outside its vocabulary"):
         _with_vocab(path, 4)
+    from safetensors.torch import save_file
+
+    save_file({"tokens": torch.tensor([6.0, 7.0, 0.0])}, str(path), metadata={"format": "pt", "vocab_size": "100"})
+    with pytest.raises(DrafterLoadError, match="tokens are torch.float32, not token ids"):  # (battery 15: taken)
+        Datastore.load(path)
 
 
 def _with_vocab(path, vocab_size: int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -858,3 +859,30 @@ def test_a_run_that_fails_before_writing_leaves_no_empty_out_folder(tmp_path):
     with pytest.raises(BadInputError, match="context_window 1 keeps beams to g0 alone"):
         distill(recipe_from_dict({**base, "drafter": {**base["drafter"], "context_window": 1}}), tmp_path / "o",
                 target=target, data_dir=tmp_path / "data", bench=False)
+
+
+def test_a_damaged_trainer_state_is_refused_field_by_field():
+    """Battery 15: a trainer_state.json without "step" resumed from step 0 (the run trained again from the
+    start without a word), and recent_losses of [null, "a"] ended in a TypeError reported as a bug."""
+    from redraft_cli.distill.train import trainer_state
+
+    good = {"step": 278, "best_step": 200, "best_agreement": 0.2, "seconds": 20.5, "total_steps": 300,
+            "history": [{"step": 100, "train_loss": 14.7}, {"step": 200, "train_loss": 12.9}],
+            "recent_losses": [12.0, 11.5], "held_out_key": "abc"}
+    assert trainer_state(good).step == 278
+    old = {k: good[k] for k in ("step", "best_step", "best_agreement", "seconds", "history")}
+    assert trainer_state(old).total_steps == 0  # a checkpoint from before total_steps and the losses were kept
+    cases = {"'step' is missing": {k: v for k, v in good.items() if k != "step"},
+             "'recent_losses' is [null, \"a\"]": {**good, "recent_losses": [None, "a"]},
+             "'history' holds an entry": {**good, "history": [{"x": 1}]},
+             "'history' is \"x\"": {**good, "history": "x"},
+             "'step' is -5": {**good, "step": -5},
+             "'step' is true": {**good, "step": True},
+             "past the 300 steps": {**good, "step": 10**12},
+             "'best_step' is 1000000, past its 'step'": {**good, "best_step": 10**6},
+             "'total_steps' is \"300\"": {**good, "total_steps": "300"},
+             "'zzz' is not a field": {**good, "zzz": 1},
+             "holds list": [good]}
+    for match, data in cases.items():
+        with pytest.raises(ValueError, match=re.escape(match)):
+            trainer_state(data)

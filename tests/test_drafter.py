@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -180,6 +181,8 @@ def test_config_claiming_huge_sizes_fails_before_allocating(tiny_target, tmp_pat
     path = d.save(tmp_path / "d")
     cfg = json.loads((path / "config.json").read_text())
     cfg[field] = value
+    if field == "hidden_size" and value == 1024:  # (exit_dim too: alone, it would disagree with hidden_size)
+        cfg["exit_dim"] = 2 * value
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(DrafterLoadError, match=match):
         Drafter.load(path)
@@ -344,3 +347,49 @@ def test_save_refuses_the_package_and_another_drafters_distilled_folder(tiny_tar
     drafter.save(tmp_path / "elsewhere")
     with pytest.raises(BadInputError, match="holds a distilled drafter"):
         drafter.save(run)
+
+
+def test_a_damaged_config_or_weights_are_refused_naming_the_file(tiny_target, tmp_path):
+    """Battery 15: NaN weights, a draft vocabulary listing a token twice or stored as floats, "rnn": "yes",
+    an exit_dim other than 2H, a predict_tokens of 10**12 and a coverage of "high" all loaded without a
+    word; a config.json that is a list was "lacks hidden_size/vocab_size" with no path."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = DrafterConfig(hidden_size=tiny_target.hidden_size, vocab_size=tiny_target.vocab_size, draft_vocab_size=16)
+    good = tmp_path / "good"
+    Drafter(cfg).save(good)
+    config, state = json.loads((good / "config.json").read_text()), load_file(str(good / "model.safetensors"))
+
+    def damaged(name, edit_config=None, edit_state=None):
+        d = tmp_path / name
+        d.mkdir()
+        c, w = json.loads(json.dumps(config)), dict(state)
+        c = edit_config(c) if edit_config else c
+        w = edit_state(w) if edit_state else w
+        (d / "config.json").write_text(json.dumps(c))
+        save_file(w, str(d / "model.safetensors"))
+        return d
+
+    def nan(w):
+        w["rnn_u.weight"] = w["rnn_u.weight"].clone()
+        w["rnn_u.weight"][0, 0] = float("nan")
+        return w
+
+    cases = {
+        "holds NaN or infinite values": damaged("nan", edit_state=nan),
+        "lists a token id twice": damaged("dup", edit_state=lambda w: {**w, "draft_vocab": torch.zeros(16, dtype=torch.long)}),
+        "draft vocabulary is torch.float32": damaged("fv", edit_state=lambda w: {**w, "draft_vocab": w["draft_vocab"].float()}),
+        "got rnn 'yes'": damaged("rnn", lambda c: {**c, "rnn": "yes"}),
+        "exit_dim must be 2 x hidden_size": damaged("exit", lambda c: {**c, "exit_dim": 10**12}),
+        "predict_tokens must be from 1 to 1,024": damaged("pt", lambda c: {**c, "redraft": {**c["redraft"],
+                                                                                             "predict_tokens": 10**12}}),
+        "draft_vocab_coverage must be a share": damaged("cov", lambda c: {**c, "draft_vocab_coverage": "high"}),
+        "holds list, not an object": damaged("list", lambda c: [c]),
+        "lacks redraft.draft_vocab_size": damaged("nodv", lambda c: {**c, "redraft": {k: v for k, v in c["redraft"].items()
+                                                                                      if k != "draft_vocab_size"}}),
+    }
+    for match, folder in cases.items():
+        with pytest.raises(DrafterLoadError, match=re.escape(match)) as got:
+            Drafter.load(folder)
+        assert str(folder) in str(got.value)
+    assert Drafter.load(good).draft_vocab_size == 16

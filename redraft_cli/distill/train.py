@@ -37,7 +37,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..drafter import Drafter
-from ..errors import BadInputError
+from ..errors import BadInputError, DrafterLoadError
 from ..target import Target
 from .recipe import TrainSection
 
@@ -288,7 +288,7 @@ def check_resumable(out: Path, drafter: Drafter) -> Drafter:
     ckpt = out / CHECKPOINT
     try:
         loaded = Drafter.load(ckpt, map_location="cpu")
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, DrafterLoadError) as exc:
         raise BadInputError(f"cannot resume from {ckpt}: {' '.join(str(exc).split())[:300]}; delete {ckpt} to start "
                             f"training again (the data is kept), or use another --out") from exc
     differ = [f"{k} {getattr(loaded.config, k)!r} (this run: {getattr(drafter.config, k)!r})" for k in RESUME_FIELDS
@@ -363,24 +363,77 @@ def take_hyperparameters(optimizer: Any, scheduler: Any, cfg: TrainSection) -> s
 
 
 def load_checkpoint(out: Path, drafter: Drafter, optimizer: Any, scheduler: Any) -> TrainState:
+    """Restore out/checkpoint into `drafter`, `optimizer` and `scheduler`; its TrainState. Damaged
+    files are a one-line BadInputError naming the file and saying what to do."""
     ckpt = out / CHECKPOINT
     loaded = check_resumable(out, drafter)
+    damaged = f"; its files are damaged: delete {ckpt} to start again, or use another --out"
+    try:
+        opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BadInputError(f"cannot resume from {ckpt}: optimizer.pt is missing" + damaged) from None
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError):  # (torch's texts run for lines)
+        raise BadInputError(f"cannot resume from {ckpt}: optimizer.pt cannot be read (cut short, or not the file "
+                            f"a checkpoint writes)" + damaged) from None
     try:
         drafter.load_state_dict(loaded.state_dict())
-        opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(opt["optimizer"])
         scheduler.load_state_dict(opt["scheduler"])
-        data = json.loads((ckpt / "trainer_state.json").read_text())
-        state = TrainState(**data)
-        numbers = (state.step, state.best_step, state.best_agreement, state.seconds)
-        if (not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or state.step < 0
-                or not isinstance(state.step, int) or not isinstance(state.best_step, int) or not isinstance(state.history, list)
-                or not isinstance(state.total_steps, int) or isinstance(state.total_steps, bool)
-                or not isinstance(state.held_out_key, str)):
-            raise ValueError(f"trainer_state.json holds {data!r:.120}")
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError, EOFError, pickle.UnpicklingError) as exc:
-        raise BadInputError(f"cannot resume from {ckpt}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}; "
-                            f"its files are damaged: delete {ckpt} to start again, or use another --out") from exc
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise BadInputError(f"cannot resume from {ckpt}: optimizer.pt does not hold this drafter's optimizer and "
+                            f"schedule ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})" + damaged) from None
+    try:
+        state = trainer_state(json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"cannot resume from {ckpt}: trainer_state.json cannot be read "
+                            f"({exc.strerror if isinstance(exc, OSError) and exc.strerror else exc})" + damaged) from None
+    except (ValueError, RecursionError) as exc:
+        why = str(exc) if isinstance(exc, _BadState) else "it is not JSON"
+        raise BadInputError(f"cannot resume from {ckpt}: trainer_state.json: {why}" + damaged) from None
+    return state
+
+
+class _BadState(ValueError):
+    """What is wrong with a trainer_state.json (its message names the field)."""
+
+
+def trainer_state(data: Any) -> TrainState:
+    """The TrainState of a checkpoint's trainer_state.json, every field checked: `_BadState` (a ValueError)
+    naming the first wrong one. step, best_step, best_agreement, history and seconds are required;
+    recent_losses, total_steps and held_out_key came later (older checkpoints lack them)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def integer(v: Any, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    if not isinstance(data, dict):
+        raise _BadState(f"it holds {type(data).__name__}, not an object")
+    known = {f.name for f in fields(TrainState)}
+    missing = [k for k in ("step", "best_step", "best_agreement", "history", "seconds") if k not in data]
+    if missing:
+        raise _BadState(f"{missing[0]!r} is missing")
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise _BadState(f"{unknown[0]!r} is not a field of it")
+    checks = {"step": integer(data["step"], 0), "best_step": integer(data["best_step"], -1),
+              "best_agreement": number(data["best_agreement"]), "seconds": number(data["seconds"]) and data["seconds"] >= 0,
+              "history": isinstance(data["history"], list) and all(
+                  isinstance(r, dict) and integer(r.get("step"), 0) for r in data["history"]),
+              "recent_losses": isinstance(data.get("recent_losses", []), list) and all(
+                  number(v) for v in data.get("recent_losses", [])),
+              "total_steps": integer(data.get("total_steps", 0), 0),
+              "held_out_key": isinstance(data.get("held_out_key", ""), str)}
+    wrong = next((k for k, ok in checks.items() if not ok), None)
+    if wrong == "history" and isinstance(data["history"], list):
+        raise _BadState("'history' holds an entry that is not an evaluation row with its step")
+    if wrong:
+        raise _BadState(f"{wrong!r} is {json.dumps(data[wrong])[:60]}, which no run writes")
+    state = TrainState(**data)
+    if state.total_steps and state.step > state.total_steps:
+        raise _BadState(f"'step' is {state.step}, past the {state.total_steps} steps of the run that wrote it")
+    if state.best_step > state.step:
+        raise _BadState(f"'best_step' is {state.best_step}, past its 'step' {state.step}")
     return state
 
 
