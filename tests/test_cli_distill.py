@@ -393,6 +393,47 @@ def test_data_only_then_several_processes_read_it(tiny_recipe, monkeypatch):
     assert noted.exit_code == 0 and "skipped 1 record(s)" in noted.output and "messy.jsonl:2:" in noted.output
 
 
+def test_a_grown_prompt_file_keeps_its_answers_and_a_resume_on_other_data_says_so(tiny_recipe, tmp_path, monkeypatch):
+    """Battery 16: prompts added at the end of a file made a new data folder answered from scratch (the
+    README says a grown list keeps its answers); a resume after the training prompts were edited went on
+    on the new data without a word; and one on a renamed copy of the same prompts was refused as if other
+    conversations were held out."""
+    root, recipe = tiny_recipe
+    flat = lambda r: " ".join(r.output.split())  # noqa: E731
+    monkeypatch.setenv("REDRAFT_CACHE", str(tmp_path / "cache"))
+    lines = [f"Tell me fact number {i} about the sea." for i in range(10)]
+    first, grown = tmp_path / "p.txt", tmp_path / "grown.txt"
+    first.write_text("\n".join(lines) + "\n")
+    grown.write_text("\n".join(lines + ["Why is the sea salty?", "What lives in the deep sea?"]) + "\n")
+    made = runner.invoke(app, ["distill", str(recipe), "--data", str(first), "--data-only"])
+    assert made.exit_code == 0, made.output
+    data = tmp_path / "cache" / "distill-data"
+    (old,) = list(data.iterdir())
+    more = runner.invoke(app, ["distill", str(recipe), "--data", str(grown), "--data-only"])
+    assert more.exit_code == 0 and "its answers are kept" in flat(more), more.output
+    (new,) = [d for d in data.iterdir() if d != old]
+    for shard in ("shard-00000.safetensors", "shard-00001.safetensors"):  # (4 conversations a shard: 2 whole ones)
+        assert (new / shard).read_bytes() == (old / shard).read_bytes()
+    manifest = json.loads((new / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_conversations"] == 12 and len(manifest["shards"]) == 3
+    # A resume on edited training prompts (the same held-out ones) trains on, and says so.
+    out = tmp_path / "out"
+    ran = runner.invoke(app, ["distill", str(recipe), "--data", str(first), "--out", str(out), "--max-steps", "2",
+                              "--no-bench"])
+    assert ran.exit_code == 0, ran.output
+    renamed = tmp_path / "same.txt"
+    renamed.write_text(first.read_text())
+    same = runner.invoke(app, ["distill", str(recipe), "--data", str(renamed), "--out", str(out), "--max-steps", "3",
+                               "--no-bench", "--resume"])
+    assert same.exit_code == 0 and "training data differs" not in flat(same), same.output
+    edited = tmp_path / "edited.txt"
+    edited.write_text("\n".join(lines[:9] + ["Tell me something else about the sea."]) + "\n")
+    other = runner.invoke(app, ["distill", str(recipe), "--data", str(edited), "--out", str(out), "--max-steps", "4",
+                                "--no-bench", "--resume"])
+    assert other.exit_code == 0 and "the training data differs from the data the checkpoint's 3 steps" in flat(other), \
+        other.output
+
+
 def test_distill_writes_no_report_over_its_inputs_or_outputs(tiny_recipe, tmp_path):
     """--json never names the recipe, the drafter's own files in --out, or a file of the target's folder;
     --out is never inside the installed package."""

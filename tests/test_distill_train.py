@@ -886,3 +886,24 @@ def test_a_damaged_trainer_state_is_refused_field_by_field():
     for match, data in cases.items():
         with pytest.raises(ValueError, match=re.escape(match)):
             trainer_state(data)
+
+
+def test_a_second_ctrl_c_does_not_cut_the_checkpoint_the_first_one_saves():
+    """Battery 16: two Ctrl-Cs 20 ms apart during training interrupted the checkpoint the first one was
+    saving, while the message said it was saved (the resume went back 10 steps). The save after a
+    Ctrl-C holds further ones off; a block that is not stopping yet still stops at its end."""
+    import os
+    import signal
+
+    from redraft_cli.distill.train import _ctrl_c_after
+
+    finished = []
+    with _ctrl_c_after(swallow=True):
+        os.kill(os.getpid(), signal.SIGINT)
+        finished.append(True)
+    assert finished == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            finished.append(True)
+    assert finished == [True, True]

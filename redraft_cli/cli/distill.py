@@ -187,11 +187,15 @@ class _DistillView:
         if phase in ("data", "writing", "hidden"):
             what = {"data": "the target's answers", "writing": "the prompts the target wrote",
                     "hidden": "the hidden states (whole batches)"}[phase]
+            if phase == "data" and not any(Path(where).glob("shard-*.safetensors")):  # (kept a shard at a time)
+                return (f"interrupted before the first shard of answers was finished (data.shard_size conversations "
+                        f"each), so none is kept yet in {where}; run the same command to start it again")
             return (f"interrupted; {what} made so far are kept in {where}: run the same command to continue "
                     f"from there")
         if phase == "bench":
             return (f"interrupted during the held-out bench; the trained drafter and its metrics.json are in {out} "
-                    f"(measure it with redraft bench --drafter {out})")
+                    f"(run the same command with --resume to finish the bench, or measure it with redraft bench "
+                    f"--drafter {out})")
         if (out / CHECKPOINT).is_dir():  # (a --resume stopped while the model loaded)
             return f"interrupted; the checkpoint in {out} is kept: run the same command with --resume to continue"
         return "interrupted before any work was saved; run the same command to start again"

@@ -41,8 +41,8 @@ from ..loading import TargetSpec, _hub_reachable, load_target
 from ..target import Target
 from .hidden_cache import DamagedChunk, attach_hidden, build_hidden_cache
 from .launch import Launch, launched_processes, launched_rank, start_launch
-from .data import (GenerationConfig, conversations_sha256, drop_damaged_shards, generate_dataset, load_dataset,
-                   read_manifest)
+from .data import (FORMAT_VERSION, GenerationConfig, conversations_sha256, drop_damaged_shards, generate_dataset,
+                   load_dataset, read_manifest)
 from .recipe import Recipe, builtin_recipes, check_recipe
 from .written import PROMPTS as WRITTEN_PROMPTS, STATE as WRITTEN_STATE, WritingConfig, write_prompts
 from .train import (CHECKPOINT, check_resumable, check_same_held_out_key, checkpoint_held_out_key, recover_checkpoint,
@@ -76,7 +76,8 @@ def resolve_conversations(source: str, num_prompts: int | None, skipped: list[st
 
 
 def _check_same_held_out(out: Path, recipe: Recipe) -> None:
-    """--resume keeps the held-out conversations of the run it continues (its recipe.yaml in out): with
+    """For a checkpoint from before held-out keys were kept: --resume keeps the held-out conversations
+    of the run it continues (its recipe.yaml in out): with
     another data.source or data.held_out, the checkpoint would go on training on conversations it is
     evaluated on, and the best one would be chosen by them. (Other data settings may change: more
     prompts, longer answers.)"""
@@ -211,8 +212,8 @@ def _checked(recipe: Recipe, out: Path, resume: bool, emit: EventFn, data_dir: P
         recover_checkpoint(out)
     if (out / CHECKPOINT).exists() and not resume and not data_only:
         raise BadInputError(f"{out} already holds a training checkpoint; pass --resume to continue it or use another --out")
-    if (out / CHECKPOINT).exists() and resume and not data_only:
-        _check_same_held_out(out, recipe)
+    if (out / CHECKPOINT).exists() and resume and not data_only and not checkpoint_held_out_key(out):
+        _check_same_held_out(out, recipe)  # (a checkpoint that names its held-out conversations is checked by them)
     # A run that failed before training (no model, no chat template, no network) leaves only recipe.yaml,
     # one killed before its first checkpoint also best/ or a half-written checkpoint: still ours to retry in.
     if (not data_only and out.is_dir() and not (out / CHECKPOINT).exists()
@@ -329,6 +330,7 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
     if prompt_room < 1:
         raise BadInputError(f"data.max_new_tokens {d.max_new_tokens} leaves no room for a prompt in {target.name}'s "
                             f"context of {context} tokens{getattr(target, 'context_cap', '')}; lower it (--max-new-tokens)")
+    given_dir = data_dir is not None
     data_dir = Path(data_dir) if data_dir else default_data_dir(recipe, target.name, convs, gen_cfg)
     seen = _sequences_seen(recipe)
     max_shards = None
@@ -336,6 +338,12 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
         # A short run needs only the held-out slice and max_steps batches: generate just those shards.
         max_shards = -(-(d.held_out + seen) // d.shard_size)
     with _making_data(data_dir, launch.world, emit):
+        if not given_dir:
+            earlier: list[str] = []
+            launch.main_only(lambda: earlier.append(seed_from_earlier(recipe.name, data_dir, convs, gen_cfg, target.name)))
+            if earlier and earlier[0]:
+                emit({"event": "note", "text": f"the prompts start with those of {earlier[0]}: its answers are kept, "
+                                               f"and only the new prompts are answered"})
         examples = _answers(target, launch, recipe.name, convs, data_dir, gen_cfg, max_shards, generate, emit, "greedy")
         totals = (read_manifest(data_dir) or {}).get("totals") or {}
         lost = [f"{n} {what}" for n, what in ((totals.get("skipped", 0), "conversation(s) left out"),
@@ -736,6 +744,46 @@ def seed_from_package(name: str, data_dir: Path, convs: list[list[str]], gen_cfg
         if shard.get("file"):
             shutil.copyfile(shipped / shard["file"], data_dir / shard["file"])
     shutil.copyfile(shipped / "manifest.json", data_dir / "manifest.json")
+
+
+def seed_from_earlier(name: str, data_dir: Path, convs: list[list[str]], gen_cfg: GenerationConfig, model: str) -> str:
+    """A grown prompt list (prompts added at the end of a file): its data folder is new (the folder's
+    key covers every prompt), so start it from the largest earlier folder of recipe `name` whose
+    conversations are this list's first ones, with the same model and generation settings. Its whole
+    shards are linked (copied where links fail) with a manifest that lists them; `generate_dataset`
+    then answers only the rest (`data._extend_prompts`). Returns the folder used ("" for none)."""
+    if read_manifest(data_dir) is not None:
+        return ""
+    setting = json.loads(json.dumps(gen_cfg.fingerprint()))
+    best: tuple[Path, dict, list[dict]] | None = None
+    for folder in data_dir.parent.glob(f"{name}-*"):
+        theirs = read_manifest(folder) if folder.is_dir() and folder != data_dir else None
+        if (theirs is None or theirs.get("model") != model or theirs.get("version") != FORMAT_VERSION
+                or theirs.get("config") != setting):
+            continue
+        count = int(theirs.get("num_conversations", -1))
+        if not 0 < count < len(convs) or theirs.get("conversations_sha256") != conversations_sha256(convs[:count]):
+            continue
+        whole = count // gen_cfg.shard_size  # (a last shard of fewer conversations changes in the grown list)
+        shards = [sh for sh in theirs["shards"] if int(sh["index"]) < whole and sh.get("file")
+                  and (folder / sh["file"]).is_file()]
+        if shards and (best is None or len(shards) > len(best[2])):
+            best = (folder, theirs, shards)
+    if best is None:
+        return ""
+    folder, theirs, shards = best
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for shard in shards:
+        src, dst = folder / shard["file"], data_dir / shard["file"]
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(src, dst)  # (shards are replaced whole, never written in place: a link is safe)
+        except OSError:
+            shutil.copyfile(src, dst)
+    manifest = {**theirs, "shards": shards, "complete": False}
+    text = json.dumps(manifest, indent=1)
+    atomic_write(data_dir / "manifest.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return str(folder)
 
 
 def warm_start(drafter: Drafter, path: Path, copy: bool = True) -> dict[str, torch.Tensor | None]:

@@ -28,6 +28,7 @@ end; `resume=True` continues from the exact step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -63,6 +64,7 @@ class TrainState:
     recent_losses: list[float] = field(default_factory=list)  # the last 50 micro-batch losses (means in the reports)
     total_steps: int = 0  # the schedule's length (0: a checkpoint from before it was recorded)
     held_out_key: str = ""  # what identifies the held-out conversations (pipeline: their sha256; "": not recorded)
+    data_key: str = ""  # what identifies the training examples (training_data_key; "": not recorded)
 
 
 # -- batches ---------------------------------------------------------------------
@@ -299,13 +301,24 @@ def check_resumable(out: Path, drafter: Drafter) -> Drafter:
     return loaded
 
 
+def training_data_key(examples: list[dict]) -> str:
+    """What identifies a training set (its examples' tokens and loss masks, in order): a checkpoint keeps
+    it, and a resume on other data says so."""
+    digest = hashlib.sha256()
+    for e in examples:
+        for name in ("input_ids", "loss_mask"):
+            digest.update(e[name].to(torch.int64).numpy().tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
 def check_same_held_out_key(out: Path, before: str, now: str) -> None:
     """BadInputError when the checkpoint in `out` was trained with other held-out conversations than this
     run's (keys as train_drafter's held_out_key; "" on either side: unknown, nothing to compare)."""
     if before and now and before != now:
-        raise BadInputError(f"cannot resume {out}: its run held out other conversations than this one (the prompts "
-                            f"changed: data.source edited, reordered or replaced), so some of them were trained on; "
-                            f"resume with the prompts it was trained on, or use another --out")
+        raise BadInputError(f"cannot resume {out}: its run held out other conversations than this one (data.source "
+                            f"edited, reordered or replaced, or another data.held_out), so some of them were trained "
+                            f"on; resume with the prompts and data.held_out it was trained with, or use another --out")
 
 
 def checkpoint_held_out_key(out: Path) -> str:
@@ -400,7 +413,7 @@ class _BadState(ValueError):
 def trainer_state(data: Any) -> TrainState:
     """The TrainState of a checkpoint's trainer_state.json, every field checked: `_BadState` (a ValueError)
     naming the first wrong one. step, best_step, best_agreement, history and seconds are required;
-    recent_losses, total_steps and held_out_key came later (older checkpoints lack them)."""
+    recent_losses, total_steps, held_out_key and data_key came later (older checkpoints lack them)."""
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -423,7 +436,8 @@ def trainer_state(data: Any) -> TrainState:
               "recent_losses": isinstance(data.get("recent_losses", []), list) and all(
                   number(v) for v in data.get("recent_losses", [])),
               "total_steps": integer(data.get("total_steps", 0), 0),
-              "held_out_key": isinstance(data.get("held_out_key", ""), str)}
+              "held_out_key": isinstance(data.get("held_out_key", ""), str),
+              "data_key": isinstance(data.get("data_key", ""), str)}
     wrong = next((k for k, ok in checks.items() if not ok), None)
     if wrong == "history" and isinstance(data["history"], list):
         raise _BadState("'history' holds an entry that is not an evaluation row with its step")
@@ -479,7 +493,8 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     out.mkdir(parents=True, exist_ok=True)
-    state = TrainState(total_steps=total, held_out_key=held_out_key)
+    data_key = training_data_key(train_set)
+    state = TrainState(total_steps=total, held_out_key=held_out_key, data_key=data_key)
     emit = on_event or (lambda e: None)
     if (out / CHECKPOINT).exists():
         if not resume:
@@ -487,6 +502,12 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
         state = load_checkpoint(out, drafter, optimizer, scheduler)
         check_same_held_out_key(out, state.held_out_key, held_out_key)
         state.held_out_key = held_out_key or state.held_out_key
+        if state.data_key and state.data_key != data_key and state.step < total:
+            emit({"event": "note", "text": f"the training data differs from the data the checkpoint's {state.step} steps "
+                                           f"trained on (other or edited prompts, more data, other data settings): the "
+                                           f"rest of the run trains on this data, so the result is neither run's "
+                                           f"uninterrupted one"})
+        state.data_key = data_key
         changed = take_hyperparameters(optimizer, scheduler, cfg)
         if changed:
             emit({"event": "note", "text": f"resuming with {changed} (the checkpoint's run used other values)"})
@@ -561,7 +582,8 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
     except KeyboardInterrupt:
         if acc.is_main_process:
             state.seconds = time.perf_counter() - start
-            save_checkpoint(out, drafter, optimizer, scheduler, state)
+            with _ctrl_c_after(swallow=True):  # (a second Ctrl-C must not cut the checkpoint the message promises)
+                save_checkpoint(out, drafter, optimizer, scheduler, state)
         emit({"event": "interrupted", "step": state.step})  # (a Ctrl-C held over a step ends after its event)
         raise
     finally:
@@ -575,9 +597,10 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
 
 
 @contextmanager
-def _ctrl_c_after() -> Any:
+def _ctrl_c_after(swallow: bool = False) -> Any:
     """Ctrl-C (or a SIGTERM / SIGHUP that a handler turns into KeyboardInterrupt, as `redraft distill`'s
-    does) inside the block stops the run at its end instead."""
+    does) inside the block stops the run at its end instead. swallow=True: the run is stopping already
+    (the checkpoint a first Ctrl-C saves): a second one inside the block is ignored."""
     deferred: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, *(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))):
@@ -595,7 +618,7 @@ def _ctrl_c_after() -> Any:
     finally:
         for sig, handler in deferred.items():
             signal.signal(sig, handler)
-    if caught:
+    if caught and not swallow:
         deferred[caught[0]](caught[0], None)  # (raises KeyboardInterrupt, after what its handler records)
         raise KeyboardInterrupt
 
