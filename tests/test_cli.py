@@ -292,10 +292,11 @@ def test_only_an_alias_names_a_shipped_drafter(tmp_path):
 def test_prompt_longer_than_context(tmp_path):
     long = tmp_path / "long.txt"
     long.write_text(" ".join(["word"] * 9000) + "\n")
-    assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", long), "context")
+    assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", long), "context", "prompt 1 of 1 in",
+                       "long.txt: the prompt is")  # (battery 15: the file was not named)
     long.write_text("Hello there.\n" + " ".join(["word"] * 9000) + "\nWhat is 2 + 2?\n")  # which one of the file
-    assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", long), "prompt 2 of 3: the prompt is",
-                       "leave it out of the prompt file")
+    assert_clean_error(invoke("bench", "--drafter", "random", "--prompts", long), "prompt 2 of 3 in",
+                       "long.txt: the prompt is", "leave it out of the prompt file")
 
 
 def test_local_model_directory_and_missing_chat_template(tmp_path, prompt_file):

@@ -68,7 +68,7 @@ def bench(
         note_past_training(dr, loaded.drafter_name, [beam_length])
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
-    check_prompts_fit(target, ids, max_new_tokens)
+    check_prompts_fit(target, ids, max_new_tokens, prompts)
     note_short_prompt_set(texts, num_prompts, default=NUM_PROMPTS)
     gen = Generator(target, dr)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]

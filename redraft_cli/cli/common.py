@@ -414,16 +414,18 @@ def note_short_prompt_set(texts: list[str], num_prompts: int, default: int) -> N
         err.print(f"note: --num-prompts {num_prompts}, but the prompts hold {len(texts)}; using {len(texts)}")
 
 
-def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int) -> None:
-    """Refuse a prompt longer than the context; note prompts whose answer the context will cut short."""
+def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int, source: str | None = None) -> None:
+    """Refuse a prompt longer than the context, naming it and its --prompts `source` (None: the built-in
+    set); note prompts whose answer the context will cut short."""
+    where = "" if source is None else " from standard input" if is_dash(source) else f" in {source}"
     for i, p in enumerate(ids):
         try:
             target.check_prompt(p)
         except ContextOverflowError as exc:  # which prompt of the file (the run measures them all, or none)
-            if len(ids) == 1:
+            if len(ids) == 1 and not where:
                 raise
-            raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}: {exc} (or leave it out of the prompt "
-                                       f"file)") from None
+            left_out = " (or leave it out of the prompt file)" if len(ids) > 1 else ""
+            raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where}: {exc}{left_out}") from None
     cut = sum(len(p) + max_new_tokens > target.max_context for p in ids)
     if cut:
         err.print(f"note: {cut} prompt(s) leave fewer than --max-new-tokens {max_new_tokens} tokens of the "

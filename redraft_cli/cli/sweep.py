@@ -122,7 +122,7 @@ def sweep(
     note_past_training(dr, loaded.drafter_name, sorted({length for _, length, _ in cfg.shapes}), "--beam-lengths")
     encode = target.encode_raw if no_chat_template else target.encode_chat
     ids = [encode(t) for t in texts]
-    check_prompts_fit(target, ids, max_new_tokens)
+    check_prompts_fit(target, ids, max_new_tokens, prompts)
     gen = Generator(target, dr)
 
     head = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
