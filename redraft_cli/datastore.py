@@ -101,8 +101,9 @@ class Datastore:
             if a.numel() and (a.is_floating_point() or a.is_complex() or a.dtype == torch.bool):
                 raise BadInputError(f"Datastore.from_answers: answer {i + 1} holds {a.dtype} values, not token ids")
             a = a.to(torch.long).flatten()
-            if a.numel() and (int(a.min()) < 0 or int(a.max()) >= vocab_size):
-                bad = int(a.min()) if int(a.min()) < 0 else int(a.max())
+            low, high = (int(a.min()), int(a.max())) if a.numel() else (0, 0)
+            if low < 0 or high >= vocab_size:
+                bad = low if low < 0 else high
                 raise BadInputError(f"Datastore.from_answers: answer {i + 1} holds token id {bad}, outside the "
                                     f"vocabulary of {vocab_size} (ids 0..{vocab_size - 1})")
             if a.numel():

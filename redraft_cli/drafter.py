@@ -250,6 +250,19 @@ def device_kind(method: str, device: Any) -> str:
         raise BadInputError(f"{method}'s device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from exc
 
 
+def _check_draft_vocab(src: Path, ids: torch.Tensor, vocab_size: int) -> None:
+    """DrafterLoadError unless a saved draft vocabulary (N,) is distinct token ids of 0..vocab_size-1."""
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise DrafterLoadError(f"drafter {src}: its draft vocabulary is {ids.dtype}, not token ids; its files are damaged")
+    if ids.unique().numel() != ids.numel():
+        raise DrafterLoadError(f"drafter {src}: its draft vocabulary lists a token id twice; its files are damaged")
+    if ids.numel() and int(ids.max()) >= vocab_size:
+        raise DrafterLoadError(f"drafter {src}: config.json says vocab_size {vocab_size}, but its draft vocabulary "
+                               f"holds token id {int(ids.max())}; its files do not match")
+    if ids.numel() and int(ids.min()) < 0:
+        raise DrafterLoadError(f"drafter {src}: its draft vocabulary holds a negative token id; its files are damaged")
+
+
 def _check_path(method: str, path: Any, error: type[BadInputError] = DrafterLoadError) -> None:
     if not isinstance(path, (str, os.PathLike)):
         hint = " (shipped_drafter_dir returns None for a model no drafter ships for)" if path is None else ""
@@ -667,16 +680,8 @@ class Drafter(nn.Module):
         if broken:
             raise DrafterLoadError(f"drafter weights {weights_path}: {broken} holds NaN or infinite values (a damaged "
                                    f"file, or a training run that diverged); distill the drafter again")
-        if "draft_vocab" in state and (state["draft_vocab"].is_floating_point() or state["draft_vocab"].dtype == torch.bool):
-            raise DrafterLoadError(f"drafter {src}: its draft vocabulary is {state['draft_vocab'].dtype}, not token ids; "
-                                   f"its files are damaged")
-        if "draft_vocab" in state and state["draft_vocab"].unique().numel() != state["draft_vocab"].numel():
-            raise DrafterLoadError(f"drafter {src}: its draft vocabulary lists a token id twice; its files are damaged")
-        if "draft_vocab" in state and state["draft_vocab"].numel() and int(state["draft_vocab"].max()) >= config.vocab_size:
-            raise DrafterLoadError(f"drafter {src}: config.json says vocab_size {config.vocab_size}, but its draft "
-                                   f"vocabulary holds token id {int(state['draft_vocab'].max())}; its files do not match")
-        if "draft_vocab" in state and state["draft_vocab"].numel() and int(state["draft_vocab"].min()) < 0:
-            raise DrafterLoadError(f"drafter {src}: its draft vocabulary holds a negative token id; its files are damaged")
+        if "draft_vocab" in state:
+            _check_draft_vocab(src, state["draft_vocab"], config.vocab_size)
         drafter = cls(config)
         drafter.load_state_dict(state)
         if (src / DATASTORE_NAME).is_file():

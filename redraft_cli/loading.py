@@ -183,8 +183,7 @@ def _convert_embedded(alias: str, damaged: bool = False) -> Path:
     from filelock import FileLock
 
     out = cache_dir() / "models" / alias
-    done = lambda: _conversion_listed(out)  # noqa: E731
-    if done() and not damaged:
+    if _conversion_listed(out) and not damaged:
         return out
     try:  # find out before the ~20 s conversion whether its result can be kept
         writable_dir(out.parent)
@@ -195,7 +194,7 @@ def _convert_embedded(alias: str, damaged: bool = False) -> Path:
         # What a conversion killed mid-way left (~0.5 GB each): stale, since its process let the lock go.
         for stale in [*out.parent.glob(f".{alias}.tmp*"), *out.parent.glob(f"{alias}.tmp*")]:
             shutil.rmtree(stale, ignore_errors=True)
-        if done() and not (damaged and _damaged_conversion(out)):  # converted while this process waited
+        if _conversion_listed(out) and not (damaged and _damaged_conversion(out)):  # converted while this waited
             return out
         _convert_into(alias, out)
     return out

@@ -725,25 +725,45 @@ def default_data_dir(recipe: Recipe, model_name: str, convs: list[list[str]], ge
     return cache_dir() / "distill-data" / f"{recipe.name}-{key}"
 
 
+def _answered_prefix(theirs: dict | None, convs: list[list[str]], gen_cfg: GenerationConfig) -> int:
+    """How many of `convs` (its first ones) the data folder of manifest `theirs` answers with gen_cfg's
+    settings: its conversation count when they are `convs`' first ones, else 0."""
+    if theirs is None or theirs.get("config") != json.loads(json.dumps(gen_cfg.fingerprint())):
+        return 0  # other settings (--max-new-tokens, ...)
+    count = int(theirs.get("num_conversations", -1))
+    if not 0 < count <= len(convs) or theirs.get("conversations_sha256") != conversations_sha256(convs[:count]):
+        return 0  # other prompts (--data)
+    return count
+
+
+def _copy_shards(source: Path, data_dir: Path, manifest: dict, shards: list[dict], link: bool = False) -> None:
+    """Put `shards` of data folder `source` into data_dir with `manifest` (listing them) written last.
+    link=True: hard links where the file system allows (shards are replaced whole, never written in place)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for shard in shards:
+        src, dst = source / shard["file"], data_dir / shard["file"]
+        dst.unlink(missing_ok=True)
+        try:
+            if not link:
+                raise OSError
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+    text = json.dumps(manifest, indent=2) + "\n"  # (as data.py writes manifests)
+    atomic_write(data_dir / "manifest.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def seed_from_package(name: str, data_dir: Path, convs: list[list[str]], gen_cfg: GenerationConfig) -> None:
     """Copy the data shipped in the package for recipe `name` into data_dir when it holds more shards
     and answers the same conversations (`convs` start with its own) with the same generation settings."""
     shipped = _shipped_data(name)
     ours, theirs = read_manifest(data_dir), read_manifest(shipped)
-    if theirs is None:
-        return
-    count = int(theirs.get("num_conversations", -1))
-    if (theirs.get("config") != json.loads(json.dumps(gen_cfg.fingerprint())) or not 0 < count <= len(convs)
-            or theirs.get("conversations_sha256") != conversations_sha256(convs[:count])):
-        return  # other prompts (--data) or other settings (--max-new-tokens, ...): the run generates its own
+    if not _answered_prefix(theirs, convs, gen_cfg):
+        return  # (the run generates its own)
     if ours is not None and (len(ours["shards"]) >= len(theirs["shards"]) or ours.get("config") != theirs.get("config")
                              or ours.get("conversations_sha256") != theirs.get("conversations_sha256")):
         return
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for shard in theirs["shards"]:
-        if shard.get("file"):
-            shutil.copyfile(shipped / shard["file"], data_dir / shard["file"])
-    shutil.copyfile(shipped / "manifest.json", data_dir / "manifest.json")
+    _copy_shards(shipped, data_dir, theirs, [sh for sh in theirs["shards"] if sh.get("file")])
 
 
 def seed_from_earlier(name: str, data_dir: Path, convs: list[list[str]], gen_cfg: GenerationConfig, model: str) -> str:
@@ -754,15 +774,11 @@ def seed_from_earlier(name: str, data_dir: Path, convs: list[list[str]], gen_cfg
     then answers only the rest (`data._extend_prompts`). Returns the folder used ("" for none)."""
     if read_manifest(data_dir) is not None:
         return ""
-    setting = json.loads(json.dumps(gen_cfg.fingerprint()))
     best: tuple[Path, dict, list[dict]] | None = None
     for folder in data_dir.parent.glob(f"{name}-*"):
         theirs = read_manifest(folder) if folder.is_dir() and folder != data_dir else None
-        if (theirs is None or theirs.get("model") != model or theirs.get("version") != FORMAT_VERSION
-                or theirs.get("config") != setting):
-            continue
-        count = int(theirs.get("num_conversations", -1))
-        if not 0 < count < len(convs) or theirs.get("conversations_sha256") != conversations_sha256(convs[:count]):
+        count = _answered_prefix(theirs, convs, gen_cfg)
+        if not count or count == len(convs) or theirs.get("model") != model or theirs.get("version") != FORMAT_VERSION:
             continue
         whole = count // gen_cfg.shard_size  # (a last shard of fewer conversations changes in the grown list)
         shards = [sh for sh in theirs["shards"] if int(sh["index"]) < whole and sh.get("file")
@@ -772,17 +788,7 @@ def seed_from_earlier(name: str, data_dir: Path, convs: list[list[str]], gen_cfg
     if best is None:
         return ""
     folder, theirs, shards = best
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for shard in shards:
-        src, dst = folder / shard["file"], data_dir / shard["file"]
-        dst.unlink(missing_ok=True)
-        try:
-            os.link(src, dst)  # (shards are replaced whole, never written in place: a link is safe)
-        except OSError:
-            shutil.copyfile(src, dst)
-    manifest = {**theirs, "shards": shards, "complete": False}
-    text = json.dumps(manifest, indent=1)
-    atomic_write(data_dir / "manifest.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    _copy_shards(folder, data_dir, {**theirs, "shards": shards, "complete": False}, shards, link=True)
     return str(folder)
 
 
