@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 
 from .errors import BadInputError, DrafterLoadError
-from .files import atomic_write
+from .files import atomic_write, safetensors_bytes
 from .lookup import PAD, append_beams, copy_length
 
 if TYPE_CHECKING:  # (beam_search imports this module)
@@ -125,13 +125,11 @@ class Datastore:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `path` (a .safetensors file) atomically."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         shifted = self.tokens + 1  # SEP -> 0
         stored = shifted.to(torch.uint16) if self.vocab_size < 2**16 else shifted.to(torch.int32)
         meta = {"format": "pt", "vocab_size": str(self.vocab_size), "answers": str(self.answers)}
-        return atomic_write(path, lambda tmp: save_file({"tokens": stored}, tmp, metadata=meta))
+        return atomic_write(path, lambda tmp: Path(tmp).write_bytes(safetensors_bytes({"tokens": stored}, meta)))
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs) -> "Datastore":

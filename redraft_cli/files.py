@@ -3,6 +3,7 @@ half a file), result files whose write errors name them, and the cache directory
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -41,6 +42,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """A .safetensors file's bytes, the same on every run: safetensors orders the header's metadata as a
+    hash map does (differently from one process to the next), so the header is written again with sorted
+    keys (padded with spaces to 8 bytes, as safetensors pads it); the tensor data is unchanged."""
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + raw[8 + size:]
 
 
 def remove_temporaries(folder: str | os.PathLike) -> None:
