@@ -410,7 +410,7 @@ def test_a_grown_prompt_file_keeps_its_answers_and_a_resume_on_other_data_says_s
     data = tmp_path / "cache" / "distill-data"
     (old,) = list(data.iterdir())
     more = runner.invoke(app, ["distill", str(recipe), "--data", str(grown), "--data-only"])
-    assert more.exit_code == 0 and "its answers are kept" in flat(more), more.output
+    assert more.exit_code == 0 and "its answers to the first 8 prompts are kept" in flat(more), more.output
     (new,) = [d for d in data.iterdir() if d != old]
     for shard in ("shard-00000.safetensors", "shard-00001.safetensors"):  # (4 conversations a shard: 2 whole ones)
         assert (new / shard).read_bytes() == (old / shard).read_bytes()
@@ -432,6 +432,39 @@ def test_a_grown_prompt_file_keeps_its_answers_and_a_resume_on_other_data_says_s
                                 "--no-bench", "--resume"])
     assert other.exit_code == 0 and "the training data differs from the data the checkpoint's 3 steps" in flat(other), \
         other.output
+
+
+def test_a_grown_prompt_file_reuses_the_sampled_answers_and_caches_of_the_earlier_folder(tiny_recipe, tmp_path,
+                                                                                         monkeypatch):
+    """Battery 18: a grown prompt file linked only the earlier folder's whole greedy shards, so its sampled
+    answers, written prompts and hidden states were all made again. Its subfolders are now linked too (the
+    sampled answers' whole shards stay as they were), and the earlier folder is left untouched."""
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(tmp_path / "cache"))
+    richer = tmp_path / "richer.yaml"
+    richer.write_text(recipe.read_text().replace(
+        "shard_size: 4}", "shard_size: 4, cache_hidden: true, sampled_answers: 1, sampled_temperature: 0.7}"))
+    lines = [f"Tell me fact number {i} about the sea." for i in range(10)]
+    first, grown = tmp_path / "p.txt", tmp_path / "grown.txt"
+    first.write_text("\n".join(lines) + "\n")
+    grown.write_text("\n".join(lines + ["Why is the sea salty?", "What lives in the deep sea?"]) + "\n")
+    made = runner.invoke(app, ["distill", str(richer), "--data", str(first), "--data-only"])
+    assert made.exit_code == 0, made.output
+    data = tmp_path / "cache" / "distill-data"
+    (old,) = list(data.iterdir())
+    before = {p: (p.stat().st_ino, p.read_bytes()) for p in old.rglob("*") if p.is_file() and p.name != ".lock"}
+    (sampled,) = [p.name for p in old.glob("sampled-*")]
+    assert (old / sampled / "shard-00001.safetensors").is_file() and list(old.glob("hidden-*/hidden-*"))
+    more = runner.invoke(app, ["distill", str(richer), "--data", str(grown), "--data-only"])
+    assert more.exit_code == 0 and "its answers to the first 8 prompts are kept" in " ".join(more.output.split()), \
+        more.output
+    (new,) = [d for d in data.iterdir() if d != old]
+    for shard in ("shard-00000.safetensors", "shard-00001.safetensors"):  # the 8 training conversations' 2 whole shards
+        assert (new / sampled / shard).stat().st_ino == (old / sampled / shard).stat().st_ino
+    assert json.loads((new / sampled / "manifest.json").read_text())["num_conversations"] == 10
+    assert json.loads((new / sampled / "manifest.json").read_text())["complete"]
+    after = {p: (p.stat().st_ino, p.read_bytes()) for p in old.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
 
 
 def test_distill_writes_no_report_over_its_inputs_or_outputs(tiny_recipe, tmp_path):

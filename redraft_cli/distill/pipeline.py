@@ -339,11 +339,10 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
         max_shards = -(-(d.held_out + seen) // d.shard_size)
     with _making_data(data_dir, launch.world, emit):
         if not given_dir:
-            earlier: list[str] = []
+            earlier: list[tuple[str, int]] = []
             launch.main_only(lambda: earlier.append(seed_from_earlier(recipe.name, data_dir, convs, gen_cfg, target.name)))
-            if earlier and earlier[0]:
-                emit({"event": "note", "text": f"the prompts start with those of {earlier[0]}: its answers are kept, "
-                                               f"and only the new prompts are answered"})
+            if earlier and earlier[0][0]:
+                emit({"event": "note", "text": _reused_note(*earlier[0], d.shard_size)})
         examples = _answers(target, launch, recipe.name, convs, data_dir, gen_cfg, max_shards, generate, emit, "greedy")
         totals = (read_manifest(data_dir) or {}).get("totals") or {}
         lost = [f"{n} {what}" for n, what in ((totals.get("skipped", 0), "conversation(s) left out"),
@@ -766,30 +765,67 @@ def seed_from_package(name: str, data_dir: Path, convs: list[list[str]], gen_cfg
     _copy_shards(shipped, data_dir, theirs, [sh for sh in theirs["shards"] if sh.get("file")])
 
 
-def seed_from_earlier(name: str, data_dir: Path, convs: list[list[str]], gen_cfg: GenerationConfig, model: str) -> str:
+def seed_from_earlier(name: str, data_dir: Path, convs: list[list[str]], gen_cfg: GenerationConfig,
+                      model: str) -> tuple[str, int]:
     """A grown prompt list (prompts added at the end of a file): its data folder is new (the folder's
-    key covers every prompt), so start it from the largest earlier folder of recipe `name` whose
-    conversations are this list's first ones, with the same model and generation settings. Its whole
-    shards are linked (copied where links fail) with a manifest that lists them; `generate_dataset`
-    then answers only the rest (`data._extend_prompts`). Returns the folder used ("" for none)."""
+    key covers every prompt), so start it from the earlier folder of recipe `name` that answers most of
+    this list's first conversations, with the same model and generation settings. Linked (copied where
+    links fail), so that nothing is made twice:
+    - its whole shards, with a manifest that lists them; `generate_dataset` then answers only the rest
+      (`data._extend_prompts`; a last shard of fewer conversations is answered again, with the new ones);
+    - its subfolders whole: the hidden-state caches (chunks are found by their examples, so those of the
+      unchanged first conversations are used again), the sampled answers (extended as the greedy ones)
+      and the prompts the target wrote with their answers (they depend on the settings, not on the list).
+    Every file there is replaced whole when it changes, never written in place, so the earlier folder
+    stays as it was. Returns the folder used ("" for none) and how many answers were kept."""
     if read_manifest(data_dir) is not None:
-        return ""
-    best: tuple[Path, dict, list[dict]] | None = None
+        return "", 0
+    best: tuple[int, Path, dict] | None = None
     for folder in data_dir.parent.glob(f"{name}-*"):
         theirs = read_manifest(folder) if folder.is_dir() and folder != data_dir else None
         count = _answered_prefix(theirs, convs, gen_cfg)
         if not count or count == len(convs) or theirs.get("model") != model or theirs.get("version") != FORMAT_VERSION:
             continue
-        whole = count // gen_cfg.shard_size  # (a last shard of fewer conversations changes in the grown list)
-        shards = [sh for sh in theirs["shards"] if int(sh["index"]) < whole and sh.get("file")
-                  and (folder / sh["file"]).is_file()]
-        if shards and (best is None or len(shards) > len(best[2])):
-            best = (folder, theirs, shards)
+        if best is None or count > best[0]:
+            best = (count, folder, theirs)
     if best is None:
-        return ""
-    folder, theirs, shards = best
+        return "", 0
+    count, folder, theirs = best
+    whole = count // gen_cfg.shard_size  # (a last shard of fewer conversations changes in the grown list)
+    shards = [sh for sh in theirs["shards"] if int(sh["index"]) < whole and sh.get("file") and (folder / sh["file"]).is_file()]
+    subfolders = [sub for sub in folder.iterdir() if sub.is_dir() and not sub.is_symlink() and not sub.name.startswith(".")]
+    if not shards and not subfolders:
+        return "", 0
+    for sub in subfolders:
+        _link_tree(sub, data_dir / sub.name)
     _copy_shards(folder, data_dir, {**theirs, "shards": shards, "complete": False}, shards, link=True)
-    return str(folder)
+    return str(folder), sum(int(sh["conversations"]) + int(sh["skipped"]) for sh in shards)
+
+
+def _reused_note(folder: str, kept: int, shard_size: int) -> str:
+    """What `seed_from_earlier` kept of `folder`: answers (in whole shards), and what its subfolders hold."""
+    if kept:
+        return (f"the prompts start with those of {folder}: its answers to the first {kept} prompts are kept, and only the "
+                f"rest are answered")
+    return (f"the prompts start with those of {folder}: what it made besides its answers (hidden states, sampled "
+            f"answers, prompts the target wrote) is used where it still fits; its answers are made again, as they "
+            f"fill no whole shard of {shard_size} conversations (data.shard_size)")
+
+
+def _link_tree(source: Path, dest: Path) -> None:
+    """Hard-link (copy where links fail) every file under `source` into `dest`, but the temporaries of a
+    write in progress and the lock files of a run (`.NAME`)."""
+    for path in source.rglob("*"):
+        rel = path.relative_to(source)
+        if any(part.startswith(".") for part in rel.parts) or path.is_symlink() or not path.is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, dest / rel)
+        except FileExistsError:  # (linked by a run stopped before the manifest was written)
+            pass
+        except OSError:
+            atomic_write(dest / rel, lambda tmp, src=path: shutil.copyfile(src, tmp))
 
 
 def warm_start(drafter: Drafter, path: Path, copy: bool = True) -> dict[str, torch.Tensor | None]:
