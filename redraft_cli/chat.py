@@ -160,6 +160,9 @@ class ChatSession:
             names = set(SETTABLE) | {"draft", "system"}
             raise type(exc)(re.sub(r"--([a-z-]+)", lambda m: m[1] if m[1] in names else m[0], str(exc))) from None
         self.cfg = new
+        if new.sampling.temperature == 0 and (attr in ("top_p", "top_k", "typical_epsilon", "typical_delta")
+                                              or (attr == "accept" and parsed in ("rejection", "typical"))):
+            dropped += "; at temperature 0 decoding is greedy: it applies once temperature is above 0"
         return f"{name} = {parsed}{dropped}"
 
     def _prompt_ids(self) -> list[int]:

@@ -124,6 +124,12 @@ def test_set_validates(target):
     assert s.set("beam-width", "3") == "beam-width = 3" and s.cfg.tree_nodes == 7  # 3 x 3 = 9 drafted tokens
     said = s.set("beam-width", "2")
     assert s.cfg.tree_nodes == 0 and "nodes 7 no longer fits a 2x4 search: nodes = 0" in said, said
+    # At temperature 0 a sampling setting changes nothing yet, and the answer says so (as the flags' note).
+    s.set("temperature", "0")
+    assert s.set("accept", "rejection").endswith("decoding is greedy: it applies once temperature is above 0")
+    assert s.set("top-k", "5").endswith("once temperature is above 0") and s.set("beam-width", "3") == "beam-width = 3"
+    s.set("temperature", "0.7")
+    assert s.set("top-p", "0.9") == "top-p = 0.9"
 
 
 def test_a_turn_the_template_cannot_render_leaves_the_history_as_it_was(target):
@@ -395,6 +401,15 @@ def test_a_closed_stdin_is_no_prompt():
     r = subprocess.run([REDRAFT, "chat", "--model", "/nonexistent"], preexec_fn=lambda: os.close(0),
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
     assert r.returncode == 2 and "no prompt: pass --prompt TEXT or text on stdin" in r.stderr, r.stderr
+    # Battery 18: text on stdin that holds only spaces is named as such ("pass text on stdin" alone misled).
+    r = subprocess.run([REDRAFT, "chat", "--model", "/nonexistent"], input=" \n\t\n", capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "no prompt: standard input holds no text" in r.stderr, r.stderr
+    # --show-drafts where its colour cannot show (not a terminal, or --json) says so before the model loads.
+    for extra, said in (([], "standard output does not show here"), (["--json"], "changes nothing with --json")):
+        r = subprocess.run([REDRAFT, "chat", "--model", "/nonexistent", "-p", "Hi", "--show-drafts", *extra],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and said in " ".join(r.stderr.split()), r.stderr
 
 
 def test_an_interactive_chat_without_a_usable_template_fails_at_the_start(model_dir, tmp_path):
@@ -558,9 +573,11 @@ def test_ctrl_c_during_a_long_paste_stops_between_its_passes(target, monkeypatch
     monkeypatch.setattr("builtins.input", typed(["word " * (3 * PREFILL_CHUNK)]))
     monkeypatch.setattr(target, "forward_tree", forward)
     chat_cli._interactive(s, show_drafts=False)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "stopped before the answer began" in err and "Traceback" not in err, err
     assert passes == [PREFILL_CHUNK] and s.messages == [] and s.totals.answers == 0
+    # One line says so (battery 18: an empty line on standard output and "[interrupted]" came with it).
+    assert out == "" and "[interrupted]" not in err, (out, err)
 
 
 def test_an_answer_stopped_by_ctrl_c_keeps_what_was_shown(target, monkeypatch, capsys):
@@ -635,3 +652,18 @@ def test_a_prompt_from_standard_input_loses_windows_line_ends():
     from redraft_cli.cli.chat import _read_stdin
 
     assert _read_stdin(io.TextIOWrapper(io.BytesIO(b"Line one\r\nLine two\r\n"))) == "Line one\nLine two\n"
+
+
+def test_a_prompt_from_standard_input_may_be_utf16_with_its_byte_order_mark():
+    """Battery 18: chat refused what `bench --prompts -` reads (a file saved as UTF-16 by a Windows tool)."""
+    import codecs
+    import io
+
+    from redraft_cli.cli.chat import _read_stdin
+    from redraft_cli.errors import BadInputError
+
+    for bom, encoding in ((codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")):
+        data = bom + "Grüße,\r\nwörld".encode(encoding)
+        assert _read_stdin(io.TextIOWrapper(io.BytesIO(data))) == "Grüße,\nwörld"
+    with pytest.raises(BadInputError, match="not UTF-16 text"):
+        _read_stdin(io.TextIOWrapper(io.BytesIO(codecs.BOM_UTF16_LE + b"a\x00\x00\xd8")))  # a lone surrogate

@@ -201,7 +201,7 @@ def test_accept_auto_samples_and_typical_settings_are_recorded(tmp_path, prompt_
     data = json.loads(out.read_text())
     assert typical.exit_code == 0 and (data["typical_epsilon"], data["typical_delta"]) == (0.2, 0.3)
     greedy = invoke(*args, "--accept", "typical")
-    assert greedy.exit_code == 0 and "--accept typical change(s) nothing" in " ".join(greedy.output.split())
+    assert greedy.exit_code == 0 and "--accept typical changes nothing" in " ".join(greedy.output.split())
     # --epsilon / --delta without --accept typical were ignored without a word (said before the model loads).
     ignored = invoke(*args, "--temperature", 0.7, "--epsilon", 0.2, "--delta", 0.5, "--json", tmp_path / "no" / "x.json")
     assert ignored.exit_code == 2 and "loading" not in ignored.output.lower(), ignored.output

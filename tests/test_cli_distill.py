@@ -668,7 +668,7 @@ def test_held_out_prompts_that_are_also_training_prompts_are_noted(tiny_recipe, 
     r = runner.invoke(app, ["distill", str(recipe), "--data", str(dup), "--out", str(tmp_path / "o"), "--max-steps", "1",
                             "--no-bench"])
     assert r.exit_code == 0, r.output
-    assert "note: 1 of the 2 held-out conversations are also training conversations" in " ".join(r.output.split())
+    assert "note: 1 of the 2 held-out conversations is also among the training conversations" in " ".join(r.output.split())
     clean = runner.invoke(app, ["distill", str(recipe), "--out", str(tmp_path / "o2"), "--max-steps", "1", "--no-bench"])
     assert clean.exit_code == 0 and "held-out conversations are also" not in clean.output, clean.output
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import signal
@@ -55,7 +56,7 @@ def chat(
                                                        "template's default).")] = None,
     max_new_tokens: o.MaxNewTokens = 512,
     no_draft: Annotated[bool, typer.Option("--no-draft", help="Plain decoding, for comparison.")] = False,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this once and exit. Text piped on stdin is one prompt too (all of it, slash commands included).")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this once and exit. Without it, text piped on stdin is one prompt too (all of it, slash commands included); with it, stdin is not read.")] = None,
     show_drafts: Annotated[bool, typer.Option("--show-drafts", help="Highlight tokens that came from accepted drafts.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="One-shot mode: print the answer and its statistics as JSON.")] = False,
     dtype: o.Dtype = D["dtype"],
@@ -82,14 +83,20 @@ def chat(
     for name, text in (("--prompt", prompt), ("--system", system)):
         if text is not None and (bad := not_utf8(text)):
             raise BadInputError(f"{name} is not UTF-8 text ({bad}); give it in UTF-8")
-    if prompt is None and one_shot:
-        prompt = _read_stdin(stdin).removeprefix("\ufeff").strip() if stdin is not None else ""  # (a BOM is not text)
+    piped = prompt is None and one_shot and stdin is not None
+    if piped:
+        prompt = _read_stdin(stdin).removeprefix("\ufeff").strip()  # (a BOM is not text)
     if one_shot and not (prompt or "").strip():
-        raise BadInputError("no prompt: pass --prompt TEXT or text on stdin")
+        raise BadInputError("no prompt: " + ("standard input holds no text (only spaces, or nothing); " if piped else "")
+                            + "pass --prompt TEXT or text on stdin")
     if no_draft and (show_drafts or any(v is not None for v in (beam_width, beam_length, lookup, lookup_length,
                                                                   datastore, nodes))):
         err.print("note: --no-draft decodes plainly, so the drafting options (beam shape, lookup, datastore, nodes, "
                   "--show-drafts) change nothing")
+    elif show_drafts and one_shot and (json_out or not console.is_terminal):
+        err.print("note: --show-drafts changes nothing with --json" if json_out else
+                  "note: --show-drafts marks drafted tokens in colour, which standard output does not show here (not "
+                  "a terminal; FORCE_COLOR=1 shows it)")
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template)
     dr = loaded.drafter
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes)
@@ -112,17 +119,19 @@ def utf8_output() -> bool:
 
 
 def _read_stdin(stdin) -> str:
-    """All of standard input as UTF-8 text; other bytes are refused, as `bench --prompts -` refuses them
-    (the answer to text the model never saw would be worthless)."""
+    """All of standard input as text: UTF-8, or UTF-16 after its byte-order mark, as `bench --prompts -`
+    reads them; other bytes are refused (the answer to text the model never saw would be worthless)."""
     buffer = getattr(stdin, "buffer", None)
     if buffer is None:  # (a text stream without bytes under it: a test's StringIO)
         text = stdin.read()
     else:
+        data = buffer.read()
+        utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))  # (as prompt files: Windows tools write it)
         try:
-            text = buffer.read().decode("utf-8")
+            text = data.decode("utf-16" if utf16 else "utf-8")
         except UnicodeDecodeError as exc:
-            raise BadInputError(f"standard input is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
-                                f"{exc.start}); give the prompt in UTF-8") from exc
+            raise BadInputError(f"standard input is not {'UTF-16' if utf16 else 'UTF-8'} text (byte "
+                                f"0x{exc.object[exc.start]:02x} at offset {exc.start}); give the prompt in UTF-8") from exc
     if bad := not_utf8(text):
         raise BadInputError(f"standard input is not UTF-8 text ({bad}); give the prompt in UTF-8")
     return text.replace("\r\n", "\n")  # (a file saved on Windows: its line ends are not the prompt's text)
@@ -142,7 +151,7 @@ def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = Fa
     answer = session.ask(text)  # (a generator: its errors come while it runs, inside the try below)
     previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum)) if main else None
     session.gen.interrupt = lambda: bool(stop)
-    noted = False
+    noted = shown = False
     try:
         for chunk in answer:
             if stop and chunk.step.prefill:  # stopped in the prompt pass: the message is taken back, nothing shown
@@ -157,13 +166,15 @@ def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = Fa
                     console.print(Text(chunk.drafted), end="", soft_wrap=True)
                 console.print(Text(chunk.text), end="", soft_wrap=True)
                 console.file.flush()
+            shown = True
             if stop and not chunk.step.finished:  # after showing the pass: the answer kept is the answer shown
                 raise KeyboardInterrupt
         return True  # (a Ctrl-C in or after the last pass stops nothing: the answer is whole)
     except KeyboardInterrupt:
         answer.close()  # the partial answer joins the history
-        console.print()
-        err.print("[interrupted]", style="yellow", markup=False)
+        if shown:  # (stopped in the prompt pass: nothing was shown, and the caller's one line says so)
+            console.print()
+            err.print("[interrupted]", style="yellow", markup=False)
         return False
     finally:
         session.gen.interrupt = None

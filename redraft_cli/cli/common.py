@@ -244,7 +244,8 @@ def decode_config(max_new_tokens: int, beam_width: int | None, beam_length: int 
     unused = [o for o, v, off in (("--top-k", top_k, 0), ("--top-p", top_p, 1.0)) if v != off]
     if temperature == 0 and (unused or accept in ("rejection", "typical")):
         what = " and ".join(unused + ([f"--accept {accept}"] if accept in ("rejection", "typical") else []))
-        err.print(f"note: at --temperature 0 decoding is greedy, so {what} change(s) nothing")
+        err.print(f"note: at --temperature 0 decoding is greedy, so {what} "
+                  f"{'changes' if len(unused) + (accept in ('rejection', 'typical')) == 1 else 'change'} nothing")
     typical = [o for o, v, off in (("--epsilon", epsilon, DecodeConfig.typical_epsilon),
                                    ("--delta", delta, DecodeConfig.typical_delta)) if v != off]
     if typical and accept != "typical":

@@ -239,7 +239,7 @@ def _checked(recipe: Recipe, out: Path, resume: bool, emit: EventFn, data_dir: P
         where = "" if os.path.isabs(os.path.expanduser(d.source)) or "://" in d.source else \
             f" (a relative path: looked for in the current folder {os.getcwd()}, and beside the recipe file " \
             f"for a recipe's own data.source)"
-        raise PromptError(f"data.source: {exc}{where if 'not found' in str(exc) else ''}") from exc
+        raise PromptError(f"data.source (--data): {exc}{where if 'not found' in str(exc) else ''}") from exc
     if skipped:
         emit({"event": "note", "text": f"skipped {len(skipped)} record(s) that are not prompts or hold no text; the first: {skipped[0]}"})
     if d.num_prompts and len(convs) < d.num_prompts:
@@ -252,7 +252,8 @@ def _checked(recipe: Recipe, out: Path, resume: bool, emit: EventFn, data_dir: P
         check_same_held_out_key(out, checkpoint_held_out_key(out), held_out_key(convs, d.held_out))
     leaked = _held_out_in_training(convs, d.held_out)
     if leaked:
-        emit({"event": "note", "text": f"{leaked} of the {d.held_out} held-out conversations are also training "
+        emit({"event": "note", "text": f"{leaked} of the {d.held_out} held-out conversations "
+                                       f"{'is' if leaked == 1 else 'are'} also among the training "
                                        f"conversations (duplicates in the data): held-out agreement and the bench "
                                        f"overstate the drafter on new prompts; deduplicate the prompts"})
     for note in _shape_notes(recipe, bench and not data_only):
