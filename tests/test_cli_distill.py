@@ -467,6 +467,28 @@ def test_a_grown_prompt_file_reuses_the_sampled_answers_and_caches_of_the_earlie
     assert after == before
 
 
+def test_a_grown_prompt_file_reuses_the_hidden_states_of_its_unchanged_chunks(tiny_recipe, tmp_path, monkeypatch):
+    """Battery 18: the hidden states of a grown file's first 256 conversations (one chunk) were computed again."""
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(tmp_path / "cache"))
+    big = tmp_path / "big.yaml"
+    big.write_text(recipe.read_text().replace("gen_batch_size: 4, shard_size: 4}",
+                                              "gen_batch_size: 16, shard_size: 64, cache_hidden: true}"))
+    lines = [f"Tell me fact number {i} about the sea." for i in range(300)]
+    first, grown = tmp_path / "p.txt", tmp_path / "grown.txt"
+    first.write_text("\n".join(lines) + "\n")
+    grown.write_text("\n".join(lines + ["Why is the sea salty?"]) + "\n")
+    assert runner.invoke(app, ["distill", str(big), "--data", str(first), "--data-only"]).exit_code == 0
+    data = tmp_path / "cache" / "distill-data"
+    (old,) = list(data.iterdir())
+    more = runner.invoke(app, ["distill", str(big), "--data", str(grown), "--data-only"])
+    assert more.exit_code == 0 and "its answers to the first 256 prompts are kept" in " ".join(more.output.split())
+    (new,) = [d for d in data.iterdir() if d != old]
+    (chunk,) = [p.relative_to(old) for p in old.glob("hidden-*/hidden-00000-*.safetensors")]
+    assert (new / chunk).stat().st_ino == (old / chunk).stat().st_ino  # used, not made again
+    assert len(list(new.glob("hidden-*/hidden-00001-*.safetensors"))) == 2  # the earlier last chunk, and the new one
+
+
 def test_distill_writes_no_report_over_its_inputs_or_outputs(tiny_recipe, tmp_path):
     """--json never names the recipe, the drafter's own files in --out, or a file of the target's folder;
     --out is never inside the installed package."""
