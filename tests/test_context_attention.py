@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import random_prompts
 from redraft_cli import DecodeConfig, Drafter, Generator
-from redraft_cli.distill.pipeline import warm_start
+from redraft_cli.distill.warm_start import warm_start
 from redraft_cli.distill.recipe import TrainSection
 from redraft_cli.distill.train import batch_loss
 from redraft_cli.drafter import DrafterConfig
@@ -214,7 +214,7 @@ def test_distill_with_context_attention_int8_head_and_warm_start(tmp_path):
 def test_freeze_copied_trains_only_new_rows_and_blocks(tmp_path, tiny_target):
     """After a warm start into a larger draft vocabulary plus a context block, one optimiser step
     moves only the new rows and the new block."""
-    from redraft_cli.distill.pipeline import freeze_copied
+    from redraft_cli.distill.warm_start import freeze_copied
 
     src = Drafter.for_target(tiny_target, seed=3, head="own", draft_vocab_size=8)
     src.draft_vocab.copy_(torch.arange(8))

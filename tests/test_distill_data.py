@@ -319,7 +319,8 @@ def test_the_shipped_data_seeds_only_runs_that_ask_for_it(tmp_path):
     from dataclasses import replace
 
     from redraft_cli.distill.data import GenerationConfig, read_manifest
-    from redraft_cli.distill.pipeline import resolve_conversations, seed_from_package
+    from redraft_cli.distill.pipeline import resolve_conversations
+    from redraft_cli.distill.seeding import seed_from_package
     from redraft_cli.distill.recipe import load_recipe
 
     d = load_recipe("smollm2-135m").data

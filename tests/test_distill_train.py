@@ -803,7 +803,7 @@ def test_data_rendered_through_another_chat_template_is_cached_apart(tmp_path, m
     from dataclasses import replace
 
     from redraft_cli.distill.data import GenerationConfig
-    from redraft_cli.distill.pipeline import default_data_dir
+    from redraft_cli.distill.seeding import default_data_dir
     from redraft_cli.distill.recipe import recipe_from_dict
 
     monkeypatch.setenv("REDRAFT_CACHE", str(tmp_path / "cache"))
@@ -827,7 +827,7 @@ def test_data_rendered_through_another_chat_template_is_cached_apart(tmp_path, m
 def test_init_from_a_tied_drafter_with_another_draft_vocabulary_and_what_it_refuses(tmp_path):
     """A tied head has no rows of its own: its draft vocabulary is the new run's (it was refused as
     'tensor draft_vocab'). A context-attention drafter into a plain one names the window."""
-    from redraft_cli.distill.pipeline import warm_start
+    from redraft_cli.distill.warm_start import warm_start
 
     target = tiny_chat_llama(seed=3)
     src = Drafter.for_target(target, seed=1, head="tied", draft_vocab_size=16)

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-from importlib import resources
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,9 +40,11 @@ from ..loading import TargetSpec, _hub_reachable, load_target
 from ..target import Target
 from .hidden_cache import DamagedChunk, attach_hidden, build_hidden_cache
 from .launch import Launch, launched_processes, launched_rank, start_launch
-from .data import (FORMAT_VERSION, GenerationConfig, conversations_sha256, drop_damaged_shards, generate_dataset,
+from .data import (GenerationConfig, conversations_sha256, drop_damaged_shards, generate_dataset,
                    load_dataset, read_manifest)
 from .recipe import Recipe, builtin_recipes, check_recipe
+from .seeding import default_data_dir, reused_note, seed_from_earlier, seed_from_package, settings_key, shipped_data
+from .warm_start import freeze_copied, warm_start
 from .written import PROMPTS as WRITTEN_PROMPTS, STATE as WRITTEN_STATE, WritingConfig, write_prompts
 from .train import (CHECKPOINT, check_resumable, check_same_held_out_key, checkpoint_held_out_key, recover_checkpoint,
                     train_drafter)
@@ -343,7 +344,7 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
             earlier: list[tuple[str, int]] = []
             launch.main_only(lambda: earlier.append(seed_from_earlier(recipe.name, data_dir, convs, gen_cfg, target.name)))
             if earlier and earlier[0][0]:
-                emit({"event": "note", "text": _reused_note(*earlier[0], d.shard_size)})
+                emit({"event": "note", "text": reused_note(*earlier[0], d.shard_size)})
         examples = _answers(target, launch, recipe.name, convs, data_dir, gen_cfg, max_shards, generate, emit, "greedy")
         totals = (read_manifest(data_dir) or {}).get("totals") or {}
         lost = [f"{n} {what}" for n, what in ((totals.get("skipped", 0), "conversation(s) left out"),
@@ -620,16 +621,6 @@ def _shards_to_answer(recipe: Recipe, conversations: int) -> int:
     return shards if seen is None else min(shards, -(-seen // recipe.data.shard_size))
 
 
-def _shipped_data(name: str) -> Path:
-    """The package's directory of distillation data `name` (it may not exist)."""
-    return Path(str(resources.files("redraft_cli") / "data" / "distill" / name))
-
-
-def _settings_key(settings: Any) -> str:
-    """A short stable name for a data set's settings (JSON-able)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-
-
 def _sampled_answers(target: Target, launch: Launch, recipe: Recipe, train_convs: list[list[str]], gen_cfg: GenerationConfig,
                      data_dir: Path, generate: bool, emit: EventFn, cache: bool) -> list[dict]:
     """The recipe's sampled answers to the training conversations (data.sampled_*), every example
@@ -645,7 +636,7 @@ def _sampled_answers(target: Target, launch: Launch, recipe: Recipe, train_convs
         cfg = replace(gen_cfg, temperature=d.sampled_temperature, top_p=d.sampled_top_p, seed=d.seed + s,
                       max_new_tokens=d.sampled_max_new_tokens or d.max_new_tokens)
         # (keyed by where the training conversations start too: another data.held_out answers other ones)
-        sdir = data_dir / f"sampled-{_settings_key([cfg.fingerprint(), d.held_out])}"
+        sdir = data_dir / f"sampled-{settings_key([cfg.fingerprint(), d.held_out])}"
         found = _answers(target, launch, f"{recipe.name}-sampled-{s}", train_convs, sdir, cfg, shards, generate, emit,
                          f"sampled answers {s}", required=False)
         found = [e for e in found if e["conv_index"] < n]
@@ -667,8 +658,8 @@ def _written_prompts(target: Target, launch: Launch, recipe: Recipe, gen_cfg: Ge
         return []
     wcfg = WritingConfig(count=d.written_prompts, temperature=d.written_temperature, batch_size=d.gen_batch_size,
                          seed=d.seed, system=d.system)
-    wdir = data_dir / f"written-{_settings_key([wcfg.fingerprint(), gen_cfg.fingerprint()])}"
-    shipped = _shipped_data(f"{recipe.name}-written")
+    wdir = data_dir / f"written-{settings_key([wcfg.fingerprint(), gen_cfg.fingerprint()])}"
+    shipped = shipped_data(f"{recipe.name}-written")
 
     def seed() -> None:
         if ((shipped / WRITTEN_PROMPTS).is_file() and not (wdir / WRITTEN_PROMPTS).is_file() and json.loads(
@@ -717,183 +708,6 @@ def _attach_hidden_states(target: Target, launch: Launch, examples: list[dict], 
             emit({"event": "note", "text": f"{exc.path} is damaged; computing it again"})
             launch.barrier()  # (every process has read it before the main one deletes it)
             launch.main_only(exc.forget)
-
-
-def default_data_dir(recipe: Recipe, model_name: str, convs: list[list[str]], gen_cfg: GenerationConfig) -> Path:
-    """Data is cached per (recipe, model, generation settings, prompts) and shared by all runs of them."""
-    key = _settings_key({"model": model_name, "gen": gen_cfg.fingerprint(), "convs": conversations_sha256(convs)})
-    return cache_dir() / "distill-data" / f"{recipe.name}-{key}"
-
-
-def _answered_prefix(theirs: dict | None, convs: list[list[str]], gen_cfg: GenerationConfig) -> int:
-    """How many of `convs` (its first ones) the data folder of manifest `theirs` answers with gen_cfg's
-    settings: its conversation count when they are `convs`' first ones, else 0."""
-    if theirs is None or theirs.get("config") != json.loads(json.dumps(gen_cfg.fingerprint())):
-        return 0  # other settings (--max-new-tokens, ...)
-    count = int(theirs.get("num_conversations", -1))
-    if not 0 < count <= len(convs) or theirs.get("conversations_sha256") != conversations_sha256(convs[:count]):
-        return 0  # other prompts (--data)
-    return count
-
-
-def _copy_shards(source: Path, data_dir: Path, manifest: dict, shards: list[dict], link: bool = False) -> None:
-    """Put `shards` of data folder `source` into data_dir with `manifest` (listing them) written last.
-    link=True: hard links where the file system allows (shards are replaced whole, never written in place)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for shard in shards:
-        src, dst = source / shard["file"], data_dir / shard["file"]
-        dst.unlink(missing_ok=True)
-        try:
-            if not link:
-                raise OSError
-            os.link(src, dst)
-        except OSError:
-            shutil.copyfile(src, dst)
-    text = json.dumps(manifest, indent=2) + "\n"  # (as data.py writes manifests)
-    atomic_write(data_dir / "manifest.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def seed_from_package(name: str, data_dir: Path, convs: list[list[str]], gen_cfg: GenerationConfig) -> None:
-    """Copy the data shipped in the package for recipe `name` into data_dir when it holds more shards
-    and answers the same conversations (`convs` start with its own) with the same generation settings."""
-    shipped = _shipped_data(name)
-    ours, theirs = read_manifest(data_dir), read_manifest(shipped)
-    if not _answered_prefix(theirs, convs, gen_cfg):
-        return  # (the run generates its own)
-    if ours is not None and (len(ours["shards"]) >= len(theirs["shards"]) or ours.get("config") != theirs.get("config")
-                             or ours.get("conversations_sha256") != theirs.get("conversations_sha256")):
-        return
-    _copy_shards(shipped, data_dir, theirs, [sh for sh in theirs["shards"] if sh.get("file")])
-
-
-def seed_from_earlier(name: str, data_dir: Path, convs: list[list[str]], gen_cfg: GenerationConfig,
-                      model: str) -> tuple[str, int]:
-    """A grown prompt list (prompts added at the end of a file): its data folder is new (the folder's
-    key covers every prompt), so start it from the earlier folder of recipe `name` that answers most of
-    this list's first conversations, with the same model and generation settings. Linked (copied where
-    links fail), so that nothing is made twice:
-    - its whole shards, with a manifest that lists them; `generate_dataset` then answers only the rest
-      (`data._extend_prompts`; a last shard of fewer conversations is answered again, with the new ones);
-    - its subfolders whole: the hidden-state caches (chunks are found by their examples, so those of the
-      unchanged first conversations are used again), the sampled answers (extended as the greedy ones)
-      and the prompts the target wrote with their answers (they depend on the settings, not on the list).
-    Every file there is replaced whole when it changes, never written in place, so the earlier folder
-    stays as it was. Returns the folder used ("" for none) and how many answers were kept."""
-    if read_manifest(data_dir) is not None:
-        return "", 0
-    best: tuple[int, Path, dict] | None = None
-    for folder in data_dir.parent.glob(f"{name}-*"):
-        theirs = read_manifest(folder) if folder.is_dir() and folder != data_dir else None
-        count = _answered_prefix(theirs, convs, gen_cfg)
-        if not count or count == len(convs) or theirs.get("model") != model or theirs.get("version") != FORMAT_VERSION:
-            continue
-        if best is None or count > best[0]:
-            best = (count, folder, theirs)
-    if best is None:
-        return "", 0
-    count, folder, theirs = best
-    whole = count // gen_cfg.shard_size  # (a last shard of fewer conversations changes in the grown list)
-    shards = [sh for sh in theirs["shards"] if int(sh["index"]) < whole and sh.get("file") and (folder / sh["file"]).is_file()]
-    subfolders = [sub for sub in folder.iterdir() if sub.is_dir() and not sub.is_symlink() and not sub.name.startswith(".")]
-    if not shards and not subfolders:
-        return "", 0
-    for sub in subfolders:
-        _link_tree(sub, data_dir / sub.name)
-    _copy_shards(folder, data_dir, {**theirs, "shards": shards, "complete": False}, shards, link=True)
-    return str(folder), sum(int(sh["conversations"]) + int(sh["skipped"]) for sh in shards)
-
-
-def _reused_note(folder: str, kept: int, shard_size: int) -> str:
-    """What `seed_from_earlier` kept of `folder`: answers (in whole shards), and what its subfolders hold."""
-    if kept:
-        return (f"the prompts start with those of {folder}: its answers to the first {kept} prompts are kept, and only the "
-                f"rest are answered")
-    return (f"the prompts start with those of {folder}: what it made besides its answers (hidden states, sampled "
-            f"answers, prompts the target wrote) is used where it still fits; its answers are made again, as they "
-            f"fill no whole shard of {shard_size} conversations (data.shard_size)")
-
-
-def _link_tree(source: Path, dest: Path) -> None:
-    """Hard-link (copy where links fail) every file under `source` into `dest`, but the temporaries of a
-    write in progress and the lock files of a run (`.NAME`)."""
-    for path in source.rglob("*"):
-        rel = path.relative_to(source)
-        if any(part.startswith(".") for part in rel.parts) or path.is_symlink() or not path.is_file():
-            continue
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, dest / rel)
-        except FileExistsError:  # (linked by a run stopped before the manifest was written)
-            pass
-        except OSError:
-            atomic_write(dest / rel, lambda tmp, src=path: shutil.copyfile(src, tmp))
-
-
-def warm_start(drafter: Drafter, path: Path, copy: bool = True) -> dict[str, torch.Tensor | None]:
-    """Start `drafter` from a saved drafter's weights; returns what was copied.
-
-    Every tensor of the saved one must exist here with the same shape, except an
-    `own` head's vocabulary projection when the draft vocabularies differ: its rows
-    are matched by token id (a token new to the draft vocabulary keeps its fresh,
-    small row; `drafter.draft_vocab` is kept). Tensors only `drafter` has (a context
-    attention block added to a plain drafter) keep their initialisation (c = h).
-    The result maps each copied tensor's name to None (copied whole) or to a
-    (rows,) bool mask of its rows that are new. copy=False only computes it (resume).
-    """
-    source = Drafter.load(path)
-    mine, theirs = drafter.state_dict(), source.state_dict()
-    head = f"lm_head.{drafter.config.num_draft_layers}.weight"
-    remap = drafter.config.head == "own" and source.config.head == "own" and head in theirs and (
-        tuple(theirs[head].shape) != tuple(mine[head].shape) or "draft_vocab" not in theirs or "draft_vocab" not in mine
-        or not torch.equal(theirs["draft_vocab"], mine["draft_vocab"].to(theirs["draft_vocab"].device)))
-    # The draft vocabulary is this run's (from its data): an `own` head's rows move to it by token id; a
-    # `tied` head has no rows of its own.
-    skip = {head, "draft_vocab"} if remap else {"draft_vocab"}
-    a, b = source.config, drafter.config
-    differ = [f"{name} {x} vs {y}" for name, x, y in (("head", a.head, b.head), ("layers", a.num_draft_layers, b.num_draft_layers),
-                                                      ("hidden size", a.hidden_size, b.hidden_size),
-                                                      ("vocabulary", a.vocab_size, b.vocab_size)) if x != y]
-    if a.context_window and not b.context_window:  # (adding a context block to a plain drafter is fine)
-        differ.append(f"context window {a.context_window} vs none: set drafter.context_window (--context-window)")
-    wrong = [k for k, v in theirs.items() if k not in skip and (k not in mine or tuple(mine[k].shape) != tuple(v.shape))]
-    if differ or wrong:
-        raise BadInputError(f"drafter.init_from {path} does not fit this recipe's drafter ("
-                            f"{', '.join(differ) if differ else 'tensor ' + wrong[0]}); head, layers, hidden size and "
-                            f"target vocabulary must match")
-    copied: dict[str, torch.Tensor | None] = {k: None for k in theirs if k not in skip}
-    with torch.no_grad():
-        if copy:
-            for k in copied:
-                mine[k].copy_(theirs[k].to(mine[k].dtype))
-        if remap:
-            V = drafter.config.vocab_size
-            full = lambda d: torch.arange(V) if d.draft_vocab is None else d.draft_vocab.cpu()
-            row_of = torch.full((V,), -1, dtype=torch.long)
-            row_of[full(source)] = torch.arange(full(source).numel())
-            src_rows = row_of[full(drafter)]  # (V_d,) the source's row for each of our tokens, -1: new
-            have = src_rows >= 0
-            if copy:
-                mine[head][have.to(mine[head].device)] = theirs[head][src_rows[have]].to(mine[head])
-            copied[head] = ~have
-    return copied
-
-
-def freeze_copied(drafter: Drafter, copied: dict[str, torch.Tensor | None]) -> int:
-    """Train only what a warm start did not copy: tensors copied whole stop learning, and a
-    tensor with new rows learns those rows only (its gradient is masked). Returns the number
-    of parameters left to train."""
-    params = dict(drafter.named_parameters())
-    trainable = 0
-    for name, p in params.items():
-        if name not in copied:
-            trainable += p.numel()
-        elif copied[name] is None:
-            p.requires_grad_(False)
-        else:
-            keep = copied[name].to(device=p.device, dtype=p.dtype).view(-1, *([1] * (p.dim() - 1)))
-            p.register_hook(lambda g, keep=keep: g * keep)
-            trainable += int(copied[name].sum()) * (p.numel() // p.shape[0])
-    return trainable
 
 
 def _label_counts(examples: list[dict], vocab_size: int) -> torch.Tensor:
