@@ -732,6 +732,8 @@ class Drafter(nn.Module):
         from .decode import DecodeConfig
 
         _check_int("Drafter.decode_config's batch_size", batch_size, low=1)
+        if device is not None:  # (an error names this method, not recommended_shape)
+            device = device_kind("Drafter.decode_config", device)
         known = {f.name for f in fields(DecodeConfig)}
         for k in overrides:
             if k not in known:

@@ -321,7 +321,28 @@ def test_held_out_from_the_command_line(tiny_recipe, monkeypatch):
     ok = runner.invoke(app, ["distill", str(recipe), "--out", str(root / "h2"), "--held-out", "0", "--max-steps", "1",
                              "--no-bench", "--json", str(root / "h2.json")])
     assert ok.exit_code == 0, ok.output
-    assert json.loads((root / "h2.json").read_text())["data"]["held_out_conversations"] == 0
+    report = json.loads((root / "h2.json").read_text())
+    assert report["data"]["held_out_conversations"] == 0
+    # Battery 19: no held-out agreement to report (it was the negated training loss), and a note says so.
+    assert report["best_mean_agreement"] is None
+    assert "data.held_out 0: no conversation is held out, so there is no held-out agreement" in " ".join(ok.output.split())
+    assert "nan" not in ok.output
+
+
+def test_a_diverged_run_keeps_no_checkpoint_of_its_blown_up_weights(tiny_recipe, monkeypatch):
+    """Battery 19: with a learning rate far too high the weights stayed finite (~1e30) but their loss did not,
+    and the checkpoint kept them, so the advised `--resume --lr` diverged again at once, round and round."""
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache-diverge"))
+    out = root / "diverged"
+    blown = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--lr", "1e30", "--max-steps", "3",
+                                "--no-bench"])
+    text = " ".join(blown.output.split())
+    assert blown.exit_code == 2 and "training diverged by step 1" in text and "--lr, now 1e+30" in text, blown.output
+    assert not (out / "checkpoint").exists()
+    again = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--lr", "1e-3", "--max-steps", "3",
+                                "--no-bench", "--resume"])
+    assert again.exit_code == 0, again.output
 
 
 def test_the_recommended_shape_fits_the_predicted_tokens(tiny_recipe, monkeypatch):

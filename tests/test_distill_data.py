@@ -333,3 +333,16 @@ def test_the_shipped_data_seeds_only_runs_that_ask_for_it(tmp_path):
     seed_from_package("smollm2-135m", tmp_path / "short", convs, replace(cfg, max_new_tokens=8))
     seed_from_package("smollm2-135m", tmp_path / "other", [["Tell me about the sea."]] * 60, cfg)
     assert read_manifest(tmp_path / "short") is None and read_manifest(tmp_path / "other") is None
+
+
+def test_a_quantized_target_answers_into_its_own_data_folder():
+    """Battery 19: an 8-bit target trained on the answers and hidden states an unquantized run had cached
+    (the data key named neither), and the other way round. Unquantized data keeps the key it always had."""
+    from redraft_cli.distill.recipe import load_recipe
+    from redraft_cli.distill.seeding import default_data_dir
+
+    recipe, convs = load_recipe("smollm2-135m"), [["Hi"], ["Tell me about the sea."]]
+    plain, eight, four = GenerationConfig(), GenerationConfig(quantize="8bit"), GenerationConfig(quantize="4bit")
+    assert "quantize" not in plain.fingerprint() and eight.fingerprint()["quantize"] == "8bit"
+    dirs = {default_data_dir(recipe, "smollm2-135m", convs, cfg) for cfg in (plain, eight, four)}
+    assert len(dirs) == 3

@@ -135,7 +135,12 @@ def test_recipes_load_and_validate(tmp_path):
                                  ({"eval": {"bench_max_new_tokens": 3.5}}, "eval.bench_max_new_tokens"),
                                  ({"target": {"model": 5}}, "target.model must be a string, got 5"),
                                  ({"target": {"dtype": ["float32"]}}, "target.dtype must be a string"),
-                                 ({"target": {"device": "tpu"}}, "target.device must be one of"),
+                                 ({"target": {"device": "tpu"}}, r"target.device \(--device\) must be one of"),
+                                 # Battery 19: whole numbers too large for a float, or for torch's 64-bit seeds.
+                                 ({"train": {"epochs": 10**400}}, "train.epochs must be a finite number > 0 and <= "),
+                                 ({"train": {"max_steps": 10**26}}, "train.max_steps must be a finite number >= 1 and"),
+                                 ({"train": {"seed": 2**70}}, "train.seed must be a finite number >= 0 and <= 4294967295"),
+                                 ({"data": {"seed": 2**40}}, "data.seed must be"),
                                  ({"data": {"source": ["a", "b"]}}, "data.source must be a string"),
                                  ({"data": {"cache_hidden": "notabool"}}, "data.cache_hidden must be true or false"),
                                  ({"data": {"sampled_answers": 1, "sampled_top_p": 5}}, "data.sampled_top_p"),
@@ -152,6 +157,31 @@ def test_recipes_load_and_validate(tmp_path):
             recipe_from_dict(bad_fields)
     # A model path or id names its recipe by its last part, made safe for a folder name.
     assert load_recipe("/tmp/my model/").name == "my-model" and load_recipe("Org/Model-7B").name == "Model-7B"
+    # Battery 19: a recipe changed in Python after it loaded gets the checks a YAML file or a flag gets, before
+    # any work (these failed after the model loaded, or after training, or as a torch traceback).
+    from redraft_cli.distill.recipe import check_recipe
+
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("name: r\ntarget: {model: smollm2-135m}\n")
+    assert load_recipe(recipe_file).name == "r"  # (a Path, as well as a str)
+    with pytest.raises(BadInputError, match="a recipe is a name, a YAML path or a model id/path, got NoneType"):
+        load_recipe(None)
+    for section, name, value, fragment in (("train", "dropout", 5.0, r"train.dropout must be in \[0, 1\)"),
+                                           ("drafter", "weight_storage", "fp8", "drafter.weight_storage must be"),
+                                           ("beam", "width", 0, "beam.width must be >= 1"),
+                                           ("drafter", "head", "shared", "drafter.head"),
+                                           ("train", "freeze_init", True, "train.freeze_init needs a drafter")):
+        changed = load_recipe(recipe_file)
+        setattr(getattr(changed, section), name, value)
+        with pytest.raises(BadInputError, match=fragment):
+            check_recipe(changed)
+    changed = load_recipe(recipe_file)
+    changed.eval = None
+    with pytest.raises(BadInputError, match="recipe.eval must be a EvalSection, got null"):
+        check_recipe(changed)
+    with pytest.raises(BadInputError, match="a key must be a name, not a list"):
+        (tmp_path / "key.yaml").write_text("name: r\n? [a, b]\n: 1\n")
+        load_recipe(str(tmp_path / "key.yaml"))
 
 
 def test_distill_pipeline_end_to_end(tmp_path):

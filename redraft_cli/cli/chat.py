@@ -173,7 +173,8 @@ def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = Fa
     except KeyboardInterrupt:
         answer.close()  # the partial answer joins the history
         if shown:  # (stopped in the prompt pass: nothing was shown, and the caller's one line says so)
-            console.print()
+            if not quiet:  # (--json: the JSON alone goes to stdout)
+                console.print()
             err.print("[interrupted]", style="yellow", markup=False)
         return False
     finally:

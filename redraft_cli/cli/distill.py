@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -79,21 +78,7 @@ def distill(
             setattr(getattr(recipe, section), name, value)
     if device is not None:
         recipe.target.device = device
-    recipe.data, recipe.train = dataclasses.replace(recipe.data), dataclasses.replace(recipe.train)  # validation
-    recipe.target = dataclasses.replace(recipe.target)
-    if recipe.drafter.head not in ("own", "tied"):
-        raise BadInputError(f"drafter.head (--head) must be own or tied, got {recipe.drafter.head!r}")
-    if recipe.drafter.predict_tokens < 1:
-        raise BadInputError(f"drafter.predict_tokens (--predict-tokens) must be >= 1, got {recipe.drafter.predict_tokens}")
-    if recipe.drafter.num_layers < 0:
-        raise BadInputError(f"drafter.num_layers (--num-layers) must be >= 0, got {recipe.drafter.num_layers}")
-    if recipe.drafter.context_window < 0:
-        raise BadInputError(f"drafter.context_window (--context-window) must be >= 0, got {recipe.drafter.context_window}")
-    if recipe.drafter.init_from and not Path(recipe.drafter.init_from).expanduser().is_dir():
-        raise BadInputError(f"drafter.init_from (--init-from) {recipe.drafter.init_from} is not a drafter directory")
-    if recipe.train.freeze_init and not recipe.drafter.init_from:
-        raise BadInputError("train.freeze_init needs a drafter to start from (--init-from or drafter.init_from)")
-    check_recipe(recipe)  # every other value, before the model loads (--max-steps 0, --lr nan, ...)
+    check_recipe(recipe)  # every value, before the model loads (--max-steps 0, --lr nan, --head x, ...)
     out = Path(os.path.expanduser(out or Path("drafters") / recipe.name))  # (--out=~/x comes unexpanded)
     check_out_folder(out, json_path)
     files, folders = model_inputs(recipe.target.model)
@@ -287,7 +272,7 @@ def _summary(m: dict) -> Table:
     t.add_column("top-1 per position", justify="left")
     t.add_column("tokens/step, 1 beam (est.)", justify="right")  # 1 + sum of agreement products; no tree, no lookup
     for row in m["history"]:
-        t.add_row(str(row["step"]), f"{row['train_loss']:.3f}", f"{row.get('loss', float('nan')):.3f}",
+        t.add_row(str(row["step"]), f"{row['train_loss']:.3f}", shown(row.get('loss'), '.3f'),
                   " ".join(f"{a:.2f}" for a in row.get("agreement", [])), shown(row.get('est_tokens_per_step'), ".2f"))
     held = m.get("data", {}).get("held_out_conversations", 1)
     caption = (f"best step {m['best_step']} (mean held-out top-1 {m['best_mean_agreement']:.3f})" if held else

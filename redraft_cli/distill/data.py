@@ -63,6 +63,7 @@ class GenerationConfig:
     system: str | None = None
     max_prompt_tokens: int = 512  # longer prompts are skipped (counted in the manifest)
     chat_template: str | None = None  # sha256 of a template that replaces the tokenizer's own (None: its own)
+    quantize: str | None = None  # the target's bitsandbytes quantization, 8bit | 4bit (None: unquantized)
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size", "shard_size", "max_prompt_tokens"):
@@ -75,9 +76,11 @@ class GenerationConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields that must match for a resumption (a chat template only when one replaced the tokenizer's
-        own: data made with the tokenizer's template keeps the key it always had)."""
+        own, a quantization only when there is one: data made before they were recorded keeps its key).
+        The float dtype is not among them: float32 and bfloat16 answers of one model share their data
+        (their greedy tokens differ at about 1% of positions; a drafter trained on either scores the same)."""
         return {k: v for k, v in asdict(self).items()
-                if k not in RESUMABLE_FIELDS and not (k == "chat_template" and v is None)}
+                if k not in RESUMABLE_FIELDS and not (k in ("chat_template", "quantize") and v is None)}
 
 
 # -- chat glue -----------------------------------------------------------------

@@ -36,7 +36,7 @@ from ..errors import BadInputError, ModelLoadError, PromptError
 from ..prompts import builtin_conversations, load_conversations
 from ..files import atomic_write, remove_temporaries, writable_dir
 from ..files import cache_dir
-from ..loading import TargetSpec, _hub_reachable, load_target
+from ..loading import TargetSpec, _hub_reachable, load_target, resolve_device
 from ..target import Target
 from .hidden_cache import DamagedChunk, attach_hidden, build_hidden_cache
 from .launch import Launch, launched_processes, launched_rank, start_launch
@@ -223,7 +223,14 @@ def _checked(recipe: Recipe, out: Path, resume: bool, emit: EventFn, data_dir: P
         raise BadInputError(f"--out {out} already holds files and no training checkpoint; the drafter's files would "
                             f"replace them{'' if mine else f' ({RECIPE_NAME} among them, a recipe redraft did not write)'}"
                             f": use a new or empty directory")
+    if target is None:
+        try:  # (no CUDA here: said now, by the recipe's field, not after the model's download)
+            resolve_device(recipe.target.device)
+        except BadInputError as exc:
+            raise BadInputError(str(exc).replace("--device", "target.device (--device)", 1)) from exc
     check_offline_needs(recipe)
+    if recipe.drafter.init_from and not Path(recipe.drafter.init_from).expanduser().is_dir():
+        raise BadInputError(f"drafter.init_from (--init-from) {recipe.drafter.init_from} is not a drafter directory")
     if recipe.drafter.init_from:  # a drafter that cannot load fails now, not after hours of data generation
         Drafter.load(Path(recipe.drafter.init_from).expanduser())
     fitted = recipe.beam.fit_to(recipe.drafter.predict_tokens, recipe.drafter.context_window)
@@ -291,7 +298,7 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
         # The main process first: it downloads or converts the model once, the others then load that.
         target = launch.main_first(lambda: load_target(spec))
     if recipe.drafter.draft_vocab_size and recipe.drafter.draft_vocab_size > target.vocab_size:
-        raise BadInputError(f"--draft-vocab {recipe.drafter.draft_vocab_size} is larger than {target.name}'s vocabulary "
+        raise BadInputError(f"drafter.draft_vocab_size (--draft-vocab) {recipe.drafter.draft_vocab_size} is larger than {target.name}'s vocabulary "
                             f"of {target.vocab_size} tokens")
     apply_chat_template(target, recipe.target.chat_template)
     dr = recipe.drafter
@@ -326,7 +333,9 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
                                max_prompt_tokens=d.max_prompt_tokens,
                                # (data rendered through another template is other data: its own cache folder)
                                chat_template=None if recipe.target.chat_template is None else
-                               hashlib.sha256(target.tokenizer.chat_template.encode()).hexdigest())
+                               hashlib.sha256(target.tokenizer.chat_template.encode()).hexdigest(),
+                               # (a quantized target answers differently: its own data and hidden states)
+                               quantize=None if recipe.target.quantize in (None, "none") else recipe.target.quantize)
     context = int(getattr(target, "max_context", 1 << 30))
     prompt_room = min(d.max_prompt_tokens, context - d.max_new_tokens)  # (data._generate_shard's limit)
     if prompt_room < 1:
@@ -423,7 +432,7 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
         "steps": state.step,
         "seconds": round(state.seconds, 1),
         "best_step": state.best_step,
-        "best_mean_agreement": state.best_agreement,
+        "best_mean_agreement": state.best_agreement if held else None,  # (none held out: best by training loss)
         "history": state.history,
         "data": {"train_conversations": len(train_set), "held_out_conversations": len(held),
                  "train_generated_tokens": train_tokens},
@@ -453,6 +462,10 @@ def _shape_notes(recipe: Recipe, bench: bool = True) -> list[str]:
         notes.append(f"drafter.predict_tokens {k}: answers of at most {longest} tokens (data.max_new_tokens) train "
                      f"only drafter steps 1-{longest - 1}; the rest stay untrained (agreement 0): lower predict_tokens "
                      f"or raise data.max_new_tokens")
+    if d.held_out == 0:
+        notes.append("data.held_out 0: no conversation is held out, so there is no held-out agreement"
+                     + (" or bench" if bench and recipe.eval.bench_prompts > 0 else "")
+                     + ", and the best checkpoint is the one of lowest training loss")
     if bench and recipe.eval.bench_prompts > d.held_out > 0:
         notes.append(f"eval.bench_prompts {recipe.eval.bench_prompts}: only {d.held_out} conversations are held out "
                      f"(data.held_out), so the bench after training runs {d.held_out}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -151,7 +152,8 @@ class BeamSection:
         except BadInputError as exc:  # named by the recipe's fields, not bench's flags
             message = str(exc)
             for flag, name in (("--beam-width", "width"), ("--beam-length", "length"), ("--lookup-length", "lookup_length"),
-                               ("--lookup", "lookup"), ("--datastore", "datastore"), ("--nodes", "nodes")):
+                               ("--lookup", "lookup"), ("--datastore", "datastore"), ("--nodes", "nodes"),
+                               ("beam width", "width"), ("beam length", "length")):
                 message = message.replace(flag, f"beam.{name}")
             raise BadInputError(message) from exc
 
@@ -222,13 +224,14 @@ def _build(cls: type, data: Any, where: str) -> Any:
     return cls(**data)
 
 
+SECTION_TYPES = {"target": TargetSection, "data": DataSection, "drafter": DrafterSection, "train": TrainSection,
+                 "eval": EvalSection, "beam": BeamSection}
+
+
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     if not isinstance(data, dict):
         raise BadInputError("a recipe must be a YAML mapping")
-    section_types = {
-        "target": TargetSection, "data": DataSection, "drafter": DrafterSection,
-        "train": TrainSection, "eval": EvalSection, "beam": BeamSection,
-    }
+    section_types = SECTION_TYPES
     unknown = sorted(set(data) - set(section_types) - {"name", "description"})
     if unknown:
         raise BadInputError(f"recipe has unknown section(s) {unknown}")
@@ -267,10 +270,12 @@ def _type_ok(value: Any, annotation: str) -> bool:
 
 
 def _as_yaml(value: Any) -> str:
-    """A recipe value as its YAML spells it (true, null), for messages about it; other values as repr."""
+    """A recipe value as its YAML spells it (true, null), for messages about it; other values as repr
+    (a long one cut short)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return "null" if value is None else repr(value)
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
 
 
 def _check_type(section: str, name: str, value: Any, annotation: str) -> None:
@@ -308,12 +313,30 @@ _LOWER_BOUNDS: dict[tuple[str, str], tuple[float, bool]] = {
 }
 _UPPER_BOUNDS = {("data", "top_p"): 1.0, ("train", "warmup_ratio"): 1.0, ("data", "sampled_top_p"): 1.0,
                  # a drafter is a small head: 20,000 blocks filled the memory before any message
-                 ("drafter", "num_layers"): 64, ("drafter", "predict_tokens"): 63}  # (beams of at most 64 tokens)
+                 ("drafter", "num_layers"): 64, ("drafter", "predict_tokens"): 63,  # (beams of at most 64 tokens)
+                 ("data", "seed"): 2**32 - 1, ("train", "seed"): 2**32 - 1}  # (seeds derived from them stay 64-bit)
+INT_MAX = 2**63 - 1  # (torch's seeds and counts are 64-bit)
+# The fields that `redraft distill` also takes as a flag: an error about one names both.
+FLAGS = {("data", "source"): "--data", ("data", "num_prompts"): "--num-prompts", ("data", "held_out"): "--held-out",
+         ("data", "max_new_tokens"): "--max-new-tokens", ("train", "max_steps"): "--max-steps",
+         ("train", "epochs"): "--epochs", ("train", "batch_size"): "--batch-size", ("train", "lr"): "--lr",
+         ("train", "dropout"): "--dropout", ("drafter", "num_layers"): "--num-layers",
+         ("drafter", "predict_tokens"): "--predict-tokens", ("drafter", "draft_vocab_size"): "--draft-vocab",
+         ("drafter", "context_window"): "--context-window", ("data", "sampled_answers"): "--sampled-answers",
+         ("data", "written_prompts"): "--written-prompts"}
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """BadInputError, naming the field, for any value that would only fail (or be ignored) after the model loads."""
+    """BadInputError, naming the field, for any value that would only fail (or be ignored) after the model loads.
+    The same checks whether the recipe came from YAML, flags or Python code that changed its fields after
+    `load_recipe` (each section's own checks run again)."""
+    if not isinstance(recipe, Recipe):
+        raise BadInputError(f"a recipe must be a Recipe (load_recipe(NAME_OR_PATH)), got {type(recipe).__name__}")
+    for section, kind in SECTION_TYPES.items():
+        if not isinstance(getattr(recipe, section, None), kind):
+            raise BadInputError(f"recipe.{section} must be a {kind.__name__}, got "
+                                f"{_as_yaml(getattr(recipe, section, None))}")
     if not isinstance(recipe.name, str) or not NAME.fullmatch(recipe.name):
         raise BadInputError(f"recipe name must be letters, digits, '.', '_', '+' or '-' (it names the data folder and "
                             f"drafters/NAME), starting with a letter or digit, got {recipe.name!r}")
@@ -330,13 +353,23 @@ def check_recipe(recipe: Recipe) -> None:
         value = getattr(part, name)
         if value is None and "None" in str(next(f.type for f in fields(part) if f.name == name)):
             continue  # an optional field left unset
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ok = ok and (value >= low if inclusive else value > low) and value <= _UPPER_BOUNDS.get((section, name), math.inf)
+        # (a whole number is not tested with math.isfinite: one of 400 digits overflows a float)
+        upper = _UPPER_BOUNDS.get((section, name), INT_MAX if isinstance(value, int) else None)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (isinstance(value, int)
+                                                                                or math.isfinite(value))
+        ok = ok and (value >= low if inclusive else value > low) and (upper is None or value <= upper)
         if not ok:
             bound = f">= {low}" if inclusive else f"> {low}"
-            upper = _UPPER_BOUNDS.get((section, name))
+            flag = f" ({FLAGS[section, name]})" if (section, name) in FLAGS else ""
             raise BadInputError(f"{section}.{name} must be a finite number {bound}" + (f" and <= {upper}" if upper else "")
-                                + f", got {_as_yaml(value)}")
+                                + f", got {_as_yaml(value)}{flag}")
+    for section in SECTION_TYPES:  # each section's own checks, for values set after it was made
+        dataclasses.replace(getattr(recipe, section))
+    d = recipe.drafter
+    if d.head not in ("own", "tied"):
+        raise BadInputError(f"drafter.head (--head) must be own or tied, got {_as_yaml(d.head)}")
+    if recipe.train.freeze_init and not d.init_from:
+        raise BadInputError("train.freeze_init needs a drafter to start from (--init-from or drafter.init_from)")
     if recipe.train.mixed_precision not in MIXED_PRECISION:
         raise BadInputError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {recipe.train.mixed_precision!r}")
     from ..loading import TargetSpec
@@ -344,8 +377,8 @@ def check_recipe(recipe: Recipe) -> None:
     t = recipe.target
     try:
         TargetSpec(model=t.model, dtype=t.dtype, device=t.device, quantize=t.quantize)
-    except BadInputError as exc:  # "--dtype must be ..." -> "target.dtype must be ..."
-        raise BadInputError(re.sub(r"--(dtype|device|quantize)\b", r"target.\1", str(exc))) from exc
+    except BadInputError as exc:  # "--dtype must be ..." -> "target.dtype (--dtype) must be ..."
+        raise BadInputError(re.sub(r"--(dtype|device|quantize)\b", r"target.\1 (--\1)", str(exc))) from exc
     if recipe.drafter.context_window == 1:
         raise BadInputError("drafter.context_window 1 keeps beams to g0 alone (a beam may not outrun the window), so the "
                             "drafter could never draft; use 2 or more, or 0 for no context attention")
@@ -367,8 +400,13 @@ def builtin_recipes() -> dict[str, Path]:
     return found
 
 
-def load_recipe(name_or_path_or_model: str) -> Recipe:
+def load_recipe(name_or_path_or_model: str | os.PathLike) -> Recipe:
     """A recipe name (recipes/NAME.yaml), a YAML path, or a model id/path with default settings."""
+    if isinstance(name_or_path_or_model, os.PathLike):
+        name_or_path_or_model = os.fspath(name_or_path_or_model)
+    if not isinstance(name_or_path_or_model, str):
+        raise BadInputError(f"a recipe is a name, a YAML path or a model id/path, got "
+                            f"{type(name_or_path_or_model).__name__}")
     arg = name_or_path_or_model
     path = Path(arg)
     if arg.endswith((".yaml", ".yml")):
@@ -396,6 +434,9 @@ class _RecipeLoader(yaml.SafeLoader):
         seen: set = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:  # (`? [a, b]`: a list as a key)
+                raise yaml.constructor.ConstructorError(None, None, f"a key must be a name, not a {type(key).__name__}",
+                                                        key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)

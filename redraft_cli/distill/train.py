@@ -552,9 +552,7 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
                     loss, stats = batch_loss(target, model, drafter, ids, attn, mask, K, cfg.positions_per_sequence, gen,
                                              kl_weight=cfg.kl_weight, hidden=hidden, greedy=greedy)
                 if not torch.isfinite(loss.detach()):
-                    raise BadInputError(f"training diverged at step {step + 1}: the loss is {float(loss):.4g}; lower the "
-                                        f"learning rate (--lr, now {cfg.lr:g}) and run again (--resume continues from "
-                                        f"the last checkpoint, before it diverged)")
+                    raise BadInputError(_diverged(f"at step {step + 1}: the loss is {float(loss):.4g}", cfg))
                 acc.backward(loss / cfg.grad_accum)
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0) + v.float().cpu()
@@ -574,9 +572,9 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
                 _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, emit, compare_target_argmax)
             if acc.is_main_process and (state.step % cfg.save_every == 0 or state.step == total):
                 if not all(bool(torch.isfinite(p).all()) for p in drafter.parameters()):
-                    raise BadInputError(f"training diverged by step {state.step}: the drafter's weights are not finite; "
-                                        f"lower the learning rate (--lr, now {cfg.lr:g}) (--resume continues from the "
-                                        f"last checkpoint)")
+                    raise BadInputError(_diverged(f"by step {state.step}: the drafter's weights are not finite", cfg))
+                if not _evaluates_at(state.step, cfg, total):  # (an evaluation checked these weights already)
+                    _check_updated(target, drafter, (ids, attn, mask, hidden, greedy), K, cfg, state.step)
                 save_checkpoint(out, drafter, optimizer, scheduler, state)
             acc.wait_for_everyone()
     except KeyboardInterrupt:
@@ -594,6 +592,32 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
     emit({"event": "done", "step": state.step, "seconds": state.seconds, "best_step": state.best_step,
           "best_agreement": state.best_agreement})
     return state
+
+
+@torch.no_grad()
+def _check_updated(target: Target, drafter: Drafter, batch: tuple, K: int, cfg: TrainSection, step: int) -> None:
+    """Before a checkpoint keeps the weights of `step`: the loss of the step's last micro-batch `batch`
+    (ids, attn, mask, hidden, greedy), again with the updated weights, is finite. Weights blown up by the
+    update (a learning rate far too high) stay finite, but their loss does not, and a checkpoint of them
+    would make `--resume` diverge at once. Unwrapped drafter (one process), no dropout, its own generator:
+    the training's random streams are untouched."""
+    ids, attn, mask, hidden, greedy = batch
+    dropout, drafter.dropout = drafter.dropout, 0.0
+    try:
+        loss, _ = batch_loss(target, drafter, drafter, ids, attn, mask, K, cfg.positions_per_sequence,
+                             torch.Generator().manual_seed(0), kl_weight=cfg.kl_weight, hidden=hidden, greedy=greedy)
+    finally:
+        drafter.dropout = dropout
+    if not torch.isfinite(loss):
+        raise BadInputError(_diverged(f"by step {step}: the loss with its updated weights is {float(loss):.4g}", cfg))
+
+
+def _diverged(what: str, cfg: TrainSection) -> str:
+    """The message for a run whose loss or weights stopped being finite (`what`: when, and which)."""
+    decay = f" or train.weight_decay (now {cfg.weight_decay:g})" if cfg.lr * cfg.weight_decay >= 0.5 else ""
+    return (f"training diverged {what}; lower the learning rate (--lr, now {cfg.lr:g}){decay} and run again: --resume "
+            f"continues from the last checkpoint, saved before it diverged (if the run diverges again at once, start "
+            f"over in a new --out)")
 
 
 @contextmanager
@@ -646,6 +670,8 @@ def _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, 
     if eval_set:
         row.update(evaluate(target, drafter, eval_set, K, cfg.batch_size, cfg.max_seq_len,
                             compare_target_argmax=compare))
+        if not math.isfinite(row["loss"]):  # (weights blown up but finite: neither best/ nor a checkpoint keeps them)
+            raise BadInputError(_diverged(f"by step {state.step}: the held-out loss is {row['loss']}", cfg))
         score = row["mean_agreement"]
     else:
         score = -row["train_loss"]
