@@ -79,12 +79,18 @@ class DataSection:
     written_temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.sampled_answers < 0 or (self.sampled_prompts is not None and self.sampled_prompts < 1):
-            raise BadInputError("data.sampled_answers must be >= 0 and data.sampled_prompts >= 1 (or null)")
+        if self.sampled_answers < 0:
+            raise BadInputError(f"data.sampled_answers must be >= 0, got {self.sampled_answers}")
+        if self.sampled_prompts is not None and self.sampled_prompts < 1:
+            raise BadInputError(f"data.sampled_prompts must be >= 1 (or null: every training conversation), got "
+                                f"{self.sampled_prompts}")
         if self.sampled_answers and not self.sampled_temperature > 0:
             raise BadInputError("data.sampled_temperature must be > 0 (the greedy answer is there already)")
-        if self.written_prompts < 0 or (self.written_prompts and not self.written_temperature > 0):
-            raise BadInputError("data.written_prompts must be >= 0 and data.written_temperature > 0")
+        if self.written_prompts < 0:
+            raise BadInputError(f"data.written_prompts must be >= 0, got {self.written_prompts}")
+        if self.written_prompts and not self.written_temperature > 0:
+            raise BadInputError(f"data.written_temperature must be > 0 (the target samples the prompts it writes), "
+                                f"got {self.written_temperature}")
 
 
 @dataclass
@@ -237,7 +243,7 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
         raise BadInputError(f"recipe has unknown section(s) {unknown}")
     for key in ("name", "description"):
         if key in data and not isinstance(data[key], str):
-            raise BadInputError(f"recipe {key} must be a string, got {data[key]!r}")
+            raise BadInputError(f"recipe {key} must be a string, got {_as_yaml(data[key])}")
     kwargs = {k: _build(cls, data.get(k), k) for k, cls in section_types.items()}
     recipe = Recipe(name=data.get("name", "custom"), description=data.get("description", ""), **kwargs)
     check_recipe(recipe)
@@ -455,7 +461,10 @@ def _read_yaml(path: Path) -> Recipe:
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
         what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise BadInputError(f"recipe {path}{where} is not valid YAML: {what}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"recipe {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                            f"{exc.start}); save it as UTF-8") from exc
+    except OSError as exc:
         raise BadInputError(f"cannot read recipe {path}: {exc}") from exc
     try:
         return recipe_from_dict(_beside(data, path.parent))
