@@ -414,6 +414,27 @@ def test_data_only_then_several_processes_read_it(tiny_recipe, monkeypatch):
     assert noted.exit_code == 0 and "skipped 1 record(s)" in noted.output and "messy.jsonl:2:" in noted.output
 
 
+def _made_then_grown(recipe: Path, tmp_path: Path, count: int, added: list[str]):
+    """`distill --data-only` on a file of `count` prompts, then on the same file with `added` at its end
+    (REDRAFT_CACHE in tmp_path). Returns (first file, the earlier data folder, the grown run, its new folder);
+    the earlier folder's files (inode and bytes) are checked unchanged by the grown run."""
+    lines = [f"Tell me fact number {i} about the sea." for i in range(count)]
+    first, grown = tmp_path / "p.txt", tmp_path / "grown.txt"
+    first.write_text("\n".join(lines) + "\n")
+    grown.write_text("\n".join(lines + added) + "\n")
+    made = runner.invoke(app, ["distill", str(recipe), "--data", str(first), "--data-only"])
+    assert made.exit_code == 0, made.output
+    data = tmp_path / "cache" / "distill-data"
+    (old,) = list(data.iterdir())
+    files = lambda: {p: (p.stat().st_ino, p.read_bytes()) for p in old.rglob("*") if p.is_file() and p.name != ".lock"}  # noqa: E731
+    before = files()
+    more = runner.invoke(app, ["distill", str(recipe), "--data", str(grown), "--data-only"])
+    assert more.exit_code == 0, more.output
+    assert files() == before
+    (new,) = [d for d in data.iterdir() if d != old]
+    return first, old, more, new
+
+
 def test_a_grown_prompt_file_keeps_its_answers_and_a_resume_on_other_data_says_so(tiny_recipe, tmp_path, monkeypatch):
     """Battery 16: prompts added at the end of a file made a new data folder answered from scratch (the
     README says a grown list keeps its answers); a resume after the training prompts were edited went on
@@ -422,17 +443,9 @@ def test_a_grown_prompt_file_keeps_its_answers_and_a_resume_on_other_data_says_s
     root, recipe = tiny_recipe
     flat = lambda r: " ".join(r.output.split())  # noqa: E731
     monkeypatch.setenv("REDRAFT_CACHE", str(tmp_path / "cache"))
-    lines = [f"Tell me fact number {i} about the sea." for i in range(10)]
-    first, grown = tmp_path / "p.txt", tmp_path / "grown.txt"
-    first.write_text("\n".join(lines) + "\n")
-    grown.write_text("\n".join(lines + ["Why is the sea salty?", "What lives in the deep sea?"]) + "\n")
-    made = runner.invoke(app, ["distill", str(recipe), "--data", str(first), "--data-only"])
-    assert made.exit_code == 0, made.output
-    data = tmp_path / "cache" / "distill-data"
-    (old,) = list(data.iterdir())
-    more = runner.invoke(app, ["distill", str(recipe), "--data", str(grown), "--data-only"])
-    assert more.exit_code == 0 and "its answers to the first 8 prompts are kept" in flat(more), more.output
-    (new,) = [d for d in data.iterdir() if d != old]
+    first, old, more, new = _made_then_grown(recipe, tmp_path, 10, ["Why is the sea salty?", "What lives in the deep sea?"])
+    assert "its answers to the first 8 prompts are kept" in flat(more), more.output
+    lines = first.read_text().splitlines()
     for shard in ("shard-00000.safetensors", "shard-00001.safetensors"):  # (4 conversations a shard: 2 whole ones)
         assert (new / shard).read_bytes() == (old / shard).read_bytes()
     manifest = json.loads((new / "manifest.json").read_text())
@@ -465,27 +478,14 @@ def test_a_grown_prompt_file_reuses_the_sampled_answers_and_caches_of_the_earlie
     richer = tmp_path / "richer.yaml"
     richer.write_text(recipe.read_text().replace(
         "shard_size: 4}", "shard_size: 4, cache_hidden: true, sampled_answers: 1, sampled_temperature: 0.7}"))
-    lines = [f"Tell me fact number {i} about the sea." for i in range(10)]
-    first, grown = tmp_path / "p.txt", tmp_path / "grown.txt"
-    first.write_text("\n".join(lines) + "\n")
-    grown.write_text("\n".join(lines + ["Why is the sea salty?", "What lives in the deep sea?"]) + "\n")
-    made = runner.invoke(app, ["distill", str(richer), "--data", str(first), "--data-only"])
-    assert made.exit_code == 0, made.output
-    data = tmp_path / "cache" / "distill-data"
-    (old,) = list(data.iterdir())
-    before = {p: (p.stat().st_ino, p.read_bytes()) for p in old.rglob("*") if p.is_file() and p.name != ".lock"}
+    _, old, more, new = _made_then_grown(richer, tmp_path, 10, ["Why is the sea salty?", "What lives in the deep sea?"])
+    assert "its answers to the first 8 prompts are kept" in " ".join(more.output.split()), more.output
     (sampled,) = [p.name for p in old.glob("sampled-*")]
     assert (old / sampled / "shard-00001.safetensors").is_file() and list(old.glob("hidden-*/hidden-*"))
-    more = runner.invoke(app, ["distill", str(richer), "--data", str(grown), "--data-only"])
-    assert more.exit_code == 0 and "its answers to the first 8 prompts are kept" in " ".join(more.output.split()), \
-        more.output
-    (new,) = [d for d in data.iterdir() if d != old]
     for shard in ("shard-00000.safetensors", "shard-00001.safetensors"):  # the 8 training conversations' 2 whole shards
         assert (new / sampled / shard).stat().st_ino == (old / sampled / shard).stat().st_ino
     assert json.loads((new / sampled / "manifest.json").read_text())["num_conversations"] == 10
     assert json.loads((new / sampled / "manifest.json").read_text())["complete"]
-    after = {p: (p.stat().st_ino, p.read_bytes()) for p in old.rglob("*") if p.is_file() and p.name != ".lock"}
-    assert after == before
 
 
 def test_a_grown_prompt_file_reuses_the_hidden_states_of_its_unchanged_chunks(tiny_recipe, tmp_path, monkeypatch):
@@ -495,16 +495,8 @@ def test_a_grown_prompt_file_reuses_the_hidden_states_of_its_unchanged_chunks(ti
     big = tmp_path / "big.yaml"
     big.write_text(recipe.read_text().replace("gen_batch_size: 4, shard_size: 4}",
                                               "gen_batch_size: 16, shard_size: 64, cache_hidden: true}"))
-    lines = [f"Tell me fact number {i} about the sea." for i in range(300)]
-    first, grown = tmp_path / "p.txt", tmp_path / "grown.txt"
-    first.write_text("\n".join(lines) + "\n")
-    grown.write_text("\n".join(lines + ["Why is the sea salty?"]) + "\n")
-    assert runner.invoke(app, ["distill", str(big), "--data", str(first), "--data-only"]).exit_code == 0
-    data = tmp_path / "cache" / "distill-data"
-    (old,) = list(data.iterdir())
-    more = runner.invoke(app, ["distill", str(big), "--data", str(grown), "--data-only"])
-    assert more.exit_code == 0 and "its answers to the first 256 prompts are kept" in " ".join(more.output.split())
-    (new,) = [d for d in data.iterdir() if d != old]
+    _, old, more, new = _made_then_grown(big, tmp_path, 300, ["Why is the sea salty?"])
+    assert "its answers to the first 256 prompts are kept" in " ".join(more.output.split())
     (chunk,) = [p.relative_to(old) for p in old.glob("hidden-*/hidden-00000-*.safetensors")]
     assert (new / chunk).stat().st_ino == (old / chunk).stat().st_ino  # used, not made again
     assert len(list(new.glob("hidden-*/hidden-00001-*.safetensors"))) == 2  # the earlier last chunk, and the new one
