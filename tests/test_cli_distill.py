@@ -343,6 +343,26 @@ def test_a_diverged_run_keeps_no_checkpoint_of_its_blown_up_weights(tiny_recipe,
     again = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--lr", "1e-3", "--max-steps", "3",
                                 "--no-bench", "--resume"])
     assert again.exit_code == 0, again.output
+    # Battery 20: a weight decay far too high blows the weights up to finite values (x -999 a step); their loss
+    # is no model's all the same, and no checkpoint keeps them either.
+    decayed = root / "decayed.yaml"
+    decayed.write_text(recipe.read_text().replace("save_every: 1,", "save_every: 1, weight_decay: 1.0e6,"))
+    blown = runner.invoke(app, ["distill", str(decayed), "--out", str(root / "decayed"), "--max-steps", "3", "--no-bench"])
+    text = " ".join(blown.output.split())
+    assert blown.exit_code == 2 and "or train.weight_decay (now 1e+06)" in text, blown.output
+    assert "no checkpoint was saved before it" in text and not (root / "decayed" / "checkpoint").exists()
+
+
+def test_data_only_makes_all_of_the_data_whatever_max_steps_says(tiny_recipe, monkeypatch):
+    """Battery 20: with train.max_steps set, --data-only made only the shards those steps would visit, and said
+    the data was ready."""
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache-data-only"))
+    made = runner.invoke(app, ["distill", str(recipe), "--data-only", "--max-steps", "1"])
+    assert made.exit_code == 0, made.output
+    (folder,) = list((root / "cache-data-only" / "distill-data").iterdir())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_conversations"] == 10
 
 
 def test_the_recommended_shape_fits_the_predicted_tokens(tiny_recipe, monkeypatch):

@@ -176,6 +176,10 @@ def test_recipes_load_and_validate(tmp_path):
         with pytest.raises(BadInputError, match=fragment):
             check_recipe(changed)
     changed = load_recipe(recipe_file)
+    changed.drafter.dropout = 0.1  # (battery 20: a field of another section, set from Python, changed nothing)
+    with pytest.raises(BadInputError, match=r"drafter has no field 'dropout' \(it is train.dropout\)"):
+        check_recipe(changed)
+    changed = load_recipe(recipe_file)
     changed.eval = None
     with pytest.raises(BadInputError, match="recipe.eval must be a EvalSection, got null"):
         check_recipe(changed)

@@ -283,6 +283,8 @@ def held_out_key(convs: list[list[str]], held_out: int) -> str:
 def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, emit: EventFn, data_dir: Path | None,
              bench: bool, target: Target | None, generate: bool, data_only: bool) -> DistillResult:
     """`distill` past its checks of the recipe, the prompts and --out, while it holds --out."""
+    if data_only and recipe.train.max_steps is not None:  # all of the data, not what max_steps would visit
+        recipe = replace(recipe, train=replace(recipe.train, max_steps=None))
     d = recipe.data
     # Several processes (accelerate launch): they split the data and train data parallel (launch.py).
     if launched_processes() > 1 and launched_rank() == 0:  # (it waits until every process has joined)

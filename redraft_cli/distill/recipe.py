@@ -288,12 +288,23 @@ def _check_type(section: str, name: str, value: Any, annotation: str) -> None:
     if not _type_ok(value, annotation):
         kinds = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false"}
         wanted = " or ".join(kinds.get(k.strip(), "null") for k in annotation.split("|"))
-        raise BadInputError(f"{section}.{name} must be {wanted}, got {_as_yaml(value)}")
+        raise BadInputError(f"{section}.{name} must be {wanted}, got {_as_yaml(value)}{_flag(section, name)}")
+
+
+def _flag(section: str, name: str) -> str:
+    """' (--flag)' for a field that `redraft distill` also takes as a flag, else ''."""
+    return f" ({FLAGS[section, name]})" if (section, name) in FLAGS else ""
 
 
 def _check_types(recipe: Recipe) -> None:
-    for section in ("target", "data", "drafter", "train", "eval", "beam"):
+    for section in SECTION_TYPES:
         part = getattr(recipe, section)
+        known = {f.name for f in fields(part)}
+        for name in vars(part):  # (set from Python: `recipe.drafter.dropout = 0.1` would change nothing)
+            if name not in known:
+                home = [s for s, kind in SECTION_TYPES.items() if name in {f.name for f in fields(kind)}]
+                raise BadInputError(f"{section} has no field {name!r}" + (f" (it is {home[0]}.{name})" if home else
+                                    f"; its fields: {', '.join(sorted(known))}"))
         for f in fields(part):
             _check_type(section, f.name, getattr(part, f.name), str(f.type))
 
@@ -366,9 +377,10 @@ def check_recipe(recipe: Recipe) -> None:
         ok = ok and (value >= low if inclusive else value > low) and (upper is None or value <= upper)
         if not ok:
             bound = f">= {low}" if inclusive else f"> {low}"
-            flag = f" ({FLAGS[section, name]})" if (section, name) in FLAGS else ""
-            raise BadInputError(f"{section}.{name} must be a finite number {bound}" + (f" and <= {upper}" if upper else "")
-                                + f", got {_as_yaml(value)}{flag}")
+            shown_upper = upper is not None and ((section, name) in _UPPER_BOUNDS or value > upper)  # (not 2**63 always)
+            raise BadInputError(f"{section}.{name} must be a finite number {bound}"
+                                + (f" and <= {upper}" if shown_upper else "") + f", got {_as_yaml(value)}"
+                                + _flag(section, name))
     for section in SECTION_TYPES:  # each section's own checks, for values set after it was made
         dataclasses.replace(getattr(recipe, section))
     d = recipe.drafter

@@ -551,8 +551,8 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
                 with acc.autocast():
                     loss, stats = batch_loss(target, model, drafter, ids, attn, mask, K, cfg.positions_per_sequence, gen,
                                              kl_weight=cfg.kl_weight, hidden=hidden, greedy=greedy)
-                if not torch.isfinite(loss.detach()):
-                    raise BadInputError(_diverged(f"at step {step + 1}: the loss is {float(loss):.4g}", cfg))
+                if _blown(float(loss.detach()), K):
+                    raise BadInputError(_diverged(f"at step {step + 1}: the loss is {float(loss):.4g}", cfg, out))
                 acc.backward(loss / cfg.grad_accum)
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0) + v.float().cpu()
@@ -572,9 +572,9 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
                 _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, emit, compare_target_argmax)
             if acc.is_main_process and (state.step % cfg.save_every == 0 or state.step == total):
                 if not all(bool(torch.isfinite(p).all()) for p in drafter.parameters()):
-                    raise BadInputError(_diverged(f"by step {state.step}: the drafter's weights are not finite", cfg))
+                    raise BadInputError(_diverged(f"by step {state.step}: the drafter's weights are not finite", cfg, out))
                 if not _evaluates_at(state.step, cfg, total):  # (an evaluation checked these weights already)
-                    _check_updated(target, drafter, (ids, attn, mask, hidden, greedy), K, cfg, state.step)
+                    _check_updated(target, drafter, (ids, attn, mask, hidden, greedy), K, cfg, state.step, out)
                 save_checkpoint(out, drafter, optimizer, scheduler, state)
             acc.wait_for_everyone()
     except KeyboardInterrupt:
@@ -595,11 +595,12 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
 
 
 @torch.no_grad()
-def _check_updated(target: Target, drafter: Drafter, batch: tuple, K: int, cfg: TrainSection, step: int) -> None:
+def _check_updated(target: Target, drafter: Drafter, batch: tuple, K: int, cfg: TrainSection, step: int,
+                   out: Path) -> None:
     """Before a checkpoint keeps the weights of `step`: the loss of the step's last micro-batch `batch`
-    (ids, attn, mask, hidden, greedy), again with the updated weights, is finite. Weights blown up by the
-    update (a learning rate far too high) stay finite, but their loss does not, and a checkpoint of them
-    would make `--resume` diverge at once. Unwrapped drafter (one process), no dropout, its own generator:
+    (ids, attn, mask, hidden, greedy), again with the updated weights, is a model's (`_blown`). Weights
+    blown up by the update (a learning rate or weight decay far too high) stay finite, but their loss does
+    not, and a checkpoint of them would make `--resume` go on from them. Unwrapped drafter (one process), no dropout, its own generator:
     the training's random streams are untouched."""
     ids, attn, mask, hidden, greedy = batch
     dropout, drafter.dropout = drafter.dropout, 0.0
@@ -608,16 +609,22 @@ def _check_updated(target: Target, drafter: Drafter, batch: tuple, K: int, cfg: 
                              torch.Generator().manual_seed(0), kl_weight=cfg.kl_weight, hidden=hidden, greedy=greedy)
     finally:
         drafter.dropout = dropout
-    if not torch.isfinite(loss):
-        raise BadInputError(_diverged(f"by step {step}: the loss with its updated weights is {float(loss):.4g}", cfg))
+    if _blown(float(loss), K):
+        raise BadInputError(_diverged(f"by step {step}: the loss with its updated weights is {float(loss):.4g}", cfg, out))
 
 
-def _diverged(what: str, cfg: TrainSection) -> str:
-    """The message for a run whose loss or weights stopped being finite (`what`: when, and which)."""
+def _blown(loss: float, K: int) -> bool:
+    """Whether a loss (summed over K draft positions) is no model's: not finite, or above 1,000 nats a
+    position (an untrained drafter's is about ln V, 11 for 49,152 tokens)."""
+    return not math.isfinite(loss) or loss > 1000.0 * K
+
+
+def _diverged(what: str, cfg: TrainSection, out: Path) -> str:
+    """The message for a run whose loss or weights blew up (`what`: when, and which)."""
     decay = f" or train.weight_decay (now {cfg.weight_decay:g})" if cfg.lr * cfg.weight_decay >= 0.5 else ""
-    return (f"training diverged {what}; lower the learning rate (--lr, now {cfg.lr:g}){decay} and run again: --resume "
-            f"continues from the last checkpoint, saved before it diverged (if the run diverges again at once, start "
-            f"over in a new --out)")
+    kept = ("--resume continues from the last checkpoint, saved before it diverged" if (out / CHECKPOINT).is_dir()
+            else "no checkpoint was saved before it")
+    return f"training diverged {what}; lower the learning rate (--lr, now {cfg.lr:g}){decay} and run again ({kept})"
 
 
 @contextmanager
@@ -670,8 +677,8 @@ def _evaluate_and_keep_best(acc, target, drafter, eval_set, K, cfg, out, state, 
     if eval_set:
         row.update(evaluate(target, drafter, eval_set, K, cfg.batch_size, cfg.max_seq_len,
                             compare_target_argmax=compare))
-        if not math.isfinite(row["loss"]):  # (weights blown up but finite: neither best/ nor a checkpoint keeps them)
-            raise BadInputError(_diverged(f"by step {state.step}: the held-out loss is {row['loss']}", cfg))
+        if _blown(row["loss"], K):  # (weights blown up but finite: neither best/ nor a checkpoint keeps them)
+            raise BadInputError(_diverged(f"by step {state.step}: the held-out loss is {row['loss']:.4g}", cfg, out))
         score = row["mean_agreement"]
     else:
         score = -row["train_loss"]
