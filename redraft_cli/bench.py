@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from .decode import BatchGeneration, BatchRun, DecodeConfig, Generator
+from .decode import BatchGeneration, BatchRun, DecodeConfig, Generator, check_datastore
 from .errors import BadInputError
 
 ProgressFn = Callable[[int, int, str], None]
@@ -178,6 +178,26 @@ def output_digest(tokens: list[int]) -> str:
     return hashlib.sha1(",".join(map(str, tokens)).encode()).hexdigest()[:12]
 
 
+def check_run(what: str, gen: Any, prompts: Any, cfg: Any, kind: type, **callbacks: Any) -> None:
+    """BadInputError before any work when `what` (run_bench, run_sweep) is called with other than a
+    Generator, a list of prompts, a `kind` config and callables (or None); or asks ReDrafter of a
+    Generator that cannot run it (no drafter, datastore beams without a datastore)."""
+    if not isinstance(gen, Generator):
+        raise BadInputError(f"{what} needs a Generator (Generator(target, drafter)), got {type(gen).__name__}")
+    if not isinstance(cfg, kind):
+        raise BadInputError(f"{what} needs a {kind.__name__}, got {type(cfg).__name__}")
+    if not isinstance(prompts, (list, tuple)):
+        raise BadInputError(f"{what}'s prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    if not prompts:
+        raise BadInputError(f"{what} needs at least one prompt")
+    for name, fn in callbacks.items():
+        if fn is not None and not callable(fn):
+            raise BadInputError(f"{what}'s {name} must be callable or None, got {type(fn).__name__}")
+    if gen.proposer is None:
+        raise BadInputError(f"{what} times ReDrafter decoding, which needs a drafter: Generator(target, drafter)")
+    check_datastore(gen.drafter, cfg.decode.datastore_beams)
+
+
 def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Time plain, ReDrafter (and HF generate) on the tokenised prompts.
 
@@ -185,6 +205,7 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
     all prompts through B slots (see the module docstring). Returns the JSON-ready
     result (see the CLI's --json); per-prompt rows under `per_prompt`.
     """
+    check_run("run_bench", gen, prompts, cfg, BenchConfig, progress=progress)
     d = cfg.decode
     B = min(cfg.batch_size, len(prompts))  # (a batch larger than the prompts runs as many rows as prompts)
     paths = ["plain", "redraft"] + (["hf"] if cfg.hf_baseline else [])

@@ -91,8 +91,14 @@ class ChatSession:
     trimmed: int = 0  # turns dropped from the start of the history by the last ask()
     _before: list[dict[str, str]] = field(default_factory=list)  # the history before the last ask()
     cut: bool = False  # the last ask()'s answer stopped where the context ends (not at EOS or max_new_tokens)
+    _stream: Iterator[Chunk] | None = None  # the answer ask() streams, until it ends or is closed
 
     def __post_init__(self) -> None:
+        if not isinstance(self.gen, Generator) or not isinstance(self.cfg, DecodeConfig):
+            raise BadInputError(f"ChatSession needs a Generator and a DecodeConfig, got {type(self.gen).__name__} and "
+                                f"{type(self.cfg).__name__}")
+        if self.system is not None and not isinstance(self.system, str):
+            raise BadInputError(f"the system prompt is text or None, got {type(self.system).__name__}")
         if self.system is not None and not self.system.strip():
             self.system = ""  # `--system ""`: an empty system turn, in place of the template's default one
 
@@ -199,9 +205,19 @@ class ChatSession:
         return len(ids) + len(answer) >= target.max_context and len(answer) < self.cfg.max_new_tokens and not ended
 
     def ask(self, text: str) -> Iterator[Chunk]:
-        """Add a user turn and stream the answer; the answer (even a partial one) joins the history."""
+        """Add a user turn and stream the answer; the answer (even a partial one) joins the history.
+        The stream of an earlier ask() still open is closed first (its partial answer joins the history
+        then, before this turn)."""
+        if not isinstance(text, str):
+            raise BadInputError(f"a message is text, got {type(text).__name__}")
         if not text.strip():
             raise BadInputError("empty message")
+        if self._stream is not None:
+            self._stream.close()
+        if self.draft and self.gen.proposer is None:
+            raise BadInputError("ReDrafter decoding needs a drafter (draft=False decodes plainly)")
+        if self.draft:
+            self.gen.check(self.cfg)  # (a shape the drafter cannot run: before the turn joins the history)
         self._before = list(self.messages)
         self.messages.append({"role": "user", "content": text})
         try:
@@ -211,6 +227,11 @@ class ChatSession:
             self.messages[:] = self._before
             self.trimmed = 0
             raise
+        self._stream = self._answer(text, ids)
+        return self._stream
+
+    def _answer(self, text: str, ids: list[int]) -> Iterator[Chunk]:
+        """The answer to the turn ask() added (`ids`: the conversation's prompt), streamed."""
         tok = self.gen.target.tokenizer
         loop = self.gen.redraft if self.draft else self.gen.plain  # (both go on from the last answer's KV cache)
         answer: list[int] = []
@@ -248,4 +269,5 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True)})
             self.last = stats
             self.totals.add(stats)
+            self._stream = None
 

@@ -766,6 +766,9 @@ def write_beam_shape(path: str | os.PathLike, beam_width: int, beam_length: int,
     from .beam_search import check_beam_shape
 
     _check_int("write_beam_shape's batch_size", batch_size, low=1)
+    if inside_package(path):  # (as Drafter.save: the shipped drafters are data every run reads)
+        raise BadInputError(f"write_beam_shape would rewrite the drafter shipped inside the redraft package ({path}); "
+                            f"copy it (cp -r {path} my-drafter) and write to the copy")
     for name, value in (("beam_width", beam_width), ("beam_length", beam_length), ("lookup_beams", lookup_beams),
                         ("lookup_length", lookup_length), ("datastore_beams", datastore_beams),
                         ("tree_nodes", tree_nodes)):

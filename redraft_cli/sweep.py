@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .beam_search import check_beam_shape
-from .bench import BenchConfig, PathTotals, Ticker, peak_rss_mb, run_bench, warm_up
+from .bench import BenchConfig, PathTotals, Ticker, check_run, peak_rss_mb, run_bench, warm_up
 from .decode import DecodeConfig, Generator
 from .drafter import write_beam_shape
 from .errors import BadInputError
@@ -185,8 +185,7 @@ def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
     progress(done, total, label) is called after every timed (or warm-up) generation;
     on_cell(cell) after every finished cell, in run order.
     """
-    if not prompts:
-        raise BadInputError("the sweep needs at least one prompt")
+    check_run("run_sweep", gen, prompts, cfg, SweepConfig, progress=progress, on_cell=on_cell)
     d = cfg.decode
     if gen.drafter is not None:
         cfg.check(gen.drafter.draft_vocab_size)
@@ -287,20 +286,41 @@ def write_csv(result: dict[str, Any], path: str | Path) -> Path:
 
 
 def read_csv(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of `write_csv` back with their types (ints, floats, None for empty)."""
+    """The rows of `write_csv` back with their types (ints, floats, None for empty). A file edited by hand
+    reads too (a byte-order mark, a whole number written 3.0, columns in another order); a value that is
+    not a number, a row of more or fewer fields than the header, or a header without the shape columns
+    is a BadInputError naming the line and column."""
+    where = Path(path)
+    try:
+        text = where.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"cannot read the sweep CSV {where}: {exc}") from exc
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [k for k in ("beam_width", "beam_length") if k not in (reader.fieldnames or [])]
+    if missing:
+        raise BadInputError(f"{where} is not a sweep CSV: its header lacks {', '.join(missing)}")
     rows = []
-    with Path(path).open(newline="") as f:
-        for raw in csv.DictReader(f):
-            row: dict[str, Any] = {}
-            for k, v in raw.items():
-                if v == "":
-                    row[k] = None
-                elif k in _INT_FIELDS or k == "best":
-                    row[k] = int(v)
-                else:
-                    row[k] = float(v)
-            rows.append(row)
+    for raw in reader:
+        if None in raw or None in raw.values():
+            raise BadInputError(f"{where}:{reader.line_num}: the row has {'more' if None in raw else 'fewer'} fields "
+                                f"than the header")
+        row: dict[str, Any] = {}
+        for k, v in raw.items():
+            try:
+                row[k] = None if v.strip() == "" else _whole(v) if k in _INT_FIELDS or k == "best" else float(v)
+            except ValueError:
+                raise BadInputError(f"{where}:{reader.line_num}: column {k!r} holds {v!r}, not "
+                                    f"{'a whole number' if k in _INT_FIELDS or k == 'best' else 'a number'}") from None
+        rows.append(row)
     return rows
+
+
+def _whole(text: str) -> int:
+    """A whole number from CSV text: 3, or 3.0 as a spreadsheet writes it back; ValueError else."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(text)
+    return int(value)
 
 
 def save_best(result: dict[str, Any], drafter_dir: str | Path) -> Path:
@@ -310,6 +330,9 @@ def save_best(result: dict[str, Any], drafter_dir: str | Path) -> Path:
     best = result.get("best")
     if best is None:
         raise BadInputError("the sweep has no best cell to save (no cell has a speedup)")
+    if not any(c.get("steps") for c in result.get("cells", [])):
+        raise BadInputError("no cell of the sweep took a draft step (max_new_tokens 1, or every answer ended at its "
+                            "first token): its speedups compare prompt passes only, so there is no shape to save")
     device = str(result.get("device") or "cpu").split(":")[0]
     return write_beam_shape(drafter_dir, best["beam_width"], best["beam_length"],
                             result.get("lookup_beams"), result.get("lookup_length"), result.get("datastore_beams"),

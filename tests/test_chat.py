@@ -667,3 +667,29 @@ def test_a_prompt_from_standard_input_may_be_utf16_with_its_byte_order_mark():
         assert _read_stdin(io.TextIOWrapper(io.BytesIO(data))) == "Grüße,\nwörld"
     with pytest.raises(BadInputError, match="not UTF-16 text"):
         _read_stdin(io.TextIOWrapper(io.BytesIO(codecs.BOM_UTF16_LE + b"a\x00\x00\xd8")))  # a lone surrogate
+
+
+def test_a_turn_that_cannot_be_decoded_or_a_second_open_stream_leaves_the_history_in_order(target):
+    """Battery 21: a session whose Generator has no drafter (or a shape it cannot run) kept the user turn and an
+    empty answer; and a second ask() while the first answer's stream was open answered two user turns in a row,
+    then added the first, partial answer after the second."""
+    bare = ChatSession(Generator(target), DecodeConfig(max_new_tokens=8))
+    with pytest.raises(BadInputError, match="needs a drafter"):
+        bare.ask("Hello")
+    no_store = ChatSession(Generator(target, Drafter.for_target(target, seed=0)),
+                           DecodeConfig(max_new_tokens=8, datastore_beams=1))
+    with pytest.raises(BadInputError, match="--datastore needs a drafter saved with a datastore"):
+        no_store.ask("Hello")
+    assert bare.messages == no_store.messages == [] and bare.totals.answers == no_store.totals.answers == 0
+    for bad, kind in ((None, "NoneType"), (123, "int")):
+        with pytest.raises(BadInputError, match=f"a message is text, got {kind}"):
+            bare.ask(bad)
+    with pytest.raises(BadInputError, match="ChatSession needs a Generator and a DecodeConfig"):
+        ChatSession(Generator(target), None)
+    s = session(target)
+    first = s.ask("Tell me a story about a cat.")
+    next(first)
+    list(s.ask("What is 5 + 5?"))
+    assert [m["role"] for m in s.messages] == ["user", "assistant", "user", "assistant"]
+    assert s.messages[2]["content"] == "What is 5 + 5?" and s.totals.answers == 2
+    assert next(first, None) is None  # (closed: the partial answer is kept where it was)

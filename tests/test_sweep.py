@@ -4,6 +4,7 @@ saving the best shape into a drafter, and `redraft sweep` through CliRunner."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -597,3 +598,56 @@ def test_a_beam_too_wide_or_too_long_names_the_option_at_fault():
         check_beam_shape(257, 4)
     with pytest.raises(BeamShapeError, match="beam length 65 is too large"):
         check_beam_shape(2, 65)
+
+
+def test_the_cores_refuse_what_they_cannot_run_before_any_work(tiny, swept, tmp_path):
+    """Battery 21: run_bench and run_sweep from Python took a wrong config, a Generator without a drafter or a
+    callback that is not one as AttributeError or TypeError, some after a warm-up had run; an empty prompt list
+    was "the batch needs at least one slot"; save_best saved a shape that no draft step measured; and a
+    hand-edited CSV read back as a ValueError naming nothing (or, with a byte-order mark, a wrong key)."""
+    from redraft_cli.bench import BenchConfig, run_bench
+
+    target, drafter = tiny
+    gen, prompts, d = Generator(target, drafter), random_prompts(2, target.vocab_size), DecodeConfig(max_new_tokens=4)
+    bench, sweep = BenchConfig(decode=d, warmup=False), SweepConfig(beam_widths=[2], beam_lengths=[3], decode=d)
+    for call, fragment in ((lambda: run_bench(gen, prompts, d), "run_bench needs a BenchConfig, got DecodeConfig"),
+                           (lambda: run_sweep(gen, prompts, bench), "run_sweep needs a SweepConfig, got BenchConfig"),
+                           (lambda: run_bench(target, prompts, bench), "run_bench needs a Generator"),
+                           (lambda: run_bench(gen, [], bench), "run_bench needs at least one prompt"),
+                           (lambda: run_bench(gen, iter(prompts), bench), "prompts must be a list"),
+                           (lambda: run_bench(gen, prompts, bench, progress=5), "progress must be callable"),
+                           (lambda: run_sweep(gen, prompts, sweep, on_cell=3), "on_cell must be callable"),
+                           (lambda: run_bench(Generator(target), prompts, bench), "needs a drafter"),
+                           (lambda: run_sweep(gen, prompts, replace(sweep, decode=replace(d, datastore_beams=1))),
+                            "--datastore needs a drafter saved with a datastore")):
+        with pytest.raises(BadInputError, match=fragment):
+            call()
+    result, _, _ = swept
+    unmeasured = {**result, "cells": [{**c, "steps": 0} for c in result["cells"]]}
+    with pytest.raises(BadInputError, match="no cell of the sweep took a draft step"):
+        save_best(unmeasured, tmp_path)
+    text = write_csv(result, tmp_path / "s.csv").read_text()
+    header, first, *rest = text.splitlines()
+    edited = tmp_path / "edited.csv"
+    edited.write_text("\ufeff" + header + "\n" + first.replace(first.split(",")[0], "2.0", 1) + "\n", encoding="utf-8")
+    assert read_csv(edited)[0]["beam_width"] == 2  # (a byte-order mark and a spreadsheet's 2.0 read as written)
+    for line, fragment in ((first.replace(first.split(",")[0], "abc", 1), r"edited.csv:2: column 'beam_width' holds 'abc'"),
+                           (first + ",9", "the row has more fields than the header"),
+                           (first.rsplit(",", 1)[0], "the row has fewer fields than the header")):
+        edited.write_text(header + "\n" + line + "\n")
+        with pytest.raises(BadInputError, match=fragment):
+            read_csv(edited)
+    edited.write_text('{"accept": "greedy"}\n')
+    with pytest.raises(BadInputError, match="is not a sweep CSV"):
+        read_csv(edited)
+    from redraft_cli.shipped import shipped_drafter_dir  # save_best from Python, as the CLI, spares the package
+
+    shipped = shipped_drafter_dir("smollm2-135m") / CONFIG_NAME
+    before = shipped.read_bytes()
+    try:
+        with pytest.raises(BadInputError, match="shipped inside the redraft package"):
+            save_best(result, shipped.parent)
+    finally:
+        if shipped.read_bytes() != before:
+            shipped.write_bytes(before)
+            pytest.fail("save_best rewrote the shipped drafter's config.json")

@@ -148,7 +148,7 @@ def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = Fa
     """
     stop: list[int] = []
     main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
-    answer = session.ask(text)  # (a generator: its errors come while it runs, inside the try below)
+    answer = session.ask(text)  # (a bad message or setting raises here; the answer streams below)
     previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum)) if main else None
     session.gen.interrupt = lambda: bool(stop)
     noted = shown = False
