@@ -58,15 +58,15 @@ def check_beam_shape(beam_width: int, beam_length: int, draft_vocab_size: int | 
                      tree_nodes: int = 0) -> None:
     """Raise BeamShapeError for shapes that cannot be drafted."""
     if beam_width < 1:
-        raise BeamShapeError(f"beam width must be >= 1, got {beam_width}")
+        raise BeamShapeError(f"--beam-width must be >= 1, got {beam_width}")
     if beam_length < 1:
-        raise BeamShapeError(f"beam length must be >= 1 (it counts g0), got {beam_length}")
+        raise BeamShapeError(f"--beam-length must be >= 1 (it counts g0), got {beam_length}")
     if beam_width > 256:
-        raise BeamShapeError(f"beam width {beam_width} is too large (max 256)")
+        raise BeamShapeError(f"--beam-width {beam_width} is too large (max 256)")
     if beam_length > 64:
-        raise BeamShapeError(f"beam length {beam_length} is too large (max 64)")
+        raise BeamShapeError(f"--beam-length {beam_length} is too large (max 64)")
     if draft_vocab_size is not None and beam_width > draft_vocab_size:
-        raise BeamShapeError(f"beam width {beam_width} exceeds the draft vocabulary ({draft_vocab_size} tokens)")
+        raise BeamShapeError(f"--beam-width {beam_width} exceeds the draft vocabulary ({draft_vocab_size} tokens)")
     drafted = beam_width * (beam_length - 1)  # distinct tokens a W x L search keeps over its L-1 steps
     if tree_nodes and beam_length < 2:
         raise BeamShapeError(f"--nodes {tree_nodes}: a beam length of {beam_length} drafts nothing to keep; "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from .beam_search import check_beam_shape
 from .bench import BenchConfig, PathTotals, Ticker, check_run, peak_rss_mb, run_bench, warm_up
 from .decode import DecodeConfig, Generator
 from .drafter import write_beam_shape
-from .errors import BadInputError
+from .errors import BadInputError, BeamShapeError
 from .files import write_text
 
 DEFAULT_BEAM_WIDTHS = (1, 2, 4, 8)
@@ -106,7 +107,10 @@ class SweepConfig:
     def check(self, draft_vocab_size: int | None = None) -> None:
         """Every cell of the grid must be draftable (BeamShapeError otherwise)."""
         for w, length, n in self.shapes:
-            check_beam_shape(w, length, draft_vocab_size, n)
+            try:
+                check_beam_shape(w, length, draft_vocab_size, n)
+            except BeamShapeError as exc:  # (the grid's options: --beam-widths, --beam-lengths)
+                raise BeamShapeError(re.sub(r"--beam-(width|length)\b", r"--beam-\1s", str(exc))) from None
 
     @property
     def shapes(self) -> list[tuple[int, int, int]]:

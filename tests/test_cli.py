@@ -211,8 +211,8 @@ def test_accept_auto_samples_and_typical_settings_are_recorded(tmp_path, prompt_
 @pytest.mark.parametrize("args,fragments", [
     (["--model", "no-such-org/no-such-model-xyz"], ["no-such-org/no-such-model-xyz"]),
     (["--model", "/no/such/dir"], ["not found"]),
-    (["--beam-width", "0"], ["beam width"]),
-    (["--beam-length", "0"], ["beam length"]),
+    (["--beam-width", "0"], ["--beam-width must be >= 1, got 0"]),
+    (["--beam-length", "0"], ["--beam-length must be >= 1"]),
     (["--beam-width", "2", "--beam-length", "3", "--nodes", "5"], ["--nodes 5", "2x3"]),
     (["--accept", "sometimes"], ["--accept"]),
     (["--temperature", "-1"], ["temperature"]),

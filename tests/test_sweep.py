@@ -594,9 +594,9 @@ def test_a_saved_batch_shape_names_the_batch_sizes_it_serves():
 def test_a_beam_too_wide_or_too_long_names_the_option_at_fault():
     from redraft_cli.beam_search import check_beam_shape
 
-    with pytest.raises(BeamShapeError, match="beam width 257 is too large"):
+    with pytest.raises(BeamShapeError, match="--beam-width 257 is too large"):
         check_beam_shape(257, 4)
-    with pytest.raises(BeamShapeError, match="beam length 65 is too large"):
+    with pytest.raises(BeamShapeError, match="--beam-length 65 is too large"):
         check_beam_shape(2, 65)
 
 
