@@ -214,6 +214,10 @@ class ChatSession:
             raise BadInputError("empty message")
         if self._stream is not None:
             self._stream.close()
+            if self.messages and self.messages[-1]["role"] == "user":  # (never iterated: its turn is taken back)
+                self.messages[:] = self._before
+                self.trimmed = 0
+            self._stream = None
         if self.draft and self.gen.proposer is None:
             raise BadInputError("ReDrafter decoding needs a drafter (draft=False decodes plainly)")
         if self.draft:

@@ -696,3 +696,7 @@ def test_a_turn_that_cannot_be_decoded_or_a_second_open_stream_leaves_the_histor
     assert [m["role"] for m in s.messages] == ["user", "assistant", "user", "assistant"]
     assert s.messages[2]["content"] == "What is 5 + 5?" and s.totals.answers == 2
     assert next(first, None) is None  # (closed: the partial answer is kept where it was)
+    s.ask("Never read.")  # a stream never iterated: its turn is taken back when the next one starts
+    list(s.ask("And now?"))
+    assert [m["content"] for m in s.messages if m["role"] == "user"][-2:] == ["What is 5 + 5?", "And now?"]
+    assert [m["role"] for m in s.messages] == ["user", "assistant"] * 3
