@@ -218,10 +218,10 @@ class ChatSession:
                 self.messages[:] = self._before
                 self.trimmed = 0
             self._stream = None
-        if self.draft and self.gen.proposer is None:
-            raise BadInputError("ReDrafter decoding needs a drafter (draft=False decodes plainly)")
-        if self.draft:
-            self.gen.check(self.cfg)  # (a shape the drafter cannot run: before the turn joins the history)
+        if self.draft:  # (no drafter, or a shape it cannot run: said before the turn joins the history)
+            if self.gen.proposer is None:
+                raise BadInputError("ReDrafter decoding needs a drafter (draft=False decodes plainly)")
+            self.gen.check(self.cfg)
         self._before = list(self.messages)
         self.messages.append({"role": "user", "content": text})
         try:

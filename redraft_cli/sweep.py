@@ -310,11 +310,12 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
                                 f"than the header")
         row: dict[str, Any] = {}
         for k, v in raw.items():
+            whole = k in _INT_FIELDS or k == "best"
             try:
-                row[k] = None if v.strip() == "" else _whole(v) if k in _INT_FIELDS or k == "best" else float(v)
+                row[k] = None if v.strip() == "" else _whole(v) if whole else float(v)
             except ValueError:
                 raise BadInputError(f"{where}:{reader.line_num}: column {k!r} holds {v!r}, not "
-                                    f"{'a whole number' if k in _INT_FIELDS or k == 'best' else 'a number'}") from None
+                                    f"{'a whole number' if whole else 'a number'}") from None
         rows.append(row)
     return rows
 

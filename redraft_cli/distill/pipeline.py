@@ -337,7 +337,7 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
                                chat_template=None if recipe.target.chat_template is None else
                                hashlib.sha256(target.tokenizer.chat_template.encode()).hexdigest(),
                                # (a quantized target answers differently: its own data and hidden states)
-                               quantize=None if recipe.target.quantize in (None, "none") else recipe.target.quantize)
+                               quantize=None if recipe.target.quantize == "none" else recipe.target.quantize)
     context = int(getattr(target, "max_context", 1 << 30))
     prompt_room = min(d.max_prompt_tokens, context - d.max_new_tokens)  # (data._generate_shard's limit)
     if prompt_room < 1:

@@ -49,14 +49,9 @@ def _copy_shards(source: Path, data_dir: Path, manifest: dict, shards: list[dict
     link=True: hard links where the file system allows (shards are replaced whole, never written in place)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     for shard in shards:
-        src, dst = source / shard["file"], data_dir / shard["file"]
+        dst = data_dir / shard["file"]
         dst.unlink(missing_ok=True)
-        try:
-            if not link:
-                raise OSError
-            os.link(src, dst)
-        except OSError:
-            shutil.copyfile(src, dst)
+        _place(source / shard["file"], dst, link)
     text = json.dumps(manifest, indent=2) + "\n"  # (as data.py writes manifests)
     atomic_write(data_dir / "manifest.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
@@ -128,10 +123,16 @@ def _link_tree(source: Path, dest: Path) -> None:
         rel = path.relative_to(source)
         if any(part.startswith(".") for part in rel.parts) or path.is_symlink() or not path.is_file():
             continue
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, dest / rel)
-        except FileExistsError:  # (linked by a run stopped before the manifest was written)
-            pass
-        except OSError:
-            atomic_write(dest / rel, lambda tmp, src=path: shutil.copyfile(src, tmp))
+        if not (dest / rel).exists():  # (else linked by a run stopped before the manifest was written)
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            _place(path, dest / rel, link=True)
+
+
+def _place(src: Path, dst: Path, link: bool) -> None:
+    """`dst` as a hard link to `src` (link=True, where the file system allows), else an atomic copy."""
+    try:
+        if not link:
+            raise OSError
+        os.link(src, dst)
+    except OSError:
+        atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
