@@ -390,6 +390,26 @@ def test_the_title_names_the_copied_beams_as_the_readme_does():
          "max_new_tokens": 128, "lookup_beams": 1, "lookup_length": 32, "datastore_beams": 0}
     title = render(r, [(2, 4, 0)], []).title
     assert title.endswith("| 5 prompts x 128 tokens | 1 lookup up to 32"), title
+    assert title.startswith("redraft sweep: m | drafter d")  # a result that does not say where it ran
+
+
+def test_titles_name_the_device_dtype_and_quantization():
+    from redraft_cli.cli.bench import render as bench_render
+    from redraft_cli.cli.common import precision_label
+    from redraft_cli.cli.sweep import render
+
+    r = {"model": "m", "drafter": "d", "accept": "greedy", "temperature": 0.0, "num_prompts": 5,
+         "max_new_tokens": 128, "lookup_beams": 0, "lookup_length": 0, "datastore_beams": 0,
+         "device": "cpu", "dtype": "bfloat16", "quantize": "none", "device_map": None}
+    assert render(r, [(2, 4, 0)], []).title.startswith("redraft sweep: m (cpu bfloat16) | drafter d")
+    assert precision_label({**r, "device": "cuda:0", "dtype": "float16", "quantize": "4bit"}) == " (cuda:0 float16 4bit)"
+    assert precision_label({**r, "device_map": "auto"}) == " (cpu, device map auto, bfloat16)"
+    path = {"tokens": 10, "seconds": 1.0, "tokens_per_s": 10.0}
+    red = {**path, "tokens_per_step": 2.0, "acceptance_rate": 0.5, "mean_tree_nodes": 8.0, "draft_share": 0.1,
+           "verify_share": 0.8, "accept_share": 0.1, "passes": 0, "steps": 5}
+    b = {**r, "quantize": "8bit", "beam_width": 2, "beam_length": 4, "tree_nodes": 0, "baseline": path, "redraft": red,
+         "speedup": 1.0, "identical_outputs": None}
+    assert bench_render(b).title.startswith("redraft bench: m (cpu bfloat16 8bit) | drafter d | greedy")
 
 
 def test_ctrl_c_inside_a_cell_stops_the_sweep(tiny, monkeypatch):

@@ -13,7 +13,7 @@ from ..decode import Generator
 from ..errors import BadInputError
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, write_report
+from .common import counted, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, write_report
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -118,7 +118,8 @@ def bench(
 def render(r: dict) -> Table:
     """The bench table: one row per path, then the ReDrafter statistics."""
     red, base = r["redraft"], r["baseline"]
-    title = (f"redraft bench: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
+    title = (f"redraft bench: {r['model']}{precision_label(r)} | drafter {r['drafter']} | "
+             f"{r['accept']} T={r['temperature']} | "
              f"beams {beams_label(r)} | {counted(r['num_prompts'], 'prompt')} x {r['max_new_tokens']} tokens"
              + (f" | batch {r['batch_size']}" if r.get("batch_size", 1) > 1 else ""))
     t = Table(title=title, title_justify="left")

@@ -408,6 +408,16 @@ def beams_label(r: dict) -> str:
     return f"{r['beam_width']}x{r['beam_length']}" + (f" best {nodes} nodes" if nodes else "") + lookup_label(r)
 
 
+def precision_label(r: dict) -> str:
+    """' (cpu bfloat16)', ' (cuda float16 8bit)', ' (cuda, device map auto, bfloat16)': where and how the target
+    ran, for titles after the model's name; '' for a result that does not say (written by an older redraft)."""
+    if not r.get("device") or not r.get("dtype"):
+        return ""
+    where = f"{r['device']}, device map {r['device_map']}," if r.get("device_map") else r["device"]
+    quant = r.get("quantize")
+    return f" ({where} {r['dtype']}" + (f" {quant})" if quant and quant != "none" else ")")
+
+
 def note_short_prompt_set(texts: list[str], num_prompts: int, default: int) -> None:
     """Say so when an explicit --num-prompts (not the command's default) asks for more prompts than the
     file holds (the run uses them all)."""

@@ -23,7 +23,7 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      run_sweep, save_best as save_best_shape, sweep_result, csv_text)
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
+from .common import counted, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -252,7 +252,8 @@ def render(r: dict[str, Any], shapes: list[tuple[int, int, int]], cells: list[di
     """The sweep table: one row per cell in run order; pending cells dim, the best one highlighted.
     A `best` column (each cell's node budget) appears when the sweep tries one."""
     copied = lookup_label(r)
-    title = (f"redraft sweep: {r['model']} | drafter {r['drafter']} | {r['accept']} T={r['temperature']} | "
+    title = (f"redraft sweep: {r['model']}{precision_label(r)} | drafter {r['drafter']} | "
+             f"{r['accept']} T={r['temperature']} | "
              f"{counted(r['num_prompts'], 'prompt')} x {r['max_new_tokens']} tokens"
              + (f" | {copied.lstrip(' +')}" if copied else "")
              + (f" | batch {r['batch_size']}" if r.get("batch_size", 1) > 1 else ""))
