@@ -700,3 +700,26 @@ def test_a_turn_that_cannot_be_decoded_or_a_second_open_stream_leaves_the_histor
     list(s.ask("And now?"))
     assert [m["content"] for m in s.messages if m["role"] == "user"][-2:] == ["What is 5 + 5?", "And now?"]
     assert [m["role"] for m in s.messages] == ["user", "assistant"] * 3
+
+
+def test_keys_typed_while_an_answer_streams_wait_for_the_next_prompt(model_dir):
+    """A line typed during an answer is the next message, and a Ctrl-D typed during that one leaves after it
+    (in the terminal's line mode the Ctrl-D was lost, and typed text was echoed into the answer)."""
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(REDRAFT, ["chat", "--model", str(model_dir), "--drafter", "random", "--max-new-tokens", "400"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"}, encoding="utf-8", timeout=120,
+                          codec_errors="replace")
+    try:
+        child.expect(">>> ")
+        child.sendline("Hello")
+        child.expect("Hello")  # the echo of the line typed at the prompt
+        child.send("Typed ahead\r")  # while the first answer streams
+        child.expect(r"tokens/step")
+        assert "Typed ahead" not in child.before  # not echoed into the answer
+        child.expect(">>> Typed ahead")  # the next prompt reads it as typed
+        child.send("\x04")  # Ctrl-D while the second answer streams
+        child.expect(r"tokens/step")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0

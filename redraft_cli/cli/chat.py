@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import os
 import signal
@@ -31,7 +32,7 @@ HELP = """commands:
                        max-new-tokens, accept, temperature, top-p, top-k, seed, epsilon, delta, draft on|off,
                        system TEXT (system alone: the template's default; system "": an empty one)
   /help                this help
-  /quit                leave (or Ctrl-D); Ctrl-C stops the current answer
+  /quit                leave (or Ctrl-D, also typed during an answer); Ctrl-C stops the current answer
   //TEXT               send /TEXT as a message (a line that starts with a slash)"""
 
 
@@ -234,6 +235,40 @@ def _note_cut(session: ChatSession) -> None:
                   f"context ends")
 
 
+@contextlib.contextmanager
+def _typed_ahead_kept():
+    """While an answer streams at a terminal, keys typed ahead wait, unechoed, for the next prompt.
+
+    In the terminal's line mode a Ctrl-D typed during the answer was taken as an end of input by no
+    reader and lost, and typed text was echoed into the answer. Here the terminal delivers keys as bytes
+    (no ICANON) without echo until the answer ends, so the next prompt's line editor reads them as typed:
+    a Ctrl-D then leaves, and a line typed ahead is the next message. Ctrl-C still interrupts (ISIG stays)."""
+    try:
+        import termios
+    except ImportError:  # (Windows)
+        yield
+        return
+    try:
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (termios.error, OSError, ValueError, AttributeError):  # (not a terminal, a closed or replaced stdin)
+        yield
+        return
+    quiet = termios.tcgetattr(fd)
+    quiet[3] &= ~(termios.ICANON | termios.ECHO)
+    quiet[6][termios.VMIN], quiet[6][termios.VTIME] = 1, 0
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)  # (TCSANOW: keys already typed stay unread)
+    except termios.error:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(termios.error):
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 def _interactive(session: ChatSession, show_drafts: bool) -> None:
     try:  # line editing and history; without it a terminal cuts a typed line at 4,095 bytes
         import readline
@@ -266,7 +301,8 @@ def _interactive(session: ChatSession, show_drafts: bool) -> None:
                 return
             continue
         try:
-            finished = _stream(session, line, show_drafts)
+            with _typed_ahead_kept():
+                finished = _stream(session, line, show_drafts)
         except RedraftError as exc:
             err.print(f"[bold red]error:[/] {escape(str(exc))}")
             continue
