@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from .decode import BatchGeneration, BatchRun, DecodeConfig, Generator, check_datastore
-from .errors import BadInputError
+from .errors import BadInputError, check_field_types
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -60,7 +60,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.decode, DecodeConfig):
             raise BadInputError(f"BenchConfig.decode must be a DecodeConfig, got {type(self.decode).__name__}")
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+        check_field_types(self)
+        if self.batch_size < 1:
             raise BadInputError(f"BenchConfig.batch_size must be a whole number >= 1, got {self.batch_size!r}")
 
 

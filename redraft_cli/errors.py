@@ -48,7 +48,8 @@ class ContextOverflowError(BadInputError):
 
 def check_field_types(obj: object) -> None:
     """BadInputError when a dataclass field annotated int, float, str or bool holds another type (a
-    Python caller's "8" for 8); bools are not accepted as numbers."""
+    Python caller's "8" for 8); bools are not accepted as numbers. Other number types (numpy's) become
+    Python's int and float, so that results stay JSON-able."""
     import dataclasses
     import numbers
 
@@ -59,3 +60,5 @@ def check_field_types(obj: object) -> None:
         value = getattr(obj, f.name)
         if want is not None and (not isinstance(value, want) or (isinstance(value, bool) and name != "bool")):
             raise BadInputError(f"{type(obj).__name__}.{f.name} must be {name}, got {value!r}")
+        if name in ("int", "float") and type(value) not in (int, float):  # numpy's int64, float32: Python's own
+            object.__setattr__(obj, f.name, int(value) if isinstance(value, numbers.Integral) else float(value))

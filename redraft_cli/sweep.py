@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import numbers
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -30,7 +31,7 @@ from .beam_search import check_beam_shape
 from .bench import BenchConfig, PathTotals, Ticker, check_run, peak_rss_mb, run_bench, warm_up
 from .decode import DecodeConfig, Generator
 from .drafter import write_beam_shape
-from .errors import BadInputError, BeamShapeError
+from .errors import BadInputError, BeamShapeError, check_field_types
 from .files import write_text
 
 DEFAULT_BEAM_WIDTHS = (1, 2, 4, 8)
@@ -88,12 +89,16 @@ class SweepConfig:
     def __post_init__(self) -> None:
         for name in ("beam_widths", "beam_lengths", "tree_nodes"):
             values = getattr(self, name)
-            if not isinstance(values, (list, tuple)) or not all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in values):
+            if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # a numpy array, a tensor
+                values = values.tolist()
+            if not isinstance(values, (list, tuple, range)) or not all(
+                    isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
                 raise BadInputError(f"SweepConfig.{name} must be a list of whole numbers, got {values!r}")
+            setattr(self, name, [int(v) for v in values])  # (numpy's ints too)
         if not isinstance(self.decode, DecodeConfig):
             raise BadInputError(f"SweepConfig.decode must be a DecodeConfig, got {type(self.decode).__name__}")
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+        check_field_types(self)
+        if self.batch_size < 1:
             raise BadInputError(f"SweepConfig.batch_size must be a whole number >= 1, got {self.batch_size!r}")
         self.beam_widths = sorted(set(self.beam_widths))
         self.beam_lengths = sorted(set(self.beam_lengths))

@@ -212,6 +212,8 @@ def test_specs_configs_and_texts_of_the_wrong_kind(tiny_target, drafter, tmp_pat
         refused(lambda text=text: tiny_target.encode_raw(text), "encode_raw takes a text")
     refused(lambda: BenchConfig(batch_size=0), "BenchConfig.batch_size")
     refused(lambda: BenchConfig(decode=None), "BenchConfig.decode must be a DecodeConfig")
+    refused(lambda: BenchConfig(warmup="no"), "BenchConfig.warmup must be bool, got 'no'")
+    refused(lambda: BenchConfig(hf_baseline=1), "BenchConfig.hf_baseline must be bool, got 1")
     path = drafter.save(tmp_path / "d")
     refused(lambda: Drafter.load(path, map_location="meta"), "not a device this machine has")
     if not torch.cuda.is_available():
@@ -219,6 +221,29 @@ def test_specs_configs_and_texts_of_the_wrong_kind(tiny_target, drafter, tmp_pat
     # A temperature so small that logits / T overflow: refused, with the way to the argmax.
     refused(lambda: SamplingConfig(temperature=1e-40), r"temperature must be 0 \(greedy\) or at least 0.0001")
     assert SamplingConfig(temperature=1e-4).temperature == 1e-4
+
+
+def test_numpy_numbers_become_pythons_so_results_stay_json():
+    """A caller's numpy ints and floats (a grid from np.arange, a temperature from np.linspace) are taken
+    and kept as Python's int and float: a result holding numpy's int64 would not be JSON-able."""
+    import json
+
+    import numpy as np
+
+    from redraft_cli.bench import BenchConfig
+    from redraft_cli.sampling import SamplingConfig
+    from redraft_cli.sweep import SweepConfig
+
+    d = DecodeConfig(max_new_tokens=np.int64(5), beam_width=np.int32(3), typical_epsilon=np.float32(0.5),
+                     sampling=SamplingConfig(temperature=np.float64(0.7), seed=np.int64(1)))
+    values = [d.max_new_tokens, d.beam_width, d.typical_epsilon, d.sampling.temperature, d.sampling.seed]
+    assert [type(v) for v in values] == [int, int, float, float, int] and values == [5, 3, 0.5, 0.7, 1]
+    assert type(BenchConfig(batch_size=np.int64(2)).batch_size) is int
+    s = SweepConfig(beam_widths=np.arange(1, 3), beam_lengths=torch.tensor([3]), tree_nodes=range(2), batch_size=np.int8(1))
+    assert s.shapes == [(1, 3, 0), (1, 3, 1), (2, 3, 0), (2, 3, 1)] and json.dumps(s.shapes)
+    assert all(type(v) is int for v in [*s.beam_widths, *s.beam_lengths, *s.tree_nodes, s.batch_size])
+    refused(lambda: SweepConfig(beam_widths=np.array([2.5])), "beam_widths must be a list of whole numbers")
+    refused(lambda: SweepConfig(warmup="yes"), "SweepConfig.warmup must be bool")
 
 
 def test_damaged_drafter_files_are_load_errors(tiny_target, tmp_path):
