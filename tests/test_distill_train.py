@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
 import pytest
 import torch
+import yaml
 
 from conftest import distill_events, tiny_chat_llama, tiny_llama, tiny_recipe
 from redraft_cli.distill.recipe import Recipe, TrainSection, load_recipe, recipe_from_dict
@@ -181,7 +183,17 @@ def test_recipes_load_and_validate(tmp_path):
         check_recipe(changed)
     changed = load_recipe(recipe_file)
     changed.eval = None
-    with pytest.raises(BadInputError, match="recipe.eval must be a EvalSection, got null"):
+    with pytest.raises(BadInputError, match="recipe.eval must be an EvalSection, got null"):
+        check_recipe(changed)
+    import numpy as np
+
+    changed = load_recipe(recipe_file)  # numpy's numbers become Python's (recipe.yaml is written from them)
+    changed.train.lr, changed.train.max_steps, changed.beam.width = np.float32(0.5), np.int64(7), np.int8(2)
+    check_recipe(changed)
+    assert (type(changed.train.lr), type(changed.train.max_steps), type(changed.beam.width)) == (float, int, int)
+    assert "max_steps: 7" in yaml.safe_dump(dataclasses.asdict(changed))
+    changed.train.kl_weight = np.bool_(True)
+    with pytest.raises(BadInputError, match="train.kl_weight must be a number"):
         check_recipe(changed)
     with pytest.raises(BadInputError, match="a key must be a name, not a list"):
         (tmp_path / "key.yaml").write_text("name: r\n? [a, b]\n: 1\n")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import numbers
 import re
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -306,7 +307,11 @@ def _check_types(recipe: Recipe) -> None:
                 raise BadInputError(f"{section} has no field {name!r}" + (f" (it is {home[0]}.{name})" if home else
                                     f"; its fields: {', '.join(sorted(known))}"))
         for f in fields(part):
-            _check_type(section, f.name, getattr(part, f.name), str(f.type))
+            value = getattr(part, f.name)
+            if isinstance(value, numbers.Real) and type(value) not in (int, float, bool):  # numpy's: Python's own
+                value = int(value) if isinstance(value, numbers.Integral) else float(value)
+                object.__setattr__(part, f.name, value)  # (so that recipe.yaml and the reports can be written)
+            _check_type(section, f.name, value, str(f.type))
 
 
 # (section, field): (smallest value, whether the smallest value itself is allowed); None passes where the field allows it.
@@ -352,7 +357,7 @@ def check_recipe(recipe: Recipe) -> None:
         raise BadInputError(f"a recipe must be a Recipe (load_recipe(NAME_OR_PATH)), got {type(recipe).__name__}")
     for section, kind in SECTION_TYPES.items():
         if not isinstance(getattr(recipe, section, None), kind):
-            raise BadInputError(f"recipe.{section} must be a {kind.__name__}, got "
+            raise BadInputError(f"recipe.{section} must be {'an' if kind.__name__[0] in 'AEIOU' else 'a'} {kind.__name__}, got "
                                 f"{_as_yaml(getattr(recipe, section, None))}")
     if not isinstance(recipe.name, str) or not NAME.fullmatch(recipe.name):
         raise BadInputError(f"recipe name must be letters, digits, '.', '_', '+' or '-' (it names the data folder and "
