@@ -293,6 +293,10 @@ def test_an_interrupt_says_what_was_kept_and_where(tmp_path):
     msg = view.interrupted(tmp_path)
     assert "hidden states" in msg and "/cache/hidden-bfloat16" in msg and "--resume" not in msg
     view.on_event({"event": "start", "total_steps": 50, "step": 8, "examples": 10, "processes": 1})
+    view.on_event({"event": "micro", "step": 8, "micro": 1, "grad_accum": 4, "total_steps": 50})  # (inside step 9)
+    task = view.progress.tasks[view.tasks["train"]]
+    assert task.completed == 8.25 and task.fields["info"] == "step 9: micro-batch 1/4"
+    view.progress.stop()
     assert view.interrupted(tmp_path) == (f"interrupted at training step 8; the checkpoint is saved in {tmp_path}: "
                                           f"run the same command with --resume to continue")
 

@@ -621,6 +621,38 @@ def _resume_setup(max_steps: int, eval_every: int, save_every: int):
     return target, data[4:], data[:4], cfg, lambda: Drafter.for_target(target, seed=0, head="tied", num_draft_layers=1)
 
 
+def test_gradient_accumulation_counts_steps_shows_micro_batches_and_resumes_exactly(tmp_path):
+    """train.grad_accum 3: an epoch of 12 examples in batches of 2 is 6 micro-batches, so 2 epochs are 4
+    optimiser steps; each micro-batch is an event (the progress of a long step); a run stopped inside a
+    step resumes at that step's start and ends as the uninterrupted run does."""
+
+    target, train_set, held, cfg, fresh = _resume_setup(max_steps=6, eval_every=2, save_every=2)
+    cfg = dataclasses.replace(cfg, max_steps=None, epochs=2, batch_size=2, grad_accum=3)
+    events: list[dict] = []
+    full = train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "full", 3, on_event=events.append)
+    assert full.step == 4
+    micro = [(e["step"], e["micro"]) for e in events if e["event"] == "micro"]
+    assert micro == [(s, m) for s in range(4) for m in (1, 2, 3)]
+    assert all(e["grad_accum"] == 3 and e["total_steps"] == 4 for e in events if e["event"] == "micro")
+
+    def stop_inside_step_3(e):
+        if e["event"] == "micro" and (e["step"], e["micro"]) == (2, 2):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "cut", 3, on_event=stop_inside_step_3)
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    resumed = train_drafter(target, fresh(), train_set, held, cfg, tmp_path / "cut", 3, resume=True)
+    assert _history(resumed) == _history(full)
+    a, b = (Drafter.load(tmp_path / run / "best").state_dict() for run in ("full", "cut"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+    plain = []
+    train_drafter(target, fresh(), train_set, held, dataclasses.replace(cfg, grad_accum=1, max_steps=2), tmp_path / "one",
+                  3, on_event=plain.append)
+    assert not any(e["event"] == "micro" for e in plain)  # (one micro-batch a step: the step event says it all)
+
+
 @pytest.mark.parametrize("stop_at", ["evaluate", "save_best"])
 def test_an_interrupted_evaluation_is_made_again_by_the_resume(tmp_path, monkeypatch, stop_at):
     from redraft_cli.distill import train

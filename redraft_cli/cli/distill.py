@@ -251,6 +251,10 @@ class _DistillView:
             agree = " ".join(f"{a:.2f}" for a in e["train_agreement"])
             self.progress.update(t, completed=e["step"], info=f"loss {e['loss']:.3f} | train top-1 {agree}")
             self._log("step", e["step"], 10, f"step {e['step']}/{e['total_steps']}: loss {e['loss']:.3f}, train top-1 {agree}")
+        elif kind == "micro":  # one of a step's train.grad_accum micro-batches
+            t = self._task("train", "training", e["total_steps"])
+            self.progress.update(t, completed=e["step"] + e["micro"] / e["grad_accum"],
+                                 info=f"step {e['step'] + 1}: micro-batch {e['micro']}/{e['grad_accum']}")
         elif kind == "eval" and "agreement" in e:
             agree = " ".join(f"{a:.2f}" for a in e["agreement"])
             err.print(f"step {e['step']}: held-out loss {e['loss']:.3f}, top-1 per position {agree} "

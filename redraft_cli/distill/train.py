@@ -557,6 +557,9 @@ def train_drafter(target: Target, drafter: Drafter, train_set: list[dict], eval_
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0) + v.float().cpu()
                 losses.append(float(loss.detach()))
+                if cfg.grad_accum > 1:  # (a step of many micro-batches shows its progress)
+                    emit({"event": "micro", "step": step, "micro": micro + 1, "grad_accum": cfg.grad_accum,
+                          "total_steps": total})
             acc.clip_grad_norm_(model.parameters(), 1.0)
             with _ctrl_c_after():  # the weights and the step count change together (a checkpoint of both)
                 optimizer.step()
