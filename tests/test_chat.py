@@ -211,13 +211,19 @@ def test_an_interrupted_one_shot_answer_is_kept_and_exits_130(model_dir):
     assert first and "[interrupted]" in err and "(stopped)" in err and "Traceback" not in err
 
 
-def test_interactive_terminal(model_dir):
+def spawn_chat(model_dir, max_new_tokens: int):
+    """`redraft chat` at a terminal (pexpect), with a random drafter over the tiny model."""
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(REDRAFT, ["chat", "--model", str(model_dir), "--drafter", "random", "--max-new-tokens", "6"],
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"}, encoding="utf-8", timeout=120,
-                          # (the terminal echoes ^C where it lands: between a character's bytes when a long answer's
-                          # write was split, which a strict decoder would take for the program's error)
-                          codec_errors="replace")
+    return pexpect, pexpect.spawn(
+        REDRAFT, ["chat", "--model", str(model_dir), "--drafter", "random", "--max-new-tokens", str(max_new_tokens)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"}, encoding="utf-8", timeout=120,
+        # (the terminal echoes ^C where it lands: between a character's bytes when a long answer's
+        # write was split, which a strict decoder would take for the program's error)
+        codec_errors="replace")
+
+
+def test_interactive_terminal(model_dir):
+    pexpect, child = spawn_chat(model_dir, 6)
     try:
         child.expect(">>> ")
         assert "\x1b[?2004h" in child.before  # bracketed paste on: the terminal marks a paste's start and end
@@ -705,10 +711,7 @@ def test_a_turn_that_cannot_be_decoded_or_a_second_open_stream_leaves_the_histor
 def test_keys_typed_while_an_answer_streams_wait_for_the_next_prompt(model_dir):
     """A line typed during an answer is the next message, and a Ctrl-D typed during that one leaves after it
     (in the terminal's line mode the Ctrl-D was lost, and typed text was echoed into the answer)."""
-    pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(REDRAFT, ["chat", "--model", str(model_dir), "--drafter", "random", "--max-new-tokens", "400"],
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"}, encoding="utf-8", timeout=120,
-                          codec_errors="replace")
+    pexpect, child = spawn_chat(model_dir, 400)
     try:
         child.expect(">>> ")
         child.sendline("Hello")
