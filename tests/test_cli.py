@@ -68,6 +68,33 @@ def test_bench_random_drafter_json(tmp_path, prompt_file):
     assert any("redraft" in line for line in logged) and len(logged) <= 9, logged
 
 
+def test_bench_and_sweep_take_a_system_prompt(tmp_path, prompt_file, smollm2):
+    """--system is the system turn of every prompt (as in chat): the prompts grow by it, the JSON names it;
+    with --no-chat-template (raw text, no turns) it is refused before the model loads."""
+    from redraft_cli.cli.common import prompt_encoder
+
+    common = ("--drafter", "random", "--prompts", prompt_file, "--num-prompts", 1, "--max-new-tokens", 4, "--no-warmup")
+    runs = {}
+    for system in (None, "Answer in French."):
+        out = tmp_path / f"{system is None}.json"
+        result = invoke("bench", *common, "--no-hf-baseline", "--json", out, *(("--system", system) if system else ()))
+        assert result.exit_code == 0, result.output
+        runs[system] = json.loads(out.read_text())
+    assert runs["Answer in French."]["system"] == "Answer in French." and runs[None]["system"] is None
+    assert runs["Answer in French."]["identical_outputs"] == 1
+    target = smollm2
+    with_system = prompt_encoder(target, False, "Answer in French.")("Name three colours.")
+    assert "Answer in French." in target.tokenizer.decode(with_system)
+    assert runs["Answer in French."]["per_prompt"][0]["prompt_tokens"] == len(with_system)
+    assert runs[None]["per_prompt"][0]["prompt_tokens"] == len(target.encode_chat("Name three colours."))
+    swept = invoke("sweep", *common, "--beam-widths", 1, "--beam-lengths", 2, "--system", "", "--json", tmp_path / "s.json")
+    assert swept.exit_code == 0, swept.output
+    assert json.loads((tmp_path / "s.json").read_text())["system"] == ""
+    for cmd in ("bench", "sweep"):
+        assert_clean_error(invoke(cmd, "--no-chat-template", "--system", "Be brief."), "--system is a turn of the chat "
+                           "template", "--no-chat-template")
+
+
 def test_a_slower_redrafter_is_explained():
     from redraft_cli.cli.common import slower_note
 

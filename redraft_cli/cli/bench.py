@@ -13,7 +13,7 @@ from ..decode import Generator
 from ..errors import BadInputError
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, write_report
+from .common import counted, check_system, prompt_encoder, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, write_report
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -48,6 +48,7 @@ def bench(
     batch_size: o.BatchSize = 1,
     no_chat_template: o.NoChatTemplate = False,
     chat_template: o.ChatTemplate = None,
+    system: o.System = None,
     json_path: o.JsonOut = None,
 ) -> None:
     """Measure ReDrafter against plain decoding on the same prompts, alternating, after a warm-up."""
@@ -58,6 +59,7 @@ def bench(
     files, folders = model_inputs(model, drafter, chat_template)
     check_output_paths({"--json": json_path}, inputs={"--prompts": prompts, **files}, folders=folders)
     check_batch_size(batch_size)
+    check_system(system, no_chat_template)
     texts = read_prompts(prompts, num_prompts)
     batch_size = fit_batch_size(batch_size, len(texts))
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template,
@@ -66,7 +68,7 @@ def bench(
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes, batch_size)
     if beam_length is not None:
         note_past_training(dr, loaded.drafter_name, [beam_length])
-    encode = target.encode_raw if no_chat_template else target.encode_chat
+    encode = prompt_encoder(target, no_chat_template, system)
     ids = [encode(t) for t in texts]
     check_prompts_fit(target, ids, max_new_tokens, prompts)
     note_short_prompt_set(texts, num_prompts, default=NUM_PROMPTS)
@@ -89,7 +91,7 @@ def bench(
                                progress)
     result = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
               "dtype": str(target.compute_dtype).replace("torch.", ""), "quantize": quantize,
-              "device_map": device_map, **result}
+              "device_map": device_map, "system": system, **result}
     console.print(render(result))
     if not result["redraft"].get("steps"):
         err.print("note: ReDrafter took no draft step (every answer ended at its first token), so the speedup "

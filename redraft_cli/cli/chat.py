@@ -53,8 +53,7 @@ def chat(
     seed: o.Seed = D["seed"],
     epsilon: o.Epsilon = D["epsilon"],
     delta: o.Delta = D["delta"],
-    system: Annotated[Optional[str], typer.Option(help="System prompt (\"\": an empty one, in place of the chat "
-                                                       "template's default).")] = None,
+    system: o.System = None,
     max_new_tokens: o.MaxNewTokens = 512,
     no_draft: Annotated[bool, typer.Option("--no-draft", help="Plain decoding, for comparison.")] = False,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this once and exit. Without it, text piped on stdin is one prompt too (all of it, slash commands included); with it, stdin is not read.")] = None,

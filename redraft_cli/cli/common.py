@@ -30,7 +30,7 @@ from ..loading import EMBEDDED, TargetSpec, load_target
 from ..prompts import load_prompts
 from ..sampling import SamplingConfig
 from ..shipped import shipped_drafter_dir
-from ..target import Target
+from ..target import Target, not_utf8
 
 console = Console(highlight=False)
 err = Console(file=STDERR, highlight=False)
@@ -423,6 +423,25 @@ def note_short_prompt_set(texts: list[str], num_prompts: int, default: int) -> N
     file holds (the run uses them all)."""
     if num_prompts != default and num_prompts > len(texts):
         err.print(f"note: --num-prompts {num_prompts}, but the prompts hold {len(texts)}; using {len(texts)}")
+
+
+def prompt_encoder(target: Target, no_chat_template: bool, system: str | None):
+    """How bench and sweep turn a prompt text into token ids: raw text, or the chat template with --system's
+    turn (None: the template's default system prompt). Call check_system first, before the models load."""
+    if no_chat_template:
+        return target.encode_raw
+    return lambda text: target.encode_chat(text, system=system)
+
+
+def check_system(system: str | None, no_chat_template: bool) -> None:
+    """Refuse a --system that could not be sent: with --no-chat-template (raw text has no turns), or not UTF-8."""
+    if system is None:
+        return
+    if no_chat_template:
+        raise BadInputError("--system is a turn of the chat template, and --no-chat-template sends prompts as raw "
+                            "text: put the system text in the prompts, or drop --no-chat-template")
+    if bad := not_utf8(system):
+        raise BadInputError(f"--system is not UTF-8 text ({bad}); give it in UTF-8")
 
 
 def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int, source: str | None = None) -> None:
