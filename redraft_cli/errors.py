@@ -4,6 +4,10 @@ Exit codes: 2 for bad input (model, drafter, prompt, options, a context overflow
 anything else the core raises on purpose.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class RedraftError(Exception):
     """Base class: a problem the user can fix, reported without a traceback."""
@@ -46,10 +50,19 @@ class ContextOverflowError(BadInputError):
 
 
 
+def python_scalar(value: Any) -> Any:
+    """A numpy scalar (np.int64, np.float32, np.bool_, np.str_) as Python's own value, anything else as it
+    is: what a caller's numpy values become in configs, so that they compare, print and save (JSON,
+    YAML) as Python's do."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
 def check_field_types(obj: object) -> None:
     """BadInputError when a dataclass field annotated int, float, str or bool holds another type (a
-    Python caller's "8" for 8); bools are not accepted as numbers. Other number types (numpy's) become
-    Python's int and float, so that results stay JSON-able."""
+    Python caller's "8" for 8); bools are not accepted as numbers. numpy's scalars become Python's
+    values first, and a float field's whole number a float, so that results stay JSON-able."""
     import dataclasses
     import numbers
 
@@ -57,8 +70,17 @@ def check_field_types(obj: object) -> None:
     for f in dataclasses.fields(obj):  # type: ignore[arg-type]
         name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
         want = kinds.get(name)
-        value = getattr(obj, f.name)
-        if want is not None and (not isinstance(value, want) or (isinstance(value, bool) and name != "bool")):
+        if want is None:
+            continue
+        value = python_scalar(getattr(obj, f.name))
+        if not isinstance(value, want) or (isinstance(value, bool) and name != "bool"):
             raise BadInputError(f"{type(obj).__name__}.{f.name} must be {name}, got {value!r}")
-        if name in ("int", "float") and type(value) not in (int, float):  # numpy's int64, float32: Python's own
-            object.__setattr__(obj, f.name, int(value) if isinstance(value, numbers.Integral) else float(value))
+        if name == "int":
+            value = int(value)  # (a subclass of int, or another Integral)
+        elif name == "float":
+            try:
+                value = float(value)
+            except OverflowError:  # a whole number of 400 digits
+                raise BadInputError(f"{type(obj).__name__}.{f.name} must be a finite number, got a whole number "
+                                    f"of {len(str(abs(value)))} digits") from None
+        object.__setattr__(obj, f.name, value)

@@ -29,16 +29,16 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         check_field_types(self)
         if not self.temperature >= 0 or self.temperature == float("inf"):
-            raise BadInputError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise BadInputError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if 0 < self.temperature < MIN_TEMPERATURE:  # logits / T would overflow float32 long before T reaches 0
-            raise BadInputError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got "
+            raise BadInputError(f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got "
                                 f"{self.temperature:g}; use 0 (--accept greedy) for the target's argmax")
         if self.top_k < 0:
-            raise BadInputError(f"top-k must be >= 0, got {self.top_k}")
+            raise BadInputError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:  # also rejects NaN
-            raise BadInputError(f"top-p must be in (0, 1], got {self.top_p}")
+            raise BadInputError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.seed < 2**63:
-            raise BadInputError(f"seed must be between 0 and 2^63 - 1, got {self.seed}")
+            raise BadInputError(f"--seed must be between 0 and 2^63 - 1, got {self.seed}")
         # Python numbers from here on: a NumPy seed fails torch's manual_seed, NumPy values fail json.dumps.
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
         self.top_k, self.seed = int(self.top_k), int(self.seed)

@@ -244,6 +244,12 @@ def test_numpy_numbers_become_pythons_so_results_stay_json():
     assert all(type(v) is int for v in [*s.beam_widths, *s.beam_lengths, *s.tree_nodes, s.batch_size])
     refused(lambda: SweepConfig(beam_widths=np.array([2.5])), "beam_widths must be a list of whole numbers")
     refused(lambda: SweepConfig(warmup="yes"), "SweepConfig.warmup must be bool")
+    # numpy's bools and strings too, and a float field's whole number is a float (1.0 in the JSON, not 1)
+    d = DecodeConfig(stop_on_eos=np.False_, accept=np.str_("greedy"), typical_epsilon=1, typical_delta=2)
+    assert (type(d.stop_on_eos), type(d.accept), d.typical_epsilon, type(d.typical_delta)) == (bool, str, 1.0, float)
+    assert BenchConfig(warmup=np.False_).warmup is False
+    refused(lambda: DecodeConfig(typical_delta=10**400), "typical_delta must be a finite number, got a whole number of "
+                                                          "401 digits")
 
 
 def test_damaged_drafter_files_are_load_errors(tiny_target, tmp_path):

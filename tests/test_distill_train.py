@@ -189,8 +189,10 @@ def test_recipes_load_and_validate(tmp_path):
 
     changed = load_recipe(recipe_file)  # numpy's numbers become Python's (recipe.yaml is written from them)
     changed.train.lr, changed.train.max_steps, changed.beam.width = np.float32(0.5), np.int64(7), np.int8(2)
-    check_recipe(changed)
+    changed.data.system, changed.data.cache_hidden = np.str_("Be brief."), np.False_  # (battery 23: np.str_ crashed
+    check_recipe(changed)                                                            # the YAML after the model loaded)
     assert (type(changed.train.lr), type(changed.train.max_steps), type(changed.beam.width)) == (float, int, int)
+    assert (type(changed.data.system), changed.data.cache_hidden) == (str, False)
     assert "max_steps: 7" in yaml.safe_dump(dataclasses.asdict(changed))
     changed.train.kl_weight = np.bool_(True)
     with pytest.raises(BadInputError, match="train.kl_weight must be a number"):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..chat_templates import resolve_template
-from ..errors import BadInputError
+from ..errors import BadInputError, python_scalar
 
 if TYPE_CHECKING:  # (imported when called: decode loads torch)
     from ..decode import DecodeConfig
@@ -307,10 +307,14 @@ def _check_types(recipe: Recipe) -> None:
                 raise BadInputError(f"{section} has no field {name!r}" + (f" (it is {home[0]}.{name})" if home else
                                     f"; its fields: {', '.join(sorted(known))}"))
         for f in fields(part):
-            value = getattr(part, f.name)
-            if isinstance(value, numbers.Real) and type(value) not in (int, float, bool):  # numpy's: Python's own
+            # Python's own values in place of numpy's (np.int64, np.str_), a Fraction's or a str subclass's:
+            # recipe.yaml and the reports are written from them.
+            value = python_scalar(getattr(part, f.name))
+            if isinstance(value, numbers.Real) and not isinstance(value, (int, float, bool)):
                 value = int(value) if isinstance(value, numbers.Integral) else float(value)
-                object.__setattr__(part, f.name, value)  # (so that recipe.yaml and the reports can be written)
+            elif isinstance(value, str) and type(value) is not str:
+                value = str(value)
+            object.__setattr__(part, f.name, value)
             _check_type(section, f.name, value, str(f.type))
 
 
