@@ -20,7 +20,8 @@ app = typer.Typer(
 
 app.command(help="Measure ReDrafter against plain decoding on the same prompts.")(bench)
 app.command(help="Talk to a model with ReDrafter decoding, streamed.")(chat)
-app.command(help="Train (distill) a drafter for a target model from a recipe.")(distill)
+app.command(help="Train (distill) a drafter for a target model from a recipe. The recipe sets every default "
+                 "(recipes/NAME.yaml documents its fields); an option overrides its field.")(distill)
 app.command(help="Grid-search the beam shape: speed and tokens per step per beam width x length.")(sweep)
 
 
