@@ -645,7 +645,12 @@ def test_usage_errors_are_one_line_from_the_command_line():
                            (["nosuch"], "No such command 'nosuch'"),
                            (["sweep", "--num-prompts", "abc"], "Invalid value for '--num-prompts'"),
                            (["bench", "--datastore"], "Option '--datastore' requires an argument (see 'redraft bench "
-                                                      "--help')")):
+                                                      "--help')"),
+                           # (python -m redraft_cli is named as the command it runs: redraft)
+                           (["chat", "--no-draft", "true"], "unexpected extra argument(s) (true) (see 'redraft chat "
+                                                            "--help')"),
+                           (["chat", "--json", "out.json", "-p", "hi"], "chat's --json is a switch: the answer's JSON "
+                                                                        "goes to standard output, > FILE saves it")):
         run = subprocess.run([sys.executable, "-m", "redraft_cli", *args], capture_output=True, text=True, timeout=120)
         assert run.returncode == 2, run.stderr
         lines = run.stderr.strip().splitlines()

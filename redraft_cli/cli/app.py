@@ -61,7 +61,7 @@ def main() -> None:
     from ._errors import bug_line, err_console
 
     try:
-        rc = app(standalone_mode=False)
+        rc = app(standalone_mode=False, prog_name="redraft")  # (not 'python -m redraft_cli' in the hints below)
     except click.NoArgsIsHelpError as exc:  # `redraft` alone: the help (Typer's rich help prints it already)
         if exc.format_message().strip():
             exc.show()
@@ -74,6 +74,9 @@ def main() -> None:
             known = {c.name or c.callback.__name__ for c in app.registered_commands}
             command = next((a for a in sys.argv[1:] if a in known), None)
             hint = f" (see 'redraft{' ' + command if command else ''} --help')"
+        if ctx is not None and ctx.command_path == "redraft chat" and "--json" in sys.argv and \
+                "unexpected extra argument" in exc.format_message():  # (bench's, sweep's and distill's take a path)
+            hint = "; chat's --json is a switch: the answer's JSON goes to standard output, > FILE saves it" + hint
         err_console.print(f"[bold red]error:[/] {escape(exc.format_message().rstrip('.') if hint else exc.format_message())}{hint}".replace("\n", " "), markup=True,
                           highlight=False)
         sys.exit(exc.exit_code)
