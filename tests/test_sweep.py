@@ -342,7 +342,7 @@ def test_cli_save_best_into_a_saved_drafter(tmp_path, smollm2):
     path = tmp_path / "smol-drafter"
     Drafter.for_target(smollm2, seed=1).save(path)
     result = invoke("--drafter", path, "--save-best", "--beam-widths", "1,2", "--beam-lengths", "2", "--nodes", 1,
-                    "--num-prompts", 1, "--max-new-tokens", 4, "--no-warmup", "--json", tmp_path / "s.json")
+                    "--num-prompts", 1, "--max-new-tokens", 4, "--json", tmp_path / "s.json")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "s.json").read_text())
     best = data["best"]
@@ -356,6 +356,30 @@ def test_cli_save_best_into_a_saved_drafter(tmp_path, smollm2):
     few = invoke("--drafter", path, "--save-best", "--batch-size", 4, "--num-prompts", 2, "--beam-widths", "1",
                  "--beam-lengths", "2")
     assert_clean_error(few, "--batch-size 4 needs at least 4 prompts")
+
+
+def test_cli_save_best_refuses_a_sweep_whose_baselines_drifted(tmp_path, smollm2, monkeypatch):
+    """Battery 23: a host stall during one cell made its plain baseline 10x slower than the next cell's, so
+    that cell's speedup (14x) was 'best' and --save-best would have written it. Baselines more than 2x apart
+    are named, and --save-best then saves nothing and exits 1 (the JSON is still written)."""
+    import redraft_cli.sweep as sweep_core
+
+    real = sweep_core.pooled_baseline
+    monkeypatch.setattr(sweep_core, "pooled_baseline", lambda cells: {**real(cells), "min_tokens_per_s": 3.77,
+                                                                      "max_tokens_per_s": 38.47, "drift": 9.2042})
+    path = tmp_path / "smol-drafter"
+    Drafter.for_target(smollm2, seed=1).save(path)
+    before = (path / CONFIG_NAME).read_text()
+    result = invoke("--drafter", path, "--save-best", "--beam-widths", "1,2", "--beam-lengths", "2", "--num-prompts", 1,
+                    "--max-new-tokens", 4, "--no-warmup", "--json", tmp_path / "s.json")
+    out = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "plain decoding ran at 3.77 to 38.47 tokens/s from cell to cell" in out and "--save-best saved nothing" in out
+    assert "--no-warmup: the first timed runs include one-time start-up costs" in out
+    assert (path / CONFIG_NAME).read_text() == before and json.loads((tmp_path / "s.json").read_text())["cells"]
+    plain = invoke("--drafter", path, "--beam-widths", "1", "--beam-lengths", "2,3", "--num-prompts", 1,
+                   "--max-new-tokens", 4)
+    assert plain.exit_code == 0 and "run the sweep again on an idle machine" in " ".join(plain.output.split())
 
 
 def test_cli_ctrl_c_keeps_the_finished_cells(tmp_path, smollm2, monkeypatch):

@@ -13,7 +13,7 @@ from ..decode import Generator
 from ..errors import BadInputError
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, check_system, prompt_encoder, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, write_report
+from .common import counted, note_no_warmup, check_system, prompt_encoder, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, write_report
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -106,6 +106,7 @@ def bench(
         err.print(f"note: CUDA graphs were turned off and the target ran eagerly: {graphs['failed']}")
     if graphs.get("draft_failed"):
         err.print(f"note: CUDA graphs were turned off and the drafter ran eagerly: {graphs['draft_failed']}")
+    note_no_warmup(warmup)
     if json_path is not None:
         if (written := write_report(json_path, json.dumps(result, indent=2) + "\n")) is not None:
             console.print(f"wrote {written}")

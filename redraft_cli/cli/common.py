@@ -408,6 +408,13 @@ def beams_label(r: dict) -> str:
     return f"{r['beam_width']}x{r['beam_length']}" + (f" best {nodes} nodes" if nodes else "") + lookup_label(r)
 
 
+def note_no_warmup(warmup: bool) -> None:
+    """What --no-warmup costs the measurement: the one-time start-up falls on the first timed runs."""
+    if not warmup:
+        err.print("note: --no-warmup: the first timed runs include one-time start-up costs (plain decoding runs "
+                  "first, so its speed reads low and the speedup high); leave it out to compare speeds")
+
+
 def precision_label(r: dict) -> str:
     """' (cpu bfloat16)', ' (cuda float16 8bit)', ' (cuda, device map auto, bfloat16)': where and how the target
     ran, for titles after the model's name; '' for a result that does not say (written by an older redraft)."""

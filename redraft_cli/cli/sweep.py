@@ -23,11 +23,12 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      run_sweep, save_best as save_best_shape, sweep_result, csv_text)
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, check_system, prompt_encoder, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
+from .common import counted, note_no_warmup, check_system, prompt_encoder, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 NUM_PROMPTS = 5  # prompts per cell by default
+DRIFT_LIMIT = 1.0  # the fastest cell's plain baseline above twice the slowest's: the machine's speed changed
 LARGE_GRID = 64  # more cells than this get a note of how much work the sweep is
 
 BeamWidths = Annotated[str, typer.Option("--beam-widths", help="Beam widths to try, comma-separated.")]
@@ -184,7 +185,9 @@ def sweep(
     drafted = any(c["steps"] for c in result["cells"])  # (every answer may end at its first token)
     saved = None
     best = result["best"]
-    if save_best and drafter_dir is not None and best is not None and drafted:
+    drift = result["baseline"].get("drift")
+    unsteady = drift is not None and drift > DRIFT_LIMIT
+    if save_best and drafter_dir is not None and best is not None and drafted and not unsteady:
         saved = save_best_shape(result, drafter_dir)
     result["saved_best"] = str(saved) if saved else None
 
@@ -205,6 +208,16 @@ def sweep(
                                                   beam_length=best["beam_length"],
                                                   steps_per_answer=best["steps"] / result["num_prompts"])):
         err.print(why)
+    note_no_warmup(warmup)
+    if unsteady:
+        base = result["baseline"]
+        refused = save_best and drafter_dir is not None and drafted
+        err.print(f"note: plain decoding ran at {base['min_tokens_per_s']:.2f} to {base['max_tokens_per_s']:.2f} tokens/s "
+                  f"from cell to cell (the machine's speed changed under the sweep: other work, throttling), so the "
+                  f"cells' speedups do not compare" + ("; --save-best saved nothing" if refused else "")
+                  + ": run the sweep again on an idle machine")
+        if refused:
+            raise typer.Exit(1)
     if saved is not None:
         on = "" if loaded.target.device.type == "cpu" else f" on {loaded.target.device.type}"  # device_shapes
         pace = f", {best['speedup']:.2f}x plain decoding" if best["speedup"] is not None else ""
