@@ -93,6 +93,10 @@ def test_bench_and_sweep_take_a_system_prompt(tmp_path, prompt_file, smollm2):
     for cmd in ("bench", "sweep"):
         assert_clean_error(invoke(cmd, "--no-chat-template", "--system", "Be brief."), "--system is a turn of the chat "
                            "template", "--no-chat-template")
+    assert_clean_error(invoke("bench", *common, "--system", "word " * 9000), "--system is 9015 tokens in the chat "
+                       "template, and smollm2-135m's context is 8192: it leaves no room for a prompt")
+    assert_clean_error(invoke("bench", "--num-prompts", 2, "--system", "word " * 8150),
+                       "prompt 1 of 2 with the --system prompt's 8165 tokens: the prompt is")
 
 
 def test_a_slower_redrafter_is_explained():

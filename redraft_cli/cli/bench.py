@@ -70,7 +70,7 @@ def bench(
         note_past_training(dr, loaded.drafter_name, [beam_length])
     encode = prompt_encoder(target, no_chat_template, system)
     ids = [encode(t) for t in texts]
-    check_prompts_fit(target, ids, max_new_tokens, prompts)
+    check_prompts_fit(target, ids, max_new_tokens, prompts, system)
     note_short_prompt_set(texts, num_prompts, default=NUM_PROMPTS)
     gen = Generator(target, dr)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]

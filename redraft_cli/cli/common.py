@@ -451,18 +451,23 @@ def check_system(system: str | None, no_chat_template: bool) -> None:
         raise BadInputError(f"--system is not UTF-8 text ({bad}); give it in UTF-8")
 
 
-def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int, source: str | None = None) -> None:
+def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int, source: str | None = None,
+                      system: str | None = None) -> None:
     """Refuse a prompt longer than the context, naming it and its --prompts `source` (None: the built-in
-    set); note prompts whose answer the context will cut short."""
+    set), or the --system prompt when that alone fills it; note prompts whose answer the context will cut short."""
+    if system and (alone := len(target.encode_chat("", system=system))) + 1 >= target.max_context:
+        raise ContextOverflowError(f"--system is {alone} tokens in the chat template, and {target.name}'s context is "
+                                   f"{target.max_context}{target.context_cap}: it leaves no room for a prompt; shorten it")
     where = "" if source is None else " from standard input" if is_dash(source) else f" in {source}"
     for i, p in enumerate(ids):
         try:
             target.check_prompt(p)
         except ContextOverflowError as exc:  # which prompt of the file (the run measures them all, or none)
-            if len(ids) == 1 and not where:
+            if len(ids) == 1 and not where and not system:
                 raise
-            left_out = " (or leave it out of the prompt file)" if len(ids) > 1 else ""
-            raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where}: {exc}{left_out}") from None
+            left_out = " (or leave it out of the prompt file)" if len(ids) > 1 and source is not None else ""
+            with_system = f" with the --system prompt's {alone} tokens" if system else ""
+            raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where}{with_system}: {exc}{left_out}") from None
     cut = sum(len(p) + max_new_tokens > target.max_context for p in ids)
     if cut:
         err.print(f"note: {cut} prompt(s) leave fewer than --max-new-tokens {max_new_tokens} tokens of the "

@@ -125,7 +125,7 @@ def sweep(
     note_past_training(dr, loaded.drafter_name, sorted({length for _, length, _ in cfg.shapes}), "--beam-lengths")
     encode = prompt_encoder(target, no_chat_template, system)
     ids = [encode(t) for t in texts]
-    check_prompts_fit(target, ids, max_new_tokens, prompts)
+    check_prompts_fit(target, ids, max_new_tokens, prompts, system)
     gen = Generator(target, dr)
 
     head = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
