@@ -192,9 +192,10 @@ class ChatSession:
             self.trimmed += 1
         if len(ids) >= target.max_context:
             what = "the system prompt and the message are" if self.system else "the message is"
+            fix = "shorten the message or the system prompt (--system, /set system)" if self.system else "shorten it"
             raise ContextOverflowError(
                 f"{what} {len(ids)} tokens with the chat template; the context is {target.max_context}"
-                f"{getattr(target, 'context_cap', '')}"
+                f"{getattr(target, 'context_cap', '')}: {fix}"
             )
         return ids
 

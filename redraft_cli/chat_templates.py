@@ -144,10 +144,10 @@ def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]
     return ids + plain(marked[pos:])
 
 
-def template_for_drafter(drafter_dir: str | Path) -> str | None:
-    """The chat template named in a drafter's saved recipe (`recipe.yaml`, written by distill); None
-    when there is no recipe or it names none. A recipe that cannot be read, or whose
-    target.chat_template is not text, is a BadInputError (the caller notes it and goes on)."""
+def _saved_text(drafter_dir: str | Path, section: str, name: str) -> str | None:
+    """The text field `section.name` of a drafter's saved recipe (`recipe.yaml`, written by distill); None
+    when there is no recipe or the field is unset. A recipe that cannot be read, or whose field is not
+    text, is a BadInputError."""
     path = Path(drafter_dir) / "recipe.yaml"
     if not path.is_file():
         return None
@@ -155,10 +155,25 @@ def template_for_drafter(drafter_dir: str | Path) -> str | None:
         recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise BadInputError(f"cannot read {path}: {type(exc).__name__}") from exc
-    target = recipe.get("target") if isinstance(recipe, dict) else None
-    value = target.get("chat_template") if isinstance(target, dict) else None
-    if value is None or (isinstance(value, str) and not value.strip()):
+    part = recipe.get(section) if isinstance(recipe, dict) else None
+    value = part.get(name) if isinstance(part, dict) else None
+    if value is None:
         return None
     if not isinstance(value, str):
-        raise BadInputError(f"{path}: target.chat_template is not a template ({value!r})")
+        raise BadInputError(f"{path}: {section}.{name} is not text ({value!r})")
     return value
+
+
+def template_for_drafter(drafter_dir: str | Path) -> str | None:
+    """The chat template named in a drafter's saved recipe; None when there is no recipe or it names
+    none. A recipe that cannot be read, or whose target.chat_template is not text, is a BadInputError
+    (the caller notes it and goes on)."""
+    value = _saved_text(drafter_dir, "target", "chat_template")
+    return value if value is not None and value.strip() else None
+
+
+def system_for_drafter(drafter_dir: str | Path) -> str | None:
+    """The system prompt a drafter's training conversations began with (its recipe's data.system); None
+    when it had none (the template's default), or there is no recipe. Errors as template_for_drafter's."""
+    value = _saved_text(drafter_dir, "data", "system")
+    return value if value else None

@@ -192,6 +192,10 @@ def test_one_shot_from_stdin_and_json(model_dir):
     assert (json.loads(typical.stdout)["typical_epsilon"], json.loads(typical.stdout)["typical_delta"]) == (0.2, 0.3)
     bad = run_cli(["chat", "--model", str(model_dir), "--drafter", "random", "--beam-width", "0", "--prompt", "x"])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    # --no-draft once: no drafter runs, so none is named, and none is looked for (battery 24).
+    plain = run_cli(["chat", "--model", str(model_dir), "--no-draft", "--max-new-tokens", "2", "--json", "-p", "Hi"])
+    assert plain.returncode == 0 and json.loads(plain.stdout)["drafter"] is None, plain.stderr
+    assert "no trained drafter ships" not in plain.stderr
 
 
 def test_an_interrupted_one_shot_answer_is_kept_and_exits_130(model_dir):
@@ -436,6 +440,22 @@ def test_an_interactive_chat_without_a_usable_template_fails_at_the_start(model_
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 2 and "has no chat template" in child.before and ">>>" not in child.before
+    # Battery 24: what to pass, in the command line's words (chat has no --no-chat-template; no Python hints).
+    said = " ".join(child.before.split())
+    assert "give it one with --chat-template (a name such as vicuna, a Jinja file or Jinja text)" in said, said
+    assert "--no-chat-template" not in said and "encode_raw" not in said
+    # A template that refuses a system turn is named as such, with --system (bench and sweep alike).
+    (tmp_path / "nosys.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}{{ 'assistant: ' }}")
+    for command in (["chat", "-p", "Hi"], ["bench", "--num-prompts", "1", "--max-new-tokens", "2"]):
+        r = subprocess.run([REDRAFT, *command, "--model", str(bare), "--drafter", "random", "--chat-template",
+                            str(tmp_path / "nosys.jinja"), "--system", "Be brief."], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 2 and "the chat template refuses a system turn" in r.stderr, r.stderr
+    raw = subprocess.run([REDRAFT, "bench", "--model", str(bare), "--drafter", "random", "--num-prompts", "1"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert raw.returncode == 2 and "or send prompts as raw text with --no-chat-template" in raw.stderr, raw.stderr
 
 
 def test_an_unexpected_error_mid_answer_keeps_the_interactive_conversation(target, monkeypatch, capsys):

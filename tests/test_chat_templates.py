@@ -40,11 +40,21 @@ def test_the_template_a_drafter_was_distilled_with(tmp_path):
     for none in ("- a list\n", "target: {chat_template: null}\n", "target: {chat_template: ' '}\n", "name: x\n"):
         (tmp_path / "recipe.yaml").write_text(none)
         assert template_for_drafter(tmp_path) is None, none
-    for broken, says in (("target: [unclosed\n", "cannot read"), ("target: {chat_template: 7}\n", r"not a template \(7\)"),
-                         ("target: {chat_template: [vicuna]}\n", "not a template")):
+    for broken, says in (("target: [unclosed\n", "cannot read"), ("target: {chat_template: 7}\n", r"not text \(7\)"),
+                         ("target: {chat_template: [vicuna]}\n", "not text")):
         (tmp_path / "recipe.yaml").write_text(broken)
         with pytest.raises(BadInputError, match=says):
             template_for_drafter(tmp_path)
+    # Its system prompt (data.system) alike: None for none or an empty one (distill's template default).
+    from redraft_cli.chat_templates import system_for_drafter
+
+    for text, system in (("data: {system: Be terse.}\n", "Be terse."), ("data: {system: ''}\n", None),
+                         ("data: {system: null}\n", None), ("target: {model: m}\n", None)):
+        (tmp_path / "recipe.yaml").write_text(text)
+        assert system_for_drafter(tmp_path) == system, text
+    (tmp_path / "recipe.yaml").write_text("data: {system: [a]}\n")
+    with pytest.raises(BadInputError, match=r"data.system is not text"):
+        system_for_drafter(tmp_path)
 
 
 def test_odd_values_are_clear_errors():

@@ -93,10 +93,12 @@ def test_bench_and_sweep_take_a_system_prompt(tmp_path, prompt_file, smollm2):
     for cmd in ("bench", "sweep"):
         assert_clean_error(invoke(cmd, "--no-chat-template", "--system", "Be brief."), "--system is a turn of the chat "
                            "template", "--no-chat-template")
-    assert_clean_error(invoke("bench", *common, "--system", "word " * 9000), "--system is 9015 tokens in the chat "
-                       "template, and smollm2-135m's context is 8192: it leaves no room for a prompt")
+    assert_clean_error(invoke("bench", *common, "--system", "word " * 9000), "the system prompt is 9015 tokens in the "
+                       "chat template, and smollm2-135m's context is 8192: it leaves no room for a prompt; shorten it "
+                       "(--system)")
     assert_clean_error(invoke("bench", "--num-prompts", 2, "--system", "word " * 8150),
-                       "prompt 1 of 2 with the --system prompt's 8165 tokens: the prompt is")
+                       "prompt 1 of 2 is 8194 tokens with the --system prompt's 8165, and smollm2-135m's context is "
+                       "8192: shorten --system or the prompt")
 
 
 def test_a_slower_redrafter_is_explained():
@@ -651,8 +653,9 @@ def test_usage_errors_are_one_line_from_the_command_line():
                            (["bench", "--datastore"], "Option '--datastore' requires an argument (see 'redraft bench "
                                                       "--help')"),
                            # (python -m redraft_cli is named as the command it runs: redraft)
-                           (["chat", "--no-draft", "true"], "unexpected extra argument(s) (true) (see 'redraft chat "
-                                                            "--help')"),
+                           (["chat", "--no-draft", "true"], "unexpected extra argument(s) (true); --no-draft is a "
+                                                            "switch: it takes no value (see 'redraft chat --help')"),
+                           (["bench", ""], "unexpected extra argument(s) ('', an empty one)"),
                            (["chat", "--json", "out.json", "-p", "hi"], "chat's --json is a switch: the answer's JSON "
                                                                         "goes to standard output, > FILE saves it")):
         run = subprocess.run([sys.executable, "-m", "redraft_cli", *args], capture_output=True, text=True, timeout=120)

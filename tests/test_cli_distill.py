@@ -333,6 +333,31 @@ def test_held_out_from_the_command_line(tiny_recipe, monkeypatch):
     assert "nan" not in ok.output
 
 
+def test_a_drafters_system_prompt_goes_with_it(tiny_recipe, monkeypatch):
+    """Battery 24: `distill --system` sets data.system, and bench, sweep and chat send that system prompt with
+    the drafter by default, as they do its chat template (a note says so; --system overrides it)."""
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache-system"))
+    out = root / "with-system"
+    made = runner.invoke(app, ["distill", str(recipe), "--out", str(out), "--system", "Be terse.", "--max-steps", "1",
+                               "--no-bench"])
+    assert made.exit_code == 0, made.output
+    assert load_recipe(str(out / "recipe.yaml")).data.system == "Be terse."
+    model = str(root / "tiny-model")
+    common = ["--model", model, "--drafter", str(out), "--num-prompts", "1", "--max-new-tokens", "3"]
+    for args, system in ((["bench", *common], "Be terse."), (["bench", *common, "--system", ""], ""),
+                         (["sweep", *common, "--beam-widths", "1", "--beam-lengths", "2"], "Be terse.")):
+        r = runner.invoke(app, [*args, "--json", str(root / "sys.json")])
+        assert r.exit_code == 0, r.output
+        assert json.loads((root / "sys.json").read_text())["system"] == system
+        noted = "prompts begin with the system prompt its drafter was distilled with ('Be terse.'"
+        assert (noted in " ".join(r.output.split())) == (system == "Be terse."), r.output
+    chat = runner.invoke(app, ["chat", "--model", model, "--drafter", str(out), "-p", "Hi", "--max-new-tokens", "3",
+                               "--json"])
+    assert chat.exit_code == 0, chat.output
+    assert json.loads(chat.stdout)["system"] == "Be terse."
+
+
 def test_a_diverged_run_keeps_no_checkpoint_of_its_blown_up_weights(tiny_recipe, monkeypatch):
     """Battery 19: with a learning rate far too high the weights stayed finite (~1e30) but their loss did not,
     and the checkpoint kept them, so the advised `--resume --lr` diverged again at once, round and round."""

@@ -44,6 +44,19 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
         fit_width(c)
 
 
+def _switch_given_a_value(ctx, argv: list[str]) -> str:
+    """'; --no-draft is a switch: it takes no value' when an unexpected argument follows one of the command's
+    switches (`chat --no-draft true`); '' else. Chat's --json says where its JSON goes (bench's, sweep's and
+    distill's --json take a path)."""
+    switches = {opt for p in ctx.command.params if getattr(p, "is_flag", False) for opt in p.opts + p.secondary_opts}
+    given = next((a for a, b in zip(argv, argv[1:]) if a in switches and not b.startswith("-")), None)
+    if given is None:
+        return ""
+    if given == "--json" and ctx.command.name == "chat":
+        return "; chat's --json is a switch: the answer's JSON goes to standard output, > FILE saves it"
+    return f"; {given} is a switch: it takes no value"
+
+
 def main() -> None:
     """The `redraft` command: a usage error (an unknown option, a value of the wrong type) is one line
     naming the command's --help, like every other error, instead of Click's boxed usage text."""
@@ -74,9 +87,9 @@ def main() -> None:
             known = {c.name or c.callback.__name__ for c in app.registered_commands}
             command = next((a for a in sys.argv[1:] if a in known), None)
             hint = f" (see 'redraft{' ' + command if command else ''} --help')"
-        if ctx is not None and ctx.command_path == "redraft chat" and "--json" in sys.argv and \
-                "unexpected extra argument" in exc.format_message():  # (bench's, sweep's and distill's take a path)
-            hint = "; chat's --json is a switch: the answer's JSON goes to standard output, > FILE saves it" + hint
+        if ctx is not None and "unexpected extra argument" in exc.format_message():
+            hint = _switch_given_a_value(ctx, sys.argv[1:]) + hint
+            exc.message = exc.message.replace("argument(s) ()", "argument(s) ('', an empty one)")
         err_console.print(f"[bold red]error:[/] {escape(exc.format_message().rstrip('.') if hint else exc.format_message())}{hint}".replace("\n", " "), markup=True,
                           highlight=False)
         sys.exit(exc.exit_code)

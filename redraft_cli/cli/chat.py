@@ -22,7 +22,7 @@ from ..errors import BadInputError, RedraftError
 from ..target import not_utf8, valid_text
 from . import options as o
 from ._errors import OUT_OF_MEMORY, bug_line, handle_errors
-from .common import counted, console, decode_config, err, load_models, beams_label, note_past_training, shown, stdout_open, with_drafter_shape
+from .common import counted, system_prompt, check_template, console, decode_config, err, load_models, beams_label, note_past_training, shown, stdout_open, with_drafter_shape
 
 D = o.DEFAULTS
 HELP = """commands:
@@ -97,16 +97,19 @@ def chat(
         err.print("note: --show-drafts changes nothing with --json" if json_out else
                   "note: --show-drafts marks drafted tokens in colour, which standard output does not show here (not "
                   "a terminal; FORCE_COLOR=1 shows it)")
-    loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template)
+    drafting_never = no_draft and one_shot  # (interactive, /set draft on may use the drafter later)
+    loaded = load_models(model, "random" if drafting_never and drafter == "auto" else drafter, dtype, device, quantize,
+                         seed, device_map, chat_template)
     dr = loaded.drafter
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes)
     if beam_length is not None and not no_draft:
         note_past_training(dr, loaded.drafter_name, [beam_length])
+    system = system_prompt(loaded, system)
+    check_template(loaded.target, system, raw_option=False)  # no chat template, or one that fails: now, not at every message
     session = ChatSession(Generator(loaded.target, dr), cfg, system=system, draft=not no_draft)
     if one_shot:
-        _one_shot(session, prompt or "", json_out, show_drafts, loaded.drafter_name)
+        _one_shot(session, prompt or "", json_out, show_drafts, None if drafting_never else loaded.drafter_name)
         return
-    loaded.target.encode_chat("Hello", system=system)  # no chat template, or one that fails: now, not at every message
     err.print(f"[bold]redraft chat[/] - {escape(loaded.target.describe())}, drafter {escape(loaded.drafter_name)}, "
               f"beams {beams_label(vars(cfg))}, {cfg.rule}. /help for commands, Ctrl-D to leave.")
     _interactive(session, show_drafts)
@@ -195,7 +198,7 @@ def _status(session: ChatSession) -> str:
             f"acceptance {shown(s['acceptance_rate'], '.0%')}, {mode}{read}]")
 
 
-def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bool, drafter_name: str) -> None:
+def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bool, drafter_name: str | None) -> None:
     """Answer once; a Ctrl-C keeps the partial answer (printed, and marked in the JSON) and exits 130."""
     finished = _stream(session, prompt, show_drafts, quiet=json_out)
     if not finished and not session.last.steps:  # stopped in the prompt pass: no answer, no statistics of one

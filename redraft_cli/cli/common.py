@@ -17,12 +17,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..chat_templates import NAMED as NAMED_TEMPLATES
-from ..chat_templates import apply_chat_template, resolve_template, template_for_drafter
+from ..chat_templates import apply_chat_template, resolve_template, system_for_drafter, template_for_drafter
 from ..decode import DecodeConfig, check_datastore
 from ..drafter import Drafter, made_for_another
 from ..entry import startup_done
 from ..env import env_flag
-from ..errors import BadInputError, ContextOverflowError
+from ..errors import BadInputError, ChatTemplateError, ContextOverflowError
 from ._errors import STDERR
 from ..files import cache_dir, write_text
 from ..lean_llama import lean_supported
@@ -440,6 +440,44 @@ def prompt_encoder(target: Target, no_chat_template: bool, system: str | None):
     return lambda text: target.encode_chat(text, system=system)
 
 
+def system_prompt(loaded: Loaded, system: str | None, templated: bool = True) -> str | None:
+    """The system prompt to send: --system when given, else the one the drafter's training conversations
+    began with (its recipe's data.system, with a note), else None (the chat template's default)."""
+    if system is not None or not templated or not Path(loaded.drafter_name).is_dir():
+        return system
+    try:
+        saved = system_for_drafter(loaded.drafter_name)
+    except BadInputError as exc:
+        err.print(f"note: the drafter's system prompt (its recipe.yaml) cannot be read ({escape(str(exc))})")
+        return None
+    if saved is not None:
+        shown_text = saved if len(saved) <= 60 else saved[:57] + "..."
+        err.print(f"note: prompts begin with the system prompt its drafter was distilled with ({escape(repr(shown_text))}, "
+                  f"its recipe's data.system); --system overrides it")
+    return saved
+
+
+def check_template(target: Target, system: str | None, raw_option: bool) -> None:
+    """Render one message as every prompt will be, once, after the models load: a target without a chat
+    template, or a template that refuses a system turn, is one line saying what to pass (raw_option: the
+    command takes --no-chat-template)."""
+    try:
+        target.encode_chat("Hello", system=system)
+    except ChatTemplateError:
+        raise ChatTemplateError(f"{target.name} has no chat template: give it one with --chat-template (a name such as "
+                                f"vicuna, a Jinja file or Jinja text)"
+                                + (", or send prompts as raw text with --no-chat-template" if raw_option else "")) from None
+    except BadInputError:
+        if system is None:
+            raise
+        try:
+            target.encode_chat("Hello")
+        except BadInputError:
+            raise
+        raise BadInputError("the chat template refuses a system turn (--system, or the system prompt the drafter was "
+                            "distilled with): leave out --system, or give a --chat-template that takes one") from None
+
+
 def check_system(system: str | None, no_chat_template: bool) -> None:
     """Refuse a --system that could not be sent: with --no-chat-template (raw text has no turns), or not UTF-8."""
     if system is None:
@@ -456,8 +494,9 @@ def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int,
     """Refuse a prompt longer than the context, naming it and its --prompts `source` (None: the built-in
     set), or the --system prompt when that alone fills it; note prompts whose answer the context will cut short."""
     if system and (alone := len(target.encode_chat("", system=system))) + 1 >= target.max_context:
-        raise ContextOverflowError(f"--system is {alone} tokens in the chat template, and {target.name}'s context is "
-                                   f"{target.max_context}{target.context_cap}: it leaves no room for a prompt; shorten it")
+        raise ContextOverflowError(f"the system prompt is {alone} tokens in the chat template, and {target.name}'s "
+                                   f"context is {target.max_context}{target.context_cap}: it leaves no room for a "
+                                   f"prompt; shorten it (--system)")
     where = "" if source is None else " from standard input" if is_dash(source) else f" in {source}"
     for i, p in enumerate(ids):
         try:
@@ -466,8 +505,11 @@ def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int,
             if len(ids) == 1 and not where and not system:
                 raise
             left_out = " (or leave it out of the prompt file)" if len(ids) > 1 and source is not None else ""
-            with_system = f" with the --system prompt's {alone} tokens" if system else ""
-            raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where}{with_system}: {exc}{left_out}") from None
+            if system:
+                raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where} is {len(p)} tokens with the --system "
+                                           f"prompt's {alone}, and {target.name}'s context is {target.max_context}"
+                                           f"{target.context_cap}: shorten --system or the prompt{left_out}") from None
+            raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where}: {exc}{left_out}") from None
     cut = sum(len(p) + max_new_tokens > target.max_context for p in ids)
     if cut:
         err.print(f"note: {cut} prompt(s) leave fewer than --max-new-tokens {max_new_tokens} tokens of the "

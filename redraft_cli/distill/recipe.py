@@ -349,7 +349,7 @@ FLAGS = {("data", "source"): "--data", ("data", "num_prompts"): "--num-prompts",
          ("train", "dropout"): "--dropout", ("drafter", "num_layers"): "--num-layers",
          ("drafter", "predict_tokens"): "--predict-tokens", ("drafter", "draft_vocab_size"): "--draft-vocab",
          ("drafter", "context_window"): "--context-window", ("data", "sampled_answers"): "--sampled-answers",
-         ("data", "written_prompts"): "--written-prompts"}
+         ("data", "written_prompts"): "--written-prompts", ("data", "system"): "--system"}
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
