@@ -542,7 +542,8 @@ def slower_note(speedup: float | None, tokens_per_step: float | None, batch_size
         return head + "the drafter is untrained (--drafter random), so it pays for drafts that are never accepted"
     if tokens_per_step < 1.5:
         return head + (f"its drafter rarely predicts this text ({tokens_per_step:.2f} tokens per step); "
-                       "a drafter distilled for this target and this kind of prompt helps (redraft distill)")
+                       "a drafter distilled for this target on this kind of prompt, with more data or steps, helps "
+                       "(redraft distill; its held-out agreement is in the drafter's metrics.json)")
     smaller = "smaller trees (node budgets: --nodes 1,2,3) may pay, else decode plainly"
     if batch_size > 1:
         return head + "a batched tree costs compute in every row; " + (smaller if swept else (
