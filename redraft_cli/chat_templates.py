@@ -177,3 +177,23 @@ def system_for_drafter(drafter_dir: str | Path) -> str | None:
     when it had none (the template's default), or there is no recipe. Errors as template_for_drafter's."""
     value = _saved_text(drafter_dir, "data", "system")
     return value if value else None
+
+
+def refuses_system(target: Any, system: str) -> bool:
+    """Whether `target`'s chat template fails on a system turn `system` but renders the same message
+    without one (Gemma's raises 'System role not supported'). A template that fails either way is not
+    refusing a system turn: its own error stands."""
+    try:
+        target.encode_chat("Hello", system=system)
+        return False
+    except BadInputError:
+        pass
+    try:
+        target.encode_chat("Hello")
+    except BadInputError:
+        return False
+    return True
+
+
+SYSTEM_REFUSED = "the chat template refuses a system turn"
+

@@ -237,6 +237,7 @@ def test_interactive_terminal(model_dir):
         child.sendline("/stats")
         child.expect("session: 1 answer,")
         child.expect(r"0 of them reused")
+        child.expect("system prompt: the chat template's default")  # (the one in force, battery 25)
         child.expect(">>> ")
         child.sendline("And?")
         child.expect(r"tokens/step")
@@ -746,3 +747,18 @@ def test_keys_typed_while_an_answer_streams_wait_for_the_next_prompt(model_dir):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_set_system_on_a_template_that_refuses_system_turns_says_so():
+    """Battery 25: `/set system X` on such a template printed the Jinja error ('TemplateError: ...'), not what it
+    means; the session keeps its system prompt."""
+    from redraft_cli.chat_templates import apply_chat_template
+
+    target = tiny_chat_llama(seed=7)
+    apply_chat_template(target, "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                                "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}{{ 'assistant: ' }}")
+    s = session(target)
+    for value in ("Be brief.", '""'):
+        with pytest.raises(BadInputError, match="the chat template refuses a system turn: /set system alone sends none"):
+            s.set("system", value)
+    assert s.system is None and s.set("system", "").startswith("system prompt cleared")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -350,12 +351,37 @@ def test_a_drafters_system_prompt_goes_with_it(tiny_recipe, monkeypatch):
         r = runner.invoke(app, [*args, "--json", str(root / "sys.json")])
         assert r.exit_code == 0, r.output
         assert json.loads((root / "sys.json").read_text())["system"] == system
-        noted = "prompts begin with the system prompt its drafter was distilled with ('Be terse.'"
+        noted = "prompts begin with the system prompt the drafter was distilled with ('Be terse.'"
         assert (noted in " ".join(r.output.split())) == (system == "Be terse."), r.output
     chat = runner.invoke(app, ["chat", "--model", model, "--drafter", str(out), "-p", "Hi", "--max-new-tokens", "3",
                                "--json"])
     assert chat.exit_code == 0, chat.output
     assert json.loads(chat.stdout)["system"] == "Be terse."
+    # Battery 25: no drafter runs with --no-draft, so its system prompt is not sent either.
+    plain = runner.invoke(app, ["chat", "--model", model, "--drafter", str(out), "-p", "Hi", "--max-new-tokens", "3",
+                                "--json", "--no-draft"])
+    assert plain.exit_code == 0 and json.loads(plain.stdout)["system"] is None, plain.output
+    # A template that refuses system turns: the drafter's system prompt is left out with a note (it was a dead end),
+    # while a --system given is refused.
+    nosys = root / "nosys.jinja"
+    nosys.write_text("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                     "{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}{{ 'assistant: ' }}")
+    r = runner.invoke(app, ["bench", *common, "--chat-template", str(nosys), "--json", str(root / "sys.json")])
+    assert r.exit_code == 0, r.output
+    assert "the drafter was distilled with a system prompt, but the chat template refuses a system turn, so prompts go " \
+           "without one" in " ".join(r.output.split())
+    assert json.loads((root / "sys.json").read_text())["system"] is None
+    refused = runner.invoke(app, ["bench", *common, "--chat-template", str(nosys), "--system", "X"])
+    assert refused.exit_code == 2 and "the chat template refuses a system turn: leave out --system" in refused.output
+    # One too long for the context names where it came from and what to pass.
+    long = root / "long-system"
+    shutil.copytree(out, long)
+    saved = (long / "recipe.yaml").read_text().replace("system: Be terse.", "system: " + "word " * 300)
+    (long / "recipe.yaml").write_text(saved)
+    r = runner.invoke(app, ["bench", "--model", model, "--drafter", str(long), "--num-prompts", "1"])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"the drafter's system prompt ({long / 'recipe.yaml'} data.system) is" in said, said
+    assert "give --system TEXT in its place, or --system '' for an empty one" in said
 
 
 def test_a_diverged_run_keeps_no_checkpoint_of_its_blown_up_weights(tiny_recipe, monkeypatch):

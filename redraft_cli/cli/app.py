@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import typer
 
 from .bench import bench
@@ -89,7 +91,8 @@ def main() -> None:
             hint = f" (see 'redraft{' ' + command if command else ''} --help')"
         if ctx is not None and "unexpected extra argument" in exc.format_message():
             hint = _switch_given_a_value(ctx, sys.argv[1:]) + hint
-            exc.message = exc.message.replace("argument(s) ()", "argument(s) ('', an empty one)")
+            exc.message = re.sub(r"argument\(s\) \((\s*)\)", lambda m: f"argument(s) ({m[1]!r}, "
+                                 f"{'an empty one' if not m[1] else 'only spaces'})", exc.message)
         err_console.print(f"[bold red]error:[/] {escape(exc.format_message().rstrip('.') if hint else exc.format_message())}{hint}".replace("\n", " "), markup=True,
                           highlight=False)
         sys.exit(exc.exit_code)

@@ -13,7 +13,7 @@ from ..decode import Generator
 from ..errors import BadInputError
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, system_prompt, check_template, note_no_warmup, check_system, prompt_encoder, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, write_report
+from .common import counted, resolve_system, note_no_warmup, check_system, prompt_encoder, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, write_report
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -68,12 +68,10 @@ def bench(
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes, batch_size)
     if beam_length is not None:
         note_past_training(dr, loaded.drafter_name, [beam_length])
-    system = system_prompt(loaded, system, templated=not no_chat_template)
-    if not no_chat_template:
-        check_template(target, system, raw_option=True)
-    encode = prompt_encoder(target, no_chat_template, system)
+    sent = resolve_system(loaded, system, templated=not no_chat_template)
+    encode = prompt_encoder(target, no_chat_template, sent.text)
     ids = [encode(t) for t in texts]
-    check_prompts_fit(target, ids, max_new_tokens, prompts, system)
+    check_prompts_fit(target, ids, max_new_tokens, prompts, sent)
     note_short_prompt_set(texts, num_prompts, default=NUM_PROMPTS)
     gen = Generator(target, dr)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
@@ -94,7 +92,7 @@ def bench(
                                progress)
     result = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
               "dtype": str(target.compute_dtype).replace("torch.", ""), "quantize": quantize,
-              "device_map": device_map, "system": system, "chat_template": chat_template,
+              "device_map": device_map, "system": sent.text, "chat_template": chat_template,
               "no_chat_template": no_chat_template, "warmup": warmup, **result}
     console.print(render(result))
     if not result["redraft"].get("steps"):

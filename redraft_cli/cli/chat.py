@@ -22,7 +22,7 @@ from ..errors import BadInputError, RedraftError
 from ..target import not_utf8, valid_text
 from . import options as o
 from ._errors import OUT_OF_MEMORY, bug_line, handle_errors
-from .common import counted, system_prompt, check_template, console, decode_config, err, load_models, beams_label, note_past_training, shown, stdout_open, with_drafter_shape
+from .common import counted, resolve_system, console, decode_config, err, load_models, beams_label, note_past_training, shown, stdout_open, with_drafter_shape
 
 D = o.DEFAULTS
 HELP = """commands:
@@ -104,8 +104,8 @@ def chat(
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes)
     if beam_length is not None and not no_draft:
         note_past_training(dr, loaded.drafter_name, [beam_length])
-    system = system_prompt(loaded, system)
-    check_template(loaded.target, system, raw_option=False)  # no chat template, or one that fails: now, not at every message
+    # (no chat template, or one that fails: now, not at every message)
+    system = resolve_system(loaded, system, raw_option=False, drafting=not drafting_never).text
     session = ChatSession(Generator(loaded.target, dr), cfg, system=system, draft=not no_draft)
     if one_shot:
         _one_shot(session, prompt or "", json_out, show_drafts, None if drafting_never else loaded.drafter_name)
@@ -326,6 +326,15 @@ def _interactive(session: ChatSession, show_drafts: bool) -> None:
         _note_cut(session)
 
 
+def _system_label(system: str | None) -> str:
+    """The system prompt in force, for /stats: its text (cut at 60 characters), empty, or the template's default."""
+    if system is None:
+        return "the chat template's default"
+    if not system:
+        return "empty"
+    return escape(repr(system if len(system) <= 60 else system[:57] + "..."))
+
+
 def _command(session: ChatSession, line: str) -> bool:
     """Run a slash command; True means leave."""
     name, _, rest = line[1:].partition(" ")
@@ -343,6 +352,7 @@ def _command(session: ChatSession, line: str) -> bool:
                   f"({s['tokens_per_s']:.1f} tokens/s), {shown(s['tokens_per_step'], '.2f')} tokens/step, "
                   f"acceptance {shown(s['acceptance_rate'], '.0%')}, beams {beams_label(vars(session.cfg))}; "
                   f"prompts {s['prompt_tokens']} tokens, {s['reused_tokens']} of them reused from the KV cache")
+        err.print(f"system prompt: {_system_label(session.system)}")
     elif name == "set":
         key, _, value = rest.strip().partition(" ")
         if not key:

@@ -440,42 +440,65 @@ def prompt_encoder(target: Target, no_chat_template: bool, system: str | None):
     return lambda text: target.encode_chat(text, system=system)
 
 
-def system_prompt(loaded: Loaded, system: str | None, templated: bool = True) -> str | None:
-    """The system prompt to send: --system when given, else the one the drafter's training conversations
-    began with (its recipe's data.system, with a note), else None (the chat template's default)."""
-    if system is not None or not templated or not Path(loaded.drafter_name).is_dir():
-        return system
-    try:
-        saved = system_for_drafter(loaded.drafter_name)
-    except BadInputError as exc:
-        err.print(f"note: the drafter's system prompt (its recipe.yaml) cannot be read ({escape(str(exc))})")
-        return None
-    if saved is not None:
-        shown_text = saved if len(saved) <= 60 else saved[:57] + "..."
-        err.print(f"note: prompts begin with the system prompt its drafter was distilled with ({escape(repr(shown_text))}, "
-                  f"its recipe's data.system); --system overrides it")
-    return saved
+@dataclass
+class SystemPrompt:
+    """The system prompt bench, sweep and chat send: `text` (None: the chat template's default) and where it
+    came from, for messages: 'the --system prompt', or 'the drafter's system prompt (DIR/recipe.yaml data.system)'."""
+
+    text: str | None
+    origin: str = "the --system prompt"
+
+    @property
+    def fix(self) -> str:
+        """What to do when it is too long."""
+        return ("shorten --system" if self.origin == "the --system prompt" else
+                "give --system TEXT in its place, or --system '' for an empty one")
 
 
-def check_template(target: Target, system: str | None, raw_option: bool) -> None:
-    """Render one message as every prompt will be, once, after the models load: a target without a chat
-    template, or a template that refuses a system turn, is one line saying what to pass (raw_option: the
-    command takes --no-chat-template)."""
+def resolve_system(loaded: Loaded, system: str | None, templated: bool = True, raw_option: bool = True,
+                   drafting: bool = True) -> SystemPrompt:
+    """The system prompt to send: --system when given, else (when the drafter drafts, through the chat template)
+    the one the drafter's training conversations began with (its recipe's data.system, with a note), else None.
+    One message is rendered with it first: a target without a chat template is one line saying what to pass
+    (raw_option: the command takes --no-chat-template); a template that refuses a system turn refuses --system,
+    and the drafter's system prompt is then left out with a note."""
+    from ..chat_templates import SYSTEM_REFUSED, refuses_system
+
+    chosen = SystemPrompt(system)
+    saved = None
+    if system is None and drafting and Path(loaded.drafter_name).is_dir():
+        try:
+            saved = system_for_drafter(loaded.drafter_name)
+        except BadInputError as exc:
+            err.print(f"note: the drafter's system prompt cannot be read ({escape(str(exc))}); prompts use the chat "
+                      f"template's default")
+    if saved is not None and not templated:
+        err.print("note: the drafter was distilled with a system prompt (its recipe's data.system), which raw text "
+                  "(--no-chat-template) does not carry")
+    elif saved is not None:
+        chosen = SystemPrompt(saved, f"the drafter's system prompt ({Path(loaded.drafter_name) / 'recipe.yaml'} data.system)")
+    if not templated:
+        return chosen
+    target = loaded.target
     try:
-        target.encode_chat("Hello", system=system)
+        target.encode_chat("Hello", system=chosen.text)
     except ChatTemplateError:
         raise ChatTemplateError(f"{target.name} has no chat template: give it one with --chat-template (a name such as "
                                 f"vicuna, a Jinja file or Jinja text)"
                                 + (", or send prompts as raw text with --no-chat-template" if raw_option else "")) from None
     except BadInputError:
-        if system is None:
+        if chosen.text is None or not refuses_system(target, chosen.text):
             raise
-        try:
-            target.encode_chat("Hello")
-        except BadInputError:
-            raise
-        raise BadInputError("the chat template refuses a system turn (--system, or the system prompt the drafter was "
-                            "distilled with): leave out --system, or give a --chat-template that takes one") from None
+        if saved is None:
+            raise BadInputError(f"{SYSTEM_REFUSED}: leave out --system, or give a --chat-template that takes one") from None
+        err.print(f"note: the drafter was distilled with a system prompt, but {SYSTEM_REFUSED}, so prompts go without "
+                  f"one")
+        return SystemPrompt(None)
+    if saved is not None:
+        shown_text = saved if len(saved) <= 60 else saved[:57] + "..."
+        err.print(f"note: prompts begin with the system prompt the drafter was distilled with ({escape(repr(shown_text))}, "
+                  f"its recipe's data.system); --system overrides it")
+    return chosen
 
 
 def check_system(system: str | None, no_chat_template: bool) -> None:
@@ -490,25 +513,28 @@ def check_system(system: str | None, no_chat_template: bool) -> None:
 
 
 def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int, source: str | None = None,
-                      system: str | None = None) -> None:
+                      system: SystemPrompt | None = None) -> None:
     """Refuse a prompt longer than the context, naming it and its --prompts `source` (None: the built-in
-    set), or the --system prompt when that alone fills it; note prompts whose answer the context will cut short."""
-    if system and (alone := len(target.encode_chat("", system=system))) + 1 >= target.max_context:
-        raise ContextOverflowError(f"the system prompt is {alone} tokens in the chat template, and {target.name}'s "
+    set), or the system prompt when that alone fills it; note prompts whose answer the context will cut short."""
+    if system is not None and system.text and \
+            (alone := len(target.encode_chat("", system=system.text))) + 1 >= target.max_context:
+        raise ContextOverflowError(f"{system.origin} is {alone} tokens in the chat template, and {target.name}'s "
                                    f"context is {target.max_context}{target.context_cap}: it leaves no room for a "
-                                   f"prompt; shorten it (--system)")
+                                   f"prompt; {system.fix}")
     where = "" if source is None else " from standard input" if is_dash(source) else f" in {source}"
     for i, p in enumerate(ids):
         try:
             target.check_prompt(p)
         except ContextOverflowError as exc:  # which prompt of the file (the run measures them all, or none)
-            if len(ids) == 1 and not where and not system:
+            with_system = system is not None and bool(system.text)
+            if len(ids) == 1 and not where and not with_system:
                 raise
             left_out = " (or leave it out of the prompt file)" if len(ids) > 1 and source is not None else ""
-            if system:
-                raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where} is {len(p)} tokens with the --system "
-                                           f"prompt's {alone}, and {target.name}'s context is {target.max_context}"
-                                           f"{target.context_cap}: shorten --system or the prompt{left_out}") from None
+            if with_system:
+                raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where} is {len(p)} tokens with "
+                                           f"{system.origin}'s {alone}, and {target.name}'s context is "
+                                           f"{target.max_context}{target.context_cap}: shorten the prompt, or "
+                                           f"{system.fix}{left_out}") from None
             raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where}: {exc}{left_out}") from None
     cut = sum(len(p) + max_new_tokens > target.max_context for p in ids)
     if cut:

@@ -435,6 +435,9 @@ def load_recipe(name_or_path_or_model: str | os.PathLike) -> Recipe:
         raise BadInputError(f"a recipe is a name, a YAML path or a model id/path, got "
                             f"{type(name_or_path_or_model).__name__}")
     arg = name_or_path_or_model
+    if not arg.strip():
+        raise BadInputError(f"the recipe is {'empty' if not arg else 'only spaces'}: give a recipe name (" +
+                            ", ".join(sorted(builtin_recipes())) + "), a YAML path or a model id/path")
     path = Path(arg)
     if arg.endswith((".yaml", ".yml")):
         if path.is_dir():
