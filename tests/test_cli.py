@@ -363,8 +363,9 @@ def test_local_model_directory_and_missing_chat_template(tmp_path, prompt_file):
     drafter_dir = tmp_path / "vicuna-drafter"
     Drafter.for_target(load_target(TargetSpec(str(model_dir))), seed=0).save(drafter_dir)
     (drafter_dir / "recipe.yaml").write_text("target:\n  model: x\n  chat_template: vicuna\n")
-    saved = invoke(*run, "--drafter", drafter_dir)
+    saved = invoke(*run, "--drafter", drafter_dir, "--json", tmp_path / "saved.json")
     assert saved.exit_code == 0 and "distilled with (vicuna)" in " ".join(saved.output.split()), saved.output
+    assert json.loads((tmp_path / "saved.json").read_text())["chat_template"] == "vicuna"  # (the one rendered)
     loaded = load_models(str(model_dir), str(drafter_dir), "auto", "cpu", "none", 0)
     rendered = loaded.target.tokenizer.decode(loaded.target.encode_chat("Name a colour."))
     assert rendered.endswith("USER: Name a colour. ASSISTANT:") and rendered.startswith("A chat between")

@@ -92,7 +92,7 @@ def bench(
                                progress)
     result = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
               "dtype": str(target.compute_dtype).replace("torch.", ""), "quantize": quantize,
-              "device_map": device_map, "system": sent.text, "chat_template": chat_template,
+              "device_map": device_map, "system": sent.text, "chat_template": loaded.chat_template,
               "no_chat_template": no_chat_template, "warmup": warmup, **result}
     console.print(render(result))
     if not result["redraft"].get("steps"):

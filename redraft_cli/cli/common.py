@@ -119,6 +119,7 @@ class Loaded:
     target: Target
     drafter: Drafter
     drafter_name: str
+    chat_template: str | None = None  # the template given (--chat-template) or the drafter's; None: the model's own
 
 
 def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str, seed: int,
@@ -152,6 +153,7 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
     loaded = Loaded(target, *resolve_drafter(target, drafter, seed))
     if chat_template is not None:
         apply_chat_template(target, chat_template)
+        loaded.chat_template = chat_template
     elif templated and Path(loaded.drafter_name).is_dir():  # the template the drafter's data was rendered with
         own = getattr(target.tokenizer, "chat_template", None)
         try:
@@ -164,6 +166,7 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
             err.print(f"note: the drafter's chat template (its recipe.yaml) cannot be used here ({escape(str(exc))})"
                       + (f"; prompts use {escape(target.name)}'s own" if own else ""))
         else:
+            loaded.chat_template = saved
             if saved:
                 label = saved if saved in NAMED_TEMPLATES else "from its recipe.yaml"
                 err.print(f"note: {escape(target.name)} has no chat template; prompts use the one its drafter was "

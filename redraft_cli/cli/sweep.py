@@ -131,7 +131,7 @@ def sweep(
 
     head = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
             "dtype": str(target.compute_dtype).replace("torch.", ""), "quantize": quantize, "device_map": device_map,
-            "system": sent.text, "chat_template": chat_template, "no_chat_template": no_chat_template}
+            "system": sent.text, "chat_template": loaded.chat_template, "no_chat_template": no_chat_template}
     info = {**head, "accept": accept, "temperature": temperature, "num_prompts": len(ids),
             "max_new_tokens": max_new_tokens, "lookup_beams": cfg.decode.lookup_beams,
             "lookup_length": cfg.decode.lookup_length, "datastore_beams": cfg.decode.datastore_beams,
