@@ -62,6 +62,7 @@ class Totals:
         }
 
 
+SYSTEM_ROOM = 16  # tokens a system prompt must leave in the context for a message and its turn markers
 SETTABLE = {
     "beam-width": ("beam_width", int),
     "beam-length": ("beam_length", int),
@@ -134,7 +135,7 @@ class ChatSession:
             system = "" if value == '""' else value or None
             if system is not None and refuses_system(target, system):
                 raise BadInputError(f"{SYSTEM_REFUSED}: /set system alone sends none (the template's default)")
-            if system and len(target.encode_chat("", system=system)) + 16 > target.max_context:
+            if system and len(target.encode_chat("", system=system)) + SYSTEM_ROOM > target.max_context:
                 raise ContextOverflowError(f"the system prompt leaves no room for a message in the context of "
                                            f"{target.max_context} tokens; shorten it")
             if system is not None:

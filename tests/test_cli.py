@@ -97,8 +97,8 @@ def test_bench_and_sweep_take_a_system_prompt(tmp_path, prompt_file, smollm2):
                        "the chat template, and smollm2-135m's context is 8192: it leaves no room for a prompt; shorten "
                        "--system")
     assert_clean_error(invoke("bench", "--num-prompts", 2, "--system", "word " * 8150),
-                       "prompt 1 of 2 is 8194 tokens with the --system prompt's 8165, and smollm2-135m's context is "
-                       "8192: shorten the prompt, or shorten --system")
+                       "prompt 1 of 2 is 8194 tokens, 8165 of them the --system prompt, and smollm2-135m's context "
+                       "is 8192: shorten the prompt, or shorten --system")
 
 
 def test_a_slower_redrafter_is_explained():

@@ -357,10 +357,12 @@ def test_a_drafters_system_prompt_goes_with_it(tiny_recipe, monkeypatch):
                                "--json"])
     assert chat.exit_code == 0, chat.output
     assert json.loads(chat.stdout)["system"] == "Be terse."
-    # Battery 25: no drafter runs with --no-draft, so its system prompt is not sent either.
+    # Battery 26: --no-draft sends the prompt the draft run sends (the drafter's template and system prompt), in
+    # every mode, for comparison; its JSON names no drafter, as none ran.
     plain = runner.invoke(app, ["chat", "--model", model, "--drafter", str(out), "-p", "Hi", "--max-new-tokens", "3",
                                 "--json", "--no-draft"])
-    assert plain.exit_code == 0 and json.loads(plain.stdout)["system"] is None, plain.output
+    assert plain.exit_code == 0, plain.output
+    assert (json.loads(plain.stdout)["system"], json.loads(plain.stdout)["drafter"]) == ("Be terse.", None)
     # A template that refuses system turns: the drafter's system prompt is left out with a note (it was a dead end),
     # while a --system given is refused.
     nosys = root / "nosys.jinja"
@@ -373,6 +375,11 @@ def test_a_drafters_system_prompt_goes_with_it(tiny_recipe, monkeypatch):
     assert json.loads((root / "sys.json").read_text())["system"] is None
     refused = runner.invoke(app, ["bench", *common, "--chat-template", str(nosys), "--system", "X"])
     assert refused.exit_code == 2 and "the chat template refuses a system turn: leave out --system" in refused.output
+    refused = runner.invoke(app, ["distill", str(recipe), "--out", str(root / "nosys-out"), "--system", "X",
+                                  "--chat-template", str(nosys), "--max-steps", "1", "--no-bench"])
+    assert refused.exit_code == 2, refused.output
+    assert "the chat template refuses a system turn: data.system (--system) cannot be sent" in " ".join(
+        refused.output.split())
     # One too long for the context names where it came from and what to pass.
     long = root / "long-system"
     shutil.copytree(out, long)
@@ -382,6 +389,11 @@ def test_a_drafters_system_prompt_goes_with_it(tiny_recipe, monkeypatch):
     said = " ".join(r.output.split())
     assert r.exit_code == 2 and f"the drafter's system prompt ({long / 'recipe.yaml'} data.system) is" in said, said
     assert "give --system TEXT in its place, or --system '' for an empty one" in said
+    # Chat fails at the start too (it failed every message), in the same words.
+    r = runner.invoke(app, ["chat", "--model", model, "--drafter", str(long), "-p", "Hi"])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"the drafter's system prompt ({long / 'recipe.yaml'} data.system) is" in said, said
+    assert "leaves no room for a message; give --system TEXT in its place" in said
 
 
 def test_a_diverged_run_keeps_no_checkpoint_of_its_blown_up_weights(tiny_recipe, monkeypatch):

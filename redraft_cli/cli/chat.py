@@ -16,13 +16,13 @@ import typer
 from rich.markup import escape
 from rich.text import Text
 
-from ..chat import ChatSession
+from ..chat import SYSTEM_ROOM, ChatSession
 from ..decode import Generator
 from ..errors import BadInputError, RedraftError
 from ..target import not_utf8, valid_text
 from . import options as o
 from ._errors import OUT_OF_MEMORY, bug_line, handle_errors
-from .common import counted, resolve_system, console, decode_config, err, load_models, beams_label, note_past_training, shown, stdout_open, with_drafter_shape
+from .common import counted, resolve_system, check_system_fits, console, decode_config, err, load_models, beams_label, note_past_training, shown, stdout_open, with_drafter_shape
 
 D = o.DEFAULTS
 HELP = """commands:
@@ -98,14 +98,17 @@ def chat(
                   "note: --show-drafts marks drafted tokens in colour, which standard output does not show here (not "
                   "a terminal; FORCE_COLOR=1 shows it)")
     drafting_never = no_draft and one_shot  # (interactive, /set draft on may use the drafter later)
-    loaded = load_models(model, "random" if drafting_never and drafter == "auto" else drafter, dtype, device, quantize,
-                         seed, device_map, chat_template)
+    # The drafter loads even so: its chat template and system prompt make the prompt the draft run sends.
+    loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template,
+                         note_untrained=not drafting_never)
     dr = loaded.drafter
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes)
     if beam_length is not None and not no_draft:
         note_past_training(dr, loaded.drafter_name, [beam_length])
-    # (no chat template, or one that fails: now, not at every message)
-    system = resolve_system(loaded, system, raw_option=False, drafting=not drafting_never).text
+    # (no chat template, or one that fails, or a system prompt that fills the context: now, not at every message)
+    sent = resolve_system(loaded, system, raw_option=False)
+    check_system_fits(loaded.target, sent, room=SYSTEM_ROOM)
+    system = sent.text
     session = ChatSession(Generator(loaded.target, dr), cfg, system=system, draft=not no_draft)
     if one_shot:
         _one_shot(session, prompt or "", json_out, show_drafts, None if drafting_never else loaded.drafter_name)

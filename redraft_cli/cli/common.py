@@ -124,7 +124,7 @@ class Loaded:
 
 def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str, seed: int,
                 device_map: str | None = None, chat_template: str | None = None,
-                templated: bool = True) -> Loaded:
+                templated: bool = True, note_untrained: bool = True) -> Loaded:
     """Target from the options, then the drafter: a path, 'random', or 'auto'. Prompts are
     rendered with `chat_template` when given; else with the tokenizer's own template; else, when
     `templated`, with the one the drafter was distilled with (its recipe.yaml), if it names one."""
@@ -150,7 +150,7 @@ def load_models(model: str, drafter: str, dtype: str, device: str, quantize: str
                else f"{target.config.model_type} models run the generic Hugging Face path")
         err.print(f"note: {why}, so a tree pass can round differently from a one-token pass and greedy ReDrafter "
                   "output can differ from plain decoding at near-ties (README, Performance)")
-    loaded = Loaded(target, *resolve_drafter(target, drafter, seed))
+    loaded = Loaded(target, *resolve_drafter(target, drafter, seed, note_untrained))
     if chat_template is not None:
         apply_chat_template(target, chat_template)
         loaded.chat_template = chat_template
@@ -188,14 +188,14 @@ def converted_alias(model: str) -> str | None:
     return path.name if path.parent == models and path.name in EMBEDDED else None
 
 
-def resolve_drafter(target: Target, drafter: str, seed: int) -> tuple[Drafter, str]:
+def resolve_drafter(target: Target, drafter: str, seed: int, note_untrained: bool = True) -> tuple[Drafter, str]:
+    """The drafter of --drafter (a folder, 'random' or 'auto') and its name; 'auto' without a shipped drafter
+    is an untrained one, with a note (note_untrained=False: none, where no drafter will run)."""
     if drafter == "auto":
         shipped = shipped_drafter_dir(target.name) or shipped_drafter_dir(converted_alias(target.name))
-        if shipped is None:
+        if shipped is None and note_untrained:
             err.print(f"[yellow]note:[/] no trained drafter ships for {escape(target.name)}; using an untrained one (--drafter random)")
-            drafter = "random"
-        else:
-            drafter = str(shipped)
+        drafter = "random" if shipped is None else str(shipped)
     if drafter == "random":
         return Drafter.for_target(target, seed=seed), f"random (seed {seed})"
     drafter = os.path.expanduser(drafter)  # a quoted or --drafter=~/x
@@ -458,10 +458,9 @@ class SystemPrompt:
                 "give --system TEXT in its place, or --system '' for an empty one")
 
 
-def resolve_system(loaded: Loaded, system: str | None, templated: bool = True, raw_option: bool = True,
-                   drafting: bool = True) -> SystemPrompt:
-    """The system prompt to send: --system when given, else (when the drafter drafts, through the chat template)
-    the one the drafter's training conversations began with (its recipe's data.system, with a note), else None.
+def resolve_system(loaded: Loaded, system: str | None, templated: bool = True, raw_option: bool = True) -> SystemPrompt:
+    """The system prompt to send: --system when given, else (through the chat template) the one the drafter's
+    training conversations began with (its recipe's data.system, with a note), else None.
     One message is rendered with it first: a target without a chat template is one line saying what to pass
     (raw_option: the command takes --no-chat-template); a template that refuses a system turn refuses --system,
     and the drafter's system prompt is then left out with a note."""
@@ -469,7 +468,7 @@ def resolve_system(loaded: Loaded, system: str | None, templated: bool = True, r
 
     chosen = SystemPrompt(system)
     saved = None
-    if system is None and drafting and Path(loaded.drafter_name).is_dir():
+    if system is None and Path(loaded.drafter_name).is_dir():
         try:
             saved = system_for_drafter(loaded.drafter_name)
         except BadInputError as exc:
@@ -515,15 +514,24 @@ def check_system(system: str | None, no_chat_template: bool) -> None:
         raise BadInputError(f"--system is not UTF-8 text ({bad}); give it in UTF-8")
 
 
+def check_system_fits(target: Target, system: SystemPrompt | None, room: int = 1) -> int:
+    """The system prompt's tokens in the chat template (0 for none); a ContextOverflowError naming where it came
+    from and what to pass when it leaves fewer than `room` tokens of the context."""
+    if system is None or not system.text:
+        return 0
+    alone = len(target.encode_chat("", system=system.text))
+    if alone + room > target.max_context:
+        raise ContextOverflowError(f"{system.origin} is {alone} tokens in the chat template, and {target.name}'s "
+                                   f"context is {target.max_context}{target.context_cap}: it leaves no room for a "
+                                   f"{'prompt' if room == 1 else 'message'}; {system.fix}")
+    return alone
+
+
 def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int, source: str | None = None,
                       system: SystemPrompt | None = None) -> None:
     """Refuse a prompt longer than the context, naming it and its --prompts `source` (None: the built-in
     set), or the system prompt when that alone fills it; note prompts whose answer the context will cut short."""
-    if system is not None and system.text and \
-            (alone := len(target.encode_chat("", system=system.text))) + 1 >= target.max_context:
-        raise ContextOverflowError(f"{system.origin} is {alone} tokens in the chat template, and {target.name}'s "
-                                   f"context is {target.max_context}{target.context_cap}: it leaves no room for a "
-                                   f"prompt; {system.fix}")
+    alone = check_system_fits(target, system)
     where = "" if source is None else " from standard input" if is_dash(source) else f" in {source}"
     for i, p in enumerate(ids):
         try:
@@ -534,8 +542,8 @@ def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int,
                 raise
             left_out = " (or leave it out of the prompt file)" if len(ids) > 1 and source is not None else ""
             if with_system:
-                raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where} is {len(p)} tokens with "
-                                           f"{system.origin}'s {alone}, and {target.name}'s context is "
+                raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where} is {len(p)} tokens, {alone} of them "
+                                           f"{system.origin}, and {target.name}'s context is "
                                            f"{target.max_context}{target.context_cap}: shorten the prompt, or "
                                            f"{system.fix}{left_out}") from None
             raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where}: {exc}{left_out}") from None

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from ..chat_templates import NAMED as NAMED_TEMPLATES
-from ..chat_templates import apply_chat_template
+from ..chat_templates import SYSTEM_REFUSED, apply_chat_template, refuses_system
 from ..datastore import DATASTORE_NAME, Datastore
 from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter, DrafterConfig, made_for_another, write_beam_shape
 from ..errors import BadInputError, ModelLoadError, PromptError
@@ -303,6 +303,9 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
         raise BadInputError(f"drafter.draft_vocab_size (--draft-vocab) {recipe.drafter.draft_vocab_size} is larger than {target.name}'s vocabulary "
                             f"of {target.vocab_size} tokens")
     apply_chat_template(target, recipe.target.chat_template)
+    if recipe.data.system and refuses_system(target, recipe.data.system):
+        raise BadInputError(f"{SYSTEM_REFUSED}: data.system (--system) cannot be sent; leave it out, or give a "
+                            f"target.chat_template (--chat-template) that takes one")
     dr = recipe.drafter
     drafter = Drafter.for_target(target, seed=recipe.train.seed, head=dr.head, num_draft_layers=dr.num_layers,
                                  predict_tokens=dr.predict_tokens, draft_vocab_size=dr.draft_vocab_size,
