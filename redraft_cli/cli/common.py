@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..chat_templates import NAMED as NAMED_TEMPLATES
-from ..chat_templates import apply_chat_template, resolve_template, system_for_drafter, template_for_drafter
+from ..chat_templates import (SYSTEM_REFUSED, apply_chat_template, refuses_system, resolve_template, system_for_drafter,
+                              template_for_drafter)
 from ..decode import DecodeConfig, check_datastore
 from ..drafter import Drafter, made_for_another
 from ..entry import startup_done
@@ -464,8 +465,6 @@ def resolve_system(loaded: Loaded, system: str | None, templated: bool = True, r
     One message is rendered with it first: a target without a chat template is one line saying what to pass
     (raw_option: the command takes --no-chat-template); a template that refuses a system turn refuses --system,
     and the drafter's system prompt is then left out with a note."""
-    from ..chat_templates import SYSTEM_REFUSED, refuses_system
-
     chosen = SystemPrompt(system)
     saved = None
     if system is None and Path(loaded.drafter_name).is_dir():
