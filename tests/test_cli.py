@@ -366,6 +366,8 @@ def test_local_model_directory_and_missing_chat_template(tmp_path, prompt_file):
     saved = invoke(*run, "--drafter", drafter_dir, "--json", tmp_path / "saved.json")
     assert saved.exit_code == 0 and "distilled with (vicuna)" in " ".join(saved.output.split()), saved.output
     assert json.loads((tmp_path / "saved.json").read_text())["chat_template"] == "vicuna"  # (the one rendered)
+    said = invoke("chat", "--model", model_dir, "--drafter", drafter_dir, "-p", "Hi", "--max-new-tokens", 2, "--json")
+    assert said.exit_code == 0 and json.loads(said.stdout)["chat_template"] == "vicuna", said.output
     loaded = load_models(str(model_dir), str(drafter_dir), "auto", "cpu", "none", 0)
     rendered = loaded.target.tokenizer.decode(loaded.target.encode_chat("Name a colour."))
     assert rendered.endswith("USER: Name a colour. ASSISTANT:") and rendered.startswith("A chat between")

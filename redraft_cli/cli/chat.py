@@ -111,7 +111,8 @@ def chat(
     system = sent.text
     session = ChatSession(Generator(loaded.target, dr), cfg, system=system, draft=not no_draft)
     if one_shot:
-        _one_shot(session, prompt or "", json_out, show_drafts, None if drafting_never else loaded.drafter_name)
+        _one_shot(session, prompt or "", json_out, show_drafts, None if drafting_never else loaded.drafter_name,
+                  loaded.chat_template)
         return
     err.print(f"[bold]redraft chat[/] - {escape(loaded.target.describe())}, drafter {escape(loaded.drafter_name)}, "
               f"beams {beams_label(vars(cfg))}, {cfg.rule}. /help for commands, Ctrl-D to leave.")
@@ -201,7 +202,8 @@ def _status(session: ChatSession) -> str:
             f"acceptance {shown(s['acceptance_rate'], '.0%')}, {mode}{read}]")
 
 
-def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bool, drafter_name: str | None) -> None:
+def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bool, drafter_name: str | None,
+              chat_template: str | None = None) -> None:
     """Answer once; a Ctrl-C keeps the partial answer (printed, and marked in the JSON) and exits 130."""
     finished = _stream(session, prompt, show_drafts, quiet=json_out)
     if not finished and not session.last.steps:  # stopped in the prompt pass: no answer, no statistics of one
@@ -219,6 +221,7 @@ def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bo
         target = session.gen.target
         settings = {"model": target.name, "drafter": drafter_name, "device": str(target.device),
                     "dtype": str(target.compute_dtype).removeprefix("torch."), "system": session.system,
+                    "chat_template": chat_template,
                     "max_new_tokens": c.max_new_tokens, **settings}
         console.print_json(json.dumps({"prompt": valid_text(prompt), "response": session.messages[-1]["content"],
                                        "draft": session.draft, "interrupted": not finished,
