@@ -133,13 +133,13 @@ class ChatSession:
             if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":  # /set system "Be brief."
                 value = value[1:-1] if value[1:-1].strip() else '""'
             system = "" if value == '""' else value or None
-            if system is not None and refuses_system(target, system):
-                raise BadInputError(f"{SYSTEM_REFUSED}: /set system alone sends none (the template's default)")
-            if system and len(target.encode_chat("", system=system)) + SYSTEM_ROOM > target.max_context:
-                raise ContextOverflowError(f"the system prompt leaves no room for a message in the context of "
-                                           f"{target.max_context} tokens; shorten it")
             if system is not None:
-                target.encode_chat("", system=system)  # a template that fails on it otherwise: refused here
+                if refuses_system(target, system):
+                    raise BadInputError(f"{SYSTEM_REFUSED}: /set system alone sends none (the template's default)")
+                alone = len(target.encode_chat("", system=system))  # (a template that fails on it otherwise: here)
+                if system and alone + SYSTEM_ROOM > target.max_context:
+                    raise ContextOverflowError(f"the system prompt leaves no room for a message in the context of "
+                                               f"{target.max_context} tokens; shorten it")
             self.system = system
             return ("system prompt set" if system else "system prompt empty (none of the template's either)"
                     if system == "" else "system prompt cleared (the chat template's default, if it has one)")

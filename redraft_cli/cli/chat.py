@@ -22,7 +22,7 @@ from ..errors import BadInputError, RedraftError
 from ..target import not_utf8, valid_text
 from . import options as o
 from ._errors import OUT_OF_MEMORY, bug_line, handle_errors
-from .common import counted, resolve_system, check_system_fits, console, decode_config, err, load_models, beams_label, note_past_training, shown, stdout_open, with_drafter_shape
+from .common import counted, resolve_system, check_system, check_system_fits, console, decode_config, err, load_models, beams_label, note_past_training, shown, stdout_open, with_drafter_shape
 
 D = o.DEFAULTS
 HELP = """commands:
@@ -80,9 +80,9 @@ def chat(
                             "prints no JSON)")
     if prompt is not None and not prompt.strip():
         raise BadInputError("--prompt is empty: give it the text to answer")
-    for name, text in (("--prompt", prompt), ("--system", system)):
-        if text is not None and (bad := not_utf8(text)):
-            raise BadInputError(f"{name} is not UTF-8 text ({bad}); give it in UTF-8")
+    if prompt is not None and (bad := not_utf8(prompt)):
+        raise BadInputError(f"--prompt is not UTF-8 text ({bad}); give it in UTF-8")
+    check_system(system, no_chat_template=False)
     piped = prompt is None and one_shot and stdin is not None
     if piped:
         prompt = _read_stdin(stdin).removeprefix("\ufeff").strip()  # (a BOM is not text)
