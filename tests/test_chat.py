@@ -634,6 +634,40 @@ def test_an_answer_stopped_by_ctrl_c_keeps_what_was_shown(target, monkeypatch, c
         assert finished == whole and shown.strip() == s.messages[-1]["content"].strip() != ""
 
 
+def test_a_ctrl_c_just_after_the_first_token_keeps_it(target, monkeypatch, capsys):
+    """A Ctrl-C that lands once the prompt pass's token is on the screen, before any decoding step, keeps that
+    token as the answer, as any text shown is kept: the one-shot ends with its status line and "(stopped)",
+    not "nothing was answered" (seen with a loaded CPU, where the window is wide)."""
+    import signal
+    import sys
+
+    import typer
+
+    from redraft_cli.cli import chat as chat_cli
+
+    class Flushed:  # the Ctrl-C arrives as the first chunk (the prompt pass's token) is flushed
+        def __init__(self, file):
+            self.file, self.flushes = file, 0
+
+        def write(self, text):
+            return self.file.write(text)
+
+        def flush(self):
+            self.flushes += 1
+            if self.flushes == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            self.file.flush()
+
+    s = session(target)
+    monkeypatch.setattr(chat_cli.console, "file", Flushed(sys.stdout))
+    with pytest.raises(typer.Exit) as stopped:
+        chat_cli._one_shot(s, "Hello there", json_out=False, show_drafts=False, drafter_name=None)
+    out, err = capsys.readouterr()
+    assert stopped.value.exit_code == 130 and s.last.steps == 0 and s.last.tokens == 1
+    assert "[interrupted]" in err and "(stopped)" in err and "nothing was answered" not in err, err
+    assert out.strip() == s.messages[-1]["content"].strip() != ""
+
+
 def test_the_status_line_names_a_long_prompt_pass(target):
     """tokens/s counts the prompt pass: when it took a second or more, the status line says so."""
     from redraft_cli.chat import Totals

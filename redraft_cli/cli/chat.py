@@ -53,7 +53,7 @@ def chat(
     seed: o.Seed = D["seed"],
     epsilon: o.Epsilon = D["epsilon"],
     delta: o.Delta = D["delta"],
-    system: o.System = None,
+    system: o.ChatSystem = None,
     max_new_tokens: o.MaxNewTokens = 512,
     no_draft: Annotated[bool, typer.Option("--no-draft", help="Plain decoding, for comparison.")] = False,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this once and exit. Without it, text piped on stdin is one prompt too (all of it, slash commands included); with it, stdin is not read.")] = None,
@@ -144,8 +144,9 @@ def _read_stdin(stdin) -> str:
     return text.replace("\r\n", "\n")  # (a file saved on Windows: its line ends are not the prompt's text)
 
 
-def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = False) -> bool:
-    """Print an answer as it streams; returns False if interrupted by Ctrl-C.
+def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = False) -> bool | None:
+    """Print an answer as it streams; returns True when it finished, False when Ctrl-C stopped it after
+    some of it was shown (that part is kept), None when Ctrl-C stopped it before anything was shown.
 
     Ctrl-C sets a flag that is checked after every target pass (and between
     the passes of a long prompt: `Generator.interrupt`), rather than raising
@@ -183,7 +184,7 @@ def _stream(session: ChatSession, text: str, show_drafts: bool, quiet: bool = Fa
             if not quiet:  # (--json: the JSON alone goes to stdout)
                 console.print()
             err.print("[interrupted]", style="yellow", markup=False)
-        return False
+        return False if shown else None
     finally:
         session.gen.interrupt = None
         if main:
@@ -206,7 +207,7 @@ def _one_shot(session: ChatSession, prompt: str, json_out: bool, show_drafts: bo
               chat_template: str | None = None) -> None:
     """Answer once; a Ctrl-C keeps the partial answer (printed, and marked in the JSON) and exits 130."""
     finished = _stream(session, prompt, show_drafts, quiet=json_out)
-    if not finished and not session.last.steps:  # stopped in the prompt pass: no answer, no statistics of one
+    if finished is None:  # stopped in the prompt pass: no answer, no statistics of one
         err.print("(stopped before the answer began: nothing was answered)", style="dim", markup=False)
         raise typer.Exit(130)
     if json_out:
@@ -322,7 +323,7 @@ def _interactive(session: ChatSession, show_drafts: bool) -> None:
             err.print(f"[bold red]error:[/] {escape(what)}; the conversation so far is kept (a partial answer too): "
                       f"go on, /reset, or Ctrl-D")
             continue
-        if not finished and not session.last.steps:  # stopped in the prompt pass: nothing answered yet
+        if finished is None:  # stopped in the prompt pass: nothing answered yet
             session.withdraw()
             err.print("(stopped before the answer began: the message is not kept)", style="dim", markup=False)
             continue
