@@ -12,8 +12,10 @@ Formats (detected from content, not only the extension):
 - plain text, one prompt a line (blank lines and lines starting with `#` skipped, each
   line's surrounding spaces dropped).
 
-Only user turns are prompts: a conversation's system and assistant turns are not used
-(the target writes its own answers; a system prompt is `--system` / `data.system`).
+Only user turns are prompts; the target writes its own answers, so assistant turns are not
+used. A prompt's system turn (a `system` or `developer` message before its first user turn,
+or a `system` / `system_prompt` field beside its text) is read with `systems=` (bench and
+sweep send it; `--system` replaces it).
 Any of these may be gzip-compressed, and UTF-16 text with its byte-order mark is read
 as well as UTF-8. The path `-` reads standard input, in any of these formats (CSV/TSV
 when its first line is a header naming a prompt column).
@@ -42,6 +44,8 @@ from .errors import PromptError
 TEXT_KEYS = ("prompt", "text", "instruction", "question", "input", "content")
 INSTRUCTION_INPUTS = ("input", "context")  # what an instruction is about: Alpaca, Dolly
 HUMAN_ROLES = ("human", "user")
+SYSTEM_ROLES = ("system", "developer")  # (OpenAI's newer name for the system turn)
+SYSTEM_KEYS = ("system", "system_prompt")  # a record's system prompt beside its text (Orca-style dumps)
 OTHER_ROLES = ("assistant", "gpt", "bot", "model", "chatgpt", "system", "tool", "function", "ipython", "developer")
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of a gzip file
@@ -101,6 +105,36 @@ def _conversation(conv: Any, key: str) -> list[str] | None:
         except ValueError as exc:
             raise ValueError(f"has '{key}' message {i} {exc}") from None
     return users or None
+
+
+def _record_system(rec: Any) -> str | None:
+    """The system turn of a prompt record (one _from_record accepted): the `system` / `developer` messages
+    before its first user message (joined with blank lines; an empty one is an empty turn), else a
+    non-blank `system` / `system_prompt` field; None when it has none. ValueError naming the field when
+    that field is not text."""
+    if not isinstance(rec, dict):
+        return None
+    for key in ("conversations", "messages"):
+        if key in rec and "turns" not in rec:
+            texts = []
+            for i, m in enumerate(rec[key], 1):  # (_conversation checked each message's role)
+                role_key = "from" if "from" in m else "role"
+                role = m[role_key].strip().lower()
+                if role in HUMAN_ROLES:
+                    break
+                if role in SYSTEM_ROLES:
+                    try:
+                        texts.append(_message_text(m, role_key))
+                    except ValueError as exc:
+                        raise ValueError(f"has '{key}' message {i} {exc}") from None
+            return "\n\n".join(texts) if texts else None
+    for key in SYSTEM_KEYS:
+        if rec.get(key) is not None:
+            if not isinstance(rec[key], str):
+                raise ValueError(f"has '{key}' that is not a string (got {_kind(rec[key])})")
+            if rec[key].strip():
+                return rec[key]
+    return None
 
 
 def _with_input(rec: dict) -> str:
@@ -176,12 +210,14 @@ def _parses(text: str) -> bool:
         return False
 
 
-def load_conversations(path: str | Path, skipped: list[str] | None = None) -> list[list[str]]:
+def load_conversations(path: str | Path, skipped: list[str] | None = None,
+                       systems: list[str | None] | None = None) -> list[list[str]]:
     """Every prompt in the file (or, for '-', standard input) as its list of user turns. A record
     that is not a prompt is a PromptError, or, when a `skipped` list is given (large community
-    dumps), left out and its one-line reason appended there."""
+    dumps), left out and its one-line reason appended there. A `systems` list receives each
+    returned conversation's system turn, in order (None where it has none)."""
     raw, p, suffix = _read_source(path)
-    return _parse(raw, p, suffix, skipped)
+    return _parse(raw, p, suffix, skipped, systems)
 
 
 def _read_source(path: str | Path) -> tuple[str, str, str]:
@@ -241,7 +277,8 @@ def _decoded(data: bytes, what: str) -> str:
                           f"0x{exc.object[exc.start]:02x} at offset {exc.start}") from exc
 
 
-def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None) -> list[list[str]]:
+def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None,
+           systems: list[str | None] | None = None) -> list[list[str]]:
     """The conversations in `raw`, the text of the source named `p` whose extension is `suffix`."""
     stripped = raw.lstrip()
     records: list[tuple[Any, Any]]  # (where: a line number, or a JSON array index; record)
@@ -289,9 +326,11 @@ def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None) -> list[lis
         return f"{p}:{where[1]}: record"
 
     convs = []
+    found: list[str | None] = []  # each kept conversation's system turn
     for where, rec in records:
         try:
             conv = _from_record(rec)
+            system = _record_system(rec) if conv and systems is not None else None
         except ValueError as exc:
             if skipped is None:
                 raise PromptError(f"{at(where)} {exc}") from exc
@@ -299,6 +338,7 @@ def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None) -> list[lis
             continue
         if conv:
             convs.append(conv)
+            found.append(system)
         elif skipped is not None and where:  # an empty prompt (common in dumps): left out, and counted
             skipped.append(f"{at(where)} holds no prompt text")
     if not convs and skipped:  # every record was left out: say why the first was
@@ -306,6 +346,8 @@ def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None) -> list[lis
     if not convs:
         raise PromptError(f"{p} holds no prompts (expected JSONL with turns/prompt/text, ShareGPT JSON, CSV with a "
                           f"prompt column, or text lines)")
+    if systems is not None:
+        systems.extend(found)
     return convs
 
 
@@ -360,14 +402,17 @@ def _table_records(p: str, suffix: str, raw: str, skipped: list[str] | None = No
     return rows
 
 
-def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:
-    """First user turns from `path`, or the built-in benchmark set when path is None."""
-    convs = load_conversations(path) if path is not None else builtin_conversations("bench")
-    prompts = [c[0] for c in convs]
-    if limit is not None:
-        if limit < 1:
-            raise PromptError(f"--num-prompts must be >= 1, got {limit}")
-        prompts = prompts[:limit]
+def load_prompts(path: str | Path | None = None, limit: int | None = None,
+                 systems: list[str | None] | None = None) -> list[str]:
+    """First user turns from `path`, or the built-in benchmark set when path is None; a `systems` list
+    receives each prompt's system turn (None where it has none; the built-in set has none)."""
+    if limit is not None and limit < 1:
+        raise PromptError(f"--num-prompts must be >= 1, got {limit}")
+    found: list[str | None] | None = None if systems is None else []
+    convs = load_conversations(path, systems=found) if path is not None else builtin_conversations("bench")
+    prompts = [c[0] for c in convs][:limit]
+    if systems is not None:
+        systems.extend((found or [None] * len(convs))[: len(prompts)])
     return prompts
 
 

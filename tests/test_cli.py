@@ -68,11 +68,40 @@ def test_bench_random_drafter_json(tmp_path, prompt_file):
     assert any("redraft" in line for line in logged) and len(logged) <= 9, logged
 
 
+def test_bench_and_sweep_send_a_prompt_file_s_own_system_turns(tmp_path, smollm2):
+    """A prompt's own system turn (an OpenAI system message) goes with it; prompts without one send the run's
+    (here the template's default). --system replaces them all, raw text cannot carry them, and one that alone
+    fills the context is named as that prompt's."""
+    path = tmp_path / "sys.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "system", "content": "Answer in French."},
+                                             {"role": "user", "content": "Name three colours."}]})
+                    + "\n" + json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
+    common = ("--drafter", "random", "--prompts", path, "--max-new-tokens", 4, "--no-warmup")
+    result = invoke("bench", *common, "--no-hf-baseline", "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"note: 1 of 2 prompts in {path} sends its own system turn; the other 1 sends the chat template's " \
+           f"default (--system replaces them all)" in said, said
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["prompt_systems"] == 1 and data["system"] is None and data["identical_outputs"] == 2
+    target = smollm2
+    assert [r["prompt_tokens"] for r in data["per_prompt"]] == [
+        len(target.encode_chat("Name three colours.", system="Answer in French.")), len(target.encode_chat("What is 2 + 2?"))]
+    swept = invoke("sweep", *common, "--beam-widths", 1, "--beam-lengths", 2, "--system", "Be brief.",
+                   "--json", tmp_path / "s.json")
+    assert swept.exit_code == 0, swept.output
+    assert f"note: --system replaces the system turn of 1 of 2 prompts in {path}" in " ".join(swept.output.split())
+    assert json.loads((tmp_path / "s.json").read_text())["prompt_systems"] == 0
+    raw = invoke("bench", *common, "--no-hf-baseline", "--no-chat-template", "--num-prompts", 1)
+    assert raw.exit_code == 0, raw.output
+    assert "system turn of 1 of 1 prompt in" in raw.output and "is not sent: raw text" in " ".join(raw.output.split())
+    path.write_text(json.dumps({"system": "colour " * 9000, "prompt": "Name three colours."}) + "\n")
+    assert_clean_error(invoke("bench", *common), "prompt 1's system turn in", "leaves no room for a prompt; shorten it")
+
+
 def test_bench_and_sweep_take_a_system_prompt(tmp_path, prompt_file, smollm2):
     """--system is the system turn of every prompt (as in chat): the prompts grow by it, the JSON names it;
     with --no-chat-template (raw text, no turns) it is refused before the model loads."""
-    from redraft_cli.cli.common import prompt_encoder
-
     common = ("--drafter", "random", "--prompts", prompt_file, "--num-prompts", 1, "--max-new-tokens", 4, "--no-warmup")
     runs = {}
     for system in (None, "Answer in French."):
@@ -83,7 +112,7 @@ def test_bench_and_sweep_take_a_system_prompt(tmp_path, prompt_file, smollm2):
     assert runs["Answer in French."]["system"] == "Answer in French." and runs[None]["system"] is None
     assert runs["Answer in French."]["identical_outputs"] == 1
     target = smollm2
-    with_system = prompt_encoder(target, False, "Answer in French.")("Name three colours.")
+    with_system = target.encode_chat("Name three colours.", system="Answer in French.")
     assert "Answer in French." in target.tokenizer.decode(with_system)
     assert runs["Answer in French."]["per_prompt"][0]["prompt_tokens"] == len(with_system)
     assert runs[None]["per_prompt"][0]["prompt_tokens"] == len(target.encode_chat("Name three colours."))

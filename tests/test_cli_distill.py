@@ -496,9 +496,14 @@ def test_data_only_then_several_processes_read_it(tiny_recipe, monkeypatch):
     # A data file with a malformed record among good ones: distill notes it and goes on.
     messy = root / "messy.jsonl"
     messy.write_text("\n".join(['{"prompt": "Tell me about the sea."}', '{"prompt": null}']
-                               + [f'{{"prompt": "Sea fact {i}?"}}' for i in range(6)]) + "\n")
+                               + [f'{{"prompt": "Sea fact {i}?"}}' for i in range(5)]
+                               + ['{"system": "Be brief.", "prompt": "Sea fact 5?"}']) + "\n")
     noted = runner.invoke(app, ["distill", str(recipe), "--data", str(messy), "--data-only"])
     assert noted.exit_code == 0 and "skipped 1 record(s)" in noted.output and "messy.jsonl:2:" in noted.output
+    # (one system prompt for every conversation: a record's own is named as not sent)
+    assert "1 of 7 conversations in" in noted.output and "carries its own system turn, which distill does not send: " \
+           "every conversation begins with data.system (--system), here the chat template's default" in \
+           " ".join(noted.output.split()), noted.output
 
 
 def _made_then_grown(recipe: Path, tmp_path: Path, count: int, added: list[str]):

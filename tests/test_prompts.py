@@ -355,3 +355,41 @@ def test_a_message_of_an_unknown_role_is_an_error_not_a_silent_skip(tmp_path):
                                           {"role": "assistant", "content": "Hi."},
                                           {"role": "user", "content": "kept"}]}) + "\n")
     assert load_prompts(f) == ["kept"]
+
+
+def test_a_prompt_s_own_system_turn_is_read_when_asked_for(tmp_path):
+    """systems= receives each prompt's system turn: system/developer messages before its first user message
+    (joined; an empty message is an empty turn), else a non-blank system / system_prompt field; None where
+    there is none. Skipped records take no slot, and --num-prompts cuts both lists alike."""
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "a"}]},
+        {"conversations": [{"from": "gpt", "value": "only a model turn"}]},
+        {"conversations": [{"from": "system", "value": ""}, {"from": "human", "value": "b"}]},
+        {"prompt": "c"},
+        {"system_prompt": "You are Orca.", "question": "d"},
+        {"system": "  ", "prompt": "e"},
+        {"messages": [{"role": "user", "content": "f"}, {"role": "system", "content": "too late"}]},
+        {"messages": [{"role": "developer", "content": [{"type": "text", "text": "dev"}]},
+                      {"role": "system", "content": "sys"}, {"role": "user", "content": "g"}]},
+    ]))
+    systems: list = []
+    assert load_prompts(path, systems=systems) == list("abcdefg")
+    assert systems == ["Be terse.", "", None, "You are Orca.", None, None, "dev\n\nsys"]
+    systems = []
+    assert load_prompts(path, limit=2, systems=systems) == ["a", "b"] and systems == ["Be terse.", ""]
+    systems = []
+    assert len(load_prompts(None, limit=3, systems=systems)) == 3 and systems == [None] * 3
+    skipped: list = []
+    systems = []
+    assert load_conversations(path, skipped, systems) == [[c] for c in "abcdefg"] and len(systems) == 7
+    # A system turn that is not text is named, as a user turn's would be; without systems= it is not read.
+    path.write_text(json.dumps({"messages": [{"role": "system", "content": [{"type": "image"}]},
+                                             {"role": "user", "content": "x"}]}))
+    with pytest.raises(PromptError, match=r"p.jsonl:1: record has 'messages' message 1 whose 'content' part 1 is of "
+                                          r"type 'image', not text"):
+        load_prompts(path, systems=[])
+    assert load_prompts(path) == ["x"]
+    path.write_text(json.dumps({"system": 3, "prompt": "x"}))
+    with pytest.raises(PromptError, match="record has 'system' that is not a string \\(got int\\)"):
+        load_prompts(path, systems=[])

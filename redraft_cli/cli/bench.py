@@ -13,7 +13,7 @@ from ..decode import Generator
 from ..errors import BadInputError
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, resolve_system, note_no_warmup, check_system, prompt_encoder, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, write_report
+from .common import counted, note_no_warmup, check_system, encode_prompts, model_inputs, check_batch_size, fit_batch_size, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, write_report
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -60,7 +60,8 @@ def bench(
     check_output_paths({"--json": json_path}, inputs={"--prompts": prompts, **files}, folders=folders)
     check_batch_size(batch_size)
     check_system(system, no_chat_template)
-    texts = read_prompts(prompts, num_prompts)
+    own: list[str | None] = []  # each prompt's own system turn
+    texts = read_prompts(prompts, num_prompts, own)
     batch_size = fit_batch_size(batch_size, len(texts))
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template,
                          templated=not no_chat_template)
@@ -68,10 +69,7 @@ def bench(
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes, batch_size)
     if beam_length is not None:
         note_past_training(dr, loaded.drafter_name, [beam_length])
-    sent = resolve_system(loaded, system, templated=not no_chat_template)
-    encode = prompt_encoder(target, no_chat_template, sent.text)
-    ids = [encode(t) for t in texts]
-    check_prompts_fit(target, ids, max_new_tokens, prompts, sent)
+    ids, sent, own_systems = encode_prompts(loaded, texts, own, system, no_chat_template, max_new_tokens, prompts)
     note_short_prompt_set(texts, num_prompts, default=NUM_PROMPTS)
     gen = Generator(target, dr)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
@@ -92,7 +90,7 @@ def bench(
                                progress)
     result = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
               "dtype": str(target.compute_dtype).replace("torch.", ""), "quantize": quantize,
-              "device_map": device_map, "system": sent.text, "chat_template": loaded.chat_template,
+              "device_map": device_map, "system": sent.text, "prompt_systems": own_systems, "chat_template": loaded.chat_template,
               "no_chat_template": no_chat_template, "warmup": warmup, **result}
     console.print(render(result))
     if not result["redraft"].get("steps"):

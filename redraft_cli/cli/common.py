@@ -82,12 +82,13 @@ def write_report(path: Path | str, text: str) -> str | None:
     return str(write_text(path, text))
 
 
-def read_prompts(path: Path | None, limit: int) -> list[str]:
-    """--prompts (a file, '-' for standard input, None for the built-in set) as prompt texts; at a
-    terminal, '-' first says what it waits for (a blank screen looked hung)."""
+def read_prompts(path: Path | None, limit: int, systems: list[str | None] | None = None) -> list[str]:
+    """--prompts (a file, '-' for standard input, None for the built-in set) as prompt texts (and into
+    `systems`, each one's own system turn or None); at a terminal, '-' first says what it waits for (a
+    blank screen looked hung)."""
     if is_dash(path) and sys.stdin is not None and sys.stdin.isatty():
         err.print("reading prompts from standard input, one a line (or JSONL); end with Ctrl-D")
-    return load_prompts(path, limit=limit)
+    return load_prompts(path, limit=limit, systems=systems)
 
 
 def counted(n: int, noun: str) -> str:
@@ -436,12 +437,47 @@ def note_short_prompt_set(texts: list[str], num_prompts: int, default: int) -> N
         err.print(f"note: --num-prompts {num_prompts}, but the prompts hold {len(texts)}; using {len(texts)}")
 
 
-def prompt_encoder(target: Target, no_chat_template: bool, system: str | None):
-    """How bench and sweep turn a prompt text into token ids: raw text, or the chat template with --system's
-    turn (None: the template's default system prompt). Call check_system first, before the models load."""
+def encode_prompts(loaded: Loaded, texts: list[str], own: list[str | None], system: str | None,
+                   no_chat_template: bool, max_new_tokens: int, source: Path | None
+                   ) -> tuple[list[list[int]], SystemPrompt, int]:
+    """Bench's and sweep's prompts as token ids, each with its system turn, checked against the context.
+    `own` holds each prompt's system turn from the prompt file (None: it has none). --system, when given,
+    is every prompt's; else a prompt's own system turn, else the run's (resolve_system: the drafter's, or
+    the template's default). Returns (ids, the run's SystemPrompt, how many prompts send their own)."""
+    target = loaded.target
+    mine = sum(s is not None for s in own)
+    where = "from standard input" if is_dash(source) else f"in {source}"
+    sent = resolve_system(loaded, system, templated=not no_chat_template,
+                          drafter_note=not (mine == len(texts) and system is None))
+    systems = [sent] * len(texts)
+    if mine and system is not None:
+        err.print(f"note: --system replaces the system turn{'' if mine == 1 else 's'} of {mine} of "
+                  f"{counted(len(texts), 'prompt')} {where}")
+        mine = 0
+    elif mine and no_chat_template:
+        err.print(f"note: the system turn{'' if mine == 1 else 's'} of {mine} of {counted(len(texts), 'prompt')} "
+                  f"{where} {'is' if mine == 1 else 'are'} not sent: raw text (--no-chat-template) has no turns")
+        mine = 0
+    elif mine and refuses_system(target, next(s for s in own if s is not None)):
+        err.print(f"note: the system turn{'' if mine == 1 else 's'} of {mine} of {counted(len(texts), 'prompt')} "
+                  f"{where} {'is' if mine == 1 else 'are'} left out: {SYSTEM_REFUSED}")
+        mine = 0
+    elif mine:
+        systems = [sent if s is None else SystemPrompt(s, f"prompt {i + 1}'s system turn {where}", "shorten it")
+                   for i, s in enumerate(own)]
     if no_chat_template:
-        return target.encode_raw
-    return lambda text: target.encode_chat(text, system=system)
+        ids = [target.encode_raw(t) for t in texts]
+    else:
+        ids = [target.encode_chat(t, system=s.text) for t, s in zip(texts, systems)]
+    check_prompts_fit(target, ids, max_new_tokens, source, systems)
+    if mine:
+        rest = len(texts) - mine
+        err.print(f"note: {mine} of {counted(len(texts), 'prompt')} {where} send{'s' if mine == 1 else ''} "
+                  f"{'its' if mine == 1 else 'their'} own system turn"
+                  + (f"; the other {rest} send{'s' if rest == 1 else ''} "
+                     f"{'the chat template' if sent.text is None else 'the drafter'}'s default" if rest else "")
+                  + " (--system replaces them all)")
+    return ids, sent, mine
 
 
 @dataclass
@@ -451,15 +487,19 @@ class SystemPrompt:
 
     text: str | None
     origin: str = "the --system prompt"
+    remedy: str | None = None  # what to do when it is too long (None: the --system / drafter one)
 
     @property
     def fix(self) -> str:
         """What to do when it is too long."""
+        if self.remedy is not None:
+            return self.remedy
         return ("shorten --system" if self.origin == "the --system prompt" else
                 "give --system TEXT in its place, or --system '' for an empty one")
 
 
-def resolve_system(loaded: Loaded, system: str | None, templated: bool = True, raw_option: bool = True) -> SystemPrompt:
+def resolve_system(loaded: Loaded, system: str | None, templated: bool = True, raw_option: bool = True,
+                   drafter_note: bool = True) -> SystemPrompt:
     """The system prompt to send: --system when given, else (through the chat template) the one the drafter's
     training conversations began with (its recipe's data.system, with a note), else None.
     One message is rendered with it first: a target without a chat template is one line saying what to pass
@@ -495,7 +535,7 @@ def resolve_system(loaded: Loaded, system: str | None, templated: bool = True, r
         err.print(f"note: the drafter was distilled with a system prompt, but {SYSTEM_REFUSED}, so prompts go without "
                   f"one")
         return SystemPrompt(None)
-    if saved is not None:
+    if saved is not None and drafter_note:  # (not when every prompt sends its own: encode_prompts)
         shown_text = saved if len(saved) <= 60 else saved[:57] + "..."
         err.print(f"note: prompts begin with the system prompt the drafter was distilled with ({escape(repr(shown_text))}, "
                   f"its recipe's data.system); --system overrides it")
@@ -527,21 +567,27 @@ def check_system_fits(target: Target, system: SystemPrompt | None, room: int = 1
 
 
 def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int, source: str | None = None,
-                      system: SystemPrompt | None = None) -> None:
+                      system: SystemPrompt | list[SystemPrompt] | None = None) -> None:
     """Refuse a prompt longer than the context, naming it and its --prompts `source` (None: the built-in
-    set), or the system prompt when that alone fills it; note prompts whose answer the context will cut short."""
-    alone = check_system_fits(target, system)
+    set), or the system prompt (one for all, or each prompt's) when that alone fills it; note prompts whose
+    answer the context will cut short."""
+    systems = system if isinstance(system, list) else [system] * len(ids)
+    alone = {}  # system text -> its tokens
+    for s in systems:
+        if s is not None and s.text not in alone:
+            alone[s.text] = check_system_fits(target, s)
     where = "" if source is None else " from standard input" if is_dash(source) else f" in {source}"
     for i, p in enumerate(ids):
         try:
             target.check_prompt(p)
         except ContextOverflowError as exc:  # which prompt of the file (the run measures them all, or none)
+            system = systems[i]
             with_system = system is not None and bool(system.text)
             if len(ids) == 1 and not where and not with_system:
                 raise
             left_out = " (or leave it out of the prompt file)" if len(ids) > 1 and source is not None else ""
             if with_system:
-                raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where} is {len(p)} tokens, {alone} of them "
+                raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where} is {len(p)} tokens, {alone[system.text]} of them "
                                            f"{system.origin}, and {target.name}'s context is "
                                            f"{target.max_context}{target.context_cap}: shorten the prompt, or "
                                            f"{system.fix}{left_out}") from None

@@ -38,7 +38,8 @@ PromptsFile = Annotated[Optional[Path], typer.Option("--prompts", help="JSONL (t
 NumPrompts = Annotated[int, typer.Option(help="How many prompts to use.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Rows decoded at once on every path: continuous batching, a finished row's slot goes to the next prompt (HF generate: groups of B).")]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", callback=report_to_stdout, help="Write the results as one JSON object to this file ('-': to standard output; the tables then go to standard error).")]
-System = Annotated[Optional[str], typer.Option("--system", help="System turn before each conversation (\"\": an empty one, in place of the chat template's default; default: the drafter's, if it was distilled with one, else the template's own).")]
+System = Annotated[Optional[str], typer.Option("--system", help="System turn before each conversation (\"\": an empty one, in place of the chat template's default; default: a prompt's own system turn from the prompt file, else the drafter's, if it was distilled with one, else the template's own).")]
+ChatSystem = Annotated[Optional[str], typer.Option("--system", help="System turn before each conversation (\"\": an empty one, in place of the chat template's default; default: the drafter's, if it was distilled with one, else the template's own).")]
 NoChatTemplate = Annotated[bool, typer.Option("--no-chat-template", help="Send prompts as raw text (models without a chat template).")]
 ChatTemplate = Annotated[Optional[str], typer.Option("--chat-template", help="Render prompts with this chat template: a name (vicuna), a Jinja file or Jinja text (default: the tokenizer's own; without one, the template the drafter was distilled with).")]
 

@@ -23,7 +23,7 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      run_sweep, save_best as save_best_shape, sweep_result, csv_text)
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, resolve_system, note_no_warmup, check_system, prompt_encoder, model_inputs, check_batch_size, fit_batch_size, check_prompts_fit, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
+from .common import counted, note_no_warmup, check_system, encode_prompts, model_inputs, check_batch_size, fit_batch_size, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -98,7 +98,8 @@ def sweep(
     if save_best and max_new_tokens < 2:
         raise BadInputError("--save-best needs --max-new-tokens 2 or more: with 1, ReDrafter takes no draft step, so no "
                             "cell measures its beam shape")
-    texts = read_prompts(prompts, num_prompts)
+    own: list[str | None] = []  # each prompt's own system turn
+    texts = read_prompts(prompts, num_prompts, own)
     if save_best and batch_size > len(texts):
         raise BadInputError(f"--save-best --batch-size {batch_size} needs at least {batch_size} prompts to measure "
                             f"batches of that size, got {len(texts)} (raise --num-prompts)")
@@ -123,15 +124,12 @@ def sweep(
     cfg.decode = with_drafter_shape(cfg.decode, dr, cfg.decode.beam_width, cfg.decode.beam_length,
                                     lookup, lookup_length, datastore, nodes=0, batch_size=batch_size)
     note_past_training(dr, loaded.drafter_name, sorted({length for _, length, _ in cfg.shapes}), "--beam-lengths")
-    sent = resolve_system(loaded, system, templated=not no_chat_template)
-    encode = prompt_encoder(target, no_chat_template, sent.text)
-    ids = [encode(t) for t in texts]
-    check_prompts_fit(target, ids, max_new_tokens, prompts, sent)
+    ids, sent, own_systems = encode_prompts(loaded, texts, own, system, no_chat_template, max_new_tokens, prompts)
     gen = Generator(target, dr)
 
     head = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
             "dtype": str(target.compute_dtype).replace("torch.", ""), "quantize": quantize, "device_map": device_map,
-            "system": sent.text, "chat_template": loaded.chat_template, "no_chat_template": no_chat_template}
+            "system": sent.text, "prompt_systems": own_systems, "chat_template": loaded.chat_template, "no_chat_template": no_chat_template}
     info = {**head, "accept": accept, "temperature": temperature, "num_prompts": len(ids),
             "max_new_tokens": max_new_tokens, "lookup_beams": cfg.decode.lookup_beams,
             "lookup_length": cfg.decode.lookup_length, "datastore_beams": cfg.decode.datastore_beams,

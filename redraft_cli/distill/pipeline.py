@@ -64,15 +64,21 @@ class DistillResult:
     main: bool = True  # False in the other processes of a launch: the main process reports
 
 
-def resolve_conversations(source: str, num_prompts: int | None, skipped: list[str] | None = None) -> list[list[str]]:
+def resolve_conversations(source: str, num_prompts: int | None, skipped: list[str] | None = None,
+                          systems: list[str | None] | None = None) -> list[list[str]]:
     """'builtin', a local prompt file, or hf://owner/dataset/path/in/repo.json (downloaded with huggingface_hub).
-    With a `skipped` list, records that are not prompts are left out and listed there (prompts.load_conversations)."""
+    With a `skipped` list, records that are not prompts are left out and listed there; a `systems` list
+    receives each conversation's own system turn or None (prompts.load_conversations)."""
+    found: list[str | None] | None = None if systems is None else []
     if source == "builtin":
         convs = builtin_conversations("distill")
+        found = None if found is None else [None] * len(convs)
     elif source.startswith("hf://"):
-        convs = load_conversations(_download_dataset_file(source), skipped)
+        convs = load_conversations(_download_dataset_file(source), skipped, found)
     else:
-        convs = load_conversations(os.path.expanduser(source), skipped)
+        convs = load_conversations(os.path.expanduser(source), skipped, found)
+    if systems is not None:
+        systems.extend(found[:num_prompts] if num_prompts else found)
     return convs[:num_prompts] if num_prompts else convs
 
 
@@ -241,8 +247,9 @@ def _checked(recipe: Recipe, out: Path, resume: bool, emit: EventFn, data_dir: P
     # The prompts first: a missing file or too few prompts fails before the model loads.
     d = recipe.data
     skipped: list[str] = []  # a data set of thousands of conversations keeps going past a malformed one
+    own: list[str | None] = []  # each conversation's own system turn
     try:
-        convs = resolve_conversations(d.source, d.num_prompts, skipped)
+        convs = resolve_conversations(d.source, d.num_prompts, skipped, own)
     except PromptError as exc:  # name the field and where a relative path was looked for
         where = "" if os.path.isabs(os.path.expanduser(d.source)) or "://" in d.source else \
             f" (a relative path: looked for in the current folder {os.getcwd()}, and beside the recipe file " \
@@ -250,6 +257,10 @@ def _checked(recipe: Recipe, out: Path, resume: bool, emit: EventFn, data_dir: P
         raise PromptError(f"data.source (--data): {exc}{where if 'not found' in str(exc) else ''}") from exc
     if skipped:
         emit({"event": "note", "text": f"skipped {len(skipped)} record(s) that are not prompts or hold no text; the first: {skipped[0]}"})
+    if mine := sum(s is not None for s in own):  # (one system prompt for all: data.system)
+        emit({"event": "note", "text": f"{mine} of {len(convs)} conversations in {d.source} "
+                                       f"{'carries its' if mine == 1 else 'carry their'} own system turn, which distill does not send: every conversation begins with data.system "
+                                       f"(--system)" + (", here the chat template's default" if d.system is None else "")})
     if d.num_prompts and len(convs) < d.num_prompts:
         emit({"event": "note", "text": f"data.num_prompts is {d.num_prompts}, but {d.source} holds "
                                        f"{len(convs)} conversations: all of them are used"})
