@@ -134,7 +134,7 @@ class ChatSession:
                 value = value[1:-1] if value[1:-1].strip() else '""'
             system = "" if value == '""' else value or None
             if system is not None:
-                if refuses_system(target, system):
+                if refuses_system(target):
                     raise BadInputError(f"{SYSTEM_REFUSED}: /set system alone sends none (the template's default)")
                 alone = len(target.encode_chat("", system=system))  # (a template that fails on it otherwise: here)
                 if system and alone + SYSTEM_ROOM > target.max_context:

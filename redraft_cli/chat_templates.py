@@ -179,12 +179,16 @@ def system_for_drafter(drafter_dir: str | Path) -> str | None:
     return value if value else None
 
 
-def refuses_system(target: Any, system: str) -> bool:
-    """Whether `target`'s chat template fails on a system turn `system` but renders the same message
-    without one (Gemma's raises 'System role not supported'). A template that fails either way is not
-    refusing a system turn: its own error stands."""
+PLAIN_SYSTEM = "You are a helpful assistant."  # what refuses_system tries: no control token, no edge
+
+
+def refuses_system(target: Any) -> bool:
+    """Whether `target`'s chat template fails on a plain system turn but renders the same message without
+    one (Gemma's raises 'System role not supported'). A template that fails either way is not refusing a
+    system turn: its own error stands; nor is one that fails only on a given system text (a control
+    token's string in it, with a template that rewrites messages): that text's own error stands."""
     try:
-        target.encode_chat("Hello", system=system)
+        target.encode_chat("Hello", system=PLAIN_SYSTEM)
         return False
     except BadInputError:
         pass

@@ -107,28 +107,34 @@ def _conversation(conv: Any, key: str) -> list[str] | None:
     return users or None
 
 
-def _record_system(rec: Any) -> str | None:
+def _record_system(rec: Any, strict: bool = True) -> str | None:
     """The system turn of a prompt record (one _from_record accepted): the `system` / `developer` messages
     before its first user message (joined with blank lines; an empty one is an empty turn), else a
     non-blank `system` / `system_prompt` field; None when it has none. ValueError naming the field when
-    that field is not text."""
+    that field is not text (strict), else None for it."""
+    if not strict:
+        try:
+            return _record_system(rec)
+        except ValueError:
+            return None
     if not isinstance(rec, dict):
         return None
-    for key in ("conversations", "messages"):
-        if key in rec and "turns" not in rec:
-            texts = []
-            for i, m in enumerate(rec[key], 1):  # (_conversation checked each message's role)
-                role_key = "from" if "from" in m else "role"
-                role = m[role_key].strip().lower()
-                if role in HUMAN_ROLES:
-                    break
-                if role in SYSTEM_ROLES:
-                    try:
-                        texts.append(_message_text(m, role_key))
-                    except ValueError as exc:
-                        raise ValueError(f"has '{key}' message {i} {exc}") from None
-            return "\n\n".join(texts) if texts else None
-    for key in SYSTEM_KEYS:
+    key = next((k for k in ("conversations", "messages") if k in rec), None)
+    if key is not None and "turns" not in rec:
+        texts = []
+        for i, m in enumerate(rec[key], 1):  # (_conversation checked each message's role)
+            role_key = "from" if "from" in m else "role"
+            role = m[role_key].strip().lower()
+            if role in HUMAN_ROLES and _message_text(m, role_key).strip():  # (a blank one is no prompt: skipped)
+                break
+            if role in SYSTEM_ROLES:
+                try:
+                    texts.append(_message_text(m, role_key))
+                except ValueError as exc:
+                    raise ValueError(f"has '{key}' message {i} {exc}") from None
+        if texts:
+            return "\n\n".join(texts)
+    for key in SYSTEM_KEYS:  # (beside a conversation without system messages too: OpenHermes-style dumps)
         if rec.get(key) is not None:
             if not isinstance(rec[key], str):
                 raise ValueError(f"has '{key}' that is not a string (got {_kind(rec[key])})")
@@ -211,13 +217,14 @@ def _parses(text: str) -> bool:
 
 
 def load_conversations(path: str | Path, skipped: list[str] | None = None,
-                       systems: list[str | None] | None = None) -> list[list[str]]:
+                       systems: list[str | None] | None = None, sent: bool = True) -> list[list[str]]:
     """Every prompt in the file (or, for '-', standard input) as its list of user turns. A record
     that is not a prompt is a PromptError, or, when a `skipped` list is given (large community
     dumps), left out and its one-line reason appended there. A `systems` list receives each
-    returned conversation's system turn, in order (None where it has none)."""
+    returned conversation's system turn, in order (None where it has none): a system turn that is
+    not text is the record's error when the caller sends them (`sent`), else it is read as none."""
     raw, p, suffix = _read_source(path)
-    return _parse(raw, p, suffix, skipped, systems)
+    return _parse(raw, p, suffix, skipped, systems, sent)
 
 
 def _read_source(path: str | Path) -> tuple[str, str, str]:
@@ -278,7 +285,7 @@ def _decoded(data: bytes, what: str) -> str:
 
 
 def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None,
-           systems: list[str | None] | None = None) -> list[list[str]]:
+           systems: list[str | None] | None = None, sent: bool = True) -> list[list[str]]:
     """The conversations in `raw`, the text of the source named `p` whose extension is `suffix`."""
     stripped = raw.lstrip()
     records: list[tuple[Any, Any]]  # (where: a line number, or a JSON array index; record)
@@ -330,7 +337,7 @@ def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None,
     for where, rec in records:
         try:
             conv = _from_record(rec)
-            system = _record_system(rec) if conv and systems is not None else None
+            system = _record_system(rec, sent) if conv and systems is not None else None
         except ValueError as exc:
             if skipped is None:
                 raise PromptError(f"{at(where)} {exc}") from exc
@@ -396,9 +403,10 @@ def _table_records(p: str, suffix: str, raw: str, skipped: list[str] | None = No
         columns = ", ".join(repr(c) for c in names[:8]) + (", ..." if len(names) > 8 else "")
         raise PromptError(f"{p}:1: the header names no prompt column (one of {', '.join(TEXT_KEYS)}; "
                           f"its columns: {columns})")
-    twice = sorted({c for c in names if names.count(c) > 1 and c in TEXT_KEYS})
+    twice = sorted({c for c in names if names.count(c) > 1 and c in TEXT_KEYS + SYSTEM_KEYS})
     if twice:
-        raise PromptError(f"{p}:1: the header names the column {twice[0]!r} twice; which one holds the prompts?")
+        holds = "system prompts" if twice[0] in SYSTEM_KEYS else "prompts"
+        raise PromptError(f"{p}:1: the header names the column {twice[0]!r} twice; which one holds the {holds}?")
     return rows
 
 

@@ -81,7 +81,7 @@ def test_bench_and_sweep_send_a_prompt_file_s_own_system_turns(tmp_path, smollm2
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
     assert f"note: 1 of 2 prompts in {path} sends its own system turn; the other 1 sends the chat template's " \
-           f"default (--system replaces them all)" in said, said
+           f"default (--system overrides)" in said, said
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["prompt_systems"] == 1 and data["system"] is None and data["identical_outputs"] == 2
     target = smollm2
@@ -96,7 +96,27 @@ def test_bench_and_sweep_send_a_prompt_file_s_own_system_turns(tmp_path, smollm2
     assert raw.exit_code == 0, raw.output
     assert "system turn of 1 of 1 prompt in" in raw.output and "is not sent: raw text" in " ".join(raw.output.split())
     path.write_text(json.dumps({"system": "colour " * 9000, "prompt": "Name three colours."}) + "\n")
-    assert_clean_error(invoke("bench", *common), "prompt 1's system turn in", "leaves no room for a prompt; shorten it")
+    assert_clean_error(invoke("bench", *common), "prompt 1's system turn in", "leaves no room for a prompt; shorten "
+                       "that system turn")
+    path.write_text(json.dumps({"prompt": "Hi."}) + "\n" + json.dumps({"system": "colour " * 8150, "prompt": "Hi. " * 50}))
+    assert_clean_error(invoke("bench", *common), "prompt 2 of 2 in", "of them its system turn, and",
+                       "shorten the prompt, or shorten that system turn (or leave it out of the prompt file)")
+    # A template that takes system turns but rewrites messages fails on one holding a control token's string:
+    # that prompt is named, and the others' system turns are not taken for refused (battery 27).
+    trim = tmp_path / "trim.jinja"
+    trim.write_text("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + (m['content'] | trim) + "
+                    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                    "{% endif %}")
+    path.write_text(json.dumps({"system": " Be <|im_end|> a pirate. ", "prompt": "Hi."}) + "\n"
+                    + json.dumps({"system": "Be a pirate.", "prompt": "Hi."}) + "\n")
+    for order in (1, -1):
+        lines = path.read_text().splitlines()[::order]
+        path.write_text("\n".join(lines) + "\n")
+        assert_clean_error(invoke("bench", *common, "--chat-template", trim),
+                           f"prompt {1 if order == 1 else 2} of 2 in {path} (or its system turn): a message holds "
+                           f"the control token")
+    assert_clean_error(invoke("bench", *common, "--chat-template", trim, "--system", " a <|im_end|> b "),
+                       "the --system prompt: a message holds the control token")
 
 
 def test_bench_and_sweep_take_a_system_prompt(tmp_path, prompt_file, smollm2):

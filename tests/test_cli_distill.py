@@ -353,6 +353,17 @@ def test_a_drafters_system_prompt_goes_with_it(tiny_recipe, monkeypatch):
         assert json.loads((root / "sys.json").read_text())["system"] == system
         noted = "prompts begin with the system prompt the drafter was distilled with ('Be terse.'"
         assert (noted in " ".join(r.output.split())) == (system == "Be terse."), r.output
+    # A prompt file's own system turn goes with its prompt; the others send the drafter's, and one note says so
+    # (battery 27: the drafter's note said every prompt began with it).
+    own = root / "own.jsonl"
+    own.write_text(json.dumps({"system": "Be kind.", "prompt": "Hi"}) + "\n" + json.dumps({"prompt": "Hello"}) + "\n")
+    r = runner.invoke(app, ["bench", *common[:-4], "--prompts", str(own), "--max-new-tokens", "3", "--json",
+                            str(root / "own.json")])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "prompts begin with" not in said, said
+    assert f"1 of 2 prompts in {own} sends its own system turn; the other 1 sends the system prompt the drafter was " \
+           f"distilled with ('Be terse.') (--system overrides)" in said, said
+    assert json.loads((root / "own.json").read_text())["prompt_systems"] == 1
     chat = runner.invoke(app, ["chat", "--model", model, "--drafter", str(out), "-p", "Hi", "--max-new-tokens", "3",
                                "--json"])
     assert chat.exit_code == 0, chat.output

@@ -372,17 +372,22 @@ def test_a_prompt_s_own_system_turn_is_read_when_asked_for(tmp_path):
         {"messages": [{"role": "user", "content": "f"}, {"role": "system", "content": "too late"}]},
         {"messages": [{"role": "developer", "content": [{"type": "text", "text": "dev"}]},
                       {"role": "system", "content": "sys"}, {"role": "user", "content": "g"}]},
+        # a field beside a conversation without system messages (OpenHermes-style); a blank user message is
+        # no prompt, so the system message after it is still before the prompt
+        {"system_prompt": "Arr.", "conversations": [{"from": "human", "value": "h"}, {"from": "gpt", "value": "x"}]},
+        {"messages": [{"role": "system", "content": "S1"}, {"role": "user", "content": "  "},
+                      {"role": "system", "content": "S2"}, {"role": "user", "content": "i"}]},
     ]))
     systems: list = []
-    assert load_prompts(path, systems=systems) == list("abcdefg")
-    assert systems == ["Be terse.", "", None, "You are Orca.", None, None, "dev\n\nsys"]
+    assert load_prompts(path, systems=systems) == list("abcdefghi")
+    assert systems == ["Be terse.", "", None, "You are Orca.", None, None, "dev\n\nsys", "Arr.", "S1\n\nS2"]
     systems = []
     assert load_prompts(path, limit=2, systems=systems) == ["a", "b"] and systems == ["Be terse.", ""]
     systems = []
     assert len(load_prompts(None, limit=3, systems=systems)) == 3 and systems == [None] * 3
     skipped: list = []
     systems = []
-    assert load_conversations(path, skipped, systems) == [[c] for c in "abcdefg"] and len(systems) == 7
+    assert load_conversations(path, skipped, systems) == [[c] for c in "abcdefghi"] and len(systems) == 9
     # A system turn that is not text is named, as a user turn's would be; without systems= it is not read.
     path.write_text(json.dumps({"messages": [{"role": "system", "content": [{"type": "image"}]},
                                              {"role": "user", "content": "x"}]}))
@@ -393,3 +398,10 @@ def test_a_prompt_s_own_system_turn_is_read_when_asked_for(tmp_path):
     path.write_text(json.dumps({"system": 3, "prompt": "x"}))
     with pytest.raises(PromptError, match="record has 'system' that is not a string \\(got int\\)"):
         load_prompts(path, systems=[])
+    # A caller that does not send them (distill counts them) reads a malformed one as none: the prompt stays.
+    systems = []
+    assert load_conversations(path, [], systems, sent=False) == [["x"]] and systems == [None]
+    table = tmp_path / "p.csv"
+    table.write_text("prompt,system,system\nhi,a,b\n")
+    with pytest.raises(PromptError, match="names the column 'system' twice; which one holds the system prompts"):
+        load_prompts(table, systems=[])

@@ -445,39 +445,48 @@ def encode_prompts(loaded: Loaded, texts: list[str], own: list[str | None], syst
     is every prompt's; else a prompt's own system turn, else the run's (resolve_system: the drafter's, or
     the template's default). Returns (ids, the run's SystemPrompt, how many prompts send their own)."""
     target = loaded.target
-    mine = sum(s is not None for s in own)
+    n, mine = len(texts), sum(s is not None for s in own)
     where = "from standard input" if is_dash(source) else f"in {source}"
+    turns = f"system turn{'' if mine == 1 else 's'} of {mine} of {counted(n, 'prompt')} {where}"
     sent = resolve_system(loaded, system, templated=not no_chat_template,
-                          drafter_note=not (mine == len(texts) and system is None))
-    systems = [sent] * len(texts)
+                          drafter_note=not (mine and system is None and not no_chat_template))
+    systems = [sent] * n
     if mine and system is not None:
-        err.print(f"note: --system replaces the system turn{'' if mine == 1 else 's'} of {mine} of "
-                  f"{counted(len(texts), 'prompt')} {where}")
+        err.print(f"note: --system replaces the {turns}")
         mine = 0
     elif mine and no_chat_template:
-        err.print(f"note: the system turn{'' if mine == 1 else 's'} of {mine} of {counted(len(texts), 'prompt')} "
-                  f"{where} {'is' if mine == 1 else 'are'} not sent: raw text (--no-chat-template) has no turns")
+        err.print(f"note: the {turns} {'is' if mine == 1 else 'are'} not sent: raw text (--no-chat-template) has "
+                  f"no turns")
         mine = 0
-    elif mine and refuses_system(target, next(s for s in own if s is not None)):
-        err.print(f"note: the system turn{'' if mine == 1 else 's'} of {mine} of {counted(len(texts), 'prompt')} "
-                  f"{where} {'is' if mine == 1 else 'are'} left out: {SYSTEM_REFUSED}")
+    elif mine and refuses_system(target):
+        err.print(f"note: the {turns} {'is' if mine == 1 else 'are'} left out: {SYSTEM_REFUSED}")
         mine = 0
     elif mine:
-        systems = [sent if s is None else SystemPrompt(s, f"prompt {i + 1}'s system turn {where}", "shorten it")
+        systems = [sent if s is None else SystemPrompt(s, f"prompt {i + 1}'s system turn {where}",
+                                                       "shorten that system turn", of_prompt=True)
                    for i, s in enumerate(own)]
-    if no_chat_template:
-        ids = [target.encode_raw(t) for t in texts]
-    else:
-        ids = [target.encode_chat(t, system=s.text) for t, s in zip(texts, systems)]
+    ids = []
+    for i, (text, s) in enumerate(zip(texts, systems)):
+        try:
+            ids.append(target.encode_raw(text) if no_chat_template else target.encode_chat(text, system=s.text))
+        except BadInputError as exc:  # (a control token's string, with a template that rewrites messages)
+            raise type(exc)(f"prompt {i + 1} of {n}" + ("" if source is None else f" {where}")
+                            + (" (or its system turn)" if s.of_prompt else "") + f": {exc}") from None
     check_prompts_fit(target, ids, max_new_tokens, source, systems)
     if mine:
-        rest = len(texts) - mine
-        err.print(f"note: {mine} of {counted(len(texts), 'prompt')} {where} send{'s' if mine == 1 else ''} "
+        rest = n - mine
+        others = "the chat template's default" if sent.text is None else (
+            f"the system prompt the drafter was distilled with ({escape(repr(_clipped(sent.text)))})")
+        err.print(f"note: {mine} of {counted(n, 'prompt')} {where} send{'s' if mine == 1 else ''} "
                   f"{'its' if mine == 1 else 'their'} own system turn"
-                  + (f"; the other {rest} send{'s' if rest == 1 else ''} "
-                     f"{'the chat template' if sent.text is None else 'the drafter'}'s default" if rest else "")
-                  + " (--system replaces them all)")
+                  + (f"; the other {rest} send{'s' if rest == 1 else ''} {others}" if rest else "")
+                  + " (--system overrides)")
     return ids, sent, mine
+
+
+def _clipped(text: str, width: int = 60) -> str:
+    """A system prompt as a note quotes it: its first `width` characters."""
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 @dataclass
@@ -488,6 +497,7 @@ class SystemPrompt:
     text: str | None
     origin: str = "the --system prompt"
     remedy: str | None = None  # what to do when it is too long (None: the --system / drafter one)
+    of_prompt: bool = False  # a prompt's own system turn from the prompt file
 
     @property
     def fix(self) -> str:
@@ -527,17 +537,18 @@ def resolve_system(loaded: Loaded, system: str | None, templated: bool = True, r
         raise ChatTemplateError(f"{target.name} has no chat template: give it one with --chat-template (a name such as "
                                 f"vicuna, a Jinja file or Jinja text)"
                                 + (", or send prompts as raw text with --no-chat-template" if raw_option else "")) from None
-    except BadInputError:
-        if chosen.text is None or not refuses_system(target, chosen.text):
+    except BadInputError as exc:
+        if chosen.text is None:
             raise
+        if not refuses_system(target):  # it takes system turns, but not this text (a control token's string)
+            raise BadInputError(f"{chosen.origin}: {exc}") from None
         if saved is None:
             raise BadInputError(f"{SYSTEM_REFUSED}: leave out --system, or give a --chat-template that takes one") from None
         err.print(f"note: the drafter was distilled with a system prompt, but {SYSTEM_REFUSED}, so prompts go without "
                   f"one")
         return SystemPrompt(None)
     if saved is not None and drafter_note:  # (not when every prompt sends its own: encode_prompts)
-        shown_text = saved if len(saved) <= 60 else saved[:57] + "..."
-        err.print(f"note: prompts begin with the system prompt the drafter was distilled with ({escape(repr(shown_text))}, "
+        err.print(f"note: prompts begin with the system prompt the drafter was distilled with ({escape(repr(_clipped(saved)))}, "
                   f"its recipe's data.system); --system overrides it")
     return chosen
 
@@ -588,7 +599,7 @@ def check_prompts_fit(target: Target, ids: list[list[int]], max_new_tokens: int,
             left_out = " (or leave it out of the prompt file)" if len(ids) > 1 and source is not None else ""
             if with_system:
                 raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where} is {len(p)} tokens, {alone[system.text]} of them "
-                                           f"{system.origin}, and {target.name}'s context is "
+                                           f"{'its system turn' if system.of_prompt else system.origin}, and {target.name}'s context is "
                                            f"{target.max_context}{target.context_cap}: shorten the prompt, or "
                                            f"{system.fix}{left_out}") from None
             raise ContextOverflowError(f"prompt {i + 1} of {len(ids)}{where}: {exc}{left_out}") from None

@@ -32,7 +32,7 @@ from ..chat_templates import NAMED as NAMED_TEMPLATES
 from ..chat_templates import SYSTEM_REFUSED, apply_chat_template, refuses_system
 from ..datastore import DATASTORE_NAME, Datastore
 from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter, DrafterConfig, made_for_another, write_beam_shape
-from ..errors import BadInputError, ModelLoadError, PromptError
+from ..errors import BadInputError, ChatTemplateError, ModelLoadError, PromptError
 from ..prompts import builtin_conversations, load_conversations
 from ..files import atomic_write, remove_temporaries, writable_dir
 from ..files import cache_dir
@@ -74,9 +74,9 @@ def resolve_conversations(source: str, num_prompts: int | None, skipped: list[st
         convs = builtin_conversations("distill")
         found = None if found is None else [None] * len(convs)
     elif source.startswith("hf://"):
-        convs = load_conversations(_download_dataset_file(source), skipped, found)
+        convs = load_conversations(_download_dataset_file(source), skipped, found, sent=False)
     else:
-        convs = load_conversations(os.path.expanduser(source), skipped, found)
+        convs = load_conversations(os.path.expanduser(source), skipped, found, sent=False)
     if systems is not None:
         systems.extend(found[:num_prompts] if num_prompts else found)
     return convs[:num_prompts] if num_prompts else convs
@@ -314,9 +314,16 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
         raise BadInputError(f"drafter.draft_vocab_size (--draft-vocab) {recipe.drafter.draft_vocab_size} is larger than {target.name}'s vocabulary "
                             f"of {target.vocab_size} tokens")
     apply_chat_template(target, recipe.target.chat_template)
-    if recipe.data.system and refuses_system(target, recipe.data.system):
+    if recipe.data.system and refuses_system(target):
         raise BadInputError(f"{SYSTEM_REFUSED}: data.system (--system) cannot be sent; leave it out, or give a "
                             f"target.chat_template (--chat-template) that takes one")
+    if recipe.data.system:  # (a template that takes system turns may still fail on this one's text)
+        try:
+            target.encode_chat("Hello", system=recipe.data.system)
+        except ChatTemplateError:  # (none at all: data generation says so, in distill's words)
+            pass
+        except BadInputError as exc:
+            raise BadInputError(f"data.system (--system): {exc}") from None
     dr = recipe.drafter
     drafter = Drafter.for_target(target, seed=recipe.train.seed, head=dr.head, num_draft_layers=dr.num_layers,
                                  predict_tokens=dr.predict_tokens, draft_vocab_size=dr.draft_vocab_size,
