@@ -14,8 +14,8 @@ Formats (detected from content, not only the extension):
 
 Only user turns are prompts; the target writes its own answers, so assistant turns are not
 used. A prompt's system turn (a `system` or `developer` message before its first user turn,
-or a `system` / `system_prompt` field beside its text) is read with `systems=` (bench and
-sweep send it; `--system` replaces it).
+or a `system` / `system_prompt` field beside its text) is read with `systems=` (bench, sweep
+and distill send it; `--system` replaces it).
 Any of these may be gzip-compressed, and UTF-16 text with its byte-order mark is read
 as well as UTF-8. The path `-` reads standard input, in any of these formats (CSV/TSV
 when its first line is a header naming a prompt column).
@@ -49,6 +49,23 @@ SYSTEM_KEYS = ("system", "system_prompt")  # a record's system prompt beside its
 OTHER_ROLES = ("assistant", "gpt", "bot", "model", "chatgpt", "system", "tool", "function", "ipython", "developer")
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of a gzip file
+
+
+class Conversation(list):
+    """A conversation's user turns (a list of str) that begins with a system turn of its own, `system`.
+
+    distill keeps each conversation's system turn this way, so that every list of conversations (sliced
+    into held-out and training ones, hashed into data keys) carries it along.
+
+        Conversation(["Name three colours.", "And three more?"], system="Answer in French.")
+    """
+
+    def __init__(self, turns: Any = (), system: str | None = None) -> None:
+        super().__init__(turns)
+        self.system = system
+
+    def __repr__(self) -> str:
+        return f"Conversation({list(self)!r}, system={self.system!r})"
 
 
 def _kind(value: Any) -> str:
@@ -107,16 +124,11 @@ def _conversation(conv: Any, key: str) -> list[str] | None:
     return users or None
 
 
-def _record_system(rec: Any, strict: bool = True) -> str | None:
+def _record_system(rec: Any) -> str | None:
     """The system turn of a prompt record (one _from_record accepted): the `system` / `developer` messages
     before its first user message (joined with blank lines; an empty one is an empty turn), else a
     non-blank `system` / `system_prompt` field; None when it has none. ValueError naming the field when
-    that field is not text (strict), else None for it."""
-    if not strict:
-        try:
-            return _record_system(rec)
-        except ValueError:
-            return None
+    that field is not text."""
     if not isinstance(rec, dict):
         return None
     key = next((k for k in ("conversations", "messages") if k in rec), None)
@@ -217,14 +229,14 @@ def _parses(text: str) -> bool:
 
 
 def load_conversations(path: str | Path, skipped: list[str] | None = None,
-                       systems: list[str | None] | None = None, sent: bool = True) -> list[list[str]]:
+                       systems: list[str | None] | None = None) -> list[list[str]]:
     """Every prompt in the file (or, for '-', standard input) as its list of user turns. A record
     that is not a prompt is a PromptError, or, when a `skipped` list is given (large community
     dumps), left out and its one-line reason appended there. A `systems` list receives each
-    returned conversation's system turn, in order (None where it has none): a system turn that is
-    not text is the record's error when the caller sends them (`sent`), else it is read as none."""
+    returned conversation's system turn, in order (None where it has none; one that is not text
+    is its record's error)."""
     raw, p, suffix = _read_source(path)
-    return _parse(raw, p, suffix, skipped, systems, sent)
+    return _parse(raw, p, suffix, skipped, systems)
 
 
 def _read_source(path: str | Path) -> tuple[str, str, str]:
@@ -285,7 +297,7 @@ def _decoded(data: bytes, what: str) -> str:
 
 
 def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None,
-           systems: list[str | None] | None = None, sent: bool = True) -> list[list[str]]:
+           systems: list[str | None] | None = None) -> list[list[str]]:
     """The conversations in `raw`, the text of the source named `p` whose extension is `suffix`."""
     stripped = raw.lstrip()
     records: list[tuple[Any, Any]]  # (where: a line number, or a JSON array index; record)
@@ -337,7 +349,7 @@ def _parse(raw: str, p: str, suffix: str, skipped: list[str] | None,
     for where, rec in records:
         try:
             conv = _from_record(rec)
-            system = _record_system(rec, sent) if conv and systems is not None else None
+            system = _record_system(rec) if conv and systems is not None else None
         except ValueError as exc:
             if skipped is None:
                 raise PromptError(f"{at(where)} {exc}") from exc

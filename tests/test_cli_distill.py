@@ -511,10 +511,45 @@ def test_data_only_then_several_processes_read_it(tiny_recipe, monkeypatch):
                                + ['{"system": "Be brief.", "prompt": "Sea fact 5?"}']) + "\n")
     noted = runner.invoke(app, ["distill", str(recipe), "--data", str(messy), "--data-only"])
     assert noted.exit_code == 0 and "skipped 1 record(s)" in noted.output and "messy.jsonl:2:" in noted.output
-    # (one system prompt for every conversation: a record's own is named as not sent)
-    assert "1 of 7 conversations in" in noted.output and "carries its own system turn, which distill does not send: " \
-           "every conversation begins with data.system (--system), here the chat template's default" in \
-           " ".join(noted.output.split()), noted.output
+    assert "1 of 7 conversations in" in noted.output and "begins with its own system turn; the other 6 with the " \
+           "chat template's default (data.system, --system, overrides)" in " ".join(noted.output.split()), noted.output
+
+
+def test_a_conversation_s_own_system_turn_begins_its_training_data(tiny_recipe, monkeypatch):
+    """A data file's own system turns (an OpenAI system message, a system field) begin their conversations'
+    generated data, every turn of them; data.system (--system) replaces them all. The conversations differ,
+    so does the data key: no folder of the same prompts without them is reused."""
+    from redraft_cli.distill.data import load_dataset
+    from redraft_cli.loading import TargetSpec, load_target
+
+    root, recipe = tiny_recipe
+    monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache-own-system"))
+    data = root / "own-system.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "system", "content": "Speak like a pirate."}, {"role": "user", "content": "Hi there."},
+                      {"role": "assistant", "content": "x"}, {"role": "user", "content": "And then?"}]},
+        {"prompt": "Tell me about the sea."}, {"system": "Be brief.", "prompt": "What is salt?"},
+        {"prompt": "Name a fish."}]) + "\n")
+    target = load_target(TargetSpec(model=str(root / "tiny-model"), dtype="float32", device="cpu"))
+    texts = {}
+    for extra in ([], ["--system", "Answer in French."]):
+        made = runner.invoke(app, ["distill", str(recipe), "--data", str(data), "--held-out", "1", "--data-only",
+                                   "--json", str(root / "own.json"), *extra])
+        said = " ".join(made.output.split())
+        assert made.exit_code == 0, made.output
+        examples = load_dataset(json.loads((root / "own.json").read_text())["data_dir"])
+        texts[bool(extra)] = {e["conv_index"]: target.tokenizer.decode(e["input_ids"]) for e in examples}
+        if extra:
+            assert f"data.system (--system) replaces the system turns of 2 of 4 conversations in {data}" in said, said
+        else:
+            assert f"2 of 4 conversations in {data} begin with their own system turn; the other 2 with the chat " \
+                   f"template's default" in said, said
+    own, replaced = texts[False], texts[True]
+    assert own[0].count("Speak like a pirate.") == 1 and "And then?" in own[0]  # (one system turn, both user turns)
+    assert "Be brief." in own[2] and "Speak like a pirate." not in own[1] + own[3]
+    assert all("Answer in French." in t and "pirate" not in t and "Be brief." not in t for t in replaced.values())
+    plain = target.encode_chat("Tell me about the sea.")
+    assert target.tokenizer.decode(plain) in own[1]  # (no system turn of its own: the template's default)
 
 
 def _made_then_grown(recipe: Path, tmp_path: Path, count: int, added: list[str]):

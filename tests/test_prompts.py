@@ -398,9 +398,6 @@ def test_a_prompt_s_own_system_turn_is_read_when_asked_for(tmp_path):
     path.write_text(json.dumps({"system": 3, "prompt": "x"}))
     with pytest.raises(PromptError, match="record has 'system' that is not a string \\(got int\\)"):
         load_prompts(path, systems=[])
-    # A caller that does not send them (distill counts them) reads a malformed one as none: the prompt stays.
-    systems = []
-    assert load_conversations(path, [], systems, sent=False) == [["x"]] and systems == [None]
     table = tmp_path / "p.csv"
     table.write_text("prompt,system,system\nhi,a,b\n")
     with pytest.raises(PromptError, match="names the column 'system' twice; which one holds the system prompts"):

@@ -56,7 +56,7 @@ def distill(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps (default: the recipe's target.device)."),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 (default: the recipe's target.dtype)."),
     quantize: Optional[str] = typer.Option(None, help="none | 8bit | 4bit (default: the recipe's target.quantize)."),
-    system: Annotated[Optional[str], typer.Option("--system", help="System prompt before every training conversation (\"\": none, the chat template's default); bench, chat and sweep send it by default with the drafter (default: the recipe's data.system).")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt before every training conversation, in place of a data file's own system turns (\"\": none, the chat template's default); bench, chat and sweep send it by default with the drafter (default: the recipe's data.system).")] = None,
     chat_template: Annotated[Optional[str], typer.Option("--chat-template", help="Render conversations with this chat template: a name (vicuna), a Jinja file or Jinja text, for tokenizers without one (default: the recipe's target.chat_template; the drafter keeps it).")] = None,
     json_path: o.JsonOut = None,
 ) -> None:

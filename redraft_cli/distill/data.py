@@ -102,7 +102,7 @@ class _Chat:
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """Template text ready for the assistant turn (the same text Target.encode_chat tokenises)."""
-        if self.system:
+        if self.system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system}, *messages]
         return render_chat(self.tok, messages)
 
@@ -113,7 +113,7 @@ class _Chat:
         """Token ids of the conversation ready for the assistant turn, as Target.encode_chat makes them:
         a control token's string inside a message ('<|im_end|>') stays text. BadInputError when the
         template changes such a message's text (chat_templates.encode_messages)."""
-        if self.system:
+        if self.system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system}, *messages]
         return encode_messages(self.tok, messages)
 
@@ -239,6 +239,7 @@ class _Conv:
     seq: list[int] | None = None  # final sequence once finished
     turns_done: int = 0
     alive: bool = True
+    system: str | None = None  # its own system turn (None: the run's, data.system)
 
 
 def _seed_for(seed: int, shard: int, turn: int, batch: int) -> int:
@@ -248,9 +249,10 @@ def _seed_for(seed: int, shard: int, turn: int, batch: int) -> int:
 
 def _generate_shard(target: Any, chat: _Chat, items: list[tuple[int, list[str]]], cfg: GenerationConfig,
                     shard: int, on_batch: Callable[[int, int], None]) -> tuple[list[_Conv], dict[str, int]]:
-    """Generate every turn of the shard's conversations; returns the finished ones and counters."""
+    """Generate every turn of the shard's conversations (a prompts.Conversation begins with its own system
+    turn); returns the finished ones and counters."""
     limit = min(cfg.max_prompt_tokens, int(getattr(target, "max_context", 1 << 30)) - cfg.max_new_tokens)
-    convs = [_Conv(i, turns, []) for i, turns in items]
+    convs = [_Conv(i, list(turns), [], system=getattr(turns, "system", None)) for i, turns in items]
     counts = dict(skipped=0, truncated=0, retokenized=0, responses=0, eos_responses=0)
     for turn in range(max((len(c.turns) for c in convs), default=0)):
         active: list[_Conv] = []
@@ -258,7 +260,8 @@ def _generate_shard(target: Any, chat: _Chat, items: list[tuple[int, list[str]]]
             if not c.alive or turn >= len(c.turns):
                 continue
             if turn == 0:
-                c.messages = [{"role": "user", "content": c.turns[0]}]
+                own = [] if c.system is None else [{"role": "system", "content": c.system}]
+                c.messages = [*own, {"role": "user", "content": c.turns[0]}]
                 c.prompt_text = chat.render(c.messages)
                 try:
                     c.prompt_ids = chat.encode_messages(c.messages)
@@ -336,7 +339,10 @@ def _write_shard(path: Path, convs: list[_Conv]) -> None:
 
 
 def conversations_sha256(conversations: list[list[str]]) -> str:
-    return hashlib.sha256(json.dumps(conversations, ensure_ascii=False).encode("utf-8")).hexdigest()
+    """What identifies a list of conversations: their turns, and a conversation's own system turn where it has
+    one (prompts.Conversation; lists without any hash as they did before those were kept)."""
+    keyed = [c if getattr(c, "system", None) is None else {"system": c.system, "turns": list(c)} for c in conversations]
+    return hashlib.sha256(json.dumps(keyed, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def read_manifest(out_dir: str | Path) -> dict | None:
@@ -492,7 +498,7 @@ def generate_dataset(target: Any, conversations: list[list[str]], out_dir: str |
         if shard in done_shards:
             continue
         lo, hi = shard * cfg.shard_size, min(len(conversations), (shard + 1) * cfg.shard_size)
-        items = [(i, list(conversations[i])) for i in range(lo, hi)]
+        items = [(i, conversations[i]) for i in range(lo, hi)]
         convs, counts = _generate_shard(target, chat, items, cfg, shard, on_batch)
         generated_any = True
         name = f"shard-{shard:05d}.safetensors"

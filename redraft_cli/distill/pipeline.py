@@ -33,7 +33,7 @@ from ..chat_templates import SYSTEM_REFUSED, apply_chat_template, refuses_system
 from ..datastore import DATASTORE_NAME, Datastore
 from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter, DrafterConfig, made_for_another, write_beam_shape
 from ..errors import BadInputError, ChatTemplateError, ModelLoadError, PromptError
-from ..prompts import builtin_conversations, load_conversations
+from ..prompts import Conversation, builtin_conversations, load_conversations
 from ..files import atomic_write, remove_temporaries, writable_dir
 from ..files import cache_dir
 from ..loading import TargetSpec, _hub_reachable, load_target, resolve_device
@@ -64,21 +64,19 @@ class DistillResult:
     main: bool = True  # False in the other processes of a launch: the main process reports
 
 
-def resolve_conversations(source: str, num_prompts: int | None, skipped: list[str] | None = None,
-                          systems: list[str | None] | None = None) -> list[list[str]]:
+def resolve_conversations(source: str, num_prompts: int | None, skipped: list[str] | None = None
+                          ) -> list[list[str]]:
     """'builtin', a local prompt file, or hf://owner/dataset/path/in/repo.json (downloaded with huggingface_hub).
-    With a `skipped` list, records that are not prompts are left out and listed there; a `systems` list
-    receives each conversation's own system turn or None (prompts.load_conversations)."""
-    found: list[str | None] | None = None if systems is None else []
+    With a `skipped` list, records that are not prompts are left out and listed there (prompts.load_conversations).
+    A conversation that begins with a system turn of its own is a prompts.Conversation holding it."""
+    found: list[str | None] = []
     if source == "builtin":
         convs = builtin_conversations("distill")
-        found = None if found is None else [None] * len(convs)
     elif source.startswith("hf://"):
-        convs = load_conversations(_download_dataset_file(source), skipped, found, sent=False)
+        convs = load_conversations(_download_dataset_file(source), skipped, found)
     else:
-        convs = load_conversations(os.path.expanduser(source), skipped, found, sent=False)
-    if systems is not None:
-        systems.extend(found[:num_prompts] if num_prompts else found)
+        convs = load_conversations(os.path.expanduser(source), skipped, found)
+    convs = [c if s is None else Conversation(c, s) for c, s in zip(convs, found or [None] * len(convs))]
     return convs[:num_prompts] if num_prompts else convs
 
 
@@ -247,9 +245,8 @@ def _checked(recipe: Recipe, out: Path, resume: bool, emit: EventFn, data_dir: P
     # The prompts first: a missing file or too few prompts fails before the model loads.
     d = recipe.data
     skipped: list[str] = []  # a data set of thousands of conversations keeps going past a malformed one
-    own: list[str | None] = []  # each conversation's own system turn
     try:
-        convs = resolve_conversations(d.source, d.num_prompts, skipped, own)
+        convs = resolve_conversations(d.source, d.num_prompts, skipped)
     except PromptError as exc:  # name the field and where a relative path was looked for
         where = "" if os.path.isabs(os.path.expanduser(d.source)) or "://" in d.source else \
             f" (a relative path: looked for in the current folder {os.getcwd()}, and beside the recipe file " \
@@ -257,10 +254,17 @@ def _checked(recipe: Recipe, out: Path, resume: bool, emit: EventFn, data_dir: P
         raise PromptError(f"data.source (--data): {exc}{where if 'not found' in str(exc) else ''}") from exc
     if skipped:
         emit({"event": "note", "text": f"skipped {len(skipped)} record(s) that are not prompts or hold no text; the first: {skipped[0]}"})
-    if mine := sum(s is not None for s in own):  # (one system prompt for all: data.system)
-        emit({"event": "note", "text": f"{mine} of {len(convs)} conversations in {d.source} "
-                                       f"{'carries its' if mine == 1 else 'carry their'} own system turn, which distill does not send: every conversation begins with data.system "
-                                       f"(--system)" + (", here the chat template's default" if d.system is None else "")})
+    if mine := sum(isinstance(c, Conversation) for c in convs):
+        turns = f"system turn{'' if mine == 1 else 's'} of {mine} of {len(convs)} conversations in {d.source}"
+        if d.system:  # (as --system in bench: one for all)
+            convs = [list(c) if isinstance(c, Conversation) else c for c in convs]
+            emit({"event": "note", "text": f"data.system (--system) replaces the {turns}"})
+        else:
+            rest = len(convs) - mine
+            emit({"event": "note", "text": f"{mine} of {len(convs)} conversations in {d.source} begin"
+                                           f"{'s' if mine == 1 else ''} with {'its' if mine == 1 else 'their'} own "
+                                           f"system turn" + (f"; the other {rest} with the chat template's default"
+                                                             if rest else "") + " (data.system, --system, overrides)"})
     if d.num_prompts and len(convs) < d.num_prompts:
         emit({"event": "note", "text": f"data.num_prompts is {d.num_prompts}, but {d.source} holds "
                                        f"{len(convs)} conversations: all of them are used"})
@@ -787,7 +791,8 @@ def _held_out_bench(target: Target, out: Path, held_convs: list[list[str]], reci
 
     drafter = Drafter.load(out, map_location=target.device).to(dtype=target.compute_dtype)
     gen = Generator(target, drafter)
-    prompts = [target.encode_chat(c[0], system=recipe.data.system or None) for c in held_convs[: recipe.eval.bench_prompts]]
+    prompts = [target.encode_chat(c[0], system=recipe.data.system or getattr(c, "system", None))
+               for c in held_convs[: recipe.eval.bench_prompts]]
     cfg = recipe.beam.decode_config(max_new_tokens=recipe.eval.bench_max_new_tokens)
     emit({"event": "bench_start", "prompts": len(prompts)})
     result = run_bench(gen, prompts, BenchConfig(cfg, warmup=True, hf_baseline=False),
