@@ -550,6 +550,28 @@ def test_a_conversation_s_own_system_turn_begins_its_training_data(tiny_recipe, 
     assert all("Answer in French." in t and "pirate" not in t and "Be brief." not in t for t in replaced.values())
     plain = target.encode_chat("Tell me about the sea.")
     assert target.tokenizer.decode(plain) in own[1]  # (no system turn of its own: the template's default)
+    # A template that refuses system turns: they are left out, with a note (not a failed run).
+    nosys = root / "nosys-own.jinja"
+    nosys.write_text("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                     "{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}{{ 'assistant: ' }}")
+    left = runner.invoke(app, ["distill", str(recipe), "--data", str(data), "--held-out", "1", "--data-only",
+                               "--chat-template", str(nosys)])
+    assert left.exit_code == 0, left.output
+    assert f"the system turns of 2 of 4 conversations in {data} are left out: the chat template refuses a system " \
+           f"turn" in " ".join(left.output.split()), left.output
+    # A template that rewrites messages cannot carry one holding a control token's string: that conversation is
+    # left out, and the note says why (it blamed the prompt's length).
+    trim = root / "trim-own.jinja"
+    trim.write_text("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + (m['content'] | trim) + "
+                    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                    "{% endif %}")
+    data.write_text(data.read_text() + json.dumps({"system": " Be <|im_end|> brief. ", "prompt": "Why?"}) + "\n")
+    cut = runner.invoke(app, ["distill", str(recipe), "--data", str(data), "--held-out", "1", "--data-only",
+                              "--chat-template", str(trim)])
+    said = " ".join(cut.output.split())
+    assert cut.exit_code == 0, cut.output
+    assert "1 conversation(s) left out: a message holds a control token's string, and the chat template changes " \
+           "that message's text" in said and "does not fit" not in said, said
 
 
 def _made_then_grown(recipe: Path, tmp_path: Path, count: int, added: list[str]):

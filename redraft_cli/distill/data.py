@@ -253,7 +253,10 @@ def _generate_shard(target: Any, chat: _Chat, items: list[tuple[int, list[str]]]
     turn); returns the finished ones and counters."""
     limit = min(cfg.max_prompt_tokens, int(getattr(target, "max_context", 1 << 30)) - cfg.max_new_tokens)
     convs = [_Conv(i, list(turns), [], system=getattr(turns, "system", None)) for i, turns in items]
-    counts = dict(skipped=0, truncated=0, retokenized=0, responses=0, eos_responses=0)
+    # (unrenderable, unrenderable_later: of the skipped and of the truncated, those with a message the chat
+    # template would not render as its text)
+    counts = dict(skipped=0, truncated=0, retokenized=0, responses=0, eos_responses=0, unrenderable=0,
+                  unrenderable_later=0)
     for turn in range(max((len(c.turns) for c in convs), default=0)):
         active: list[_Conv] = []
         for c in convs:
@@ -262,11 +265,12 @@ def _generate_shard(target: Any, chat: _Chat, items: list[tuple[int, list[str]]]
             if turn == 0:
                 own = [] if c.system is None else [{"role": "system", "content": c.system}]
                 c.messages = [*own, {"role": "user", "content": c.turns[0]}]
-                c.prompt_text = chat.render(c.messages)
                 try:
+                    c.prompt_text = chat.render(c.messages)
                     c.prompt_ids = chat.encode_messages(c.messages)
                 except BadInputError:  # the template rewrites a message holding a control string: skip it
                     c.prompt_ids = []
+                    counts["unrenderable"] += 1
                 c.mask = [False] * len(c.prompt_ids)
             else:
                 response = c.seq[len(c.prompt_ids):]
@@ -276,6 +280,7 @@ def _generate_shard(target: Any, chat: _Chat, items: list[tuple[int, list[str]]]
                     text, ids, exact = chat.next_prompt(c.prompt_text, c.prompt_ids, response, c.messages)
                 except BadInputError:  # as for a first turn
                     ids = None
+                    counts["unrenderable_later"] += 1
                 if ids is None or len(ids) > limit:  # keep the turns done so far
                     c.alive = False
                     counts["truncated"] += 1
@@ -390,7 +395,8 @@ def _manifest_problem(m: Any) -> str | None:
 
 
 def _totals(shards: list[dict]) -> dict[str, int]:
-    keys = ("conversations", "tokens", "generated_tokens", "responses", "eos_responses", "skipped", "truncated", "retokenized")
+    keys = ("conversations", "tokens", "generated_tokens", "responses", "eos_responses", "skipped", "truncated", "retokenized",
+            "unrenderable", "unrenderable_later")
     return {k: sum(int(s.get(k, 0)) for s in shards) for k in keys}
 
 

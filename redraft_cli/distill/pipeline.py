@@ -291,8 +291,9 @@ def _checked(recipe: Recipe, out: Path, resume: bool, emit: EventFn, data_dir: P
 
 
 def held_out_key(convs: list[list[str]], held_out: int) -> str:
-    """What identifies a run's held-out conversations (the first `held_out`), kept in its checkpoint."""
-    return conversations_sha256(convs[:held_out])
+    """What identifies a run's held-out conversations (the first `held_out`), kept in its checkpoint: their
+    user turns (a system turn the chat template refuses is left out once the target has loaded)."""
+    return conversations_sha256([list(c) for c in convs[:held_out]])
 
 
 def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, emit: EventFn, data_dir: Path | None,
@@ -321,6 +322,11 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
     if recipe.data.system and refuses_system(target):
         raise BadInputError(f"{SYSTEM_REFUSED}: data.system (--system) cannot be sent; leave it out, or give a "
                             f"target.chat_template (--chat-template) that takes one")
+    if (mine := sum(isinstance(c, Conversation) for c in convs)) and refuses_system(target):
+        convs = [list(c) if isinstance(c, Conversation) else c for c in convs]
+        emit({"event": "note", "text": f"the system turn{'' if mine == 1 else 's'} of {mine} of {len(convs)} "
+                                       f"conversations in {recipe.data.source} {'is' if mine == 1 else 'are'} left "
+                                       f"out: {SYSTEM_REFUSED}"})
     if recipe.data.system:  # (a template that takes system turns may still fail on this one's text)
         try:
             target.encode_chat("Hello", system=recipe.data.system)
@@ -383,8 +389,15 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
                 emit({"event": "note", "text": reused_note(*earlier[0], d.shard_size)})
         examples = _answers(target, launch, recipe.name, convs, data_dir, gen_cfg, max_shards, generate, emit, "greedy")
         totals = (read_manifest(data_dir) or {}).get("totals") or {}
-        lost = [f"{n} {what}" for n, what in ((totals.get("skipped", 0), "conversation(s) left out"),
-                                              (totals.get("truncated", 0), "conversation(s) cut short at a later turn")) if n]
+        first, later = totals.get("unrenderable", 0), totals.get("unrenderable_later", 0)
+        unrendered = [f"{n} {what}" for n, what in ((first, "conversation(s) left out"),
+                                                    (later, "conversation(s) cut short at a later turn")) if n]
+        if unrendered:
+            emit({"event": "note", "text": f"{' and '.join(unrendered)}: a message holds a control token's string, "
+                                           f"and the chat template changes that message's text"})
+        lost = [f"{n} {what}" for n, what in ((totals.get("skipped", 0) - first, "conversation(s) left out"),
+                                              (totals.get("truncated", 0) - later,
+                                               "conversation(s) cut short at a later turn")) if n > 0]
         if lost:  # (said, not silently fewer)
             emit({"event": "note", "text": f"{' and '.join(lost)}: a prompt does not fit in {prompt_room} tokens "
                                            f"(data.max_prompt_tokens {d.max_prompt_tokens}; {target.name}'s "
