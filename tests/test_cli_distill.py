@@ -550,6 +550,12 @@ def test_a_conversation_s_own_system_turn_begins_its_training_data(tiny_recipe, 
     assert all("Answer in French." in t and "pirate" not in t and "Be brief." not in t for t in replaced.values())
     plain = target.encode_chat("Tell me about the sea.")
     assert target.tokenizer.decode(plain) in own[1]  # (no system turn of its own: the template's default)
+    # The same user turns after another system turn are another conversation: not a held-out duplicate.
+    from redraft_cli.distill.pipeline import _held_out_in_training
+    from redraft_cli.prompts import Conversation
+
+    assert _held_out_in_training([Conversation(["Hi"], "A"), Conversation(["Hi"], "B"), ["Hi"]], 1) == 0
+    assert _held_out_in_training([Conversation(["Hi"], "A"), ["Yo"], Conversation(["Hi"], "A")], 1) == 1
     # A template that refuses system turns: they are left out, with a note (not a failed run).
     nosys = root / "nosys-own.jinja"
     nosys.write_text("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
@@ -986,5 +992,6 @@ def test_conversations_left_out_for_their_length_are_noted(tiny_recipe, tmp_path
     r = runner.invoke(app, ["distill", str(recipe), "--data", str(prompts), "--out", str(tmp_path / "o"),
                             "--epochs", "1", "--no-bench"])
     flat = " ".join(r.output.split())
-    assert r.exit_code == 0 and "note: 1 conversation(s) left out: a prompt does not fit in" in flat, flat
+    assert r.exit_code == 0 and "note: 1 conversation(s) left out: a prompt (chat template and system turn " \
+                                "included) does not fit in" in flat, flat
     assert "cut short" not in flat

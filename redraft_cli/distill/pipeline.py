@@ -362,7 +362,8 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
 
     # 1. Data: the target's own answers, held-out conversations first.
     gen_cfg = GenerationConfig(max_new_tokens=d.max_new_tokens, batch_size=d.gen_batch_size, temperature=d.temperature,
-                               top_p=d.top_p, seed=d.seed, shard_size=d.shard_size, system=d.system,
+                               # ("" is the template's default, as None: the same data, one folder)
+                               top_p=d.top_p, seed=d.seed, shard_size=d.shard_size, system=d.system or None,
                                max_prompt_tokens=d.max_prompt_tokens,
                                # (data rendered through another template is other data: its own cache folder)
                                chat_template=None if recipe.target.chat_template is None else
@@ -399,8 +400,8 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
                                               (totals.get("truncated", 0) - later,
                                                "conversation(s) cut short at a later turn")) if n > 0]
         if lost:  # (said, not silently fewer)
-            emit({"event": "note", "text": f"{' and '.join(lost)}: a prompt does not fit in {prompt_room} tokens "
-                                           f"(data.max_prompt_tokens {d.max_prompt_tokens}; {target.name}'s "
+            emit({"event": "note", "text": f"{' and '.join(lost)}: a prompt (chat template and system turn "
+                                           f"included) does not fit in {prompt_room} tokens (data.max_prompt_tokens {d.max_prompt_tokens}; {target.name}'s "
                                            f"context of {context} less data.max_new_tokens {d.max_new_tokens})"})
         held = [e for e in examples if e["conv_index"] < d.held_out]
         train_set = [e for e in examples if e["conv_index"] >= d.held_out]
@@ -526,8 +527,11 @@ def _left_by_a_run(path: Path) -> bool:
 
 def _held_out_in_training(convs: list[list[str]], held_out: int) -> int:
     """How many of the first `held_out` conversations (kept out for evaluation) recur among the training ones."""
-    training = {tuple(c) for c in convs[held_out:]}
-    return sum(tuple(c) in training for c in convs[:held_out])
+    def key(c: list[str]) -> tuple:  # (the same user turns after another system turn are another conversation)
+        return getattr(c, "system", None), tuple(c)
+
+    training = {key(c) for c in convs[held_out:]}
+    return sum(key(c) in training for c in convs[:held_out])
 
 
 def _check_seq_len(train_set: list[dict], max_seq_len: int, train_tokens: int, emit: EventFn) -> None:
