@@ -3,7 +3,7 @@
 Formats (detected from content, not only the extension):
 - JSONL, one object a line, with `turns` (MT-Bench: the first turn is used),
   `prompt`, `text`, `instruction` (with its Alpaca `input` or Dolly `context`
-  after a blank line), `question`, or ShareGPT `conversations`
+  after a blank line), `question`, `input`, `content`, or ShareGPT `conversations`
   (`from`/`value`) or OpenAI `messages` (`role`/`content`, where `content` may
   also be a list of text parts, joined with newlines);
 - a JSON file holding a list of such objects or of strings (ShareGPT dumps);
@@ -187,6 +187,11 @@ def _from_record(rec: Any) -> list[str] | None:
     for key in ("conversations", "messages"):
         if key in rec:
             return _conversation(rec[key], key)
+    role_key = "role" if "role" in rec else "from" if "from" in rec else None
+    if role_key and isinstance(rec[role_key], str) and rec[role_key].strip().lower() in HUMAN_ROLES + OTHER_ROLES:
+        # (a file of one message a line: its system and assistant messages would each have been a prompt)
+        raise ValueError(f"is one message ('{role_key}' {rec[role_key]!r}), not a prompt: put a conversation's "
+                         f"messages in one record's 'messages' (or 'conversations') list")
     for key in TEXT_KEYS:
         if key in rec:
             if not isinstance(rec[key], str):

@@ -402,3 +402,16 @@ def test_a_prompt_s_own_system_turn_is_read_when_asked_for(tmp_path):
     table.write_text("prompt,system,system\nhi,a,b\n")
     with pytest.raises(PromptError, match="names the column 'system' twice; which one holds the system prompts"):
         load_prompts(table, systems=[])
+
+
+def test_a_file_of_one_message_a_line_is_an_error_not_prompts(tmp_path):
+    """Battery 29: a JSONL of bare messages ({"role": ..., "content": ...} a line) made every message, the system
+    and assistant ones too, a prompt through its `content`; it is an error naming the record."""
+    path = tmp_path / "flat.jsonl"
+    path.write_text(json.dumps({"role": "system", "content": "Be brief."}) + "\n"
+                    + json.dumps({"role": "user", "content": "Hi"}) + "\n")
+    with pytest.raises(PromptError, match=r"flat.jsonl:1: record is one message \('role' 'system'\), not a prompt: "
+                                          r"put a conversation's messages in one record's 'messages'"):
+        load_prompts(path)
+    path.write_text(json.dumps({"from": "alice", "text": "Hello there"}) + "\n")  # (a role it does not know: metadata)
+    assert load_prompts(path) == ["Hello there"]

@@ -34,7 +34,7 @@ Seed = Annotated[int, typer.Option(help="Seed for sampling and for --drafter ran
 MaxNewTokens = Annotated[int, typer.Option(help="Tokens to generate per prompt.")]
 Epsilon = Annotated[float, typer.Option(help="Typical acceptance: epsilon.")]
 Delta = Annotated[float, typer.Option(help="Typical acceptance: delta.")]
-PromptsFile = Annotated[Optional[Path], typer.Option("--prompts", help="JSONL (turns/prompt/text), ShareGPT JSON, CSV/TSV with a prompt column, or text lines; default: built-in chat prompts.")]
+PromptsFile = Annotated[Optional[Path], typer.Option("--prompts", help="JSONL (turns/prompt/text/messages), ShareGPT JSON, CSV/TSV with a prompt column, or text lines; - reads standard input; a prompt's own system turn goes with it; default: built-in chat prompts.")]
 NumPrompts = Annotated[int, typer.Option(help="How many prompts to use.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Rows decoded at once on every path: continuous batching, a finished row's slot goes to the next prompt (HF generate: groups of B).")]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", callback=report_to_stdout, help="Write the results as one JSON object to this file ('-': to standard output; the tables then go to standard error).")]
