@@ -524,7 +524,8 @@ def test_a_conversation_s_own_system_turn_begins_its_training_data(tiny_recipe, 
 
     root, recipe = tiny_recipe
     monkeypatch.setenv("REDRAFT_CACHE", str(root / "cache-own-system"))
-    data = root / "own-system.jsonl"
+    data = root / "[own]" / "own-system.jsonl"  # (a path that reads as Rich markup: the notes print it as it is)
+    data.parent.mkdir()
     data.write_text("\n".join(json.dumps(r) for r in [
         {"messages": [{"role": "system", "content": "Speak like a pirate."}, {"role": "user", "content": "Hi there."},
                       {"role": "assistant", "content": "x"}, {"role": "user", "content": "And then?"}]},

@@ -447,7 +447,7 @@ def encode_prompts(loaded: Loaded, texts: list[str], own: list[str | None], syst
     target = loaded.target
     n, mine = len(texts), sum(s is not None for s in own)
     where = "from standard input" if is_dash(source) else f"in {source}"
-    turns = f"system turn{'' if mine == 1 else 's'} of {mine} of {counted(n, 'prompt')} {where}"
+    turns = f"system turn{'' if mine == 1 else 's'} of {mine} of {counted(n, 'prompt')} {escape(where)}"
     sent = resolve_system(loaded, system, templated=not no_chat_template,
                           drafter_note=not (mine and system is None and not no_chat_template))
     systems = [sent] * n
@@ -477,7 +477,7 @@ def encode_prompts(loaded: Loaded, texts: list[str], own: list[str | None], syst
         rest = n - mine
         others = "the chat template's default" if sent.text is None else (
             f"the system prompt the drafter was distilled with ({escape(repr(_clipped(sent.text)))})")
-        err.print(f"note: {mine} of {counted(n, 'prompt')} {where} send{'s' if mine == 1 else ''} "
+        err.print(f"note: {mine} of {counted(n, 'prompt')} {escape(where)} send{'s' if mine == 1 else ''} "
                   f"{'its' if mine == 1 else 'their'} own system turn"
                   + (f"; the other {rest} send{'s' if rest == 1 else ''} {others}" if rest else "")
                   + " (--system overrides)")

@@ -123,11 +123,11 @@ def distill(
         return
     m = result.metrics
     if m.get("data_only"):
-        console.print(f"data ready in {m['data_dir']}: the same command without --data-only trains on it "
+        console.print(f"data ready in {escape(str(m['data_dir']))}: the same command without --data-only trains on it "
                       f"(accelerate launch -m redraft_cli distill ... for several GPUs)")
     else:
         console.print(_summary(m))
-        console.print(f"drafter written to {result.out} (load it with --drafter {result.out})")
+        console.print(f"drafter written to {escape(str(result.out))} (load it with --drafter {escape(str(result.out))})")
     if json_path is not None:
         write_report(json_path, json.dumps(m, indent=2) + "\n")
 
@@ -208,9 +208,9 @@ class _DistillView:
         elif kind == "bench_start":
             self.phase = ("bench", "")
         if kind == "load":
-            err.print(f"loading target {e['model']} ...")
+            err.print(f"loading target {escape(str(e['model']))} ...")
         elif kind == "note":
-            err.print(f"note: {e['text']}")
+            err.print(f"note: {escape(e['text'])}")  # (a path or a prompt's text may hold '[...]')
         elif kind == "data":
             which = e.get("set", "greedy")
             label = "self-distillation data" if which == "greedy" else which
@@ -227,18 +227,18 @@ class _DistillView:
             self._log("hidden", e["done"], 256, f"hidden states: {e['done']}/{e['total']} conversations")
         elif kind == "data_partial":
             err.print(f"[yellow]note:[/] training on the data generated so far ({e['done']} of {e['total']} "
-                      f"conversations in {e['dir']}); a run without --no-generate resumes generating the rest")
+                      f"conversations in {escape(str(e['dir']))}); a run without --no-generate resumes generating the rest")
         elif kind == "data_done":
             sampled = "".join(f" (+{e[k]} {what})" for k, what in (("sampled", "sampled answers"),
                                                                   ("written", "prompts the target wrote")) if e.get(k))
             err.print(f"data: {e['train']} training{sampled} and {e['held_out']} held-out conversations, "
                       f"{e['train_tokens']:,} target tokens to learn")
         elif kind == "datastore":
-            err.print(f"datastore: the {e['tokens']:,} answer tokens of the training data, saved to {e['path']}")
+            err.print(f"datastore: the {e['tokens']:,} answer tokens of the training data, saved to {escape(str(e['path']))}")
         elif kind == "draft_vocab":
             err.print(f"draft vocabulary: {e['size']} tokens cover {e['coverage']:.1%} of the target's tokens")
         elif kind == "init_from":
-            err.print(f"starting from the drafter in {e['path']}")
+            err.print(f"starting from the drafter in {escape(str(e['path']))}")
         elif kind == "freeze":
             err.print(f"training only what it lacked: {e['trainable']:,} parameters")
         elif kind == "start":
