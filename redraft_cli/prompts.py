@@ -68,6 +68,11 @@ class Conversation(list):
         return f"Conversation({list(self)!r}, system={self.system!r})"
 
 
+def without_systems(conversations: list[list[str]]) -> list[list[str]]:
+    """The conversations with their own system turns left out (plain lists of user turns)."""
+    return [list(c) if isinstance(c, Conversation) else c for c in conversations]
+
+
 def _kind(value: Any) -> str:
     """The type of a JSON value, as an error message names it: int, str, list, dict, null..."""
     return "null" if value is None else type(value).__name__

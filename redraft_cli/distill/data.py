@@ -102,9 +102,7 @@ class _Chat:
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """Template text ready for the assistant turn (the same text Target.encode_chat tokenises)."""
-        if self.system and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.system}, *messages]
-        return render_chat(self.tok, messages)
+        return render_chat(self.tok, self._with_system(messages))
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"]) if text else []
@@ -113,9 +111,13 @@ class _Chat:
         """Token ids of the conversation ready for the assistant turn, as Target.encode_chat makes them:
         a control token's string inside a message ('<|im_end|>') stays text. BadInputError when the
         template changes such a message's text (chat_templates.encode_messages)."""
+        return encode_messages(self.tok, self._with_system(messages))
+
+    def _with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The messages after the run's system turn (data.system), unless they begin with their own."""
         if self.system and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.system}, *messages]
-        return encode_messages(self.tok, messages)
+            return [{"role": "system", "content": self.system}, *messages]
+        return messages
 
     def next_prompt(self, prev_text: str, prev_ids: list[int], response: list[int],
                     messages: list[dict[str, str]]) -> tuple[str, list[int], bool]:

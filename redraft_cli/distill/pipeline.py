@@ -33,7 +33,7 @@ from ..chat_templates import SYSTEM_REFUSED, apply_chat_template, refuses_system
 from ..datastore import DATASTORE_NAME, Datastore
 from ..drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter, DrafterConfig, made_for_another, write_beam_shape
 from ..errors import BadInputError, ChatTemplateError, ModelLoadError, PromptError
-from ..prompts import Conversation, builtin_conversations, load_conversations
+from ..prompts import Conversation, builtin_conversations, load_conversations, without_systems
 from ..files import atomic_write, remove_temporaries, writable_dir
 from ..files import cache_dir
 from ..loading import TargetSpec, _hub_reachable, load_target, resolve_device
@@ -257,7 +257,7 @@ def _checked(recipe: Recipe, out: Path, resume: bool, emit: EventFn, data_dir: P
     if mine := sum(isinstance(c, Conversation) for c in convs):
         turns = f"system turn{'' if mine == 1 else 's'} of {mine} of {len(convs)} conversations in {d.source}"
         if d.system:  # (as --system in bench: one for all)
-            convs = [list(c) if isinstance(c, Conversation) else c for c in convs]
+            convs = without_systems(convs)
             emit({"event": "note", "text": f"data.system (--system) replaces the {turns}"})
         else:
             rest = len(convs) - mine
@@ -323,7 +323,7 @@ def _distill(recipe: Recipe, out: Path, convs: list[list[str]], resume: bool, em
         raise BadInputError(f"{SYSTEM_REFUSED}: data.system (--system) cannot be sent; leave it out, or give a "
                             f"target.chat_template (--chat-template) that takes one")
     if (mine := sum(isinstance(c, Conversation) for c in convs)) and refuses_system(target):
-        convs = [list(c) if isinstance(c, Conversation) else c for c in convs]
+        convs = without_systems(convs)
         emit({"event": "note", "text": f"the system turn{'' if mine == 1 else 's'} of {mine} of {len(convs)} "
                                        f"conversations in {recipe.data.source} {'is' if mine == 1 else 'are'} left "
                                        f"out: {SYSTEM_REFUSED}"})
