@@ -16,6 +16,11 @@ and ReDrafter with continuous batching (a finished row's slot goes to the next
 prompt at once), their passes interleaved one for one (`BatchRun`: each counts
 only its own passes), then HF generate in left-padded groups of B (it cannot
 refill a row). tokens/s counts all rows, and tokens per step stays per row.
+
+Multi-turn prompts (`Dialogue`, MT-Bench's protocol): turn k is asked after the path's own answer to
+turn k - 1, so every path decodes the conversation it made; at batch size 1 a dialogue's turns run one
+after another, at B > 1 every prompt's turn k runs before any turn k + 1. The totals cover every
+answer, and `by_turn` splits them by turn.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from .decode import BatchGeneration, BatchRun, DecodeConfig, Generator, check_datastore
+from .dialogue import Dialogue
 from .errors import BadInputError, check_field_types
 
 ProgressFn = Callable[[int, int, str], None]
@@ -199,69 +205,127 @@ def check_run(what: str, gen: Any, prompts: Any, cfg: Any, kind: type, **callbac
     check_datastore(gen.drafter, cfg.decode.datastore_beams)
 
 
-def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Time plain, ReDrafter (and HF generate) on the tokenised prompts.
+def run_bench(gen: Generator, prompts: list[list[int] | Dialogue], cfg: BenchConfig,
+              progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Time plain, ReDrafter (and HF generate) on the prompts.
 
-    At batch size 1 the paths alternate prompt by prompt; at B > 1 each path decodes
-    all prompts through B slots (see the module docstring). Returns the JSON-ready
-    result (see the CLI's --json); per-prompt rows under `per_prompt`.
+    A prompt is token ids (one turn) or a `Dialogue` (dialogue.py), whose user turns are answered in
+    order, each path from its own earlier answers (MT-Bench's protocol). At batch size 1 the paths
+    alternate answer by answer; at B > 1 each path decodes every prompt's turn k through B slots, turn
+    by turn (see the module docstring). A later turn whose prompt does not fit the context, or that
+    the chat template cannot render, is left out with the rest of its dialogue (`turns_dropped`).
+    Returns the JSON-ready result (see the CLI's --json); one row per answer under `per_prompt`.
     """
     check_run("run_bench", gen, prompts, cfg, BenchConfig, progress=progress)
     d = cfg.decode
-    B = min(cfg.batch_size, len(prompts))  # (a batch larger than the prompts runs as many rows as prompts)
+    n = len(prompts)
+    B = min(cfg.batch_size, n)  # (a batch larger than the prompts runs as many rows as prompts)
     paths = ["plain", "redraft"] + (["hf"] if cfg.hf_baseline else [])
-    groups = [[p] for p in prompts] if B == 1 else [prompts]
-    tick = Ticker(len(prompts) * len(paths) + (len(paths) if cfg.warmup else 0), progress)
+    sizes = [len(p) if isinstance(p, Dialogue) else 1 for p in prompts]  # turns per prompt
+    tick = Ticker(sum(sizes) * len(paths) + (len(paths) if cfg.warmup else 0), progress)
+    answers: list[dict[str, list[list[int]]]] = [{path: [] for path in paths} for _ in prompts]
+    stopped: set[int] = set()  # prompts whose later turns were left out
+    dropped: list[dict[str, Any]] = []
+
+    def prompt_for(i: int, path: str) -> list[int]:
+        p = prompts[i]
+        return p.prompt(gen.target, answers[i][path]) if isinstance(p, Dialogue) else p
+
+    def groups_for(k: int, members: list[int]) -> tuple[dict[str, list[list[int]]], list[int]]:
+        """Each path's prompts of turn k for `members`, and the members kept: a later turn that cannot be
+        encoded or does not fit the context is left out (turn 1's errors are the caller's)."""
+        groups: dict[str, list[list[int]]] = {path: [] for path in paths}
+        kept = []
+        for i in members:
+            try:
+                ids = {path: prompt_for(i, path) for path in paths}
+                if k > 0:
+                    for p in ids.values():
+                        gen.target.check_prompt(p)
+            except BadInputError as exc:
+                if k == 0:
+                    raise
+                stopped.add(i)
+                dropped.append({"prompt": i + 1, "turn": k + 1, "why": str(exc)})
+                for _ in range((sizes[i] - k) * len(paths)):
+                    tick(f"prompt {i + 1}/{n}: turn {k + 1} left out")
+                continue
+            kept.append(i)
+            for path in paths:
+                groups[path].append(ids[path])
+        return groups, kept
+
+    def units():  # (turn, prompts) in the order they run: a dialogue's turns one after another
+        if B == 1:
+            for i in range(n):
+                for k in range(sizes[i]):
+                    if i not in stopped:
+                        yield k, [i]
+        else:
+            for k in range(max(sizes)):
+                yield k, [i for i in range(n) if k < sizes[i] and i not in stopped]
+
     if cfg.warmup:
-        warm_up(gen, prompts[:B], d, paths, tick)
+        warm_up(gen, [prompt_for(i, "plain") for i in range(B)], d, paths, tick)
 
     base, hf, red = PathTotals(), PathTotals(), RedraftTotals()
-    identical = 0
-    rows = []
+    by_turn: dict[int, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
     interrupted = False
-    for i, group in enumerate(groups):
-        order = paths if i % 2 == 0 else list(reversed(paths))
-        outputs: dict[str, list[list[int]]] = {}
-        finished = range(len(group))  # the rows of `group` every path finished
+    for u, (k, members) in enumerate(units()):
+        groups, members = groups_for(k, members)
+        if not members:
+            continue
+        order = paths if u % 2 == 0 else list(reversed(paths))
+        finished = range(len(members))  # the rows of the group every path finished
         try:
             if B == 1:
-                runs = _run_paths(gen, order, group, d, B, tick, f"prompt {i + 1}/{len(prompts)}")
+                label = f"prompt {members[0] + 1}/{n}" + (f" turn {k + 1}" if sizes[members[0]] > 1 else "")
+                runs = _run_paths(gen, order, groups, d, B, tick, label)
             else:
-                runs, finished = _run_interleaved(gen, group, d, B, tick)
-                if len(finished) < len(group):  # Ctrl-C: the rows both paths finished, at the throughput so far
+                runs, finished = _run_interleaved(gen, groups, d, B, tick)
+                if len(finished) < len(members):  # Ctrl-C: the rows both paths finished, at the throughput so far
                     interrupted, paths = True, [p for p in paths if p != "hf"]
                     if not finished:
                         raise KeyboardInterrupt
                 elif "hf" in order:
                     try:
-                        runs += _run_paths(gen, ["hf"], group, d, B, tick, f"{B} slots")
+                        runs += _run_paths(gen, ["hf"], groups, d, B, tick, f"{B} slots")
                     except KeyboardInterrupt:  # the two paths' result stands, without the HF baseline
                         interrupted, paths = True, [p for p in paths if p != "hf"]
-        except KeyboardInterrupt:  # Ctrl-C: the prompts whose paths all finished are the result
+        except KeyboardInterrupt:  # Ctrl-C: the answers every path finished are the result
             if not rows:
                 raise
             interrupted = True
             break
+        turn = by_turn.setdefault(k, {"baseline": PathTotals(), "hf": PathTotals(), "redraft": RedraftTotals(),
+                                      "identical": 0, "answers": 0})
+        outputs: dict[str, list[list[int]]] = {}
         for path, tokens, seconds, generation in runs:
             outputs[path] = tokens
-            if path == "plain":
-                base.tokens += sum(map(len, tokens))
-                base.seconds += seconds
-            elif path == "hf":
-                hf.tokens += sum(map(len, tokens))
-                hf.seconds += seconds
-            else:
+            if path == "redraft":
                 red.add(generation)
+                turn["redraft"].add(generation)
                 red_rows = generation.rows
+            else:
+                for totals in ((base, turn["baseline"]) if path == "plain" else (hf, turn["hf"])):
+                    totals.tokens += sum(map(len, tokens))
+                    totals.seconds += seconds
         for r in finished:
-            ids, plain, fast, row = group[r], outputs["plain"][r], outputs["redraft"][r], red_rows[r]
-            identical += plain == fast
+            i, plain, fast, row = members[r], outputs["plain"][r], outputs["redraft"][r], red_rows[r]
             steps = row.decode_steps
-            rows.append({"prompt_tokens": len(ids), "plain_tokens": len(plain), "redraft_tokens": len(fast),
+            turn["answers"] += 1
+            turn["identical"] += plain == fast
+            rows.append({"prompt": i + 1, "turn": k + 1, "prompt_tokens": len(groups["redraft"][r]),
+                         "plain_tokens": len(plain), "redraft_tokens": len(fast),
                          "tokens_per_step": round(sum(len(s.tokens) for s in steps) / len(steps), 4) if steps else None,
                          "identical": plain == fast if d.rule == "greedy" else None,  # (sampling: not compared)
                          "plain_digest": output_digest(plain),
                          "redraft_digest": output_digest(fast)})
+            for path, tokens in outputs.items():
+                answers[i][path].append(tokens[r])
+        if interrupted:
+            break
 
     greedy = d.rule == "greedy"
     result: dict[str, Any] = {
@@ -277,23 +341,32 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
         "datastore_beams": d.datastore_beams,
         "tree_nodes": d.tree_nodes,
         "batch_size": B,
-        "num_prompts": len(rows),
+        "num_prompts": len({r["prompt"] for r in rows}),
+        "num_answers": len(rows),
         "max_new_tokens": d.max_new_tokens,
         "baseline": base.to_dict(),
         "redraft": red.to_dict(d.beam_length),
-        "speedup": round(red.tokens_per_s / base.tokens_per_s, 4) if base.tokens_per_s else None,
-        "identical_outputs": identical if greedy else None,
+        "speedup": _ratio(red, base),
+        "identical_outputs": sum(t["identical"] for t in by_turn.values()) if greedy else None,
         "batch_invariant": gen.target.batch_invariant,  # exact greedy identity by construction (lean_llama.py)
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "per_prompt": rows,
     }
+    if max(sizes) > 1:  # multi-turn: each turn's own figures (turn 2 on answers the model wrote)
+        result["turns"] = max(sizes)
+        result["by_turn"] = [{"turn": k + 1, "answers": t["answers"],
+                              "tokens_per_step": t["redraft"].to_dict(d.beam_length)["tokens_per_step"],
+                              "speedup": _ratio(t["redraft"], t["baseline"]),
+                              "identical_outputs": t["identical"] if greedy else None}
+                             for k, t in sorted(by_turn.items())]
+        result["turns_dropped"] = dropped
     if d.rule == "typical":
         result.update(typical_epsilon=d.typical_epsilon, typical_delta=d.typical_delta)
     if interrupted:
-        result.update(interrupted=True, prompts_asked=len(prompts))
+        result.update(interrupted=True, prompts_asked=n, answers_asked=sum(sizes))
     if "hf" in paths:
         result["baseline_hf"] = hf.to_dict()
-        result["speedup_vs_hf"] = round(red.tokens_per_s / hf.tokens_per_s, 4) if hf.tokens_per_s else None
+        result["speedup_vs_hf"] = _ratio(red, hf)
     graphs, drafts = gen.target.graphs, getattr(gen.proposer, "graphs", None)
     if graphs is not None or drafts is not None:  # CUDA graphs of the lean pass and the beam search (cuda_graphs.py)
         result["cuda_graphs"] = {
@@ -304,6 +377,11 @@ def run_bench(gen: Generator, prompts: list[list[int]], cfg: BenchConfig, progre
     if torch.cuda.is_available():
         result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return result
+
+
+def _ratio(fast: PathTotals, slow: PathTotals) -> float | None:
+    """tokens/s of `fast` over `slow` (None when `slow` has none)."""
+    return round(fast.tokens_per_s / slow.tokens_per_s, 4) if slow.tokens_per_s else None
 
 
 def warm_up(gen: Generator, group: list[list[int]], d: DecodeConfig, paths: list[str],
@@ -318,21 +396,21 @@ def warm_up(gen: Generator, group: list[list[int]], d: DecodeConfig, paths: list
             tick(f"warm-up {path}")
 
 
-def _run_paths(gen: Generator, paths: list[str], group: list[list[int]], d: DecodeConfig, slots: int,
+def _run_paths(gen: Generator, paths: list[str], groups: dict[str, list[list[int]]], d: DecodeConfig, slots: int,
                tick: Callable[[str], None], label: str) -> list[tuple[str, list[list[int]], float, BatchGeneration | None]]:
-    """Each path in turn on `group`; (path, tokens, seconds, generation) per path."""
-    return [(path, *_run_path(gen, path, group, d, slots, lambda *_, text=f"{label} {path}": tick(text)))
+    """Each path in turn on its group (`groups[path]`); (path, tokens, seconds, generation) per path."""
+    return [(path, *_run_path(gen, path, groups[path], d, slots, lambda *_, text=f"{label} {path}": tick(text)))
             for path in paths]
 
 
-def _run_interleaved(gen: Generator, group: list[list[int]], d: DecodeConfig, slots: int,
+def _run_interleaved(gen: Generator, groups: dict[str, list[list[int]]], d: DecodeConfig, slots: int,
                      tick: Callable[[str], None]
                      ) -> tuple[list[tuple[str, list[list[int]], float, BatchGeneration]], list[int]]:
-    """Plain and ReDrafter on `group` through `slots` rows each, one pass of one, then one of the
-    other (the one left runs alone at the end); each counts only its own passes' seconds.
-    Returns the runs and the rows both finished: all of them, or after a Ctrl-C those that had
-    (the runs then hold every token decoded so far, and the seconds of the passes so far)."""
-    runs = {path: BatchRun(Generator(gen.target) if path == "plain" else gen, group, d, path, slots,
+    """Plain and ReDrafter, each on its group (`groups[path]`, as many rows each) through `slots` rows, one
+    pass of one, then one of the other (the one left runs alone at the end); each counts only its own
+    passes' seconds. Returns the runs and the rows both finished: all of them, or after a Ctrl-C those
+    that had (the runs then hold every token decoded so far, and the seconds of the passes so far)."""
+    runs = {path: BatchRun(Generator(gen.target) if path == "plain" else gen, groups[path], d, path, slots,
                            lambda *_, path=path: tick(f"{path}, {slots} slots, passes interleaved"))
             for path in ("plain", "redraft")}
     try:
@@ -341,7 +419,7 @@ def _run_interleaved(gen: Generator, group: list[list[int]], d: DecodeConfig, sl
     except KeyboardInterrupt:
         pass
     results = {path: run.result() for path, run in runs.items()}
-    finished = [r for r in range(len(group))
+    finished = [r for r in range(len(groups["plain"]))
                 if all(g.rows[r].steps and g.rows[r].steps[-1].finished for g in results.values())]
     return [(path, g.tokens, g.seconds, g) for path, g in results.items()], finished
 

@@ -432,18 +432,25 @@ def _table_records(p: str, suffix: str, raw: str, skipped: list[str] | None = No
     return rows
 
 
+def load_prompt_conversations(path: str | Path | None = None, limit: int | None = None,
+                              systems: list[str | None] | None = None) -> list[list[str]]:
+    """The user turns of each prompt in `path` (the first `limit`), or of the built-in benchmark set when
+    path is None; a `systems` list receives each one's system turn (None where it has none; the built-in
+    set has none)."""
+    if limit is not None and limit < 1:
+        raise PromptError(f"--num-prompts must be >= 1, got {limit}")
+    found: list[str | None] | None = None if systems is None else []
+    convs = (load_conversations(path, systems=found) if path is not None else builtin_conversations("bench"))[:limit]
+    if systems is not None:
+        systems.extend((found or [None] * len(convs))[: len(convs)])
+    return convs
+
+
 def load_prompts(path: str | Path | None = None, limit: int | None = None,
                  systems: list[str | None] | None = None) -> list[str]:
     """First user turns from `path`, or the built-in benchmark set when path is None; a `systems` list
     receives each prompt's system turn (None where it has none; the built-in set has none)."""
-    if limit is not None and limit < 1:
-        raise PromptError(f"--num-prompts must be >= 1, got {limit}")
-    found: list[str | None] | None = None if systems is None else []
-    convs = load_conversations(path, systems=found) if path is not None else builtin_conversations("bench")
-    prompts = [c[0] for c in convs][:limit]
-    if systems is not None:
-        systems.extend((found or [None] * len(convs))[: len(prompts)])
-    return prompts
+    return [c[0] for c in load_prompt_conversations(path, limit, systems)]
 
 
 def builtin_conversations(name: str = "bench") -> list[list[str]]:

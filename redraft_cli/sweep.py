@@ -30,6 +30,7 @@ from typing import Any, Callable
 from .beam_search import check_beam_shape
 from .bench import BenchConfig, PathTotals, Ticker, check_run, peak_rss_mb, run_bench, warm_up
 from .decode import DecodeConfig, Generator
+from .dialogue import Dialogue
 from .drafter import write_beam_shape
 from .errors import BadInputError, BeamShapeError, check_field_types
 from .files import write_text
@@ -44,9 +45,10 @@ CELL_FIELDS = (
     "baseline_tokens", "baseline_seconds", "baseline_tokens_per_s",
     "speedup",
     "draft_share", "verify_share", "accept_share",
-    "identical_outputs",
+    "identical_outputs", "answers",
 )
-_INT_FIELDS = {"beam_width", "beam_length", "tree_nodes", "tokens", "steps", "baseline_tokens", "identical_outputs"}
+_INT_FIELDS = {"beam_width", "beam_length", "tree_nodes", "tokens", "steps", "baseline_tokens", "identical_outputs",
+               "answers"}
 
 ProgressFn = Callable[[int, int, str], None]
 CellFn = Callable[[dict[str, Any]], None]
@@ -158,6 +160,7 @@ def cell_from_bench(r: dict[str, Any]) -> dict[str, Any]:
         "verify_share": red["verify_share"],
         "accept_share": red["accept_share"],
         "identical_outputs": r["identical_outputs"],
+        "answers": r["num_answers"],  # (more than the prompts with --turns: one per turn answered)
     }
     assert tuple(cell) == CELL_FIELDS
     return cell
@@ -187,24 +190,26 @@ def pooled_baseline(cells: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run_sweep(gen: Generator, prompts: list[list[int]], cfg: SweepConfig,
+def run_sweep(gen: Generator, prompts: list[list[int] | Dialogue], cfg: SweepConfig,
               progress: ProgressFn | None = None, on_cell: CellFn | None = None) -> dict[str, Any]:
     """Measure every cell of the grid on the same tokenised prompts; returns the JSON-ready result.
 
     progress(done, total, label) is called after every timed (or warm-up) generation;
-    on_cell(cell) after every finished cell, in run order.
+    on_cell(cell) after every finished cell, in run order. A prompt may be a Dialogue (dialogue.py):
+    each cell then answers its turns as bench does.
     """
     check_run("run_sweep", gen, prompts, cfg, SweepConfig, progress=progress, on_cell=on_cell)
     d = cfg.decode
     if gen.drafter is not None:
         cfg.check(gen.drafter.draft_vocab_size)
     shapes = cfg.shapes
-    per_cell = 2 * len(prompts)
+    per_cell = 2 * sum(len(p) if isinstance(p, Dialogue) else 1 for p in prompts)  # answers x 2 paths
     tick = Ticker(len(shapes) * per_cell + (2 if cfg.warmup else 0), progress)
     start = time.perf_counter()
     if cfg.warmup:
         largest = replace(d, beam_width=max(cfg.beam_widths), beam_length=max(cfg.beam_lengths), tree_nodes=0)
-        warm_up(gen, prompts[: cfg.batch_size], largest, ["plain", "redraft"], tick)
+        firsts = [p.prompt(gen.target, []) if isinstance(p, Dialogue) else p for p in prompts[: cfg.batch_size]]
+        warm_up(gen, firsts, largest, ["plain", "redraft"], tick)
 
     cells: list[dict[str, Any]] = []
     for k, (w, length, n) in enumerate(shapes):

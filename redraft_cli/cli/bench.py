@@ -6,6 +6,7 @@ import json
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from ..bench import BenchConfig, run_bench
@@ -13,7 +14,7 @@ from ..decode import Generator
 from ..errors import BadInputError
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, note_no_warmup, check_system, encode_prompts, model_inputs, check_batch_size, fit_batch_size, check_output_paths, console, stdout_open, decode_config, err, load_models, read_prompts, beams_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, write_report
+from .common import as_dialogues, counted, parse_turns, read_conversations, note_no_warmup, check_system, encode_prompts, model_inputs, check_batch_size, fit_batch_size, check_output_paths, console, stdout_open, decode_config, err, load_models, beams_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, write_report
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -25,6 +26,7 @@ def bench(
     drafter: o.DrafterOpt = "auto",
     prompts: o.PromptsFile = None,
     num_prompts: o.NumPrompts = NUM_PROMPTS,
+    turns: o.Turns = "1",
     max_new_tokens: o.MaxNewTokens = D["max_new_tokens"],
     temperature: o.Temperature = D["temperature"],
     top_k: o.TopK = D["top_k"],
@@ -60,8 +62,13 @@ def bench(
     check_output_paths({"--json": json_path}, inputs={"--prompts": prompts, **files}, folders=folders)
     check_batch_size(batch_size)
     check_system(system, no_chat_template)
+    max_turns = parse_turns(turns)
+    if max_turns != 1 and no_chat_template:
+        raise BadInputError(f"--turns {turns} asks each later turn after the model's answer, in the chat template's "
+                            f"turns, and --no-chat-template sends raw text: drop one of them")
     own: list[str | None] = []  # each prompt's own system turn
-    texts = read_prompts(prompts, num_prompts, own)
+    convs = read_conversations(prompts, num_prompts, own)
+    texts = [c[0] for c in convs]
     batch_size = fit_batch_size(batch_size, len(texts))
     loaded = load_models(model, drafter, dtype, device, quantize, seed, device_map, chat_template,
                          templated=not no_chat_template)
@@ -70,6 +77,7 @@ def bench(
     if beam_length is not None:
         note_past_training(dr, loaded.drafter_name, [beam_length])
     ids, sent, own_systems = encode_prompts(loaded, texts, own, system, no_chat_template, max_new_tokens, prompts)
+    asked = ids if max_turns == 1 else as_dialogues(convs, own, own_systems, sent, max_turns, prompts)
     note_short_prompt_set(texts, num_prompts, default=NUM_PROMPTS)
     gen = Generator(target, dr)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
@@ -86,12 +94,13 @@ def bench(
                 last[:] = [label, done]
 
         with stop_signals():  # (SIGTERM keeps the finished prompts, as Ctrl-C does)
-            result = run_bench(gen, ids, BenchConfig(cfg, warmup=warmup, hf_baseline=hf_baseline, batch_size=batch_size),
+            result = run_bench(gen, asked, BenchConfig(cfg, warmup=warmup, hf_baseline=hf_baseline, batch_size=batch_size),
                                progress)
     result = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
               "dtype": str(target.compute_dtype).replace("torch.", ""), "quantize": quantize,
               "device_map": device_map, "system": sent.text, "prompt_systems": own_systems, "chat_template": loaded.chat_template,
-              "no_chat_template": no_chat_template, "warmup": warmup, **result}
+              "no_chat_template": no_chat_template, "warmup": warmup,
+              "turns_asked": "all" if max_turns is None else max_turns, **result}
     console.print(render(result))
     if not result["redraft"].get("steps"):
         err.print("note: ReDrafter took no draft step (every answer ended at its first token), so the speedup "
@@ -99,21 +108,27 @@ def bench(
     elif (why := slower_note(result["speedup"], result["redraft"]["tokens_per_step"], batch_size,
                              loaded.drafter_name, graphed=target.graphs is not None,
                              beam_length=cfg.beam_length,
-                             steps_per_answer=result["redraft"]["steps"] / result["num_prompts"])) is not None:
+                             steps_per_answer=result["redraft"]["steps"] / result["num_answers"])) is not None:
         err.print(why)
     graphs = result.get("cuda_graphs") or {}
     if graphs.get("failed"):
         err.print(f"note: CUDA graphs were turned off and the target ran eagerly: {graphs['failed']}")
     if graphs.get("draft_failed"):
         err.print(f"note: CUDA graphs were turned off and the drafter ran eagerly: {graphs['draft_failed']}")
+    for drop in result.get("turns_dropped", [])[:3]:
+        err.print(f"note: prompt {drop['prompt']}'s turn {drop['turn']} was left out, with the turns after it: "
+                  f"{escape(drop['why'])}")
+    if len(result.get("turns_dropped", [])) > 3:
+        err.print(f"note: ... and {len(result['turns_dropped']) - 3} more prompts' later turns (--json lists them)")
     note_no_warmup(warmup)
     if json_path is not None:
         if (written := write_report(json_path, json.dumps(result, indent=2) + "\n")) is not None:
             console.print(f"wrote {written}")
     if result.get("interrupted"):
         batched = result["batch_size"] > 1  # tokens/s: every token the batch decoded before the Ctrl-C
-        err.print(f"{stopped_word()}: the results above cover the {result['num_prompts']} of {result['prompts_asked']} "
-                  f"prompts that finished" + (" (tokens/s: all the batch decoded so far)" if batched else "")
+        done = (f"{result['num_answers']} of {result['answers_asked']} answers" if "turns" in result
+                else f"{result['num_prompts']} of {result['prompts_asked']} prompts")
+        err.print(f"{stopped_word()}: the results above cover the {done} that finished" + (" (tokens/s: all the batch decoded so far)" if batched else "")
                   + (" (written to --json, marked \"interrupted\")" if json_path else ""))
         raise typer.Exit(interrupt_code())
 
@@ -123,7 +138,9 @@ def render(r: dict) -> Table:
     red, base = r["redraft"], r["baseline"]
     title = (f"redraft bench: {r['model']}{precision_label(r)} | drafter {r['drafter']} | "
              f"{r['accept']} T={r['temperature']} | "
-             f"beams {beams_label(r)} | {counted(r['num_prompts'], 'prompt')} x {r['max_new_tokens']} tokens"
+             f"beams {beams_label(r)} | {counted(r['num_prompts'], 'prompt')}"
+             + (f" ({r['num_answers']} answers, up to {r['turns']} turns)" if "turns" in r else "")
+             + f" x {r['max_new_tokens']} tokens"
              + (f" | batch {r['batch_size']}" if r.get("batch_size", 1) > 1 else ""))
     t = Table(title=title, title_justify="left")
     for col in ("path", "tokens", "seconds", "tokens/s", "speedup"):
@@ -144,7 +161,9 @@ def render(r: dict) -> Table:
            if red["passes"] else "-")
         + (f" | {red['steps'] / red['passes']:.1f} busy rows per pass of {r['batch_size']}"
            if r.get("batch_size", 1) > 1 and red["passes"] else "")
-        + (f" | identical outputs {r['identical_outputs']}/{r['num_prompts']}" if r["identical_outputs"] is not None else "")
+        + (f" | identical outputs {r['identical_outputs']}/{r['num_answers']}" if r["identical_outputs"] is not None else "")
+        + (" | tokens/step by turn " + " / ".join(shown(t["tokens_per_step"], ".2f") for t in r["by_turn"])
+           if "by_turn" in r else "")
         + (f" | vs HF {r['speedup_vs_hf']:.2f}x" if r.get("speedup_vs_hf") else "")
         + (" | CUDA graphs" if (r.get("cuda_graphs") or {}).get("target") else "")
     )

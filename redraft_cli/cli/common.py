@@ -20,6 +20,7 @@ from ..chat_templates import NAMED as NAMED_TEMPLATES
 from ..chat_templates import (SYSTEM_REFUSED, apply_chat_template, refuses_system, resolve_template, system_for_drafter,
                               template_for_drafter)
 from ..decode import DecodeConfig, check_datastore
+from ..dialogue import Dialogue
 from ..drafter import Drafter, made_for_another
 from ..entry import startup_done
 from ..env import env_flag
@@ -28,7 +29,7 @@ from ._errors import STDERR
 from ..files import cache_dir, write_text
 from ..lean_llama import lean_supported
 from ..loading import EMBEDDED, TargetSpec, load_target
-from ..prompts import load_prompts
+from ..prompts import load_prompt_conversations
 from ..sampling import SamplingConfig
 from ..shipped import shipped_drafter_dir
 from ..target import Target, not_utf8
@@ -86,9 +87,42 @@ def read_prompts(path: Path | None, limit: int, systems: list[str | None] | None
     """--prompts (a file, '-' for standard input, None for the built-in set) as prompt texts (and into
     `systems`, each one's own system turn or None); at a terminal, '-' first says what it waits for (a
     blank screen looked hung)."""
+    return [c[0] for c in read_conversations(path, limit, systems)]
+
+
+def read_conversations(path: Path | None, limit: int, systems: list[str | None] | None = None) -> list[list[str]]:
+    """read_prompts with every user turn of each prompt (a list of texts per prompt)."""
     if is_dash(path) and sys.stdin is not None and sys.stdin.isatty():
         err.print("reading prompts from standard input, one a line (or JSONL); end with Ctrl-D")
-    return load_prompts(path, limit=limit, systems=systems)
+    return load_prompt_conversations(path, limit=limit, systems=systems)
+
+
+def parse_turns(value: str) -> int | None:
+    """--turns as a number of user turns per prompt: a whole number >= 1, or None for 'all'."""
+    text = str(value).strip().lower()
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise BadInputError(f"--turns takes a whole number >= 1 or 'all', got {value!r}")
+    return int(text)
+
+
+def as_dialogues(convs: list[list[str]], own: list[str | None], mine: int, sent: SystemPrompt,
+                 max_turns: int | None, source: Path | None) -> list[Dialogue]:
+    """Each prompt's first `max_turns` user turns (None: all) as a Dialogue with the system turn its first
+    turn was encoded with (encode_prompts: its own where `mine`, else the run's), and a note of how many
+    answers that makes."""
+    where = "" if source is None else " from standard input" if is_dash(source) else f" in {source}"
+    out = [Dialogue(c[:max_turns], system=s if mine and s is not None else sent.text) for c, s in zip(convs, own)]
+    later = sum(len(d) > 1 for d in out)
+    asked = "all" if max_turns is None else max_turns
+    if not later:
+        err.print(f"note: --turns {asked}, but no prompt{escape(where)} has a second user turn: each answers one")
+    else:
+        err.print(f"note: --turns {asked}: {later} of {counted(len(out), 'prompt')}{escape(where)} go on past their "
+                  f"first turn, {sum(map(len, out))} answers in all; each later turn is asked after the model's own "
+                  f"answer, on every path")
+    return out
 
 
 def counted(n: int, noun: str) -> str:

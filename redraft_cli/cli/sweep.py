@@ -23,7 +23,7 @@ from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, bes
                      run_sweep, save_best as save_best_shape, sweep_result, csv_text)
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import counted, note_no_warmup, check_system, encode_prompts, model_inputs, check_batch_size, fit_batch_size, check_output_paths, Loaded, console, decode_config, err, load_models, read_prompts, lookup_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
+from .common import as_dialogues, parse_turns, read_conversations, counted, note_no_warmup, check_system, encode_prompts, model_inputs, check_batch_size, fit_batch_size, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -46,6 +46,7 @@ def sweep(
     beam_lengths: BeamLengths = ",".join(map(str, DEFAULT_BEAM_LENGTHS)),
     prompts: o.PromptsFile = None,
     num_prompts: o.NumPrompts = NUM_PROMPTS,
+    turns: o.Turns = "1",
     max_new_tokens: o.MaxNewTokens = D["max_new_tokens"],
     temperature: o.Temperature = D["temperature"],
     top_k: o.TopK = D["top_k"],
@@ -98,8 +99,13 @@ def sweep(
     if save_best and max_new_tokens < 2:
         raise BadInputError("--save-best needs --max-new-tokens 2 or more: with 1, ReDrafter takes no draft step, so no "
                             "cell measures its beam shape")
+    max_turns = parse_turns(turns)
+    if max_turns != 1 and no_chat_template:
+        raise BadInputError(f"--turns {turns} asks each later turn after the model's answer, in the chat template's "
+                            f"turns, and --no-chat-template sends raw text: drop one of them")
     own: list[str | None] = []  # each prompt's own system turn
-    texts = read_prompts(prompts, num_prompts, own)
+    convs = read_conversations(prompts, num_prompts, own)
+    texts = [c[0] for c in convs]
     if save_best and batch_size > len(texts):
         raise BadInputError(f"--save-best --batch-size {batch_size} needs at least {batch_size} prompts to measure "
                             f"batches of that size, got {len(texts)} (raise --num-prompts)")
@@ -125,11 +131,14 @@ def sweep(
                                     lookup, lookup_length, datastore, nodes=0, batch_size=batch_size)
     note_past_training(dr, loaded.drafter_name, sorted({length for _, length, _ in cfg.shapes}), "--beam-lengths")
     ids, sent, own_systems = encode_prompts(loaded, texts, own, system, no_chat_template, max_new_tokens, prompts)
+    asked = ids if max_turns == 1 else as_dialogues(convs, own, own_systems, sent, max_turns, prompts)
+    answers = len(ids) if max_turns == 1 else sum(map(len, asked))
     gen = Generator(target, dr)
 
     head = {"model": target.name, "drafter": loaded.drafter_name, "device": str(target.device),
             "dtype": str(target.compute_dtype).replace("torch.", ""), "quantize": quantize, "device_map": device_map,
-            "system": sent.text, "prompt_systems": own_systems, "chat_template": loaded.chat_template, "no_chat_template": no_chat_template}
+            "system": sent.text, "prompt_systems": own_systems, "chat_template": loaded.chat_template, "no_chat_template": no_chat_template,
+            "turns_asked": "all" if max_turns is None else max_turns}
     info = {**head, "accept": accept, "temperature": temperature, "num_prompts": len(ids),
             "max_new_tokens": max_new_tokens, "lookup_beams": cfg.decode.lookup_beams,
             "lookup_length": cfg.decode.lookup_length, "datastore_beams": cfg.decode.datastore_beams,
@@ -160,12 +169,12 @@ def sweep(
 
     note_short_prompt_set(texts, num_prompts, default=NUM_PROMPTS)
     if len(cfg.shapes) > LARGE_GRID:
-        err.print(f"note: {len(cfg.shapes)} cells, {2 * len(cfg.shapes) * len(ids):,} generations; Ctrl-C keeps "
+        err.print(f"note: {len(cfg.shapes)} cells, {2 * len(cfg.shapes) * answers:,} generations; Ctrl-C keeps "
                   f"the finished cells")
     start = time.perf_counter()
     try:
         with stop_signals(), Live(View(), console=err, transient=True, refresh_per_second=4):
-            result = run_sweep(gen, ids, cfg, progress, on_cell=on_cell)
+            result = run_sweep(gen, asked, cfg, progress, on_cell=on_cell)
     except KeyboardInterrupt:
         if not cells:
             raise
@@ -205,7 +214,7 @@ def sweep(
                                                   loaded.drafter_name, subject="the fastest shape tried",
                                                   graphed=loaded.target.graphs is not None, swept=True,
                                                   beam_length=best["beam_length"],
-                                                  steps_per_answer=best["steps"] / result["num_prompts"])):
+                                                  steps_per_answer=best["steps"] / best["answers"])):
         err.print(why)
     note_no_warmup(warmup)
     if unsteady:
@@ -269,7 +278,9 @@ def render(r: dict[str, Any], shapes: list[tuple[int, int, int]], cells: list[di
     copied = lookup_label(r)
     title = (f"redraft sweep: {r['model']}{precision_label(r)} | drafter {r['drafter']} | "
              f"{r['accept']} T={r['temperature']} | "
-             f"{counted(r['num_prompts'], 'prompt')} x {r['max_new_tokens']} tokens"
+             f"{counted(r['num_prompts'], 'prompt')}"
+             + (f" (up to {r['turns_asked']} turns)" if r.get("turns_asked", 1) != 1 else "")
+             + f" x {r['max_new_tokens']} tokens"
              + (f" | {copied.lstrip(' +')}" if copied else "")
              + (f" | batch {r['batch_size']}" if r.get("batch_size", 1) > 1 else ""))
     t = Table(title=title, title_justify="left", caption_justify="left")
@@ -304,7 +315,7 @@ def render(r: dict[str, Any], shapes: list[tuple[int, int, int]], cells: list[di
                          f"{shown(best['tokens_per_step'], '.2f')} tokens/step")
         identical = [c["identical_outputs"] for c in cells]
         if identical and all(v is not None for v in identical):
-            parts.append(f"identical outputs {sum(identical)}/{len(identical) * r['num_prompts']}")
+            parts.append(f"identical outputs {sum(identical)}/{sum(c['answers'] for c in cells)}")
         if r.get("saved_best"):
             parts.append(f"saved to {r['saved_best']}")
         t.caption = " | ".join(parts)
