@@ -83,15 +83,10 @@ def write_report(path: Path | str, text: str) -> str | None:
     return str(write_text(path, text))
 
 
-def read_prompts(path: Path | None, limit: int, systems: list[str | None] | None = None) -> list[str]:
-    """--prompts (a file, '-' for standard input, None for the built-in set) as prompt texts (and into
-    `systems`, each one's own system turn or None); at a terminal, '-' first says what it waits for (a
-    blank screen looked hung)."""
-    return [c[0] for c in read_conversations(path, limit, systems)]
-
-
 def read_conversations(path: Path | None, limit: int, systems: list[str | None] | None = None) -> list[list[str]]:
-    """read_prompts with every user turn of each prompt (a list of texts per prompt)."""
+    """--prompts (a file, '-' for standard input, None for the built-in set) as each prompt's user turns (and
+    into `systems`, each one's own system turn or None); at a terminal, '-' first says what it waits for (a
+    blank screen looked hung)."""
     if is_dash(path) and sys.stdin is not None and sys.stdin.isatty():
         err.print("reading prompts from standard input, one a line (or JSONL); end with Ctrl-D")
     return load_prompt_conversations(path, limit=limit, systems=systems)
