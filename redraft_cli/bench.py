@@ -285,9 +285,9 @@ def run_bench(gen: Generator, prompts: list[list[int] | Dialogue], cfg: BenchCon
             else:
                 runs, finished = _run_interleaved(gen, groups, d, B, tick)
                 if len(finished) < len(members):  # Ctrl-C: the rows both paths finished, at the throughput so far
-                    interrupted, paths = True, [p for p in paths if p != "hf"]
-                    if not finished:
+                    if not finished:  # (nothing of this group counts: HF's totals still match the others')
                         raise KeyboardInterrupt
+                    interrupted, paths = True, [p for p in paths if p != "hf"]  # (HF never ran this group)
                 elif "hf" in order:
                     try:
                         runs += _run_paths(gen, ["hf"], groups, d, B, tick, f"{B} slots")

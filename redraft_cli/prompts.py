@@ -1,7 +1,7 @@
 """Prompt sets: read the common formats, or the project's own built-in sets.
 
 Formats (detected from content, not only the extension):
-- JSONL, one object a line, with `turns` (MT-Bench: the first turn is used),
+- JSONL, one object a line, with `turns` (MT-Bench: the first turn, or all of them with bench --turns),
   `prompt`, `text`, `instruction` (with its Alpaca `input` or Dolly `context`
   after a blank line), `question`, `input`, `content`, or ShareGPT `conversations`
   (`from`/`value`) or OpenAI `messages` (`role`/`content`, where `content` may

@@ -163,6 +163,8 @@ def cell_from_bench(r: dict[str, Any]) -> dict[str, Any]:
         "answers": r["num_answers"],  # (more than the prompts with --turns: one per turn answered)
     }
     assert tuple(cell) == CELL_FIELDS
+    if r.get("turns_dropped"):  # (JSON only: later turns this cell left out, as bench lists them)
+        cell["turns_dropped"] = r["turns_dropped"]
     return cell
 
 
@@ -231,14 +233,25 @@ def run_sweep(gen: Generator, prompts: list[list[int] | Dialogue], cfg: SweepCon
         if on_cell is not None:
             on_cell(cell)
 
-    return sweep_result(cfg, cells, len(prompts), time.perf_counter() - start)
+    return sweep_result(cfg, cells, len(prompts), time.perf_counter() - start, turns=most_turns(prompts))
+
+
+def most_turns(prompts: list[list[int] | Dialogue]) -> int:
+    """The most user turns any prompt has (1 for token ids)."""
+    return max(len(p) if isinstance(p, Dialogue) else 1 for p in prompts)
 
 
 def sweep_result(cfg: SweepConfig, cells: list[dict[str, Any]], num_prompts: int, wall_s: float,
-                 interrupted: bool = False) -> dict[str, Any]:
-    """The JSON-ready result of the cells measured so far (all of them, or those done before Ctrl-C)."""
+                 interrupted: bool = False, turns: int = 1) -> dict[str, Any]:
+    """The JSON-ready result of the cells measured so far (all of them, or those done before Ctrl-C); with
+    prompts of several turns (`turns`, the most any has), also the later turns any cell left out."""
     d = cfg.decode
     s = d.sampling
+    dropped: dict[tuple[int, int], dict[str, Any]] = {}
+    for c in cells:
+        for x in c.get("turns_dropped", []):
+            dropped.setdefault((x["prompt"], x["turn"]), x)
+    multi = {"turns": turns, "turns_dropped": [dropped[k] for k in sorted(dropped)]} if turns > 1 else {}
     return {
         "accept": d.rule,
         **({"typical_epsilon": d.typical_epsilon, "typical_delta": d.typical_delta} if d.rule == "typical" else {}),
@@ -262,6 +275,7 @@ def sweep_result(cfg: SweepConfig, cells: list[dict[str, Any]], num_prompts: int
         "interrupted": interrupted,
         "wall_s": round(wall_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        **multi,
     }
 
 

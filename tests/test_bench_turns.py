@@ -106,6 +106,13 @@ def test_a_later_turn_past_the_context_is_left_out_with_the_rest_of_its_dialogue
         assert ticks[-1][0] == ticks[-1][1] == 10  # the left-out turns count as done: the bar ends full
     with pytest.raises(BadInputError, match="context"):  # turn 1 past the context is the caller's error
         run_bench(gen_for(small), [Dialogue([long_turn])], cfg)
+    # sweep: every cell leaves the turn out, and the result lists it once (the CLI notes it, as bench does)
+    from redraft_cli.sweep import SweepConfig, run_sweep
+
+    s = run_sweep(gen_for(small), dialogues, SweepConfig(decode=DecodeConfig(max_new_tokens=6), beam_widths=[1, 2],
+                                                         beam_lengths=[3], warmup=False))
+    assert s["turns"] == 3 and [(x["prompt"], x["turn"]) for x in s["turns_dropped"]] == [(1, 2)]
+    assert [c["answers"] for c in s["cells"]] == [3, 3] and all(len(c["turns_dropped"]) == 1 for c in s["cells"])
 
 
 def test_a_ctrl_c_in_a_later_turn_keeps_the_answers_before_it(target, monkeypatch):
@@ -144,13 +151,13 @@ def test_bench_turns_on_the_command_line(tmp_path):
     assert data["identical_outputs"] == 3 and [t["answers"] for t in data["by_turn"]] == [2, 1]
     text = " ".join(result.output.split())
     assert "2 prompts (3 answers, up to 2 turns) x 6 tokens" in text and "identical outputs 3/3" in text
-    assert f"note: --turns all: 1 of 2 prompts in {prompts} go on past their first turn, 3 answers in all" in text
+    assert f"note: --turns all: 1 of 2 prompts in {prompts} goes on past its first turn, 3 answers in all" in text
     one = invoke("bench", "--drafter", "random", "--prompts", prompts, "--turns", "1", "--max-new-tokens", 6,
                  "--beam-width", 2, "--beam-length", 3, "--no-hf-baseline", "--json", out)
     assert one.exit_code == 0, one.output
     data = json.loads(out.read_text())
     assert data["turns_asked"] == 1 and data["num_answers"] == 2 and "by_turn" not in data
-    for bad in ("0", "two", "-1"):
+    for bad in ("0", "two", "-1", "\u00b2", "\u0661", "1.5"):  # (a superscript two passed isdigit(), then int() failed)
         assert_clean_error(invoke("bench", "--turns", bad), "--turns takes a whole number >= 1 or 'all'")
     assert_clean_error(invoke("bench", "--turns", "2", "--no-chat-template"), "--no-chat-template sends raw text")
 
@@ -164,3 +171,30 @@ def test_sweep_answers_every_turn_in_every_cell(target):
                   progress=lambda done, total, label: ticks.append((done, total)))
     assert [(c["answers"], c["identical_outputs"]) for c in r["cells"]] == [(6, 6), (6, 6)]
     assert ticks[-1] == (2 + 2 * 2 * 6, 2 + 2 * 2 * 6)  # warm-up, then 2 cells x 2 paths x 6 answers
+
+
+def test_a_ctrl_c_before_any_row_of_a_later_batched_turn_keeps_the_hf_baseline(target, monkeypatch):
+    """Battery 30: at --batch-size 2 a Ctrl-C in turn 2 before any of its rows finished counts nothing of
+    that turn, so the HF baseline of the turns before stands (it was thrown away)."""
+    from redraft_cli import bench
+    from redraft_cli.decode import BatchRun
+
+    cfg = BenchConfig(DecodeConfig(max_new_tokens=6, beam_width=2, beam_length=3), warmup=False, hf_baseline=True,
+                      batch_size=2)
+    dialogues = [Dialogue(TURNS[0][:2]), Dialogue(TURNS[2])]
+    real_step, real_hf, state = BatchRun.step, bench.hf_generate, {"turn": 0}
+
+    def hf(*args):
+        state["turn"] += 1  # HF runs once a turn, after the two paths
+        return real_hf(*args)
+
+    def step(self):
+        if state["turn"] == 1:  # turn 2's first pass
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(BatchRun, "step", step)
+    monkeypatch.setattr(bench, "hf_generate", hf)
+    r = run_bench(gen_for(target), dialogues, cfg)
+    assert r["interrupted"] and r["num_answers"] == 2 and r["answers_asked"] == 4
+    assert r["baseline_hf"]["tokens"] == 12 == r["baseline"]["tokens"] and r["speedup_vs_hf"] is not None

@@ -58,6 +58,7 @@ def test_distill_tiny_recipe_and_resume_rules(tiny_recipe, monkeypatch):
     metrics = json.loads(report.read_text())
     assert metrics["steps"] == 2 and metrics["bench"]["identical_outputs"] == 1
     assert metrics["bench"]["datastore_beams"] == 1
+    assert (metrics["bench"]["system"], metrics["bench"]["prompt_systems"]) == (None, 0)  # (as bench's JSON)
     # The datastore holds the 8 training conversations' answers, not the 2 held out.
     drafter = Drafter.load(out)
     assert drafter.config.datastore_beams == 1 and drafter.datastore.answers == 8

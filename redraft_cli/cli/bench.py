@@ -6,7 +6,6 @@ import json
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.markup import escape
 from rich.table import Table
 
 from ..bench import BenchConfig, run_bench
@@ -14,7 +13,7 @@ from ..decode import Generator
 from ..errors import BadInputError
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import as_dialogues, counted, parse_turns, read_conversations, note_no_warmup, check_system, encode_prompts, model_inputs, check_batch_size, fit_batch_size, check_output_paths, console, stdout_open, decode_config, err, load_models, beams_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, write_report
+from .common import as_dialogues, note_dropped_turns, turns_label, counted, parse_turns, read_conversations, note_no_warmup, check_system, encode_prompts, model_inputs, check_batch_size, fit_batch_size, check_output_paths, console, stdout_open, decode_config, err, load_models, beams_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, write_report
 
 D = o.DEFAULTS
 NUM_PROMPTS = 10  # prompts benchmarked by default
@@ -62,10 +61,7 @@ def bench(
     check_output_paths({"--json": json_path}, inputs={"--prompts": prompts, **files}, folders=folders)
     check_batch_size(batch_size)
     check_system(system, no_chat_template)
-    max_turns = parse_turns(turns)
-    if max_turns != 1 and no_chat_template:
-        raise BadInputError(f"--turns {turns} asks each later turn after the model's answer, in the chat template's "
-                            f"turns, and --no-chat-template sends raw text: drop one of them")
+    max_turns = parse_turns(turns, no_chat_template)
     own: list[str | None] = []  # each prompt's own system turn
     convs = read_conversations(prompts, num_prompts, own)
     texts = [c[0] for c in convs]
@@ -115,11 +111,7 @@ def bench(
         err.print(f"note: CUDA graphs were turned off and the target ran eagerly: {graphs['failed']}")
     if graphs.get("draft_failed"):
         err.print(f"note: CUDA graphs were turned off and the drafter ran eagerly: {graphs['draft_failed']}")
-    for drop in result.get("turns_dropped", [])[:3]:
-        err.print(f"note: prompt {drop['prompt']}'s turn {drop['turn']} was left out, with the turns after it: "
-                  f"{escape(drop['why'])}")
-    if len(result.get("turns_dropped", [])) > 3:
-        err.print(f"note: ... and {len(result['turns_dropped']) - 3} more prompts' later turns (--json lists them)")
+    note_dropped_turns(result)
     note_no_warmup(warmup)
     if json_path is not None:
         if (written := write_report(json_path, json.dumps(result, indent=2) + "\n")) is not None:
@@ -139,7 +131,7 @@ def render(r: dict) -> Table:
     title = (f"redraft bench: {r['model']}{precision_label(r)} | drafter {r['drafter']} | "
              f"{r['accept']} T={r['temperature']} | "
              f"beams {beams_label(r)} | {counted(r['num_prompts'], 'prompt')}"
-             + (f" ({r['num_answers']} answers, up to {r['turns']} turns)" if "turns" in r else "")
+             + (f" ({counted(r['num_answers'], 'answer')}, {turns_label(len(r['by_turn']))})" if "turns" in r else "")
              + f" x {r['max_new_tokens']} tokens"
              + (f" | batch {r['batch_size']}" if r.get("batch_size", 1) > 1 else ""))
     t = Table(title=title, title_justify="left")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -92,14 +93,32 @@ def read_conversations(path: Path | None, limit: int, systems: list[str | None] 
     return load_prompt_conversations(path, limit=limit, systems=systems)
 
 
-def parse_turns(value: str) -> int | None:
-    """--turns as a number of user turns per prompt: a whole number >= 1, or None for 'all'."""
+def parse_turns(value: str, no_chat_template: bool = False) -> int | None:
+    """--turns as a number of user turns per prompt: a whole number >= 1, or None for 'all'. Later turns go
+    in the chat template's turns, so with --no-chat-template only 1 is taken."""
     text = str(value).strip().lower()
-    if text == "all":
-        return None
-    if not text.isdigit() or int(text) < 1:
+    if text != "all" and (not re.fullmatch(r"[0-9]+", text) or int(text) < 1):
         raise BadInputError(f"--turns takes a whole number >= 1 or 'all', got {value!r}")
-    return int(text)
+    turns = None if text == "all" else int(text)
+    if turns != 1 and no_chat_template:
+        raise BadInputError(f"--turns {text} asks each later turn after the model's answer, in the chat template's "
+                            f"turns, and --no-chat-template sends raw text: drop one of them")
+    return turns
+
+
+def turns_label(measured: int) -> str:
+    """How far a multi-turn run got, for a title: 'up to 3 turns', or 'first turns only'."""
+    return f"up to {measured} turns" if measured > 1 else "first turns only"
+
+
+def note_dropped_turns(result: dict) -> None:
+    """A note for each later turn bench or sweep left out (`turns_dropped`: past the context, or not renderable)."""
+    dropped = result.get("turns_dropped") or []
+    for drop in dropped[:3]:
+        err.print(f"note: prompt {drop['prompt']}'s turn {drop['turn']} was left out, with the turns after it: "
+                  f"{escape(drop['why'])}")
+    if len(dropped) > 3:
+        err.print(f"note: ... and {len(dropped) - 3} more prompts' later turns (--json lists them)")
 
 
 def as_dialogues(convs: list[list[str]], own: list[str | None], mine: int, sent: SystemPrompt,
@@ -114,7 +133,8 @@ def as_dialogues(convs: list[list[str]], own: list[str | None], mine: int, sent:
     if not later:
         err.print(f"note: --turns {asked}, but no prompt{escape(where)} has a second user turn: each answers one")
     else:
-        err.print(f"note: --turns {asked}: {later} of {counted(len(out), 'prompt')}{escape(where)} go on past their "
+        err.print(f"note: --turns {asked}: {later} of {counted(len(out), 'prompt')}{escape(where)} "
+                  f"go{'es' if later == 1 else ''} on past {'its' if later == 1 else 'their'} "
                   f"first turn, {sum(map(len, out))} answers in all; each later turn is asked after the model's own "
                   f"answer, on every path")
     return out

@@ -31,7 +31,7 @@ Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 = gree
 TopK = Annotated[int, typer.Option(help="Top-k filter (0 = off).")]
 TopP = Annotated[float, typer.Option(help="Top-p (nucleus) filter (1.0 = off).")]
 Seed = Annotated[int, typer.Option(help="Seed for sampling and for --drafter random.")]
-MaxNewTokens = Annotated[int, typer.Option(help="Tokens to generate per prompt.")]
+MaxNewTokens = Annotated[int, typer.Option(help="Tokens to generate per answer (per prompt, or per turn with --turns).")]
 Epsilon = Annotated[float, typer.Option(help="Typical acceptance: epsilon.")]
 Delta = Annotated[float, typer.Option(help="Typical acceptance: delta.")]
 PromptsFile = Annotated[Optional[Path], typer.Option("--prompts", help="JSONL (turns/prompt/text/messages), ShareGPT JSON, CSV/TSV with a prompt column, or text lines; - reads standard input; a prompt's own system turn goes with it; default: built-in chat prompts.")]

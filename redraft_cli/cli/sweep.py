@@ -20,10 +20,10 @@ from ..drafter import CONFIG_NAME
 from ..errors import BadInputError
 from ..shipped import shipped_drafter_dir
 from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, best_cell, cell_key, parse_int_list,
-                     run_sweep, save_best as save_best_shape, sweep_result, csv_text)
+                     most_turns, run_sweep, save_best as save_best_shape, sweep_result, csv_text)
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import as_dialogues, parse_turns, read_conversations, counted, note_no_warmup, check_system, encode_prompts, model_inputs, check_batch_size, fit_batch_size, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
+from .common import as_dialogues, note_dropped_turns, parse_turns, read_conversations, counted, note_no_warmup, check_system, encode_prompts, model_inputs, check_batch_size, fit_batch_size, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -99,10 +99,7 @@ def sweep(
     if save_best and max_new_tokens < 2:
         raise BadInputError("--save-best needs --max-new-tokens 2 or more: with 1, ReDrafter takes no draft step, so no "
                             "cell measures its beam shape")
-    max_turns = parse_turns(turns)
-    if max_turns != 1 and no_chat_template:
-        raise BadInputError(f"--turns {turns} asks each later turn after the model's answer, in the chat template's "
-                            f"turns, and --no-chat-template sends raw text: drop one of them")
+    max_turns = parse_turns(turns, no_chat_template)
     own: list[str | None] = []  # each prompt's own system turn
     convs = read_conversations(prompts, num_prompts, own)
     texts = [c[0] for c in convs]
@@ -142,7 +139,7 @@ def sweep(
     info = {**head, "accept": accept, "temperature": temperature, "num_prompts": len(ids),
             "max_new_tokens": max_new_tokens, "lookup_beams": cfg.decode.lookup_beams,
             "lookup_length": cfg.decode.lookup_length, "datastore_beams": cfg.decode.datastore_beams,
-            "tree_nodes": budgets, "batch_size": batch_size}
+            "tree_nodes": budgets, "batch_size": batch_size, "turns": most_turns(asked)}
     cells: list[dict[str, Any]] = []
     running: list[tuple[int, int, int] | None] = [None]
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -178,8 +175,10 @@ def sweep(
     except KeyboardInterrupt:
         if not cells:
             raise
-        partial = {**head, **info, **sweep_result(cfg, cells, len(ids), time.perf_counter() - start, interrupted=True)}
+        partial = {**head, **info, **sweep_result(cfg, cells, len(ids), time.perf_counter() - start, interrupted=True,
+                                                  turns=most_turns(asked))}
         console.print(render(partial, cfg.shapes, cells, None, final=True))
+        note_dropped_turns(partial)
         from ..plots import save_sweep_plot
 
         reports = [(kind, path) for kind, path in (("json", json_path), ("csv", csv_path)) if path is not None]
@@ -216,6 +215,7 @@ def sweep(
                                                   beam_length=best["beam_length"],
                                                   steps_per_answer=best["steps"] / best["answers"])):
         err.print(why)
+    note_dropped_turns(result)
     note_no_warmup(warmup)
     if unsteady:
         base = result["baseline"]
@@ -279,7 +279,7 @@ def render(r: dict[str, Any], shapes: list[tuple[int, int, int]], cells: list[di
     title = (f"redraft sweep: {r['model']}{precision_label(r)} | drafter {r['drafter']} | "
              f"{r['accept']} T={r['temperature']} | "
              f"{counted(r['num_prompts'], 'prompt')}"
-             + (f" (up to {r['turns_asked']} turns)" if r.get("turns_asked", 1) != 1 else "")
+             + (f" (up to {r['turns']} turns)" if r.get("turns", 1) > 1 else "")
              + f" x {r['max_new_tokens']} tokens"
              + (f" | {copied.lstrip(' +')}" if copied else "")
              + (f" | batch {r['batch_size']}" if r.get("batch_size", 1) > 1 else ""))

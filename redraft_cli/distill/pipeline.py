@@ -808,11 +808,14 @@ def _held_out_bench(target: Target, out: Path, held_convs: list[list[str]], reci
 
     drafter = Drafter.load(out, map_location=target.device).to(dtype=target.compute_dtype)
     gen = Generator(target, drafter)
-    prompts = [target.encode_chat(c[0], system=recipe.data.system or getattr(c, "system", None))
-               for c in held_convs[: recipe.eval.bench_prompts]]
+    held = held_convs[: recipe.eval.bench_prompts]
+    systems = [recipe.data.system or getattr(c, "system", None) for c in held]
+    prompts = [target.encode_chat(c[0], system=s) for c, s in zip(held, systems)]
     cfg = recipe.beam.decode_config(max_new_tokens=recipe.eval.bench_max_new_tokens)
     emit({"event": "bench_start", "prompts": len(prompts)})
     result = run_bench(gen, prompts, BenchConfig(cfg, warmup=True, hf_baseline=False),
                        progress=lambda done, total, label: emit({"event": "bench", "done": done, "total": total}))
     emit({"event": "bench_done", "tokens_per_step": result["redraft"]["tokens_per_step"], "speedup": result["speedup"]})
-    return result
+    # As bench's JSON: the run's system prompt (data.system), and how many prompts sent their own instead.
+    own = 0 if recipe.data.system else sum(s is not None for s in systems)
+    return {"system": recipe.data.system or None, "prompt_systems": own, **result}
