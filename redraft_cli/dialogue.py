@@ -50,5 +50,8 @@ class Dialogue:
         """Token ids of turn len(answers) + 1 through `target`'s chat template, `answers` being one path's
         answers to the turns before (token ids; their special tokens, such as the end of turn, are left
         out of the text, as a chat client shows them)."""
+        if getattr(target, "tokenizer", None) is None:
+            raise BadInputError(f"a Dialogue is rendered by a target's tokenizer and chat template, and "
+                                f"{getattr(target, 'name', 'this target')} has no tokenizer: pass token ids instead")
         texts = [target.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
         return target.encode_chat(self.messages(texts), system=self.system)

@@ -46,6 +46,10 @@ def test_a_later_turn_is_the_conversation_so_far_with_the_answer_as_text(target)
             Dialogue(turns)
     with pytest.raises(BadInputError, match="system turn is a text"):
         Dialogue(["hi"], system=3)
+    from conftest import tiny_llama
+
+    with pytest.raises(BadInputError, match="has no tokenizer: pass token ids instead"):
+        d.prompt(tiny_llama(), [])
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
