@@ -36,7 +36,7 @@ import torch
 
 from .decode import BatchGeneration, BatchRun, DecodeConfig, Generator, check_datastore
 from .dialogue import Dialogue
-from .errors import BadInputError, check_field_types
+from .errors import BadInputError, ContextOverflowError, check_field_types
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -213,7 +213,8 @@ def run_bench(gen: Generator, prompts: list[list[int] | Dialogue], cfg: BenchCon
     order, each path from its own earlier answers (MT-Bench's protocol). At batch size 1 the paths
     alternate answer by answer; at B > 1 each path decodes every prompt's turn k through B slots, turn
     by turn (see the module docstring). A later turn whose prompt does not fit the context, or that
-    the chat template cannot render, is left out with the rest of its dialogue (`turns_dropped`).
+    the chat template cannot render, is left out with the rest of its dialogue (`turns_dropped`); when
+    sampling, turn k draws from seed + k - 1.
     Returns the JSON-ready result (see the CLI's --json); one row per answer under `per_prompt`.
     """
     check_run("run_bench", gen, prompts, cfg, BenchConfig, progress=progress)
@@ -226,6 +227,8 @@ def run_bench(gen: Generator, prompts: list[list[int] | Dialogue], cfg: BenchCon
     answers: list[dict[str, list[list[int]]]] = [{path: [] for path in paths} for _ in prompts]
     stopped: set[int] = set()  # prompts whose later turns were left out
     dropped: list[dict[str, Any]] = []
+    short = [0]  # later turns whose answer the context cuts below max_new_tokens
+    target = gen.target
 
     def prompt_for(i: int, path: str) -> list[int]:
         p = prompts[i]
@@ -240,8 +243,15 @@ def run_bench(gen: Generator, prompts: list[list[int] | Dialogue], cfg: BenchCon
             try:
                 ids = {path: prompt_for(i, path) for path in paths}
                 if k > 0:
+                    longest = max(map(len, ids.values()))
+                    if longest >= target.max_context:  # (the model's own answers made it so: no prompt to shorten)
+                        raise ContextOverflowError(
+                            f"the conversation up to turn {k + 1} is {longest} tokens, and {target.name}'s context is "
+                            f"{target.max_context}{getattr(target, 'context_cap', '')}: lower --max-new-tokens or "
+                            f"shorten the turns before it")
                     for p in ids.values():
-                        gen.target.check_prompt(p)
+                        target.check_prompt(p)
+                    short[0] += longest + d.max_new_tokens > target.max_context
             except BadInputError as exc:
                 if k == 0:
                     raise
@@ -278,19 +288,22 @@ def run_bench(gen: Generator, prompts: list[list[int] | Dialogue], cfg: BenchCon
             continue
         order = paths if u % 2 == 0 else list(reversed(paths))
         finished = range(len(members))  # the rows of the group every path finished
+        # Turn k samples from seed + k - 1: with one seed for every turn, a sampled turn drew the same numbers as
+        # the one before and could repeat its answer word for word.
+        dk = d if k == 0 else replace(d, sampling=replace(d.sampling, seed=d.sampling.seed + k))
         try:
             if B == 1:
                 label = f"prompt {members[0] + 1}/{n}" + (f" turn {k + 1}" if sizes[members[0]] > 1 else "")
-                runs = _run_paths(gen, order, groups, d, B, tick, label)
+                runs = _run_paths(gen, order, groups, dk, B, tick, label)
             else:
-                runs, finished = _run_interleaved(gen, groups, d, B, tick)
+                runs, finished = _run_interleaved(gen, groups, dk, B, tick)
                 if len(finished) < len(members):  # Ctrl-C: the rows both paths finished, at the throughput so far
                     if not finished:  # (nothing of this group counts: HF's totals still match the others')
                         raise KeyboardInterrupt
                     interrupted, paths = True, [p for p in paths if p != "hf"]  # (HF never ran this group)
                 elif "hf" in order:
                     try:
-                        runs += _run_paths(gen, ["hf"], groups, d, B, tick, f"{B} slots")
+                        runs += _run_paths(gen, ["hf"], groups, dk, B, tick, f"{B} slots")
                     except KeyboardInterrupt:  # the two paths' result stands, without the HF baseline
                         interrupted, paths = True, [p for p in paths if p != "hf"]
         except KeyboardInterrupt:  # Ctrl-C: the answers every path finished are the result
@@ -360,6 +373,7 @@ def run_bench(gen: Generator, prompts: list[list[int] | Dialogue], cfg: BenchCon
                               "identical_outputs": t["identical"] if greedy else None}
                              for k, t in sorted(by_turn.items())]
         result["turns_dropped"] = dropped
+        result["turns_cut_short"] = short[0]  # later turns left fewer than max_new_tokens tokens of the context
     if d.rule == "typical":
         result.update(typical_epsilon=d.typical_epsilon, typical_delta=d.typical_delta)
     if interrupted:

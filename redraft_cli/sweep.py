@@ -233,25 +233,31 @@ def run_sweep(gen: Generator, prompts: list[list[int] | Dialogue], cfg: SweepCon
         if on_cell is not None:
             on_cell(cell)
 
-    return sweep_result(cfg, cells, len(prompts), time.perf_counter() - start, turns=most_turns(prompts))
+    return sweep_result(cfg, cells, len(prompts), time.perf_counter() - start, turns=turn_counts(prompts))
 
 
-def most_turns(prompts: list[list[int] | Dialogue]) -> int:
-    """The most user turns any prompt has (1 for token ids)."""
-    return max(len(p) if isinstance(p, Dialogue) else 1 for p in prompts)
+def turn_counts(prompts: list[list[int] | Dialogue]) -> list[int]:
+    """Each prompt's user turns (1 for token ids)."""
+    return [len(p) if isinstance(p, Dialogue) else 1 for p in prompts]
 
 
 def sweep_result(cfg: SweepConfig, cells: list[dict[str, Any]], num_prompts: int, wall_s: float,
-                 interrupted: bool = False, turns: int = 1) -> dict[str, Any]:
+                 interrupted: bool = False, turns: list[int] | None = None) -> dict[str, Any]:
     """The JSON-ready result of the cells measured so far (all of them, or those done before Ctrl-C); with
-    prompts of several turns (`turns`, the most any has), also the later turns any cell left out."""
+    prompts of several turns (`turns`: each prompt's), also the later turns any cell left out, and the most
+    turns a prompt had answered."""
     d = cfg.decode
     s = d.sampling
     dropped: dict[tuple[int, int], dict[str, Any]] = {}
     for c in cells:
         for x in c.get("turns_dropped", []):
             dropped.setdefault((x["prompt"], x["turn"]), x)
-    multi = {"turns": turns, "turns_dropped": [dropped[k] for k in sorted(dropped)]} if turns > 1 else {}
+    multi = {}
+    if turns and max(turns) > 1:
+        first_dropped = {p: t for p, t in sorted(dropped, reverse=True)}  # each prompt's earliest turn left out
+        answered = max(first_dropped.get(i + 1, n + 1) - 1 for i, n in enumerate(turns))
+        multi = {"turns": max(turns), "turns_answered": answered,
+                 "turns_dropped": [dropped[k] for k in sorted(dropped)]}
     return {
         "accept": d.rule,
         **({"typical_epsilon": d.typical_epsilon, "typical_delta": d.typical_delta} if d.rule == "typical" else {}),

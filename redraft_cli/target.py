@@ -305,6 +305,10 @@ class Target:
         if batch != 1 and self.spread:
             raise BadInputError(f"batched decoding needs the target on one device; {self.name} is spread over "
                                 f"{', '.join(self.devices)} (--device-map): decode one prompt at a time (--batch-size 1)")
+        if batch != 1 and env_flag("REDRAFT_GENERIC", False) and lean_supported(self.model):
+            raise BadInputError(f"batched decoding runs on redraft's lean path, and REDRAFT_GENERIC=1 puts {self.name} "
+                                f"on the generic Hugging Face path: unset REDRAFT_GENERIC, or decode one prompt at a "
+                                f"time (--batch-size 1)")
         if batch != 1:
             raise BadInputError(
                 f"batched decoding needs a Llama-family target ({', '.join(LEAN_MODEL_TYPES)}); "

@@ -70,11 +70,15 @@ def test_batch_sampling_runs_each_row_to_its_budget(tiny_target):
         assert gen.generate_batch(prompts, cfg, "redraft", slots=2).tokens == refilled.tokens
 
 
-def test_batch_needs_the_lean_path(tiny_target):
+def test_batch_needs_the_lean_path(tiny_target, monkeypatch):
     lean, tiny_target.lean = tiny_target.lean, None
     try:
         with pytest.raises(BadInputError, match="batched decoding needs a Llama-family"):
             Generator(tiny_target).generate_batch([[1, 2], [3]], DecodeConfig(max_new_tokens=2), "plain")
+        monkeypatch.setenv("REDRAFT_GENERIC", "1")  # (battery 31: it said a 'llama' was not Llama-family)
+        with pytest.raises(BadInputError, match="REDRAFT_GENERIC=1 puts tiny-llama-v64 on the generic Hugging Face path"):
+            Generator(tiny_target).generate_batch([[1, 2], [3]], DecodeConfig(max_new_tokens=2), "plain")
+        monkeypatch.delenv("REDRAFT_GENERIC")
         # One row still works on the generic path.
         assert len(Generator(tiny_target).generate_batch([[1, 2]], DecodeConfig(max_new_tokens=3), "plain").tokens[0]) == 3
     finally:

@@ -106,8 +106,17 @@ def test_a_later_turn_past_the_context_is_left_out_with_the_rest_of_its_dialogue
         r = run_bench(gen_for(small), dialogues, cfg, progress=lambda done, total, label: ticks.append((done, total)))
         assert sorted((x["prompt"], x["turn"]) for x in r["per_prompt"]) == [(1, 1), (2, 1), (2, 2)]
         assert [(x["prompt"], x["turn"]) for x in r["turns_dropped"]] == [(1, 2)]
-        assert "context" in r["turns_dropped"][0]["why"]
+        assert "the conversation up to turn 2 is" in r["turns_dropped"][0]["why"]  # (no prompt of the user's to shorten)
+        assert "lower --max-new-tokens or shorten the turns before it" in r["turns_dropped"][0]["why"]
+        second = next(x for x in r["per_prompt"] if x["turn"] == 2)
+        assert r["turns_cut_short"] == int(second["prompt_tokens"] + 6 > 96)
         assert ticks[-1][0] == ticks[-1][1] == 10  # the left-out turns count as done: the bar ends full
+    # A later turn that fits but leaves less than max_new_tokens: its answer stops at the context, counted.
+    cut = run_bench(gen_for(small), [Dialogue(["Hi.", "Again."])],
+                    BenchConfig(DecodeConfig(max_new_tokens=40, beam_width=2, beam_length=3), warmup=False,
+                                hf_baseline=False))
+    assert [(x["turn"], x["prompt_tokens"] + x["redraft_tokens"]) for x in cut["per_prompt"]] == [(1, 72), (2, 96)]
+    assert cut["turns_cut_short"] == 1 and cut["turns_dropped"] == []
     with pytest.raises(BadInputError, match="context"):  # turn 1 past the context is the caller's error
         run_bench(gen_for(small), [Dialogue([long_turn])], cfg)
     # sweep: every cell leaves the turn out, and the result lists it once (the CLI notes it, as bench does)
@@ -116,6 +125,7 @@ def test_a_later_turn_past_the_context_is_left_out_with_the_rest_of_its_dialogue
     s = run_sweep(gen_for(small), dialogues, SweepConfig(decode=DecodeConfig(max_new_tokens=6), beam_widths=[1, 2],
                                                          beam_lengths=[3], warmup=False))
     assert s["turns"] == 3 and [(x["prompt"], x["turn"]) for x in s["turns_dropped"]] == [(1, 2)]
+    assert s["turns_answered"] == 2  # (battery 31: the title said "up to 3 turns" when no turn 3 ran)
     assert [c["answers"] for c in s["cells"]] == [3, 3] and all(len(c["turns_dropped"]) == 1 for c in s["cells"])
 
 
@@ -202,3 +212,37 @@ def test_a_ctrl_c_before_any_row_of_a_later_batched_turn_keeps_the_hf_baseline(t
     r = run_bench(gen_for(target), dialogues, cfg)
     assert r["interrupted"] and r["num_answers"] == 2 and r["answers_asked"] == 4
     assert r["baseline_hf"]["tokens"] == 12 == r["baseline"]["tokens"] and r["speedup_vs_hf"] is not None
+
+
+def test_a_sampled_turn_draws_from_its_own_seed(target, monkeypatch):
+    """Battery 31: every turn sampled from --seed, so turn 2 drew turn 1's numbers and now and then repeated
+    its answer word for word. Turn k samples from seed + k - 1, on every path alike."""
+    from redraft_cli import bench
+
+    seeds, real = [], bench._run_path
+
+    def run_path(gen, path, group, d, slots, done=None):
+        seeds.append((path, d.sampling.seed))
+        return real(gen, path, group, d, slots, done)
+
+    monkeypatch.setattr(bench, "_run_path", run_path)
+    cfg = BenchConfig(DecodeConfig(max_new_tokens=4, beam_width=2, beam_length=3, accept="rejection",
+                                   sampling=SamplingConfig(temperature=1.0, seed=7)), warmup=False, hf_baseline=True)
+    run_bench(gen_for(target), [Dialogue(TURNS[0])], cfg)
+    assert sorted(seeds) == sorted((p, 7 + k) for k in range(3) for p in ("plain", "redraft", "hf"))
+
+
+def test_a_template_that_leaves_the_earlier_turns_out_is_noted(tmp_path):
+    from test_cli import invoke
+
+    prompts = tmp_path / "mt.jsonl"
+    prompts.write_text('{"turns": ["Name three colours.", "Three more?"]}\n')
+    last_only = "{{ messages[-1]['content'] }}\n"  # (renders the last message alone: no history)
+    result = invoke("bench", "--drafter", "random", "--prompts", prompts, "--turns", "all", "--max-new-tokens", 4,
+                    "--beam-width", 2, "--beam-length", 3, "--no-hf-baseline", "--chat-template", last_only)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "note: the chat template leaves the earlier turns out of a later turn's prompt" in said
+    plain = invoke("bench", "--drafter", "random", "--prompts", prompts, "--turns", "all", "--max-new-tokens", 4,
+                   "--beam-width", 2, "--beam-length", 3, "--no-hf-baseline")
+    assert plain.exit_code == 0 and "leaves the earlier turns out" not in plain.output

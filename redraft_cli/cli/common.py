@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..chat_templates import NAMED as NAMED_TEMPLATES
-from ..chat_templates import (SYSTEM_REFUSED, apply_chat_template, refuses_system, resolve_template, system_for_drafter,
+from ..chat_templates import (SYSTEM_REFUSED, apply_chat_template, refuses_system, render, resolve_template, system_for_drafter,
                               template_for_drafter)
 from ..decode import DecodeConfig, check_datastore
 from ..dialogue import Dialogue
@@ -106,13 +106,31 @@ def parse_turns(value: str, no_chat_template: bool = False) -> int | None:
     return turns
 
 
+def _template_keeps_history(target: Target) -> bool:
+    """Whether the chat template renders a later turn's prompt with the first user turn and the answer to it
+    (True when it cannot render one at all: those turns are left out, each with its own note)."""
+    mark_user, mark_answer = "\ue000q\ue001", "\ue000a\ue001"
+    try:
+        text = render(target.tokenizer, [{"role": "user", "content": mark_user},
+                                         {"role": "assistant", "content": mark_answer},
+                                         {"role": "user", "content": "Go on."}])
+    except BadInputError:
+        return True
+    return mark_user in text and mark_answer in text
+
+
 def turns_label(measured: int) -> str:
     """How far a multi-turn run got, for a title: 'up to 3 turns', or 'first turns only'."""
     return f"up to {measured} turns" if measured > 1 else "first turns only"
 
 
 def note_dropped_turns(result: dict) -> None:
-    """A note for each later turn bench or sweep left out (`turns_dropped`: past the context, or not renderable)."""
+    """A note for each later turn bench or sweep left out (`turns_dropped`: past the context, or not renderable),
+    and one for the later turns the context left too little room (`turns_cut_short`)."""
+    if short := result.get("turns_cut_short"):
+        err.print(f"note: {short} later turn{'s' if short > 1 else ''} left fewer than --max-new-tokens "
+                  f"{result['max_new_tokens']} tokens of the context; {'their answers stop' if short > 1 else 'its answer stops'} "
+                  f"where the context ends")
     dropped = result.get("turns_dropped") or []
     for drop in dropped[:3]:
         err.print(f"note: prompt {drop['prompt']}'s turn {drop['turn']} was left out, with the turns after it: "
@@ -121,11 +139,11 @@ def note_dropped_turns(result: dict) -> None:
         err.print(f"note: ... and {len(dropped) - 3} more prompts' later turns (--json lists them)")
 
 
-def as_dialogues(convs: list[list[str]], own: list[str | None], mine: int, sent: SystemPrompt,
+def as_dialogues(target: Target, convs: list[list[str]], own: list[str | None], mine: int, sent: SystemPrompt,
                  max_turns: int | None, source: Path | None) -> list[Dialogue]:
     """Each prompt's first `max_turns` user turns (None: all) as a Dialogue with the system turn its first
     turn was encoded with (encode_prompts: its own where `mine`, else the run's), and a note of how many
-    answers that makes."""
+    answers that makes (and one when `target`'s chat template leaves the earlier turns out of a later one)."""
     where = "" if source is None else " from standard input" if is_dash(source) else f" in {source}"
     out = [Dialogue(c[:max_turns], system=s if mine and s is not None else sent.text) for c, s in zip(convs, own)]
     later = sum(len(d) > 1 for d in out)
@@ -133,6 +151,9 @@ def as_dialogues(convs: list[list[str]], own: list[str | None], mine: int, sent:
     if not later:
         err.print(f"note: --turns {asked}, but no prompt{escape(where)} has a second user turn: each answers one")
     else:
+        if not _template_keeps_history(target):
+            err.print("note: the chat template leaves the earlier turns out of a later turn's prompt (it does not "
+                      "render them), so later turns are not asked after the model's answers")
         err.print(f"note: --turns {asked}: {later} of {counted(len(out), 'prompt')}{escape(where)} "
                   f"go{'es' if later == 1 else ''} on past {'its' if later == 1 else 'their'} "
                   f"first turn, {sum(map(len, out))} answers in all; each later turn is asked after the model's own "

@@ -20,10 +20,10 @@ from ..drafter import CONFIG_NAME
 from ..errors import BadInputError
 from ..shipped import shipped_drafter_dir
 from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, best_cell, cell_key, parse_int_list,
-                     most_turns, run_sweep, save_best as save_best_shape, sweep_result, csv_text)
+                     turn_counts, run_sweep, save_best as save_best_shape, sweep_result, csv_text)
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
-from .common import as_dialogues, note_dropped_turns, parse_turns, read_conversations, counted, note_no_warmup, check_system, encode_prompts, model_inputs, check_batch_size, fit_batch_size, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
+from .common import as_dialogues, note_dropped_turns, turns_label, parse_turns, read_conversations, counted, note_no_warmup, check_system, encode_prompts, model_inputs, check_batch_size, fit_batch_size, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
 
 D = o.DEFAULTS
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -128,7 +128,7 @@ def sweep(
                                     lookup, lookup_length, datastore, nodes=0, batch_size=batch_size)
     note_past_training(dr, loaded.drafter_name, sorted({length for _, length, _ in cfg.shapes}), "--beam-lengths")
     ids, sent, own_systems = encode_prompts(loaded, texts, own, system, no_chat_template, max_new_tokens, prompts)
-    asked = ids if max_turns == 1 else as_dialogues(convs, own, own_systems, sent, max_turns, prompts)
+    asked = ids if max_turns == 1 else as_dialogues(target, convs, own, own_systems, sent, max_turns, prompts)
     answers = len(ids) if max_turns == 1 else sum(map(len, asked))
     gen = Generator(target, dr)
 
@@ -139,7 +139,7 @@ def sweep(
     info = {**head, "accept": accept, "temperature": temperature, "num_prompts": len(ids),
             "max_new_tokens": max_new_tokens, "lookup_beams": cfg.decode.lookup_beams,
             "lookup_length": cfg.decode.lookup_length, "datastore_beams": cfg.decode.datastore_beams,
-            "tree_nodes": budgets, "batch_size": batch_size, "turns": most_turns(asked)}
+            "tree_nodes": budgets, "batch_size": batch_size, "turns": max(turn_counts(asked))}
     cells: list[dict[str, Any]] = []
     running: list[tuple[int, int, int] | None] = [None]
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -176,7 +176,7 @@ def sweep(
         if not cells:
             raise
         partial = {**head, **info, **sweep_result(cfg, cells, len(ids), time.perf_counter() - start, interrupted=True,
-                                                  turns=most_turns(asked))}
+                                                  turns=turn_counts(asked))}
         console.print(render(partial, cfg.shapes, cells, None, final=True))
         note_dropped_turns(partial)
         from ..plots import save_sweep_plot
@@ -279,7 +279,7 @@ def render(r: dict[str, Any], shapes: list[tuple[int, int, int]], cells: list[di
     title = (f"redraft sweep: {r['model']}{precision_label(r)} | drafter {r['drafter']} | "
              f"{r['accept']} T={r['temperature']} | "
              f"{counted(r['num_prompts'], 'prompt')}"
-             + (f" (up to {r['turns']} turns)" if r.get("turns", 1) > 1 else "")
+             + (f" ({turns_label(r.get('turns_answered', r['turns']))})" if r.get("turns", 1) > 1 else "")
              + f" x {r['max_new_tokens']} tokens"
              + (f" | {copied.lstrip(' +')}" if copied else "")
              + (f" | batch {r['batch_size']}" if r.get("batch_size", 1) > 1 else ""))
