@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 from .decode import BatchGeneration, BatchRun, DecodeConfig, Generator, check_datastore
-from .dialogue import Dialogue
+from .dialogue import Dialogue, first_turn, turn_counts
 from .errors import BadInputError, ContextOverflowError, check_field_types
 
 ProgressFn = Callable[[int, int, str], None]
@@ -222,7 +222,7 @@ def run_bench(gen: Generator, prompts: list[list[int] | Dialogue], cfg: BenchCon
     n = len(prompts)
     B = min(cfg.batch_size, n)  # (a batch larger than the prompts runs as many rows as prompts)
     paths = ["plain", "redraft"] + (["hf"] if cfg.hf_baseline else [])
-    sizes = [len(p) if isinstance(p, Dialogue) else 1 for p in prompts]  # turns per prompt
+    sizes = turn_counts(prompts)
     tick = Ticker(sum(sizes) * len(paths) + (len(paths) if cfg.warmup else 0), progress)
     answers: list[dict[str, list[list[int]]]] = [{path: [] for path in paths} for _ in prompts]
     stopped: set[int] = set()  # prompts whose later turns were left out
@@ -232,7 +232,7 @@ def run_bench(gen: Generator, prompts: list[list[int] | Dialogue], cfg: BenchCon
 
     def prompt_for(i: int, path: str) -> list[int]:
         p = prompts[i]
-        return p.prompt(gen.target, answers[i][path]) if isinstance(p, Dialogue) else p
+        return p.prompt(target, answers[i][path]) if isinstance(p, Dialogue) else p
 
     def groups_for(k: int, members: list[int]) -> tuple[dict[str, list[list[int]]], list[int]]:
         """Each path's prompts of turn k for `members`, and the members kept: a later turn that cannot be
@@ -276,7 +276,7 @@ def run_bench(gen: Generator, prompts: list[list[int] | Dialogue], cfg: BenchCon
                 yield k, [i for i in range(n) if k < sizes[i] and i not in stopped]
 
     if cfg.warmup:
-        warm_up(gen, [prompt_for(i, "plain") for i in range(B)], d, paths, tick)
+        warm_up(gen, [first_turn(target, p) for p in prompts[:B]], d, paths, tick)
 
     base, hf, red = PathTotals(), PathTotals(), RedraftTotals()
     by_turn: dict[int, dict[str, Any]] = {}

@@ -55,3 +55,13 @@ class Dialogue:
                                 f"{getattr(target, 'name', 'this target')} has no tokenizer: pass token ids instead")
         texts = [target.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
         return target.encode_chat(self.messages(texts), system=self.system)
+
+
+def turn_counts(prompts: list[list[int] | Dialogue]) -> list[int]:
+    """Each prompt's user turns: a Dialogue's, or 1 for token ids."""
+    return [len(p) if isinstance(p, Dialogue) else 1 for p in prompts]
+
+
+def first_turn(target: Any, prompt: list[int] | Dialogue) -> list[int]:
+    """A prompt's first turn as token ids (token ids are their own first turn)."""
+    return prompt.prompt(target, []) if isinstance(prompt, Dialogue) else prompt

@@ -30,7 +30,7 @@ from typing import Any, Callable
 from .beam_search import check_beam_shape
 from .bench import BenchConfig, PathTotals, Ticker, check_run, peak_rss_mb, run_bench, warm_up
 from .decode import DecodeConfig, Generator
-from .dialogue import Dialogue
+from .dialogue import Dialogue, first_turn, turn_counts
 from .drafter import write_beam_shape
 from .errors import BadInputError, BeamShapeError, check_field_types
 from .files import write_text
@@ -205,13 +205,12 @@ def run_sweep(gen: Generator, prompts: list[list[int] | Dialogue], cfg: SweepCon
     if gen.drafter is not None:
         cfg.check(gen.drafter.draft_vocab_size)
     shapes = cfg.shapes
-    per_cell = 2 * sum(len(p) if isinstance(p, Dialogue) else 1 for p in prompts)  # answers x 2 paths
+    per_cell = 2 * sum(turn_counts(prompts))  # answers x 2 paths
     tick = Ticker(len(shapes) * per_cell + (2 if cfg.warmup else 0), progress)
     start = time.perf_counter()
     if cfg.warmup:
         largest = replace(d, beam_width=max(cfg.beam_widths), beam_length=max(cfg.beam_lengths), tree_nodes=0)
-        firsts = [p.prompt(gen.target, []) if isinstance(p, Dialogue) else p for p in prompts[: cfg.batch_size]]
-        warm_up(gen, firsts, largest, ["plain", "redraft"], tick)
+        warm_up(gen, [first_turn(gen.target, p) for p in prompts[: cfg.batch_size]], largest, ["plain", "redraft"], tick)
 
     cells: list[dict[str, Any]] = []
     for k, (w, length, n) in enumerate(shapes):
@@ -235,10 +234,6 @@ def run_sweep(gen: Generator, prompts: list[list[int] | Dialogue], cfg: SweepCon
 
     return sweep_result(cfg, cells, len(prompts), time.perf_counter() - start, turns=turn_counts(prompts))
 
-
-def turn_counts(prompts: list[list[int] | Dialogue]) -> list[int]:
-    """Each prompt's user turns (1 for token ids)."""
-    return [len(p) if isinstance(p, Dialogue) else 1 for p in prompts]
 
 
 def sweep_result(cfg: SweepConfig, cells: list[dict[str, Any]], num_prompts: int, wall_s: float,

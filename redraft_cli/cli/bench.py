@@ -72,8 +72,9 @@ def bench(
     cfg = with_drafter_shape(cfg, dr, beam_width, beam_length, lookup, lookup_length, datastore, nodes, batch_size)
     if beam_length is not None:
         note_past_training(dr, loaded.drafter_name, [beam_length])
-    ids, sent, own_systems = encode_prompts(loaded, texts, own, system, no_chat_template, max_new_tokens, prompts)
-    asked = ids if max_turns == 1 else as_dialogues(target, convs, own, own_systems, sent, max_turns, prompts)
+    ids, sent, own_systems, systems = encode_prompts(loaded, texts, own, system, no_chat_template, max_new_tokens,
+                                                     prompts)
+    asked = ids if max_turns == 1 else as_dialogues(target, convs, systems, max_turns, prompts)
     note_short_prompt_set(texts, num_prompts, default=NUM_PROMPTS)
     gen = Generator(target, dr)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]

@@ -139,13 +139,13 @@ def note_dropped_turns(result: dict) -> None:
         err.print(f"note: ... and {len(dropped) - 3} more prompts' later turns (--json lists them)")
 
 
-def as_dialogues(target: Target, convs: list[list[str]], own: list[str | None], mine: int, sent: SystemPrompt,
-                 max_turns: int | None, source: Path | None) -> list[Dialogue]:
+def as_dialogues(target: Target, convs: list[list[str]], systems: list[str | None], max_turns: int | None,
+                  source: Path | None) -> list[Dialogue]:
     """Each prompt's first `max_turns` user turns (None: all) as a Dialogue with the system turn its first
-    turn was encoded with (encode_prompts: its own where `mine`, else the run's), and a note of how many
-    answers that makes (and one when `target`'s chat template leaves the earlier turns out of a later one)."""
+    turn was encoded with (`systems`, from encode_prompts), and a note of how many answers that makes (and
+    one when `target`'s chat template leaves the earlier turns out of a later one)."""
     where = "" if source is None else " from standard input" if is_dash(source) else f" in {source}"
-    out = [Dialogue(c[:max_turns], system=s if mine and s is not None else sent.text) for c, s in zip(convs, own)]
+    out = [Dialogue(c[:max_turns], system=s) for c, s in zip(convs, systems)]
     later = sum(len(d) > 1 for d in out)
     asked = "all" if max_turns is None else max_turns
     if not later:
@@ -509,11 +509,12 @@ def note_short_prompt_set(texts: list[str], num_prompts: int, default: int) -> N
 
 def encode_prompts(loaded: Loaded, texts: list[str], own: list[str | None], system: str | None,
                    no_chat_template: bool, max_new_tokens: int, source: Path | None
-                   ) -> tuple[list[list[int]], SystemPrompt, int]:
+                   ) -> tuple[list[list[int]], SystemPrompt, int, list[str | None]]:
     """Bench's and sweep's prompts as token ids, each with its system turn, checked against the context.
     `own` holds each prompt's system turn from the prompt file (None: it has none). --system, when given,
     is every prompt's; else a prompt's own system turn, else the run's (resolve_system: the drafter's, or
-    the template's default). Returns (ids, the run's SystemPrompt, how many prompts send their own)."""
+    the template's default). Returns (ids, the run's SystemPrompt, how many prompts send their own, each
+    prompt's system text as sent)."""
     target = loaded.target
     n, mine = len(texts), sum(s is not None for s in own)
     where = "from standard input" if is_dash(source) else f"in {source}"
@@ -551,7 +552,7 @@ def encode_prompts(loaded: Loaded, texts: list[str], own: list[str | None], syst
                   f"{'its' if mine == 1 else 'their'} own system turn"
                   + (f"; the other {rest} send{'s' if rest == 1 else ''} {others}" if rest else "")
                   + " (--system overrides)")
-    return ids, sent, mine
+    return ids, sent, mine, [s.text for s in systems]
 
 
 def _clipped(text: str, width: int = 60) -> str:

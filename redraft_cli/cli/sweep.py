@@ -17,10 +17,11 @@ from rich.table import Table
 
 from ..decode import Generator
 from ..drafter import CONFIG_NAME
+from ..dialogue import turn_counts
 from ..errors import BadInputError
 from ..shipped import shipped_drafter_dir
 from ..sweep import (DEFAULT_BEAM_LENGTHS, DEFAULT_BEAM_WIDTHS, SweepConfig, best_cell, cell_key, parse_int_list,
-                     turn_counts, run_sweep, save_best as save_best_shape, sweep_result, csv_text)
+                     run_sweep, save_best as save_best_shape, sweep_result, csv_text)
 from . import options as o
 from ._errors import handle_errors, interrupt_code, stop_signals, stopped_word
 from .common import as_dialogues, note_dropped_turns, turns_label, parse_turns, read_conversations, counted, note_no_warmup, check_system, encode_prompts, model_inputs, check_batch_size, fit_batch_size, check_output_paths, Loaded, console, decode_config, err, load_models, lookup_label, precision_label, note_short_prompt_set, slower_note, note_past_training, shown, with_drafter_shape, is_dash, report_to_stdout, stdout_open, write_report
@@ -127,8 +128,9 @@ def sweep(
     cfg.decode = with_drafter_shape(cfg.decode, dr, cfg.decode.beam_width, cfg.decode.beam_length,
                                     lookup, lookup_length, datastore, nodes=0, batch_size=batch_size)
     note_past_training(dr, loaded.drafter_name, sorted({length for _, length, _ in cfg.shapes}), "--beam-lengths")
-    ids, sent, own_systems = encode_prompts(loaded, texts, own, system, no_chat_template, max_new_tokens, prompts)
-    asked = ids if max_turns == 1 else as_dialogues(target, convs, own, own_systems, sent, max_turns, prompts)
+    ids, sent, own_systems, systems = encode_prompts(loaded, texts, own, system, no_chat_template, max_new_tokens,
+                                                     prompts)
+    asked = ids if max_turns == 1 else as_dialogues(target, convs, systems, max_turns, prompts)
     answers = len(ids) if max_turns == 1 else sum(map(len, asked))
     gen = Generator(target, dr)
 
